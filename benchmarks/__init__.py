@@ -1,0 +1,1 @@
+"""Benchmark sweeps: python -m benchmarks."""

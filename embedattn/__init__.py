@@ -1,0 +1,37 @@
+"""embedattn: fused Triton kernels for the input side of transformers and word2vec.
+
+Public API::
+
+    embedattn.attention(q, k, v, causal=..., attn_mask=..., ...)
+    embedattn.scaled_dot_product_attention(...)          # drop-in for torch's SDPA
+    embedattn.embedding(ids, weight, pos_weight, ...)    # gather + positional add
+    embedattn.FusedEmbedding(...)
+    embedattn.negative_sampling_loss(...)                 # skip-gram negative sampling
+    embedattn.NegativeSamplingLoss, embedattn.UnigramSampler
+    embedattn.reference                                   # the PyTorch reference of every op
+
+Every op takes ``backend=None | "auto" | "triton" | "reference"`` (see ``embedattn._backend``).
+"""
+
+from . import reference
+from ._backend import interpreting, resolve, triton_available
+from .attention import AttentionFunction, attention, scaled_dot_product_attention
+from .embedding import FusedEmbedding, embedding
+from .negative_sampling import NegativeSamplingLoss, UnigramSampler, negative_sampling_loss
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttentionFunction",
+    "FusedEmbedding",
+    "NegativeSamplingLoss",
+    "UnigramSampler",
+    "attention",
+    "embedding",
+    "interpreting",
+    "negative_sampling_loss",
+    "reference",
+    "resolve",
+    "scaled_dot_product_attention",
+    "triton_available",
+]

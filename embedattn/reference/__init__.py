@@ -1,0 +1,8 @@
+"""PyTorch reference of every op: the CPU execution path and the tests' float64 oracle.
+
+Each function is short, obviously right and differentiable by autograd.
+"""
+
+from ._attention import attention
+
+__all__ = ["attention"]

@@ -1,0 +1,1 @@
+"""word2vec trainer (skip-gram negative sampling) on embedattn kernels."""

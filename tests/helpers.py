@@ -1,0 +1,52 @@
+"""Shared test utilities: device selection, backends, and the FlashAttention tolerance rule."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+DEVICE = os.environ.get("EMBEDATTN_TEST_DEVICE", "cpu")
+ON_CUDA = DEVICE == "cuda"
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+try:
+    import triton  # noqa: F401
+
+    HAS_TRITON = True
+except Exception:
+    HAS_TRITON = False
+
+BACKENDS = ["reference"] + (["triton"] if HAS_TRITON else [])
+
+# The interpreter cannot do bf16 arithmetic or bf16 tl.dot: bf16 is validated on CUDA only.
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_CUDA else [])
+
+
+def skip_if_unsupported(backend: str, dtype: torch.dtype) -> None:
+    if backend == "triton" and dtype == torch.bfloat16 and not ON_CUDA:
+        pytest.skip("bf16 Triton kernels are validated on CUDA (the interpreter cannot run bf16)")
+
+
+def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Max abs difference in float64; NaN anywhere (or a shape mismatch) is infinite error."""
+    assert a.shape == b.shape, (a.shape, b.shape)
+    d = (a.double() - b.double()).abs()
+    if torch.isnan(d).any() or torch.isnan(a).any():
+        return float("inf")
+    return d.max().item() if d.numel() else 0.0
+
+
+def assert_fa_close(out: torch.Tensor, ref64: torch.Tensor, plain: torch.Tensor, name: str = "out",
+                    eps: float | None = None, factor: float = 2.0) -> None:
+    """FlashAttention's rule: err(out) <= factor * err(plain PyTorch, same dtype) + eps,
+    both measured against the float64 reference. NaN never passes."""
+    assert not torch.isnan(out).any(), f"{name}: NaN in kernel output"
+    if eps is None:
+        eps = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}.get(out.dtype, 1e-7)
+    e_out = max_err(out, ref64)
+    e_plain = max_err(plain, ref64)
+    assert e_out <= factor * e_plain + eps, (
+        f"{name}: kernel error {e_out:.3e} > {factor} x plain-torch error {e_plain:.3e} + {eps:.1e}"
+    )
