@@ -1,7 +1,324 @@
-# placeholder: replaced by the embedding work (issue 3)
-def embedding(*args, **kwargs):
-    raise NotImplementedError
+"""Fused token embedding + positional add: ``weight[ids] * scale + P`` in one kernel, both gradients.
+
+``P`` is a learned position table read at the token positions, the sinusoidal encoding of Vaswani et
+al. computed in registers (no table), or nothing. Positions default to ``arange(N) + position_offset``
+along the last dimension of ``ids``; an explicit ``positions`` tensor (as transformers passes
+``position_ids``, e.g. with left padding) is honoured.
+
+Backward (Triton path), which mode is which:
+
+* token table, default for float32 tables: scatter-add with float32 atomics into the zero-initialised
+  (V, D) gradient. Fast, not bitwise reproducible (colliding ids add up in scheduling order).
+* token table, float16/bfloat16 tables, and every dtype when ``torch.are_deterministic_algorithms_enabled()``:
+  sorted segments. The T ids are sorted stably, each run of equal ids is summed by one program in a
+  fixed order in float32 and written once, cast to the table dtype, into a zeroed (V, D) gradient
+  in the table dtype. Bitwise reproducible, and it needs no float32 (V, D) buffer (an atomic
+  scatter-add for half tables would need one, plus a cast pass).
+* learned positions at the default positions: a reduction over the batch, one program per tile of
+  positions; no atomics, always deterministic. Only table rows outside ``[offset, offset + N)`` are
+  zero-filled. With explicit ``positions`` the position table is scattered like the token table.
+
+Gradient memory: the (V, D) token gradient (zeroed, in the table dtype) and the (P, D) position
+gradient are the only large allocations; the sorted mode adds three int64 vectors of length T. No
+(B, N, D) intermediate exists beyond the forward output.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+
+import torch
+from torch import nn
+
+from ._backend import resolve
+from .reference import _embedding as _ref
+
+POSITIONAL = ("learned", "sinusoidal", "none")
+_POS_NONE, _POS_LEARNED, _POS_SINUSOIDAL = 0, 1, 2
 
 
-class FusedEmbedding:
-    pass
+def _is_int_dtype(dtype: torch.dtype) -> bool:
+    return not dtype.is_floating_point and not dtype.is_complex and dtype != torch.bool
+
+
+def _check(ids, weight, pos_weight, sinusoidal, scale, padding_idx, position_offset, positions):
+    """Validate the arguments; return the normalised ``padding_idx`` (non-negative or None)."""
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"ids must be a torch.Tensor, got {type(ids).__name__}")
+    if not _is_int_dtype(ids.dtype):
+        raise TypeError(f"ids must have an integer dtype (int32 or int64), got {ids.dtype}")
+    if ids.dim() < 1:
+        raise ValueError("ids must have at least one dimension (..., N); positions run along the last one")
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (num_embeddings, embedding_dim), got {tuple(weight.shape)}")
+    if not weight.dtype.is_floating_point:
+        raise TypeError(f"weight must be floating point, got {weight.dtype}")
+    if ids.device != weight.device:
+        raise ValueError(f"ids is on {ids.device} but weight is on {weight.device}")
+    if pos_weight is not None:
+        if sinusoidal:
+            raise ValueError("pass either pos_weight (learned positions) or sinusoidal=True, not both")
+        if not isinstance(pos_weight, torch.Tensor):
+            raise TypeError(f"pos_weight must be a torch.Tensor or None, got {type(pos_weight).__name__}")
+        if pos_weight.dim() != 2 or pos_weight.shape[1] != weight.shape[1]:
+            raise ValueError(f"pos_weight must be 2-D (max_positions, {weight.shape[1]}), "
+                             f"got shape {tuple(pos_weight.shape)}")
+        if pos_weight.dtype != weight.dtype:
+            raise TypeError(f"pos_weight dtype {pos_weight.dtype} differs from weight dtype {weight.dtype}")
+        if pos_weight.device != weight.device:
+            raise ValueError(f"pos_weight is on {pos_weight.device} but weight is on {weight.device}")
+    if isinstance(scale, bool) or not isinstance(scale, Real) or not math.isfinite(float(scale)):
+        raise TypeError(f"scale must be a finite real number, got {scale!r}")
+    if isinstance(position_offset, bool) or not isinstance(position_offset, int):
+        raise TypeError(f"position_offset must be an int, got {position_offset!r}")
+    if position_offset < 0:
+        raise ValueError(f"position_offset must be >= 0, got {position_offset}")
+    if positions is not None:
+        if not isinstance(positions, torch.Tensor):
+            raise TypeError(f"positions must be a torch.Tensor or None, got {type(positions).__name__}")
+        if not _is_int_dtype(positions.dtype):
+            raise TypeError(f"positions must have an integer dtype, got {positions.dtype}")
+        if positions.shape != ids.shape:
+            raise ValueError(f"positions must have the shape of ids {tuple(ids.shape)}, "
+                             f"got {tuple(positions.shape)}")
+        if positions.device != ids.device:
+            raise ValueError(f"positions is on {positions.device} but ids is on {ids.device}")
+        if position_offset != 0:
+            raise ValueError("position_offset applies to the default positions only; "
+                             "add it to positions instead")
+    if padding_idx is not None:
+        v = weight.shape[0]
+        if isinstance(padding_idx, bool) or not isinstance(padding_idx, int):
+            raise TypeError(f"padding_idx must be an int or None, got {padding_idx!r}")
+        if not -v <= padding_idx < v:
+            raise ValueError(f"padding_idx must be in [-{v}, {v}), got {padding_idx}")
+        if padding_idx < 0:
+            padding_idx += v
+    return padding_idx
+
+
+def _check_bounds(ids, weight, pos_weight, position_offset, positions, check_bounds):
+    """IndexError before any kernel reads out of bounds. The id / explicit-position checks cost one
+    min/max reduction and a device sync each; ``check_bounds=False`` skips them (the default-position
+    check is host arithmetic and always runs)."""
+    if check_bounds and ids.numel():
+        lo, hi = (int(x) for x in torch.aminmax(ids))
+        v = weight.shape[0]
+        if lo < 0 or hi >= v:
+            raise IndexError(f"ids out of range: min {lo}, max {hi}, but the table has {v} rows ([0, {v}))")
+    if pos_weight is None:
+        return
+    p = pos_weight.shape[0]
+    if positions is None:
+        n = ids.shape[-1]
+        if n and position_offset + n > p:
+            raise IndexError(f"positions {position_offset}..{position_offset + n - 1} exceed the position "
+                             f"table ({p} rows)")
+    elif check_bounds and positions.numel():
+        lo, hi = (int(x) for x in torch.aminmax(positions))
+        if lo < 0 or hi >= p:
+            raise IndexError(f"positions out of range: min {lo}, max {hi}, "
+                             f"but the position table has {p} rows")
+
+
+def _flat_ids(x: torch.Tensor) -> torch.Tensor:
+    if x.dtype not in (torch.int32, torch.int64):
+        x = x.long()
+    return x.reshape(-1).contiguous()
+
+
+def _row_major(w: torch.Tensor) -> torch.Tensor:
+    # the kernels take a row stride but need unit stride along the features
+    return w if w.stride(1) == 1 else w.contiguous()
+
+
+class EmbeddingFunction(torch.autograd.Function):
+    """autograd.Function over flat ids (T,): returns (T, D); see the module docstring for backward modes."""
+
+    @staticmethod
+    def forward(ctx, ids, weight, pos_weight, positions, n, pos_mode, scale, offset, padding_idx):
+        from .kernels import embedding as K
+
+        pw = None if pos_weight is None else _row_major(pos_weight)
+        out = K.embedding_forward(ids, _row_major(weight), pw, positions, n=n, pos_mode=pos_mode, scale=scale,
+                                  offset=offset)
+        ctx.save_for_backward(ids, positions)
+        ctx.meta = (weight.shape[0], None if pos_weight is None else pos_weight.shape[0], n, scale, offset,
+                    padding_idx)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        from .kernels import embedding as K
+
+        ids, positions = ctx.saved_tensors
+        v, p, n, scale, offset, padding_idx = ctx.meta
+        grad = grad.contiguous()
+        det = torch.are_deterministic_algorithms_enabled() or grad.dtype != torch.float32
+        gw = gp = None
+        if ctx.needs_input_grad[1]:
+            gw = K.scatter_grad(grad, ids, v, scale=scale, padding_idx=padding_idx, deterministic=det)
+        if ctx.needs_input_grad[2]:
+            if positions is None:
+                gp = K.positional_grad(grad, p, n=n, offset=offset)
+            else:
+                gp = K.scatter_grad(grad, positions, p, deterministic=det)
+        return None, gw, gp, None, None, None, None, None, None
+
+
+def embedding(
+    ids: torch.Tensor,
+    weight: torch.Tensor,
+    pos_weight: torch.Tensor | None = None,
+    *,
+    sinusoidal: bool = False,
+    scale: float = 1.0,
+    padding_idx: int | None = None,
+    position_offset: int = 0,
+    positions: torch.Tensor | None = None,
+    check_bounds: bool = True,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Token embedding plus positions: ``weight[ids] * scale + P`` with shape ``ids.shape + (D,)``.
+
+    Args:
+        ids: integer tensor (..., N) of token ids in [0, V).
+        weight: (V, D) token table; the output has its dtype (half types are computed in float32).
+        pos_weight: optional (P, D) learned position table, same dtype and device as ``weight``.
+        sinusoidal: add the sinusoidal encoding (computed in the kernel; odd D allowed) instead.
+        scale: multiplies the token rows only (e.g. ``sqrt(D)``).
+        padding_idx: as in ``nn.Embedding``: the row is looked up normally but receives no gradient.
+        position_offset: default positions are ``arange(N) + position_offset`` (e.g. decoding with a cache).
+        positions: explicit integer positions with the shape of ``ids`` (e.g. left-padded batches).
+        check_bounds: check ids (and explicit positions) against the tables with one min/max reduction,
+            raising IndexError before any kernel runs. It syncs the device: pass False in hot loops
+            whose ids are known to be valid (an out-of-range id then reads out of bounds).
+        backend: None | "auto" | "triton" | "reference" (see ``embedattn._backend``).
+
+    Gradients flow to ``weight`` and ``pos_weight``; the backward modes (atomic or sorted-segment,
+    which one is deterministic) are described in the module docstring.
+    """
+    padding_idx = _check(ids, weight, pos_weight, sinusoidal, scale, padding_idx, position_offset, positions)
+    _check_bounds(ids, weight, pos_weight, position_offset, positions, check_bounds)
+    scale = float(scale)
+    if resolve(backend, ids, weight) == "reference":
+        return _ref.embedding(ids, weight, pos_weight, sinusoidal=sinusoidal, scale=scale,
+                              padding_idx=padding_idx, position_offset=position_offset, positions=positions)
+    pos_mode = _POS_LEARNED if pos_weight is not None else _POS_SINUSOIDAL if sinusoidal else _POS_NONE
+    flat_pos = _flat_ids(positions) if positions is not None and pos_mode != _POS_NONE else None
+    out = EmbeddingFunction.apply(_flat_ids(ids), weight, pos_weight, flat_pos, ids.shape[-1], pos_mode,
+                                  scale, position_offset, padding_idx)
+    return out.view(*ids.shape, weight.shape[1])
+
+
+class FusedEmbedding(nn.Module):
+    """Token embedding + positions as one module: ``weight[ids] * scale + P``.
+
+    Parameters are named so an ``nn.Embedding`` pair loads directly: ``weight`` (num_embeddings,
+    embedding_dim) is the token table (``wte.weight``) and ``pos_weight`` (max_positions,
+    embedding_dim) the learned position table (``wpe.weight``); ``pos_weight`` is None for
+    ``positional="sinusoidal"`` or ``"none"``. E.g. ``m.load_state_dict({"weight": wte.weight,
+    "pos_weight": wpe.weight})`` or ``FusedEmbedding.from_pretrained(wte.weight, wpe.weight)``.
+    Both tables start from N(0, 1) like ``nn.Embedding`` (the ``padding_idx`` row zeroed).
+    ``max_positions`` is required for learned positions and unused by the other modes.
+    Set ``check_bounds = False`` on the module to skip the per-call bounds check (and its sync).
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        max_positions: int | None = None,
+        *,
+        positional: str = "learned",
+        padding_idx: int | None = None,
+        scale: float = 1.0,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        if positional not in POSITIONAL:
+            raise ValueError(f"positional must be one of {POSITIONAL}, got {positional!r}")
+        if positional == "learned" and (max_positions is None or max_positions <= 0):
+            raise ValueError("positional='learned' needs max_positions > 0 (the size of the position table)")
+        if padding_idx is not None:
+            if not -num_embeddings <= padding_idx < num_embeddings:
+                raise ValueError(f"padding_idx must be in [-{num_embeddings}, {num_embeddings}), "
+                                 f"got {padding_idx}")
+            if padding_idx < 0:
+                padding_idx += num_embeddings
+        factory = {"device": device, "dtype": dtype}
+        self.num_embeddings = num_embeddings
+        self.embedding_dim = embedding_dim
+        self.max_positions = max_positions
+        self.positional = positional
+        self.padding_idx = padding_idx
+        self.scale = float(scale)
+        self.check_bounds = True
+        self.backend: str | None = None
+        self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim, **factory))
+        if positional == "learned":
+            self.pos_weight = nn.Parameter(torch.empty(max_positions, embedding_dim, **factory))
+        else:
+            self.register_parameter("pos_weight", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight)
+        if self.pos_weight is not None:
+            nn.init.normal_(self.pos_weight)
+        if self.padding_idx is not None:
+            with torch.no_grad():
+                self.weight[self.padding_idx].fill_(0)
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor | None = None,
+                position_offset: int = 0) -> torch.Tensor:
+        return embedding(ids, self.weight, self.pos_weight, sinusoidal=self.positional == "sinusoidal",
+                         scale=self.scale, padding_idx=self.padding_idx, position_offset=position_offset,
+                         positions=positions, check_bounds=self.check_bounds, backend=self.backend)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        token_weight: torch.Tensor,
+        pos_weight: torch.Tensor | None = None,
+        *,
+        positional: str | None = None,
+        padding_idx: int | None = None,
+        scale: float = 1.0,
+        freeze: bool = False,
+    ) -> FusedEmbedding:
+        """Build from existing tables (copied). ``positional`` defaults to "learned" when ``pos_weight`` is
+        given and "none" otherwise; ``freeze=True`` turns off their gradients (as ``nn.Embedding``)."""
+        if positional is None:
+            positional = "learned" if pos_weight is not None else "none"
+        if (positional == "learned") != (pos_weight is not None):
+            raise ValueError("pos_weight must be given exactly when positional='learned'")
+        if token_weight.dim() != 2:
+            raise ValueError(f"token_weight must be 2-D, got shape {tuple(token_weight.shape)}")
+        if pos_weight is not None and (pos_weight.dim() != 2 or pos_weight.shape[1] != token_weight.shape[1]):
+            raise ValueError(f"pos_weight must be 2-D (max_positions, {token_weight.shape[1]}), "
+                             f"got shape {tuple(pos_weight.shape)}")
+        m = cls(token_weight.shape[0], token_weight.shape[1],
+                None if pos_weight is None else pos_weight.shape[0], positional=positional,
+                padding_idx=padding_idx, scale=scale, device=token_weight.device, dtype=token_weight.dtype)
+        with torch.no_grad():
+            m.weight.copy_(token_weight)
+            if pos_weight is not None:
+                m.pos_weight.copy_(pos_weight)
+        m.requires_grad_(not freeze)
+        return m
+
+    def extra_repr(self) -> str:
+        s = f"{self.num_embeddings}, {self.embedding_dim}, positional={self.positional!r}"
+        if self.max_positions is not None:
+            s += f", max_positions={self.max_positions}"
+        if self.padding_idx is not None:
+            s += f", padding_idx={self.padding_idx}"
+        if self.scale != 1.0:
+            s += f", scale={self.scale}"
+        return s

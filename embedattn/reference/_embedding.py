@@ -1,0 +1,65 @@
+"""Reference token embedding + positional add: short, obviously right, differentiable, float64-capable."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def sinusoidal_positions(positions: torch.Tensor, dim: int,
+                         dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Vaswani et al. encoding for integer ``positions`` (any shape) -> ``positions.shape + (dim,)``.
+
+    PE[p, 2i] = sin(p / 10000^(2i/dim)), PE[p, 2i+1] = cos(p / 10000^(2i/dim)); an odd ``dim`` ends with a
+    sine column. Computed in float64 for ``dtype=float64``, in float32 otherwise (half types are cast at
+    the end, as models do), and returned in ``dtype``.
+    """
+    cdtype = torch.float64 if dtype == torch.float64 else torch.float32
+    col = torch.arange(dim, device=positions.device)
+    inv_freq = torch.exp((col - col % 2).to(cdtype) * (-math.log(10000.0) / dim))  # 10000^(-2i/dim)
+    angle = positions.to(cdtype).unsqueeze(-1) * inv_freq
+    pe = torch.where(col % 2 == 0, torch.sin(angle), torch.cos(angle))
+    return pe.to(dtype)
+
+
+def default_positions(ids: torch.Tensor, position_offset: int = 0) -> torch.Tensor:
+    """``arange(N) + position_offset`` along the last dimension of ``ids``, broadcast to ``ids.shape``."""
+    n = ids.shape[-1]
+    return (torch.arange(n, device=ids.device) + position_offset).expand(ids.shape)
+
+
+def embedding(
+    ids: torch.Tensor,
+    weight: torch.Tensor,
+    pos_weight: torch.Tensor | None = None,
+    *,
+    sinusoidal: bool = False,
+    scale: float = 1.0,
+    padding_idx: int | None = None,
+    position_offset: int = 0,
+    positions: torch.Tensor | None = None,
+    upcast: bool = True,
+) -> torch.Tensor:
+    """``weight[ids] * scale + P`` with P = ``pos_weight[positions]``, the sinusoidal encoding, or 0.
+
+    ``positions`` defaults to ``arange(N) + position_offset`` along the last dimension of ``ids``.
+    ``padding_idx`` works as in ``nn.Embedding``: the row is returned by the lookup but gets no gradient.
+    ``upcast=True`` computes half types in float32 and casts back (what the kernels promise);
+    ``upcast=False`` stays in the table dtype (the "plain PyTorch" baseline of the tests).
+    """
+    dtype = weight.dtype
+    cdtype = torch.float32 if upcast and dtype in (torch.float16, torch.bfloat16) else dtype
+    if positions is None:
+        positions = default_positions(ids, position_offset)
+    if padding_idx is not None and padding_idx < 0:
+        padding_idx += weight.shape[0]
+    out = F.embedding(ids, weight.to(cdtype), padding_idx=padding_idx)
+    if scale != 1.0:
+        out = out * scale
+    if pos_weight is not None:
+        out = out + F.embedding(positions, pos_weight.to(cdtype))
+    elif sinusoidal:
+        out = out + sinusoidal_positions(positions, weight.shape[1], cdtype)
+    return out.to(dtype)
