@@ -1,11 +1,267 @@
-# placeholder: replaced by the negative-sampling work (issue 4)
-def negative_sampling_loss(*args, **kwargs):
-    raise NotImplementedError
+"""Skip-gram negative-sampling loss (word2vec): checks, autograd Function, functional API, module, sampler.
+
+loss_b = -log σ(u[context_b]·v[center_b]) - Σ_k log σ(-u[negatives_bk]·v[center_b]),
+v = ``in_weight``, u = ``out_weight``. The Triton path never materializes the (B, K, D) gather.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from ._backend import resolve
+from .reference._negative_sampling import negative_sampling_loss as _reference_loss
+
+REDUCTIONS = ("mean", "sum", "none")
+_ID_DTYPES = (torch.int32, torch.int64)
+_TABLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-class NegativeSamplingLoss:
-    pass
+def _check_ids(name: str, t, V: int, check_bounds: bool) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _ID_DTYPES:
+        raise TypeError(f"{name} must be int64 or int32 ids, got {t.dtype}")
+    if check_bounds and t.numel():
+        lo, hi = int(t.min()), int(t.max())  # one host sync; pass check_bounds=False to skip it
+        if lo < 0 or hi >= V:
+            bad = lo if lo < 0 else hi
+            raise IndexError(f"{name} contains id {bad}, out of range for tables with {V} rows")
+
+
+def _check_inputs(center, context, negatives, in_weight, out_weight, reduction, check_bounds) -> None:
+    for name, w in (("in_weight", in_weight), ("out_weight", out_weight)):
+        if not isinstance(w, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(w).__name__}")
+        if w.dim() != 2:
+            raise ValueError(f"{name} must be (num_embeddings, embedding_dim), got shape {tuple(w.shape)}")
+        if w.dtype not in _TABLE_DTYPES:
+            raise TypeError(f"{name} must be float16/bfloat16/float32/float64, got {w.dtype}")
+    if in_weight.shape != out_weight.shape:
+        raise ValueError(f"in_weight {tuple(in_weight.shape)} and out_weight {tuple(out_weight.shape)} "
+                         "must have the same shape")
+    if in_weight.dtype != out_weight.dtype:
+        raise TypeError(f"in_weight ({in_weight.dtype}) and out_weight ({out_weight.dtype}) "
+                        "must share a dtype")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    V = in_weight.shape[0]
+    for name, t in (("center", center), ("context", context), ("negatives", negatives)):
+        _check_ids(name, t, V, check_bounds=False)
+    if center.dim() != 1:
+        raise ValueError(f"center must be 1-D (B,), got shape {tuple(center.shape)}")
+    if context.shape != center.shape:
+        raise ValueError(f"context {tuple(context.shape)} must have center's shape {tuple(center.shape)}")
+    if negatives.dim() != 2 or negatives.shape[0] != center.shape[0]:
+        raise ValueError(f"negatives must be (B, K) with B = {center.shape[0]}, got {tuple(negatives.shape)}")
+    if negatives.shape[1] == 0:
+        raise ValueError("negatives has K = 0 columns: negative sampling needs at least one negative "
+                         "per pair")
+    devices = {t.device for t in (center, context, negatives, in_weight, out_weight)}
+    if len(devices) > 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(str(d) for d in devices)}")
+    if check_bounds:
+        for name, t in (("center", center), ("context", context), ("negatives", negatives)):
+            _check_ids(name, t, V, check_bounds=True)
+
+
+class NegativeSamplingFunction(torch.autograd.Function):
+    """Per-pair loss (B,) on the Triton kernels; gradients for both tables, dense or sparse COO."""
+
+    @staticmethod
+    def forward(ctx, center, context, negatives, in_weight, out_weight, sparse: bool):
+        from .kernels import negative_sampling as K
+
+        loss, coef = K.negative_sampling_forward(center, context, negatives, in_weight, out_weight)
+        ctx.save_for_backward(center, context, negatives, in_weight, out_weight, coef)
+        ctx.sparse = sparse
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        from .kernels import negative_sampling as K
+
+        center, context, negatives, in_weight, out_weight, coef = ctx.saved_tensors
+        need_in, need_out = ctx.needs_input_grad[3], ctx.needs_input_grad[4]
+        if not (need_in or need_out):
+            return None, None, None, None, None, None
+        grad_loss = grad_loss.to(coef.dtype)
+        V, D = in_weight.shape
+        if not ctx.sparse:
+            gin, gout = K.negative_sampling_backward(center, context, negatives, in_weight, out_weight, coef,
+                                                     grad_loss, need_in=need_in, need_out=need_out)
+            gin = gin.to(in_weight.dtype) if gin is not None else None
+            gout = gout.to(out_weight.dtype) if gout is not None else None
+            return None, None, None, gin, gout, None
+        # sparse: accumulate into one row per distinct id (never one row per lookup, which for the
+        # negatives would be the B x K x D tensor the kernel avoids), then wrap as coalesced COO
+        uin, inv_in = torch.unique(center, return_inverse=True)
+        ids_out = torch.cat([context.unsqueeze(1), negatives], dim=1)
+        uout, inv_out = torch.unique(ids_out, return_inverse=True)
+        gin, gout = K.negative_sampling_backward(
+            center, context, negatives, in_weight, out_weight, coef, grad_loss, need_in=need_in,
+            need_out=need_out, dst_in=inv_in, dst_out=inv_out.contiguous(), rows_in=uin.numel(),
+            rows_out=uout.numel())
+
+        def coo(idx, vals, dtype):
+            return torch.sparse_coo_tensor(idx.unsqueeze(0).long(), vals.to(dtype), (V, D), is_coalesced=True,
+                                           check_invariants=False)
+
+        gin = coo(uin, gin, in_weight.dtype) if need_in else None
+        gout = coo(uout, gout, out_weight.dtype) if need_out else None
+        return None, None, None, gin, gout, None
+
+
+def negative_sampling_loss(
+    center: torch.Tensor,
+    context: torch.Tensor,
+    negatives: torch.Tensor,
+    in_weight: torch.Tensor,
+    out_weight: torch.Tensor,
+    *,
+    reduction: str = "mean",
+    sparse: bool = False,
+    check_bounds: bool = True,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Skip-gram negative-sampling loss.
+
+    ``center``/``context``: (B,) int ids; ``negatives``: (B, K) ids, K >= 1; ``in_weight`` (v) and
+    ``out_weight`` (u): (V, D) tables of one dtype on one device. Per pair
+    ``-log σ(u[context]·v[center]) - Σ_k log σ(-u[negatives_k]·v[center])``, stable for any logit.
+    ``reduction``: "mean" | "sum" | "none" (per-pair (B,)). The loss is float32 for 16-bit and float32
+    tables, float64 for float64 tables. ``sparse=True`` gives sparse COO table gradients (for
+    ``torch.optim.SparseAdam``/``SGD``), like ``nn.Embedding(sparse=True)``. ``check_bounds=False``
+    skips the id range check (a host sync); out-of-range ids are then undefined behaviour.
+    """
+    _check_inputs(center, context, negatives, in_weight, out_weight, reduction, check_bounds)
+    be = resolve(backend, center, context, negatives, in_weight, out_weight)
+    if be == "reference" or center.numel() == 0:
+        return _reference_loss(center, context, negatives, in_weight, out_weight, reduction=reduction,
+                               sparse=sparse)
+    if in_weight.stride(1) != 1:
+        in_weight = in_weight.contiguous()
+    if out_weight.stride(1) != 1:
+        out_weight = out_weight.contiguous()
+    loss = NegativeSamplingFunction.apply(center, context, negatives, in_weight, out_weight, sparse)
+    if reduction == "mean":
+        return loss.mean()
+    if reduction == "sum":
+        return loss.sum()
+    return loss
+
+
+def _word2vec_init(weight_in: torch.Tensor, weight_out: torch.Tensor, generator=None) -> None:
+    """word2vec.c's initialisation: input rows uniform in ±0.5/D, output rows zero."""
+    d = weight_in.shape[1]
+    with torch.no_grad():
+        weight_in.uniform_(-0.5 / d, 0.5 / d, generator=generator)
+        weight_out.zero_()
+
+
+class NegativeSamplingLoss(nn.Module):
+    """Owns the input (``in_weight``, the word vectors) and output (``out_weight``) tables of a
+    skip-gram model and returns the negative-sampling loss of a batch.
+
+    ``forward(center, context, negatives=None)``: when ``negatives`` is None, ``num_negatives``
+    ids per pair are drawn from ``sampler`` (a :class:`UnigramSampler`), avoiding the positive.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, *, reduction: str = "mean",
+                 sparse: bool = False, sampler: UnigramSampler | None = None, num_negatives: int = 5,
+                 backend: str | None = None, device=None, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        if num_embeddings < 1 or embedding_dim < 1:
+            raise ValueError(f"num_embeddings and embedding_dim must be >= 1, got {num_embeddings}, "
+                             f"{embedding_dim}")
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        if num_negatives < 1:
+            raise ValueError(f"num_negatives must be >= 1, got {num_negatives}")
+        kw = {"device": device, "dtype": dtype}
+        self.in_weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim, **kw))
+        self.out_weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim, **kw))
+        self.reduction, self.sparse, self.backend = reduction, sparse, backend
+        self.sampler, self.num_negatives = sampler, num_negatives
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        _word2vec_init(self.in_weight, self.out_weight)
+
+    def forward(self, center: torch.Tensor, context: torch.Tensor,
+                negatives: torch.Tensor | None = None) -> torch.Tensor:
+        if negatives is None:
+            if self.sampler is None:
+                raise ValueError("negatives is None and the module has no sampler")
+            negatives = self.sampler.sample(center.shape[0], self.num_negatives, exclude=context,
+                                            device=center.device)
+        return negative_sampling_loss(center, context, negatives, self.in_weight, self.out_weight,
+                                      reduction=self.reduction, sparse=self.sparse, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_weight.shape[0]}, {self.in_weight.shape[1]}, reduction={self.reduction!r}, "
+                f"sparse={self.sparse}, num_negatives={self.num_negatives}")
 
 
 class UnigramSampler:
-    pass
+    """Draws negatives with probability ∝ counts**power (word2vec's unigram^0.75 table).
+
+    Sampling is a cumulative table (float64) + ``torch.searchsorted`` on the sampler's device: no
+    Python loop, exact for any vocabulary size. ``exclude`` (ids shaped like the leading dims of the
+    draw) samples from the distribution with that id removed, exactly and without rejection loops.
+    """
+
+    def __init__(self, counts: torch.Tensor | Sequence[float], power: float = 0.75, *, device=None) -> None:
+        c = torch.as_tensor(counts, dtype=torch.float64, device=device)
+        if c.dim() != 1 or c.numel() == 0:
+            raise ValueError(f"counts must be a non-empty 1-D sequence, got shape {tuple(c.shape)}")
+        if not torch.isfinite(c).all() or (c < 0).any():
+            raise ValueError("counts must be finite and non-negative")
+        p = c.pow(power) * (c > 0)  # 0**0 would be 1: a zero count must never be drawn
+        if p.sum() <= 0:
+            raise ValueError("counts has no positive entry: nothing to sample")
+        self.power = power
+        self.probs = p / p.sum()
+        self._cum = torch.cumsum(self.probs, 0)
+        self._single = int((p > 0).sum()) == 1  # one word holds all the mass: exclusion impossible
+        self._last = int(torch.nonzero(p).max())  # float rounding at the top end must not pick a zero count
+
+    @property
+    def device(self) -> torch.device:
+        return self.probs.device
+
+    def __len__(self) -> int:
+        return self.probs.numel()
+
+    def to(self, device) -> UnigramSampler:
+        self.probs, self._cum = self.probs.to(device), self._cum.to(device)
+        return self
+
+    def sample(self, *shape: int, exclude: torch.Tensor | None = None,
+               generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+        """int64 ids of the given shape. With ``exclude`` (shape = the draw's leading dims, e.g. (B,)
+        for a (B, K) draw) no entry equals its row's excluded id."""
+        if len(shape) == 1 and isinstance(shape[0], (tuple, list, torch.Size)):
+            shape = tuple(shape[0])
+        dev = self.device if device is None else torch.device(device)
+        if dev != self.device:
+            self.to(dev)
+        u = torch.rand(shape, dtype=torch.float64, device=dev, generator=generator)
+        if exclude is None:
+            u *= self._cum[-1]
+        else:
+            if self._single:
+                raise ValueError("cannot exclude ids: only one id has a non-zero probability")
+            ex = exclude.to(dev).long()
+            ex = ex.reshape(ex.shape + (1,) * (len(shape) - ex.dim()))
+            p_x = self.probs[ex]
+            start = self._cum[ex] - p_x
+            # draw on the total mass minus the excluded id's, then skip over its interval
+            u = u * (self._cum[-1] - p_x)
+            u = u + (u >= start) * p_x
+        idx = torch.searchsorted(self._cum, u, right=True)
+        return idx.clamp_(max=self._last)
+
+    __call__ = sample

@@ -1,0 +1,309 @@
+"""Negative-sampling loss, its kernels and the unigram sampler, against the float64 reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import (
+    BACKENDS,
+    DEVICE,
+    DTYPES,
+    HAS_TRITON,
+    ON_CUDA,
+    assert_fa_close,
+    max_err,
+    skip_if_unsupported,
+)
+
+import embedattn
+from embedattn.reference._negative_sampling import negative_sampling_loss as ref_loss
+
+# (B, K, V, D): singletons, tails not divisible by the blocks, a D spanning several chunks, and small
+# vocabularies where ids collide a lot inside one tile (the atomic scatter must add them all)
+SHAPES = [(1, 1, 3, 4), (37, 5, 13, 70), (50, 15, 200, 33), (9, 3, 2, 129)]
+
+
+def _inputs(B, K, V, D, dtype, seed, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    wi = (torch.randn(V, D, generator=g, dtype=torch.float64) * scale / D**0.5).to(DEVICE)
+    wo = (torch.randn(V, D, generator=g, dtype=torch.float64) * scale / D**0.5).to(DEVICE)
+    c = torch.randint(0, V, (B,), generator=g).to(DEVICE)
+    x = torch.randint(0, V, (B,), generator=g).to(DEVICE)
+    n = torch.randint(0, V, (B, K), generator=g).to(DEVICE)
+    up = torch.rand(B, generator=g, dtype=torch.float64).to(DEVICE)  # upstream gradient per pair
+    return c, x, n, wi.to(dtype), wo.to(dtype), up
+
+
+def _run(fn, c, x, n, wi, wo, up, **kw):
+    wi = wi.detach().clone().requires_grad_()
+    wo = wo.detach().clone().requires_grad_()
+    loss = fn(c, x, n, wi, wo, reduction="none", **kw)
+    (loss * up.to(loss.dtype)).sum().backward()
+    return loss.detach(), wi.grad, wo.grad
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_parity_with_float64_reference(backend, dtype, shape):
+    skip_if_unsupported(backend, dtype)
+    c, x, n, wi, wo, up = _inputs(*shape, dtype, seed=hash(shape) % 1000)
+    out = _run(embedattn.negative_sampling_loss, c, x, n, wi, wo, up, backend=backend)
+    ref = _run(ref_loss, c, x, n, wi.double(), wo.double(), up)
+    plain = _run(ref_loss, c, x, n, wi, wo, up, upcast=False)
+    for name, o, r, p in zip(("loss", "grad_in", "grad_out"), out, ref, plain):
+        loss_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        assert o.dtype == (loss_dtype if name == "loss" else dtype)
+        assert_fa_close(o, r, p, name=name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_reductions(backend, reduction):
+    c, x, n, wi, wo, _ = _inputs(29, 4, 31, 20, torch.float32, seed=3)
+    out = embedattn.negative_sampling_loss(c, x, n, wi, wo, reduction=reduction, backend=backend)
+    ref = ref_loss(c, x, n, wi.double(), wo.double(), reduction=reduction)
+    assert out.shape == ref.shape
+    assert max_err(out, ref) < 1e-4
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("logit", [50.0, -50.0, 300.0, -300.0])
+def test_extreme_logits_are_stable(backend, logit):
+    # every score is exactly ±logit: σ saturates, the loss must be ~0 or ~|logit|, never inf/NaN
+    B, K, V, D = 6, 3, 5, 8
+    wi = torch.zeros(V, D, device=DEVICE)
+    wi[:, 0] = 1.0
+    wo = torch.zeros(V, D, device=DEVICE)
+    wo[:, 0] = torch.tensor([logit, -logit, logit, -logit, logit])
+    g = torch.Generator().manual_seed(1)
+    c, x = (torch.randint(0, V, (B,), generator=g).to(DEVICE) for _ in range(2))
+    n = torch.randint(0, V, (B, K), generator=g).to(DEVICE)
+    up = torch.ones(B, dtype=torch.float64, device=DEVICE)
+    out = _run(embedattn.negative_sampling_loss, c, x, n, wi, wo, up, backend=backend)
+    ref = _run(ref_loss, c, x, n, wi.double(), wo.double(), up)
+    for o, r in zip(out, ref):
+        assert torch.isfinite(o).all()
+        assert max_err(o, r) <= 1e-6 * max(1.0, abs(logit)) * K
+    assert out[0].max() > abs(logit) * 0.9  # the wrong-side pairs really cost |logit|
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_noncontiguous_int32_ids_and_tied_tables(backend):
+    c, x, n, wi, wo, up = _inputs(21, 6, 17, 10, torch.float32, seed=5)
+    n_view = n.int()[:, ::2]  # (B, 3) with a column stride of 2
+    c32 = c.int()
+    out = _run(lambda *a, **k: embedattn.negative_sampling_loss(*a, backend=backend, **k),
+               c32, x, n_view, wi, wo, up)
+    ref = _run(ref_loss, c, x, n_view.long(), wi.double(), wo.double(), up)
+    for o, r in zip(out, ref):
+        assert max_err(o, r) < 1e-5
+    # the same table as input and output: autograd adds both gradients
+    w = wi.clone().requires_grad_()
+    embedattn.negative_sampling_loss(c, x, n, w, w, reduction="sum", backend=backend).backward()
+    w64 = wi.double().clone().requires_grad_()
+    ref_loss(c, x, n, w64, w64, reduction="sum").backward()
+    assert max_err(w.grad, w64.grad) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sparse_gradients_match_dense_and_train(backend):
+    c, x, n, wi, wo, up = _inputs(33, 5, 40, 12, torch.float32, seed=7)
+    dense = _run(embedattn.negative_sampling_loss, c, x, n, wi, wo, up, backend=backend)
+    sparse = _run(embedattn.negative_sampling_loss, c, x, n, wi, wo, up, backend=backend, sparse=True)
+    for d, s in zip(dense[1:], sparse[1:]):
+        assert s.is_sparse
+        assert max_err(s.to_dense(), d) < 1e-6
+    # usable with the sparse optimizers, like nn.Embedding(sparse=True)
+    for opt_cls in (torch.optim.SparseAdam, torch.optim.SGD):
+        a, b = wi.clone().requires_grad_(), wo.clone().requires_grad_()
+        opt = opt_cls([a, b], lr=0.1)
+        before = embedattn.negative_sampling_loss(c, x, n, a, b, sparse=True, backend=backend)
+        before.backward()
+        opt.step()
+        after = embedattn.negative_sampling_loss(c, x, n, a, b, sparse=True, backend=backend)
+        assert after < before
+        untouched = torch.ones(40, dtype=torch.bool, device=DEVICE)
+        untouched[c] = False
+        assert torch.equal(a.detach()[untouched], wi[untouched])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_only_one_table_requires_grad(backend):
+    c, x, n, wi, wo, _ = _inputs(11, 2, 9, 6, torch.float32, seed=9)
+    wo = wo.clone().requires_grad_()
+    embedattn.negative_sampling_loss(c, x, n, wi, wo, backend=backend).backward()
+    w64 = wo.double().detach().requires_grad_()
+    ref_loss(c, x, n, wi.double(), w64).backward()
+    assert max_err(wo.grad, w64.grad) < 1e-6
+
+
+def test_module_with_sampler_trains():
+    torch.manual_seed(0)
+    V = 30
+    counts = torch.arange(1, V + 1).float()
+    sampler = embedattn.UnigramSampler(counts, device=DEVICE)
+    mod = embedattn.NegativeSamplingLoss(V, 8, sampler=sampler, num_negatives=4, reduction="sum",
+                                         device=DEVICE)
+    assert mod.in_weight.abs().max() <= 0.5 / 8 and mod.out_weight.abs().max() == 0
+    c = torch.randint(0, V, (64,), device=DEVICE)
+    x = (c + 1) % V
+    opt = torch.optim.SGD(mod.parameters(), lr=0.2)
+    losses = []
+    for _ in range(30):
+        loss = mod(c, x)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+    assert "num_negatives=4" in repr(mod)
+
+
+# ----------------------------------------------------------------------------- the fused SGD step
+
+def _step_reference(inp, tgt, neg, wi, wo, lr):
+    """The minibatch semantics of one sgns_step: every pair's word2vec.c update computed from the
+    tables before the step, then all added (what Hogwild converges to when rows do not collide)."""
+    wi64, wo64 = wi.double(), wo.double()
+    v = wi64[inp]
+    ids = torch.cat([tgt[:, None], neg], 1)
+    u = wo64[ids]
+    s = (u * v[:, None]).sum(-1)
+    label = torch.zeros_like(s)
+    label[:, 0] = 1
+    g = (label - torch.sigmoid(s)) * lr
+    loss = -torch.nn.functional.logsigmoid(torch.where(label > 0, s, -s)).sum(-1)
+    wi64 = wi64.index_add(0, inp, (g[:, :, None] * u).sum(1))
+    wo64 = wo64.index_add(0, ids.reshape(-1), (g[:, :, None] * v[:, None]).reshape(-1, v.shape[1]))
+    return loss, wi64, wo64
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
+@pytest.mark.parametrize("distinct", [True, False])
+def test_sgns_step_kernel(distinct):
+    from embedattn.kernels.negative_sampling import sgns_step
+
+    if not distinct and ON_CUDA:
+        pytest.skip("colliding rows race (Hogwild) across programs on a GPU; checked under the interpreter")
+    g = torch.Generator().manual_seed(11)
+    B, K, D = 13, 4, 70
+    if distinct:  # no row is touched by two programs: the result is exact on any device
+        V = B * (K + 2)
+        perm = torch.randperm(V, generator=g)
+        inp, tgt = perm[:B], perm[B:2 * B]
+        neg = perm[2 * B:2 * B + B * K].view(B, K)
+    else:  # B fits one interpreter program, which applies all its updates from the same snapshot
+        V = 7
+        inp, tgt = torch.randint(0, V, (B,), generator=g), torch.randint(0, V, (B,), generator=g)
+        neg = torch.randint(0, V, (B, K), generator=g)
+    wi = torch.randn(V, D, generator=g) * 0.3
+    wo = torch.randn(V, D, generator=g) * 0.3
+    loss_r, wi_r, wo_r = _step_reference(inp, tgt, neg, wi, wo, lr=0.05)
+    wi_k, wo_k = wi.to(DEVICE), wo.to(DEVICE)
+    loss = sgns_step(inp.to(DEVICE), tgt.to(DEVICE), neg.to(DEVICE), wi_k, wo_k, 0.05)
+    assert max_err(loss.cpu(), loss_r) < 1e-5
+    assert max_err(wi_k.cpu(), wi_r) < 1e-5
+    assert max_err(wo_k.cpu(), wo_r) < 1e-5
+
+
+# ----------------------------------------------------------------------------- the sampler
+
+def test_sampler_statistics():
+    counts = torch.tensor([0.0, 1.0, 5.0, 20.0, 100.0, 3.0])
+    s = embedattn.UnigramSampler(counts, power=0.75, device=DEVICE)
+    p = counts.double().pow(0.75) * (counts > 0)
+    p /= p.sum()
+    assert max_err(s.probs.cpu(), p) < 1e-12
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    n = 400_000
+    draw = s.sample(n // 8, 8, generator=g)
+    assert draw.shape == (n // 8, 8) and draw.dtype == torch.int64 and draw.device.type == DEVICE
+    freq = torch.bincount(draw.flatten().cpu(), minlength=6).double() / n
+    assert freq[0] == 0  # zero count: never drawn
+    assert max_err(freq, p) < 5 * (0.25 / n) ** 0.5  # 5 sigma of a binomial frequency
+    # excluding the positive: never drawn, and the others keep their relative odds
+    ex = torch.tensor([4, 3, 2, 1, 5] * (n // 40), device=DEVICE)
+    draw = s.sample(ex.numel(), 8, exclude=ex, generator=g)
+    assert not (draw == ex[:, None]).any()
+    rows = draw[ex == 4].flatten().cpu()
+    freq = torch.bincount(rows, minlength=6).double() / rows.numel()
+    q = p.clone()
+    q[4] = 0
+    q /= q.sum()
+    assert max_err(freq, q) < 5 * (0.25 / rows.numel()) ** 0.5
+
+
+def test_sampler_bad_input():
+    with pytest.raises(ValueError, match="non-negative"):
+        embedattn.UnigramSampler([1.0, -1.0])
+    with pytest.raises(ValueError, match="no positive"):
+        embedattn.UnigramSampler([0.0, 0.0])
+    with pytest.raises(ValueError, match="1-D"):
+        embedattn.UnigramSampler([])
+    s = embedattn.UnigramSampler([0.0, 3.0])
+    assert (s.sample(50) == 1).all()
+    with pytest.raises(ValueError, match="only one id"):
+        s.sample(4, 2, exclude=torch.ones(4, dtype=torch.long))
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def _good():
+    c, x, n, wi, wo, _ = _inputs(5, 2, 7, 4, torch.float32, seed=0)
+    return dict(center=c, context=x, negatives=n, in_weight=wi, out_weight=wo)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("arg,bad", [("center", 7), ("context", -1), ("negatives", 100)])
+def test_ids_out_of_range(backend, arg, bad):
+    kw = _good()
+    t = kw[arg].clone()
+    t.view(-1)[0] = bad
+    kw[arg] = t
+    with pytest.raises(IndexError, match=f"{arg} contains id {bad}"):
+        embedattn.negative_sampling_loss(**kw, backend=backend)
+
+
+@pytest.mark.parametrize(
+    "change,err,match",
+    [
+        (lambda k: k.update(negatives=k["negatives"][:, :0]), ValueError, "K = 0"),
+        (lambda k: k.update(out_weight=k["out_weight"][:, :3]), ValueError, "same shape"),
+        (lambda k: k.update(out_weight=k["out_weight"][:6]), ValueError, "same shape"),
+        (lambda k: k.update(out_weight=k["out_weight"].double()), TypeError, "share a dtype"),
+        (lambda k: k.update(in_weight=k["in_weight"].flatten()), ValueError, "in_weight must be"),
+        (lambda k: k.update(out_weight=torch.empty(7, 4, device="meta")), ValueError, "one device"),
+        (lambda k: k.update(center=k["center"].float()), TypeError, "center must be int64"),
+        (lambda k: k.update(context=k["context"][:3]), ValueError, "context"),
+        (lambda k: k.update(negatives=k["negatives"][:3]), ValueError, "negatives must be"),
+        (lambda k: k.update(center=k["center"][:, None]), ValueError, "center must be 1-D"),
+        (lambda k: k.update(in_weight=k["in_weight"].int(), out_weight=k["out_weight"].int()), TypeError,
+         "float16"),
+        (lambda k: k.update(reduction="max"), ValueError, "reduction"),
+        (lambda k: k.update(backend="cuda"), ValueError, "backend"),
+    ],
+)
+def test_bad_input(change, err, match):
+    kw = _good()
+    change(kw)
+    with pytest.raises(err, match=match):
+        embedattn.negative_sampling_loss(**kw)
+
+
+def test_empty_batch():
+    kw = _good()
+    kw.update(center=kw["center"][:0], context=kw["context"][:0], negatives=kw["negatives"][:0])
+    assert embedattn.negative_sampling_loss(**kw, reduction="sum") == 0
+    assert embedattn.negative_sampling_loss(**kw, reduction="none").shape == (0,)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
+def test_launcher_outputs_fully_written():
+    # poisoned outputs (NaN) that survive would show up here as NaN in the loss or coefficients
+    from embedattn.kernels.negative_sampling import negative_sampling_forward
+
+    c, x, n, wi, wo, _ = _inputs(45, 7, 19, 21, torch.float32, seed=4)
+    loss, coef = negative_sampling_forward(c, x, n, wi, wo)
+    assert torch.isfinite(loss).all() and torch.isfinite(coef).all()
+    assert coef.shape == (45, 8)
