@@ -38,7 +38,7 @@ def resolve(backend: str | None, *tensors: torch.Tensor) -> str:
         backend = os.environ.get("EMBEDATTN_BACKEND", "auto") or "auto"
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be None or one of {BACKENDS}, got {backend!r}")
-    on_cuda = any(t is not None and t.is_cuda for t in tensors)
+    on_cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in tensors)
     if backend == "reference":
         return "reference"
     if backend == "auto":

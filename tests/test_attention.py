@@ -1,0 +1,307 @@
+"""Attention: Triton kernels and reference against a float64 oracle, drop-in parity, bad input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import BACKENDS, DEVICE, DTYPES, ON_CUDA, assert_fa_close, skip_if_unsupported
+
+import embedattn
+from embedattn import reference
+
+# (B, Hq, Hkv, Nq, Nk, D, causal): odd tails, Nq != Nk both ways, GQA/MQA, odd head dims
+CASES = [
+    (1, 2, 2, 1, 7, 16, False),
+    (2, 2, 1, 7, 33, 40, True),
+    (1, 4, 2, 33, 33, 64, True),
+    (1, 2, 2, 33, 129, 80, False),
+    (1, 3, 1, 129, 33, 24, True),
+    (2, 2, 2, 65, 65, 32, False),
+    (1, 2, 1, 17, 1, 48, True),
+    (1, 1, 1, 40, 23, 128, True),
+]
+if ON_CUDA:
+    CASES += [
+        (2, 8, 2, 1000, 1000, 128, True),
+        (1, 4, 4, 513, 2049, 64, False),
+        (1, 4, 1, 257, 257, 256, True),
+        (1, 2, 2, 300, 300, 160, False),
+        (1, 2, 2, 129, 300, 96, True),
+    ]
+
+
+def _inputs(B, Hq, Hkv, Nq, Nk, D, dtype, seed, device=DEVICE):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    mk = lambda *s: torch.randn(*s, generator=g, dtype=torch.float32).to(device=device, dtype=dtype)
+    return mk(B, Hq, Nq, D), mk(B, Hkv, Nk, D), mk(B, Hkv, Nk, D)
+
+
+def _check(q, k, v, backend, *, causal=False, mask=None, grads=True, seed=0):
+    """Kernel vs float64 reference, with plain PyTorch in the same dtype as the error yardstick."""
+    dtype = q.dtype
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out = embedattn.attention(*leaves, causal=causal, attn_mask=mask, backend=backend)
+    assert out.shape == q.shape and out.dtype == dtype
+    ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    mask64 = mask.double() if mask is not None and mask.is_floating_point() else mask
+    ref = reference.attention(*ref_in, causal=causal, attn_mask=mask64)
+    plain_in = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    plain = reference.attention(*plain_in, causal=causal, attn_mask=mask, upcast=False)
+    assert_fa_close(out, ref, plain, "out")
+    if not grads:
+        return
+    g = torch.Generator(device="cpu").manual_seed(seed + 1)
+    dout = torch.randn(out.shape, generator=g).to(device=q.device, dtype=dtype)
+    got = torch.autograd.grad(out, leaves, dout)
+    want = torch.autograd.grad(ref, ref_in, dout.double())
+    base = torch.autograd.grad(plain, plain_in, dout)
+    for name, a, b, c in zip(("dq", "dk", "dv"), got, want, base):
+        assert a.shape == b.shape
+        assert_fa_close(a, b, c, name)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}H{}x{}N{}x{}D{}{}".format(*c[:6], "c" if c[6] else ""))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_forward_backward(backend, dtype, case):
+    skip_if_unsupported(backend, dtype)
+    B, Hq, Hkv, Nq, Nk, D, causal = case
+    q, k, v = _inputs(B, Hq, Hkv, Nq, Nk, D, dtype, seed=hash(case) % 1000)
+    _check(q, k, v, backend, causal=causal)
+
+
+MASKS = {
+    "bool_2d": lambda B, H, Nq, Nk, g: torch.rand(Nq, Nk, generator=g) > 0.3,
+    "bool_pad": lambda B, H, Nq, Nk, g: (
+        torch.arange(Nk)[None, None, None, :] < torch.tensor([Nk, Nk // 2])[:B, None, None, None]
+    ),
+    "float_bh": lambda B, H, Nq, Nk, g: torch.randn(B, H, 1, Nk, generator=g),
+    "float_full": lambda B, H, Nq, Nk, g: torch.randn(B, H, Nq, Nk, generator=g),
+    "float_neginf": lambda B, H, Nq, Nk, g: torch.where(torch.rand(B, 1, Nq, Nk, generator=g) > 0.5, 0.0, -math.inf),
+}
+
+
+@pytest.mark.parametrize("kind", list(MASKS))
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_masks(backend, dtype, causal, kind):
+    skip_if_unsupported(backend, dtype)
+    B, Hq, Hkv, Nq, Nk, D = 2, 4, 2, 19, 37, 32
+    q, k, v = _inputs(B, Hq, Hkv, Nq, Nk, D, dtype, seed=7)
+    g = torch.Generator().manual_seed(11)
+    mask = MASKS[kind](B, Hq, Nq, Nk, g).to(DEVICE)
+    if mask.is_floating_point():
+        mask = mask.to(dtype)
+    _check(q, k, v, backend, causal=causal, mask=mask)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fully_masked_rows_give_zeros_and_zero_grads(backend):
+    B, H, Nq, Nk, D = 1, 2, 9, 21, 16
+    q, k, v = (t.requires_grad_() for t in _inputs(B, H, H, Nq, Nk, D, torch.float32, seed=3))
+    mask = torch.rand(B, H, Nq, Nk, device=DEVICE) > 0.5
+    mask[:, :, 2] = False
+    mask[:, 1, 5] = False
+    out, lse = embedattn.attention(q, k, v, attn_mask=mask, return_lse=True, backend=backend)
+    assert torch.equal(out[:, :, 2], torch.zeros_like(out[:, :, 2]))
+    assert torch.equal(out[:, 1, 5], torch.zeros_like(out[:, 1, 5]))
+    assert torch.isneginf(lse[:, :, 2]).all() and torch.isfinite(lse[:, 0, 5]).all()
+    out.backward(torch.randn_like(out))
+    assert torch.isfinite(q.grad).all() and torch.isfinite(k.grad).all() and torch.isfinite(v.grad).all()
+    assert torch.equal(q.grad[:, :, 2], torch.zeros_like(q.grad[:, :, 2]))
+    # and it matches torch's own SDPA, which also returns zeros on fully masked rows
+    ref = F.scaled_dot_product_attention(q.detach(), k.detach(), v.detach(), attn_mask=mask)
+    torch.testing.assert_close(out.detach(), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_causal_more_queries_than_keys_bottom_right(backend):
+    """Nq > Nk with bottom-right causal: the first Nq - Nk rows see no key and are zero."""
+    q, k, v = _inputs(1, 2, 2, 20, 6, 16, torch.float32, seed=5)
+    out = embedattn.attention(q, k, v, causal=True, backend=backend)
+    assert torch.equal(out[:, :, :14], torch.zeros_like(out[:, :, :14]))
+    i, j = torch.arange(20)[:, None], torch.arange(6)[None, :]
+    explicit = (j <= i + 6 - 20).to(DEVICE)
+    torch.testing.assert_close(out, embedattn.attention(q, k, v, attn_mask=explicit, backend=backend),
+                               atol=1e-6, rtol=1e-5)
+    _check(q, k, v, backend, causal=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_views(backend, dtype):
+    """(B, N, H, D) tensors transposed to (B, H, N, D), and a sliced head dim: no copies needed."""
+    skip_if_unsupported(backend, dtype)
+    B, N, H, D = 2, 29, 4, 32
+    g = torch.Generator().manual_seed(1)
+    qkv = torch.randn(B, N, 3, H, D + 8, generator=g).to(DEVICE, dtype)
+    q, k, v = (qkv[:, :, i, :, :D].transpose(1, 2) for i in range(3))
+    assert not q.is_contiguous()
+    _check(q, k, v, backend, causal=True)
+    kv = torch.randn(B, 2, N + 3, 2, D, generator=g).to(DEVICE, dtype)
+    k2, v2 = kv[:, 0].transpose(1, 2), kv[:, 1].transpose(1, 2)  # GQA: 2 kv heads for 4 q heads
+    _check(q, k2, v2, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_return_lse_natural_log(backend):
+    q, k, v = _inputs(2, 2, 1, 13, 31, 24, torch.float32, seed=9)
+    scale = 0.3
+    out, lse = embedattn.attention(q, k, v, scale=scale, return_lse=True, backend=backend)
+    kk = k.repeat_interleave(2, dim=1)
+    want = torch.logsumexp((q.double() @ kk.double().transpose(-1, -2)) * scale, dim=-1)
+    assert lse.shape == (2, 2, 13) and lse.dtype == torch.float32
+    torch.testing.assert_close(lse.double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_backward_is_deterministic():
+    if "triton" not in BACKENDS:
+        pytest.skip("triton not installed")
+    q, k, v = _inputs(1, 4, 1, 45, 70, 32, torch.float16, seed=13)
+    dout = torch.randn(q.shape, device=DEVICE).to(torch.float16)
+    grads = []
+    for _ in range(2):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = embedattn.attention(*leaves, causal=True, backend="triton")
+        grads.append(torch.autograd.grad(out, leaves, dout))
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_inputs(backend):
+    q, k, v = _inputs(2, 2, 2, 0, 5, 16, torch.float32, seed=1)
+    assert embedattn.attention(q, k, v, backend=backend).shape == (2, 2, 0, 16)
+    q, k, v = _inputs(2, 2, 2, 4, 0, 16, torch.float32, seed=1)
+    out, lse = embedattn.attention(q, k, v, return_lse=True, backend=backend)
+    assert torch.equal(out, torch.zeros(2, 2, 4, 16, device=DEVICE)) and torch.isneginf(lse).all()
+    q, k, v = _inputs(0, 2, 2, 4, 5, 16, torch.float32, seed=1)
+    assert embedattn.attention(q, k, v, backend=backend).shape == (0, 2, 4, 16)
+
+
+# ---------------------------------------------------------------- drop-in parity with torch SDPA
+SDPA_CASES = [
+    dict(shape_q=(2, 3, 17, 32), shape_k=(2, 3, 17, 32)),
+    dict(shape_q=(2, 3, 17, 32), shape_k=(2, 3, 29, 32), is_causal=True),  # top-left alignment
+    dict(shape_q=(2, 3, 29, 32), shape_k=(2, 3, 11, 32), is_causal=True),
+    dict(shape_q=(2, 17, 24), shape_k=(2, 9, 24)),  # 3-D
+    dict(shape_q=(1, 4, 9, 16), shape_k=(1, 2, 21, 16), enable_gqa=True, is_causal=True),
+    dict(shape_q=(2, 2, 9, 16), shape_k=(2, 2, 21, 16), mask="bool"),
+    dict(shape_q=(2, 2, 9, 16), shape_k=(2, 2, 21, 16), mask="float", scale=0.2),
+]
+
+
+@pytest.mark.parametrize("case", SDPA_CASES)
+def test_sdpa_drop_in_parity(case, monkeypatch):
+    if "triton" not in BACKENDS:
+        pytest.skip("triton not installed")
+    monkeypatch.setenv("EMBEDATTN_BACKEND", "triton")
+    g = torch.Generator().manual_seed(21)
+    q = torch.randn(case["shape_q"], generator=g).to(DEVICE).requires_grad_()
+    k = torch.randn(case["shape_k"], generator=g).to(DEVICE).requires_grad_()
+    v = torch.randn(case["shape_k"], generator=g).to(DEVICE).requires_grad_()
+    mask = None
+    if case.get("mask") == "bool":
+        mask = (torch.rand(q.shape[-2], k.shape[-2], generator=g) > 0.4).to(DEVICE)
+    elif case.get("mask") == "float":
+        mask = torch.randn(q.shape[0], 1, q.shape[-2], k.shape[-2], generator=g).to(DEVICE)
+    kw = dict(attn_mask=mask, is_causal=case.get("is_causal", False), scale=case.get("scale"),
+              enable_gqa=case.get("enable_gqa", False))
+    out = embedattn.scaled_dot_product_attention(q, k, v, **kw)
+    want = F.scaled_dot_product_attention(q, k, v, **kw)
+    torch.testing.assert_close(out, want, atol=2e-5, rtol=1e-4)
+    dout = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), dout), torch.autograd.grad(want, (q, k, v), dout)):
+        torch.testing.assert_close(a, b, atol=5e-5, rtol=1e-4)
+
+
+def test_sdpa_drop_in_errors_like_torch():
+    q = torch.randn(1, 2, 4, 8)
+    with pytest.raises(RuntimeError):
+        embedattn.scaled_dot_product_attention(q, q, q, attn_mask=torch.ones(4, 4, dtype=torch.bool), is_causal=True)
+    with pytest.raises(RuntimeError):
+        embedattn.scaled_dot_product_attention(q, q.half(), q)
+    with pytest.raises(RuntimeError):
+        embedattn.scaled_dot_product_attention(q, torch.randn(1, 1, 4, 8), torch.randn(1, 1, 4, 8))
+
+
+def test_sdpa_dropout_defers_to_torch():
+    q = torch.randn(1, 2, 8, 16)
+    torch.manual_seed(0)
+    a = embedattn.scaled_dot_product_attention(q, q, q, dropout_p=0.5)
+    torch.manual_seed(0)
+    b = F.scaled_dot_product_attention(q, q, q, dropout_p=0.5)
+    assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------- dispatch and bad input
+def test_dispatch(monkeypatch):
+    q = torch.randn(1, 1, 4, 16)
+    assert embedattn.resolve(None, q) == "reference"  # auto on CPU
+    monkeypatch.setenv("EMBEDATTN_BACKEND", "reference")
+    assert embedattn.resolve(None, q) == "reference"
+    with pytest.raises(ValueError, match="backend"):
+        embedattn.resolve("cuda", q)
+    with pytest.raises(ValueError, match="backend"):
+        embedattn.attention(q, q, q, backend="fast")
+    if "triton" in BACKENDS and not ON_CUDA:
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+            embedattn.attention(q, q, q, backend="triton")
+
+
+S = ((1, 2, 4, 16), (1, 2, 5, 16), (1, 2, 5, 16))
+BAD = [
+    ("rank", lambda: ((1, 4, 16), (1, 1, 4, 16), (1, 1, 4, 16)), {}, ValueError, "4-D"),
+    ("batch", lambda: ((2, 1, 4, 16), (1, 1, 4, 16), (1, 1, 4, 16)), {}, ValueError, "batch"),
+    ("head_dim", lambda: ((1, 1, 4, 16), (1, 1, 4, 32), (1, 1, 4, 32)), {}, ValueError, "head dim"),
+    ("kv_shape", lambda: ((1, 1, 4, 16), (1, 1, 4, 16), (1, 1, 5, 16)), {}, ValueError, "same shape"),
+    ("gqa", lambda: ((1, 3, 4, 16), (1, 2, 4, 16), (1, 2, 4, 16)), {}, ValueError, "multiple"),
+    ("mask_shape", lambda: S, {"attn_mask": torch.ones(3, 5, dtype=torch.bool)},
+     ValueError, "broadcastable"),
+    ("mask_grad", lambda: S, {"attn_mask": torch.zeros(4, 5, requires_grad=True)},
+     ValueError, "requires grad"),
+    ("mask_dtype", lambda: S, {"attn_mask": torch.ones(4, 5, dtype=torch.int32)},
+     TypeError, "attn_mask"),
+    ("scale", lambda: S, {"scale": float("nan")}, ValueError, "scale"),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name,shapes,kw,exc,match", BAD, ids=[b[0] for b in BAD])
+def test_bad_input(backend, name, shapes, kw, exc, match):
+    q, k, v = (torch.randn(s, device=DEVICE) for s in shapes())
+    kw = {key: (val.to(DEVICE) if isinstance(val, torch.Tensor) and not val.requires_grad else val)
+          for key, val in kw.items()}
+    with pytest.raises(exc, match=match):
+        embedattn.attention(q, k, v, backend=backend, **kw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_dtypes_and_devices(backend):
+    q = torch.randn(1, 1, 4, 16, device=DEVICE)
+    with pytest.raises(TypeError, match="dtype"):
+        embedattn.attention(q, q.half(), q, backend=backend)
+    with pytest.raises(TypeError, match="dtype"):
+        embedattn.attention(q.int(), q.int(), q.int(), backend=backend)
+    with pytest.raises(TypeError, match="Tensor"):
+        embedattn.attention(q, [1, 2], q, backend=backend)
+    with pytest.raises(ValueError, match="device"):
+        embedattn.attention(q, q.to("meta"), q, backend=backend)
+    if backend == "triton":
+        with pytest.raises(TypeError, match="dtype"):
+            embedattn.attention(q.double(), q.double(), q.double(), backend=backend)
+        big = torch.randn(1, 1, 2, 320, device=DEVICE)
+        with pytest.raises(ValueError, match="head dim"):
+            embedattn.attention(big, big, big, backend=backend)
+
+
+def test_reference_float64_matches_math():
+    """The oracle itself, against an independent one-liner (softmax of explicit scores)."""
+    q, k, v = (torch.randn(2, 3, 5, 8, dtype=torch.float64) for _ in range(3))
+    want = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(8), dim=-1) @ v
+    torch.testing.assert_close(reference.attention(q, k, v), want)
