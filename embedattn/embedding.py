@@ -36,6 +36,7 @@ from .reference import _embedding as _ref
 
 POSITIONAL = ("learned", "sinusoidal", "none")
 _POS_NONE, _POS_LEARNED, _POS_SINUSOIDAL = 0, 1, 2
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _is_int_dtype(dtype: torch.dtype) -> bool:
@@ -187,7 +188,8 @@ def embedding(
 
     Args:
         ids: integer tensor (..., N) of token ids in [0, V).
-        weight: (V, D) token table; the output has its dtype (half types are computed in float32).
+        weight: (V, D) token table; the output has its dtype (half types are computed in float32;
+            float64 tables always run the reference).
         pos_weight: optional (P, D) learned position table, same dtype and device as ``weight``.
         sinusoidal: add the sinusoidal encoding (computed in the kernel; odd D allowed) instead.
         scale: multiplies the token rows only (e.g. ``sqrt(D)``).
@@ -205,7 +207,8 @@ def embedding(
     padding_idx = _check(ids, weight, pos_weight, sinusoidal, scale, padding_idx, position_offset, positions)
     _check_bounds(ids, weight, pos_weight, position_offset, positions, check_bounds)
     scale = float(scale)
-    if resolve(backend, ids, weight) == "reference":
+    # float64 tables run the reference (the kernels compute in float32)
+    if resolve(backend, ids, weight) == "reference" or weight.dtype not in _KERNEL_DTYPES:
         return _ref.embedding(ids, weight, pos_weight, sinusoidal=sinusoidal, scale=scale,
                               padding_idx=padding_idx, position_offset=position_offset, positions=positions)
     pos_mode = _POS_LEARNED if pos_weight is not None else _POS_SINUSOIDAL if sinusoidal else _POS_NONE

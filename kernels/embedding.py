@@ -183,11 +183,16 @@ _bwd_atomic_tuned = triton.autotune(
 
 @triton.jit
 def _bwd_sorted_kernel(
-    grad_ptr, sorted_ptr, perm_ptr, end_ptr, gw_ptr, D, stride_gw, scale, padding_idx,
-    HAS_PAD: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    grad_ptr, sorted_ptr, perm_ptr, end_ptr, slots_ptr, gw_ptr, D, stride_gw, scale, padding_idx,
+    HAS_PAD: tl.constexpr, HAS_SCALE: tl.constexpr, SLOTS: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    # program i looks at sorted slot i; only the first slot of each run of equal ids does work
-    i = tl.program_id(0).to(tl.int64)
+    # program i looks at sorted slot i (or slots[i], a list of run heads); only the first slot of
+    # each run of equal ids does work
+    if SLOTS:
+        i = tl.load(slots_ptr + tl.program_id(0)).to(tl.int64)
+    else:
+        i = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
     rd = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     md = rd < D
@@ -223,6 +228,7 @@ def scatter_grad(
     scale: float = 1.0,
     padding_idx: int | None = None,
     deterministic: bool = False,
+    heads_only: bool | None = None,
 ) -> torch.Tensor:
     """Gradient of a gathered table: ``G[v] = scale * sum_{t: ids[t] == v} grad[t]`` as (num_rows, D).
 
@@ -233,6 +239,9 @@ def scatter_grad(
     the result for float32 (one V x D allocation) and is cast for half types (peak 4 + 2 bytes x V x D).
     ``deterministic=True`` sorts the T ids (O(T) int64 buffers) and writes every touched row once, in
     the table dtype, into a zeroed (num_rows, D) result: bitwise reproducible, and no float32 copy.
+    Its grid covers all T sorted slots (no host sync; non-head programs exit at once). ``heads_only``
+    (default: under the interpreter) launches one program per run instead, which needs the run
+    count on the host: free on CPU, where the interpreter's per-program cost dominates.
     """
     t, d = grad.shape
     dev = grad.device
@@ -259,13 +268,22 @@ def scatter_grad(
     sorted_ids, perm = torch.sort(ids, stable=True)
     # end of the run that each sorted slot belongs to (no host sync: the grid covers every slot)
     end = torch.searchsorted(sorted_ids, sorted_ids, right=True)
-    args = (grad, sorted_ids, perm, end, gw, d, gw.stride(0), float(scale), pad)
+    if heads_only is None:
+        heads_only = interpreting()
+    slots, n_prog = end, t  # slots unused unless heads_only
+    if heads_only:
+        first = torch.ones_like(sorted_ids, dtype=torch.bool)
+        first[1:] = sorted_ids[1:] != sorted_ids[:-1]
+        slots = torch.nonzero(first).squeeze(1)
+        n_prog = slots.numel()
+    args = (grad, sorted_ids, perm, end, slots, gw, d, gw.stride(0), float(scale), pad)
+    flags["SLOTS"] = heads_only
     if _autotune_enabled():
-        grid = lambda meta: (t, triton.cdiv(d, meta["BLOCK_D"]))
+        grid = lambda meta: (n_prog, triton.cdiv(d, meta["BLOCK_D"]))
         _bwd_sorted_tuned[grid](*args, **flags)
     else:
         bt, bd = _tile(d)
-        _bwd_sorted_kernel[(t, triton.cdiv(d, bd))](*args, **flags, BLOCK_T=bt, BLOCK_D=bd, num_warps=4)
+        _bwd_sorted_kernel[(n_prog, triton.cdiv(d, bd))](*args, **flags, BLOCK_T=bt, BLOCK_D=bd, num_warps=4)
     return gw
 
 
@@ -274,7 +292,7 @@ def scatter_grad(
 
 
 @triton.jit
-def _bwd_pos_kernel(grad_ptr, gp_ptr, B, N, D, offset, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+def _bwd_pos_kernel(grad_ptr, gp_ptr, B, N, D, stride_b, offset, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_d = tl.program_id(1)
     rn = pid_n * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -284,7 +302,7 @@ def _bwd_pos_kernel(grad_ptr, gp_ptr, B, N, D, offset, BLOCK_T: tl.constexpr, BL
     acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
     for _b in range(B):
         acc += tl.load(ptrs, mask=m2, other=0.0).to(tl.float32)
-        ptrs += N * D
+        ptrs += stride_b  # N * D, computed on the host (int64 when it needs to be)
     tl.store(gp_ptr + (rn[:, None] + offset).to(tl.int64) * D + rd[None, :],
              acc.to(gp_ptr.dtype.element_ty), mask=m2)
 
@@ -306,7 +324,7 @@ def positional_grad(grad: torch.Tensor, num_positions: int, *, n: int, offset: i
     gp[offset + n:].zero_()
     if n == 0 or d == 0:
         return gp
-    args = (grad, gp, b, n, d, offset)
+    args = (grad, gp, b, n, d, n * d, offset)
     if _autotune_enabled():
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_T"]), triton.cdiv(d, meta["BLOCK_D"]))
         _bwd_pos_tuned[grid](*args)

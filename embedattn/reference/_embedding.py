@@ -51,8 +51,12 @@ def embedding(
     """
     dtype = weight.dtype
     cdtype = torch.float32 if upcast and dtype in (torch.float16, torch.bfloat16) else dtype
+    if ids.dtype not in (torch.int32, torch.int64):  # F.embedding takes int32/int64 only
+        ids = ids.long()
     if positions is None:
         positions = default_positions(ids, position_offset)
+    elif positions.dtype not in (torch.int32, torch.int64):
+        positions = positions.long()
     if padding_idx is not None and padding_idx < 0:
         padding_idx += weight.shape[0]
     out = F.embedding(ids, weight.to(cdtype), padding_idx=padding_idx)
