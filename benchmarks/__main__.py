@@ -1,0 +1,182 @@
+"""python -m benchmarks: run the sweeps, write results.csv, env.json, plots/ and summary.md.
+
+    python -m benchmarks --quick                       # the README's main job (minutes on a 2-core CPU)
+    python -m benchmarks --suite attention --device cuda --max-seconds 240 --out reports/h100
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import time
+
+SUITES = ("attention", "embedding", "negative_sampling")
+# share of a --max-seconds budget per suite; time a suite leaves unused passes to the next ones
+BUDGET_SHARE = {"attention": 0.6, "embedding": 0.2, "negative_sampling": 0.2}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks", description="embedattn benchmark sweeps")
+    ap.add_argument("--suite", default="all",
+                    help="attention, embedding, negative_sampling, a comma list of them, or all")  # fmt: skip
+    ap.add_argument("--quick", action="store_true", help="small sweep (minutes on a 2-core CPU)")
+    ap.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    ap.add_argument("--out", default=None, help="output folder (default: reports/<device-tag>/)")
+    ap.add_argument("--dtype", default=None,
+                    help="comma list of fp16,bf16,fp32 overriding every suite's default dtypes")  # fmt: skip
+    ap.add_argument("--max-seconds", type=float, default=None,
+                    help="time budget for the sweeps; points left when it runs out are skipped and listed")  # fmt: skip
+    ap.add_argument("--warmup-ms", type=float, default=None)
+    ap.add_argument("--rep-ms", type=float, default=None)
+    ap.add_argument("--no-compile", action="store_true", help="leave torch.compile peers out (compilation is slow)")
+    ap.add_argument("--no-plots", action="store_true")
+    ap.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # the tests' seconds-long sweep
+    args = ap.parse_args(argv)
+    suites = SUITES if args.suite == "all" else tuple(s.strip() for s in args.suite.split(","))
+    bad = [s for s in suites if s not in SUITES]
+    if bad:
+        ap.error(f"unknown suite(s) {bad}; choose from {SUITES} or all")
+    args.suites = suites
+    if args.dtype:
+        from .harness import DTYPES
+
+        args.dtypes = [d.strip() for d in args.dtype.split(",")]
+        bad = [d for d in args.dtypes if d not in DTYPES]
+        if bad:
+            ap.error(f"unknown dtype(s) {bad}; choose from {sorted(DTYPES)}")
+    else:
+        args.dtypes = None
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: no CUDA device visible", file=sys.stderr)
+        return 2
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+                          else "cpu")  # fmt: skip
+    if device.type == "cuda" and os.environ.pop("TRITON_INTERPRET", None) not in (None, "", "0"):
+        print("TRITON_INTERPRET was set: unset for a CUDA sweep", file=sys.stderr)
+
+    from . import harness
+    from .harness import Case, Context, Recorder, device_tag
+
+    cache_note = harness.enable_autotune_cache()  # before embedattn.kernels builds its autotuners
+    profile = "tiny" if args.tiny else ("quick" if args.quick else "full")
+    if device.type == "cuda":
+        warm, rep = (10, 40) if profile != "full" else (10, 50)
+    else:
+        warm, rep = {"tiny": (0, 2), "quick": (20, 150)}.get(profile, (50, 400))
+    try:
+        from tqdm.auto import tqdm
+
+        log = tqdm.write
+    except ImportError:  # tqdm is a bench dependency; run without a bar rather than fail
+        tqdm, log = None, print
+    ctx = Context(
+        device=device,
+        profile=profile,
+        dtypes=args.dtypes,
+        warmup_ms=args.warmup_ms if args.warmup_ms is not None else warm,
+        rep_ms=args.rep_ms if args.rep_ms is not None else rep,
+        n_sets=2 if profile == "tiny" else 3,
+        device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        log=log,
+    )
+    out = args.out or os.path.join("reports", device_tag(device))
+    os.makedirs(out, exist_ok=True)
+    csv_path = os.path.join(out, "results.csv")
+    rec = Recorder(ctx, csv_path)
+    t_start = time.time()
+
+    log(f"embedattn benchmarks on {ctx.device_name} ({profile} sweep) -> {out}/")
+    log(f"  {cache_note}")
+    if device.type == "cpu":
+        ctx.note("CPU run: Triton kernels are NOT timed (the interpreter measures nothing useful); the "
+                 "'embedattn' provider is the PyTorch reference path, timed against torch's own CPU kernels "
+                 "and gensim.")  # fmt: skip
+
+    # device peaks, measured in this run so the fractions and dashed lines are about this machine
+    ctx.copy_gbps = harness.measure_copy_bandwidth(ctx)
+    common = dict(suite="device", provider="torch", shape="", x_name="", x_value="", config="")
+    rows = [rec.row(**common, kernel="copy", mode="copy", dtype="uint8", metric="gbps", unit="GB/s",
+                    p50=ctx.copy_gbps, p20=ctx.copy_gbps, p80=ctx.copy_gbps)]  # fmt: skip
+    peak_dtypes = ["bf16", "fp16"] if device.type == "cuda" else ["fp32"]
+    for d in ctx.pick_dtypes(peak_dtypes):
+        tf = harness.measure_matmul_peak(ctx, harness.DTYPES[d])
+        ctx.matmul_tflops[d] = tf
+        rows.append(rec.row(**common, kernel="matmul", mode="mm", dtype=d, metric="tflops", unit="TFLOP/s",
+                            p50=tf, p20=tf, p80=tf))  # fmt: skip
+    rec.add(rows)
+    log(f"  copy bandwidth {ctx.copy_gbps:,.1f} GB/s; matmul "
+        + ", ".join(f"{d} {v:,.2f} TFLOP/s" for d, v in ctx.matmul_tflops.items()))  # fmt: skip
+
+    import importlib
+
+    plans: dict[str, list[Case]] = {}
+    for name in args.suites:
+        mod = importlib.import_module(f"benchmarks.{name}")
+        reason = mod.available(ctx)
+        if reason:
+            ctx.note(f"[{name}] skipped: {reason}")
+            continue
+        kw = {"compile_peer": not args.no_compile} if name == "embedding" else {}
+        plans[name] = mod.plan(ctx, **kw)
+
+    total = sum(len(v) for v in plans.values())
+    bar = tqdm(total=total, unit="pt", dynamic_ncols=True) if tqdm else None
+    skipped: list[str] = []
+    t0 = time.time()
+    for i, (name, cases) in enumerate(plans.items()):
+        deadline = float("inf")
+        if args.max_seconds is not None:
+            left = args.max_seconds - (time.time() - t0)
+            share = sum(BUDGET_SHARE[n] for n in list(plans)[i:])
+            deadline = time.time() + left * BUDGET_SHARE[name] / share
+        for case in cases:
+            if bar:
+                bar.set_description(f"{name}: {case.label}")
+            if time.time() > deadline:
+                skipped.append(case.label)
+            else:
+                try:
+                    rec.add(case.run(ctx, rec))
+                except Exception as e:  # one broken point must not lose the sweep
+                    if harness.is_oom(e):
+                        torch.cuda.empty_cache()
+                    ctx.note(f"  {case.label}: failed: {type(e).__name__}: {str(e)[:200]}")
+            if bar:
+                bar.update(1)
+    if bar:
+        bar.close()
+    if skipped:
+        ctx.note(f"time budget ({args.max_seconds:.0f} s) ran out: {len(skipped)} sweep points skipped")
+
+    env = harness.environment(ctx)
+    env["command"] = "python -m benchmarks " + " ".join(shlex.quote(a) for a in (argv if argv is not None
+                                                                                 else sys.argv[1:]))  # fmt: skip
+    env["suites"] = list(args.suites)
+    env["suites_run"] = list(plans)
+    env["skipped_for_budget"] = skipped
+    env["seconds"] = round(time.time() - t_start, 1)
+    harness.write_json(os.path.join(out, "env.json"), env)
+
+    from .summary import write_summary
+
+    if not args.no_plots:
+        from .plot import plot_csv
+
+        n = len(plot_csv(csv_path))
+        log(f"  {n} plots -> {os.path.join(out, 'plots')}/")
+    summary = write_summary(csv_path, env=env)
+    log(f"done in {env['seconds']:.0f} s: {csv_path} ({len(rec.rows)} rows), {summary}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,211 @@
+"""Attention sweep: embedattn.attention vs torch SDPA (each backend) and the embedattn reference.
+
+Every provider gets the same rotating (q, k, v, dO) sets. Shapes follow FlashAttention's benchmarks:
+B*N tokens and H*D fixed, so each point does the same work per token and the curve shows how
+throughput grows with N. Causal cases use Nq == Nk, where SDPA's top-left and embedattn's
+bottom-right alignments coincide. The materializing providers (SDPA math, the reference) are
+capped on GPU, where their N x N scores would dominate the time budget and memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .harness import (
+    DTYPES,
+    Case,
+    Context,
+    Recorder,
+    attention_flops,
+    chosen_config,
+    measurement_rows,
+    peak_memory_mib,
+    reset_configs,
+    rotating,
+    time_fn,
+    try_measure,
+)
+
+SUITE = "attention"
+MODES = ("fwd", "bwd", "fwd+bwd")
+GPU_MATERIALIZE_MAX_N = 4096
+
+
+def available(ctx: Context) -> str | None:
+    """None when embedattn.attention runs on this device, else why the suite is skipped."""
+    import embedattn
+
+    q = torch.randn(1, 1, 8, 16, device=ctx.device)
+    try:
+        embedattn.attention(q, q, q, causal=False)
+    except NotImplementedError:
+        return "embedattn.attention is not implemented yet (placeholder raises NotImplementedError)"
+    except Exception as e:
+        return f"embedattn.attention failed on a tiny input: {type(e).__name__}: {e}"
+    return None
+
+
+@dataclass
+class Provider:
+    name: str
+    fn: Callable[..., torch.Tensor]  # (q, k, v, causal) -> out
+    context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    config: Callable[[], str] = lambda: ""
+    materializes: bool = False  # builds the N x N score matrix
+
+
+@dataclass
+class Spec:
+    dtype: str
+    batch: int
+    heads: int
+    kv_heads: int
+    n: int
+    head_dim: int
+    causal: bool
+    modes: tuple[str, ...] = MODES
+    kernel: str = field(init=False)
+
+    def __post_init__(self):
+        gqa = f"_gqa{self.heads}x{self.kv_heads}" if self.kv_heads != self.heads else ""
+        self.kernel = f"attention{gqa}_d{self.head_dim}" + ("_causal" if self.causal else "")
+
+    @property
+    def shape(self) -> str:
+        return (f"B={self.batch} H={self.heads} Hkv={self.kv_heads} Nq={self.n} Nk={self.n} "
+                f"D={self.head_dim} causal={int(self.causal)}")  # fmt: skip
+
+
+def _sdpa(backend) -> Provider:
+    from torch.nn.attention import sdpa_kernel
+
+    def fn(q, k, v, causal):
+        if k.shape[1] != q.shape[1]:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+    name = backend.name.lower().replace("_attention", "")
+    return Provider(f"sdpa-{name}", fn, context=lambda: sdpa_kernel([backend]), materializes=name == "math")
+
+
+def providers(ctx: Context) -> list[Provider]:
+    import embedattn
+    from embedattn.reference._attention import attention as ref_attention
+
+    on_gpu = ctx.is_cuda
+    out = [
+        Provider(
+            "embedattn",
+            lambda q, k, v, causal: embedattn.attention(q, k, v, causal=causal),
+            config=(lambda: chosen_config("attention")) if on_gpu else (lambda: "backend=reference"),
+        )
+    ]
+    try:
+        from torch.nn.attention import SDPBackend
+
+        names = ["FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH"] if on_gpu else [
+            "FLASH_ATTENTION", "MATH"]  # fmt: skip  (CPU has no efficient/cuDNN kernels)
+        out += [_sdpa(getattr(SDPBackend, n)) for n in names if hasattr(SDPBackend, n)]
+    except ImportError:  # torch < 2.3: SDPA with its own dispatch
+        out.append(Provider("sdpa", lambda q, k, v, causal: F.scaled_dot_product_attention(q, k, v, is_causal=causal)))
+    if on_gpu:  # on CPU the embedattn provider already is the reference path
+        out.append(Provider("reference", lambda q, k, v, causal: ref_attention(q, k, v, causal=causal),
+                            materializes=True))  # fmt: skip
+    return out
+
+
+def specs(ctx: Context) -> list[Spec]:
+    """The sweep, most important first (a time budget cuts from the end)."""
+    if ctx.profile == "tiny":
+        ns, dims, tokens, width = [32, 64], [16], 64, 32
+    elif ctx.is_cuda:
+        ns = [512, 2048, 8192] if ctx.profile == "quick" else [512, 1024, 2048, 4096, 8192, 16384]
+        dims = [128] if ctx.profile == "quick" else [128, 64, 256]
+        tokens, width = 16384, 2048
+    else:
+        ns = [128, 256, 512] if ctx.profile == "quick" else [128, 256, 512, 1024, 2048]
+        dims, tokens, width = [64, 128], 1024, 512
+    dtypes = ctx.pick_dtypes(["bf16", "fp16"] if ctx.is_cuda else ["fp32"])
+    out: list[Spec] = []
+    for i, dt in enumerate(dtypes):
+        for d in dims:
+            for causal in (False, True):
+                h = max(1, width // d)
+                out += [Spec(dt, max(1, tokens // n), h, h, n, d, causal) for n in ns]
+            if i == 0 and d == dims[0]:  # GQA 4:1 (as in Llama-style models), causal
+                h = max(4, width // d)
+                out += [Spec(dt, max(1, tokens // n), h, h // 4, n, d, True) for n in ns]
+    return out
+
+
+def _inputs(ctx: Context, s: Spec) -> list[tuple[torch.Tensor, ...]]:
+    dtype = DTYPES[s.dtype]
+    g = torch.Generator(device=ctx.device).manual_seed(s.n * 131 + s.head_dim)
+
+    def r(h):
+        return torch.randn(s.batch, h, s.n, s.head_dim, device=ctx.device, dtype=dtype, generator=g)
+
+    return [(r(s.heads), r(s.kv_heads), r(s.kv_heads), r(s.heads)) for _ in range(ctx.n_sets)]
+
+
+def _too_big(ctx: Context, p: Provider, s: Spec) -> bool:
+    if not (ctx.is_cuda and p.materializes):
+        return False
+    scores = s.batch * s.heads * s.n * s.n * 4  # fp32 N x N scores, several live copies in bwd
+    free, _ = torch.cuda.mem_get_info(ctx.device)
+    return s.n > GPU_MATERIALIZE_MAX_N or 6 * scores > 0.8 * free
+
+
+def measure(ctx: Context, rec: Recorder, p: Provider, s: Spec, sets, mode: str) -> list[dict]:
+    causal = s.causal
+    if mode == "fwd":
+        fn = rotating(lambda q, k, v, do: p.fn(q, k, v, causal), sets)
+        leaves: list[torch.Tensor] = []
+    else:
+        gsets = [tuple(t.detach().requires_grad_(i < 3) for i, t in enumerate(st)) for st in sets]
+        leaves = [t for st in gsets for t in st[:3]]
+        if mode == "bwd":
+            outs = [(p.fn(q, k, v, causal), do) for q, k, v, do in gsets]
+            fn = rotating(lambda o, do: o.backward(do, retain_graph=True), outs)
+        else:
+            fn = rotating(lambda q, k, v, do: p.fn(q, k, v, causal).backward(do), gsets)
+    if p.name == "embedattn":
+        reset_configs("attention")
+    with p.context():
+        t = time_fn(ctx, fn, grad_to_none=leaves or None)
+        for x in leaves:
+            x.grad = None
+        peak = peak_memory_mib(ctx, fn)
+    base = dict(suite=SUITE, kernel=s.kernel, provider=p.name, mode=mode, dtype=s.dtype, shape=s.shape,
+                x_name="N", x_value=s.n, config=p.config())  # fmt: skip
+    work = attention_flops(s.batch, s.heads, s.n, s.n, s.head_dim, causal, mode)
+    return measurement_rows(rec, base, t, work, "tflops", scale=1e-12, peak_mib=peak)
+
+
+def run_spec(ctx: Context, rec: Recorder, s: Spec, provs: list[Provider]) -> list[dict]:
+    sets = _inputs(ctx, s)
+    rows: list[dict] = []
+    for p in provs:
+        if _too_big(ctx, p, s):
+            ctx.note(f"  {p.name}: skipped above N={GPU_MATERIALIZE_MAX_N} on GPU (materializes N x N scores)",
+                     key=(p.name, "big"))  # fmt: skip
+            continue
+        for mode in s.modes:
+            rows += try_measure(ctx, f"{SUITE} {p.name} {mode} {s.kernel} {s.dtype}",
+                                (p.name, mode, s.kernel, s.dtype),
+                                lambda p=p, mode=mode: measure(ctx, rec, p, s, sets, mode))  # fmt: skip
+    return rows
+
+
+def plan(ctx: Context) -> list[Case]:
+    provs = providers(ctx)
+    return [
+        Case(SUITE, f"{s.kernel} {s.dtype} N={s.n}", lambda c, r, s=s: run_spec(c, r, s, provs),
+             weight=float(s.n) / 512)  # fmt: skip
+        for s in specs(ctx)
+    ]

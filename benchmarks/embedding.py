@@ -1,0 +1,177 @@
+"""Embedding sweep: embedattn.embedding (gather + learned positional add) vs nn.Embedding + add.
+
+The peer is what GPT-2-style models do: ``tok(ids) + pos(arange(S))``, run eagerly and through
+``torch.compile`` (dynamic shapes, so one compile serves every size; skipped with a note when
+compilation fails). Throughput is effective GB/s over the minimal traffic of
+``harness.embedding_bytes`` and its fraction of the copy bandwidth measured in the same run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .harness import (
+    DTYPES,
+    Case,
+    Context,
+    Recorder,
+    chosen_config,
+    embedding_bytes,
+    measurement_rows,
+    peak_memory_mib,
+    reset_configs,
+    rotating,
+    time_fn,
+    try_measure,
+)
+
+SUITE = "embedding"
+MODES = ("fwd", "bwd", "fwd+bwd")
+
+
+def available(ctx: Context) -> str | None:
+    import embedattn
+
+    w = torch.randn(10, 8, device=ctx.device)
+    ids = torch.tensor([[1, 2, 3]], device=ctx.device)
+    try:
+        embedattn.embedding(ids, w, w)
+    except NotImplementedError:
+        return "embedattn.embedding is not implemented yet (placeholder raises NotImplementedError)"
+    except Exception as e:
+        return f"embedattn.embedding failed on a tiny input: {type(e).__name__}: {e}"
+    return None
+
+
+@dataclass
+class Spec:
+    dtype: str
+    vocab: int
+    dim: int
+    tokens: int
+    seq: int
+    kernel: str = field(init=False)
+
+    def __post_init__(self):
+        v = f"{self.vocab // 1024}k" if self.vocab >= 1024 else str(self.vocab)
+        self.kernel = f"embedding_v{v}_d{self.dim}"
+
+    @property
+    def batch(self) -> int:
+        return max(1, self.tokens // self.seq)
+
+    @property
+    def shape(self) -> str:
+        return f"V={self.vocab} D={self.dim} B={self.batch} S={self.seq} tokens={self.batch * self.seq}"
+
+
+def eager(ids, weight, pos_weight, pos):
+    """nn.Embedding + positional add, as GPT-2 writes it."""
+    return F.embedding(ids, weight) + F.embedding(pos, pos_weight)
+
+
+@dataclass
+class Provider:
+    name: str
+    fn: Callable[..., torch.Tensor]  # (ids, weight, pos_weight, pos) -> out
+    config: Callable[[], str] = lambda: ""
+
+
+def providers(ctx: Context, compile_peer: bool = True) -> list[Provider]:
+    import embedattn
+
+    out = [
+        Provider(
+            "embedattn",
+            lambda ids, w, pw, pos: embedattn.embedding(ids, w, pw),
+            config=(lambda: chosen_config("embedding")) if ctx.is_cuda else (lambda: "backend=reference"),
+        ),
+        Provider("torch-eager", eager),
+    ]
+    if compile_peer and ctx.profile != "tiny":
+        try:
+            compiled = torch.compile(eager, dynamic=True)
+            out.append(Provider("torch-compile", compiled, config=lambda: "inductor dynamic=True"))
+        except Exception as e:  # e.g. torch.compile unsupported on this Python
+            ctx.note(f"  torch.compile unavailable: {type(e).__name__}: {e}")
+    return out
+
+
+def specs(ctx: Context) -> list[Spec]:
+    if ctx.profile == "tiny":
+        vocabs, dims, tokens, seq = [100], [16], [32, 64], 16
+    elif ctx.is_cuda:
+        vocabs = [32768] if ctx.profile == "quick" else [32768, 131072]
+        dims = [768, 4096]
+        tokens = [8192, 65536] if ctx.profile == "quick" else [8192, 16384, 32768, 65536]
+        seq = 2048
+    else:
+        vocabs = [32768] if ctx.profile == "quick" else [32768, 131072]
+        dims = [768]
+        tokens = [2048, 8192] if ctx.profile == "quick" else [2048, 8192, 32768]
+        seq = 1024
+    dtypes = ctx.pick_dtypes(["bf16"] if ctx.is_cuda else ["fp32"])
+    return [Spec(dt, v, d, t, min(seq, t)) for dt in dtypes for v in vocabs for d in dims for t in tokens]
+
+
+def _inputs(ctx: Context, s: Spec):
+    dtype = DTYPES[s.dtype]
+    g = torch.Generator(device=ctx.device).manual_seed(s.vocab + s.dim + s.tokens)
+    pos = torch.arange(s.seq, device=ctx.device)
+    sets = []
+    for _ in range(ctx.n_sets):
+        ids = torch.randint(0, s.vocab, (s.batch, s.seq), device=ctx.device, generator=g)
+        sets.append((ids, torch.randn(s.batch, s.seq, s.dim, device=ctx.device, dtype=dtype, generator=g)))
+    # the tables are shared by the sets: they are the model's parameters (and the big allocation)
+    w = torch.randn(s.vocab, s.dim, device=ctx.device, dtype=dtype, generator=g)
+    pw = torch.randn(s.seq, s.dim, device=ctx.device, dtype=dtype, generator=g)
+    return sets, w, pw, pos
+
+
+def measure(ctx: Context, rec: Recorder, p: Provider, s: Spec, inputs, mode: str) -> list[dict]:
+    sets, w, pw, pos = inputs
+    if mode == "fwd":
+        fn = rotating(lambda ids, dout: p.fn(ids, w, pw, pos), sets)
+        leaves: list[torch.Tensor] = []
+    else:
+        wg, pwg = w.detach().requires_grad_(), pw.detach().requires_grad_()
+        leaves = [wg, pwg]
+        if mode == "bwd":
+            outs = [(p.fn(ids, wg, pwg, pos), dout) for ids, dout in sets]
+            fn = rotating(lambda o, dout: o.backward(dout, retain_graph=True), outs)
+        else:
+            fn = rotating(lambda ids, dout: p.fn(ids, wg, pwg, pos).backward(dout), sets)
+    if p.name == "embedattn":
+        reset_configs("embedding")
+    t = time_fn(ctx, fn, grad_to_none=leaves or None)
+    for x in leaves:
+        x.grad = None
+    peak = peak_memory_mib(ctx, fn)
+    base = dict(suite=SUITE, kernel=s.kernel, provider=p.name, mode=mode, dtype=s.dtype, shape=s.shape,
+                x_name="tokens", x_value=s.batch * s.seq, config=p.config())  # fmt: skip
+    work = embedding_bytes(s.batch * s.seq, s.dim, s.vocab, w.element_size(), mode, pos_rows=s.seq)
+    copy = ctx.copy_gbps
+    return measurement_rows(rec, base, t, work, "gbps", scale=1e-9, peak_mib=peak,
+                            extra=lambda gbps: ("frac_copy_bw", "fraction", gbps / copy))  # fmt: skip
+
+
+def run_spec(ctx: Context, rec: Recorder, s: Spec, provs: list[Provider]) -> list[dict]:
+    inputs = _inputs(ctx, s)
+    rows: list[dict] = []
+    for p in provs:
+        for mode in MODES:
+            rows += try_measure(ctx, f"{SUITE} {p.name} {mode} {s.kernel} {s.dtype}", (p.name, mode),
+                                lambda p=p, mode=mode: measure(ctx, rec, p, s, inputs, mode))  # fmt: skip
+    return rows
+
+
+def plan(ctx: Context, compile_peer: bool = True) -> list[Case]:
+    provs = providers(ctx, compile_peer)
+    return [
+        Case(SUITE, f"{s.kernel} {s.dtype} tokens={s.tokens}", lambda c, r, s=s: run_spec(c, r, s, provs))
+        for s in specs(ctx)
+    ]

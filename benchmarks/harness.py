@@ -1,0 +1,506 @@
+"""Timing, work formulas, device peaks and the long-format CSV shared by every suite.
+
+One measurement = one provider running one (kernel, mode, dtype, shape). It becomes several rows of
+the same CSV: the time in ms, the throughput (TFLOP/s, GB/s, pairs/s, words/s) and, on CUDA, the peak
+memory. Throughput quantiles come from the time quantiles (p20 of throughput = work / p80 of time),
+so a row's p20 <= p50 <= p80 always holds.
+
+CUDA timing is ``triton.testing.do_bench`` (it flushes L2 before every call) with quantiles
+[0.5, 0.2, 0.8]; the host timer on CPU reports the same quantiles of per-call wall time. Both call a
+closure that rotates through several input sets, so no call reuses the previous call's inputs.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import itertools
+import json
+import math
+import os
+import platform
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+COLUMNS = [
+    "suite", "kernel", "provider", "mode", "dtype", "shape", "x_name", "x_value", "metric", "unit",
+    "p50", "p20", "p80", "config", "device", "torch", "triton", "timestamp",
+]  # fmt: skip
+
+# metrics where higher is better; the summary's ratios and the plots use these
+THROUGHPUT_METRICS = {"tflops": "TFLOP/s", "gbps": "GB/s", "pairs_per_s": "pairs/s", "words_per_s": "words/s"}
+
+QUANTILES = [0.5, 0.2, 0.8]
+
+
+# ----------------------------------------------------------------------------- work formulas
+
+
+def attention_flops(
+    batch: int, heads: int, n_q: int, n_k: int, head_dim: int, causal: bool, mode: str
+) -> float:
+    """Matmul FLOPs of attention: forward 4*B*H*Nq*Nk*D (QK^T and PV, 2 FLOPs per MAC), halved when
+    causal; backward 2.5x forward (five matmuls against two); ``fwd+bwd`` 3.5x. ``heads`` counts query
+    heads (GQA shares K/V but not the work)."""
+    f = 4.0 * batch * heads * n_q * n_k * head_dim
+    if causal:
+        f *= 0.5
+    factor = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}[mode]
+    return f * factor
+
+
+def embedding_bytes(
+    tokens: int,
+    dim: int,
+    vocab: int,
+    elem_bytes: int,
+    mode: str,
+    pos_rows: int = 0,
+    index_bytes: int = 8,
+) -> float:
+    """Minimal HBM traffic of token gather + positional add, in bytes.
+
+    forward: read the ids, gather ``tokens`` rows of the table, read the ``pos_rows`` distinct
+    positional rows once, write the output. backward: read the ids and the output gradient, write the
+    dense (vocab, dim) weight gradient and the (pos_rows, dim) positional gradient once (accumulation
+    is assumed to stay on chip). ``fwd+bwd`` is the sum. This is a lower bound, so GB/s derived from it
+    is an "effective" bandwidth comparable to the device's copy bandwidth.
+    """
+    row = dim * elem_bytes
+    fwd = tokens * index_bytes + tokens * row + pos_rows * row + tokens * row
+    bwd = tokens * index_bytes + tokens * row + vocab * row + pos_rows * row
+    return float({"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode])
+
+
+# ----------------------------------------------------------------------------- context
+
+
+def device_tag(device: torch.device | str) -> str:
+    """Short directory name for a device: ``h100``, ``a100``, ``rtx4090``, ``cpu``."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return device.type
+    return tag_from_name(torch.cuda.get_device_name(device))
+
+
+def tag_from_name(name: str) -> str:
+    s = name.lower()
+    for word in ("nvidia", "geforce", "tesla", "quadro", "amd", "instinct"):
+        s = s.replace(word, " ")
+    m = re.search(r"\b(rtx\s*[a-z]?\d+\w*|[a-z]+\d+[a-z]*)", s)
+    tag = m.group(1) if m else s.strip()
+    return re.sub(r"[^a-z0-9]+", "", tag) or "gpu"
+
+
+@dataclass
+class Context:
+    """Everything a suite needs to know about this run."""
+
+    device: torch.device
+    profile: str = "quick"  # "tiny" (tests), "quick", "full"
+    dtypes: list[str] | None = None  # None: the suite's default for the device
+    warmup_ms: float = 25.0
+    rep_ms: float = 100.0
+    n_sets: int = 3  # rotating input sets
+    device_name: str = ""
+    copy_gbps: float = float("nan")
+    matmul_tflops: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    log: Callable[[str], None] = print
+    _seen_notes: set = field(default_factory=set)
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def note(self, msg: str, key: Any = None) -> None:
+        """Log ``msg`` once per ``key`` (default: the message) and keep it for env.json."""
+        key = msg if key is None else key
+        if key in self._seen_notes:
+            return
+        self._seen_notes.add(key)
+        self.notes.append(msg)
+        self.log(msg)
+
+    def pick_dtypes(self, default: Sequence[str]) -> list[str]:
+        return list(self.dtypes) if self.dtypes else list(default)
+
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
+
+
+def versions() -> dict[str, str]:
+    try:
+        import triton
+
+        tv = triton.__version__
+    except Exception:
+        tv = ""
+    return {"torch": torch.__version__, "triton": tv}
+
+
+def environment(ctx: Context) -> dict[str, Any]:
+    """The env.json payload (everything about the machine a reader needs to trust the numbers)."""
+    env: dict[str, Any] = {
+        "device": str(ctx.device),
+        "device_name": ctx.device_name,
+        "device_tag": device_tag(ctx.device),
+        **versions(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "profile": ctx.profile,
+        "timing": {
+            "method": "triton.testing.do_bench" if ctx.is_cuda else "host perf_counter",
+            "warmup_ms": ctx.warmup_ms,
+            "rep_ms": ctx.rep_ms,
+            "quantiles": QUANTILES,
+            "rotating_input_sets": ctx.n_sets,
+        },
+        "copy_bandwidth_gbps": ctx.copy_gbps,
+        "matmul_peak_tflops": ctx.matmul_tflops,
+        "triton_autotune_cache": os.environ.get("TRITON_CACHE_AUTOTUNING", ""),
+        "embedattn_autotune": os.environ.get("EMBEDATTN_AUTOTUNE", "1"),
+        "notes": ctx.notes,
+    }
+    if ctx.is_cuda:
+        env["cuda"] = torch.version.cuda
+        p = torch.cuda.get_device_properties(ctx.device)
+        env["gpu"] = {
+            "name": p.name,
+            "sm_count": p.multi_processor_count,
+            "memory_gib": round(p.total_memory / 2**30, 1),
+            "capability": f"{p.major}.{p.minor}",
+        }
+    return env
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+@dataclass
+class Timing:
+    """Milliseconds per call: median, 20th and 80th percentile."""
+
+    p50: float
+    p20: float
+    p80: float
+
+
+def rotating(fn: Callable[..., Any], sets: Sequence[Sequence[Any]]) -> Callable[[], Any]:
+    """A no-argument closure that calls ``fn(*sets[i])`` with i cycling over the sets."""
+    it = itertools.cycle(range(len(sets)))
+    return lambda: fn(*sets[next(it)])
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def host_timer(fn: Callable[[], Any], warmup_ms: float, rep_ms: float, min_reps: int = 3,
+               max_reps: int = 1000, device: torch.device | None = None) -> Timing:  # fmt: skip
+    """Wall-clock per call on the host: one untimed call, warm-up for ``warmup_ms``, then calls until
+    ``rep_ms`` has passed (at least ``min_reps``). Returns median, p20, p80 in ms."""
+    dev = device or torch.device("cpu")
+    fn()
+    _sync(dev)
+    t_end = time.perf_counter() + warmup_ms / 1e3
+    while time.perf_counter() < t_end:
+        fn()
+        _sync(dev)
+    times: list[float] = []
+    t_end = time.perf_counter() + rep_ms / 1e3
+    while len(times) < min_reps or (time.perf_counter() < t_end and len(times) < max_reps):
+        t0 = time.perf_counter()
+        fn()
+        _sync(dev)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return summarize(times)
+
+
+def summarize(times_ms: Sequence[float]) -> Timing:
+    t = torch.tensor(list(times_ms), dtype=torch.float64)
+    q = torch.quantile(t, torch.tensor(QUANTILES, dtype=torch.float64)).tolist()
+    return Timing(*q)
+
+
+def time_fn(ctx: Context, fn: Callable[[], Any], grad_to_none: Sequence[torch.Tensor] | None = None) -> Timing:
+    """Time ``fn`` on the context's device (do_bench on CUDA, host timer otherwise)."""
+    if ctx.is_cuda:
+        try:
+            import triton.testing
+        except Exception:  # no Triton: CUDA events through the host timer are still honest
+            return host_timer(fn, ctx.warmup_ms, ctx.rep_ms, device=ctx.device)
+        q = triton.testing.do_bench(
+            fn, warmup=ctx.warmup_ms, rep=ctx.rep_ms, grad_to_none=grad_to_none, quantiles=QUANTILES
+        )
+        return Timing(*q)
+
+    if grad_to_none:
+        inner = fn
+
+        def fn():  # same contract as do_bench: gradients do not accumulate across calls
+            for t in grad_to_none:
+                t.grad = None
+            return inner()
+
+    return host_timer(fn, ctx.warmup_ms, ctx.rep_ms)
+
+
+def peak_memory_mib(ctx: Context, fn: Callable[[], Any]) -> float:
+    """Peak CUDA memory allocated by one call of ``fn`` above what was allocated before it (MiB).
+    NaN on CPU (torch has no CPU allocator statistics)."""
+    if not ctx.is_cuda:
+        return float("nan")
+    torch.cuda.synchronize(ctx.device)
+    base = torch.cuda.memory_allocated(ctx.device)
+    torch.cuda.reset_peak_memory_stats(ctx.device)
+    fn()
+    torch.cuda.synchronize(ctx.device)
+    return (torch.cuda.max_memory_allocated(ctx.device) - base) / 2**20
+
+
+# ----------------------------------------------------------------------------- device peaks
+
+
+def measure_copy_bandwidth(ctx: Context, nbytes: int | None = None) -> float:
+    """Device-to-device copy bandwidth in GB/s (10^9 bytes/s, read + write counted)."""
+    if nbytes is None:
+        nbytes = {"tiny": 8 << 20, "quick": 128 << 20}.get(ctx.profile, 256 << 20)
+        if ctx.is_cuda:
+            nbytes = 1 << 30
+    src = torch.empty(nbytes, dtype=torch.uint8, device=ctx.device).fill_(1)
+    dst = torch.empty_like(src)
+    t = time_fn(ctx, lambda: dst.copy_(src))
+    return 2 * nbytes / (t.p50 * 1e-3) / 1e9
+
+
+def measure_matmul_peak(ctx: Context, dtype: torch.dtype, n: int | None = None) -> float:
+    """Dense square matmul throughput in TFLOP/s: the practical compute peak for the attention plots."""
+    if n is None:
+        n = 8192 if ctx.is_cuda else {"tiny": 128, "quick": 1024}.get(ctx.profile, 2048)
+    a = torch.randn(n, n, device=ctx.device).to(dtype)
+    b = torch.randn(n, n, device=ctx.device).to(dtype)
+    t = time_fn(ctx, lambda: torch.mm(a, b))
+    return 2.0 * n**3 / (t.p50 * 1e-3) / 1e12
+
+
+# ----------------------------------------------------------------------------- autotune configs
+
+
+def format_config(cfg: Any) -> str:
+    """``triton.Config`` -> ``BLOCK_M=128 BLOCK_N=64 warps=4 stages=3``; anything else -> str()."""
+    if cfg is None:
+        return ""
+    kwargs = getattr(cfg, "kwargs", None)
+    if kwargs is None:
+        return str(cfg)
+    parts = [f"{k}={v}" for k, v in kwargs.items()]
+    for attr, short in (("num_warps", "warps"), ("num_stages", "stages")):
+        if getattr(cfg, attr, None) is not None:
+            parts.append(f"{short}={getattr(cfg, attr)}")
+    return " ".join(parts)
+
+
+def _kernel_module(op: str):
+    try:
+        import importlib
+
+        return importlib.import_module(f"embedattn.kernels.{op}")
+    except Exception:
+        return None
+
+
+def _autotuners(module) -> dict[str, Any]:
+    try:
+        from triton.runtime.autotuner import Autotuner
+    except Exception:
+        return {}
+    return {name: obj for name, obj in vars(module).items() if isinstance(obj, Autotuner)}
+
+
+def reset_configs(op: str) -> None:
+    """Forget the configs recorded by ``op``'s autotuners, so the next read shows only this run's."""
+    mod = _kernel_module(op)
+    if mod is None:
+        return
+    for tuner in _autotuners(mod).values():
+        if hasattr(tuner, "best_config"):
+            tuner.best_config = None
+    last = getattr(mod, "_LAST_CONFIG", None)  # a module-level record behind last_config(), if any
+    if isinstance(last, dict):
+        last.clear()
+
+
+def chosen_config(op: str) -> str:
+    """The autotuned config(s) ``embedattn.kernels.<op>`` used last, as one string ("" if unknown).
+
+    Prefers the module's own ``last_config()`` when it has one; otherwise reads ``best_config`` of
+    every ``triton.autotune`` object in the module (``name: config; ...``).
+    """
+    mod = _kernel_module(op)
+    if mod is None:
+        return ""
+    last = getattr(mod, "last_config", None)
+    if callable(last):
+        try:
+            got = last()
+            if isinstance(got, dict):
+                return "; ".join(f"{k}: {format_config(v)}" for k, v in got.items() if v is not None)
+            return format_config(got)
+        except Exception:
+            pass
+    parts = []
+    for name, tuner in sorted(_autotuners(mod).items()):
+        cfg = getattr(tuner, "best_config", None)
+        if cfg is not None:
+            parts.append(f"{name.lstrip('_')}: {format_config(cfg)}")
+    return "; ".join(parts)
+
+
+def enable_autotune_cache() -> str:
+    """Make Triton persist autotune results on disk (``TRITON_CACHE_AUTOTUNING=1``, Triton >= 3.4;
+    harmless before). Must run before ``embedattn.kernels`` builds its autotuners. Returns a note."""
+    os.environ.setdefault("TRITON_CACHE_AUTOTUNING", "1")
+    try:
+        from triton import knobs  # Triton >= 3.4
+
+        knobs.autotuning.cache = os.environ["TRITON_CACHE_AUTOTUNING"] not in ("0", "", "false")
+        return f"triton autotune cache: {knobs.autotuning.cache} (dir {knobs.cache.dir})"
+    except Exception:
+        return "triton autotune cache: not supported by this Triton (configs are re-tuned per process)"
+
+
+# ----------------------------------------------------------------------------- rows and CSV
+
+
+class Recorder:
+    """Builds rows with the run-wide columns filled in and appends them to ``results.csv``."""
+
+    def __init__(self, ctx: Context, path: str | None):
+        self.ctx = ctx
+        self.path = path
+        self.rows: list[dict[str, Any]] = []
+        self._common = {
+            "device": ctx.device_name or str(ctx.device),
+            **versions(),
+            "timestamp": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        }
+        if path:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            with open(path, "w", newline="") as f:
+                csv.DictWriter(f, COLUMNS).writeheader()
+
+    def row(self, **kw: Any) -> dict[str, Any]:
+        r = {c: "" for c in COLUMNS}
+        r.update(self._common)
+        r.update(kw)
+        unknown = set(r) - set(COLUMNS)
+        if unknown:
+            raise KeyError(f"unknown CSV columns {sorted(unknown)}")
+        return r
+
+    def add(self, rows: Sequence[dict[str, Any]]) -> None:
+        """Append rows (written at once, so an interrupted sweep keeps what it measured)."""
+        self.rows.extend(rows)
+        if self.path and rows:
+            with open(self.path, "a", newline="") as f:
+                csv.DictWriter(f, COLUMNS).writerows(_fmt(r) for r in rows)
+
+
+def _fmt(r: dict[str, Any]) -> dict[str, Any]:
+    out = dict(r)
+    for k in ("p50", "p20", "p80"):
+        v = out[k]
+        if isinstance(v, float):
+            out[k] = "" if math.isnan(v) else f"{v:.6g}"
+    return out
+
+
+def measurement_rows(
+    rec: Recorder,
+    base: dict[str, Any],
+    timing: Timing,
+    work: float | None,
+    metric: str,
+    scale: float = 1.0,
+    peak_mib: float = float("nan"),
+    extra: Callable[[float], tuple[str, str, float]] | None = None,
+) -> list[dict[str, Any]]:
+    """Rows for one measurement: ``ms``, the throughput ``metric`` (``work * scale / seconds``),
+    ``peak_mem`` (MiB, CUDA only) and optionally ``extra(throughput) -> (metric, unit, value)``
+    applied to each quantile (e.g. the fraction of copy bandwidth)."""
+    rows = [rec.row(**base, metric="ms", unit="ms", p50=timing.p50, p20=timing.p20, p80=timing.p80)]
+    if work is not None:
+        def thr(ms: float) -> float:
+            return work * scale / (ms * 1e-3)
+
+        q = (thr(timing.p50), thr(timing.p80), thr(timing.p20))  # p20 of throughput = p80 of time
+        rows.append(rec.row(**base, metric=metric, unit=THROUGHPUT_METRICS.get(metric, metric),
+                            p50=q[0], p20=q[1], p80=q[2]))  # fmt: skip
+        if extra is not None:
+            vals = [extra(v) for v in q]
+            name, unit = vals[0][0], vals[0][1]
+            rows.append(rec.row(**base, metric=name, unit=unit, p50=vals[0][2], p20=vals[1][2], p80=vals[2][2]))
+    if not math.isnan(peak_mib):
+        rows.append(rec.row(**base, metric="peak_mem", unit="MiB", p50=peak_mib, p20=peak_mib, p80=peak_mib))
+    return rows
+
+
+def read_csv(path: str) -> list[dict[str, Any]]:
+    """Rows of a results.csv with p50/p20/p80 as floats (NaN when empty)."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        for k in ("p50", "p20", "p80"):
+            r[k] = float(r[k]) if r.get(k) not in (None, "") else float("nan")
+        try:
+            r["x_value"] = float(r["x_value"])
+        except (TypeError, ValueError):
+            pass
+    return rows
+
+
+def write_json(path: str, payload: dict[str, Any]) -> None:
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=2, default=str)
+        f.write("\n")
+
+
+# ----------------------------------------------------------------------------- providers
+
+
+@dataclass
+class Case:
+    """One point of a sweep: ``run(ctx, rec)`` measures every provider at it and returns rows."""
+
+    suite: str
+    label: str
+    run: Callable[[Context, Recorder], list[dict[str, Any]]]
+    weight: float = 1.0  # rough relative cost, for the progress bar / budget
+
+
+def is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def try_measure(ctx: Context, what: str, key: Any, fn: Callable[[], list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Run one provider's measurement; on failure note why (once per ``key``) and return no rows."""
+    try:
+        return fn()
+    except NotImplementedError as e:
+        ctx.note(f"  skip {what}: not implemented yet{': ' + str(e) if str(e) else ''}", key=(key, "nie"))
+    except Exception as e:  # unsupported backend/shape, OOM: the sweep goes on without this point
+        msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        ctx.note(f"  skip {what}: {type(e).__name__}: {msg}", key=(key, type(e).__name__))
+        if is_oom(e):
+            torch.cuda.empty_cache()
+    return []

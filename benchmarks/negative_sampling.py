@@ -1,0 +1,362 @@
+"""Negative-sampling sweep: the SGNS loss, the fused training step and word2vec end to end.
+
+- ``sgns_loss``: embedattn.negative_sampling_loss vs a plain PyTorch SGNS (gathers a B x K x D tensor
+  of negatives, as eager code does); fwd and fwd+bwd, in pairs/s (one pair = one (center, context)
+  with its K negatives).
+- ``sgns_step``: embedattn's fused forward + gradient + SGD update vs the same step in plain PyTorch
+  (analytic gradient, ``index_add_`` into both tables), in pairs/s.
+- ``word2vec``: embedattn.word2vec.Word2Vec vs gensim (CPU, Cython) on head500 from the gensim wheel:
+  words/s (corpus words x epochs / wall time of the constructor, vocabulary included) and the
+  WordSim-353 Spearman correlation, both computed here the same way for both.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .harness import (
+    DTYPES,
+    Case,
+    Context,
+    Recorder,
+    Timing,
+    chosen_config,
+    measurement_rows,
+    peak_memory_mib,
+    reset_configs,
+    rotating,
+    time_fn,
+    try_measure,
+)
+
+SUITE = "negative_sampling"
+NEGATIVES = 5
+LR = 0.025
+
+
+def available(ctx: Context) -> str | None:
+    import embedattn
+
+    w = torch.randn(10, 8, device=ctx.device)
+    c = torch.tensor([1, 2], device=ctx.device)
+    try:
+        embedattn.negative_sampling_loss(c, c, c[:, None], w, w)
+    except NotImplementedError:
+        return "embedattn.negative_sampling_loss is not implemented yet (placeholder raises NotImplementedError)"
+    except Exception as e:
+        return f"embedattn.negative_sampling_loss failed on a tiny input: {type(e).__name__}: {e}"
+    return None
+
+
+# ----------------------------------------------------------------------------- plain PyTorch peers
+
+
+def torch_sgns_loss(center, context, negatives, in_weight, out_weight):
+    """Eager SGNS loss (mean over pairs): -log s(u_ctx . v) - sum_k log s(-u_neg_k . v)."""
+    v = F.embedding(center, in_weight)  # (B, D)
+    u = F.embedding(context, out_weight)  # (B, D)
+    n = F.embedding(negatives, out_weight)  # (B, K, D): the tensor the fused kernel never writes
+    pos = F.logsigmoid((u * v).sum(-1))
+    neg = F.logsigmoid(-torch.bmm(n, v.unsqueeze(-1)).squeeze(-1)).sum(-1)
+    return -(pos + neg).mean()
+
+
+@torch.no_grad()
+def torch_sgns_step(center, context, negatives, in_weight, out_weight, lr=LR):
+    """One word2vec.c SGD step in plain PyTorch: analytic gradients, ``index_add_`` into the tables."""
+    ids = torch.cat([context.unsqueeze(1), negatives], 1)  # (B, 1+K)
+    v = in_weight[center]  # (B, D)
+    u = out_weight[ids]  # (B, 1+K, D)
+    label = torch.zeros(ids.shape, device=ids.device, dtype=v.dtype)
+    label[:, 0] = 1
+    g = (label - torch.sigmoid(torch.bmm(u, v.unsqueeze(-1)).squeeze(-1))) * lr  # (B, 1+K)
+    grad_v = torch.bmm(g.unsqueeze(1), u).squeeze(1)
+    out_weight.index_add_(0, ids.flatten(), (g.unsqueeze(-1) * v.unsqueeze(1)).flatten(0, 1))
+    in_weight.index_add_(0, center, grad_v)
+
+
+# names the fused step's parameters may have (we bind by name, so argument order does not matter)
+_STEP_ALIASES = {
+    "center": ("center", "centers", "center_ids", "inputs"),
+    "context": ("context", "contexts", "context_ids", "targets"),
+    "negatives": ("negatives", "negative", "neg", "negative_ids"),
+    "in_weight": ("in_weight", "w_in", "syn0", "input_weight", "in_table"),
+    "out_weight": ("out_weight", "w_out", "syn1neg", "output_weight", "out_table"),
+    "lr": ("lr", "alpha", "learning_rate"),
+}
+
+
+def bind_step(step: Callable) -> Callable:
+    """Adapt a fused ``sgns_step`` to ``(center, context, negatives, in_weight, out_weight, lr)``."""
+    params = inspect.signature(step).parameters
+    mapping = {}
+    for ours, aliases in _STEP_ALIASES.items():
+        found = next((a for a in aliases if a in params), None)
+        if found is None:
+            raise TypeError(f"cannot find the {ours!r} parameter of sgns_step{inspect.signature(step)}")
+        mapping[ours] = found
+    for name, prm in params.items():
+        if name not in mapping.values() and prm.default is inspect.Parameter.empty and prm.kind not in (
+                prm.VAR_POSITIONAL, prm.VAR_KEYWORD):  # fmt: skip
+            raise TypeError(f"sgns_step has a required parameter {name!r} the benchmark does not know")
+
+    def call(center, context, negatives, in_weight, out_weight, lr=LR):
+        vals = dict(center=center, context=context, negatives=negatives, in_weight=in_weight,
+                    out_weight=out_weight, lr=lr)  # fmt: skip
+        return step(**{mapping[k]: v for k, v in vals.items()})
+
+    return call
+
+
+def fused_step(ctx: Context) -> Callable | None:
+    """embedattn's fused step: a public dispatching ``sgns_step`` if the package has one (it then runs
+    on CPU too), else the Triton launcher on CUDA only. None (with a note) when missing."""
+    import importlib
+
+    try:
+        mod = importlib.import_module("embedattn.negative_sampling")
+        if callable(getattr(mod, "sgns_step", None)):
+            return bind_step(mod.sgns_step)
+        if not ctx.is_cuda:
+            # the fused step is a Triton kernel (not timed on CPU); the trainer's CPU step is batched PyTorch
+            cpu_step = getattr(importlib.import_module("embedattn.word2vec._train"), "torch_sgns_step", None)
+            if callable(cpu_step):
+                ctx.note("  sgns_step: CPU run times the word2vec trainer's batched PyTorch step as 'embedattn'")
+                return bind_step(cpu_step)
+            ctx.note("  sgns_step: the fused step is a Triton kernel: not timed on CPU")
+            return None
+        kmod = importlib.import_module("embedattn.kernels.negative_sampling")
+        return bind_step(kmod.sgns_step)
+    except Exception as e:
+        ctx.note(f"  sgns_step unavailable: {type(e).__name__}: {e}")
+        return None
+
+
+# ----------------------------------------------------------------------------- loss and step sweep
+
+
+@dataclass
+class Spec:
+    dtype: str
+    vocab: int
+    dim: int
+    pairs: int
+    negatives: int = NEGATIVES
+    kernel: str = field(default="", init=False)
+
+    @property
+    def shape(self) -> str:
+        return f"V={self.vocab} D={self.dim} B={self.pairs} K={self.negatives}"
+
+
+def specs(ctx: Context) -> list[Spec]:
+    if ctx.profile == "tiny":
+        vocab, dims, pairs = 100, [16], [64, 256]
+    elif ctx.is_cuda:
+        vocab, dims = 100_000, [128, 300]
+        pairs = [4096, 65536, 524288] if ctx.profile == "quick" else [4096, 16384, 65536, 262144, 1048576]
+    else:
+        vocab, dims = 30_000, [100, 300]
+        pairs = [1024, 8192] if ctx.profile == "quick" else [1024, 4096, 16384, 65536]
+    dtypes = ctx.pick_dtypes(["fp32"])
+    return [Spec(dt, vocab, d, b) for dt in dtypes for d in dims for b in pairs]
+
+
+def _inputs(ctx: Context, s: Spec):
+    g = torch.Generator(device=ctx.device).manual_seed(s.pairs + s.dim)
+    dtype = DTYPES[s.dtype]
+    sets = []
+    for _ in range(ctx.n_sets):
+        c = torch.randint(0, s.vocab, (s.pairs,), device=ctx.device, generator=g)
+        x = torch.randint(0, s.vocab, (s.pairs,), device=ctx.device, generator=g)
+        n = torch.randint(0, s.vocab, (s.pairs, s.negatives), device=ctx.device, generator=g)
+        sets.append((c, x, n))
+    w_in = ((torch.rand(s.vocab, s.dim, device=ctx.device, generator=g) - 0.5) / s.dim).to(dtype)
+    w_out = (torch.randn(s.vocab, s.dim, device=ctx.device, generator=g) * 0.1).to(dtype)
+    return sets, w_in, w_out
+
+
+def _rows(ctx, rec, kernel, name, mode, s, t, peak, config):
+    base = dict(suite=SUITE, kernel=f"{kernel}_d{s.dim}", provider=name, mode=mode, dtype=s.dtype,
+                shape=s.shape, x_name="pairs", x_value=s.pairs, config=config)  # fmt: skip
+    return measurement_rows(rec, base, t, float(s.pairs), "pairs_per_s", peak_mib=peak)
+
+
+def measure_loss(ctx, rec, name, loss_fn, s, inputs, mode) -> list[dict]:
+    sets, w_in, w_out = inputs
+    if mode == "fwd":
+        fn = rotating(lambda c, x, n: loss_fn(c, x, n, w_in, w_out), sets)
+        leaves = []
+    else:
+        a, b = w_in.detach().requires_grad_(), w_out.detach().requires_grad_()
+        leaves = [a, b]
+        fn = rotating(lambda c, x, n: loss_fn(c, x, n, a, b).backward(), sets)
+    if name == "embedattn":
+        reset_configs("negative_sampling")
+    t = time_fn(ctx, fn, grad_to_none=leaves or None)
+    for x in leaves:
+        x.grad = None
+    peak = peak_memory_mib(ctx, fn)
+    cfg = chosen_config("negative_sampling") if (name == "embedattn" and ctx.is_cuda) else (
+        "backend=reference" if name == "embedattn" else "")  # fmt: skip
+    return _rows(ctx, rec, "sgns_loss", name, mode, s, t, peak, cfg)
+
+
+def measure_step(ctx, rec, name, step_fn, s, inputs) -> list[dict]:
+    sets, w_in, w_out = inputs
+    a, b = w_in.clone(), w_out.clone()  # updated in place; the tables start equal for every provider
+    fn = rotating(lambda c, x, n: step_fn(c, x, n, a, b, LR), sets)
+    if name == "embedattn":
+        reset_configs("negative_sampling")
+    t = time_fn(ctx, fn)
+    peak = peak_memory_mib(ctx, fn)
+    cfg = chosen_config("negative_sampling") if name == "embedattn" else ""
+    return _rows(ctx, rec, "sgns_step", name, "step", s, t, peak, cfg)
+
+
+def run_spec(ctx: Context, rec: Recorder, s: Spec, step: Callable | None) -> list[dict]:
+    import embedattn
+
+    inputs = _inputs(ctx, s)
+    rows: list[dict] = []
+    losses = {"embedattn": embedattn.negative_sampling_loss, "torch-eager": torch_sgns_loss}
+    for name, fn in losses.items():
+        for mode in ("fwd", "fwd+bwd"):
+            rows += try_measure(
+                ctx, f"sgns_loss {name} {mode}", ("loss", name, mode),
+                lambda name=name, fn=fn, mode=mode: measure_loss(ctx, rec, name, fn, s, inputs, mode),
+            )  # fmt: skip
+    steps = {"embedattn": step, "torch-eager": torch_sgns_step}
+    for name, fn in steps.items():
+        if fn is not None:
+            rows += try_measure(ctx, f"sgns_step {name}", ("step", name),
+                                lambda name=name, fn=fn: measure_step(ctx, rec, name, fn, s, inputs))  # fmt: skip
+    return rows
+
+
+# ----------------------------------------------------------------------------- word2vec end to end
+
+
+def gensim_data(name: str) -> str | None:
+    try:
+        from gensim.test.utils import datapath
+    except Exception:
+        return None
+    path = datapath(name)
+    return path if os.path.exists(path) else None
+
+
+def ws353_spearman(lookup: Callable[[str], object], path: str) -> tuple[float, int]:
+    """Spearman correlation of cosine similarities with WordSim-353 over the pairs whose both words
+    ``lookup`` knows (lowercased, as gensim's evaluate_word_pairs does). Returns (rho, pairs used)."""
+    import numpy as np
+    from scipy.stats import spearmanr
+
+    gold, ours = [], []
+    with open(path, encoding="utf8") as f:
+        for line in f:
+            if not line.strip() or line.startswith("#"):
+                continue
+            a, b, score = line.strip().split("\t")[:3]
+            try:
+                va, vb = lookup(a.lower()), lookup(b.lower())
+            except KeyError:
+                continue
+            va = np.asarray(va.detach().cpu() if isinstance(va, torch.Tensor) else va, dtype=np.float64)
+            vb = np.asarray(vb.detach().cpu() if isinstance(vb, torch.Tensor) else vb, dtype=np.float64)
+            ours.append(float(va @ vb / (np.linalg.norm(va) * np.linalg.norm(vb) + 1e-12)))
+            gold.append(float(score))
+    if len(gold) < 3:
+        return float("nan"), len(gold)
+    return float(spearmanr(gold, ours).correlation), len(gold)
+
+
+@dataclass
+class W2VSettings:
+    epochs: int
+    vector_size: int = 100
+    window: int = 5
+    negative: int = 5
+    min_count: int = 3
+    workers: int = 2
+
+    def shape(self, words: int) -> str:
+        return (f"corpus=head500 words={words} D={self.vector_size} window={self.window} "
+                f"negative={self.negative} min_count={self.min_count} workers={self.workers}")  # fmt: skip
+
+
+def _train_embedattn(ctx: Context, corpus: str, cfg: W2VSettings, backend: str | None):
+    from embedattn.word2vec import Word2Vec
+
+    return Word2Vec(corpus_file=corpus, vector_size=cfg.vector_size, window=cfg.window, negative=cfg.negative,
+                    min_count=cfg.min_count, epochs=cfg.epochs, seed=0, device=str(ctx.device),
+                    backend=backend)  # fmt: skip
+
+
+def _train_gensim(ctx: Context, corpus: str, cfg: W2VSettings):
+    from gensim.models import Word2Vec
+    from gensim.models.word2vec import LineSentence
+
+    return Word2Vec(LineSentence(corpus), sg=1, vector_size=cfg.vector_size, window=cfg.window,
+                    negative=cfg.negative, min_count=cfg.min_count, epochs=cfg.epochs, seed=0,
+                    workers=cfg.workers)  # fmt: skip
+
+
+def run_word2vec(ctx: Context, rec: Recorder, cfg: W2VSettings) -> list[dict]:
+    corpus, ws = gensim_data("head500.noblanks.cor"), gensim_data("wordsim353.tsv")
+    if corpus is None or ws is None:
+        ctx.note("  word2vec: gensim's test data (head500.noblanks.cor, wordsim353.tsv) not found: skipped")
+        return []
+    with open(corpus, encoding="utf8") as f:
+        words = sum(len(line.split()) for line in f)
+    trainers: dict[str, Callable] = {"embedattn": lambda: _train_embedattn(ctx, corpus, cfg, None)}
+    if ctx.is_cuda:  # the same trainer on the reference (plain PyTorch) path, same device
+        trainers["embedattn-reference"] = lambda: _train_embedattn(ctx, corpus, cfg, "reference")
+    trainers["gensim"] = lambda: _train_gensim(ctx, corpus, cfg)
+
+    def one(name: str, train: Callable) -> list[dict]:
+        torch.manual_seed(0)
+        if ctx.is_cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        model = train()
+        if ctx.is_cuda:
+            torch.cuda.synchronize()
+        ms = (time.perf_counter() - t0) * 1e3
+        rho, used = ws353_spearman(lambda w: model.wv[w], ws)
+        device = "cpu" if name == "gensim" else str(ctx.device)
+        base = dict(suite=SUITE, kernel="word2vec", provider=name, mode="train", dtype="fp32",
+                    shape=cfg.shape(words) + f" device={device}", x_name="epochs", x_value=cfg.epochs,
+                    config="" if name == "gensim" else f"backend={name.partition('-')[2] or 'auto'}")  # fmt: skip
+        rows = measurement_rows(rec, base, Timing(ms, ms, ms), float(words * cfg.epochs), "words_per_s")
+        rows.append(rec.row(**base, metric="ws353_spearman", unit="rho", p50=rho, p20=rho, p80=rho))
+        ctx.log(f"  word2vec {name}: {words * cfg.epochs / ms * 1e3:,.0f} words/s, ws353 rho {rho:.3f} "
+                f"({used} pairs)")  # fmt: skip
+        return rows
+
+    rows: list[dict] = []
+    for name, train in trainers.items():
+        rows += try_measure(ctx, f"word2vec {name}", ("w2v", name), lambda name=name, train=train: one(name, train))
+    return rows
+
+
+def plan(ctx: Context) -> list[Case]:
+    step = fused_step(ctx)
+    cases = [
+        Case(SUITE, f"sgns d{s.dim} {s.dtype} B={s.pairs}", lambda c, r, s=s: run_spec(c, r, s, step))
+        for s in specs(ctx)
+    ]
+    if ctx.profile != "tiny":
+        epochs = 1 if ctx.profile == "quick" else 20  # 20: the quality target's setting (issue 4)
+        workers = 2 if not ctx.is_cuda else min(os.cpu_count() or 2, 16)
+        cfg = W2VSettings(epochs=epochs, workers=workers)
+        cases.append(Case(SUITE, f"word2vec head500 epochs={epochs}", lambda c, r: run_word2vec(c, r, cfg),
+                          weight=20.0))  # fmt: skip
+    return cases
