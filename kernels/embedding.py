@@ -75,7 +75,7 @@ def _prune(configs, named_args, **kwargs):
 @triton.jit
 def _fwd_kernel(
     ids_ptr, pos_ptr, w_ptr, p_ptr, out_ptr,
-    T, N, D, stride_w, stride_p, offset, scale, freq_coef,
+    T, N, D, stride_w, stride_p, offset, scale, freq_hi, freq_lo,
     POS_MODE: tl.constexpr, EXPLICIT_POS: tl.constexpr, HAS_SCALE: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -99,15 +99,23 @@ def _fwd_kernel(
             p = tl.load(p_ptr + pos[:, None] * stride_p + rd[None, :], mask=m2, other=0.0)
             x = x + p.to(tl.float32)
         else:
-            # inv_freq = 10000^(-2i/D) = exp2((col - col % 2) * freq_coef), freq_coef = -log2(10000)/D
-            inv_freq = tl.exp2((rd - rd % 2).to(tl.float32) * freq_coef)
-            angle = pos.to(tl.float32)[:, None] * inv_freq[None, :]
-            # reduce to [-pi, pi] first, so the result does not depend on how sin/cos treat large
-            # arguments (approximate hardware sin loses accuracy far from 0)
-            # (2*pi = 6.28125 + 0.00193530717...; k * 6.28125 is exact in float32 for |k| < 2**16)
+            # inv_freq = 10000^(-2i/D) = exp2((col - col % 2) * c), c = -log2(10000)/D passed as an fp32
+            # hi + lo pair. inv_freq (one per column) and the angle are float64: a float32 angle
+            # p * inv_freq is off by p * 2^-24 rad (0.004 at p = 65536), and exp2.approx adds more;
+            # in float64 only the final float32 sine rounds (the per-element float64 work is ~6 ops)
+            c = tl.cast(freq_hi, tl.float64) + tl.cast(freq_lo, tl.float64)
+            inv_freq = tl.exp2((rd - rd % 2).to(tl.float64) * c)
+            # odd columns: cos(a) = sin(a + pi/2), one sine per element. Constants are split into parts
+            # exact in float32, so the result is the same whether a literal is materialised in float32
+            # or float64
+            odd = (rd % 2 == 1)[None, :]
+            angle = pos.to(tl.float64)[:, None] * inv_freq[None, :]
+            angle = tl.where(odd, (angle + 1.5703125) + 0.0004838267923332751, angle)  # + pi/2 - 2.6e-12
+            # reduce to [-pi, pi] so that the float32 sine works on a small argument; 2*pi is split in
+            # three float32-exact parts (k * 6.28125 is exact), good to ~1e-16 relative
             k = tl.floor(angle * 0.15915494309189535 + 0.5)
-            r = (angle - k * 6.28125) - k * 0.0019353071795864769
-            x = x + tl.where((rd % 2 == 0)[None, :], tl.sin(r), tl.cos(r))
+            r = (((angle - k * 6.28125) - k * 0.0019353071693331003) - k * 1.0253131677018246e-11).to(tl.float32)
+            x = x + tl.sin(r)
     tl.store(out_ptr + rt[:, None] * D + rd[None, :], x.to(out_ptr.dtype.element_ty), mask=m2)
 
 
@@ -137,8 +145,10 @@ def embedding_forward(
         return out
     p = pos_weight if pos_weight is not None else weight
     pos = positions if positions is not None else ids
-    args = (ids, pos, weight, p, out, t, n, d, weight.stride(0), p.stride(0), offset, float(scale),
-            -_LOG2_10000 / d)
+    coef = -_LOG2_10000 / d
+    coef_hi = float(torch.tensor(coef, dtype=torch.float32))
+    args = (ids, pos, weight, p, out, t, n, d, weight.stride(0), p.stride(0), offset, float(scale), coef_hi,
+            coef - coef_hi)
     flags = dict(POS_MODE=pos_mode, EXPLICIT_POS=positions is not None, HAS_SCALE=scale != 1.0)
     if _autotune_enabled():
         grid = lambda meta: (triton.cdiv(t, meta["BLOCK_T"]), triton.cdiv(d, meta["BLOCK_D"]))
@@ -172,7 +182,8 @@ def _bwd_atomic_kernel(
     g = tl.load(grad_ptr + rt[:, None] * D + rd[None, :], mask=m2, other=0.0).to(tl.float32)
     if HAS_SCALE:
         g = g * scale
-    tl.atomic_add(gw_ptr + ids[:, None] * D + rd[None, :], g, mask=m2)
+    # relaxed: the adds need atomicity only, no ordering with other memory operations
+    tl.atomic_add(gw_ptr + ids[:, None] * D + rd[None, :], g, mask=m2, sem="relaxed")
 
 
 # autotuning runs the kernel several times: the accumulation buffer is re-zeroed between trials
