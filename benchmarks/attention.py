@@ -162,6 +162,11 @@ def _too_big(ctx: Context, p: Provider, s: Spec) -> bool:
 
 
 def measure(ctx: Context, rec: Recorder, p: Provider, s: Spec, sets, mode: str) -> list[dict]:
+    with p.context():  # around the forwards of "bwd" too: SDPA's backward runs the forward's backend
+        return _measure(ctx, rec, p, s, sets, mode)
+
+
+def _measure(ctx: Context, rec: Recorder, p: Provider, s: Spec, sets, mode: str) -> list[dict]:
     causal = s.causal
     if mode == "fwd":
         fn = rotating(lambda q, k, v, do: p.fn(q, k, v, causal), sets)
@@ -176,11 +181,10 @@ def measure(ctx: Context, rec: Recorder, p: Provider, s: Spec, sets, mode: str) 
             fn = rotating(lambda q, k, v, do: p.fn(q, k, v, causal).backward(do), gsets)
     if p.name == "embedattn":
         reset_configs("attention")
-    with p.context():
-        t = time_fn(ctx, fn, grad_to_none=leaves or None)
-        for x in leaves:
-            x.grad = None
-        peak = peak_memory_mib(ctx, fn)
+    t = time_fn(ctx, fn, grad_to_none=leaves or None)
+    for x in leaves:
+        x.grad = None
+    peak = peak_memory_mib(ctx, fn)
     base = dict(suite=SUITE, kernel=s.kernel, provider=p.name, mode=mode, dtype=s.dtype, shape=s.shape,
                 x_name="N", x_value=s.n, config=p.config())  # fmt: skip
     work = attention_flops(s.batch, s.heads, s.n, s.n, s.head_dim, causal, mode)

@@ -47,6 +47,21 @@ def ratios(rows: list[dict]) -> dict[tuple, dict[str, dict[float, float]]]:
     return out
 
 
+def memory_ratios(rows: list[dict], suite: str) -> dict[str, list[float]]:
+    """{peer: [embedattn peak_mem / peer peak_mem at each common point]} for one suite."""
+    mem: dict[tuple, dict[str, float]] = defaultdict(dict)
+    for r in rows:
+        if r["suite"] == suite and r["metric"] == "peak_mem" and not math.isnan(r["p50"]):
+            mem[(r["kernel"], r["mode"], r["dtype"], r["x_value"])][r["provider"]] = r["p50"]
+    out: dict[str, list[float]] = defaultdict(list)
+    for per in mem.values():
+        if OURS in per:
+            for peer, v in per.items():
+                if peer != OURS and v > 0:
+                    out[peer].append(per[OURS] / v)
+    return dict(out)
+
+
 def _median(vals) -> float:
     vals = [v for v in vals if not math.isnan(v)]
     return statistics.median(vals) if vals else float("nan")
@@ -96,10 +111,13 @@ def build_summary(csv_path: str, plots_dir: str | None = None, env: dict | None 
             metric = grouped[k][0]["metric"]
             for peer, per_x in rat[k].items():
                 overall[(metric, peer)] += list(per_x.values())
+        for peer, vals in memory_ratios(rows, suite).items():
+            overall[("peak_mem", peer)] = vals
         if overall:
             lines += ["| metric | peer | median ratio embedattn/peer | points |", "|---|---|---|---|"]
             for (metric, peer), vals in sorted(overall.items()):
-                lines.append(f"| {THROUGHPUT_METRICS[metric]} | {peer} | {_num(_median(vals))} | {len(vals)} |")
+                name = THROUGHPUT_METRICS.get(metric, "peak memory (lower is better)")
+                lines.append(f"| {name} | {peer} | {_num(_median(vals))} | {len(vals)} |")
             lines.append("")
         # one table per x_name (sizes differ between e.g. SGNS pairs and word2vec epochs)
         by_xname: dict[str, list] = defaultdict(list)
@@ -135,6 +153,13 @@ def build_summary(csv_path: str, plots_dir: str | None = None, env: dict | None 
             lines += ["| kernel | provider | metric | value |", "|---|---|---|---|"]
             lines += [f"| {r['kernel']} | {r['provider']} | {r['metric']} | {r['p50']:.3f} |" for r in quality]
             lines.append("")
+        configs = sorted({(r["kernel"], r["mode"], r["dtype"], r["x_value"], r["config"]) for r in rows
+                          if r["suite"] == suite and r["provider"] == OURS and r["metric"] == "ms" and r["config"]})
+        if configs and any("=" in c[4] and "backend=" not in c[4] for c in configs):
+            lines += ["<details><summary>embedattn: the config each point ran with (autotuned on GPU)</summary>",
+                      "", "| kernel | mode | dtype | x | config |", "|---|---|---|---|---|"]
+            lines += [f"| {k} | {m} | {d} | {fmt_x(x)} | `{c}` |" for k, m, d, x, c in configs]
+            lines += ["", "</details>", ""]
         for k in keys:
             path = os.path.join(plots_dir, plot_name(*k))
             if os.path.exists(path):
