@@ -236,6 +236,45 @@ def test_float64_runs_the_reference():
         assert torch.equal(out, ref_embedding(ids, w, sinusoidal=True))
 
 
+def _allocated_bytes(fn) -> int:
+    """Bytes allocated while fn runs: the CUDA peak above the start, or the profiler's CPU total."""
+    if ON_CUDA:
+        torch.cuda.synchronize()
+        start = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - start
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return sum(max(0, e.self_cpu_memory_usage) for e in prof.key_averages())
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
+@pytest.mark.parametrize("pos", ["default", "explicit"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_buffer_sizes(dtype, pos):
+    """Forward allocates its output only (no B x N x D intermediate); backward the two gradients plus
+    O(T) index buffers: no float32 V x D buffer for half tables (measured, not assumed)."""
+    skip_if_unsupported("triton", dtype)
+    v, d, b, n, p = 4096, 64, 2, 64, 128
+    w = torch.randn(v, d, device=DEVICE, dtype=dtype, requires_grad=True)
+    pw = torch.randn(p, d, device=DEVICE, dtype=dtype, requires_grad=True)
+    ids = torch.randint(0, v, (b, n), device=DEVICE)
+    positions = torch.randint(0, p, (b, n), device=DEVICE) if pos == "explicit" else None
+    res = {}
+    fwd = _allocated_bytes(lambda: res.setdefault("out", embedattn.embedding(ids, w, pw, positions=positions,
+                                                                             backend="triton")))
+    g = torch.randn_like(res["out"])
+    bwd = _allocated_bytes(lambda: res["out"].backward(g))
+    e, t = w.element_size(), b * n
+    slack = 8192  # allocator rounding, min/max scalars
+    assert fwd <= t * d * e + slack, fwd
+    assert bwd <= (v + p) * d * e + 2 * 4 * t * 8 + slack, (bwd, (v + p) * d * e)
+
+
 # ----------------------------------------------------------------------------------------------------
 # module
 
