@@ -1,0 +1,120 @@
+"""Hugging Face transformers integration: ``attn_implementation="embedattn"`` runs embedattn's attention.
+
+    import embedattn.integrations.transformers as ea_hf
+    ea_hf.register()                                   # once per process
+    model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="embedattn")
+    # or, on a loaded model: model.set_attn_implementation("embedattn")
+
+``register`` adds an attention function to transformers' ``AttentionInterface`` and transformers'
+own SDPA mask builder to ``AttentionMaskInterface`` under the same name, so models build the same
+masks as for ``"sdpa"`` (``None`` + ``is_causal`` when no token is padded, a boolean
+(B, 1, Q, KV) mask otherwise) and hand them to us.
+
+The attention function keeps the callee contract of transformers' ``sdpa_attention_forward``:
+inputs (B, H, S, D), grouped-query attention through ``module.num_key_value_groups`` (served
+natively: K/V are not repeated), ``scaling``, ``is_causal`` (top-left, like SDPA, and only when no
+mask is given and more than one query), output transposed to (B, S, H, D), and ``(output, None)``
+returned (no attention weights). What the kernel does not cover goes to transformers' own SDPA
+function for that call: ``dropout > 0`` (training with attention dropout), ``position_bias``
+(T5-style learned biases need mask gradients), key and value head dims that differ, and dtypes or
+head dims the selected backend cannot run. ``softcap`` raises, as with ``"sdpa"``.
+
+transformers is an optional dependency (``pip install embedattn[hf]``); it is imported only here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from .._backend import resolve
+from ..attention import _TRITON_DTYPES, MAX_HEAD_DIM
+from ..ops import attend
+
+__all__ = ["register", "make_attention_forward"]
+
+
+def _sdpa_forward() -> Callable:
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward
+
+
+def _supported(query, key, value, mask, dropout, position_bias, backend) -> bool:
+    if dropout and dropout > 0.0:
+        return False
+    if position_bias is not None or key.shape[-1] != value.shape[-1]:
+        return False
+    if mask is not None and (mask.requires_grad or (mask.dtype != torch.bool and not mask.is_floating_point())):
+        return False
+    if query.shape[1] % max(key.shape[1], 1):
+        return False
+    if resolve(backend, query, key, value) == "triton":
+        return query.dtype in _TRITON_DTYPES and query.shape[-1] <= MAX_HEAD_DIM
+    return True
+
+
+def make_attention_forward(backend: str | None = None) -> Callable:
+    """The attention function ``register`` installs, running on ``backend`` (None: ``EMBEDATTN_BACKEND``
+    or auto, i.e. Triton on CUDA and the reference on CPU)."""
+
+    def embedattn_attention_forward(
+        module: torch.nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        dropout: float = 0.0,
+        scaling: float | None = None,
+        is_causal: bool | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, None]:
+        if kwargs.get("softcap") is not None:
+            raise ValueError("embedattn attention does not support `softcap`; use attn_implementation='eager'")
+        position_bias = kwargs.get("position_bias")
+        if not _supported(query, key, value, attention_mask, dropout, position_bias, backend):
+            return _sdpa_forward()(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                   is_causal=is_causal, **kwargs)
+        q_len, kv_len = query.shape[2], key.shape[2]
+        if attention_mask is not None and attention_mask.shape[-1] != kv_len:
+            # older transformers versions hand over masks as wide as a static cache
+            attention_mask = attention_mask[..., :kv_len]
+        is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        # sdpa's rule: causal only without a mask (a mask already holds the pattern) and for > 1 query
+        # (a single decoding query sees the whole cache); the order keeps dynamic shapes compiling
+        causal = bool(q_len > 1 and attention_mask is None and is_causal)
+        if scaling is None:
+            scaling = 1.0 / math.sqrt(query.shape[-1])
+        # causal_offset=0: top-left alignment, SDPA's is_causal (the mask builder relies on it when it
+        # returns None for an empty-cache prefill with kv_len > q_len)
+        out = attend(query, key, value, causal=causal, causal_offset=0, scale=float(scaling),
+                     attn_mask=attention_mask, backend=backend)
+        return out.transpose(1, 2).contiguous(), None
+
+    return embedattn_attention_forward
+
+
+def register(name: str = "embedattn", *, backend: str | None = None) -> str:
+    """Register embedattn attention with transformers under ``name`` and return ``name``.
+
+    Afterwards ``from_pretrained(..., attn_implementation=name)``, ``from_config(config,
+    attn_implementation=name)`` and ``model.set_attn_implementation(name)`` run embedattn's kernel.
+    ``backend`` pins the embedattn backend ("triton", "reference"; default None: ``EMBEDATTN_BACKEND``
+    or auto). Registering a name again replaces the earlier function.
+    """
+    if not isinstance(name, str) or not name or "|" in name or "/" in name:
+        raise ValueError(f"name must be a plain non-empty string (no '|' or '/'), got {name!r}")
+    if backend is not None:
+        resolve(backend)  # validates the value early
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("embedattn.integrations.transformers needs transformers>=4.53 "
+                          "(pip install 'embedattn[hf]')") from e
+    AttentionInterface.register(name, make_attention_forward(backend))
+    # the exact mask builder "sdpa" uses in this transformers version (bool masks, or None + is_causal)
+    AttentionMaskInterface.register(name, AttentionMaskInterface._global_mapping["sdpa"])
+    return name

@@ -1,0 +1,506 @@
+"""torch.library registrations, so that ``torch.compile(model, fullgraph=True)`` sees embedattn's ops.
+
+Ops (namespace ``embedattn``)::
+
+    torch.ops.embedattn.attention_fwd(q, k, v, mask, causal, causal_offset, scale, backend) -> (out, lse2)
+    torch.ops.embedattn.attention_bwd(dout, q, k, v, out, lse2, mask, causal, causal_offset, scale, backend)
+        -> (dq, dk, dv)
+
+Both are ``torch.library.triton_op``: on CUDA their bodies launch the Triton kernels through
+``torch.library.wrap_triton``, so Inductor sees (and can AOT-compile) the kernels themselves; on
+every other device, and for what the kernels do not cover (float64, head dim > 256), the same op runs
+the PyTorch reference, so a compiled model falls back on CPU without a graph break. The bodies also
+serve as the fake (meta) implementations (triton_op traces them with fake tensors).
+``attention_fwd`` has its autograd registered (``register_autograd``) with ``attention_bwd``.
+
+Under the Triton interpreter (``TRITON_INTERPRET=1``, CPU tensors) the ops run the reference: the
+interpreter launches kernels on real memory and cannot be traced with fake tensors. The eager
+interpreted path stays ``embedattn.attention(..., backend="triton")``.
+
+``attention()`` below is the functional entry through the op (same arguments as
+``embedattn.attention`` plus ``causal_offset``); ``attend()`` is what ``embedattn.nn`` and the
+transformers integration call: the op while ``torch.compile`` traces, the eager path otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+
+import torch
+from torch.library import triton_op
+
+from . import reference
+from ._backend import interpreting, resolve, triton_available
+from .attention import MAX_HEAD_DIM, _attention, _check_mask, _check_qkv, _empty_result
+
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_LN2 = math.log(2.0)
+
+
+# --------------------------------------------------------------------------------------------------
+# the launchers of a kernels module, with every kernel launch routed through wrap_triton
+# --------------------------------------------------------------------------------------------------
+class _Launch:
+    """Stands in for a kernel in a launcher's globals: ``k[grid](...)`` becomes ``wrap_triton(k)[grid](...)``.
+
+    ``wrap_triton`` returns the kernel itself when tracing is off (inside a triton_op's eager
+    body), so eager launches pay nothing; while AOTAutograd/Inductor trace, it records the launch as
+    a ``triton_kernel_wrapper`` node instead of running it on fake tensors.
+    """
+
+    def __init__(self, kernel):
+        self._kernel = kernel
+
+    def __getitem__(self, grid):
+        from torch.library import wrap_triton
+
+        return wrap_triton(self._kernel)[grid]
+
+    def __getattr__(self, name):  # best_config, fn, ...: read from the real kernel
+        return getattr(self._kernel, name)
+
+
+def _traceable(module) -> types.SimpleNamespace:
+    """The module's functions re-bound to a copy of its globals in which every ``@triton.jit`` /
+    ``triton.autotune`` object is wrapped by ``_Launch``.
+
+    This reuses the launchers of ``kernels/<op>.py`` verbatim (grid, configs, allocation) instead of
+    duplicating them; module-level state (e.g. ``_LAST_CONFIG``) is shared, since the copy holds the
+    same objects. Kernels calling other ``@triton.jit`` helpers are unaffected (they resolve names in
+    the original module).
+    """
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.jit import JITFunction
+
+    g = dict(vars(module))
+    for name, obj in list(g.items()):
+        if isinstance(obj, (JITFunction, Autotuner)):
+            g[name] = _Launch(obj)
+    for name, obj in list(g.items()):
+        if isinstance(obj, types.FunctionType) and obj.__module__ == module.__name__:
+            f = types.FunctionType(obj.__code__, g, obj.__name__, obj.__defaults__, obj.__closure__)
+            f.__kwdefaults__ = obj.__kwdefaults__
+            g[name] = f
+    return types.SimpleNamespace(**g)
+
+
+_TRACEABLE: dict[str, types.SimpleNamespace] = {}
+
+
+def _kernels(op: str) -> types.SimpleNamespace:
+    if op not in _TRACEABLE:
+        import importlib
+
+        _TRACEABLE[op] = _traceable(importlib.import_module(f"{__package__}.kernels.{op}"))
+    return _TRACEABLE[op]
+
+
+def _use_kernels(t: torch.Tensor, backend: str, dtype_ok: bool) -> bool:
+    # the kernels run on CUDA only inside the ops (the interpreter cannot be traced, see module doc)
+    return t.is_cuda and dtype_ok and backend != "reference" and triton_available() and not interpreting()
+
+
+# --------------------------------------------------------------------------------------------------
+# attention
+# --------------------------------------------------------------------------------------------------
+def _ref_mask(mask, causal: bool, causal_offset: int, nq: int, nk: int, device) -> torch.Tensor | None:
+    """The user mask combined with the causal mask ``j <= i + causal_offset`` (bool or additive)."""
+    if not causal:
+        return mask
+    i = torch.arange(nq, device=device)[:, None]
+    j = torch.arange(nk, device=device)[None, :]
+    cm = j <= i + causal_offset
+    if mask is None:
+        return cm
+    if mask.dtype == torch.bool:
+        return mask & cm
+    return mask.masked_fill(~cm, float("-inf"))
+
+
+def _ref_probs(q, k, mask, causal, causal_offset, scale):
+    """Softmax probabilities in the compute dtype, K repeated over query groups; empty rows are 0."""
+    group = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(group, dim=1) if group > 1 else k
+    s = torch.matmul(q, k.transpose(-1, -2)) * scale
+    m = _ref_mask(mask, causal, causal_offset, q.shape[2], k.shape[2], q.device)
+    if m is not None:
+        s = s.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else s + m.to(s.dtype)
+    mx = s.amax(dim=-1, keepdim=True)
+    mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
+    e = torch.exp(s - mx)
+    den = e.sum(dim=-1, keepdim=True)
+    return e / torch.where(den == 0, torch.ones_like(den), den), k
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@triton_op("embedattn::attention_fwd", mutates_args=())
+def _attention_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    causal: bool,
+    causal_offset: int,
+    scale: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse2): out like q, lse2 (B, Hq, Nq) base-2 log-sum-exp (float32; float64 for float64 q)."""
+    if _use_kernels(q, backend, q.dtype in _KERNEL_DTYPES and q.shape[-1] <= MAX_HEAD_DIM):
+        return _kernels("attention").attention_forward(q, k, v, mask, causal, causal_offset, scale)
+    m = _ref_mask(mask, causal, causal_offset, q.shape[2], k.shape[2], q.device)
+    out, lse = reference.attention(q, k, v, causal=False, scale=scale, attn_mask=m, return_lse=True)
+    return out, (lse / _LN2).to(_compute_dtype(q.dtype))
+
+
+@triton_op("embedattn::attention_bwd", mutates_args=())
+def _attention_bwd(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse2: torch.Tensor,
+    mask: torch.Tensor | None,
+    causal: bool,
+    causal_offset: int,
+    scale: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) in the dtypes of q, k, v."""
+    if _use_kernels(q, backend, q.dtype in _KERNEL_DTYPES and q.shape[-1] <= MAX_HEAD_DIM):
+        return _kernels("attention").attention_backward(dout, q, k, v, out, lse2, mask, causal,
+                                                         causal_offset, scale)
+    # the reference backward written out (dS = P * (dP - rowsum(dP * P))), recomputing P
+    cd = _compute_dtype(q.dtype)
+    qc, kc, vc, doc = q.to(cd), k.to(cd), v.to(cd), dout.to(cd)
+    p, kr = _ref_probs(qc, kc, mask, causal, causal_offset, scale)
+    group = q.shape[1] // k.shape[1]
+    vr = vc.repeat_interleave(group, dim=1) if group > 1 else vc
+    dv = torch.matmul(p.transpose(-1, -2), doc)
+    dp = torch.matmul(doc, vr.transpose(-1, -2))
+    ds = p * (dp - (dp * p).sum(dim=-1, keepdim=True))
+    dq = torch.matmul(ds, kr) * scale
+    dk = torch.matmul(ds.transpose(-1, -2), qc) * scale
+    b, hkv, nk, d = k.shape
+    dk = dk.view(b, hkv, group, nk, d).sum(2)
+    dv = dv.view(b, hkv, group, nk, v.shape[-1]).sum(2)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _attention_setup(ctx, inputs, output):
+    q, k, v, mask, causal, causal_offset, scale, backend = inputs
+    out, lse2 = output
+    ctx.save_for_backward(q, k, v, out, lse2, mask)
+    ctx.meta = (causal, causal_offset, scale, backend)
+    ctx.mark_non_differentiable(lse2)
+
+
+def _attention_backward(ctx, dout, _dlse2):
+    q, k, v, out, lse2, mask = ctx.saved_tensors
+    causal, causal_offset, scale, backend = ctx.meta
+    dq, dk, dv = torch.ops.embedattn.attention_bwd(dout, q, k, v, out, lse2, mask, causal, causal_offset,
+                                                   scale, backend)
+    return dq, dk, dv, None, None, None, None, None
+
+
+_attention_fwd.register_autograd(_attention_backward, setup_context=_attention_setup)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    attn_mask: torch.Tensor | None = None,
+    causal_offset: int | None = None,
+    return_lse: bool = False,
+    backend: str | None = None,
+):
+    """``embedattn.attention`` through ``torch.ops.embedattn.attention_fwd`` (compiles without graph breaks).
+
+    Same arguments and checks as ``embedattn.attention``; ``causal_offset`` (default ``Nk - Nq``,
+    bottom-right) sets the causal diagonal: query i sees key j iff ``j <= i + causal_offset``
+    (0 is torch SDPA's top-left ``is_causal``). Triton on CUDA, the reference elsewhere (also under
+    the interpreter). ``backend="reference"`` forces the reference on CUDA too.
+    """
+    be = resolve(backend, q, k, v)
+    _check_qkv(q, k, v, "reference")  # dtype/head-dim limits of the kernels fall back inside the op
+    nq, nk = q.shape[2], k.shape[2]
+    mask = _check_mask(attn_mask, q, nk)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[3]) if q.shape[3] else 1.0
+    elif not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite float or None, got {scale!r}")
+    if causal_offset is None:
+        causal_offset = nk - nq
+    if q.numel() == 0 or nk == 0 or k.shape[1] == 0:
+        return _empty_result(q, k, v, return_lse)
+    out, lse2 = torch.ops.embedattn.attention_fwd(q, k, v, mask, bool(causal), int(causal_offset), float(scale),
+                                                  be)
+    if return_lse:
+        return out, lse2.float() * _LN2
+    return out
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    causal_offset: int,
+    scale: float | None,
+    attn_mask: torch.Tensor | None,
+    backend: str | None,
+) -> torch.Tensor:
+    """Attention for modules: the registered op while torch.compile traces (no graph break), the
+    eager ``embedattn`` path otherwise (which also runs the interpreter on CPU)."""
+    if torch.compiler.is_compiling():
+        return attention(q, k, v, causal=causal, scale=scale, attn_mask=attn_mask, causal_offset=causal_offset,
+                         backend=backend)
+    return _attention(q, k, v, causal=causal, causal_offset=causal_offset, scale=scale, attn_mask=attn_mask,
+                      return_lse=False, backend=backend)
+
+
+
+
+# --------------------------------------------------------------------------------------------------
+# embedding
+# --------------------------------------------------------------------------------------------------
+def _default_check(check_bounds: bool | None) -> bool:
+    # the id bounds check syncs the device (a graph break under torch.compile): off while compiling
+    return (not torch.compiler.is_compiling()) if check_bounds is None else bool(check_bounds)
+
+
+@triton_op("embedattn::embedding_fwd", mutates_args=())
+def _embedding_fwd(
+    ids: torch.Tensor,
+    weight: torch.Tensor,
+    pos_weight: torch.Tensor | None,
+    positions: torch.Tensor | None,
+    n: int,
+    pos_mode: int,
+    scale: float,
+    offset: int,
+    padding_idx: int,
+    backend: str,
+) -> torch.Tensor:
+    """(T, D) rows ``weight[ids] * scale + P`` for flat ids (T,); pos_mode 0 none, 1 learned, 2 sinusoidal.
+    ``padding_idx`` (-1: none) is for the backward: that row of the token gradient stays zero."""
+    from .embedding import _KERNEL_DTYPES as _EMB_DTYPES
+
+    if _use_kernels(weight, backend, weight.dtype in _EMB_DTYPES):
+        w = weight if weight.stride(1) == 1 else weight.contiguous()
+        pw = pos_weight if pos_weight is None or pos_weight.stride(1) == 1 else pos_weight.contiguous()
+        return _kernels("embedding").embedding_forward(ids, w, pw, positions, n=n, pos_mode=pos_mode,
+                                                       scale=scale, offset=offset)
+    from .reference._embedding import embedding as ref_embedding
+
+    if ids.numel() == 0:
+        return weight.new_zeros(0, weight.shape[1])
+    out = ref_embedding(ids.view(-1, n), weight, pos_weight if pos_mode == 1 else None, sinusoidal=pos_mode == 2,
+                        scale=scale, position_offset=offset,
+                        positions=None if positions is None else positions.view(-1, n))
+    return out.reshape(ids.shape[0], weight.shape[1]).clone()
+
+
+@triton_op("embedattn::embedding_bwd", mutates_args=())
+def _embedding_bwd(
+    grad: torch.Tensor,
+    ids: torch.Tensor,
+    positions: torch.Tensor | None,
+    num_rows: int,
+    num_positions: int,
+    n: int,
+    scale: float,
+    offset: int,
+    padding_idx: int,
+    deterministic: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_weight (num_rows, D), grad_pos_weight (num_positions, D)) in grad's dtype; padding_idx < 0: none."""
+    from .embedding import _KERNEL_DTYPES as _EMB_DTYPES
+
+    t, d = grad.shape
+    pad = None if padding_idx < 0 else padding_idx
+    if _use_kernels(grad, backend, grad.dtype in _EMB_DTYPES):
+        k = _kernels("embedding")
+        grad = grad.contiguous()
+        gw = k.scatter_grad(grad, ids, num_rows, scale=scale, padding_idx=pad, deterministic=deterministic)
+        if num_positions == 0:  # no learned position table
+            gp = grad.new_zeros(0, d)
+        elif positions is None:
+            gp = k.positional_grad(grad, num_positions, n=n, offset=offset)
+        else:
+            gp = k.scatter_grad(grad, positions, num_positions, deterministic=deterministic)
+        return gw, gp
+    cd = _compute_dtype(grad.dtype)
+    g = grad.to(cd)
+    gw = torch.zeros(num_rows, d, dtype=cd, device=grad.device).index_add_(0, ids.long(), g * scale)
+    if pad is not None:
+        gw[pad] = 0
+    gp = torch.zeros(num_positions, d, dtype=cd, device=grad.device)
+    if num_positions:
+        pos = positions.long() if positions is not None else torch.arange(t, device=grad.device) % max(n, 1) + offset
+        gp.index_add_(0, pos, g)
+    return gw.to(grad.dtype), gp.to(grad.dtype)
+
+
+def _embedding_setup(ctx, inputs, output):
+    ids, weight, pos_weight, positions, n, pos_mode, scale, offset, padding_idx, backend = inputs
+    ctx.save_for_backward(ids, positions)
+    ctx.meta = (weight.shape[0], pos_weight.shape[0] if pos_weight is not None else 0, pos_weight is not None,
+                n, scale, offset, padding_idx, backend)
+
+
+def _embedding_backward(ctx, grad):
+    ids, positions = ctx.saved_tensors
+    v, p, learned, n, scale, offset, padding_idx, backend = ctx.meta
+    deterministic = torch.are_deterministic_algorithms_enabled() or grad.dtype != torch.float32
+    gw, gp = torch.ops.embedattn.embedding_bwd(grad, ids, positions if learned else None, v, p, n, scale, offset,
+                                               padding_idx, deterministic, backend)
+    return None, gw, (gp if learned else None), None, None, None, None, None, None, None
+
+
+_embedding_fwd.register_autograd(_embedding_backward, setup_context=_embedding_setup)
+
+
+def embedding(
+    ids: torch.Tensor,
+    weight: torch.Tensor,
+    pos_weight: torch.Tensor | None = None,
+    *,
+    sinusoidal: bool = False,
+    scale: float = 1.0,
+    padding_idx: int | None = None,
+    position_offset: int = 0,
+    positions: torch.Tensor | None = None,
+    check_bounds: bool | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """``embedattn.embedding`` through ``torch.ops.embedattn.embedding_fwd`` (compiles without graph breaks).
+
+    Same arguments and checks; ``check_bounds=None`` checks ids eagerly and skips the check (a device
+    sync) while torch.compile traces. Triton on CUDA, the reference elsewhere.
+    """
+    from .embedding import _POS_LEARNED, _POS_NONE, _POS_SINUSOIDAL, _check, _check_bounds, _flat_ids
+
+    padding_idx = _check(ids, weight, pos_weight, sinusoidal, scale, padding_idx, position_offset, positions)
+    _check_bounds(ids, weight, pos_weight, position_offset, positions, _default_check(check_bounds))
+    be = resolve(backend, ids, weight)
+    pos_mode = _POS_LEARNED if pos_weight is not None else _POS_SINUSOIDAL if sinusoidal else _POS_NONE
+    flat_pos = _flat_ids(positions) if positions is not None and pos_mode != _POS_NONE else None
+    args = (_flat_ids(ids), weight, pos_weight, flat_pos, ids.shape[-1], pos_mode, float(scale), position_offset)
+    out = torch.ops.embedattn.embedding_fwd(*args, -1 if padding_idx is None else padding_idx, be)
+    return out.view(*ids.shape, weight.shape[1])
+
+
+# --------------------------------------------------------------------------------------------------
+# negative sampling
+# --------------------------------------------------------------------------------------------------
+@triton_op("embedattn::negative_sampling_fwd", mutates_args=())
+def _negative_sampling_fwd(
+    center: torch.Tensor,
+    context: torch.Tensor,
+    negatives: torch.Tensor,
+    in_weight: torch.Tensor,
+    out_weight: torch.Tensor,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss (B,), coef (B, K+1) = d loss / d score, column 0 the positive), float32 (float64 tables: float64)."""
+    if _use_kernels(in_weight, backend, in_weight.dtype in _KERNEL_DTYPES):
+        return _kernels("negative_sampling").negative_sampling_forward(center, context, negatives, in_weight,
+                                                                      out_weight)
+    cd = _compute_dtype(in_weight.dtype)
+    v = in_weight[center].to(cd)
+    u = out_weight[torch.cat([context.unsqueeze(1), negatives], dim=1)].to(cd)  # (B, K+1, D)
+    s = (u * v.unsqueeze(1)).sum(-1)
+    pos, neg = s[:, 0], s[:, 1:]
+    loss = -torch.nn.functional.logsigmoid(pos) - torch.nn.functional.logsigmoid(-neg).sum(-1)
+    coef = torch.cat([(torch.sigmoid(pos) - 1).unsqueeze(1), torch.sigmoid(neg)], dim=1)
+    return loss, coef
+
+
+@triton_op("embedattn::negative_sampling_bwd", mutates_args=())
+def _negative_sampling_bwd(
+    center: torch.Tensor,
+    context: torch.Tensor,
+    negatives: torch.Tensor,
+    in_weight: torch.Tensor,
+    out_weight: torch.Tensor,
+    coef: torch.Tensor,
+    grad_loss: torch.Tensor,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense (grad_in_weight, grad_out_weight) in the table dtypes."""
+    grad_loss = grad_loss.to(coef.dtype)
+    if _use_kernels(in_weight, backend, in_weight.dtype in _KERNEL_DTYPES):
+        gin, gout = _kernels("negative_sampling").negative_sampling_backward(
+            center, context, negatives, in_weight, out_weight, coef, grad_loss)
+        return gin.to(in_weight.dtype), gout.to(out_weight.dtype)
+    cd = coef.dtype
+    ids_out = torch.cat([context.unsqueeze(1), negatives], dim=1)
+    v = in_weight[center].to(cd)
+    u = out_weight[ids_out].to(cd)
+    g = coef * grad_loss.unsqueeze(1)  # (B, K+1)
+    gin = torch.zeros(in_weight.shape, dtype=cd, device=in_weight.device)
+    gin.index_add_(0, center.long(), (g.unsqueeze(-1) * u).sum(1))
+    gout = torch.zeros(out_weight.shape, dtype=cd, device=out_weight.device)
+    gout.index_add_(0, ids_out.reshape(-1).long(), (g.unsqueeze(-1) * v.unsqueeze(1)).flatten(0, 1))
+    return gin.to(in_weight.dtype), gout.to(out_weight.dtype)
+
+
+def _negative_sampling_setup(ctx, inputs, output):
+    center, context, negatives, in_weight, out_weight, backend = inputs
+    ctx.save_for_backward(center, context, negatives, in_weight, out_weight, output[1])
+    ctx.backend = backend
+    ctx.mark_non_differentiable(output[1])
+
+
+def _negative_sampling_backward(ctx, grad_loss, _dcoef):
+    center, context, negatives, in_weight, out_weight, coef = ctx.saved_tensors
+    gin, gout = torch.ops.embedattn.negative_sampling_bwd(center, context, negatives, in_weight, out_weight, coef,
+                                                          grad_loss, ctx.backend)
+    return None, None, None, gin, gout, None
+
+
+_negative_sampling_fwd.register_autograd(_negative_sampling_backward, setup_context=_negative_sampling_setup)
+
+
+def negative_sampling_loss(
+    center: torch.Tensor,
+    context: torch.Tensor,
+    negatives: torch.Tensor,
+    in_weight: torch.Tensor,
+    out_weight: torch.Tensor,
+    *,
+    reduction: str = "mean",
+    check_bounds: bool | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """``embedattn.negative_sampling_loss`` through ``torch.ops.embedattn.negative_sampling_fwd``
+    (compiles without graph breaks); dense gradients only (``sparse=True`` stays on the eager API).
+    ``check_bounds=None`` checks ids eagerly and skips the check while torch.compile traces."""
+    from .negative_sampling import _check_inputs
+
+    _check_inputs(center, context, negatives, in_weight, out_weight, reduction, _default_check(check_bounds))
+    be = resolve(backend, center, context, negatives, in_weight, out_weight)
+    if in_weight.stride(1) != 1:
+        in_weight = in_weight.contiguous()
+    if out_weight.stride(1) != 1:
+        out_weight = out_weight.contiguous()
+    loss, _ = torch.ops.embedattn.negative_sampling_fwd(center, context, negatives, in_weight, out_weight, be)
+    if reduction == "mean":
+        return loss.mean()
+    if reduction == "sum":
+        return loss.sum()
+    return loss
+
+
+__all__ = ["attend", "attention", "embedding", "negative_sampling_loss"]
