@@ -18,9 +18,14 @@ Backward (Triton path), which mode is which:
   positions; no atomics, always deterministic. Only table rows outside ``[offset, offset + N)`` are
   zero-filled. With explicit ``positions`` the position table is scattered like the token table.
 
-Gradient memory: the (V, D) token gradient (zeroed, in the table dtype) and the (P, D) position
-gradient are the only large allocations; the sorted mode adds three int64 vectors of length T. No
-(B, N, D) intermediate exists beyond the forward output.
+Memory: the forward allocates its (B, N, D) output and nothing else of that size. The backward
+allocates the (V, D) token gradient (zero-filled, in the table dtype) and the (P, D) position gradient
+(only rows outside [offset, offset + N) zero-filled), plus, in the sorted mode, three int64 vectors
+of length T. Measured with the torch profiler (V=4096, D=64, B*N=128, P=128, Triton interpreter):
+backward allocates exactly (V + P) * D * 4 bytes for float32 and (V + P) * D * 2 + 3 * T * 8 (+ the
+interpreter's head list) for float16; forward exactly B*N*D*elem (tests/test_embedding.py::
+test_buffer_sizes checks this, with CUDA peak memory on a GPU). An atomic scatter for a float16 table
+would allocate 3x the output (float32 buffer + cast), which is why half tables use sorted segments.
 """
 
 from __future__ import annotations

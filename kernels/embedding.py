@@ -48,10 +48,11 @@ def _tile(d: int) -> tuple[int, int]:
     return block_t, block_d
 
 
-def _configs(two_d: bool = True):
+def _configs():
+    """Autotune space: tiles of 256 to 16K elements, 8 warps only for the larger ones."""
     out = []
     for bd in (32, 64, 128, 256, 512, 1024):
-        for bt in ((1, 2, 4, 8, 16, 32) if two_d else (1,)):
+        for bt in (1, 2, 4, 8, 16, 32):
             if not 256 <= bt * bd <= 16384:
                 continue
             for w in (4, 8):
@@ -62,7 +63,7 @@ def _configs(two_d: bool = True):
 
 
 def _prune(configs, named_args, **kwargs):
-    """Drop feature blocks wider than twice the row (they would only be masked lanes)."""
+    """Drop feature blocks wider than the row rounded up to a power of two (only masked lanes)."""
     d = named_args["D"]
     keep = [c for c in configs if c.kwargs["BLOCK_D"] <= max(32, next_pow2(d))]
     return keep or configs[:1]
