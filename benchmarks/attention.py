@@ -23,6 +23,7 @@ from .harness import (
     Recorder,
     attention_flops,
     chosen_config,
+    coarse_first,
     measurement_rows,
     peak_memory_mib,
     reset_configs,
@@ -140,7 +141,7 @@ def specs(ctx: Context) -> list[Spec]:
             if i == 0 and d == dims[0]:  # GQA 4:1 (as in Llama-style models), causal
                 h = max(4, width // d)
                 out += [Spec(dt, max(1, tokens // n), h, h // 4, n, d, True) for n in ns]
-    return out
+    return coarse_first(out, lambda s: s.n, group=lambda s: dtypes.index(s.dtype))
 
 
 def _inputs(ctx: Context, s: Spec) -> list[tuple[torch.Tensor, ...]]:

@@ -20,6 +20,7 @@ from .harness import (
     Context,
     Recorder,
     chosen_config,
+    coarse_first,
     embedding_bytes,
     measurement_rows,
     peak_memory_mib,
@@ -115,7 +116,10 @@ def specs(ctx: Context) -> list[Spec]:
         tokens = [2048, 8192] if ctx.profile == "quick" else [2048, 8192, 32768]
         seq = 1024
     dtypes = ctx.pick_dtypes(["bf16"] if ctx.is_cuda else ["fp32"])
-    return [Spec(dt, v, d, t, min(seq, t)) for dt in dtypes for v in vocabs for d in dims for t in tokens]
+    # (vocab, dim) pairs in order of interest, so a time budget drops the least telling last
+    pairs = [(v, d) for d in dims for v in vocabs]
+    out = [Spec(dt, v, d, t, min(seq, t)) for dt in dtypes for v, d in pairs for t in tokens]
+    return coarse_first(out, lambda s: s.tokens, group=lambda s: dtypes.index(s.dtype))
 
 
 def _inputs(ctx: Context, s: Spec):

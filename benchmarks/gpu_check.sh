@@ -5,6 +5,7 @@
 #
 # OUT_DIR defaults to $OUT (the device tool's return folder) or ./gpu_out; BUDGET_SECONDS (default
 # 240) bounds the sweeps: points left when it runs out are skipped and listed in summary.md. Env:
+# EMBEDATTN_BENCH_DATA (folder with head500.noblanks.cor[.bz2] and wordsim353.tsv when gensim is absent),
 # GPU_CHECK_SUITES (default all), GPU_CHECK_PYTHON (default python3), GPU_CHECK_DEVICE (default cuda;
 # cpu only to dry-run this script), GPU_CHECK_SKIP_INSTALL=1 (embedattn already installed). Results land in
 # OUT_DIR/reports/<device-tag>/ (results.csv, env.json, plots/, summary.md): copy that folder to the

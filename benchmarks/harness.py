@@ -475,6 +475,16 @@ def write_json(path: str, payload: dict[str, Any]) -> None:
         f.write("\n")
 
 
+def coarse_first(items: list, size: Callable[[Any], float], group: Callable[[Any], Any] = lambda _: 0) -> list:
+    """Reorder a sweep so every variant first runs at every other size (largest included), then the
+    sizes in between: a time budget that cuts from the end still leaves each curve its full range.
+    ``group`` keeps coarser priorities (e.g. the dtype) ahead of that."""
+    xs = sorted({size(it) for it in items})
+    coarse = set(xs[::-2])
+    order = {id(it): i for i, it in enumerate(items)}
+    return sorted(items, key=lambda it: (group(it), size(it) not in coarse, order[id(it)]))
+
+
 # ----------------------------------------------------------------------------- providers
 
 

@@ -245,12 +245,26 @@ def run_spec(ctx: Context, rec: Recorder, s: Spec, step: Callable | None) -> lis
 
 
 def gensim_data(name: str) -> str | None:
+    """A file of gensim's test data (``name`` or ``name.bz2``): first in ``$EMBEDATTN_BENCH_DATA`` (for
+    machines without gensim), then in the installed gensim wheel. None when neither has it."""
+    dirs = [os.environ["EMBEDATTN_BENCH_DATA"]] if os.environ.get("EMBEDATTN_BENCH_DATA") else []
     try:
         from gensim.test.utils import datapath
+
+        dirs.append(os.path.dirname(datapath(name)))
     except Exception:
-        return None
-    path = datapath(name)
-    return path if os.path.exists(path) else None
+        pass
+    for d in dirs:
+        for candidate in (name, name + ".bz2"):
+            if os.path.exists(os.path.join(d, candidate)):
+                return os.path.join(d, candidate)
+    return None
+
+
+def _open_text(path: str):
+    import bz2
+
+    return bz2.open(path, "rt", encoding="utf8") if path.endswith(".bz2") else open(path, encoding="utf8")
 
 
 def ws353_spearman(lookup: Callable[[str], object], path: str) -> tuple[float, int]:
@@ -259,7 +273,7 @@ def ws353_spearman(lookup: Callable[[str], object], path: str) -> tuple[float, i
     import numpy as np
 
     gold, ours = [], []
-    with open(path, encoding="utf8") as f:
+    with _open_text(path) as f:
         for line in f:
             if not line.strip() or line.startswith("#"):
                 continue
@@ -326,9 +340,10 @@ def _train_gensim(ctx: Context, corpus: str, cfg: W2VSettings):
 def run_word2vec(ctx: Context, rec: Recorder, cfg: W2VSettings) -> list[dict]:
     corpus, ws = gensim_data("head500.noblanks.cor"), gensim_data("wordsim353.tsv")
     if corpus is None or ws is None:
-        ctx.note("  word2vec: gensim's test data (head500.noblanks.cor, wordsim353.tsv) not found: skipped")
+        ctx.note("  word2vec: gensim's test data (head500.noblanks.cor, wordsim353.tsv) not found: skipped "
+                 "(install gensim, or point EMBEDATTN_BENCH_DATA at a folder holding them)")  # fmt: skip
         return []
-    with open(corpus, encoding="utf8") as f:
+    with _open_text(corpus) as f:
         words = sum(len(line.split()) for line in f)
     trainers: dict[str, Callable] = {"embedattn": lambda: _train_embedattn(ctx, corpus, cfg, None)}
     if ctx.is_cuda:  # the same trainer on the reference (plain PyTorch) path, same device

@@ -75,6 +75,13 @@ def test_host_timer_quantiles_and_rotation():
     assert seen[:4] == [1, 2, 3, 1]
 
 
+def test_coarse_first_keeps_full_range_early():
+    items = [(g, n) for g in ("bf16", "fp16") for n in (1, 2, 4, 8, 16, 32)]
+    got = harness.coarse_first(items, lambda it: it[1], group=lambda it: it[0])
+    assert got[:3] == [("bf16", 2), ("bf16", 8), ("bf16", 32)]
+    assert got[3:6] == [("bf16", 1), ("bf16", 4), ("bf16", 16)] and got[6][0] == "fp16"
+
+
 def test_csv_schema(tmp_path):
     path = tmp_path / "r" / "results.csv"
     rec = Recorder(Context(device=CPU), str(path))
