@@ -15,7 +15,14 @@ Every op takes ``backend=None | "auto" | "triton" | "reference"`` (see ``embedat
 
 from . import reference
 from ._backend import interpreting, resolve, triton_available
-from .attention import AttentionFunction, attention, scaled_dot_product_attention
+from .attention import (
+    AttentionFunction,
+    attention,
+    attention_varlen,
+    attention_with_kvcache,
+    scaled_dot_product_attention,
+)
+from .attention import dropout_mask as attention_dropout_mask
 from .embedding import FusedEmbedding, embedding
 from .negative_sampling import NegativeSamplingLoss, UnigramSampler, negative_sampling_loss
 
@@ -27,6 +34,9 @@ __all__ = [
     "NegativeSamplingLoss",
     "UnigramSampler",
     "attention",
+    "attention_dropout_mask",
+    "attention_varlen",
+    "attention_with_kvcache",
     "embedding",
     "interpreting",
     "negative_sampling_loss",

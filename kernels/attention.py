@@ -15,6 +15,7 @@ Causal masking takes an offset: query i sees key j iff ``j <= i + causal_offset`
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -30,6 +31,59 @@ MASK_NONE, MASK_BOOL, MASK_ADD = 0, 1, 2
 
 
 # --------------------------------------------------------------------------------------------------
+# score: everything that turns q·k into a base-2 logit, shared by the forward and both backward kernels
+# --------------------------------------------------------------------------------------------------
+@triton.jit
+def _tanh(x):
+    # tanh from exp2 (the interpreter and every triton version have it): 1 - 2 / (e^{2x} + 1)
+    e = tl.math.exp2(x * 2.8853900817779268)
+    return 1.0 - 2.0 / (e + 1.0)
+
+
+@triton.jit
+def _score(
+    qk, qi, kj, mask_base, stride_mm, stride_mn, slope2,
+    Nq, Nk, qk_scale, causal_off, win_left, win_right, sc_scale, sc_log2e,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, MASK_KIND: tl.constexpr,
+    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+):
+    """qk: raw q·k tile; qi/kj: query/key indices broadcastable to it. Returns (s2, t): the base-2
+    logit and, with SOFTCAP, tanh(q·k·scale/softcap) that the backward needs for the chain rule."""
+    if SOFTCAP:
+        t = _tanh(qk * sc_scale)
+        s = t * sc_log2e
+    else:
+        t = qk
+        s = qk * qk_scale
+    if ALIBI:
+        d = qi + causal_off - kj
+        s = s - slope2 * tl.where(d < 0, -d, d).to(tl.float32)
+    if MASK_KIND != 0:
+        mk_ok = (qi < Nq) & (kj < Nk)
+        if MASK_KIND == 1:
+            mk = tl.load(mask_base + qi * stride_mm + kj * stride_mn, mask=mk_ok, other=0)
+            s = tl.where(mk != 0, s, float("-inf"))
+        else:
+            mk = tl.load(mask_base + qi * stride_mm + kj * stride_mn, mask=mk_ok, other=0.0).to(tl.float32)
+            s = s + mk * 1.4426950408889634
+    if MASKED:
+        valid = (qi < Nq) & (kj < Nk)
+        if CAUSAL:
+            valid = valid & (kj <= qi + causal_off)
+        if WINDOW:
+            valid = valid & (kj >= qi + causal_off - win_left) & (kj <= qi + causal_off + win_right)
+        s = tl.where(valid, s, float("-inf"))
+    return s, t
+
+
+@triton.jit
+def _keep(seed, drop_base, qi, kj, drop_p, DROP_MK):
+    # one Philox draw per (batch, head, query, key): the backward regenerates exactly the same mask
+    off = (drop_base + qi) * DROP_MK + kj
+    return tl.rand(seed, off) >= drop_p
+
+
+# --------------------------------------------------------------------------------------------------
 # forward
 # --------------------------------------------------------------------------------------------------
 @triton.jit
@@ -37,9 +91,11 @@ def _fwd_tile(
     acc, l_i, m_i, q, k_base, v_base, mask_base, start_n,
     offs_m, offs_n0, offs_d,
     stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
-    Nq, Nk, qk_scale, causal_off,
+    Nq, Nk, qk_scale, causal_off, win_left, win_right, sc_scale, sc_log2e, slope2,
+    seed, drop_base, drop_p, drop_scale, DROP_MK,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    MASKED: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, PREC: tl.constexpr,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, MASK_KIND: tl.constexpr,
+    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr,
 ):
     offs_n = start_n + offs_n0
     k_ptrs = k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
@@ -61,21 +117,10 @@ def _fwd_tile(
             d_ok = offs_d < HEAD_DIM
             k = tl.load(k_ptrs, mask=d_ok[:, None], other=0.0)
             v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
-    qk = tl.dot(q, k, input_precision=PREC) * qk_scale
-    if MASK_KIND != 0:
-        mk_ptrs = mask_base + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn
-        mk_ok = (offs_m[:, None] < Nq) & (offs_n[None, :] < Nk)
-        if MASK_KIND == 1:
-            mk = tl.load(mk_ptrs, mask=mk_ok, other=0)
-            qk = tl.where(mk != 0, qk, float("-inf"))
-        else:
-            mk = tl.load(mk_ptrs, mask=mk_ok, other=0.0).to(tl.float32)
-            qk = qk + mk * 1.4426950408889634
-    if MASKED:
-        valid = offs_n[None, :] < Nk
-        if CAUSAL:
-            valid = valid & (offs_n[None, :] <= offs_m[:, None] + causal_off)
-        qk = tl.where(valid, qk, float("-inf"))
+    qk = tl.dot(q, k, input_precision=PREC)
+    qk, _t = _score(qk, offs_m[:, None], offs_n[None, :], mask_base, stride_mm, stride_mn, slope2,
+                    Nq, Nk, qk_scale, causal_off, win_left, win_right, sc_scale, sc_log2e,
+                    MASKED, CAUSAL, WINDOW, MASK_KIND, SOFTCAP, ALIBI)
     m_new = tl.maximum(m_i, tl.max(qk, 1))
     # a row that has seen no visible key yet keeps m = -inf; shift by 0 so exp2 gives 0, not NaN
     m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -83,32 +128,63 @@ def _fwd_tile(
     alpha = tl.math.exp2(m_i - m_shift)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
+    if DROPOUT:
+        keep = _keep(seed, drop_base, offs_m[:, None], offs_n[None, :], drop_p, DROP_MK)
+        p = tl.where(keep, p * drop_scale, 0.0)
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
     return acc, l_i, m_new
 
 
 @triton.jit
 def _attn_fwd(
-    Q, K, V, O, LSE, M,
+    Q, K, V, O, LSE, M, SLOPES, CU_Q, CU_K, K_LENS,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
     stride_mb, stride_mh, stride_mm, stride_mn,
-    H, GROUP, Nq, Nk, qk_scale, causal_off, NQ_BUCKET, NK_BUCKET,
+    stride_lb, stride_lh, stride_sb, stride_sh, stride_os, stride_ls,
+    H, GROUP, Nq, Nk, qk_scale, causal_off, win_left, win_right, sc_scale, sc_log2e,
+    seed, drop_p, drop_scale, DROP_MQ, DROP_MK, NUM_SPLITS, NQ_BUCKET, NK_BUCKET,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, PREC: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, MASK_KIND: tl.constexpr, SOFTCAP: tl.constexpr,
+    ALIBI: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr, KLENS: tl.constexpr,
+    SPLIT: tl.constexpr, PREC: tl.constexpr,
 ):
-    start_m = tl.program_id(0) * BLOCK_M
+    if SPLIT:
+        pid0 = tl.program_id(0)
+        split = pid0 % NUM_SPLITS
+        start_m = (pid0 // NUM_SPLITS) * BLOCK_M
+    else:
+        split = 0
+        start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     hk = h // GROUP
-    q_base = Q + b * stride_qb + h * stride_qh
-    k_base = K + b * stride_kb + hk * stride_kh
-    v_base = V + b * stride_vb + hk * stride_vh
-    o_base = O + b * stride_ob + h * stride_oh
+    q_start = 0
+    k_start = 0
+    if VARLEN:
+        q_start = tl.load(CU_Q + b).to(tl.int64)
+        k_start = tl.load(CU_K + b).to(tl.int64)
+        Nq = (tl.load(CU_Q + b + 1) - q_start).to(tl.int32)
+        Nk = (tl.load(CU_K + b + 1) - k_start).to(tl.int32)
+        causal_off = Nk - Nq
+    if KLENS:
+        Nk = tl.load(K_LENS + b).to(tl.int32)
+        causal_off = Nk - Nq
+    if start_m >= Nq:
+        return
+    q_base = Q + b * stride_qb + h * stride_qh + q_start * stride_qm
+    k_base = K + b * stride_kb + hk * stride_kh + k_start * stride_kn
+    v_base = V + b * stride_vb + hk * stride_vh + k_start * stride_vn
+    o_base = O + b * stride_ob + h * stride_oh + q_start * stride_om + split * stride_os
     mask_base = M + b * stride_mb + h * stride_mh
+    lse_base = LSE + b * stride_lb + h * stride_lh + q_start + split * stride_ls
+    slope2 = 0.0
+    if ALIBI:
+        slope2 = tl.load(SLOPES + b * stride_sb + h * stride_sh).to(tl.float32) * 1.4426950408889634
+    drop_base = (b * H + h) * DROP_MQ
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
@@ -122,29 +198,46 @@ def _attn_fwd(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    n_full = (Nk // BLOCK_N) * BLOCK_N
+    # key range this query block can see; tiles outside it are skipped, not masked
+    lo = 0
+    hi = Nk
     if CAUSAL:
         hi = tl.minimum(Nk, tl.maximum(start_m + BLOCK_M + causal_off, 0))
-        # key blocks entirely at or left of the diagonal for every row of this block need no mask
-        full = (tl.maximum(start_m + causal_off + 1, 0) // BLOCK_N) * BLOCK_N
-        full = tl.minimum(full, n_full)
+    if WINDOW:
+        lo = (tl.maximum(start_m + causal_off - win_left, 0) // BLOCK_N) * BLOCK_N
+        hi = tl.minimum(Nk, tl.maximum(start_m + BLOCK_M + causal_off + win_right, 0))
+    if SPLIT:
+        chunk = tl.cdiv(tl.cdiv(tl.maximum(hi - lo, 0), NUM_SPLITS), BLOCK_N) * BLOCK_N
+        lo = lo + split * chunk
+        hi = tl.minimum(hi, lo + chunk)
+    if SPLIT or WINDOW:
+        for start_n in range(lo, hi, BLOCK_N):
+            acc, l_i, m_i = _fwd_tile(
+                acc, l_i, m_i, q, k_base, v_base, mask_base, start_n, offs_m, offs_n0, offs_d,
+                stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+                Nq, Nk, qk_scale, causal_off, win_left, win_right, sc_scale, sc_log2e, slope2,
+                seed, drop_base, drop_p, drop_scale, DROP_MK,
+                HEAD_DIM, BLOCK_D, True, CAUSAL, WINDOW, MASK_KIND, SOFTCAP, ALIBI, DROPOUT, PREC)
     else:
-        hi = Nk
-        full = n_full
-    for start_n in range(0, full, BLOCK_N):
-        start_n = tl.multiple_of(start_n, BLOCK_N)
-        acc, l_i, m_i = _fwd_tile(
-            acc, l_i, m_i, q, k_base, v_base, mask_base, start_n, offs_m, offs_n0, offs_d,
-            stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
-            Nq, Nk, qk_scale, causal_off,
-            HEAD_DIM, BLOCK_D, False, CAUSAL, MASK_KIND, PREC)
-    for start_n in range(full, hi, BLOCK_N):
-        start_n = tl.multiple_of(start_n, BLOCK_N)
-        acc, l_i, m_i = _fwd_tile(
-            acc, l_i, m_i, q, k_base, v_base, mask_base, start_n, offs_m, offs_n0, offs_d,
-            stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
-            Nq, Nk, qk_scale, causal_off,
-            HEAD_DIM, BLOCK_D, True, CAUSAL, MASK_KIND, PREC)
+        # key blocks entirely at or left of the diagonal for every row of this block need no mask
+        full = (Nk // BLOCK_N) * BLOCK_N
+        if CAUSAL:
+            full = tl.minimum(full, (tl.maximum(start_m + causal_off + 1, 0) // BLOCK_N) * BLOCK_N)
+        for start_n in range(0, full, BLOCK_N):
+            start_n = tl.multiple_of(start_n, BLOCK_N)
+            acc, l_i, m_i = _fwd_tile(
+                acc, l_i, m_i, q, k_base, v_base, mask_base, start_n, offs_m, offs_n0, offs_d,
+                stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+                Nq, Nk, qk_scale, causal_off, win_left, win_right, sc_scale, sc_log2e, slope2,
+                seed, drop_base, drop_p, drop_scale, DROP_MK,
+                HEAD_DIM, BLOCK_D, False, CAUSAL, WINDOW, MASK_KIND, SOFTCAP, ALIBI, DROPOUT, PREC)
+        for start_n in range(full, hi, BLOCK_N):
+            acc, l_i, m_i = _fwd_tile(
+                acc, l_i, m_i, q, k_base, v_base, mask_base, start_n, offs_m, offs_n0, offs_d,
+                stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+                Nq, Nk, qk_scale, causal_off, win_left, win_right, sc_scale, sc_log2e, slope2,
+                seed, drop_base, drop_p, drop_scale, DROP_MK,
+                HEAD_DIM, BLOCK_D, True, CAUSAL, WINDOW, MASK_KIND, SOFTCAP, ALIBI, DROPOUT, PREC)
 
     empty_row = l_i == 0.0
     l_safe = tl.where(empty_row, 1.0, l_i)
@@ -152,7 +245,7 @@ def _attn_fwd(
     lse2 = tl.where(empty_row, float("-inf"), m_i + tl.math.log2(l_safe))
     tl.store(o_base + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
              out.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
-    tl.store(LSE + bh.to(tl.int64) * Nq + offs_m, lse2, mask=m_ok)
+    tl.store(lse_base + offs_m, lse2, mask=m_ok)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -185,9 +278,11 @@ def _dkdv_tile(
     dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, start_m,
     offs_n, offs_m0, offs_d,
     stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn,
-    Nq, Nk, qk_scale, causal_off,
+    Nq, Nk, qk_scale, causal_off, win_left, win_right, sc_scale, sc_log2e, slope2,
+    seed, drop_base, drop_p, drop_scale, DROP_MK,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    MASKED: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, PREC: tl.constexpr,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, MASK_KIND: tl.constexpr,
+    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr,
 ):
     offs_m = start_m + offs_m0
     q_ptrs = q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
@@ -211,96 +306,118 @@ def _dkdv_tile(
         delta = tl.load(delta_base + offs_m)
     # rows with no visible key have lse = -inf and P = 0: shift by +inf so exp2 gives 0, not NaN
     lse = tl.where(lse == float("-inf"), float("inf"), lse)
-    qkT = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale
-    if MASK_KIND != 0:
-        mk_ptrs = mask_base + offs_m[None, :] * stride_mm + offs_n[:, None] * stride_mn
-        mk_ok = (offs_m[None, :] < Nq) & (offs_n[:, None] < Nk)
-        if MASK_KIND == 1:
-            mk = tl.load(mk_ptrs, mask=mk_ok, other=0)
-            qkT = tl.where(mk != 0, qkT, float("-inf"))
-        else:
-            mk = tl.load(mk_ptrs, mask=mk_ok, other=0.0).to(tl.float32)
-            qkT = qkT + mk * 1.4426950408889634
-    if MASKED:
-        valid = offs_m[None, :] < Nq
-        if CAUSAL:
-            valid = valid & (offs_n[:, None] <= offs_m[None, :] + causal_off)
-        qkT = tl.where(valid, qkT, float("-inf"))
-    pT = tl.math.exp2(qkT - lse[None, :])
-    dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PREC)
+    qkT = tl.dot(k, tl.trans(q), input_precision=PREC)
+    sT, tT = _score(qkT, offs_m[None, :], offs_n[:, None], mask_base, stride_mm, stride_mn, slope2,
+                    Nq, Nk, qk_scale, causal_off, win_left, win_right, sc_scale, sc_log2e,
+                    MASKED, CAUSAL, WINDOW, MASK_KIND, SOFTCAP, ALIBI)
+    pT = tl.math.exp2(sT - lse[None, :])
     dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
+    if DROPOUT:
+        keep = _keep(seed, drop_base, offs_m[None, :], offs_n[:, None], drop_p, DROP_MK)
+        dv = tl.dot(tl.where(keep, pT * drop_scale, 0.0).to(do.dtype), do, dv, input_precision=PREC)
+        dpT = tl.where(keep, dpT * drop_scale, 0.0)
+    else:
+        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PREC)
     dsT = pT * (dpT - delta[None, :])
+    if SOFTCAP:
+        dsT = dsT * (1.0 - tT * tT)
     dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=PREC)
     return dk, dv
 
 
 @triton.jit
 def _attn_bwd_dkdv(
-    Q, K, V, DO, DK, DV, LSE, DELTA, M,
+    Q, K, V, DO, DK, DV, LSE, DELTA, M, SLOPES, CU_Q, CU_K,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_mb, stride_mh, stride_mm, stride_mn,
-    H, HKV, GROUP, Nq, Nk, qk_scale, sm_scale, causal_off, NQ_BUCKET, NK_BUCKET,
+    stride_lb, stride_lh, stride_sb, stride_sh,
+    H, HKV, GROUP, Nq, Nk, qk_scale, sm_scale, causal_off, win_left, win_right, sc_scale, sc_log2e,
+    seed, drop_p, drop_scale, DROP_MQ, DROP_MK, NQ_BUCKET, NK_BUCKET,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, PREC: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, MASK_KIND: tl.constexpr, SOFTCAP: tl.constexpr,
+    ALIBI: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr,
 ):
     start_n = tl.program_id(0) * BLOCK_N
     bhk = tl.program_id(1)
     b = (bhk // HKV).to(tl.int64)
     hk = (bhk % HKV).to(tl.int64)
+    q_start = 0
+    k_start = 0
+    if VARLEN:
+        q_start = tl.load(CU_Q + b).to(tl.int64)
+        k_start = tl.load(CU_K + b).to(tl.int64)
+        Nq = (tl.load(CU_Q + b + 1) - q_start).to(tl.int32)
+        Nk = (tl.load(CU_K + b + 1) - k_start).to(tl.int32)
+        causal_off = Nk - Nq
+    if start_n >= Nk:
+        return
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     ld_ok = (offs_n[:, None] < Nk) & (offs_d[None, :] < HEAD_DIM)
-    k = tl.load(K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                mask=ld_ok, other=0.0)
-    v = tl.load(V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                mask=ld_ok, other=0.0)
+    kv_off = offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
+    k = tl.load(K + b * stride_kb + hk * stride_kh + k_start * stride_kn + kv_off, mask=ld_ok, other=0.0)
+    v = tl.load(V + b * stride_vb + hk * stride_vh + k_start * stride_vn + offs_n[:, None] * stride_vn
+                + offs_d[None, :] * stride_vd, mask=ld_ok, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
     m_end = tl.cdiv(Nq, BLOCK_M) * BLOCK_M
     m_full = (Nq // BLOCK_M) * BLOCK_M
+    lo = 0
+    a_end = 0
     if CAUSAL:
         # first query that sees any key of this block, and first query block that sees all of them
         lo = (tl.maximum(start_n - causal_off, 0) // BLOCK_M) * BLOCK_M
         diag = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - causal_off, 0), BLOCK_M) * BLOCK_M
         a_end = tl.minimum(tl.maximum(diag, lo), m_end)
-    else:
-        lo = 0
-        a_end = 0
+    if WINDOW:
+        # queries i with j - off - right <= i <= j - off + left for some key j of this block
+        lo = (tl.maximum(start_n - causal_off - win_right, 0) // BLOCK_M) * BLOCK_M
+        a_end = tl.minimum(tl.maximum(start_n + BLOCK_N - causal_off + win_left, 0), Nq)
     c_start = tl.maximum(a_end, m_full)
 
     for g in range(0, GROUP):
         h = hk * GROUP + g
-        bh = b * H + h
-        q_base = Q + b * stride_qb + h * stride_qh
-        do_base = DO + b * stride_dob + h * stride_doh
-        lse_base = LSE + bh * Nq
-        delta_base = DELTA + bh * Nq
+        q_base = Q + b * stride_qb + h * stride_qh + q_start * stride_qm
+        do_base = DO + b * stride_dob + h * stride_doh + q_start * stride_dom
+        lse_base = LSE + b * stride_lb + h * stride_lh + q_start
+        delta_base = DELTA + b * stride_lb + h * stride_lh + q_start
         mask_base = M + b * stride_mb + h * stride_mh
-        for start_m in range(lo, a_end, BLOCK_M):  # causal diagonal: masked
+        slope2 = 0.0
+        if ALIBI:
+            slope2 = tl.load(SLOPES + b * stride_sb + h * stride_sh).to(tl.float32) * 1.4426950408889634
+        drop_base = (b * H + h) * DROP_MQ
+        for start_m in range(lo, a_end, BLOCK_M):  # causal diagonal or window band: masked
             dk, dv = _dkdv_tile(
                 dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, start_m,
                 offs_n, offs_m0, offs_d, stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn,
-                Nq, Nk, qk_scale, causal_off, HEAD_DIM, BLOCK_D, True, CAUSAL, MASK_KIND, PREC)
-        for start_m in range(a_end, m_full, BLOCK_M):  # interior: unmasked
-            start_m = tl.multiple_of(start_m, BLOCK_M)
-            dk, dv = _dkdv_tile(
-                dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, start_m,
-                offs_n, offs_m0, offs_d, stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn,
-                Nq, Nk, qk_scale, causal_off, HEAD_DIM, BLOCK_D, False, CAUSAL, MASK_KIND, PREC)
-        for start_m in range(c_start, m_end, BLOCK_M):  # query tail: masked
-            dk, dv = _dkdv_tile(
-                dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, start_m,
-                offs_n, offs_m0, offs_d, stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn,
-                Nq, Nk, qk_scale, causal_off, HEAD_DIM, BLOCK_D, True, CAUSAL, MASK_KIND, PREC)
+                Nq, Nk, qk_scale, causal_off, win_left, win_right, sc_scale, sc_log2e, slope2,
+                seed, drop_base, drop_p, drop_scale, DROP_MK,
+                HEAD_DIM, BLOCK_D, True, CAUSAL, WINDOW, MASK_KIND, SOFTCAP, ALIBI, DROPOUT, PREC)
+        if not WINDOW:
+            for start_m in range(a_end, m_full, BLOCK_M):  # interior: unmasked
+                start_m = tl.multiple_of(start_m, BLOCK_M)
+                dk, dv = _dkdv_tile(
+                    dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, start_m,
+                    offs_n, offs_m0, offs_d, stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn,
+                    Nq, Nk, qk_scale, causal_off, win_left, win_right, sc_scale, sc_log2e, slope2,
+                    seed, drop_base, drop_p, drop_scale, DROP_MK,
+                    HEAD_DIM, BLOCK_D, False, CAUSAL, WINDOW, MASK_KIND, SOFTCAP, ALIBI, DROPOUT, PREC)
+            for start_m in range(c_start, m_end, BLOCK_M):  # query tail: masked
+                dk, dv = _dkdv_tile(
+                    dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, start_m,
+                    offs_n, offs_m0, offs_d, stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn,
+                    Nq, Nk, qk_scale, causal_off, win_left, win_right, sc_scale, sc_log2e, slope2,
+                    seed, drop_base, drop_p, drop_scale, DROP_MK,
+                    HEAD_DIM, BLOCK_D, True, CAUSAL, WINDOW, MASK_KIND, SOFTCAP, ALIBI, DROPOUT, PREC)
 
     dk = dk * sm_scale
-    out_off = b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
+    out_off = b * stride_dkb + hk * stride_dkh + (k_start + offs_n[:, None]) * stride_dkn + offs_d[None, :] * stride_dkd
     tl.store(DK + out_off, dk.to(DK.dtype.element_ty), mask=ld_ok)
     tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=ld_ok)
 
@@ -310,9 +427,11 @@ def _dq_tile(
     dq, q, do, lse, delta, k_base, v_base, mask_base, start_n,
     offs_m, offs_n0, offs_d,
     stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
-    Nq, Nk, qk_scale, causal_off,
+    Nq, Nk, qk_scale, causal_off, win_left, win_right, sc_scale, sc_log2e, slope2,
+    seed, drop_base, drop_p, drop_scale, DROP_MK,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    MASKED: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, PREC: tl.constexpr,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, MASK_KIND: tl.constexpr,
+    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr,
 ):
     offs_n = start_n + offs_n0
     k_ptrs = k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
@@ -329,83 +448,122 @@ def _dq_tile(
             d_ok = offs_d[None, :] < HEAD_DIM
             k = tl.load(k_ptrs, mask=d_ok, other=0.0)
             v = tl.load(v_ptrs, mask=d_ok, other=0.0)
-    qk = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-    if MASK_KIND != 0:
-        mk_ptrs = mask_base + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn
-        mk_ok = (offs_m[:, None] < Nq) & (offs_n[None, :] < Nk)
-        if MASK_KIND == 1:
-            mk = tl.load(mk_ptrs, mask=mk_ok, other=0)
-            qk = tl.where(mk != 0, qk, float("-inf"))
-        else:
-            mk = tl.load(mk_ptrs, mask=mk_ok, other=0.0).to(tl.float32)
-            qk = qk + mk * 1.4426950408889634
-    if MASKED:
-        valid = offs_n[None, :] < Nk
-        if CAUSAL:
-            valid = valid & (offs_n[None, :] <= offs_m[:, None] + causal_off)
-        qk = tl.where(valid, qk, float("-inf"))
-    p = tl.math.exp2(qk - lse[:, None])
+    qk = tl.dot(q, tl.trans(k), input_precision=PREC)
+    s, t = _score(qk, offs_m[:, None], offs_n[None, :], mask_base, stride_mm, stride_mn, slope2,
+                  Nq, Nk, qk_scale, causal_off, win_left, win_right, sc_scale, sc_log2e,
+                  MASKED, CAUSAL, WINDOW, MASK_KIND, SOFTCAP, ALIBI)
+    p = tl.math.exp2(s - lse[:, None])
     dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+    if DROPOUT:
+        keep = _keep(seed, drop_base, offs_m[:, None], offs_n[None, :], drop_p, DROP_MK)
+        dp = tl.where(keep, dp * drop_scale, 0.0)
     ds = p * (dp - delta[:, None])
+    if SOFTCAP:
+        ds = ds * (1.0 - t * t)
     dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PREC)
     return dq
 
 
 @triton.jit
 def _attn_bwd_dq(
-    Q, K, V, DO, DQ, LSE, DELTA, M,
+    Q, K, V, DO, DQ, LSE, DELTA, M, SLOPES, CU_Q, CU_K,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     stride_mb, stride_mh, stride_mm, stride_mn,
-    H, GROUP, Nq, Nk, qk_scale, sm_scale, causal_off, NQ_BUCKET, NK_BUCKET,
+    stride_lb, stride_lh, stride_sb, stride_sh,
+    H, GROUP, Nq, Nk, qk_scale, sm_scale, causal_off, win_left, win_right, sc_scale, sc_log2e,
+    seed, drop_p, drop_scale, DROP_MQ, DROP_MK, NQ_BUCKET, NK_BUCKET,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, PREC: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, MASK_KIND: tl.constexpr, SOFTCAP: tl.constexpr,
+    ALIBI: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr,
 ):
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     hk = h // GROUP
-    k_base = K + b * stride_kb + hk * stride_kh
-    v_base = V + b * stride_vb + hk * stride_vh
+    q_start = 0
+    k_start = 0
+    if VARLEN:
+        q_start = tl.load(CU_Q + b).to(tl.int64)
+        k_start = tl.load(CU_K + b).to(tl.int64)
+        Nq = (tl.load(CU_Q + b + 1) - q_start).to(tl.int32)
+        Nk = (tl.load(CU_K + b + 1) - k_start).to(tl.int32)
+        causal_off = Nk - Nq
+    if start_m >= Nq:
+        return
+    k_base = K + b * stride_kb + hk * stride_kh + k_start * stride_kn
+    v_base = V + b * stride_vb + hk * stride_vh + k_start * stride_vn
     mask_base = M + b * stride_mb + h * stride_mh
+    slope2 = 0.0
+    if ALIBI:
+        slope2 = tl.load(SLOPES + b * stride_sb + h * stride_sh).to(tl.float32) * 1.4426950408889634
+    drop_base = (b * H + h) * DROP_MQ
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < Nq
     ld_ok = m_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                mask=ld_ok, other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom
+    q = tl.load(Q + b * stride_qb + h * stride_qh + (q_start + offs_m[:, None]) * stride_qm
+                + offs_d[None, :] * stride_qd, mask=ld_ok, other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + (q_start + offs_m[:, None]) * stride_dom
                  + offs_d[None, :] * stride_dod, mask=ld_ok, other=0.0)
-    lse = tl.load(LSE + bh.to(tl.int64) * Nq + offs_m, mask=m_ok, other=float("inf"))
+    lse_base = LSE + b * stride_lb + h * stride_lh + q_start
+    lse = tl.load(lse_base + offs_m, mask=m_ok, other=float("inf"))
     lse = tl.where(lse == float("-inf"), float("inf"), lse)
-    delta = tl.load(DELTA + bh.to(tl.int64) * Nq + offs_m, mask=m_ok, other=0.0)
+    delta = tl.load(DELTA + b * stride_lb + h * stride_lh + q_start + offs_m, mask=m_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    n_full = (Nk // BLOCK_N) * BLOCK_N
+    lo = 0
+    hi = Nk
     if CAUSAL:
         hi = tl.minimum(Nk, tl.maximum(start_m + BLOCK_M + causal_off, 0))
-        full = (tl.maximum(start_m + causal_off + 1, 0) // BLOCK_N) * BLOCK_N
-        full = tl.minimum(full, n_full)
+    if WINDOW:
+        lo = (tl.maximum(start_m + causal_off - win_left, 0) // BLOCK_N) * BLOCK_N
+        hi = tl.minimum(Nk, tl.maximum(start_m + BLOCK_M + causal_off + win_right, 0))
+        for start_n in range(lo, hi, BLOCK_N):
+            dq = _dq_tile(dq, q, do, lse, delta, k_base, v_base, mask_base, start_n, offs_m, offs_n0, offs_d,
+                          stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+                          Nq, Nk, qk_scale, causal_off, win_left, win_right, sc_scale, sc_log2e, slope2,
+                          seed, drop_base, drop_p, drop_scale, DROP_MK,
+                          HEAD_DIM, BLOCK_D, True, CAUSAL, WINDOW, MASK_KIND, SOFTCAP, ALIBI, DROPOUT, PREC)
     else:
-        hi = Nk
-        full = n_full
-    for start_n in range(0, full, BLOCK_N):
-        start_n = tl.multiple_of(start_n, BLOCK_N)
-        dq = _dq_tile(dq, q, do, lse, delta, k_base, v_base, mask_base, start_n, offs_m, offs_n0, offs_d,
-                      stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
-                      Nq, Nk, qk_scale, causal_off, HEAD_DIM, BLOCK_D, False, CAUSAL, MASK_KIND, PREC)
-    for start_n in range(full, hi, BLOCK_N):
-        dq = _dq_tile(dq, q, do, lse, delta, k_base, v_base, mask_base, start_n, offs_m, offs_n0, offs_d,
-                      stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
-                      Nq, Nk, qk_scale, causal_off, HEAD_DIM, BLOCK_D, True, CAUSAL, MASK_KIND, PREC)
+        full = (Nk // BLOCK_N) * BLOCK_N
+        if CAUSAL:
+            full = tl.minimum(full, (tl.maximum(start_m + causal_off + 1, 0) // BLOCK_N) * BLOCK_N)
+        for start_n in range(0, full, BLOCK_N):
+            start_n = tl.multiple_of(start_n, BLOCK_N)
+            dq = _dq_tile(dq, q, do, lse, delta, k_base, v_base, mask_base, start_n, offs_m, offs_n0, offs_d,
+                          stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+                          Nq, Nk, qk_scale, causal_off, win_left, win_right, sc_scale, sc_log2e, slope2,
+                          seed, drop_base, drop_p, drop_scale, DROP_MK,
+                          HEAD_DIM, BLOCK_D, False, CAUSAL, WINDOW, MASK_KIND, SOFTCAP, ALIBI, DROPOUT, PREC)
+        for start_n in range(full, hi, BLOCK_N):
+            dq = _dq_tile(dq, q, do, lse, delta, k_base, v_base, mask_base, start_n, offs_m, offs_n0, offs_d,
+                          stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+                          Nq, Nk, qk_scale, causal_off, win_left, win_right, sc_scale, sc_log2e, slope2,
+                          seed, drop_base, drop_p, drop_scale, DROP_MK,
+                          HEAD_DIM, BLOCK_D, True, CAUSAL, WINDOW, MASK_KIND, SOFTCAP, ALIBI, DROPOUT, PREC)
     dq = dq * sm_scale
-    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
-             dq.to(DQ.dtype.element_ty), mask=ld_ok)
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + (q_start + offs_m[:, None]) * stride_dqm
+             + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=ld_ok)
+
+
+@triton.jit
+def _dropout_keep_kernel(OUT, seed, drop_p, H, Nq, Nk, DROP_MQ, DROP_MK, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr):
+    """Debug path: the keep mask (B, H, Nq, Nk) that the attention kernels draw for a seed."""
+    bh = tl.program_id(2).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    keep = _keep(seed, (b * H + h) * DROP_MQ, offs_m[:, None], offs_n[None, :], drop_p, DROP_MK)
+    ok = (offs_m[:, None] < Nq) & (offs_n[None, :] < Nk)
+    tl.store(OUT + bh * Nq * Nk + offs_m[:, None] * Nk + offs_n[None, :], keep.to(tl.int8), mask=ok)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -421,62 +579,49 @@ def _bucket(n: int) -> int:
 
 
 def _fwd_configs():
-    out = []
-    for bm in (64, 128):
-        for bn in (32, 64, 128):
-            for w in (4, 8):
-                for s in (2, 3, 4):
-                    out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s))
-    return out
+    shapes = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3),
+              (128, 64, 4, 4), (128, 128, 4, 3), (64, 128, 4, 3), (128, 64, 8, 4), (64, 32, 4, 2)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
 
 def _bwd_configs():
-    out = []
-    for bm, bn in ((32, 64), (64, 64), (64, 128), (128, 64), (32, 128)):
-        for w in (4, 8):
-            for s in (2, 3):
-                out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s))
-    return out
+    shapes = [(32, 64, 4, 2), (64, 64, 4, 2), (64, 64, 8, 2), (32, 128, 4, 2), (64, 128, 8, 2),
+              (128, 64, 8, 2), (32, 64, 4, 3), (64, 64, 4, 3), (32, 32, 4, 1), (16, 32, 4, 1)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
 
 def _smem_ok(conf, block_d: int, elt: int, n_tiles: int) -> bool:
     bm, bn = conf.kwargs["BLOCK_M"], conf.kwargs["BLOCK_N"]
-    # tiles that live in shared memory across the pipeline: a rough bound that keeps H100's 227 KB
-    need = (bm * block_d + n_tiles * bn * block_d * conf.num_stages) * elt
+    # tiles that live in shared memory across the pipeline: a rough bound under H100's 227 KB
+    need = (bm * block_d + n_tiles * bn * block_d * max(conf.num_stages, 1)) * elt
     return need <= 200 * 1024
 
 
 def _prune_fwd(configs, named_args, **kwargs):
-    block_d = named_args["BLOCK_D"] if "BLOCK_D" in named_args else kwargs.get("BLOCK_D", 128)
+    block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 128))
     elt = named_args["Q"].element_size()
-    nq = named_args["Nq"]
     keep = [c for c in configs if _smem_ok(c, block_d, elt, 2)
-            and not (block_d >= 256 and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > 64 * 64)
-            and not (nq <= 64 and c.kwargs["BLOCK_M"] > 64)]
-    return keep or configs[:1]
+            and not (block_d >= 256 and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > 64 * 64)]
+    return keep or configs[-1:]
 
 
 def _prune_bwd(configs, named_args, **kwargs):
-    block_d = named_args["BLOCK_D"] if "BLOCK_D" in named_args else kwargs.get("BLOCK_D", 128)
+    block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 128))
     elt = named_args["Q"].element_size()
     keep = [c for c in configs if _smem_ok(c, block_d, elt, 4)
-            and not (block_d >= 256 and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > 32 * 64)
+            and not (block_d >= 256 and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > 32 * 32)
             and not (block_d >= 128 and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > 64 * 128)]
-    return keep or configs[:1]
+    return keep or configs[-1:]
 
 
-_attn_fwd_tuned = triton.autotune(
-    configs=_fwd_configs(), key=["NQ_BUCKET", "NK_BUCKET", "HEAD_DIM", "CAUSAL", "MASK_KIND", "PREC"],
-    prune_configs_by={"early_config_prune": _prune_fwd},
-)(_attn_fwd)
-_attn_bwd_dkdv_tuned = triton.autotune(
-    configs=_bwd_configs(), key=["NQ_BUCKET", "NK_BUCKET", "HEAD_DIM", "CAUSAL", "MASK_KIND", "PREC"],
-    prune_configs_by={"early_config_prune": _prune_bwd},
-)(_attn_bwd_dkdv)
-_attn_bwd_dq_tuned = triton.autotune(
-    configs=_bwd_configs(), key=["NQ_BUCKET", "NK_BUCKET", "HEAD_DIM", "CAUSAL", "MASK_KIND", "PREC"],
-    prune_configs_by={"early_config_prune": _prune_bwd},
-)(_attn_bwd_dq)
+_KEY = ["NQ_BUCKET", "NK_BUCKET", "HEAD_DIM", "CAUSAL", "WINDOW", "MASK_KIND", "SOFTCAP", "ALIBI", "DROPOUT",
+        "VARLEN", "PREC"]
+_attn_fwd_tuned = triton.autotune(configs=_fwd_configs(), key=_KEY + ["KLENS", "SPLIT"],
+                                  prune_configs_by={"early_config_prune": _prune_fwd})(_attn_fwd)
+_attn_bwd_dkdv_tuned = triton.autotune(configs=_bwd_configs(), key=_KEY,
+                                       prune_configs_by={"early_config_prune": _prune_bwd})(_attn_bwd_dkdv)
+_attn_bwd_dq_tuned = triton.autotune(configs=_bwd_configs(), key=_KEY,
+                                     prune_configs_by={"early_config_prune": _prune_bwd})(_attn_bwd_dq)
 
 _LAST_CONFIG: dict[str, str] = {}
 
@@ -517,18 +662,6 @@ def _fmt_best(tuner) -> str:
     return _fmt({**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages})
 
 
-def _mask_args(mask: torch.Tensor | None, B: int, H: int, Nq: int, Nk: int, q: torch.Tensor):
-    if mask is None:
-        return q, (0, 0, 0, 0), MASK_NONE  # q stands in as a never-read pointer
-    mask = mask.expand(B, H, Nq, Nk)
-    if mask.dtype == torch.bool:
-        mask = mask.view(torch.uint8)
-        kind = MASK_BOOL
-    else:
-        kind = MASK_ADD
-    return mask, tuple(mask.stride()), kind
-
-
 def _head_block(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
@@ -538,67 +671,228 @@ def _prec(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+_BIG = 1 << 30  # an "infinite" window side that cannot overflow int32 index arithmetic
+
+
+class Features:
+    """Host-side values of the optional score modifiers; each maps to a constexpr flag."""
+
+    def __init__(self, *, causal=False, causal_offset=0, scale=1.0, mask=None, window=None, softcap=0.0,
+                 alibi=None, dropout_p=0.0, seed=0):
+        self.causal, self.causal_offset, self.scale = bool(causal), int(causal_offset), float(scale)
+        self.mask, self.alibi = mask, alibi
+        self.window = window is not None
+        left, right = window if window is not None else (-1, -1)
+        left = _BIG if left is None or left < 0 else int(left)
+        right = _BIG if right is None or right < 0 else int(right)
+        if self.window and self.causal:
+            right, self.causal = min(right, 0), False  # causal is a window with no right side
+        self.win_left, self.win_right = left, right
+        self.softcap = float(softcap or 0.0)
+        self.dropout_p, self.seed = float(dropout_p), int(seed)
+
+    def mask_args(self, B, H, Nq, Nk, dummy):
+        if self.mask is None:
+            return dummy, (0, 0, 0, 0), MASK_NONE  # dummy stands in as a never-read pointer
+        m = self.mask.expand(B, H, Nq, Nk)
+        if m.dtype == torch.bool:
+            return m.view(torch.uint8), tuple(m.stride()), MASK_BOOL
+        return m, tuple(m.stride()), MASK_ADD
+
+    def alibi_args(self, dummy):
+        if self.alibi is None:
+            return dummy, (0, 0)
+        a = self.alibi
+        return (a, (0, a.stride(0))) if a.dim() == 1 else (a, (a.stride(0), a.stride(1)))
+
+    def scalars(self):
+        sc = self.softcap
+        drop_scale = 1.0 / (1.0 - self.dropout_p) if self.dropout_p > 0 else 1.0
+        return (self.win_left, self.win_right, (self.scale / sc) if sc else 0.0, (sc * LOG2E) if sc else 0.0,
+                self.seed, self.dropout_p, drop_scale)
+
+    def flags(self, head_dim, dtype, mask_kind):
+        return dict(HEAD_DIM=head_dim, BLOCK_D=_head_block(head_dim), CAUSAL=self.causal, WINDOW=self.window,
+                    MASK_KIND=mask_kind, SOFTCAP=self.softcap > 0, ALIBI=self.alibi is not None,
+                    DROPOUT=self.dropout_p > 0, PREC=_prec(dtype))
+
+
+def _dense(t):
+    return tuple(t.stride())
+
+
+def _packed(t):
+    # (total, H, D) seen as (B, H, N, D) with a zero batch stride: sequences start at cu_seqlens[b]
+    return (0, t.stride(1), t.stride(0), t.stride(2))
+
+
 # --------------------------------------------------------------------------------------------------
 # launchers
 # --------------------------------------------------------------------------------------------------
-def attention_forward(q, k, v, mask, causal: bool, causal_offset: int, scale: float):
-    """Returns (out, lse2): out like q, lse2 (B, Hq, Nq) float32 base-2 log-sum-exp (-inf: empty row)."""
-    B, H, Nq, D = q.shape
-    HKV, Nk = k.shape[1], k.shape[2]
-    o = empty(B, H, Nq, D, dtype=q.dtype, device=q.device)
-    lse = empty(B, H, Nq, dtype=torch.float32, device=q.device)
-    m, ms, kind = _mask_args(mask, B, H, Nq, Nk, q)
-    block_d = _head_block(D)
-    args = (q, k, v, o, lse, m, *q.stride(), *k.stride(), *v.stride(), *o.stride(), *ms,
-            H, H // HKV, Nq, Nk, scale * LOG2E, causal_offset, _bucket(Nq), _bucket(Nk))
-    common = dict(HEAD_DIM=D, BLOCK_D=block_d, CAUSAL=bool(causal), MASK_KIND=kind, PREC=_prec(q.dtype))
-    if not interpreting() and _autotune_enabled():
+def _forward(q, k, v, f: Features, *, varlen=None, k_lens=None, num_splits=1):
+    """Shared forward launcher. Dense: q (B,H,Nq,D) -> out like q, lse2 (B,H,Nq). Varlen: q (Tq,H,D) packed,
+    varlen=(cu_q, cu_k, max_q, max_k) -> out (Tq,H,D), lse2 (H,Tq). Split-KV (num_splits > 1) returns the
+    per-split partials (B,H,S,Nq,D) fp32 and (B,H,S,Nq) for the caller to combine."""
+    if varlen is None:
+        B, H, Nq, D = q.shape
+        HKV, Nk = k.shape[1], k.shape[2]
+        sq, sk, sv = _dense(q), _dense(k), _dense(v)
+        drop_mq, drop_mk = Nq, Nk
+    else:
+        cu_q, cu_k, max_q, max_k = varlen
+        B, (Tq, H, D), HKV = cu_q.numel() - 1, q.shape, k.shape[1]
+        Nq, Nk = max_q, max_k
+        sq, sk, sv = _packed(q), _packed(k), _packed(v)
+        drop_mq, drop_mk = max_q, max_k
+    split = num_splits > 1
+    dev = q.device
+    if split:
+        o = empty(B, H, num_splits, Nq, D, dtype=torch.float32, device=dev)
+        lse = empty(B, H, num_splits, Nq, dtype=torch.float32, device=dev)
+        so = (o.stride(0), o.stride(1), o.stride(3), o.stride(4))
+        sl = (lse.stride(0), lse.stride(1))
+        s_os, s_ls = o.stride(2), lse.stride(2)
+    elif varlen is None:
+        o = empty(B, H, Nq, D, dtype=q.dtype, device=dev)
+        lse = empty(B, H, Nq, dtype=torch.float32, device=dev)
+        so, sl, s_os, s_ls = _dense(o), (H * Nq, Nq), 0, 0
+    else:
+        o = empty(Tq, H, D, dtype=q.dtype, device=dev)
+        lse = empty(H, Tq, dtype=torch.float32, device=dev)
+        so, sl, s_os, s_ls = _packed(o), (0, Tq), 0, 0
+    m, ms, kind = f.mask_args(B, H, Nq, Nk, q)
+    slopes, ss = f.alibi_args(q)
+    cu_q_t, cu_k_t = (varlen[0], varlen[1]) if varlen is not None else (q, q)
+    args = (q, k, v, o, lse, m, slopes, cu_q_t, cu_k_t, k_lens if k_lens is not None else q,
+            *sq, *sk, *sv, *so, *ms, *sl, *ss, s_os, s_ls,
+            H, H // HKV, Nq, Nk, f.scale * LOG2E, f.causal_offset, *f.scalars()[:4], *f.scalars()[4:],
+            drop_mq, drop_mk, num_splits, _bucket(Nq), _bucket(Nk))
+    flags = f.flags(D, q.dtype, kind)
+    flags.update(VARLEN=varlen is not None, KLENS=k_lens is not None, SPLIT=split)
+    if not interpreting() and _autotune_enabled() and not split:
         grid = lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]), B * H)
-        _attn_fwd_tuned[grid](*args, **common)
+        _attn_fwd_tuned[grid](*args, **flags)
         _LAST_CONFIG["fwd"] = _fmt_best(_attn_fwd_tuned)
     else:
-        conf = _fixed_fwd(block_d)
-        grid = (triton.cdiv(Nq, conf["BLOCK_M"]), B * H)
-        _attn_fwd[grid](*args, **common, **conf)
+        conf = _fixed_fwd(flags["BLOCK_D"])
+        if split and not interpreting():
+            conf = dict(conf, BLOCK_M=16 if Nq <= 16 else 64, num_warps=4)
+        grid = (triton.cdiv(Nq, conf["BLOCK_M"]) * num_splits, B * H)
+        _attn_fwd[grid](*args, **flags, **conf)
         _LAST_CONFIG["fwd"] = _fmt(conf)
     return o, lse
 
 
-def attention_backward(do, q, k, v, o, lse, mask, causal: bool, causal_offset: int, scale: float):
-    """Returns (dq, dk, dv) in the dtypes of q, k, v; deterministic (no atomics)."""
-    B, H, Nq, D = q.shape
-    HKV, Nk = k.shape[1], k.shape[2]
+def _backward(do, q, k, v, o, lse, f: Features, *, varlen=None):
+    if varlen is None:
+        B, H, Nq, D = q.shape
+        HKV, Nk = k.shape[1], k.shape[2]
+        sq, sk, sv, sdo, so = _dense(q), _dense(k), _dense(v), _dense(do), _dense(o)
+        sl = (H * Nq, Nq)
+        drop_mq, drop_mk = Nq, Nk
+        pre_B, pre_N = B, Nq
+    else:
+        cu_q, cu_k, max_q, max_k = varlen
+        B, (Tq, H, D), HKV = cu_q.numel() - 1, q.shape, k.shape[1]
+        Nq, Nk = max_q, max_k
+        sq, sk, sv, sdo, so = _packed(q), _packed(k), _packed(v), _packed(do), _packed(o)
+        sl = (0, Tq)
+        drop_mq, drop_mk = max_q, max_k
+        pre_B, pre_N = 1, Tq
     block_d = _head_block(D)
-    delta = empty(B, H, Nq, dtype=torch.float32, device=q.device)
+    delta = empty(*lse.shape, dtype=torch.float32, device=q.device)
     pre_bm = 32 if interpreting() else 64
-    _bwd_preprocess[(triton.cdiv(Nq, pre_bm), B * H)](
-        o, do, delta, *o.stride(), *do.stride(), H, Nq, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=pre_bm)
-    dq = empty(B, H, Nq, D, dtype=q.dtype, device=q.device)
-    dk = empty(B, HKV, Nk, D, dtype=k.dtype, device=k.device)
-    dv = empty(B, HKV, Nk, D, dtype=v.dtype, device=v.device)
-    m, ms, kind = _mask_args(mask, B, H, Nq, Nk, q)
-    common = dict(HEAD_DIM=D, BLOCK_D=block_d, CAUSAL=bool(causal), MASK_KIND=kind, PREC=_prec(q.dtype))
-    qk_scale = scale * LOG2E
-    kv_args = (q, k, v, do, dk, dv, lse, delta, m, *q.stride(), *k.stride(), *v.stride(), *do.stride(),
-               *dk.stride(), *ms, H, HKV, H // HKV, Nq, Nk, qk_scale, scale, causal_offset,
-               _bucket(Nq), _bucket(Nk))
-    q_args = (q, k, v, do, dq, lse, delta, m, *q.stride(), *k.stride(), *v.stride(), *do.stride(),
-              *dq.stride(), *ms, H, H // HKV, Nq, Nk, qk_scale, scale, causal_offset,
-              _bucket(Nq), _bucket(Nk))
+    _bwd_preprocess[(triton.cdiv(pre_N, pre_bm), pre_B * H)](
+        o, do, delta, *so, *sdo, H, pre_N, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=pre_bm)
+    dq = empty(*q.shape, dtype=q.dtype, device=q.device)
+    dk = empty(*k.shape, dtype=k.dtype, device=k.device)
+    dv = empty(*v.shape, dtype=v.dtype, device=v.device)
+    if varlen is None:
+        sdq, sdk = _dense(dq), _dense(dk)
+    else:
+        sdq, sdk = _packed(dq), _packed(dk)
+    m, ms, kind = f.mask_args(B, H, Nq, Nk, q)
+    slopes, ss = f.alibi_args(q)
+    cu_q_t, cu_k_t = (varlen[0], varlen[1]) if varlen is not None else (q, q)
+    flags = f.flags(D, q.dtype, kind)
+    flags["VARLEN"] = varlen is not None
+    qk_scale = f.scale * LOG2E
+    tail = (*f.scalars(), drop_mq, drop_mk, _bucket(Nq), _bucket(Nk))
+    kv_args = (q, k, v, do, dk, dv, lse, delta, m, slopes, cu_q_t, cu_k_t, *sq, *sk, *sv, *sdo, *sdk, *ms, *sl, *ss,
+               H, HKV, H // HKV, Nq, Nk, qk_scale, f.scale, f.causal_offset, *tail)
+    q_args = (q, k, v, do, dq, lse, delta, m, slopes, cu_q_t, cu_k_t, *sq, *sk, *sv, *sdo, *sdq, *ms, *sl, *ss,
+              H, H // HKV, Nq, Nk, qk_scale, f.scale, f.causal_offset, *tail)
     if not interpreting() and _autotune_enabled():
-        _attn_bwd_dkdv_tuned[lambda meta: (triton.cdiv(Nk, meta["BLOCK_N"]), B * HKV)](*kv_args, **common)
-        _attn_bwd_dq_tuned[lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]), B * H)](*q_args, **common)
+        _attn_bwd_dkdv_tuned[lambda meta: (triton.cdiv(Nk, meta["BLOCK_N"]), B * HKV)](*kv_args, **flags)
+        _attn_bwd_dq_tuned[lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]), B * H)](*q_args, **flags)
         _LAST_CONFIG["bwd_dkdv"] = _fmt_best(_attn_bwd_dkdv_tuned)
         _LAST_CONFIG["bwd_dq"] = _fmt_best(_attn_bwd_dq_tuned)
     else:
         conf = _fixed_bwd(block_d)
-        _attn_bwd_dkdv[(triton.cdiv(Nk, conf["BLOCK_N"]), B * HKV)](*kv_args, **common, **conf)
+        _attn_bwd_dkdv[(triton.cdiv(Nk, conf["BLOCK_N"]), B * HKV)](*kv_args, **flags, **conf)
         # dQ iterates over keys: swap the roles so its inner tile is the key block
         qconf = dict(conf, BLOCK_M=conf["BLOCK_N"], BLOCK_N=conf["BLOCK_M"])
-        _attn_bwd_dq[(triton.cdiv(Nq, qconf["BLOCK_M"]), B * H)](*q_args, **common, **qconf)
+        _attn_bwd_dq[(triton.cdiv(Nq, qconf["BLOCK_M"]), B * H)](*q_args, **flags, **qconf)
         _LAST_CONFIG["bwd_dkdv"] = _fmt(conf)
         _LAST_CONFIG["bwd_dq"] = _fmt(qconf)
     return dq, dk, dv
 
 
-__all__ = ["attention_forward", "attention_backward", "last_config", "LOG2E"]
+def attention_forward(q, k, v, mask, causal: bool, causal_offset: int, scale: float, **features):
+    """Dense forward. Returns (out like q, lse2 (B, Hq, Nq) float32 base-2 log-sum-exp, -inf on empty rows).
+    ``features``: window=(left, right), softcap, alibi (fp32 (H,) or (B, H)), dropout_p, seed."""
+    f = Features(causal=causal, causal_offset=causal_offset, scale=scale, mask=mask, **features)
+    return _forward(q, k, v, f)
+
+
+def attention_backward(do, q, k, v, o, lse, mask, causal: bool, causal_offset: int, scale: float, **features):
+    """Dense backward: (dq, dk, dv) in the dtypes of q, k, v; deterministic (no atomics)."""
+    f = Features(causal=causal, causal_offset=causal_offset, scale=scale, mask=mask, **features)
+    return _backward(do, q, k, v, o, lse, f)
+
+
+def varlen_forward(q, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: bool, scale: float, **features):
+    """Packed (total, H, D) sequences delimited by int32 cu_seqlens; causal is bottom-right per sequence.
+    Returns (out (Tq, H, D), lse2 (H, Tq))."""
+    f = Features(causal=causal, scale=scale, **features)
+    return _forward(q, k, v, f, varlen=(cu_q, cu_k, int(max_q), int(max_k)))
+
+
+def varlen_backward(do, q, k, v, o, lse, cu_q, cu_k, max_q: int, max_k: int, causal: bool, scale: float,
+                    **features):
+    f = Features(causal=causal, scale=scale, **features)
+    return _backward(do, q, k, v, o, lse, f, varlen=(cu_q, cu_k, int(max_q), int(max_k)))
+
+
+def kvcache_forward(q, k_cache, v_cache, k_lens, causal: bool, scale: float, num_splits: int = 0, **features):
+    """Decoding forward over a cache: batch b attends to its first k_lens[b] keys (int32), causal
+    bottom-right per batch. Split-KV (flash-decoding): the keys are cut into ``num_splits`` chunks run
+    by separate programs and merged by their log-sum-exp, so Nq = 1 with a long cache fills the GPU.
+    ``num_splits=0`` picks a count from the shape. Returns (out like q, lse2 (B, H, Nq))."""
+    B, H, Nq, D = q.shape
+    Nk = k_cache.shape[2]
+    if num_splits <= 0:
+        programs = B * H * triton.cdiv(Nq, 64)
+        num_splits = 1 if interpreting() else max(1, min(64, triton.cdiv(264, programs), triton.cdiv(Nk, 256)))
+    f = Features(causal=causal, causal_offset=0, scale=scale, **features)
+    if num_splits == 1:
+        return _forward(q, k_cache, v_cache, f, k_lens=k_lens)
+    o_part, lse_part = _forward(q, k_cache, v_cache, f, k_lens=k_lens, num_splits=num_splits)
+    lse = torch.logsumexp(lse_part * math.log(2.0), dim=2)  # (B, H, Nq), natural log
+    w = torch.exp(lse_part * math.log(2.0) - lse.unsqueeze(2))
+    w = torch.nan_to_num(w, nan=0.0)  # rows with no key in any split
+    out = (w.unsqueeze(-1) * torch.nan_to_num(o_part, nan=0.0)).sum(2).to(q.dtype)
+    return out, lse / math.log(2.0)
+
+
+def dropout_keep_mask(B: int, H: int, Nq: int, Nk: int, dropout_p: float, seed: int, device) -> torch.Tensor:
+    """Debug path: the (B, H, Nq, Nk) bool keep mask the kernels draw for (dropout_p, seed) on dense inputs."""
+    out = torch.empty(B, H, Nq, Nk, dtype=torch.int8, device=device)
+    bm = bn = 32
+    _dropout_keep_kernel[(triton.cdiv(Nq, bm), triton.cdiv(Nk, bn), B * H)](
+        out, int(seed), float(dropout_p), H, Nq, Nk, Nq, Nk, BLOCK_M=bm, BLOCK_N=bn)
+    return out.bool()
+
+
+__all__ = ["LOG2E", "attention_backward", "attention_forward", "dropout_keep_mask", "kvcache_forward",
+           "last_config", "varlen_backward", "varlen_forward"]

@@ -229,7 +229,7 @@ def test_sdpa_drop_in_errors_like_torch():
         embedattn.scaled_dot_product_attention(q, torch.randn(1, 1, 4, 8), torch.randn(1, 1, 4, 8))
 
 
-def test_sdpa_dropout_defers_to_torch():
+def test_sdpa_dropout_on_reference_backend_is_torchs():
     q = torch.randn(1, 2, 8, 16)
     torch.manual_seed(0)
     a = embedattn.scaled_dot_product_attention(q, q, q, dropout_p=0.5)

@@ -3,6 +3,6 @@
 Each function is short, obviously right and differentiable by autograd.
 """
 
-from ._attention import attention
+from ._attention import attention, attention_varlen, attention_with_kvcache
 
-__all__ = ["attention"]
+__all__ = ["attention", "attention_varlen", "attention_with_kvcache"]

@@ -16,16 +16,24 @@ def attention(
     scale: float | None = None,
     attn_mask: torch.Tensor | None = None,
     return_lse: bool = False,
+    window: tuple[int, int] | None = None,
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    dropout_mask: torch.Tensor | None = None,
     upcast: bool = True,
 ):
-    """softmax(q k^T * scale + mask) v for q (B, Hq, Nq, D), k/v (B, Hkv, Nk, D), Hq % Hkv == 0.
+    """softmax(q kᵀ · scale + mask) v for q (B, Hq, Nq, D), k/v (B, Hkv, Nk, D), Hq % Hkv == 0.
 
-    ``causal`` aligns bottom-right: query i sees key j iff j <= i + Nk - Nq. ``attn_mask`` is bool
+    ``causal`` aligns bottom-right: query i sees key j iff j <= i + Nk - Nq. ``window=(left, right)``
+    (negative = unbounded) keeps keys with i + Nk - Nq - left <= j <= i + Nk - Nq + right.
+    ``softcap`` > 0 replaces each score s by softcap·tanh(s / softcap). ``alibi_slopes`` (H,) or
+    (B, H) adds -slope·|i + Nk - Nq - j| (FlashAttention's convention). ``attn_mask`` is bool
     (True = attend) or additive float, broadcastable to (B, Hq, Nq, Nk). A row with no visible key
-    gives zeros (and zero gradients). ``upcast=True`` computes in float32 (or float64 for float64
-    inputs) and casts back; ``upcast=False`` stays in the input dtype (the "plain PyTorch" baseline
-    of the tests' tolerance rule). The log-sum-exp (natural log, -inf on empty rows) is in the
-    compute dtype.
+    gives zeros (and zero gradients). Dropout multiplies the probabilities by ``dropout_mask``
+    (bool keep mask, (B, Hq, Nq, Nk)) / (1 - dropout_p); the log-sum-exp is of the undropped scores.
+    ``upcast=True`` computes in float32 (or float64 for float64 inputs) and casts back;
+    ``upcast=False`` stays in the input dtype (the "plain PyTorch" yardstick of the tests).
     """
     dtype = q.dtype
     if upcast and dtype in (torch.float16, torch.bfloat16):
@@ -38,23 +46,90 @@ def attention(
     if scale is None:
         scale = 1.0 / math.sqrt(d)
     s = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    i = torch.arange(nq, device=s.device)[:, None]
+    j = torch.arange(nk, device=s.device)[None, :]
+    rel = i + (nk - nq) - j  # >= 0 for keys at or left of the (bottom-right) diagonal
+    if alibi_slopes is not None:
+        slopes = alibi_slopes.to(s.dtype)
+        slopes = slopes[None, :, None, None] if slopes.dim() == 1 else slopes[:, :, None, None]
+        s = s - slopes * rel.abs().to(s.dtype)
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
             s = s.masked_fill(~attn_mask, float("-inf"))
         else:
             s = s + attn_mask.to(s.dtype)
     if causal:
-        i = torch.arange(nq, device=s.device)[:, None]
-        j = torch.arange(nk, device=s.device)[None, :]
-        s = s.masked_fill(j > i + (nk - nq), float("-inf"))
+        s = s.masked_fill(rel < 0, float("-inf"))
+    if window is not None:
+        left, right = window
+        if left is not None and left >= 0:
+            s = s.masked_fill(rel > left, float("-inf"))
+        if right is not None and right >= 0:
+            s = s.masked_fill(rel < -right, float("-inf"))
     # softmax written out so that rows with every key masked give 0 (not NaN) and zero gradients
     m = s.amax(dim=-1, keepdim=True).detach()
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     e = torch.exp(s - m)
     denom = e.sum(dim=-1, keepdim=True)
     p = e / torch.where(denom == 0, torch.ones_like(denom), denom)
+    if dropout_p > 0:
+        if dropout_mask is None:
+            dropout_mask = torch.rand_like(p) >= dropout_p
+        p = p * dropout_mask.to(p.dtype) / (1.0 - dropout_p)
     out = torch.matmul(p.to(v.dtype), v).to(dtype)
     if return_lse:
         lse = (m + torch.log(denom)).squeeze(-1)
         return out, lse
     return out
+
+
+def attention_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    **kwargs,
+) -> torch.Tensor:
+    """Packed (total, H, D) sequences: each sequence b is q[cu_q[b]:cu_q[b+1]] against
+    k/v[cu_k[b]:cu_k[b+1]], run through ``attention`` one at a time."""
+    outs = []
+    slopes = kwargs.pop("alibi_slopes", None)
+    for b in range(cu_seqlens_q.numel() - 1):
+        if slopes is not None:
+            kwargs["alibi_slopes"] = slopes if slopes.dim() == 1 else slopes[b:b + 1]
+        qs = q[int(cu_seqlens_q[b]):int(cu_seqlens_q[b + 1])].transpose(0, 1)[None]
+        ks = k[int(cu_seqlens_k[b]):int(cu_seqlens_k[b + 1])].transpose(0, 1)[None]
+        vs = v[int(cu_seqlens_k[b]):int(cu_seqlens_k[b + 1])].transpose(0, 1)[None]
+        if qs.shape[2] == 0:
+            continue
+        if ks.shape[2] == 0:
+            outs.append(torch.zeros_like(qs[0].transpose(0, 1)))
+            continue
+        outs.append(attention(qs, ks, vs, **kwargs)[0].transpose(0, 1))
+    if not outs:
+        return q.new_zeros(q.shape[0], q.shape[1], v.shape[-1])
+    return torch.cat(outs, dim=0)
+
+
+def attention_with_kvcache(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    **kwargs,
+) -> torch.Tensor:
+    """Batch b attends to the first cache_seqlens[b] keys of the cache (B, Hkv, S, D)."""
+    outs = []
+    slopes = kwargs.pop("alibi_slopes", None)
+    for b in range(q.shape[0]):
+        if slopes is not None:
+            kwargs["alibi_slopes"] = slopes if slopes.dim() == 1 else slopes[b:b + 1]
+        n = int(cache_seqlens[b])
+        if n == 0:
+            outs.append(torch.zeros_like(q[b:b + 1]))
+            continue
+        outs.append(attention(q[b:b + 1], k_cache[b:b + 1, :, :n], v_cache[b:b + 1, :, :n], **kwargs))
+    return torch.cat(outs, dim=0)
