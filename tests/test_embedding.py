@@ -83,8 +83,7 @@ def test_padding_offsets_positions(backend, dtype, d, mode, padding_idx, pos):
         kw["positions"] = torch.randint(0, p, (b, n), generator=gen).to(DEVICE)
     out, gw, gp = check(backend, dtype, ids, w, pw, gen, **kw)
     if padding_idx is not None:
-        assert torch.all(gw[padding_idx] == 0)
-        assert torch.equal(out[0, 0] - out[0, 0], torch.zeros_like(out[0, 0]))
+        assert torch.all(gw[padding_idx] == 0)  # (and its lookup was checked with the rest of out)
 
 
 @pytest.mark.parametrize("pos", ["default", "explicit"])
