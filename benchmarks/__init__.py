@@ -1,1 +1,8 @@
-"""Benchmark sweeps: python -m benchmarks."""
+"""Benchmark sweeps: ``python -m benchmarks [--suite ...] [--quick] [--device ...] [--out DIR]``.
+
+- ``harness``: timing (do_bench on CUDA, host timer on CPU, rotating inputs), work formulas, device
+  peaks, autotuned-config capture and the long-format ``results.csv``.
+- ``attention``, ``embedding``, ``negative_sampling``: the sweeps and their peers.
+- ``plot`` and ``summary``: PNGs and summary.md drawn from a results.csv alone.
+- ``gpu_check.sh``: one offline pass on a lent GPU.
+"""

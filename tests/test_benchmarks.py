@@ -207,9 +207,11 @@ def test_suite_skips_unavailable_op(monkeypatch):
     assert "not implemented" in attention.available(Context(device=CPU))
 
 
-def test_cli_tiny_sweep(tmp_path):
+def test_cli_tiny_sweep(tmp_path, monkeypatch):
     """The whole pipeline on seconds-long sizes: CSV, env.json, plots, summary; then a zero budget."""
     from benchmarks.__main__ import main
+
+    monkeypatch.setenv("TRITON_CACHE_AUTOTUNING", "0")  # main() would switch Triton's cache on process-wide
 
     out = tmp_path / "cpu"
     assert main(["--tiny", "--device", "cpu", "--out", str(out), "--no-compile", "--no-plots"]) == 0
