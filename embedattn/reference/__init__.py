@@ -4,5 +4,6 @@ Each function is short, obviously right and differentiable by autograd.
 """
 
 from ._attention import attention, attention_varlen, attention_with_kvcache
+from ._embedding import embedding, sinusoidal_positions
 
-__all__ = ["attention", "attention_varlen", "attention_with_kvcache"]
+__all__ = ["attention", "attention_varlen", "attention_with_kvcache", "embedding", "sinusoidal_positions"]
