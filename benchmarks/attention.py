@@ -189,7 +189,9 @@ def _measure(ctx: Context, rec: Recorder, p: Provider, s: Spec, sets, mode: str)
     base = dict(suite=SUITE, kernel=s.kernel, provider=p.name, mode=mode, dtype=s.dtype, shape=s.shape,
                 x_name="N", x_value=s.n, config=p.config())  # fmt: skip
     work = attention_flops(s.batch, s.heads, s.n, s.n, s.head_dim, causal, mode)
-    return measurement_rows(rec, base, t, work, "tflops", scale=1e-12, peak_mib=peak)
+    mm = ctx.matmul_tflops.get(s.dtype)  # this run's dense-matmul TFLOP/s in the same dtype
+    extra = (lambda tf: ("frac_matmul_peak", "fraction", tf / mm)) if mm else None
+    return measurement_rows(rec, base, t, work, "tflops", scale=1e-12, peak_mib=peak, extra=extra)
 
 
 def run_spec(ctx: Context, rec: Recorder, s: Spec, provs: list[Provider]) -> list[dict]:
