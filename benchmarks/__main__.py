@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     cache_note = harness.enable_autotune_cache()  # before embedattn.kernels builds its autotuners
     profile = "tiny" if args.tiny else ("quick" if args.quick else "full")
     if device.type == "cuda":
-        warm, rep = (10, 40) if profile != "full" else (10, 50)
+        warm, rep = {"tiny": (1, 5), "quick": (10, 40)}.get(profile, (10, 50))
     else:
         warm, rep = {"tiny": (0, 2), "quick": (20, 150)}.get(profile, (50, 400))
     try:

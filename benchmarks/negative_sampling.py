@@ -323,9 +323,12 @@ class W2VSettings:
 def _train_embedattn(ctx: Context, corpus: str, cfg: W2VSettings, backend: str | None):
     from embedattn.word2vec import Word2Vec
 
+    extra = {}
+    if not ctx.is_cuda and "workers" in inspect.signature(Word2Vec).parameters:
+        extra["workers"] = cfg.workers  # the same CPU threads gensim gets
     return Word2Vec(corpus_file=corpus, vector_size=cfg.vector_size, window=cfg.window, negative=cfg.negative,
                     min_count=cfg.min_count, epochs=cfg.epochs, seed=0, device=str(ctx.device),
-                    backend=backend)  # fmt: skip
+                    backend=backend, **extra)  # fmt: skip
 
 
 def _train_gensim(ctx: Context, corpus: str, cfg: W2VSettings):

@@ -16,6 +16,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the benchmarks package lives at the root
 
+from helpers import DEVICE  # noqa: E402
+
 from benchmarks import harness  # noqa: E402
 from benchmarks.harness import COLUMNS, Context, Recorder, Timing  # noqa: E402
 
@@ -208,17 +210,21 @@ def test_suite_skips_unavailable_op(monkeypatch):
 
 
 def test_cli_tiny_sweep(tmp_path, monkeypatch):
-    """The whole pipeline on seconds-long sizes: CSV, env.json, plots, summary; then a zero budget."""
+    """The whole pipeline on seconds-long sizes: CSV, env.json, plots, summary; then a zero budget.
+    Under EMBEDATTN_TEST_DEVICE=cuda it runs on the GPU: do_bench, peak memory, SDPA backends, configs."""
     from benchmarks.__main__ import main
 
     monkeypatch.setenv("TRITON_CACHE_AUTOTUNING", "0")  # main() would switch Triton's cache on process-wide
-
-    out = tmp_path / "cpu"
-    assert main(["--tiny", "--device", "cpu", "--out", str(out), "--no-compile", "--no-plots"]) == 0
+    out = tmp_path / DEVICE
+    assert main(["--tiny", "--device", DEVICE, "--out", str(out), "--no-compile", "--no-plots"]) == 0
     rows = harness.read_csv(str(out / "results.csv"))
     env = json.loads((out / "env.json").read_text())
-    assert env["device"] == "cpu" and env["copy_bandwidth_gbps"] > 0
-    assert any("Triton kernels are NOT timed" in n for n in env["notes"])
+    assert env["device"].startswith(DEVICE) and env["copy_bandwidth_gbps"] > 0
+    assert any("Triton kernels are NOT timed" in n for n in env["notes"]) == (DEVICE == "cpu")
+    if DEVICE == "cuda":  # peak memory is measured, and the embedattn rows say which kernel config ran
+        assert any(r["metric"] == "peak_mem" for r in rows)
+        ours = [r for r in rows if r["provider"] == "embedattn" and r["suite"] == "attention"]
+        assert ours and all(r["config"] for r in ours), "attention rows without a recorded config"
     suites = {r["suite"] for r in rows}
     assert "device" in suites
     for name in env["suites_run"]:  # every suite whose op exists measured something well-formed
@@ -229,7 +235,7 @@ def test_cli_tiny_sweep(tmp_path, monkeypatch):
     assert "## Notes from the run" in (out / "summary.md").read_text()
 
     out2 = tmp_path / "budget"
-    assert main(["--tiny", "--device", "cpu", "--out", str(out2), "--max-seconds", "0", "--no-plots",
+    assert main(["--tiny", "--device", DEVICE, "--out", str(out2), "--max-seconds", "0", "--no-plots",
                  "--suite", "attention"]) == 0  # fmt: skip
     env2 = json.loads((out2 / "env.json").read_text())
     if env2["suites_run"]:
