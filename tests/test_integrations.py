@@ -1,0 +1,504 @@
+"""Integrations: transformers AttentionInterface, patch_sdpa, torch.library ops + torch.compile, embedattn.nn.
+
+transformers models are built from tiny configs (no downloads) and compared with
+``attn_implementation="sdpa"``: hidden states and gradients on padded batches. On CPU the
+"triton" backend runs through the interpreter (set by conftest); CUDA-only checks (Inductor) are
+marked and run under ``EMBEDATTN_TEST_DEVICE=cuda``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import BACKENDS, DEVICE, HAS_TRITON, ON_CUDA
+
+import embedattn
+from embedattn import ops
+from embedattn.nn import KVCache, MultiheadSelfAttention, TinyGPT
+from embedattn.patching import patch_sdpa, sdpa_patched
+
+ea_attention = importlib.import_module("embedattn.attention")  # the module (embedattn.attention is the function)
+
+cuda_only = pytest.mark.skipif(not ON_CUDA, reason="needs CUDA (Inductor compiles Triton kernels for GPUs)")
+
+
+def _dtype(backend):
+    # the reference runs float64 (tight comparisons); the kernels float32
+    return torch.float64 if backend == "reference" else torch.float32
+
+
+def _tol(dtype):
+    return dict(rtol=1e-9, atol=1e-10) if dtype == torch.float64 else dict(rtol=2e-4, atol=2e-5)
+
+
+# --------------------------------------------------------------------------------------------------
+# transformers
+# --------------------------------------------------------------------------------------------------
+transformers = pytest.importorskip("transformers")
+import embedattn.integrations.transformers as ea_hf  # noqa: E402
+
+
+@pytest.fixture
+def attend_calls(monkeypatch):
+    """Records every call of the integration into embedattn's attention (the flags it passed)."""
+    calls = []
+    orig = ea_hf.attend
+
+    def spy(q, k, v, **kw):
+        calls.append(dict(kw, q_shape=tuple(q.shape), k_shape=tuple(k.shape)))
+        return orig(q, k, v, **kw)
+
+    monkeypatch.setattr(ea_hf, "attend", spy)
+    return calls
+
+
+def _llama(dtype, **kw):
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64, **kw)
+    torch.manual_seed(0)
+    return transformers.AutoModel.from_config(cfg, attn_implementation="sdpa").to(DEVICE, dtype)
+
+
+def _bert(dtype):
+    cfg = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=48, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                                  attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    return transformers.AutoModel.from_config(cfg, attn_implementation="sdpa").to(DEVICE, dtype)
+
+
+def _batch(padding, b=2, n=9):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 64, (b, n), generator=g)
+    am = torch.ones(b, n, dtype=torch.long)
+    if padding == "right":
+        am[-1, 5:] = 0
+    elif padding == "left":
+        am[-1, :4] = 0
+    return ids.to(DEVICE), am.to(DEVICE)
+
+
+def _run(model, impl, ids, am):
+    model.set_attn_implementation(impl)
+    model.zero_grad(set_to_none=True)
+    h = model(input_ids=ids, attention_mask=am).last_hidden_state
+    valid = h[am.bool()]  # padded positions are don't-care (and may be NaN/zero per backend)
+    (valid.square().sum() + valid.sum()).backward()
+    return valid.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+# the interpreter is slow: the Triton backend runs the cases that reach distinct kernel paths
+_HF_CASES = [(arch, padding, be) for arch, padding in [("llama", "none"), ("llama", "right"), ("llama", "left"),
+                                                       ("bert", "right"), ("bert", "none"), ("bert", "left")]
+             for be in BACKENDS if be == "reference" or ON_CUDA or (arch, padding) in
+             {("llama", "none"), ("llama", "left"), ("bert", "right")}]
+
+
+@pytest.mark.parametrize("arch,padding,backend", _HF_CASES)
+def test_transformers_matches_sdpa(arch, padding, backend, attend_calls):
+    """Hidden states and all parameter gradients equal sdpa's: causal GQA decoder (Llama) and
+    bidirectional encoder (BERT), unpadded, right- and left-padded batches."""
+    dtype = _dtype(backend)
+    name = ea_hf.register(f"embedattn_{backend}", backend=backend)
+    model = (_llama if arch == "llama" else _bert)(dtype)
+    ids, am = _batch(padding)
+    h_ref, g_ref = _run(model, "sdpa", ids, am)
+    assert not attend_calls
+    h, g = _run(model, name, ids, am)
+    assert len(attend_calls) == 2  # one per layer: our kernel ran, not a fallback
+    call = attend_calls[0]
+    if arch == "llama":
+        assert call["q_shape"][1] == 2 and call["k_shape"][1] == 1  # GQA served natively, no repeat
+        # without padding transformers passes no mask and relies on is_causal (top-left alignment)
+        assert call["causal"] == (padding == "none") and call["causal_offset"] == 0
+    else:
+        assert not call["causal"]
+    torch.testing.assert_close(h, h_ref, **_tol(dtype))
+    assert g.keys() == g_ref.keys()
+    for n in g:
+        torch.testing.assert_close(g[n], g_ref[n], **_tol(dtype), msg=lambda m, n=n: f"grad {n}: {m}")
+
+
+def test_transformers_generate_with_cache(attend_calls):
+    """Greedy generate() with a KV cache and left padding: same tokens as sdpa, single-query steps."""
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).to(DEVICE, torch.float64 if not ON_CUDA else torch.float32).eval()
+    ids, am = _batch("left", n=6)
+    out = {}
+    for impl in ("sdpa", ea_hf.register("embedattn_gen", backend="reference")):
+        model.set_attn_implementation(impl)
+        out[impl] = model.generate(input_ids=ids, attention_mask=am, max_new_tokens=4, do_sample=False,
+                                   pad_token_id=0)
+    assert torch.equal(out["sdpa"], out["embedattn_gen"])
+    assert any(c["q_shape"][2] == 1 for c in attend_calls)  # decoding steps went through our kernel
+
+
+def test_transformers_dropout_falls_back_to_sdpa(attend_calls, monkeypatch):
+    """Attention dropout in training is not in the kernel: that call goes to transformers' sdpa."""
+    sdpa_calls = []
+    orig = ea_hf._sdpa_forward()
+    monkeypatch.setattr(ea_hf, "_sdpa_forward", lambda: lambda *a, **k: sdpa_calls.append(1) or orig(*a, **k))
+    model = _llama(torch.float64, attention_dropout=0.5)
+    model.set_attn_implementation(ea_hf.register("embedattn_drop", backend="reference"))
+    ids, am = _batch("right")
+    model.train()(input_ids=ids, attention_mask=am)
+    assert len(sdpa_calls) == 2 and not attend_calls
+    model.eval()(input_ids=ids, attention_mask=am)
+    assert len(attend_calls) == 2
+
+
+def test_transformers_compiles_fullgraph(attend_calls):
+    """torch.compile(fullgraph=True) of a transformers model with our attention: one graph, our op in it."""
+    import torch._dynamo.testing
+
+    torch._dynamo.reset()
+    model = _llama(torch.float64)
+    model.set_attn_implementation(ea_hf.register("embedattn_compile", backend="reference"))
+    ids, am = _batch("left")
+    cnt = torch._dynamo.testing.CompileCounterWithBackend("eager")
+    h = torch.compile(model, fullgraph=True, backend=cnt)(input_ids=ids, attention_mask=am).last_hidden_state
+    assert cnt.frame_count == 1
+    targets = [str(n.target) for n in cnt.graphs[0].graph.nodes]
+    assert targets.count("embedattn.attention_fwd") == 2
+    h_eager = model(input_ids=ids, attention_mask=am).last_hidden_state
+    torch.testing.assert_close(h[am.bool()], h_eager[am.bool()], rtol=1e-12, atol=1e-12)
+
+
+def test_transformers_register_errors():
+    with pytest.raises(ValueError, match="name"):
+        ea_hf.register("")
+    with pytest.raises(ValueError, match="name"):
+        ea_hf.register("paged|x")
+    with pytest.raises(ValueError, match="backend"):
+        ea_hf.register("embedattn_bad", backend="cuda")
+    f = ea_hf.make_attention_forward("reference")
+    q = torch.randn(1, 2, 3, 4)
+    with pytest.raises(ValueError, match="softcap"):
+        f(torch.nn.Module(), q, q, q, None, softcap=30.0)
+    assert ea_hf.register() == "embedattn"
+    assert "embedattn" in transformers.AttentionInterface._global_mapping
+
+
+# --------------------------------------------------------------------------------------------------
+# patch_sdpa
+# --------------------------------------------------------------------------------------------------
+TORCH_SDPA = F.scaled_dot_product_attention
+
+
+def test_patch_sdpa_context_manager_and_undo():
+    assert F.scaled_dot_product_attention is TORCH_SDPA and not sdpa_patched()
+    with patch_sdpa() as p:
+        assert F.scaled_dot_product_attention is embedattn.scaled_dot_product_attention
+        assert torch.nn.functional.scaled_dot_product_attention is embedattn.scaled_dot_product_attention
+        assert p.active and sdpa_patched()
+    assert F.scaled_dot_product_attention is TORCH_SDPA and not p.active
+    undo = patch_sdpa()
+    assert F.scaled_dot_product_attention is embedattn.scaled_dot_product_attention
+    undo()
+    undo()  # idempotent
+    assert F.scaled_dot_product_attention is TORCH_SDPA and not sdpa_patched()
+
+
+def test_patch_sdpa_nesting_and_exceptions():
+    with patch_sdpa():
+        with patch_sdpa():
+            assert F.scaled_dot_product_attention is embedattn.scaled_dot_product_attention
+        assert F.scaled_dot_product_attention is embedattn.scaled_dot_product_attention  # outer still active
+    assert F.scaled_dot_product_attention is TORCH_SDPA
+    with pytest.raises(RuntimeError, match="boom"):
+        with patch_sdpa():
+            with patch_sdpa():
+                raise RuntimeError("boom")
+    assert F.scaled_dot_product_attention is TORCH_SDPA and not sdpa_patched()
+    a, b = patch_sdpa(), patch_sdpa()
+    a.undo()  # out of order: b still holds the patch
+    assert F.scaled_dot_product_attention is embedattn.scaled_dot_product_attention
+    b.undo()
+    assert F.scaled_dot_product_attention is TORCH_SDPA
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
+def test_patch_sdpa_routes_models_to_kernel(monkeypatch):
+    """Under the patch, nn.MultiheadAttention and a transformers "sdpa" model run embedattn's kernel and
+    match torch."""
+    if not ON_CUDA:
+        monkeypatch.setenv("EMBEDATTN_BACKEND", "triton")  # the drop-in runs the interpreter on CPU
+    calls = []
+    orig = ea_attention._attention
+    monkeypatch.setattr(ea_attention, "_attention", lambda *a, **k: calls.append(k["causal"]) or orig(*a, **k))
+    torch.manual_seed(0)
+    mha = torch.nn.MultiheadAttention(16, 2, batch_first=True, device=DEVICE)
+    x = torch.randn(2, 7, 16, device=DEVICE)
+    causal = torch.nn.Transformer.generate_square_subsequent_mask(7, device=DEVICE)
+    ref = mha(x, x, x, attn_mask=causal, need_weights=False)[0]
+    with patch_sdpa():
+        out = mha(x, x, x, attn_mask=causal, need_weights=False)[0]
+    assert calls
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=2e-5)
+
+    calls.clear()
+    model = _llama(torch.float32)
+    ids, am = _batch("right")
+    ref = model(input_ids=ids, attention_mask=am).last_hidden_state[am.bool()]
+    with patch_sdpa():
+        out = model(input_ids=ids, attention_mask=am).last_hidden_state[am.bool()]
+    assert len(calls) == 2
+    torch.testing.assert_close(out, ref, rtol=2e-4, atol=2e-5)
+
+
+# --------------------------------------------------------------------------------------------------
+# torch.library ops
+# --------------------------------------------------------------------------------------------------
+def _qkv(b=2, hq=4, hkv=2, nq=5, nk=7, d=8, dtype=torch.float64, device="cpu"):
+    g = torch.Generator().manual_seed(3)
+    mk = lambda *s: torch.randn(*s, generator=g, dtype=dtype).to(device).requires_grad_()  # noqa: E731
+    return mk(b, hq, nq, d), mk(b, hkv, nk, d), mk(b, hkv, nk, d)
+
+
+@pytest.mark.parametrize("causal,offset", [(False, None), (True, None), (True, 0), (True, -2)])
+@pytest.mark.parametrize("mask_kind", [None, "bool", "float"])
+def test_attention_op_matches_reference(causal, offset, mask_kind):
+    """The op's reference path (forward and its written-out backward) equals autograd through the
+    reference, for GQA, Nq != Nk, causal diagonals and both mask kinds."""
+    q, k, v = _qkv()
+    g = torch.Generator().manual_seed(4)
+    mask = None
+    if mask_kind == "bool":
+        mask = torch.rand(2, 1, 5, 7, generator=g) > 0.3
+    elif mask_kind == "float":
+        mask = torch.randn(2, 1, 1, 7, generator=g, dtype=torch.float64)
+    out, lse = ops.attention(q, k, v, causal=causal, attn_mask=mask, causal_offset=offset, return_lse=True)
+    off = 7 - 5 if offset is None else offset
+    ref, ref_lse = ea_attention._attention(q, k, v, causal=causal, causal_offset=off, scale=None, attn_mask=mask,
+                                           return_lse=True, backend="reference")
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(finite, torch.isfinite(lse))
+    torch.testing.assert_close(lse[finite], ref_lse[finite].float(), rtol=1e-6, atol=1e-6)
+    w = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    grads = torch.autograd.grad((out * w).sum(), (q, k, v))
+    ref_grads = torch.autograd.grad((ref * w).sum(), (q, k, v))
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_ops_opcheck():
+    """torch.library.opcheck: schema, fake (meta) implementation, autograd registration, AOT dispatch."""
+    q, k, v = _qkv(nq=4, nk=6, d=4)
+    mask = torch.rand(2, 1, 4, 6, generator=torch.Generator().manual_seed(5)) > 0.2
+    torch.library.opcheck(torch.ops.embedattn.attention_fwd.default, (q, k, v, mask, True, 2, 0.5, "reference"))
+    dout = torch.randn(2, 4, 4, 4, dtype=torch.float64)
+    out, lse2 = torch.ops.embedattn.attention_fwd(q, k, v, None, False, 0, 0.5, "reference")
+    # (the fwd check above already traced attention_bwd through the registered autograd)
+    torch.library.opcheck(torch.ops.embedattn.attention_bwd.default,
+                          (dout, q.detach(), k.detach(), v.detach(), out.detach(), lse2, None, False, 0, 0.5,
+                           "reference"), test_utils=("test_schema", "test_faketensor"))
+    w = torch.randn(11, 6, dtype=torch.float64, requires_grad=True)
+    p = torch.randn(9, 6, dtype=torch.float64, requires_grad=True)
+    ids = torch.randint(0, 11, (15,))
+    torch.library.opcheck(torch.ops.embedattn.embedding_fwd.default, (ids, w, p, None, 5, 1, 1.5, 2, 3, "reference"))
+    c, x, n = torch.randint(0, 11, (7,)), torch.randint(0, 11, (7,)), torch.randint(0, 11, (7, 3))
+    torch.library.opcheck(torch.ops.embedattn.negative_sampling_fwd.default, (c, x, n, w, p[:0].new_zeros(11, 6)
+                                                                               .requires_grad_(), "reference"))
+
+
+@pytest.mark.parametrize("kw", [dict(pos=True), dict(pos=True, positions=True), dict(sinusoidal=True, scale=2.0),
+                                dict(pos=True, padding_idx=3, position_offset=2), dict()])
+def test_embedding_op_matches_api(kw):
+    g = torch.Generator().manual_seed(6)
+    w = torch.randn(11, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    p = torch.randn(9, 6, generator=g, dtype=torch.float64, requires_grad=True) if kw.pop("pos", False) else None
+    ids = torch.randint(0, 11, (3, 5), generator=g)
+    if kw.pop("positions", False):
+        kw["positions"] = torch.randint(0, 9, (3, 5), generator=g)
+    a = ops.embedding(ids, w, p, **kw)
+    b = embedattn.embedding(ids, w, p, backend="reference", **kw)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    params = [w] + ([p] if p is not None else [])
+    for x, y in zip(torch.autograd.grad(a.square().sum(), params), torch.autograd.grad(b.square().sum(), params)):
+        torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_negative_sampling_op_matches_api(reduction):
+    g = torch.Generator().manual_seed(7)
+    wi = torch.randn(13, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    wo = torch.randn(13, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    c, x, n = (torch.randint(0, 13, s, generator=g) for s in ((7,), (7,), (7, 3)))
+    a = ops.negative_sampling_loss(c, x, n, wi, wo, reduction=reduction)
+    b = embedattn.negative_sampling_loss(c, x, n, wi, wo, reduction=reduction, backend="reference")
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    for s, t in zip(torch.autograd.grad(a.square().sum(), (wi, wo)), torch.autograd.grad(b.square().sum(), (wi, wo))):
+        torch.testing.assert_close(s, t, rtol=1e-10, atol=1e-12)
+
+
+def test_ops_bad_input():
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="multiple"):
+        ops.attention(q, torch.randn(2, 3, 7, 8, dtype=q.dtype), torch.randn(2, 3, 7, 8, dtype=q.dtype))
+    with pytest.raises(ValueError, match="scale"):
+        ops.attention(q, k, v, scale=float("nan"))
+    with pytest.raises(IndexError):
+        ops.embedding(torch.tensor([[0, 11]]), torch.randn(11, 4))
+    with pytest.raises(ValueError, match="reduction"):
+        ops.negative_sampling_loss(torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long),
+                                   torch.zeros(2, 1, dtype=torch.long), torch.randn(3, 2), torch.randn(3, 2),
+                                   reduction="avg")
+
+
+# --------------------------------------------------------------------------------------------------
+# embedattn.nn
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_multihead_self_attention(backend, causal):
+    """Against a plain-PyTorch recomputation from the same projections (K/V repeated for GQA), with a
+    key-padding mask."""
+    dtype = _dtype(backend)
+    torch.manual_seed(0)
+    m = MultiheadSelfAttention(24, 4, 2, causal=causal, backend=backend).to(DEVICE, dtype)
+    x = torch.randn(2, 9, 24, device=DEVICE, dtype=dtype, requires_grad=True)
+    keep = torch.ones(2, 1, 1, 9, dtype=torch.bool, device=DEVICE)
+    keep[1, ..., 6:] = False
+    out = m(x, attn_mask=keep)
+    qkv = m.qkv(x).view(2, 9, 8, 6)
+    q, k, v = (t.transpose(1, 2) for t in (qkv[:, :, :4], qkv[:, :, 4:6], qkv[:, :, 6:]))
+    k, v = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+    mask = keep & torch.ones(9, 9, dtype=torch.bool, device=DEVICE).tril() if causal else keep
+    ref = m.proj(TORCH_SDPA(q, k, v, attn_mask=mask).transpose(1, 2).reshape(2, 9, 24))
+    torch.testing.assert_close(out, ref, **_tol(dtype))
+    gx, = torch.autograd.grad(out.square().sum(), x)
+    gx_ref, = torch.autograd.grad(ref.square().sum(), x)
+    torch.testing.assert_close(gx, gx_ref, **_tol(dtype))
+
+
+def test_kv_cache_matches_full_forward():
+    """Chunked prefill + single-token decoding through a KV cache equals one full causal forward."""
+    torch.manual_seed(0)
+    m = TinyGPT(32, 16, dim=16, num_layers=2, num_heads=4, num_kv_heads=2, backend="reference").double()
+    ids = torch.randint(0, 32, (2, 9))
+    full, _ = m(ids)
+    caches = [KVCache() for _ in m.blocks]
+    parts = [m(ids[:, :5], kv_caches=caches)[0]]
+    parts += [m(ids[:, i:i + 1], kv_caches=caches)[0] for i in range(5, 9)]
+    assert len(caches[0]) == 9
+    torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-12, atol=1e-12)
+    out = m.generate(ids[:, :4], 5)
+    assert out.shape == (2, 9) and torch.equal(out[:, :4], ids[:, :4])
+    with pytest.raises(ValueError, match="max_seq_len"):
+        m.generate(ids, 8)
+
+
+def test_nn_bad_args():
+    with pytest.raises(ValueError, match="multiple"):
+        MultiheadSelfAttention(24, 4, 3)
+    with pytest.raises(ValueError, match="divisible"):
+        MultiheadSelfAttention(30, 4)
+
+
+def _train(backend, steps=3):
+    torch.manual_seed(0)
+    model = TinyGPT(40, 16, dim=16, num_layers=2, num_heads=2, num_kv_heads=1, backend=backend).to(DEVICE)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    data = torch.randint(0, 40, (2, 13), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    losses = []
+    for _ in range(steps):
+        _, loss = model(data[:, :-1], data[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_tiny_gpt_trains_identically_on_both_backends():
+    """The same few SGD steps on the reference and on the Triton kernels (interpreter on CPU): the
+    loss decreases, and identically up to float32 rounding."""
+    ref = _train("reference")
+    assert ref[-1] < ref[0]
+    if HAS_TRITON:
+        tri = _train("triton")
+        assert tri[-1] < tri[0]
+        for a, b in zip(tri, ref):
+            assert math.isclose(a, b, rel_tol=1e-5), (tri, ref)
+
+
+def test_tiny_gpt_compiles_fullgraph():
+    """torch.compile(fullgraph=True) traces TinyGPT in one graph through the registered ops (fake
+    impls and autograd included: aot_eager), and matches eager values and gradients."""
+    import torch._dynamo.testing
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = TinyGPT(40, 16, dim=16, num_layers=2, num_heads=2, num_kv_heads=1, backend="reference")
+    data = torch.randint(0, 40, (2, 13))
+    cnt = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    _, loss = torch.compile(model, fullgraph=True, backend=cnt)(data[:, :-1], data[:, 1:])
+    loss.backward()
+    g = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    _, loss_eager = model(data[:, :-1], data[:, 1:])
+    loss_eager.backward()
+    assert cnt.frame_count == 1
+    targets = [str(n.target) for n in cnt.graphs[0].graph.nodes]
+    assert targets.count("embedattn.attention_fwd") == 2 and targets.count("embedattn.embedding_fwd") == 1
+    torch.testing.assert_close(loss, loss_eager, rtol=1e-6, atol=1e-6)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(g[n], p.grad, rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------
+# CUDA: the Triton kernels inside the ops, under Inductor
+# --------------------------------------------------------------------------------------------------
+@cuda_only
+def test_cuda_ops_opcheck_triton():
+    q, k, v = _qkv(nq=37, nk=45, d=24, dtype=torch.float16, device="cuda")
+    torch.library.opcheck(torch.ops.embedattn.attention_fwd.default, (q, k, v, None, True, 8, 0.2, "auto"))
+    w = torch.randn(50, 24, device="cuda", requires_grad=True)
+    p = torch.randn(40, 24, device="cuda", requires_grad=True)
+    ids = torch.randint(0, 50, (3 * 13,), device="cuda")
+    torch.library.opcheck(torch.ops.embedattn.embedding_fwd.default, (ids, w, p, None, 13, 1, 1.0, 0, -1, "auto"))
+    c, x, n = (torch.randint(0, 40, s, device="cuda") for s in ((9,), (9,), (9, 4)))
+    torch.library.opcheck(torch.ops.embedattn.negative_sampling_fwd.default, (c, x, n, w[:40], p, "auto"))
+
+
+@cuda_only
+def test_cuda_inductor_compiles_kernels():
+    """Inductor compiles TinyGPT (fullgraph) with our Triton kernels; values and gradients match eager."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = TinyGPT(100, 64, dim=64, num_layers=2, num_heads=4, num_kv_heads=2).cuda()
+    data = torch.randint(0, 100, (4, 49), device="cuda")
+    _, loss = torch.compile(model, fullgraph=True)(data[:, :-1], data[:, 1:])
+    loss.backward()
+    g = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    _, loss_eager = model(data[:, :-1], data[:, 1:])
+    loss_eager.backward()
+    torch.testing.assert_close(loss, loss_eager, rtol=1e-4, atol=1e-4)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(g[n], p.grad, rtol=1e-3, atol=1e-4)
+
+
+@cuda_only
+def test_cuda_transformers_training_step_and_generate():
+    """A transformers Llama in bf16 on CUDA with our kernel: a training step and generate()."""
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).cuda().to(torch.bfloat16)
+    model.set_attn_implementation(ea_hf.register())
+    ids = torch.randint(1, 128, (2, 33), device="cuda")
+    am = torch.ones_like(ids)
+    am[1, :5] = 0
+    loss = model(input_ids=ids, attention_mask=am, labels=ids).loss
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    out = model.eval().generate(input_ids=ids, attention_mask=am, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert out.shape == (2, 41)
