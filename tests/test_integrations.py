@@ -128,7 +128,7 @@ def test_transformers_generate_with_cache(attend_calls):
     cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg).to(DEVICE, torch.float64 if not ON_CUDA else torch.float32).eval()
+    model = transformers.LlamaForCausalLM(cfg).to(DEVICE, torch.float64).eval()
     ids, am = _batch("left", n=6)
     out = {}
     for impl in ("sdpa", ea_hf.register("embedattn_gen", backend="reference")):
@@ -512,7 +512,8 @@ def test_cuda_ops_opcheck_triton():
     ids = torch.randint(0, 50, (3 * 13,), device="cuda")
     torch.library.opcheck(torch.ops.embedattn.embedding_fwd.default, (ids, w, p, None, 13, 1, 1.0, 0, -1, "auto"))
     c, x, n = (torch.randint(0, 40, s, device="cuda") for s in ((9,), (9,), (9, 4)))
-    torch.library.opcheck(torch.ops.embedattn.negative_sampling_fwd.default, (c, x, n, w[:40], p, "auto"))
+    wi = torch.randn(40, 24, device="cuda", requires_grad=True)
+    torch.library.opcheck(torch.ops.embedattn.negative_sampling_fwd.default, (c, x, n, wi, p, "auto"))
 
 
 @cuda_only
