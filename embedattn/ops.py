@@ -5,20 +5,31 @@ Ops (namespace ``embedattn``)::
     torch.ops.embedattn.attention_fwd(q, k, v, mask, causal, causal_offset, scale, backend) -> (out, lse2)
     torch.ops.embedattn.attention_bwd(dout, q, k, v, out, lse2, mask, causal, causal_offset, scale, backend)
         -> (dq, dk, dv)
+    torch.ops.embedattn.embedding_fwd(ids, weight, pos_weight, positions, n, pos_mode, scale, offset,
+        padding_idx, backend) -> out (T, D)
+    torch.ops.embedattn.embedding_bwd(grad, ids, positions, num_rows, num_positions, n, scale, offset,
+        padding_idx, deterministic, backend) -> (grad_weight, grad_pos_weight)
+    torch.ops.embedattn.negative_sampling_fwd(center, context, negatives, in_weight, out_weight, backend)
+        -> (loss, coef)
+    torch.ops.embedattn.negative_sampling_bwd(center, context, negatives, in_weight, out_weight, coef,
+        grad_loss, backend) -> (grad_in_weight, grad_out_weight)
 
-Both are ``torch.library.triton_op``: on CUDA their bodies launch the Triton kernels through
+All are ``torch.library.triton_op``: on CUDA their bodies launch the Triton kernels through
 ``torch.library.wrap_triton``, so Inductor sees (and can AOT-compile) the kernels themselves; on
 every other device, and for what the kernels do not cover (float64, head dim > 256), the same op runs
 the PyTorch reference, so a compiled model falls back on CPU without a graph break. The bodies also
 serve as the fake (meta) implementations (triton_op traces them with fake tensors).
-``attention_fwd`` has its autograd registered (``register_autograd``) with ``attention_bwd``.
+Each ``*_fwd`` op has its autograd registered (``register_autograd``) with its ``*_bwd`` op. The
+kernels' own launchers (``kernels/<op>.py``) are reused as they are: ``_traceable`` re-binds them so
+that each launch goes through ``wrap_triton`` (see there).
 
 Under the Triton interpreter (``TRITON_INTERPRET=1``, CPU tensors) the ops run the reference: the
 interpreter launches kernels on real memory and cannot be traced with fake tensors. The eager
 interpreted path stays ``embedattn.attention(..., backend="triton")``.
 
-``attention()`` below is the functional entry through the op (same arguments as
-``embedattn.attention`` plus ``causal_offset``); ``attend()`` is what ``embedattn.nn`` and the
+Functional entries through the ops: ``attention()`` (``embedattn.attention``'s arguments plus
+``causal_offset``), ``embedding()`` and ``negative_sampling_loss()`` (dense gradients; the id bounds
+check is skipped while compiling, as it syncs). ``attend()`` is what ``embedattn.nn`` and the
 transformers integration call: the op while ``torch.compile`` traces, the eager path otherwise.
 """
 
