@@ -23,7 +23,11 @@ from embedattn.patching import patch_sdpa, sdpa_patched
 
 ea_attention = importlib.import_module("embedattn.attention")  # the module (embedattn.attention is the function)
 
-cuda_only = pytest.mark.skipif(not ON_CUDA, reason="needs CUDA (Inductor compiles Triton kernels for GPUs)")
+
+
+def cuda_only(f):
+    """Marked ``cuda`` and skipped without a GPU (Inductor compiles the Triton kernels for GPUs only)."""
+    return pytest.mark.cuda(pytest.mark.skipif(not ON_CUDA, reason="needs CUDA")(f))
 
 
 def _dtype(backend):
