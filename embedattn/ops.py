@@ -269,16 +269,20 @@ def attend(
     scale: float | None,
     attn_mask: torch.Tensor | None,
     backend: str | None,
+    softcap: float | None = None,
+    dropout_p: float = 0.0,
 ) -> torch.Tensor:
     """Attention for modules: the registered op while torch.compile traces (no graph break), the
-    eager ``embedattn`` path otherwise (which also runs the interpreter on CPU)."""
-    if torch.compiler.is_compiling():
+    eager ``embedattn`` path otherwise (which also runs the interpreter on CPU).
+
+    ``softcap`` and ``dropout_p`` (in-kernel dropout) are not in the registered op yet: with them the
+    eager path runs even under torch.compile (Dynamo then traces into it, which may break the graph).
+    """
+    if torch.compiler.is_compiling() and not softcap and not dropout_p:
         return attention(q, k, v, causal=causal, scale=scale, attn_mask=attn_mask, causal_offset=causal_offset,
                          backend=backend)
     return _attention(q, k, v, causal=causal, causal_offset=causal_offset, scale=scale, attn_mask=attn_mask,
-                      return_lse=False, backend=backend)
-
-
+                      return_lse=False, backend=backend, softcap=softcap or 0.0, dropout_p=dropout_p)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -143,18 +143,55 @@ def test_transformers_generate_with_cache(attend_calls):
     assert any(c["q_shape"][2] == 1 for c in attend_calls)  # decoding steps went through our kernel
 
 
-def test_transformers_dropout_falls_back_to_sdpa(attend_calls, monkeypatch):
-    """Attention dropout in training is not in the kernel: that call goes to transformers' sdpa."""
-    sdpa_calls = []
-    orig = ea_hf._sdpa_forward()
-    monkeypatch.setattr(ea_hf, "_sdpa_forward", lambda: lambda *a, **k: sdpa_calls.append(1) or orig(*a, **k))
+def test_transformers_dropout_runs_in_kernel(attend_calls):
+    """Training with attention dropout runs our kernel's dropout: seeded by torch's RNG (reproducible),
+    and off in eval."""
     model = _llama(torch.float64, attention_dropout=0.5)
     model.set_attn_implementation(ea_hf.register("embedattn_drop", backend="reference"))
     ids, am = _batch("right")
-    model.train()(input_ids=ids, attention_mask=am)
-    assert len(sdpa_calls) == 2 and not attend_calls
-    model.eval()(input_ids=ids, attention_mask=am)
-    assert len(attend_calls) == 2
+    outs = []
+    for _ in range(2):
+        torch.manual_seed(11)
+        outs.append(model.train()(input_ids=ids, attention_mask=am).last_hidden_state[am.bool()])
+    assert [c["dropout_p"] for c in attend_calls] == [0.5] * 4
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+    attend_calls.clear()
+    h_eval = model.eval()(input_ids=ids, attention_mask=am).last_hidden_state[am.bool()]
+    assert [c["dropout_p"] for c in attend_calls] == [0.0, 0.0]
+    assert torch.isfinite(outs[0]).all() and not torch.allclose(outs[0], h_eval)
+
+
+def test_transformers_unsupported_call_falls_back_to_sdpa(monkeypatch, attend_calls):
+    """A call the kernel does not cover (here: value head dim != key head dim) goes to transformers' sdpa."""
+    sdpa_calls = []
+    orig = ea_hf._sdpa_forward()
+    monkeypatch.setattr(ea_hf, "_sdpa_forward", lambda: lambda *a, **k: sdpa_calls.append(1) or orig(*a, **k))
+    f = ea_hf.make_attention_forward("reference")
+    q, k, v = torch.randn(1, 2, 3, 4), torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 6)
+    out, weights = f(torch.nn.Module(), q, k, v, None, scaling=0.5, is_causal=False)
+    assert sdpa_calls and not attend_calls and weights is None and out.shape == (1, 3, 2, 6)
+    torch.testing.assert_close(out, TORCH_SDPA(q, k, v, scale=0.5).transpose(1, 2))
+    with pytest.raises(ValueError, match="softcap"):
+        f(torch.nn.Module(), q, k, v, None, softcap=30.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_transformers_softcap_sliding_window_matches_eager(backend, attend_calls):
+    """Gemma-2 (logit soft-capping, which sdpa lacks, and sliding-window layers): equal to "eager".
+    float32 for both backends: "eager" itself gives NaN gradients in float64 on fully masked rows."""
+    dtype = torch.float32
+    cfg = transformers.Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                    num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                    max_position_embeddings=64, sliding_window=4, attn_logit_softcapping=5.0)
+    torch.manual_seed(0)
+    model = transformers.AutoModel.from_config(cfg, attn_implementation="eager").to(DEVICE, dtype)
+    ids, am = _batch("left")
+    h_ref, g_ref = _run(model, "eager", ids, am)
+    h, g = _run(model, ea_hf.register(f"embedattn_gemma_{backend}", backend=backend), ids, am)
+    assert [c["softcap"] for c in attend_calls] == [5.0, 5.0]
+    torch.testing.assert_close(h, h_ref, **_tol(dtype))
+    for n in g_ref:
+        torch.testing.assert_close(g[n], g_ref[n], **_tol(dtype), msg=lambda m, n=n: f"grad {n}: {m}")
 
 
 def test_transformers_compiles_fullgraph(attend_calls):
@@ -181,10 +218,6 @@ def test_transformers_register_errors():
         ea_hf.register("paged|x")
     with pytest.raises(ValueError, match="backend"):
         ea_hf.register("embedattn_bad", backend="cuda")
-    f = ea_hf.make_attention_forward("reference")
-    q = torch.randn(1, 2, 3, 4)
-    with pytest.raises(ValueError, match="softcap"):
-        f(torch.nn.Module(), q, q, q, None, softcap=30.0)
     assert ea_hf.register() == "embedattn"
     assert "embedattn" in transformers.AttentionInterface._global_mapping
 

@@ -14,10 +14,13 @@ The attention function keeps the callee contract of transformers' ``sdpa_attenti
 inputs (B, H, S, D), grouped-query attention through ``module.num_key_value_groups`` (served
 natively: K/V are not repeated), ``scaling``, ``is_causal`` (top-left, like SDPA, and only when no
 mask is given and more than one query), output transposed to (B, S, H, D), and ``(output, None)``
-returned (no attention weights). What the kernel does not cover goes to transformers' own SDPA
-function for that call: ``dropout > 0`` (training with attention dropout), ``position_bias``
-(T5-style learned biases need mask gradients), key and value head dims that differ, and dtypes or
-head dims the selected backend cannot run. ``softcap`` raises, as with ``"sdpa"``.
+returned (no attention weights). Beyond sdpa: ``softcap`` (Gemma-2 logit soft-capping) runs in the
+kernel, where sdpa raises. ``dropout > 0`` (training with attention dropout) runs in the kernel too
+(Philox, seeded from torch's RNG: reproducible under ``torch.manual_seed``, but not the same draw
+as torch's). What the kernel does not cover goes to transformers' own SDPA function for that call:
+``position_bias`` (T5-style learned biases need mask gradients), key and value head dims that
+differ, dtypes or head dims the selected backend cannot run, and dropout while torch.compile
+traces (the registered op has no dropout yet). Sliding windows arrive inside the mask.
 
 transformers is an optional dependency (``pip install embedattn[hf]``); it is imported only here.
 """
@@ -43,7 +46,7 @@ def _sdpa_forward() -> Callable:
 
 
 def _supported(query, key, value, mask, dropout, position_bias, backend) -> bool:
-    if dropout and dropout > 0.0:
+    if dropout and dropout > 0.0 and torch.compiler.is_compiling():
         return False
     if position_bias is not None or key.shape[-1] != value.shape[-1]:
         return False
@@ -71,10 +74,12 @@ def make_attention_forward(backend: str | None = None) -> Callable:
         is_causal: bool | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, None]:
-        if kwargs.get("softcap") is not None:
-            raise ValueError("embedattn attention does not support `softcap`; use attn_implementation='eager'")
+        softcap = kwargs.get("softcap")
         position_bias = kwargs.get("position_bias")
         if not _supported(query, key, value, attention_mask, dropout, position_bias, backend):
+            if softcap is not None:
+                raise ValueError("embedattn attention cannot run this call (see embedattn.integrations."
+                                 "transformers) and its sdpa fallback does not support `softcap`")
             return _sdpa_forward()(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                    is_causal=is_causal, **kwargs)
         q_len, kv_len = query.shape[2], key.shape[2]
@@ -90,7 +95,7 @@ def make_attention_forward(backend: str | None = None) -> Callable:
         # causal_offset=0: top-left alignment, SDPA's is_causal (the mask builder relies on it when it
         # returns None for an empty-cache prefill with kv_len > q_len)
         out = attend(query, key, value, causal=causal, causal_offset=0, scale=float(scaling),
-                     attn_mask=attention_mask, backend=backend)
+                     attn_mask=attention_mask, backend=backend, softcap=softcap, dropout_p=float(dropout or 0.0))
         return out.transpose(1, 2).contiguous(), None
 
     return embedattn_attention_forward
