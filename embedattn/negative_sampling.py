@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -208,9 +209,10 @@ class NegativeSamplingLoss(nn.Module):
 class UnigramSampler:
     """Draws negatives with probability ∝ counts**power (word2vec's unigram^0.75 table).
 
-    Sampling is a cumulative table (float64) + ``torch.searchsorted`` on the sampler's device: no
-    Python loop, exact for any vocabulary size. ``exclude`` (ids shaped like the leading dims of the
-    draw) samples from the distribution with that id removed, exactly and without rejection loops.
+    Plain draws use Walker's alias method (two gathers per sample, O(1)); ``exclude`` (ids shaped
+    like the leading dims of the draw) samples from the distribution with that id removed, exactly
+    and without rejection loops, through a cumulative table (float64) and ``torch.searchsorted``.
+    Both run on the sampler's device with no Python loop per draw.
     """
 
     def __init__(self, counts: torch.Tensor | Sequence[float], power: float = 0.75, *, device=None) -> None:
@@ -227,6 +229,24 @@ class UnigramSampler:
         self._cum = torch.cumsum(self.probs, 0)
         self._single = int((p > 0).sum()) == 1  # one word holds all the mass: exclusion impossible
         self._last = int(torch.nonzero(p).max())  # float rounding at the top end must not pick a zero count
+        self._alias_prob, self._alias = self._alias_tables(self.probs)
+
+    @staticmethod
+    def _alias_tables(probs: torch.Tensor):
+        """Vose's alias method: bucket i keeps i with probability prob[i], else gives alias[i]."""
+        n = probs.numel()
+        scaled = (probs.cpu().double() * n).numpy().copy()
+        prob = np.ones(n)
+        alias = np.arange(n)
+        small = [i for i in range(n) if scaled[i] < 1.0]
+        large = [i for i in range(n) if scaled[i] >= 1.0]
+        while small and large:  # one O(V) pass when the sampler is built, never per draw
+            s, g = small.pop(), large.pop()
+            prob[s], alias[s] = scaled[s], g
+            scaled[g] -= 1.0 - scaled[s]
+            (small if scaled[g] < 1.0 else large).append(g)
+        dev = probs.device
+        return torch.tensor(prob, dtype=torch.float32, device=dev), torch.tensor(alias, device=dev)
 
     @property
     def device(self) -> torch.device:
@@ -237,6 +257,7 @@ class UnigramSampler:
 
     def to(self, device) -> UnigramSampler:
         self.probs, self._cum = self.probs.to(device), self._cum.to(device)
+        self._alias_prob, self._alias = self._alias_prob.to(device), self._alias.to(device)
         return self
 
     def sample(self, *shape: int, exclude: torch.Tensor | None = None,
@@ -248,19 +269,20 @@ class UnigramSampler:
         dev = self.device if device is None else torch.device(device)
         if dev != self.device:
             self.to(dev)
-        u = torch.rand(shape, dtype=torch.float64, device=dev, generator=generator)
         if exclude is None:
-            u *= self._cum[-1]
-        else:
-            if self._single:
-                raise ValueError("cannot exclude ids: only one id has a non-zero probability")
-            ex = exclude.to(dev).long()
-            ex = ex.reshape(ex.shape + (1,) * (len(shape) - ex.dim()))
-            p_x = self.probs[ex]
-            start = self._cum[ex] - p_x
-            # draw on the total mass minus the excluded id's, then skip over its interval
-            u = u * (self._cum[-1] - p_x)
-            u = u + (u >= start) * p_x
+            n = self.probs.numel()
+            i = torch.randint(0, n, shape, device=dev, generator=generator)
+            keep = torch.rand(shape, device=dev, generator=generator) < self._alias_prob[i]
+            return torch.where(keep, i, self._alias[i])
+        if self._single:
+            raise ValueError("cannot exclude ids: only one id has a non-zero probability")
+        ex = exclude.to(dev).long()
+        ex = ex.reshape(ex.shape + (1,) * (len(shape) - ex.dim()))
+        p_x = self.probs[ex]
+        start = self._cum[ex] - p_x
+        # draw on the total mass minus the excluded id's, then skip over its interval
+        u = torch.rand(shape, dtype=torch.float64, device=dev, generator=generator) * (self._cum[-1] - p_x)
+        u = u + (u >= start) * p_x
         idx = torch.searchsorted(self._cum, u, right=True)
         return idx.clamp_(max=self._last)
 

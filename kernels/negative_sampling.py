@@ -125,6 +125,9 @@ def _sgns_step_kernel(inp_ptr, tgt_ptr, neg_ptr, w_in_ptr, w_out_ptr, loss_ptr, 
     m2 = rmask[:, None] & (cols[None, :] <= K)
     center = tl.load(inp_ptr + rows * s_c, mask=rmask, other=0).to(tl.int64)
     ids = _ids_tile(tgt_ptr, neg_ptr, rows, cols, rmask, m2, K, s_x, s_nb, s_nk)
+    # like word2vec.c, a negative drawn equal to the pair's target is skipped
+    tgt = tl.load(tgt_ptr + rows * s_x, mask=rmask, other=0).to(tl.int64)
+    m2 = m2 & ((cols[None, :] == 0) | (ids != tgt[:, None]))
     score = _scores(center, ids, w_in_ptr, w_out_ptr, rmask, m2, D, s_in, s_out,
                     BLOCK_B, BLOCK_K, BLOCK_D, ACC)
     nll, coef = _nll_and_coef(score, cols, m2)
@@ -235,8 +238,9 @@ def sgns_step(inputs, targets, negatives, in_weight, out_weight, lr: float) -> t
     """Fused skip-gram SGD step, in place on both tables (Hogwild across pairs, like word2vec.c).
 
     For each pair b: scores of ``in_weight[inputs[b]]`` against ``out_weight[targets[b]]`` (label 1)
-    and ``out_weight[negatives[b, k]]`` (label 0); g = (label - σ(score)) * lr; the output rows move
-    by g * v and the input row by Σ g * u. Returns the per-pair loss (B,) before the update (fp32)."""
+    and ``out_weight[negatives[b, k]]`` (label 0; skipped when equal to the target, as in
+    word2vec.c); g = (label - σ(score)) * lr; the output rows move by g * v and the input row by
+    Σ g * u. Returns the per-pair loss (B,) before the update (fp32)."""
     B, K = negatives.shape
     D = in_weight.shape[1]
     loss = empty(B, dtype=_acc_dtype(in_weight.dtype), device=in_weight.device)

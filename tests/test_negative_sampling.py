@@ -164,16 +164,19 @@ def test_module_with_sampler_trains():
 
 def _step_reference(inp, tgt, neg, wi, wo, lr):
     """The minibatch semantics of one sgns_step: every pair's word2vec.c update computed from the
-    tables before the step, then all added (what Hogwild converges to when rows do not collide)."""
+    tables before the step, then all added (what Hogwild converges to when rows do not collide).
+    A negative equal to the target is skipped, as in word2vec.c."""
     wi64, wo64 = wi.double(), wo.double()
     v = wi64[inp]
     ids = torch.cat([tgt[:, None], neg], 1)
+    live = (ids != tgt[:, None]).double()
+    live[:, 0] = 1
     u = wo64[ids]
     s = (u * v[:, None]).sum(-1)
     label = torch.zeros_like(s)
     label[:, 0] = 1
-    g = (label - torch.sigmoid(s)) * lr
-    loss = -torch.nn.functional.logsigmoid(torch.where(label > 0, s, -s)).sum(-1)
+    g = (label - torch.sigmoid(s)) * lr * live
+    loss = -(torch.nn.functional.logsigmoid(torch.where(label > 0, s, -s)) * live).sum(-1)
     wi64 = wi64.index_add(0, inp, (g[:, :, None] * u).sum(1))
     wo64 = wo64.index_add(0, ids.reshape(-1), (g[:, :, None] * v[:, None]).reshape(-1, v.shape[1]))
     return loss, wi64, wo64
@@ -197,6 +200,7 @@ def test_sgns_step_kernel(distinct):
         V = 7
         inp, tgt = torch.randint(0, V, (B,), generator=g), torch.randint(0, V, (B,), generator=g)
         neg = torch.randint(0, V, (B, K), generator=g)
+        assert (neg == tgt[:, None]).any()  # the skip rule is exercised
     wi = torch.randn(V, D, generator=g) * 0.3
     wo = torch.randn(V, D, generator=g) * 0.3
     loss_r, wi_r, wo_r = _step_reference(inp, tgt, neg, wi, wo, lr=0.05)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import shutil
 
 import pytest
 import torch
@@ -17,7 +18,13 @@ from helpers import DEVICE, HAS_TRITON, ON_CUDA, max_err
 
 from embedattn.word2vec import Word2Vec
 from embedattn.word2vec._corpus import build_vocab, line_sentences
-from embedattn.word2vec._train import autograd_sgns_step, keep_probability, skipgram_pairs, torch_sgns_step
+from embedattn.word2vec._train import (
+    CompiledStep,
+    autograd_sgns_step,
+    keep_probability,
+    skipgram_pairs,
+    torch_sgns_step,
+)
 
 gensim = pytest.importorskip("gensim")
 from gensim.test.utils import datapath  # noqa: E402
@@ -25,17 +32,20 @@ from gensim.test.utils import datapath  # noqa: E402
 slow = pytest.mark.skipif(not os.environ.get("EMBEDATTN_SLOW"), reason="slow: set EMBEDATTN_SLOW=1")
 
 
-def _step_reference(inp, tgt, neg, wi, wo, lr):
-    """One minibatch of word2vec.c updates in float64, all computed from the same snapshot, summed."""
+def _step_reference(inp, tgt, neg, wi, wo, lr, skip_target=True):
+    """One minibatch of word2vec.c updates in float64, all computed from the same snapshot, summed.
+    ``skip_target``: a negative equal to the target is skipped (word2vec.c, the fused steps)."""
     wi64, wo64 = wi.double(), wo.double()
     v = wi64[inp]
     ids = torch.cat([tgt[:, None], neg], 1)
+    live = (ids != tgt[:, None]).double() if skip_target else torch.ones(ids.shape, dtype=torch.float64)
+    live[:, 0] = 1
     u = wo64[ids]
     s = (u * v[:, None]).sum(-1)
     label = torch.zeros_like(s)
     label[:, 0] = 1
-    g = (label - torch.sigmoid(s)) * lr
-    loss = -torch.nn.functional.logsigmoid(torch.where(label > 0, s, -s)).sum()
+    g = (label - torch.sigmoid(s)) * lr * live
+    loss = -(torch.nn.functional.logsigmoid(torch.where(label > 0, s, -s)) * live).sum()
     wi64 = wi64.index_add(0, inp, (g[:, :, None] * u).sum(1))
     wo64 = wo64.index_add(0, ids.reshape(-1), (g[:, :, None] * v[:, None]).reshape(-1, v.shape[1]))
     return loss, wi64, wo64
@@ -56,8 +66,29 @@ def test_torch_step_matches_reference_per_chunk():
     for s in range(0, inp.numel(), 16):
         loss, ri, ro = _step_reference(inp[s:s + 16], tgt[s:s + 16], neg[s:s + 16], ri, ro, 0.05)
         ref_loss += loss
+    assert (neg == tgt[:, None]).any()  # the skip rule is exercised
     a, b = wi.clone(), wo.clone()
     out = torch_sgns_step(inp, tgt, neg, a, b, 0.05, chunk=16)
+    assert abs(out.item() - ref_loss.item()) < 1e-4
+    assert max_err(a, ri) < 1e-5 and max_err(b, ro) < 1e-5
+
+
+@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None, reason="needs a C++ compiler")
+@pytest.mark.parametrize("cpp_wrapper", [False, pytest.param(True, marks=[pytest.mark.slow, slow])])
+def test_compiled_step_matches_reference(cpp_wrapper):
+    # torch.compile's CPU codegen (the trainer's fast path): groups of 2 x 8 pairs, then an eager tail.
+    # The trainer uses cpp_wrapper=True (same math, a C++ wrapper that drops the GIL), which compiles
+    # several times slower: it runs with the slow tests.
+    inp, tgt, neg, wi, wo = _step_inputs(B=37, seed=2)
+    ref_loss, ri, ro = 0.0, wi.double(), wo.double()
+    for s in range(0, inp.numel(), 8):
+        loss, ri, ro = _step_reference(inp[s:s + 8], tgt[s:s + 8], neg[s:s + 8], ri, ro, 0.05)
+        ref_loss += loss
+    a, b = wi.clone(), wo.clone()
+    step = CompiledStep(a, b, negative=4, chunk=8, group=2, cpp_wrapper=cpp_wrapper)
+    assert step.ok
+    assert torch.equal(a, wi) and torch.equal(b, wo)  # the warm-up call changed nothing
+    out = step(inp, tgt, neg, a, b, 0.05)
     assert abs(out.item() - ref_loss.item()) < 1e-4
     assert max_err(a, ri) < 1e-5 and max_err(b, ro) < 1e-5
 
@@ -65,7 +96,7 @@ def test_torch_step_matches_reference_per_chunk():
 @pytest.mark.parametrize("backend", ["reference"] + (["triton"] if HAS_TRITON else []))
 def test_autograd_step_matches_reference(backend):
     inp, tgt, neg, wi, wo = _step_inputs(B=21, seed=1)
-    loss_r, ri, ro = _step_reference(inp, tgt, neg, wi, wo, 0.05)
+    loss_r, ri, ro = _step_reference(inp, tgt, neg, wi, wo, 0.05, skip_target=False)
     a, b = wi.to(DEVICE), wo.to(DEVICE)
     loss = autograd_sgns_step(inp.to(DEVICE), tgt.to(DEVICE), neg.to(DEVICE), a, b, 0.05, backend=backend)
     assert abs(loss.item() - loss_r.item()) < 1e-4

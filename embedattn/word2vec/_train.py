@@ -36,31 +36,87 @@ def skipgram_pairs(ids: torch.Tensor, sent: torch.Tensor, start: int, end: int, 
     return ids[qc[pi, oi]], ids[pos[pi]]
 
 
-def torch_sgns_step(inputs, targets, negatives, w_in, w_out, lr: float, chunk: int = 2048) -> torch.Tensor:
-    """The CPU fast path of ``sgns_step``: word2vec.c's update in batched PyTorch, in chunks of pairs
-    small enough to stay in cache. Within a chunk every update is computed from the same snapshot
-    and summed with index_add_ (minibatch SGD with sum reduction); chunks apply in order. Returns the
-    summed loss of the pairs (before their update) as a 0-d float64 tensor."""
-    total = torch.zeros((), dtype=torch.float64, device=w_in.device)
+def _step_math(inp, ids, keep, w_in, w_out, lr):
+    """One minibatch of word2vec.c updates from one snapshot of the tables; ``ids`` (P, K+1) has the
+    target in column 0, ``keep`` (P, K+1) zeroes skipped columns. Returns the summed loss."""
+    P, K1 = ids.shape
     D = w_in.shape[1]
-    K1 = negatives.shape[1] + 1
+    v = w_in.index_select(0, inp)  # index_select, not advanced indexing: much faster on the CPU
+    u = w_out.index_select(0, ids.reshape(-1)).view(P, K1, D)
+    sign = torch.where(torch.arange(K1, device=ids.device) == 0, 1.0, -1.0)
+    z = (u * v[:, None, :]).sum(-1) * sign  # the target wants a large score, negatives a small one
+    loss = -(F.logsigmoid(z) * keep).sum()
+    g = torch.sigmoid(-z) * sign * keep * lr  # = (label - σ(score)) * lr
+    dv = (g[:, :, None] * u).sum(1)
+    w_out.index_add_(0, ids.reshape(-1), (g[:, :, None] * v[:, None, :]).reshape(-1, D))
+    w_in.index_add_(0, inp, dv)
+    return loss
+
+
+def _ids_keep(targets, negatives):
+    ids = torch.cat([targets[:, None], negatives], 1)
+    keep = ids != targets[:, None]  # like word2vec.c, a negative equal to the target is skipped
+    keep[:, 0] = True
+    return ids, keep.to(torch.float32)
+
+
+def torch_sgns_step(inputs, targets, negatives, w_in, w_out, lr: float, chunk: int = 256) -> torch.Tensor:
+    """The CPU path of ``sgns_step`` in eager PyTorch, ``chunk`` pairs at a time. Within a chunk
+    every update is computed from the same snapshot and summed (minibatch SGD, sum reduction);
+    chunks apply in order. Returns the summed loss of the pairs (before their update), 0-d."""
+    total = torch.zeros((), dtype=torch.float64, device=w_in.device)
     for s in range(0, inputs.numel(), chunk):
-        inp = inputs[s:s + chunk]
-        ids = torch.cat([targets[s:s + chunk, None], negatives[s:s + chunk]], 1).reshape(-1)
-        P = inp.numel()
-        # index_select, not advanced indexing: several times faster on the CPU
-        v = w_in.index_select(0, inp)  # (P, D)
-        u = w_out.index_select(0, ids).view(P, K1, D)
-        score = (u * v[:, None, :]).sum(-1)  # (P, K+1)
-        score[:, 1:].neg_()  # the positive wants a large score, the negatives a small one
-        total += F.logsigmoid(score).sum().neg()
-        # g = (label - σ(raw score)) * lr = ±σ(-score) * lr
-        g = torch.sigmoid(score.neg_()).mul_(lr)
-        g[:, 1:].neg_()
-        dv = torch.bmm(g[:, None, :], u).squeeze(1)
-        w_out.index_add_(0, ids, (g[:, :, None] * v[:, None, :]).view(-1, D))
-        w_in.index_add_(0, inp, dv)
+        ids, keep = _ids_keep(targets[s:s + chunk], negatives[s:s + chunk])
+        total += _step_math(inputs[s:s + chunk], ids, keep, w_in, w_out, lr)
     return total
+
+
+def _group_step(inp, tgt, neg, w_in, w_out, lr, chunk: int):
+    """``_step_math`` over consecutive ``chunk``-pair slices, in order (unrolled when compiled)."""
+    total = torch.zeros((), dtype=torch.float32, device=w_in.device)
+    for s in range(0, inp.shape[0], chunk):
+        ids, keep = _ids_keep(tgt[s:s + chunk], neg[s:s + chunk])
+        total = total + _step_math(inp[s:s + chunk], ids, keep, w_in, w_out, lr)
+    return total
+
+
+class CompiledStep:
+    """The CPU fast path: ``_step_math`` compiled by torch.compile (Inductor's C++ codegen fuses the
+    gathers, dots, sigmoids and scatter-adds). One call runs ``group`` chunks in order, on fixed
+    shapes so it compiles once; a remainder shorter than one group runs eagerly.
+    ``ok`` is False (use ``torch_sgns_step``) when compiling fails, e.g. without a C++ compiler."""
+
+    def __init__(self, w_in, w_out, negative: int, chunk: int = 256, group: int = 4,
+                 cpp_wrapper: bool = True) -> None:
+        self.chunk, self.group, self.ok = chunk, group, False
+        self.size = chunk * group
+        try:
+            # cpp_wrapper: the compiled graph runs in C++ without the GIL, so worker threads overlap
+            self.fn = torch.compile(_group_step, dynamic=False, fullgraph=True,
+                                    options={"cpp_wrapper": cpp_wrapper})
+            n = self.size
+            z = torch.zeros(n, dtype=torch.long)
+            # compile now; with lr = 0 (and every negative equal to its target, so masked) the
+            # warm-up call changes nothing
+            self.fn(z, z, torch.zeros(n, negative, dtype=torch.long), w_in, w_out, torch.tensor(0.0), chunk)
+            self.ok = True
+        except Exception as e:  # noqa: BLE001 (any compiler failure means: run eager)
+            import warnings
+
+            warnings.warn(f"torch.compile of the word2vec step failed, using eager PyTorch: {e}", stacklevel=2)
+
+    def __call__(self, inputs, targets, negatives, w_in, w_out, lr: float) -> torch.Tensor:
+        total = torch.zeros((), dtype=torch.float64)
+        lr_t = torch.tensor(float(lr))  # a tensor, so a new learning rate does not recompile
+        n, c = inputs.numel(), self.size
+        full = n - n % c
+        for s in range(0, full, c):
+            total += self.fn(inputs[s:s + c], targets[s:s + c], negatives[s:s + c], w_in, w_out, lr_t,
+                             self.chunk)
+        if full < n:  # the remainder (fewer than one group) runs eagerly, same chunking
+            total += torch_sgns_step(inputs[full:], targets[full:], negatives[full:], w_in, w_out, lr,
+                                     self.chunk)
+        return total
 
 
 def autograd_sgns_step(inputs, targets, negatives, w_in, w_out, lr: float, backend=None) -> torch.Tensor:

@@ -15,7 +15,7 @@ import torch
 from .._backend import resolve
 from ..negative_sampling import UnigramSampler
 from ._corpus import build_vocab, line_sentences
-from ._train import autograd_sgns_step, keep_probability, skipgram_pairs, torch_sgns_step
+from ._train import CompiledStep, autograd_sgns_step, keep_probability, skipgram_pairs, torch_sgns_step
 
 WordPairsResult = namedtuple("WordPairsResult", ["pearson", "spearman", "oov_ratio"])
 
@@ -158,9 +158,12 @@ class Word2Vec:
     ``fused=True`` trains with the fused step (Triton ``sgns_step`` on CUDA, batched PyTorch on the
     CPU); ``fused=False`` with the autograd ``negative_sampling_loss`` + SGD. ``backend`` picks the
     loss/step implementation as everywhere in embedattn (None: Triton on CUDA, PyTorch on the CPU).
-    Pairs are processed ``batch_words`` corpus words at a time, all on ``device``. On the CPU,
+    Pairs are processed ``batch_words`` corpus words at a time, all on ``device`` (default: CUDA
+    when available). On the CPU,
     ``workers`` threads (default: min(2, torch.get_num_threads())) each run single-threaded PyTorch
     on their share of a batch's pairs, Hogwild like gensim's workers; small ops parallelize badly.
+    ``compile`` (CPU fused path): torch.compile the step (None: when epochs x corpus words >= 1M;
+    falls back to eager PyTorch with a warning when compiling fails).
     """
 
     def __init__(self, sentences: Iterable[list[str]] | None = None, *, corpus_file: str | None = None,
@@ -168,7 +171,8 @@ class Word2Vec:
                  sample: float = 1e-3, alpha: float = 0.025, min_alpha: float = 1e-4, epochs: int = 5,
                  ns_exponent: float = 0.75, max_vocab_size: int | None = None, batch_words: int = 10000,
                  seed: int = 0, workers: int | None = None, device=None, backend: str | None = None,
-                 fused: bool = True, progress: Callable[[dict], None] | None = None) -> None:
+                 fused: bool = True, compile: bool | None = None,
+                 progress: Callable[[dict], None] | None = None) -> None:
         for name, val, lo in (("vector_size", vector_size, 1), ("window", window, 1), ("negative", negative, 1),
                               ("min_count", min_count, 1), ("epochs", epochs, 1), ("batch_words", batch_words, 1)):
             if not isinstance(val, int) or val < lo:
@@ -184,13 +188,16 @@ class Word2Vec:
         if workers is not None and (not isinstance(workers, int) or workers < 1):
             raise ValueError(f"workers must be an int >= 1, got {workers!r}")
         self.workers = workers
+        self.compile, self.compile_seconds = compile, 0.0
         # pairs per CPU minibatch: updates inside one are summed from a common snapshot, so a
         # frequent word drawn as a negative n times moves n stale steps at once; small keeps it stable
         self._chunk = 256
         # pairs per sgns_step launch on a GPU: every pair in flight reads rows as they were at the
         # launch (Hogwild), the same staleness at a size where the launch still fills the device
         self._chunk_gpu = 2048
-        self.device = torch.device(device if device is not None else "cpu")
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
         self.wv: KeyedVectors | None = None
         self.running_training_loss = 0.0
         self.train_seconds = 0.0
@@ -230,6 +237,15 @@ class Word2Vec:
             from ..kernels.negative_sampling import sgns_step
 
             return lambda *a: _chunked(lambda *c: sgns_step(*c).double().sum(), self._chunk_gpu, *a)
+        compile_ = self.compile
+        if compile_ is None:  # compiling costs ~10-20 s once: worth it for longer runs only
+            compile_ = self.epochs * self.corpus_raw_words >= 1_000_000
+        if compile_:
+            t = time.perf_counter()
+            step = CompiledStep(self.wv.vectors, self.syn1neg, self.negative, self._chunk)
+            self.compile_seconds = time.perf_counter() - t
+            if step.ok:
+                return step
         return lambda *a: torch_sgns_step(*a, chunk=self._chunk)
 
     def _n_workers(self) -> int:
@@ -243,7 +259,6 @@ class Word2Vec:
         if self.wv is None:
             raise ValueError("call build_vocab (or pass a corpus to the constructor) before train")
         epochs = self.epochs if epochs is None else epochs
-        step = self._step_fn()
         n_workers = self._n_workers()
         on_cpu = self.device.type == "cpu"
         # the ops are small: intra-op threads cost more than they give (a lot on a loaded machine),
@@ -254,6 +269,7 @@ class Word2Vec:
         if on_cpu:
             torch.set_num_threads(1)
         try:
+            step = self._step_fn()
             self._train(epochs, step, n_workers, pool)
         finally:
             if pool is not None:
@@ -269,7 +285,10 @@ class Word2Vec:
         done, loss_acc, loss_pairs, t0, last = 0, 0.0, 0, time.perf_counter(), 0.0
 
         def work(inp, tgt, lr, g):
-            neg = self._sampler.sample(tgt.numel(), self.negative, exclude=tgt, generator=g)
+            # the fused steps skip a negative equal to the target (word2vec.c); the autograd loss
+            # cannot, so it draws negatives that avoid the target instead
+            exclude = None if self.fused else tgt
+            neg = self._sampler.sample(tgt.numel(), self.negative, exclude=exclude, generator=g)
             return step(inp, tgt, neg, w_in, w_out, lr)
 
         for epoch in range(epochs):
