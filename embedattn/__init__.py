@@ -25,6 +25,7 @@ from .attention import (
 from .attention import dropout_mask as attention_dropout_mask
 from .embedding import FusedEmbedding, embedding
 from .negative_sampling import NegativeSamplingLoss, UnigramSampler, negative_sampling_loss
+from .patching import patch_sdpa
 
 __version__ = "0.1.0"
 
@@ -40,6 +41,7 @@ __all__ = [
     "embedding",
     "interpreting",
     "negative_sampling_loss",
+    "patch_sdpa",
     "reference",
     "resolve",
     "scaled_dot_product_attention",
