@@ -10,6 +10,7 @@ capped on GPU, where their N x N scores would dominate the time budget and memor
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -70,16 +71,21 @@ class Spec:
     head_dim: int
     causal: bool
     modes: tuple[str, ...] = MODES
+    feature: str = ""  # one of FEATURES: the same shape run with that option on, against the plain path
     kernel: str = field(init=False)
 
     def __post_init__(self):
         gqa = f"_gqa{self.heads}x{self.kv_heads}" if self.kv_heads != self.heads else ""
         self.kernel = f"attention{gqa}_d{self.head_dim}" + ("_causal" if self.causal else "")
+        if self.feature:
+            self.kernel += f"_{self.feature}"
 
     @property
     def shape(self) -> str:
-        return (f"B={self.batch} H={self.heads} Hkv={self.kv_heads} Nq={self.n} Nk={self.n} "
-                f"D={self.head_dim} causal={int(self.causal)}")  # fmt: skip
+        nq = 1 if self.feature == "kvcache" else self.n
+        feat = f" feature={self.feature}" if self.feature else ""
+        return (f"B={self.batch} H={self.heads} Hkv={self.kv_heads} Nq={nq} Nk={self.n} "
+                f"D={self.head_dim} causal={int(self.causal)}{feat}")  # fmt: skip
 
 
 def _sdpa(backend) -> Provider:
@@ -120,6 +126,82 @@ def providers(ctx: Context) -> list[Provider]:
     return out
 
 
+# issue 7's options, each timed at the plain path's shapes: (kwargs for embedattn.attention, modes)
+FEATURES = {
+    "window": (lambda q: {"window": (1024, 0)}, MODES),
+    "softcap": (lambda q: {"softcap": 30.0}, MODES),
+    "alibi": (lambda q: {"alibi_slopes": _slopes(q.shape[1], q.device)}, MODES),
+    "dropout": (lambda q: {"dropout_p": 0.1, "seed": 0}, MODES),
+    "varlen": (lambda q: {}, ("fwd",)),
+    "kvcache": (lambda q: {}, ("fwd",)),
+}
+
+
+@functools.lru_cache(maxsize=8)
+def _slopes(h: int, device: torch.device) -> torch.Tensor:
+    # built once, outside the timed region
+    return torch.tensor([2.0 ** (-8 * (i + 1) / h) for i in range(h)], device=device)
+
+
+def _packed(cache: dict, t: torch.Tensor) -> torch.Tensor:
+    # (B, H, N, D) -> (B*N, H, D), built once per input set (in the warm-up), not in the timed region
+    key = id(t)
+    if key not in cache:
+        cache[key] = t.transpose(1, 2).reshape(-1, t.shape[1], t.shape[3]).contiguous()
+    return cache[key]
+
+
+def feature_providers(s: Spec, provs: list[Provider]) -> list[Provider]:
+    """embedattn with the option on, embedattn plain at the same shape, and SDPA's flash backend."""
+    import embedattn
+
+    kwargs_of = FEATURES[s.feature][0]
+    cfg = lambda: chosen_config("attention")
+    plain = [Provider("embedattn-plain", lambda q, k, v, causal: embedattn.attention(q, k, v, causal=causal),
+                      config=cfg)]
+    flash = [p for p in provs if p.name == "sdpa-flash"]
+    if s.feature == "varlen":
+        cache: dict = {}
+
+        def fn(q, k, v, causal):
+            b, n = q.shape[0], q.shape[2]
+            cu = torch.arange(0, (b + 1) * n, n, device=q.device, dtype=torch.int32)
+            out = embedattn.attention_varlen(_packed(cache, q), _packed(cache, k), _packed(cache, v), cu, cu, n, n,
+                                             causal=causal)
+            return out
+
+        return [Provider("embedattn", fn, config=cfg)] + plain + flash
+    if s.feature == "kvcache":
+        lens: dict = {}
+
+        def fn(q, k, v, causal):
+            key = (q.shape[0], k.shape[2])
+            if key not in lens:
+                lens[key] = torch.full((q.shape[0],), k.shape[2], dtype=torch.int32, device=q.device)
+            return embedattn.attention_with_kvcache(q[:, :, -1:], k, v, lens[key])
+
+        dec = lambda f: (lambda q, k, v, causal: f(q[:, :, -1:], k, v, False))
+        return [Provider("embedattn", fn, config=cfg),
+                Provider("embedattn-plain", dec(lambda q, k, v, c: embedattn.attention(q, k, v)), config=cfg)] + [
+            Provider(p.name, dec(p.fn), context=p.context) for p in flash]
+    return [Provider("embedattn", lambda q, k, v, causal, kw=None: embedattn.attention(
+        q, k, v, causal=causal, **kwargs_of(q)), config=cfg)] + plain + flash
+
+
+def feature_specs(ctx: Context) -> list[Spec]:
+    if not ctx.is_cuda or ctx.profile == "tiny":
+        return []
+    out = []
+    dt = ctx.pick_dtypes(["bf16"])[0]
+    for feat, (_, modes) in FEATURES.items():
+        for n in ([8192] if ctx.profile == "quick" else [2048, 8192]):
+            if feat == "kvcache":
+                out.append(Spec(dt, 8, 16, 4, 4 * n, 128, False, modes=modes, feature=feat))
+            else:
+                out.append(Spec(dt, max(1, 16384 // n), 16, 16, n, 128, True, modes=modes, feature=feat))
+    return out
+
+
 def specs(ctx: Context) -> list[Spec]:
     """The sweep, most important first (a time budget cuts from the end)."""
     if ctx.profile == "tiny":
@@ -141,7 +223,11 @@ def specs(ctx: Context) -> list[Spec]:
             if i == 0 and d == dims[0]:  # GQA 4:1 (as in Llama-style models), causal
                 h = max(4, width // d)
                 out += [Spec(dt, max(1, tokens // n), h, h // 4, n, d, True) for n in ns]
-    return coarse_first(out, lambda s: s.n, group=lambda s: dtypes.index(s.dtype))
+    ordered = coarse_first(out, lambda s: s.n, group=lambda s: dtypes.index(s.dtype))
+    # the feature cases are few: they go after the first dtype's coarse pass, before the fill-in sizes
+    first = [i for i, s in enumerate(ordered) if s.dtype == dtypes[0]]
+    cut = len(first) // 2 if first else 0
+    return ordered[:cut] + feature_specs(ctx) + ordered[cut:]
 
 
 def _inputs(ctx: Context, s: Spec) -> list[tuple[torch.Tensor, ...]]:
@@ -188,7 +274,8 @@ def _measure(ctx: Context, rec: Recorder, p: Provider, s: Spec, sets, mode: str)
     peak = peak_memory_mib(ctx, fn)
     base = dict(suite=SUITE, kernel=s.kernel, provider=p.name, mode=mode, dtype=s.dtype, shape=s.shape,
                 x_name="N", x_value=s.n, config=p.config())  # fmt: skip
-    work = attention_flops(s.batch, s.heads, s.n, s.n, s.head_dim, causal, mode)
+    nq = 1 if s.feature == "kvcache" else s.n
+    work = attention_flops(s.batch, s.heads, nq, s.n, s.head_dim, causal and s.feature != "kvcache", mode)
     mm = ctx.matmul_tflops.get(s.dtype)  # this run's dense-matmul TFLOP/s in the same dtype
     extra = (lambda tf: ("frac_matmul_peak", "fraction", tf / mm)) if mm else None
     return measurement_rows(rec, base, t, work, "tflops", scale=1e-12, peak_mib=peak, extra=extra)
@@ -196,6 +283,8 @@ def _measure(ctx: Context, rec: Recorder, p: Provider, s: Spec, sets, mode: str)
 
 def run_spec(ctx: Context, rec: Recorder, s: Spec, provs: list[Provider]) -> list[dict]:
     sets = _inputs(ctx, s)
+    if s.feature:
+        provs = feature_providers(s, provs)
     rows: list[dict] = []
     for p in provs:
         if _too_big(ctx, p, s):
