@@ -155,15 +155,15 @@ class Word2Vec:
 
     Arguments follow gensim's ``Word2Vec`` (``sg=1``): give ``sentences`` (an iterable of token lists)
     or ``corpus_file`` (one sentence per line; .bz2/.gz fine) and training runs in the constructor.
-    ``fused=True`` trains with the fused step (Triton ``sgns_step`` on CUDA, batched PyTorch on the
-    CPU); ``fused=False`` with the autograd ``negative_sampling_loss`` + SGD. ``backend`` picks the
-    loss/step implementation as everywhere in embedattn (None: Triton on CUDA, PyTorch on the CPU).
-    Pairs are processed ``batch_words`` corpus words at a time, all on ``device`` (default: CUDA
-    when available). On the CPU,
-    ``workers`` threads (default: min(2, torch.get_num_threads())) each run single-threaded PyTorch
-    on their share of a batch's pairs, Hogwild like gensim's workers; small ops parallelize badly.
-    ``compile`` (CPU fused path): torch.compile the step (None: when epochs x corpus words >= 1M;
-    falls back to eager PyTorch with a warning when compiling fails).
+    ``fused=True`` trains with the fused step (Triton ``sgns_step`` on CUDA; on the CPU the same
+    update in chunked PyTorch, torch.compile'd); ``fused=False`` with the autograd
+    ``negative_sampling_loss`` + SGD. ``backend`` picks the loss/step implementation as everywhere in
+    embedattn (None: Triton on CUDA, PyTorch on the CPU). Pairs are generated ``batch_words`` corpus
+    words at a time, all on ``device`` (default: CUDA when available). On the CPU, ``workers``
+    threads (default: min(2, torch.get_num_threads())) each run single-threaded PyTorch on their
+    share of a batch's pairs, Hogwild like gensim's workers (small ops parallelize badly inside).
+    ``compile`` (CPU fused path): torch.compile the step (None: when epochs x corpus words >= 1M,
+    as compiling costs ~10-30 s once; falls back to eager PyTorch with a warning when it fails).
     """
 
     def __init__(self, sentences: Iterable[list[str]] | None = None, *, corpus_file: str | None = None,
@@ -189,12 +189,11 @@ class Word2Vec:
             raise ValueError(f"workers must be an int >= 1, got {workers!r}")
         self.workers = workers
         self.compile, self.compile_seconds = compile, 0.0
-        # pairs per CPU minibatch: updates inside one are summed from a common snapshot, so a
-        # frequent word drawn as a negative n times moves n stale steps at once; small keeps it stable
+        # pairs per minibatch (per sgns_step launch on a GPU, where all pairs of a launch are in
+        # flight at once): updates inside one are summed from a common snapshot, so a frequent word
+        # drawn as a negative n times moves n stale steps at once. 2048 diverged on head500 (CPU,
+        # same sum-of-stale-updates semantics as a GPU launch); 256 matches gensim's quality.
         self._chunk = 256
-        # pairs per sgns_step launch on a GPU: every pair in flight reads rows as they were at the
-        # launch (Hogwild), the same staleness at a size where the launch still fills the device
-        self._chunk_gpu = 2048
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
@@ -236,7 +235,7 @@ class Word2Vec:
         if be == "triton":
             from ..kernels.negative_sampling import sgns_step
 
-            return lambda *a: _chunked(lambda *c: sgns_step(*c).double().sum(), self._chunk_gpu, *a)
+            return lambda *a: _chunked(lambda *c: sgns_step(*c).double().sum(), self._chunk, *a)
         compile_ = self.compile
         if compile_ is None:  # compiling costs ~10-20 s once: worth it for longer runs only
             compile_ = self.epochs * self.corpus_raw_words >= 1_000_000
