@@ -156,7 +156,9 @@ def build_summary(csv_path: str, plots_dir: str | None = None, env: dict | None 
         configs = sorted({(r["kernel"], r["mode"], r["dtype"], r["x_value"], r["config"]) for r in rows
                           if r["suite"] == suite and r["provider"] == OURS and r["metric"] == "ms" and r["config"]})
         if configs and any("=" in c[4] and "backend=" not in c[4] for c in configs):
-            lines += ["<details><summary>embedattn: the config each point ran with (autotuned on GPU)</summary>",
+            how = ("fixed heuristic configs: EMBEDATTN_AUTOTUNE=0" if str(env.get("embedattn_autotune")) == "0"
+                   else "autotuned on GPU")
+            lines += [f"<details><summary>embedattn: the config each point ran with ({how})</summary>",
                       "", "| kernel | mode | dtype | x | config |", "|---|---|---|---|---|"]
             lines += [f"| {k} | {m} | {d} | {fmt_x(x)} | `{c}` |" for k, m, d, x, c in configs]
             lines += ["", "</details>", ""]
