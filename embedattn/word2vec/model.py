@@ -239,7 +239,7 @@ class Word2Vec:
         compile_ = self.compile
         if compile_ is None:  # compiling costs ~10-20 s once: worth it for longer runs only
             compile_ = self.epochs * self.corpus_raw_words >= 1_000_000
-        if compile_:
+        if compile_ and self.device.type == "cpu":  # CompiledStep is the CPU path (C++ codegen, CPU ids)
             t = time.perf_counter()
             step = CompiledStep(self.wv.vectors, self.syn1neg, self.negative, self._chunk)
             self.compile_seconds = time.perf_counter() - t
