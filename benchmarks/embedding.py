@@ -93,6 +93,10 @@ def providers(ctx: Context, compile_peer: bool = True) -> list[Provider]:
         ),
         Provider("torch-eager", eager),
     ]
+    if ctx.is_cuda:  # the default bounds check reads min/max back to the host: show what it costs
+        out.append(Provider("embedattn-nocheck", lambda ids, w, pw, pos: embedattn.embedding(ids, w, pw,
+                                                                                             check_bounds=False),
+                            config=lambda: chosen_config("embedding")))
     if compile_peer and ctx.profile != "tiny":
         try:
             compiled = torch.compile(eager, dynamic=True)
