@@ -148,10 +148,14 @@ def build_summary(csv_path: str, plots_dir: str | None = None, env: dict | None 
                         lines.append(f"| {kernel} | {mode} | {dtype} | {p} ({unit}) | " + " | ".join(cells)
                                      + f" | {_num(_median(v.values()))} |")  # fmt: skip
             lines.append("")
-        quality = [r for r in rows if r["suite"] == suite and r["unit"] == "rho"]
+        # quality, and training-only speed (no vocabulary pass or compile), reported as values
+        quality = [r for r in rows if r["suite"] == suite
+                   and (r["unit"] == "rho" or r["metric"] == "train_words_per_s")]
         if quality:
             lines += ["| kernel | provider | metric | value |", "|---|---|---|---|"]
-            lines += [f"| {r['kernel']} | {r['provider']} | {r['metric']} | {r['p50']:.3f} |" for r in quality]
+            lines += [f"| {r['kernel']} | {r['provider']} | {r['metric']} | "
+                      f"{r['p50']:.3f} |" if r["unit"] == "rho" else
+                      f"| {r['kernel']} | {r['provider']} | {r['metric']} | {_num(r['p50'])} |" for r in quality]
             lines.append("")
         configs = sorted({(r["kernel"], r["mode"], r["dtype"], r["x_value"], r["config"]) for r in rows
                           if r["suite"] == suite and r["provider"] == OURS and r["metric"] == "ms" and r["config"]})
