@@ -6,6 +6,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from . import reference
 from ._backend import resolve
@@ -85,8 +86,11 @@ class AttentionFunction(torch.autograd.Function):
     """Triton attention. forward(q, k, v, mask, causal, causal_offset, scale, features) -> (out, lse2).
 
     ``features`` is a dict of optional score modifiers (window, softcap, alibi, dropout_p, seed).
-    ``lse2`` is the base-2 log-sum-exp (float32, -inf on rows with no visible key); it is not
-    differentiable. The backward is deterministic (no atomics) and regenerates the dropout mask.
+    ``lse2`` is the base-2 log-sum-exp (float32, -inf on rows with no visible key); it is
+    differentiable (its gradient folds into the backward's ``delta``, as in FlashAttention), so a
+    loss that uses it (e.g. merging partial attentions by their log-sum-exp) gets exact gradients.
+    The backward is deterministic (no atomics), regenerates the dropout mask, and is not itself
+    differentiable (double backward raises).
     """
 
     @staticmethod
@@ -97,16 +101,22 @@ class AttentionFunction(torch.autograd.Function):
         out, lse2 = attention_forward(q, k, v, mask, causal, causal_offset, scale, **features)
         ctx.save_for_backward(q, k, v, out, lse2, mask)
         ctx.causal, ctx.causal_offset, ctx.scale, ctx.features = causal, causal_offset, scale, features
-        ctx.mark_non_differentiable(lse2)
+        # unused outputs get None, not materialized zeros: no work for an lse nobody differentiates
+        ctx.set_materialize_grads(False)
         return out, lse2
 
     @staticmethod
-    def backward(ctx, dout, _dlse):
+    @once_differentiable
+    def backward(ctx, dout, dlse2):
         from .kernels.attention import attention_backward
 
         q, k, v, out, lse2, mask = ctx.saved_tensors
+        if dout is None and dlse2 is None:
+            return None, None, None, None, None, None, None, None
+        if dout is None:
+            dout = torch.zeros_like(out)
         dq, dk, dv = attention_backward(dout, q, k, v, out, lse2, mask, ctx.causal, ctx.causal_offset, ctx.scale,
-                                        **ctx.features)
+                                        dlse2=dlse2, **ctx.features)
         return dq, dk, dv, None, None, None, None, None
 
 
@@ -124,6 +134,7 @@ class VarlenAttentionFunction(torch.autograd.Function):
         return out, lse2
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout, _dlse):
         from .kernels.attention import varlen_backward
 

@@ -783,7 +783,7 @@ def _forward(q, k, v, f: Features, *, varlen=None, k_lens=None, num_splits=1):
     return o, lse
 
 
-def _backward(do, q, k, v, o, lse, f: Features, *, varlen=None):
+def _backward(do, q, k, v, o, lse, f: Features, *, varlen=None, dlse2=None):
     if varlen is None:
         B, H, Nq, D = q.shape
         HKV, Nk = k.shape[1], k.shape[2]
@@ -804,6 +804,10 @@ def _backward(do, q, k, v, o, lse, f: Features, *, varlen=None):
     pre_bm = 32 if interpreting() else 64
     _bwd_preprocess[(triton.cdiv(pre_N, pre_bm), pre_B * H)](
         o, do, delta, *so, *sdo, H, pre_N, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=pre_bm)
+    if dlse2 is not None:
+        # d lse2 / d s_ij = p_ij / ln 2 (s the natural-log logit), and ds = p * (dp - delta): the lse's
+        # gradient is a shift of delta. Rows with no visible key (lse2 = -inf) have p = 0: keep them finite.
+        delta.sub_(torch.where(torch.isinf(lse), 0.0, dlse2.float() / math.log(2.0)))
     dq = empty(*q.shape, dtype=q.dtype, device=q.device)
     dk = empty(*k.shape, dtype=k.dtype, device=k.device)
     dv = empty(*v.shape, dtype=v.dtype, device=v.device)
@@ -845,10 +849,12 @@ def attention_forward(q, k, v, mask, causal: bool, causal_offset: int, scale: fl
     return _forward(q, k, v, f)
 
 
-def attention_backward(do, q, k, v, o, lse, mask, causal: bool, causal_offset: int, scale: float, **features):
-    """Dense backward: (dq, dk, dv) in the dtypes of q, k, v; deterministic (no atomics)."""
+def attention_backward(do, q, k, v, o, lse, mask, causal: bool, causal_offset: int, scale: float, *, dlse2=None,
+                       **features):
+    """Dense backward: (dq, dk, dv) in the dtypes of q, k, v; deterministic (no atomics). ``dlse2``: the
+    gradient of the base-2 lse (B, Hq, Nq), when the loss used it; None = zero."""
     f = Features(causal=causal, causal_offset=causal_offset, scale=scale, mask=mask, **features)
-    return _backward(do, q, k, v, o, lse, f)
+    return _backward(do, q, k, v, o, lse, f, dlse2=dlse2)
 
 
 def varlen_forward(q, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: bool, scale: float, **features):

@@ -305,3 +305,43 @@ def test_reference_float64_matches_math():
     q, k, v = (torch.randn(2, 3, 5, 8, dtype=torch.float64) for _ in range(3))
     want = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(8), dim=-1) @ v
     torch.testing.assert_close(reference.attention(q, k, v), want)
+
+
+# ---------------------------------------------------------------- log-sum-exp gradient, double backward
+@pytest.mark.parametrize("only_lse", [False, True])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lse_is_differentiable(backend, only_lse):
+    """A loss that uses the returned lse (e.g. merging partial attentions) gets its gradient, on both
+    backends; rows with no visible key (causal, Nq > Nk) and fully masked rows stay finite."""
+    q, k, v = _inputs(1, 4, 2, 21, 15, 24, torch.float32, seed=31)
+    mask = torch.rand(1, 1, 21, 15, generator=torch.Generator().manual_seed(2)).to(DEVICE) > 0.2
+    mask[..., 9, :] = False
+    g = torch.Generator().manual_seed(3)
+    w_out = torch.randn(q.shape, generator=g).to(DEVICE)
+    w_lse = torch.randn(1, 4, 21, generator=g).to(DEVICE)
+
+    def grads(leaves, be):
+        out, lse = embedattn.attention(*leaves, causal=True, attn_mask=mask, return_lse=True, backend=be)
+        lse = torch.where(torch.isfinite(lse), lse, 0.0)
+        loss = (lse * w_lse.to(lse.dtype)).sum()
+        if not only_lse:
+            loss = loss + (out * w_out.to(out.dtype)).sum()
+        gr = torch.autograd.grad(loss, leaves, allow_unused=True)  # lse alone does not depend on v
+        return [torch.zeros_like(t) if d is None else d for t, d in zip(leaves, gr)]
+
+    got = grads([t.clone().requires_grad_() for t in (q, k, v)], backend)
+    want = grads([t.double().requires_grad_() for t in (q, k, v)], "reference")
+    for name, a, b in zip(("dq", "dk", "dv"), got, want):
+        assert torch.isfinite(a).all(), name
+        torch.testing.assert_close(a.double(), b, atol=2e-5, rtol=1e-4, msg=name)
+
+
+def test_double_backward_raises():
+    if "triton" not in BACKENDS:
+        pytest.skip("triton not installed")
+    q, k, v = (t.requires_grad_() for t in _inputs(1, 2, 2, 5, 7, 16, torch.float32, seed=4))
+    out = embedattn.attention(q, k, v, backend="triton")
+    dout = torch.randn_like(out).requires_grad_()  # double backward through the grad output (HVPs)
+    (dq,) = torch.autograd.grad(out, q, dout, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice|once_differentiable"):
+        dq.sum().backward()
