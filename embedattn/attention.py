@@ -459,13 +459,16 @@ def attention_with_kvcache(
     lens = cache_seqlens.to(torch.int64)
     if bool((lens < 0).any()) or bool((lens + n_new > S).any()):
         raise AttentionInputError(f"cache_seqlens + Nnew must lie in [0, {S}] (the cache length)")
+    # every check before the in-place append: a bad argument must not leave the cache half-updated
+    feats = _check_features(q, window, softcap, alibi_slopes, 0.0, None)
+    if scale is not None and (not isinstance(scale, (int, float)) or not math.isfinite(scale)):
+        raise AttentionInputError(f"scale must be a finite float or None, got {scale!r}")
     if n_new:
         pos = lens[:, None] + torch.arange(n_new, device=q.device)[None, :]  # (B, Nnew)
         bi = torch.arange(B, device=q.device)[:, None].expand_as(pos)
         k_cache[bi, :, pos] = k_new.transpose(1, 2)
         v_cache[bi, :, pos] = v_new.transpose(1, 2)
     total = (lens + n_new).to(torch.int32)
-    feats = _check_features(q, window, softcap, alibi_slopes, 0.0, None)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     if be == "reference" or q.numel() == 0:

@@ -246,3 +246,16 @@ def test_features_large_cuda(dtype):
     _compare(lambda q, k, v: embedattn.attention(q, k, v, backend="triton", **kw),
              lambda q, k, v, up: reference.attention(q, k, v, upcast=up, **{**kw, "alibi_slopes": slopes.to(q.dtype)}),
              (q, k, v))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kvcache_bad_input_leaves_cache_untouched(backend):
+    """Every argument is checked before k_new/v_new are written into the cache in place."""
+    kc, vc = _rand(1, 2, 8, 16, seed=40), _rand(1, 2, 8, 16, seed=41)
+    k0, v0 = kc.clone(), vc.clone()
+    q, kn = _rand(1, 2, 1, 16, seed=42), _rand(1, 2, 1, 16, seed=43)
+    lens = torch.tensor([3], device=DEVICE)
+    for kw in (dict(window=(1,)), dict(alibi_slopes=torch.ones(5, device=DEVICE)), dict(softcap=-1.0)):
+        with pytest.raises(ValueError):
+            embedattn.attention_with_kvcache(q, kc, vc, lens, kn, kn.clone(), backend=backend, **kw)
+        assert torch.equal(kc, k0) and torch.equal(vc, v0), kw
