@@ -116,12 +116,14 @@ def _bwd_kernel(center_ptr, context_ptr, neg_ptr, dst_in_ptr, dst_out_ptr, w_in_
 
 @triton.jit
 def _sgns_step_kernel(inp_ptr, tgt_ptr, neg_ptr, w_in_ptr, w_out_ptr, loss_ptr, lr,
-                      B, K, D, s_c, s_x, s_nb, s_nk, s_in, s_out,
+                      start, end, K, D, s_c, s_x, s_nb, s_nk, s_in, s_out,
                       BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    # one launch updates pairs [start, end) of the batch: the launcher walks a batch chunk by chunk
+    # without slicing (or any other host-side op) between launches
     ACC: tl.constexpr = loss_ptr.dtype.element_ty
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    rows = start + tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     cols = tl.arange(0, BLOCK_K)
-    rmask = rows < B
+    rmask = rows < end
     m2 = rmask[:, None] & (cols[None, :] <= K)
     center = tl.load(inp_ptr + rows * s_c, mask=rmask, other=0).to(tl.int64)
     ids = _ids_tile(tgt_ptr, neg_ptr, rows, cols, rmask, m2, K, s_x, s_nb, s_nk)
@@ -234,21 +236,29 @@ def negative_sampling_backward(center, context, negatives, in_weight, out_weight
     return (gin if need_in else None), (gout if need_out else None)
 
 
-def sgns_step(inputs, targets, negatives, in_weight, out_weight, lr: float) -> torch.Tensor:
+def sgns_step(inputs, targets, negatives, in_weight, out_weight, lr: float, chunk: int | None = None
+              ) -> torch.Tensor:
     """Fused skip-gram SGD step, in place on both tables (Hogwild across pairs, like word2vec.c).
 
     For each pair b: scores of ``in_weight[inputs[b]]`` against ``out_weight[targets[b]]`` (label 1)
     and ``out_weight[negatives[b, k]]`` (label 0; skipped when equal to the target, as in
     word2vec.c); g = (label - σ(score)) * lr; the output rows move by g * v and the input row by
-    Σ g * u. Returns the per-pair loss (B,) before the update (fp32)."""
+    Σ g * u. ``chunk``: one launch per ``chunk`` consecutive pairs, in order (the stream serializes
+    them: a minibatch of ``chunk`` pairs in flight at once), instead of one launch for all B; the
+    loop does nothing but launch. Returns the per-pair loss (B,) before the update (fp32)."""
     B, K = negatives.shape
     D = in_weight.shape[1]
     loss = empty(B, dtype=_acc_dtype(in_weight.dtype), device=in_weight.device)
     if B == 0:
         return loss
+    chunk = B if chunk is None else int(chunk)
     cfg = _fixed_config(K, D)
-    _sgns_step_kernel[(triton.cdiv(B, cfg["BLOCK_B"]),)](
-        inputs, targets, negatives, in_weight, out_weight, loss, float(lr), B, K, D,
-        inputs.stride(0), targets.stride(0), negatives.stride(0), negatives.stride(1),
-        in_weight.stride(0), out_weight.stride(0), **cfg)
+    kernel = _sgns_step_kernel[(triton.cdiv(min(chunk, B), cfg["BLOCK_B"]),)]
+    lr = float(lr)
+    strides = (inputs.stride(0), targets.stride(0), negatives.stride(0), negatives.stride(1),
+               in_weight.stride(0), out_weight.stride(0))
+    for s in range(0, B, chunk):
+        # a grid sized for a full chunk: the last (shorter) one masks its idle programs
+        kernel(inputs, targets, negatives, in_weight, out_weight, loss, lr, s, min(s + chunk, B), K, D,
+               *strides, **cfg)
     return loss

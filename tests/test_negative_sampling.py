@@ -211,6 +211,42 @@ def test_sgns_step_kernel(distinct):
     assert max_err(wo_k.cpu(), wo_r) < 1e-5
 
 
+@pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
+@pytest.mark.parametrize("distinct", [True, False])
+def test_sgns_step_chunked_launches(distinct):
+    # chunk=16 over 45 pairs: three launches walking the batch in order, the last one short; each
+    # launch is one minibatch (under the interpreter one program holds a whole chunk, so colliding
+    # rows give the exact per-chunk minibatch result; on a GPU only distinct rows are race-free)
+    from embedattn.kernels.negative_sampling import sgns_step
+
+    if not distinct and ON_CUDA:
+        pytest.skip("colliding rows race (Hogwild) across programs on a GPU; checked under the interpreter")
+    g = torch.Generator().manual_seed(12)
+    B, K, D, chunk = 45, 3, 20, 16
+    if distinct:
+        V = B * (K + 2)
+        perm = torch.randperm(V, generator=g)
+        inp, tgt, neg = perm[:B], perm[B:2 * B], perm[2 * B:2 * B + B * K].view(B, K)
+    else:
+        V = 6
+        inp, tgt = torch.randint(0, V, (B,), generator=g), torch.randint(0, V, (B,), generator=g)
+        neg = torch.randint(0, V, (B, K), generator=g)
+    wi = torch.randn(V, D, generator=g) * 0.3
+    wo = torch.randn(V, D, generator=g) * 0.3
+    losses, wi_r, wo_r = [], wi.double(), wo.double()
+    for s in range(0, B, chunk):
+        lo, wi_r, wo_r = _step_reference(inp[s:s + chunk], tgt[s:s + chunk], neg[s:s + chunk], wi_r, wo_r, 0.1)
+        losses.append(lo)
+    wi_k, wo_k = wi.to(DEVICE), wo.to(DEVICE)
+    # int32 ids, a non-contiguous target column: the launch loop keeps the strides
+    tgt2 = torch.stack([tgt, tgt], 1).to(DEVICE, torch.int32)[:, 1]
+    loss = sgns_step(inp.to(DEVICE), tgt2, neg.to(DEVICE), wi_k, wo_k, 0.1, chunk=chunk)
+    assert loss.shape == (B,)
+    assert max_err(loss.cpu(), torch.cat(losses)) < 1e-5
+    assert max_err(wi_k.cpu(), wi_r) < 1e-5
+    assert max_err(wo_k.cpu(), wo_r) < 1e-5
+
+
 # ----------------------------------------------------------------------------- the sampler
 
 def test_sampler_statistics():

@@ -127,6 +127,43 @@ def test_skipgram_pairs():
     assert abs(inp.numel() / 3800 - 5.0) < 0.15
 
 
+def test_skipgram_pairs_splits():
+    # the trainer draws a group of batches at once and cuts it at the batch bounds by these offsets
+    ids, sent = torch.arange(300), torch.arange(300) // 17
+    g = torch.Generator().manual_seed(3)
+    splits = [5, 5, 40, 41, 200, 250]
+    inp, tgt, offs = skipgram_pairs(ids, sent, 5, 250, 3, g, splits)
+    assert offs[0] == 0 and offs[-1] == tgt.numel() and len(offs) == len(splits)
+    for i in range(len(splits) - 1):
+        centre = tgt[offs[i]:offs[i + 1]]
+        assert ((centre >= splits[i]) & (centre < splits[i + 1])).all()
+
+
+@pytest.mark.parametrize("group_words", [1, 1 << 18])
+def test_training_applies_batch_by_batch(group_words):
+    # whether pairs are drawn per batch or for a group of batches, each batch is one step call with
+    # its own (decaying) learning rate, and every pair of the epoch is used once
+    sents, _ = _topic_corpus(n_sent=50)
+    m = Word2Vec(vector_size=8, window=2, min_count=1, epochs=2, sample=0, batch_words=100, workers=1,
+                 device="cpu", backend="reference", compile=False)
+    m._group_words = group_words
+    m.build_vocab(sents)
+    calls = []
+
+    def step(inp, tgt, neg, wi, wo, lr):
+        assert inp.shape == tgt.shape == neg.shape[:1] and neg.shape[1] == 5
+        calls.append((inp.numel(), lr))
+        return torch_sgns_step(inp, tgt, neg, wi, wo, lr)
+
+    m._step_fn = lambda: step
+    m.train()
+    assert len(calls) == 2 * math.ceil(600 / 100)  # 600 words, no subsampling: every batch has pairs
+    lrs = [lr for _, lr in calls]
+    assert lrs == sorted(lrs, reverse=True) and len(set(lrs)) == len(lrs)
+    # per 12-word sentence: 2 x 11 pairs at distance 1, 2 x 10 at distance 2 kept half the time
+    assert sum(n for n, _ in calls) == pytest.approx(2 * 50 * (22 + 10), rel=0.05)
+
+
 def test_keep_probability_is_gensims():
     counts = torch.tensor([1000, 100, 10, 1])
     p = keep_probability(counts, 1e-2)
@@ -290,3 +327,15 @@ def test_head500_wordsim_matches_gensim():
     theirs = GW2V(sents, sg=1, min_count=3, epochs=20, seed=0, workers=2).wv.evaluate_word_pairs(ws)
     print(f"head500 wordsim353 spearman: embedattn {ours.spearman:.4f} gensim {theirs[1].statistic:.4f}")
     assert ours.spearman >= theirs[1].statistic - 0.05
+
+
+@pytest.mark.parametrize("n", [16_777_217, 16_777_219, 100_000_003])
+def test_batch_bounds_cover_large_corpora_exactly(n):
+    # float32 bounds (torch.linspace's default) rounded the end past n above 2**24 kept words, so the
+    # last batch indexed past the corpus (IndexError; a device assert on CUDA), or dropped its tail
+    from embedattn.word2vec.model import _batch_bounds
+
+    for n_batches in (1, 2, 7, 1700):
+        b = _batch_bounds(n, n_batches)
+        assert len(b) == n_batches + 1 and b[0] == 0 and b[-1] == n
+        assert all(x <= y for x, y in zip(b, b[1:]))

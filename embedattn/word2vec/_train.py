@@ -17,12 +17,14 @@ def keep_probability(counts: torch.Tensor, sample: float) -> torch.Tensor:
 
 
 def skipgram_pairs(ids: torch.Tensor, sent: torch.Tensor, start: int, end: int, window: int,
-                   generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+                   generator: torch.Generator | None, splits: list[int] | None = None):
     """Skip-gram pairs whose centre lies in positions [start, end) of ``ids``.
 
     Each centre draws its reduced window b in 1..window (word2vec.c's dynamic window); context
     positions within b of it and in the same sentence pair up. Returns (inputs, targets) like
     word2vec.c: the input row is the context word, the predicted (output) row the centre word.
+    Pairs come in centre order. ``splits`` (increasing positions from ``start`` to ``end``): also
+    return the pair offsets where each split position begins, a list (one host sync in all).
     """
     n = ids.numel()
     dev = ids.device
@@ -33,7 +35,10 @@ def skipgram_pairs(ids: torch.Tensor, sent: torch.Tensor, start: int, end: int, 
     qc = q.clamp(0, n - 1)
     valid = (offs.abs()[None, :] <= b[:, None]) & (q >= 0) & (q < n) & (sent[qc] == sent[pos][:, None])
     pi, oi = valid.nonzero(as_tuple=True)
-    return ids[qc[pi, oi]], ids[pos[pi]]
+    if splits is None:
+        return ids[qc[pi, oi]], ids[pos[pi]]
+    offsets = torch.searchsorted(pi, torch.tensor(splits, device=dev) - start).tolist()
+    return ids[qc[pi, oi]], ids[pos[pi]], offsets
 
 
 def _step_math(inp, ids, keep, w_in, w_out, lr):

@@ -141,6 +141,12 @@ class KeyedVectors:
                     f.write((word + " " + " ".join(f"{x:.7g}" for x in row.tolist()) + "\n").encode("utf8"))
 
 
+def _batch_bounds(n: int, n_batches: int) -> list[int]:
+    """``n_batches + 1`` increasing positions from 0 to ``n``: batch i covers [b[i], b[i+1])."""
+    # integer arithmetic: float32 bounds (linspace's default) overshot n above 2**24 words
+    return [(i * n + n_batches // 2) // n_batches for i in range(n_batches + 1)]
+
+
 def _chunked(step, chunk: int, inputs, targets, negatives, w_in, w_out, lr):
     """Apply ``step`` to consecutive slices of at most ``chunk`` pairs; the summed loss."""
     total = 0.0
@@ -194,6 +200,8 @@ class Word2Vec:
         # drawn as a negative n times moves n stale steps at once. 2048 diverged on head500 (CPU,
         # same sum-of-stale-updates semantics as a GPU launch); 256 matches gensim's quality.
         self._chunk = 256
+        # corpus words whose pairs and negatives are drawn at once (one host sync each, see _train)
+        self._group_words = 1 << 18
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
@@ -235,7 +243,9 @@ class Word2Vec:
         if be == "triton":
             from ..kernels.negative_sampling import sgns_step
 
-            return lambda *a: _chunked(lambda *c: sgns_step(*c).double().sum(), self._chunk, *a)
+            # one launch per chunk and nothing else per chunk: the per-pair losses land in one buffer
+            # summed once per batch (slicing, casting and adding per chunk cost more than the launch)
+            return lambda *a: sgns_step(*a, chunk=self._chunk).sum(dtype=torch.float64)
         compile_ = self.compile
         if compile_ is None:  # compiling costs ~10-20 s once: worth it for longer runs only
             compile_ = self.epochs * self.corpus_raw_words >= 1_000_000
@@ -283,12 +293,14 @@ class Word2Vec:
         total = epochs * n_all
         done, loss_acc, loss_pairs, t0, last = 0, 0.0, 0, time.perf_counter(), 0.0
 
-        def work(inp, tgt, lr, g):
+        def negatives(tgt, g):
             # the fused steps skip a negative equal to the target (word2vec.c); the autograd loss
             # cannot, so it draws negatives that avoid the target instead
-            exclude = None if self.fused else tgt
-            neg = self._sampler.sample(tgt.numel(), self.negative, exclude=exclude, generator=g)
-            return step(inp, tgt, neg, w_in, w_out, lr)
+            return self._sampler.sample(tgt.numel(), self.negative, exclude=None if self.fused else tgt,
+                                        generator=g)
+
+        def work(inp, tgt, lr, g):
+            return step(inp, tgt, negatives(tgt, g), w_in, w_out, lr)
 
         for epoch in range(epochs):
             keep = torch.rand(n_all, device=self.device, generator=gen) < self._keep[self._ids]
@@ -296,21 +308,32 @@ class Word2Vec:
             n = ids.numel()
             # batches cover batch_words corpus words each; their kept words become centres
             n_batches = max(1, math.ceil(n_all / self.batch_words))
-            bounds = torch.linspace(0, n, n_batches + 1).round().long().tolist()
-            for bi in range(n_batches):
-                lr = self.alpha - (self.alpha - self.min_alpha) * (done / total)
-                s, e = bounds[bi], bounds[bi + 1]
+            bounds = _batch_bounds(n, n_batches)
+            # Pairs and negatives are drawn for a group of batches at once: one host sync (the pair
+            # count) per group, not per batch, so a GPU is not left idle while the host prepares
+            # each batch. The updates still apply batch by batch, each with its learning rate.
+            group = 1 if pool is not None else max(1, self._group_words // self.batch_words)
+            for g0 in range(0, n_batches, group):
+                g1 = min(n_batches, g0 + group)
+                s, e = bounds[g0], bounds[g1]
+                offs = [0] * (g1 - g0 + 1)
                 if e > s:
-                    inp, tgt = skipgram_pairs(ids, sent, s, e, self.window, gen)
-                    if inp.numel():
-                        loss_pairs += inp.numel()
+                    inp_g, tgt_g, offs = skipgram_pairs(ids, sent, s, e, self.window, gen, bounds[g0:g1 + 1])
+                    if pool is None and inp_g.numel():
+                        neg_g = negatives(tgt_g, self._worker_gens[0])
+                for bi in range(g0, g1):
+                    lr = self.alpha - (self.alpha - self.min_alpha) * (done / total)
+                    a, b = offs[bi - g0], offs[bi - g0 + 1]
+                    if b > a:
+                        loss_pairs += b - a
+                        inp, tgt = inp_g[a:b], tgt_g[a:b]
                         if pool is None:
-                            loss_acc = loss_acc + work(inp, tgt, lr, self._worker_gens[0])
+                            loss_acc = loss_acc + step(inp, tgt, neg_g[a:b], w_in, w_out, lr)
                         else:  # Hogwild: workers update the shared tables concurrently
                             parts = zip(inp.chunk(n_workers), tgt.chunk(n_workers), self._worker_gens)
-                            futs = [pool.submit(work, a, b, lr, g) for a, b, g in parts]
+                            futs = [pool.submit(work, x, y, lr, g) for x, y, g in parts]
                             loss_acc = loss_acc + sum(f.result() for f in futs)
-                done = epoch * n_all + min(n_all, (bi + 1) * self.batch_words)
+                    done = epoch * n_all + min(n_all, (bi + 1) * self.batch_words)
                 now = time.perf_counter()
                 if self.progress is not None and (now - last > 0.5 or done == total):
                     last = now
