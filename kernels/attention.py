@@ -41,6 +41,12 @@ def _tanh(x):
 
 
 @triton.jit
+def _moff(qi, kj, stride_mm, stride_mn):
+    # int64: one (b, h) plane of a mask may hold more than 2^31 elements (Nq * Nk, e.g. 48K x 48K)
+    return qi.to(tl.int64) * stride_mm + kj.to(tl.int64) * stride_mn
+
+
+@triton.jit
 def _score(
     qk, qi, kj, mask_base, stride_mm, stride_mn, slope2,
     Nq, Nk, qk_scale, causal_off, win_left, win_right, sc_scale, sc_log2e,
@@ -61,10 +67,10 @@ def _score(
     if MASK_KIND != 0:
         mk_ok = (qi < Nq) & (kj < Nk)
         if MASK_KIND == 1:
-            mk = tl.load(mask_base + qi * stride_mm + kj * stride_mn, mask=mk_ok, other=0)
+            mk = tl.load(mask_base + _moff(qi, kj, stride_mm, stride_mn), mask=mk_ok, other=0)
             s = tl.where(mk != 0, s, float("-inf"))
         else:
-            mk = tl.load(mask_base + qi * stride_mm + kj * stride_mn, mask=mk_ok, other=0.0).to(tl.float32)
+            mk = tl.load(mask_base + _moff(qi, kj, stride_mm, stride_mn), mask=mk_ok, other=0.0).to(tl.float32)
             s = s + mk * 1.4426950408889634
     if MASKED:
         valid = (qi < Nq) & (kj < Nk)
@@ -98,8 +104,10 @@ def _fwd_tile(
     SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr,
 ):
     offs_n = start_n + offs_n0
-    k_ptrs = k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
-    v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+    # row offsets in int64 (start_n * stride may pass 2^31 elements), the tile's own in int32
+    n64 = tl.cast(start_n, tl.int64)
+    k_ptrs = k_base + n64 * stride_kn + offs_n0[None, :] * stride_kn + offs_d[:, None] * stride_kd
+    v_ptrs = v_base + n64 * stride_vn + offs_n0[:, None] * stride_vn + offs_d[None, :] * stride_vd
     if MASKED:
         n_ok = offs_n < Nk
         if BLOCK_D == HEAD_DIM:
@@ -191,7 +199,7 @@ def _attn_fwd(
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < Nq
     d_ok = offs_d < HEAD_DIM
-    q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+    q = tl.load(q_base + offs_m.to(tl.int64)[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                 mask=m_ok[:, None] & d_ok[None, :], other=0.0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -243,7 +251,7 @@ def _attn_fwd(
     l_safe = tl.where(empty_row, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse2 = tl.where(empty_row, float("-inf"), m_i + tl.math.log2(l_safe))
-    tl.store(o_base + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+    tl.store(o_base + offs_m.to(tl.int64)[:, None] * stride_om + offs_d[None, :] * stride_od,
              out.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
     tl.store(lse_base + offs_m, lse2, mask=m_ok)
 
@@ -266,9 +274,11 @@ def _bwd_preprocess(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     ok = (offs_m[:, None] < Nq) & (offs_d[None, :] < HEAD_DIM)
-    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+    # int64 rows: for packed varlen input Nq is the total token count, offs_m * stride up to numel(o)
+    m64 = offs_m.to(tl.int64)[:, None]
+    o = tl.load(O + b * stride_ob + h * stride_oh + m64 * stride_om + offs_d[None, :] * stride_od,
                 mask=ok, other=0.0).to(tl.float32)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom
+    do = tl.load(DO + b * stride_dob + h * stride_doh + m64 * stride_dom
                  + offs_d[None, :] * stride_dod, mask=ok, other=0.0).to(tl.float32)
     tl.store(DELTA + bh.to(tl.int64) * Nq + offs_m, tl.sum(o * do, 1), mask=offs_m < Nq)
 
@@ -285,8 +295,9 @@ def _dkdv_tile(
     SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr,
 ):
     offs_m = start_m + offs_m0
-    q_ptrs = q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
-    do_ptrs = do_base + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod
+    m64 = tl.cast(start_m, tl.int64)  # int64 row base, int32 tile offsets
+    q_ptrs = q_base + m64 * stride_qm + offs_m0[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    do_ptrs = do_base + m64 * stride_dom + offs_m0[:, None] * stride_dom + offs_d[None, :] * stride_dod
     if MASKED:
         m_ok = offs_m < Nq
         ld_ok = m_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
@@ -359,9 +370,10 @@ def _attn_bwd_dkdv(
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     ld_ok = (offs_n[:, None] < Nk) & (offs_d[None, :] < HEAD_DIM)
-    kv_off = offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
+    n64 = offs_n.to(tl.int64)[:, None]  # row offsets may pass 2^31 elements
+    kv_off = n64 * stride_kn + offs_d[None, :] * stride_kd
     k = tl.load(K + b * stride_kb + hk * stride_kh + k_start * stride_kn + kv_off, mask=ld_ok, other=0.0)
-    v = tl.load(V + b * stride_vb + hk * stride_vh + k_start * stride_vn + offs_n[:, None] * stride_vn
+    v = tl.load(V + b * stride_vb + hk * stride_vh + k_start * stride_vn + n64 * stride_vn
                 + offs_d[None, :] * stride_vd, mask=ld_ok, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -417,7 +429,7 @@ def _attn_bwd_dkdv(
                     HEAD_DIM, BLOCK_D, True, CAUSAL, WINDOW, MASK_KIND, SOFTCAP, ALIBI, DROPOUT, PREC)
 
     dk = dk * sm_scale
-    out_off = b * stride_dkb + hk * stride_dkh + (k_start + offs_n[:, None]) * stride_dkn + offs_d[None, :] * stride_dkd
+    out_off = b * stride_dkb + hk * stride_dkh + (k_start + n64) * stride_dkn + offs_d[None, :] * stride_dkd
     tl.store(DK + out_off, dk.to(DK.dtype.element_ty), mask=ld_ok)
     tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=ld_ok)
 
@@ -434,8 +446,9 @@ def _dq_tile(
     SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr,
 ):
     offs_n = start_n + offs_n0
-    k_ptrs = k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
-    v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+    n64 = tl.cast(start_n, tl.int64)  # int64 row base, int32 tile offsets
+    k_ptrs = k_base + n64 * stride_kn + offs_n0[:, None] * stride_kn + offs_d[None, :] * stride_kd
+    v_ptrs = v_base + n64 * stride_vn + offs_n0[:, None] * stride_vn + offs_d[None, :] * stride_vd
     if MASKED:
         ld_ok = (offs_n[:, None] < Nk) & (offs_d[None, :] < HEAD_DIM)
         k = tl.load(k_ptrs, mask=ld_ok, other=0.0)
@@ -507,9 +520,10 @@ def _attn_bwd_dq(
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < Nq
     ld_ok = m_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
-    q = tl.load(Q + b * stride_qb + h * stride_qh + (q_start + offs_m[:, None]) * stride_qm
+    m64 = q_start + offs_m.to(tl.int64)[:, None]  # row offsets may pass 2^31 elements
+    q = tl.load(Q + b * stride_qb + h * stride_qh + m64 * stride_qm
                 + offs_d[None, :] * stride_qd, mask=ld_ok, other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + (q_start + offs_m[:, None]) * stride_dom
+    do = tl.load(DO + b * stride_dob + h * stride_doh + m64 * stride_dom
                  + offs_d[None, :] * stride_dod, mask=ld_ok, other=0.0)
     lse_base = LSE + b * stride_lb + h * stride_lh + q_start
     lse = tl.load(lse_base + offs_m, mask=m_ok, other=float("inf"))
@@ -548,7 +562,7 @@ def _attn_bwd_dq(
                           seed, drop_base, drop_p, drop_scale, DROP_MK,
                           HEAD_DIM, BLOCK_D, True, CAUSAL, WINDOW, MASK_KIND, SOFTCAP, ALIBI, DROPOUT, PREC)
     dq = dq * sm_scale
-    tl.store(DQ + b * stride_dqb + h * stride_dqh + (q_start + offs_m[:, None]) * stride_dqm
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + m64 * stride_dqm
              + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=ld_ok)
 
 
@@ -563,7 +577,7 @@ def _dropout_keep_kernel(OUT, seed, drop_p, H, Nq, Nk, DROP_MQ, DROP_MK, BLOCK_M
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     keep = _keep(seed, (b * H + h) * DROP_MQ, offs_m[:, None], offs_n[None, :], drop_p, DROP_MK)
     ok = (offs_m[:, None] < Nq) & (offs_n[None, :] < Nk)
-    tl.store(OUT + bh * Nq * Nk + offs_m[:, None] * Nk + offs_n[None, :], keep.to(tl.int8), mask=ok)
+    tl.store(OUT + bh * Nq * Nk + offs_m.to(tl.int64)[:, None] * Nk + offs_n[None, :], keep.to(tl.int8), mask=ok)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -345,3 +345,49 @@ def test_double_backward_raises():
     (dq,) = torch.autograd.grad(out, q, dout, create_graph=True)
     with pytest.raises(RuntimeError, match="differentiate twice|once_differentiable"):
         dq.sum().backward()
+
+
+# ---------------------------------------------------------------- offsets past 2^31 elements
+def _huge_rows(n_rows, row_stride, dtype, seed):
+    """A (1, 1, n_rows, 16) view whose rows lie row_stride elements apart, so row offsets pass 2^31:
+    the storage is reserved, but only the pages of the rows are touched. Skips where it cannot be had."""
+    try:
+        buf = torch.empty(n_rows * row_stride + 16, dtype=dtype, device=DEVICE)
+    except (RuntimeError, MemoryError):
+        pytest.skip("cannot reserve the storage")
+    x = buf.as_strided((1, 1, n_rows, 16), (0, 0, row_stride, 1))
+    x.copy_(torch.randn(1, 1, n_rows, 16, generator=torch.Generator().manual_seed(seed)).to(DEVICE, dtype))
+    return x
+
+
+def test_mask_offsets_past_int32():
+    """A mask plane of more than 2^31 elements (Nq * Nk at long context): its offsets are int64."""
+    if "triton" not in BACKENDS:
+        pytest.skip("triton not installed")
+    big = 1 << 30
+    try:
+        buf = torch.empty(2 * big + 64, dtype=torch.bool, device=DEVICE)
+    except (RuntimeError, MemoryError):
+        pytest.skip("cannot reserve the storage")
+    mask = buf.as_strided((3, 5), (big, 1))
+    mask.copy_(torch.rand(3, 5, generator=torch.Generator().manual_seed(1)) > 0.3)
+    mask[:, 0] = True
+    q, k, v = _inputs(1, 1, 1, 3, 5, 16, torch.float32, seed=6)
+    _check(q, k, v, "triton", mask=mask)
+    _check(q, k, v, "triton", mask=mask.contiguous())
+
+
+def test_row_offsets_past_int32():
+    """q/k/v/dout rows 2^24 elements apart, 130 rows: row offsets pass 2^31 in every kernel."""
+    if "triton" not in BACKENDS:
+        pytest.skip("triton not installed")
+    x = _huge_rows(130, 1 << 24, torch.float16, seed=8)
+    dout = _huge_rows(130, 1 << 24, torch.float16, seed=9)
+    x.requires_grad_()  # one leaf as q, k and v: its gradient is dq + dk + dv
+    out = embedattn.attention(x, x, x, causal=True, backend="triton")
+    (got,) = torch.autograd.grad(out, x, dout)
+    x64 = x.detach().double().requires_grad_()
+    ref = reference.attention(x64, x64, x64, causal=True)
+    (want,) = torch.autograd.grad(ref, x64, dout.double())
+    torch.testing.assert_close(out.double(), ref, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(got.double(), want, atol=5e-3, rtol=5e-3)
