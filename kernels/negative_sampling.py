@@ -5,8 +5,11 @@ the positive (context) row of ``out_weight`` and columns 1..K are the negatives;
 in registers as a (BLOCK_B, BLOCK_K, BLOCK_D) tile, D is walked in BLOCK_D chunks, and nothing of size
 B x K x D is ever written to memory. The forward saves one coefficient per (pair, column),
 d loss_b / d score_bk, so the backward needs no re-derivation of the scores. Gradients (and the fused
-step's updates) are scattered with atomic adds into fp32 (fp64 for fp64 tables) accumulators: ids
-collide constantly in word2vec (frequent words), so plain stores would drop updates.
+step's updates) are scattered with atomic adds: ids collide constantly in word2vec (frequent words),
+so plain stores would drop updates. The backward adds into fp32 (fp64 for fp64 tables) accumulators;
+the fused step adds straight into the tables, in their dtype (16-bit tables round every update; bf16
+atomics are native from sm_90 only). The adds are relaxed: nothing is ordered by them, only their sum
+matters, and the default acq_rel semantics order every one of them on a GPU.
 """
 
 from __future__ import annotations
@@ -107,11 +110,12 @@ def _bwd_kernel(center_ptr, context_ptr, neg_ptr, dst_in_ptr, dst_out_ptr, w_in_
             u = tl.load(w_out_ptr + ids[:, :, None] * s_out + dd[None, None, :], mask=umask,
                         other=0.0).to(ACC)
             gv = tl.sum(coef[:, :, None] * u, axis=1)
-            tl.atomic_add(gin_ptr + dst_in[:, None] * D + dd[None, :], gv, mask=vmask)
+            tl.atomic_add(gin_ptr + dst_in[:, None] * D + dd[None, :], gv, mask=vmask, sem="relaxed")
         if NEED_OUT:
             v = tl.load(w_in_ptr + center[:, None] * s_in + dd[None, :], mask=vmask, other=0.0).to(ACC)
             gu = coef[:, :, None] * v[:, None, :]
-            tl.atomic_add(gout_ptr + dst_out[:, :, None] * D + dd[None, None, :], gu, mask=umask)
+            tl.atomic_add(gout_ptr + dst_out[:, :, None] * D + dd[None, None, :], gu, mask=umask,
+                          sem="relaxed")
 
 
 @triton.jit
@@ -147,9 +151,9 @@ def _sgns_step_kernel(inp_ptr, tgt_ptr, neg_ptr, w_in_ptr, w_out_ptr, loss_ptr, 
         dv = tl.sum(step[:, :, None] * u, axis=1)
         du = step[:, :, None] * v[:, None, :]
         tl.atomic_add(w_out_ptr + ids[:, :, None] * s_out + dd[None, None, :],
-                      du.to(w_out_ptr.dtype.element_ty), mask=umask)
+                      du.to(w_out_ptr.dtype.element_ty), mask=umask, sem="relaxed")
         tl.atomic_add(w_in_ptr + center[:, None] * s_in + dd[None, :],
-                      dv.to(w_in_ptr.dtype.element_ty), mask=vmask)
+                      dv.to(w_in_ptr.dtype.element_ty), mask=vmask, sem="relaxed")
 
 
 def _configs():
