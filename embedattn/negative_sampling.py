@@ -276,6 +276,10 @@ class UnigramSampler:
             return torch.where(keep, i, self._alias[i])
         if self._single:
             raise ValueError("cannot exclude ids: only one id has a non-zero probability")
+        if not isinstance(exclude, torch.Tensor) or tuple(exclude.shape) != tuple(shape[:exclude.dim()]):
+            got = tuple(exclude.shape) if isinstance(exclude, torch.Tensor) else type(exclude).__name__
+            raise ValueError(f"exclude must be a tensor shaped like the leading dims of the draw {tuple(shape)}, "
+                             f"got {got}")
         ex = exclude.to(dev).long()
         ex = ex.reshape(ex.shape + (1,) * (len(shape) - ex.dim()))
         p_x = self.probs[ex]

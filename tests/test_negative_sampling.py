@@ -285,6 +285,13 @@ def test_sampler_bad_input():
     assert (s.sample(50) == 1).all()
     with pytest.raises(ValueError, match="only one id"):
         s.sample(4, 2, exclude=torch.ones(4, dtype=torch.long))
+    s = embedattn.UnigramSampler([1.0, 3.0, 2.0])
+    with pytest.raises(ValueError, match="exclude"):  # (4, 3): more dims than the draw's (4,)
+        s.sample(4, exclude=torch.ones(4, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="exclude"):  # (3,) is not the leading dims of (2, 3)
+        s.sample(2, 3, exclude=torch.ones(3, dtype=torch.long))
+    assert s.sample(2, 3, exclude=torch.ones(2, dtype=torch.long)).shape == (2, 3)
+    assert s.sample(5, exclude=torch.tensor(1)).shape == (5,)  # a 0-d id excludes it everywhere
 
 
 # ----------------------------------------------------------------------------- bad input
