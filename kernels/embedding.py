@@ -10,8 +10,9 @@ Kernels:
   buffer. Fast, but the order in which colliding tokens add up depends on scheduling: not bitwise
   deterministic.
 * ``_bwd_sorted_kernel``: the deterministic scatter: ids are sorted (stably) on the host side, and the
-  first program of each run of equal ids sums the run's gradient rows in a fixed order, in float32,
-  and writes the row once, in the table dtype. No float32 V x D buffer is needed.
+  first program of each run of equal ids sums the run's gradient rows one by one in sorted order, in
+  float32 (the same bits whatever the tile config), and writes the row once, in the table dtype. No
+  float32 V x D buffer is needed.
 * ``_bwd_pos_kernel``: learned-position gradient for the default positions (``arange(N) + offset``):
   a plain reduction over the batch, one program per tile of positions, no atomics, deterministic.
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import math
 import os
+import struct
 
 import torch
 import triton
@@ -147,7 +149,7 @@ def embedding_forward(
     p = pos_weight if pos_weight is not None else weight
     pos = positions if positions is not None else ids
     coef = -_LOG2_10000 / d
-    coef_hi = float(torch.tensor(coef, dtype=torch.float32))
+    coef_hi = struct.unpack("f", struct.pack("f", coef))[0]  # rounded to float32 (host only, no tensor)
     args = (ids, pos, weight, p, out, t, n, d, weight.stride(0), p.stride(0), offset, float(scale), coef_hi,
             coef - coef_hi)
     flags = dict(POS_MODE=pos_mode, EXPLICIT_POS=positions is not None, HAS_SCALE=scale != 1.0)
@@ -193,11 +195,24 @@ _bwd_atomic_tuned = triton.autotune(
 )(_bwd_atomic_kernel)
 
 
+# rows summed per step of the sorted scatter. A fixed constant, not a tuned parameter: the float32 bits
+# of a run's sum depend on it (and on nothing else of the launch)
+SORTED_ROWS = 16
+
+
+@triton.jit
+def _pair_rows(x, H: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(2H, BLOCK_D) -> (H, BLOCK_D) with row r = x[2r] + x[2r + 1]: elementwise adds in a fixed pairing,
+    so the result does not depend on the register layout (the order of a tl.sum's adds does)."""
+    a, b = tl.split(tl.permute(tl.reshape(x, [H, 2, BLOCK_D]), [0, 2, 1]))
+    return a + b
+
+
 @triton.jit
 def _bwd_sorted_kernel(
     grad_ptr, sorted_ptr, perm_ptr, end_ptr, slots_ptr, gw_ptr, D, stride_gw, scale, padding_idx,
-    HAS_PAD: tl.constexpr, HAS_SCALE: tl.constexpr, SLOTS: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_PAD: tl.constexpr, HAS_SCALE: tl.constexpr, SLOTS: tl.constexpr, ROWS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     # program i looks at sorted slot i (or slots[i], a list of run heads); only the first slot of
     # each run of equal ids does work
@@ -216,19 +231,34 @@ def _bwd_sorted_kernel(
     if head:
         end = tl.load(end_ptr + i)
         acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-        for s in range(i, end, BLOCK_T):
-            rt = s + tl.arange(0, BLOCK_T)
+        # ROWS (16) rows a step, summed by a fixed pairwise tree, then added to acc in run order: every
+        # add is elementwise in a fixed order, so the bits do not depend on BLOCK_D or num_warps. A
+        # tl.sum over the tile would reduce in an order set by the layout, and an autotuned config
+        # (picked by timing, per process) would change the result from one run to the next.
+        # Masked rows are +0.0; acc starts at +0.0, so they never change it.
+        for s in range(i, end, ROWS):
+            rt = s + tl.arange(0, ROWS)
             mt = rt < end
             tok = tl.load(perm_ptr + rt, mask=mt, other=0).to(tl.int64)
             g = tl.load(grad_ptr + tok[:, None] * D + rd[None, :], mask=mt[:, None] & md[None, :], other=0.0)
-            acc += tl.sum(g.to(tl.float32), axis=0)
+            g = _pair_rows(g.to(tl.float32), ROWS // 2, BLOCK_D)
+            g = _pair_rows(g, ROWS // 4, BLOCK_D)
+            g = _pair_rows(g, ROWS // 8, BLOCK_D)
+            g = _pair_rows(g, ROWS // 16, BLOCK_D)
+            acc += tl.reshape(g, [BLOCK_D])
         if HAS_SCALE:
             acc = acc * scale
         tl.store(gw_ptr + row * stride_gw + rd, acc.to(gw_ptr.dtype.element_ty), mask=md)
 
 
+def _sorted_configs():
+    """The feature block and warps only: the row step is SORTED_ROWS (it sets the bits)."""
+    return [triton.Config({"BLOCK_D": bd}, num_warps=w) for bd in (32, 64, 128, 256, 512, 1024) for w in (4, 8)
+            if w == 4 or bd >= 256]
+
+
 _bwd_sorted_tuned = triton.autotune(
-    _configs(), key=["D"], prune_configs_by={"early_config_prune": _prune}
+    _sorted_configs(), key=["D"], prune_configs_by={"early_config_prune": _prune}
 )(_bwd_sorted_kernel)
 
 
@@ -289,13 +319,13 @@ def scatter_grad(
         slots = torch.nonzero(first).squeeze(1)
         n_prog = slots.numel()
     args = (grad, sorted_ids, perm, end, slots, gw, d, gw.stride(0), float(scale), pad)
-    flags["SLOTS"] = heads_only
+    flags.update(SLOTS=heads_only, ROWS=SORTED_ROWS)
     if _autotune_enabled():
         grid = lambda meta: (n_prog, triton.cdiv(d, meta["BLOCK_D"]))
         _bwd_sorted_tuned[grid](*args, **flags)
     else:
-        bt, bd = _tile(d)
-        _bwd_sorted_kernel[(n_prog, triton.cdiv(d, bd))](*args, **flags, BLOCK_T=bt, BLOCK_D=bd, num_warps=4)
+        _, bd = _tile(d)
+        _bwd_sorted_kernel[(n_prog, triton.cdiv(d, bd))](*args, **flags, BLOCK_D=bd, num_warps=4)
     return gw
 
 

@@ -106,7 +106,7 @@ def test_heavy_repetition(backend, dtype, pos):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_strided_inputs_and_id_dtypes(backend):
-    """Row-strided tables (column slices of bigger ones), non-contiguous ids, int32/int16 ids, 1-D/3-D ids."""
+    """Row-strided and transposed tables, non-contiguous ids, int32/int16 ids, 1-D/3-D ids."""
     gen = torch.Generator().manual_seed(11)
     v, p, d = 30, 20, 19
     big = torch.randn(v, d + 5, generator=gen).to(DEVICE)
@@ -117,6 +117,8 @@ def test_strided_inputs_and_id_dtypes(backend):
     check(backend, torch.float32, ids.to(torch.int32), w, pw, gen, position_offset=3)
     check(backend, torch.float32, ids.to(torch.int16)[0], w, pw, gen)
     check(backend, torch.float32, ids.reshape(3, 2, 3), w, None, gen, sinusoidal=True)
+    wt = torch.randn(d, v, generator=gen).to(DEVICE).t()  # feature stride != 1 (a transposed table)
+    check(backend, torch.float32, ids, wt, pw, gen, scale=2.0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -203,6 +205,25 @@ def test_deterministic_bitwise(dtype):
     for r in (runs, runs_pos):
         assert all(torch.equal(x, y) for x, y in zip(r[0], r[1]))
     assert torch.all(runs[0][1][2] == 0)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
+def test_sorted_scatter_bits_do_not_depend_on_the_config(monkeypatch):
+    """The deterministic scatter gives the same bits whatever launch config runs it, so an autotuned
+    choice (timing-dependent, per process) cannot change a deterministic backward from run to run.
+    (It summed (BLOCK_T, BLOCK_D) tiles with tl.sum, whose grouping followed the config.)"""
+    from embedattn.kernels import embedding as K
+
+    gen = torch.Generator().manual_seed(51)
+    t, d, v = 300, 40, 3  # runs of ~100 rows: many row steps per run
+    grad = torch.randn(t, d, generator=gen).to(DEVICE)
+    ids = torch.randint(0, v, (t,), generator=gen).to(DEVICE)
+    monkeypatch.setattr(K, "_autotune_enabled", lambda: False)
+    outs = []
+    for tile in [(1, 64), (4, 16), (16, 32), (32, 8)]:
+        monkeypatch.setattr(K, "_tile", lambda d, tile=tile: tile)
+        outs.append(K.scatter_grad(grad, ids, v, deterministic=True))
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
@@ -344,6 +365,24 @@ def test_ids_out_of_range(backend, bad):
     ids[1, 3] = bad
     with pytest.raises(IndexError, match="ids out of range"):
         embedattn.embedding(ids.to(DEVICE), W.to(DEVICE), backend=backend)
+
+
+@pytest.mark.parametrize("pos_dtype", [torch.int32, torch.int64])
+def test_bounds_check_ids_and_positions_together(pos_dtype):
+    """ids and explicit positions are checked with one host read (one buffer, or a promoting stack for
+    mixed id dtypes); each bad tensor is still reported by name, ids first."""
+    ids, pos = IDS.to(torch.int32), torch.zeros_like(IDS, dtype=pos_dtype)
+    for backend in BACKENDS:
+        torch.testing.assert_close(embedattn.embedding(ids, W, PW, positions=pos, backend=backend),
+                                   ref_embedding(ids, W, PW, positions=pos))
+        bad_pos = pos.clone()
+        bad_pos[1, 2] = 6
+        with pytest.raises(IndexError, match="positions out of range: min 0, max 6"):
+            embedattn.embedding(ids, W, PW, positions=bad_pos, backend=backend)
+        bad_ids = ids.clone()
+        bad_ids[0, 0] = -3
+        with pytest.raises(IndexError, match="ids out of range: min -3"):
+            embedattn.embedding(bad_ids, W, PW, positions=bad_pos, backend=backend)
 
 
 def test_check_bounds_false_skips_the_check():
