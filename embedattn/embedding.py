@@ -106,25 +106,44 @@ def _check(ids, weight, pos_weight, sinusoidal, scale, padding_idx, position_off
     return padding_idx
 
 
+def _min_max(tensors: list[torch.Tensor]) -> list[int]:
+    """``[min, max]`` of each (non-empty integer) tensor, flattened, as Python ints: one aminmax kernel
+    per tensor writing into one small buffer, then a single device-to-host read (one sync, not one per
+    scalar)."""
+    dtype = tensors[0].dtype
+    if all(x.dtype == dtype for x in tensors):
+        buf = torch.empty(2 * len(tensors), dtype=dtype, device=tensors[0].device)
+        for k, x in enumerate(tensors):
+            torch.aminmax(x, out=(buf[2 * k], buf[2 * k + 1]))
+    else:  # mixed id dtypes (e.g. int32 ids, int64 positions): stack promotes
+        buf = torch.stack([m for x in tensors for m in torch.aminmax(x)])
+    return buf.tolist()
+
+
 def _check_bounds(ids, weight, pos_weight, position_offset, positions, check_bounds):
-    """IndexError before any kernel reads out of bounds. The id / explicit-position checks cost one
-    min/max reduction and a device sync each; ``check_bounds=False`` skips them (the default-position
-    check is host arithmetic and always runs)."""
-    if check_bounds and ids.numel():
-        lo, hi = (int(x) for x in torch.aminmax(ids))
-        v = weight.shape[0]
-        if lo < 0 or hi >= v:
-            raise IndexError(f"ids out of range: min {lo}, max {hi}, but the table has {v} rows ([0, {v}))")
-    if pos_weight is None:
-        return
-    p = pos_weight.shape[0]
-    if positions is None:
+    """IndexError before any kernel reads out of bounds. The id and explicit-position checks cost one
+    min/max reduction each and together one device sync; ``check_bounds=False`` skips them (the
+    default-position check is host arithmetic and always runs)."""
+    v = weight.shape[0]
+    p = None if pos_weight is None else pos_weight.shape[0]
+    if p is not None and positions is None:
         n = ids.shape[-1]
         if n and position_offset + n > p:
             raise IndexError(f"positions {position_offset}..{position_offset + n - 1} exceed the position "
                              f"table ({p} rows)")
-    elif check_bounds and positions.numel():
-        lo, hi = (int(x) for x in torch.aminmax(positions))
+    if not check_bounds:
+        return
+    check_ids = ids.numel() > 0
+    check_pos = p is not None and positions is not None and positions.numel() > 0
+    if not (check_ids or check_pos):
+        return
+    vals = _min_max([x for x, c in ((ids, check_ids), (positions, check_pos)) if c])
+    if check_ids:
+        lo, hi = vals[:2]
+        if lo < 0 or hi >= v:
+            raise IndexError(f"ids out of range: min {lo}, max {hi}, but the table has {v} rows ([0, {v}))")
+    if check_pos:
+        lo, hi = vals[-2:]
         if lo < 0 or hi >= p:
             raise IndexError(f"positions out of range: min {lo}, max {hi}, "
                              f"but the position table has {p} rows")
