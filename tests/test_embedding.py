@@ -215,14 +215,22 @@ def test_sorted_scatter_bits_do_not_depend_on_the_config(monkeypatch):
     from embedattn.kernels import embedding as K
 
     gen = torch.Generator().manual_seed(51)
-    t, d, v = 300, 40, 3  # runs of ~100 rows: many row steps per run
+    t, d, v = (20000, 300, 7) if ON_CUDA else (300, 40, 3)  # long runs: many row steps per run
     grad = torch.randn(t, d, generator=gen).to(DEVICE)
     ids = torch.randint(0, v, (t,), generator=gen).to(DEVICE)
-    monkeypatch.setattr(K, "_autotune_enabled", lambda: False)
     outs = []
-    for tile in [(1, 64), (4, 16), (16, 32), (32, 8)]:
-        monkeypatch.setattr(K, "_tile", lambda d, tile=tile: tile)
-        outs.append(K.scatter_grad(grad, ids, v, deterministic=True))
+    if ON_CUDA:  # every config of the autotune space, through the tuned launch path (one config each)
+        import triton
+
+        monkeypatch.setattr(K, "_autotune_enabled", lambda: True)
+        for cfg in K._sorted_configs():
+            monkeypatch.setattr(K, "_bwd_sorted_tuned", triton.autotune([cfg], key=["D"])(K._bwd_sorted_kernel))
+            outs.append(K.scatter_grad(grad, ids, v, deterministic=True))
+    else:  # the interpreter has no autotuner: vary the fixed tile
+        monkeypatch.setattr(K, "_autotune_enabled", lambda: False)
+        for tile in [(1, 64), (4, 16), (16, 32), (32, 8)]:
+            monkeypatch.setattr(K, "_tile", lambda d, tile=tile: tile)
+            outs.append(K.scatter_grad(grad, ids, v, deterministic=True))
     assert all(torch.equal(outs[0], o) for o in outs[1:])
 
 
