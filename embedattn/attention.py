@@ -322,10 +322,17 @@ def scaled_dot_product_attention(
     if query.dim() == 4 and query.shape[1] != key.shape[1] and not enable_gqa:
         raise AttentionInputError(
             f"query heads ({query.shape[1]}) differ from key heads ({key.shape[1]}); pass enable_gqa=True")
+    if (isinstance(attn_mask, torch.Tensor) and attn_mask.dtype != torch.bool
+            and attn_mask.dtype not in (torch.float32, query.dtype)):
+        # torch's own rule: a float64 mask (or fp16 with bf16 queries) is an error there, so here too
+        raise AttentionTypeError(
+            f"Expected attn_mask dtype to be bool or float or to match query dtype, but got attn_mask.dtype: "
+            f"{attn_mask.dtype} and  query.dtype: {query.dtype} instead.")
     be = resolve(None, query, key, value)
     if (be != "triton" or query.dtype not in _TRITON_DTYPES
             or query.shape[-1] > MAX_HEAD_DIM or query.shape[-1] != value.shape[-1]
-            or (attn_mask is not None and attn_mask.requires_grad)):
+            or (attn_mask is not None and attn_mask.requires_grad)
+            or (isinstance(dropout_p, (int, float)) and dropout_p >= 1.0)):  # torch: all dropped, zeros
         return _TORCH_SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                            scale=scale, enable_gqa=enable_gqa)
     three_d = query.dim() == 3
@@ -397,6 +404,8 @@ def attention_varlen(
     feats = _check_features(q.transpose(0, 1)[None], window, softcap, alibi_slopes, dropout_p, seed, n_batch)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
+    elif not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise AttentionInputError(f"scale must be a finite float or None, got {scale!r}")
     if be == "reference" or q.shape[0] == 0 or k.shape[0] == 0:
         kw = _reference_features(feats, q)
         if "dropout_p" in feats:

@@ -229,6 +229,20 @@ def test_sdpa_drop_in_errors_like_torch():
         embedattn.scaled_dot_product_attention(q, torch.randn(1, 1, 4, 8), torch.randn(1, 1, 4, 8))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sdpa_drop_in_mask_dtype_and_full_dropout_like_torch(backend, monkeypatch):
+    """torch rejects a float mask that is neither float32 nor the query's dtype, and dropout_p=1 gives zeros."""
+    monkeypatch.setenv("EMBEDATTN_BACKEND", backend)
+    q = torch.randn(1, 2, 4, 16, device=DEVICE)
+    with pytest.raises(RuntimeError, match="attn_mask dtype"):
+        F.scaled_dot_product_attention(q, q, q, attn_mask=torch.zeros(4, 4, dtype=torch.float64, device=DEVICE))
+    with pytest.raises(TypeError, match="attn_mask dtype"):
+        embedattn.scaled_dot_product_attention(q, q, q, attn_mask=torch.zeros(4, 4, dtype=torch.float64,
+                                                                                device=DEVICE))
+    out = embedattn.scaled_dot_product_attention(q, q, q, dropout_p=1.0)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, q, q, dropout_p=1.0))
+
+
 def test_sdpa_dropout_on_reference_backend_is_torchs():
     q = torch.randn(1, 2, 8, 16)
     torch.manual_seed(0)

@@ -227,7 +227,13 @@ def test_feature_bad_input(backend):
     with pytest.raises(ValueError, match="max_seqlen"):
         embedattn.attention_varlen(qp, qp, qp, torch.tensor([0, 5], device=DEVICE),
                                    torch.tensor([0, 5], device=DEVICE), 2, 5, backend=backend)
+    with pytest.raises(ValueError, match="scale"):
+        embedattn.attention_varlen(qp, qp, qp, torch.tensor([0, 5], device=DEVICE),
+                                   torch.tensor([0, 5], device=DEVICE), 5, 5, scale=float("nan"), backend=backend)
     kc = _rand(1, 2, 8, 16)
+    with pytest.raises(ValueError, match="scale"):
+        embedattn.attention_with_kvcache(q[:, :, :1], kc, kc.clone(), torch.tensor([1], device=DEVICE),
+                                         scale=float("inf"), backend=backend)
     with pytest.raises(ValueError, match="cache"):
         embedattn.attention_with_kvcache(q[:, :, :1], kc, kc.clone(), torch.tensor([8], device=DEVICE),
                                          kc[:, :, :1], kc[:, :, :1], backend=backend)
