@@ -12,7 +12,8 @@ Backward (Triton path), which mode is which:
 * token table, float16/bfloat16 tables, and every dtype when ``torch.are_deterministic_algorithms_enabled()``:
   sorted segments. The T ids are sorted stably, each run of equal ids is summed by one program in a
   fixed order in float32 and written once, cast to the table dtype, into a zeroed (V, D) gradient
-  in the table dtype. Bitwise reproducible, and it needs no float32 (V, D) buffer (an atomic
+  in the table dtype. Bitwise reproducible, across processes too (the summation order does not
+  depend on the autotuned launch config), and it needs no float32 (V, D) buffer (an atomic
   scatter-add for half tables would need one, plus a cast pass).
 * learned positions at the default positions: a reduction over the batch, one program per tile of
   positions; no atomics, always deterministic. Only table rows outside ``[offset, offset + N)`` are
@@ -220,9 +221,10 @@ def embedding(
         padding_idx: as in ``nn.Embedding``: the row is looked up normally but receives no gradient.
         position_offset: default positions are ``arange(N) + position_offset`` (e.g. decoding with a cache).
         positions: explicit integer positions with the shape of ``ids`` (e.g. left-padded batches).
-        check_bounds: check ids (and explicit positions) against the tables with one min/max reduction,
-            raising IndexError before any kernel runs. It syncs the device: pass False in hot loops
-            whose ids are known to be valid (an out-of-range id then reads out of bounds).
+        check_bounds: check ids (and explicit positions) against the tables with a min/max reduction
+            each, raising IndexError before any kernel runs. It syncs the device once (one read of
+            all the minima and maxima): pass False in hot loops whose ids are known to be valid (an
+            out-of-range id then reads out of bounds).
         backend: None | "auto" | "triton" | "reference" (see ``embedattn._backend``).
 
     Gradients flow to ``weight`` and ``pos_weight``; the backward modes (atomic or sorted-segment,
