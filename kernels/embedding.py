@@ -10,9 +10,9 @@ Kernels:
   buffer. Fast, but the order in which colliding tokens add up depends on scheduling: not bitwise
   deterministic.
 * ``_bwd_sorted_kernel``: the deterministic scatter: ids are sorted (stably) on the host side, and the
-  first program of each run of equal ids sums the run's gradient rows one by one in sorted order, in
-  float32 (the same bits whatever the tile config), and writes the row once, in the table dtype. No
-  float32 V x D buffer is needed.
+  first program of each run of equal ids sums the run's gradient rows in float32, 16 rows a step by a
+  fixed pairwise tree, steps in run order (the same bits whatever the launch config), and writes the
+  row once, in the table dtype. No float32 V x D buffer is needed.
 * ``_bwd_pos_kernel``: learned-position gradient for the default positions (``arange(N) + offset``):
   a plain reduction over the batch, one program per tile of positions, no atomics, deterministic.
 
@@ -236,6 +236,7 @@ def _bwd_sorted_kernel(
         # tl.sum over the tile would reduce in an order set by the layout, and an autotuned config
         # (picked by timing, per process) would change the result from one run to the next.
         # Masked rows are +0.0; acc starts at +0.0, so they never change it.
+        tl.static_assert(ROWS == 16, "the tree below has four levels")
         for s in range(i, end, ROWS):
             rt = s + tl.arange(0, ROWS)
             mt = rt < end
