@@ -119,23 +119,28 @@ def _bwd_kernel(center_ptr, context_ptr, neg_ptr, dst_in_ptr, dst_out_ptr, w_in_
 
 
 @triton.jit
-def _sgns_step_kernel(inp_ptr, tgt_ptr, neg_ptr, w_in_ptr, w_out_ptr, loss_ptr, lr,
-                      start, end, K, D, s_c, s_x, s_nb, s_nk, s_in, s_out,
-                      BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
-    # one launch updates pairs [start, end) of the batch: the launcher walks a batch chunk by chunk
-    # without slicing (or any other host-side op) between launches
+def _sgns_tile(rows, rmask, inp_ptr, tgt_ptr, neg_ptr, w_in_ptr, w_out_ptr, loss_ptr, lr,
+               K, D, s_c, s_x, s_nb, s_nk, s_in, s_out,
+               BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, CACHE: tl.constexpr):
+    """The fused SGD update of the pairs ``rows`` (one BLOCK_B tile). CACHE: the cache modifier of
+    the table loads ("" default; ".cg" reads L2, never a stale L1 line of a row moved since)."""
     ACC: tl.constexpr = loss_ptr.dtype.element_ty
-    rows = start + tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     cols = tl.arange(0, BLOCK_K)
-    rmask = rows < end
     m2 = rmask[:, None] & (cols[None, :] <= K)
     center = tl.load(inp_ptr + rows * s_c, mask=rmask, other=0).to(tl.int64)
     ids = _ids_tile(tgt_ptr, neg_ptr, rows, cols, rmask, m2, K, s_x, s_nb, s_nk)
     # like word2vec.c, a negative drawn equal to the pair's target is skipped
     tgt = tl.load(tgt_ptr + rows * s_x, mask=rmask, other=0).to(tl.int64)
     m2 = m2 & ((cols[None, :] == 0) | (ids != tgt[:, None]))
-    score = _scores(center, ids, w_in_ptr, w_out_ptr, rmask, m2, D, s_in, s_out,
-                    BLOCK_B, BLOCK_K, BLOCK_D, ACC)
+    score = tl.zeros((BLOCK_B, BLOCK_K), dtype=ACC)
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + tl.arange(0, BLOCK_D)
+        dmask = dd < D
+        v = tl.load(w_in_ptr + center[:, None] * s_in + dd[None, :], mask=rmask[:, None] & dmask[None, :],
+                    other=0.0, cache_modifier=CACHE).to(ACC)
+        u = tl.load(w_out_ptr + ids[:, :, None] * s_out + dd[None, None, :],
+                    mask=m2[:, :, None] & dmask[None, None, :], other=0.0, cache_modifier=CACHE).to(ACC)
+        score += tl.sum(u * v[:, None, :], axis=2)
     nll, coef = _nll_and_coef(score, cols, m2)
     tl.store(loss_ptr + rows, tl.sum(nll, axis=1), mask=rmask)
     # word2vec.c's g = (label - σ(score)) * alpha is exactly -lr * d nll / d score
@@ -146,14 +151,45 @@ def _sgns_step_kernel(inp_ptr, tgt_ptr, neg_ptr, w_in_ptr, w_out_ptr, loss_ptr, 
         vmask = rmask[:, None] & dmask[None, :]
         umask = m2[:, :, None] & dmask[None, None, :]
         # Hogwild like word2vec.c: rows are re-read here, possibly already moved by other programs
-        v = tl.load(w_in_ptr + center[:, None] * s_in + dd[None, :], mask=vmask, other=0.0).to(ACC)
-        u = tl.load(w_out_ptr + ids[:, :, None] * s_out + dd[None, None, :], mask=umask, other=0.0).to(ACC)
+        v = tl.load(w_in_ptr + center[:, None] * s_in + dd[None, :], mask=vmask, other=0.0,
+                    cache_modifier=CACHE).to(ACC)
+        u = tl.load(w_out_ptr + ids[:, :, None] * s_out + dd[None, None, :], mask=umask, other=0.0,
+                    cache_modifier=CACHE).to(ACC)
         dv = tl.sum(step[:, :, None] * u, axis=1)
         du = step[:, :, None] * v[:, None, :]
         tl.atomic_add(w_out_ptr + ids[:, :, None] * s_out + dd[None, None, :],
                       du.to(w_out_ptr.dtype.element_ty), mask=umask, sem="relaxed")
         tl.atomic_add(w_in_ptr + center[:, None] * s_in + dd[None, :],
                       dv.to(w_in_ptr.dtype.element_ty), mask=vmask, sem="relaxed")
+
+
+@triton.jit
+def _sgns_step_kernel(inp_ptr, tgt_ptr, neg_ptr, w_in_ptr, w_out_ptr, loss_ptr, lr,
+                      start, end, K, D, s_c, s_x, s_nb, s_nk, s_in, s_out,
+                      BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    # one launch updates pairs [start, end) of the batch: the launcher walks a batch chunk by chunk
+    # without slicing (or any other host-side op) between launches
+    rows = start + tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    _sgns_tile(rows, rows < end, inp_ptr, tgt_ptr, neg_ptr, w_in_ptr, w_out_ptr, loss_ptr, lr,
+               K, D, s_c, s_x, s_nb, s_nk, s_in, s_out, BLOCK_B, BLOCK_K, BLOCK_D, "")
+
+
+@triton.jit
+def _sgns_loop_kernel(inp_ptr, tgt_ptr, neg_ptr, w_in_ptr, w_out_ptr, loss_ptr, lr,
+                      B, per_prog, K, D, s_c, s_x, s_nb, s_nk, s_in, s_out,
+                      BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    # word2vec.c's threads on a GPU: each program owns pairs [pid * per_prog, (pid + 1) * per_prog)
+    # and walks them BLOCK_B at a time, in order; programs run Hogwild, so grid * BLOCK_B pairs are
+    # in flight. Table rows are read from L2 (".cg"): atomics land there, and a row cached in this
+    # SM's L1 would stay stale for the whole (long) launch.
+    lo = tl.program_id(0) * per_prog
+    hi = tl.minimum(lo + per_prog, B)
+    for s in range(lo, hi, BLOCK_B):
+        rows = s + tl.arange(0, BLOCK_B)
+        _sgns_tile(rows, rows < hi, inp_ptr, tgt_ptr, neg_ptr, w_in_ptr, w_out_ptr, loss_ptr, lr,
+                   K, D, s_c, s_x, s_nb, s_nk, s_in, s_out, BLOCK_B, BLOCK_K, BLOCK_D, ".cg")
+        # the program's next tile reads rows its own threads just moved: order them
+        tl.debug_barrier()
 
 
 def _configs():
@@ -265,4 +301,27 @@ def sgns_step(inputs, targets, negatives, in_weight, out_weight, lr: float, chun
         # a grid sized for a full chunk: the last (shorter) one masks its idle programs
         kernel(inputs, targets, negatives, in_weight, out_weight, loss, lr, s, min(s + chunk, B), K, D,
                *strides, **cfg)
+    return loss
+
+
+def sgns_hogwild(inputs, targets, negatives, in_weight, out_weight, lr: float, in_flight: int = 256
+                 ) -> torch.Tensor:
+    """``sgns_step`` in one launch for any B: about ``in_flight`` pairs are updated at a time,
+    Hogwild (like word2vec.c's threads, each program walks its own contiguous share of the pairs in
+    order), instead of one launch per minibatch. Same update and return value as ``sgns_step``;
+    where rows collide, the result depends on the schedule (exactly the sequential minibatches of
+    BLOCK_B pairs under the interpreter, which runs programs one after another)."""
+    B, K = negatives.shape
+    D = in_weight.shape[1]
+    loss = empty(B, dtype=_acc_dtype(in_weight.dtype), device=in_weight.device)
+    if B == 0:
+        return loss
+    cfg = _fixed_config(K, D)
+    bb = cfg["BLOCK_B"]
+    grid = max(1, min(int(in_flight) // bb, triton.cdiv(B, bb)))
+    per_prog = triton.cdiv(triton.cdiv(B, grid), bb) * bb  # whole tiles, so only a share's end masks
+    _sgns_loop_kernel[(triton.cdiv(B, per_prog),)](
+        inputs, targets, negatives, in_weight, out_weight, loss, float(lr), B, per_prog, K, D,
+        inputs.stride(0), targets.stride(0), negatives.stride(0), negatives.stride(1),
+        in_weight.stride(0), out_weight.stride(0), **cfg)
     return loss

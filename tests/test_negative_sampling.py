@@ -247,6 +247,43 @@ def test_sgns_step_chunked_launches(distinct):
     assert max_err(wo_k.cpu(), wo_r) < 1e-5
 
 
+@pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
+@pytest.mark.parametrize("distinct", [True, False])
+@pytest.mark.parametrize("tiles_in_flight", [1, 2])
+def test_sgns_hogwild(distinct, tiles_in_flight):
+    # one launch, programs walking their share of the pairs a tile at a time. Under the interpreter
+    # the programs run one after another, so the result is the sequential minibatches of one tile;
+    # on a GPU only distinct rows are race-free. B = 100: several tiles per program, a masked last one
+    from embedattn.kernels.negative_sampling import _fixed_config, sgns_hogwild
+
+    if not distinct and ON_CUDA:
+        pytest.skip("colliding rows race (Hogwild) across programs on a GPU; checked under the interpreter")
+    g = torch.Generator().manual_seed(13)
+    B, K, D = 100, 3, 20
+    tile = _fixed_config(K, D)["BLOCK_B"]
+    if distinct:
+        V = B * (K + 2)
+        perm = torch.randperm(V, generator=g)
+        inp, tgt, neg = perm[:B], perm[B:2 * B], perm[2 * B:2 * B + B * K].view(B, K)
+    else:
+        V = 6
+        inp, tgt = torch.randint(0, V, (B,), generator=g), torch.randint(0, V, (B,), generator=g)
+        neg = torch.randint(0, V, (B, K), generator=g)
+    wi = torch.randn(V, D, generator=g) * 0.3
+    wo = torch.randn(V, D, generator=g) * 0.3
+    losses, wi_r, wo_r = [], wi.double(), wo.double()
+    for s in range(0, B, tile):
+        lo, wi_r, wo_r = _step_reference(inp[s:s + tile], tgt[s:s + tile], neg[s:s + tile], wi_r, wo_r, 0.1)
+        losses.append(lo)
+    wi_k, wo_k = wi.to(DEVICE), wo.to(DEVICE)
+    loss = sgns_hogwild(inp.to(DEVICE), tgt.to(DEVICE, torch.int32), neg.to(DEVICE), wi_k, wo_k, 0.1,
+                        in_flight=tiles_in_flight * tile)
+    assert loss.shape == (B,)
+    assert max_err(loss.cpu(), torch.cat(losses)) < 1e-5
+    assert max_err(wi_k.cpu(), wi_r) < 1e-5
+    assert max_err(wo_k.cpu(), wo_r) < 1e-5
+
+
 # ----------------------------------------------------------------------------- the sampler
 
 def test_sampler_statistics():

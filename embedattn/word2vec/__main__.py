@@ -29,6 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--backend", default=None, choices=["auto", "triton", "reference"])
+    p.add_argument("--in-flight", type=int, default=None,
+                   help="GPU fused step: one Hogwild launch per batch with this many pairs in flight "
+                        "(default: one launch per 256-pair minibatch)")
     p.add_argument("--no-fused", action="store_true", help="train with the autograd loss instead of sgns_step")
     p.add_argument("--eval", default=None, help="word-pair file (e.g. wordsim353.tsv): print Spearman after training")
     p.add_argument("--quiet", action="store_true", help="no progress line")
@@ -44,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
                          min_count=a.min_count, sample=a.sample, alpha=a.alpha, min_alpha=a.min_alpha,
                          epochs=a.epochs, ns_exponent=a.ns_exponent, max_vocab_size=a.max_vocab_size,
                          batch_words=a.batch_words, workers=a.workers, seed=a.seed, device=device,
-                         backend=a.backend, fused=not a.no_fused,
+                         backend=a.backend, fused=not a.no_fused, in_flight=a.in_flight,
                          progress=None if a.quiet else print_progress)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

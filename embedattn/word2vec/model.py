@@ -170,6 +170,10 @@ class Word2Vec:
     share of a batch's pairs, Hogwild like gensim's workers (small ops parallelize badly inside).
     ``compile`` (CPU fused path): torch.compile the step (None: when epochs x corpus words >= 1M,
     as compiling costs ~10-30 s once; falls back to eager PyTorch with a warning when it fails).
+    ``in_flight`` (fused Triton path): None runs one launch per 256-pair minibatch (the semantics
+    whose quality matches gensim's); an int runs one launch per batch in which GPU programs walk
+    their share of the pairs Hogwild, about ``in_flight`` pairs at a time, like word2vec.c's
+    threads: far fewer launches, staleness set by ``in_flight`` (check the quality when raising it).
     """
 
     def __init__(self, sentences: Iterable[list[str]] | None = None, *, corpus_file: str | None = None,
@@ -177,7 +181,7 @@ class Word2Vec:
                  sample: float = 1e-3, alpha: float = 0.025, min_alpha: float = 1e-4, epochs: int = 5,
                  ns_exponent: float = 0.75, max_vocab_size: int | None = None, batch_words: int = 10000,
                  seed: int = 0, workers: int | None = None, device=None, backend: str | None = None,
-                 fused: bool = True, compile: bool | None = None,
+                 fused: bool = True, compile: bool | None = None, in_flight: int | None = None,
                  progress: Callable[[dict], None] | None = None) -> None:
         for name, val, lo in (("vector_size", vector_size, 1), ("window", window, 1), ("negative", negative, 1),
                               ("min_count", min_count, 1), ("epochs", epochs, 1), ("batch_words", batch_words, 1)):
@@ -194,6 +198,9 @@ class Word2Vec:
         if workers is not None and (not isinstance(workers, int) or workers < 1):
             raise ValueError(f"workers must be an int >= 1, got {workers!r}")
         self.workers = workers
+        if in_flight is not None and (not isinstance(in_flight, int) or in_flight < 1):
+            raise ValueError(f"in_flight must be None or an int >= 1, got {in_flight!r}")
+        self.in_flight = in_flight
         self.compile, self.compile_seconds = compile, 0.0
         # pairs per minibatch (per sgns_step launch on a GPU, where all pairs of a launch are in
         # flight at once): updates inside one are summed from a common snapshot, so a frequent word
@@ -241,7 +248,10 @@ class Word2Vec:
         if not self.fused:
             return lambda *a: _chunked(lambda *c: autograd_sgns_step(*c, backend=be), self._chunk, *a)
         if be == "triton":
-            from ..kernels.negative_sampling import sgns_step
+            from ..kernels.negative_sampling import sgns_hogwild, sgns_step
+
+            if self.in_flight is not None:
+                return lambda *a: sgns_hogwild(*a, in_flight=self.in_flight).sum(dtype=torch.float64)
 
             # one launch per chunk and nothing else per chunk: the per-pair losses land in one buffer
             # summed once per batch (slicing, casting and adding per chunk cost more than the launch)
