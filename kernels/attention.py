@@ -41,6 +41,13 @@ def _tanh(x):
 
 
 @triton.jit
+def _bh_id():
+    # the (batch, head) index, folded over grid axes 1 and 2: CUDA caps axes 1 and 2 at 65535 programs,
+    # and B * H passes that in large-batch decoding (e.g. 4096 x 32); see _bh_grid
+    return tl.program_id(2) * tl.num_programs(1) + tl.program_id(1)
+
+
+@triton.jit
 def _moff(qi, kj, stride_mm, stride_mn):
     # int64: one (b, h) plane of a mask may hold more than 2^31 elements (Nq * Nk, e.g. 48K x 48K)
     return qi.to(tl.int64) * stride_mm + kj.to(tl.int64) * stride_mn
@@ -152,7 +159,7 @@ def _attn_fwd(
     stride_ob, stride_oh, stride_om, stride_od,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_lb, stride_lh, stride_sb, stride_sh, stride_os, stride_ls,
-    H, GROUP, Nq, Nk, qk_scale, causal_off, win_left, win_right, sc_scale, sc_log2e,
+    H, NBH, GROUP, Nq, Nk, qk_scale, causal_off, win_left, win_right, sc_scale, sc_log2e,
     seed, drop_p, drop_scale, DROP_MQ, DROP_MK, NUM_SPLITS, NQ_BUCKET, NK_BUCKET,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, MASK_KIND: tl.constexpr, SOFTCAP: tl.constexpr,
@@ -166,7 +173,9 @@ def _attn_fwd(
     else:
         split = 0
         start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
+    bh = _bh_id()
+    if bh >= NBH:
+        return
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     hk = h // GROUP
@@ -264,11 +273,13 @@ def _bwd_preprocess(
     O, DO, DELTA,
     stride_ob, stride_oh, stride_om, stride_od,
     stride_dob, stride_doh, stride_dom, stride_dod,
-    H, Nq,
+    H, NBH, Nq,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
+    bh = _bh_id()
+    if bh >= NBH:
+        return
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -346,14 +357,16 @@ def _attn_bwd_dkdv(
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_lb, stride_lh, stride_sb, stride_sh,
-    H, HKV, GROUP, Nq, Nk, qk_scale, sm_scale, causal_off, win_left, win_right, sc_scale, sc_log2e,
+    H, HKV, NBH, GROUP, Nq, Nk, qk_scale, sm_scale, causal_off, win_left, win_right, sc_scale, sc_log2e,
     seed, drop_p, drop_scale, DROP_MQ, DROP_MK, NQ_BUCKET, NK_BUCKET,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, MASK_KIND: tl.constexpr, SOFTCAP: tl.constexpr,
     ALIBI: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr,
 ):
     start_n = tl.program_id(0) * BLOCK_N
-    bhk = tl.program_id(1)
+    bhk = _bh_id()
+    if bhk >= NBH:
+        return
     b = (bhk // HKV).to(tl.int64)
     hk = (bhk % HKV).to(tl.int64)
     q_start = 0
@@ -487,14 +500,16 @@ def _attn_bwd_dq(
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_lb, stride_lh, stride_sb, stride_sh,
-    H, GROUP, Nq, Nk, qk_scale, sm_scale, causal_off, win_left, win_right, sc_scale, sc_log2e,
+    H, NBH, GROUP, Nq, Nk, qk_scale, sm_scale, causal_off, win_left, win_right, sc_scale, sc_log2e,
     seed, drop_p, drop_scale, DROP_MQ, DROP_MK, NQ_BUCKET, NK_BUCKET,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, MASK_KIND: tl.constexpr, SOFTCAP: tl.constexpr,
     ALIBI: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr,
 ):
     start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
+    bh = _bh_id()
+    if bh >= NBH:
+        return
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     hk = h // GROUP
@@ -731,6 +746,15 @@ class Features:
                     DROPOUT=self.dropout_p > 0, PREC=_prec(dtype))
 
 
+MAX_GRID_Y = 65535  # CUDA's limit on grid axes 1 and 2
+
+
+def _bh_grid(n: int) -> tuple[int, int]:
+    """Grid axes 1 and 2 for n (batch, head) programs, each within MAX_GRID_Y (see _bh_id)."""
+    y = max(1, min(n, MAX_GRID_Y))
+    return y, triton.cdiv(max(n, 1), y)
+
+
 def _dense(t):
     return tuple(t.stride())
 
@@ -779,19 +803,19 @@ def _forward(q, k, v, f: Features, *, varlen=None, k_lens=None, num_splits=1):
     cu_q_t, cu_k_t = (varlen[0], varlen[1]) if varlen is not None else (q, q)
     args = (q, k, v, o, lse, m, slopes, cu_q_t, cu_k_t, k_lens if k_lens is not None else q,
             *sq, *sk, *sv, *so, *ms, *sl, *ss, s_os, s_ls,
-            H, H // HKV, Nq, Nk, f.scale * LOG2E, f.causal_offset, *f.scalars()[:4], *f.scalars()[4:],
+            H, B * H, H // HKV, Nq, Nk, f.scale * LOG2E, f.causal_offset, *f.scalars()[:4], *f.scalars()[4:],
             drop_mq, drop_mk, num_splits, _bucket(Nq), _bucket(Nk))
     flags = f.flags(D, q.dtype, kind)
     flags.update(VARLEN=varlen is not None, KLENS=k_lens is not None, SPLIT=split)
     if not interpreting() and _autotune_enabled() and not split:
-        grid = lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]), B * H)
+        grid = lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]), *_bh_grid(B * H))
         _attn_fwd_tuned[grid](*args, **flags)
         _LAST_CONFIG["fwd"] = _fmt_best(_attn_fwd_tuned)
     else:
         conf = _fixed_fwd(flags["BLOCK_D"])
         if split and not interpreting():
             conf = dict(conf, BLOCK_M=16 if Nq <= 16 else 64, num_warps=4)
-        grid = (triton.cdiv(Nq, conf["BLOCK_M"]) * num_splits, B * H)
+        grid = (triton.cdiv(Nq, conf["BLOCK_M"]) * num_splits, *_bh_grid(B * H))
         _attn_fwd[grid](*args, **flags, **conf)
         _LAST_CONFIG["fwd"] = _fmt(conf)
     return o, lse
@@ -816,8 +840,8 @@ def _backward(do, q, k, v, o, lse, f: Features, *, varlen=None, dlse2=None):
     block_d = _head_block(D)
     delta = empty(*lse.shape, dtype=torch.float32, device=q.device)
     pre_bm = 32 if interpreting() else 64
-    _bwd_preprocess[(triton.cdiv(pre_N, pre_bm), pre_B * H)](
-        o, do, delta, *so, *sdo, H, pre_N, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=pre_bm)
+    _bwd_preprocess[(triton.cdiv(pre_N, pre_bm), *_bh_grid(pre_B * H))](
+        o, do, delta, *so, *sdo, H, pre_B * H, pre_N, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=pre_bm)
     if dlse2 is not None:
         # d lse2 / d s_ij = p_ij / ln 2 (s the natural-log logit), and ds = p * (dp - delta): the lse's
         # gradient is a shift of delta. Rows with no visible key (lse2 = -inf) have p = 0: keep them finite.
@@ -837,20 +861,20 @@ def _backward(do, q, k, v, o, lse, f: Features, *, varlen=None, dlse2=None):
     qk_scale = f.scale * LOG2E
     tail = (*f.scalars(), drop_mq, drop_mk, _bucket(Nq), _bucket(Nk))
     kv_args = (q, k, v, do, dk, dv, lse, delta, m, slopes, cu_q_t, cu_k_t, *sq, *sk, *sv, *sdo, *sdk, *ms, *sl, *ss,
-               H, HKV, H // HKV, Nq, Nk, qk_scale, f.scale, f.causal_offset, *tail)
+               H, HKV, B * HKV, H // HKV, Nq, Nk, qk_scale, f.scale, f.causal_offset, *tail)
     q_args = (q, k, v, do, dq, lse, delta, m, slopes, cu_q_t, cu_k_t, *sq, *sk, *sv, *sdo, *sdq, *ms, *sl, *ss,
-              H, H // HKV, Nq, Nk, qk_scale, f.scale, f.causal_offset, *tail)
+              H, B * H, H // HKV, Nq, Nk, qk_scale, f.scale, f.causal_offset, *tail)
     if not interpreting() and _autotune_enabled():
-        _attn_bwd_dkdv_tuned[lambda meta: (triton.cdiv(Nk, meta["BLOCK_N"]), B * HKV)](*kv_args, **flags)
-        _attn_bwd_dq_tuned[lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]), B * H)](*q_args, **flags)
+        _attn_bwd_dkdv_tuned[lambda meta: (triton.cdiv(Nk, meta["BLOCK_N"]), *_bh_grid(B * HKV))](*kv_args, **flags)
+        _attn_bwd_dq_tuned[lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]), *_bh_grid(B * H))](*q_args, **flags)
         _LAST_CONFIG["bwd_dkdv"] = _fmt_best(_attn_bwd_dkdv_tuned)
         _LAST_CONFIG["bwd_dq"] = _fmt_best(_attn_bwd_dq_tuned)
     else:
         conf = _fixed_bwd(block_d)
-        _attn_bwd_dkdv[(triton.cdiv(Nk, conf["BLOCK_N"]), B * HKV)](*kv_args, **flags, **conf)
+        _attn_bwd_dkdv[(triton.cdiv(Nk, conf["BLOCK_N"]), *_bh_grid(B * HKV))](*kv_args, **flags, **conf)
         # dQ iterates over keys: swap the roles so its inner tile is the key block
         qconf = dict(conf, BLOCK_M=conf["BLOCK_N"], BLOCK_N=conf["BLOCK_M"])
-        _attn_bwd_dq[(triton.cdiv(Nq, qconf["BLOCK_M"]), B * H)](*q_args, **flags, **qconf)
+        _attn_bwd_dq[(triton.cdiv(Nq, qconf["BLOCK_M"]), *_bh_grid(B * H))](*q_args, **flags, **qconf)
         _LAST_CONFIG["bwd_dkdv"] = _fmt(conf)
         _LAST_CONFIG["bwd_dq"] = _fmt(qconf)
     return dq, dk, dv

@@ -405,3 +405,36 @@ def test_row_offsets_past_int32():
     (want,) = torch.autograd.grad(ref, x64, dout.double())
     torch.testing.assert_close(out.double(), ref, atol=2e-3, rtol=2e-3)
     torch.testing.assert_close(got.double(), want, atol=5e-3, rtol=5e-3)
+
+
+# ---------------------------------------------------------------- more (batch, head) programs than a grid axis
+def test_batch_heads_fold_over_grid_axes(monkeypatch):
+    """B * H goes on grid axes 1 and 2 (CUDA caps each at 65535): with the cap lowered to 3, every kernel
+    (forward, split-KV, preprocess, dK/dV, dQ, varlen) still covers each (batch, head) exactly once."""
+    if "triton" not in BACKENDS:
+        pytest.skip("triton not installed")
+    from embedattn.kernels import attention as kernels
+
+    monkeypatch.setattr(kernels, "MAX_GRID_Y", 3)
+    q, k, v = _inputs(2, 4, 2, 9, 13, 16, torch.float32, seed=12)  # B*H = 8, B*Hkv = 4: grids (3, 3), (3, 2)
+    _check(q, k, v, "triton", causal=True)
+    lens = torch.tensor([5, 13], dtype=torch.int32, device=DEVICE)
+    out = embedattn.attention_with_kvcache(q[:, :, :1], k, v, lens, num_splits=2, backend="triton")
+    ref = reference.attention_with_kvcache(q[:, :, :1].double(), k.double(), v.double(), lens)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32, device=DEVICE)
+    qp, kp = q[0].transpose(0, 1).contiguous(), k[0].transpose(0, 1)[:9].contiguous()
+    leaves = [t.clone().requires_grad_() for t in (qp, kp, kp)]
+    out = embedattn.attention_varlen(*leaves, cu, cu, 5, 5, causal=True, backend="triton")
+    r64 = [t.double().requires_grad_() for t in (qp, kp, kp)]
+    ref = reference.attention_varlen(*r64, cu, cu, causal=True)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, leaves, g), torch.autograd.grad(ref, r64, g.double())):
+        torch.testing.assert_close(a.double(), b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="the grid limit exists on CUDA only")
+def test_more_than_65535_batch_heads_cuda():
+    q, k, v = _inputs(2100, 32, 8, 1, 40, 64, torch.float16, seed=14)  # B*H = 67200 decoding programs
+    _check(q, k, v, "triton", grads=True)
