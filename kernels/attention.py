@@ -712,8 +712,10 @@ class Features:
         self.mask, self.alibi = mask, alibi
         self.window = window is not None
         left, right = window if window is not None else (-1, -1)
-        left = _BIG if left is None or left < 0 else int(left)
-        right = _BIG if right is None or right < 0 else int(right)
+        # sides past the sequence are unbounded: clamp, so int32 (or int64, for sys.maxsize) bounds
+        # arithmetic such as start + BLOCK + offset + right cannot wrap
+        left = _BIG if left is None or left < 0 else min(int(left), _BIG)
+        right = _BIG if right is None or right < 0 else min(int(right), _BIG)
         if self.window and self.causal:
             right, self.causal = min(right, 0), False  # causal is a window with no right side
         self.win_left, self.win_right = left, right

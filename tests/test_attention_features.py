@@ -51,6 +51,15 @@ def test_sliding_window(backend, dtype, window, causal):
              lambda q, k, v, up: reference.attention(q, k, v, causal=causal, window=window, upcast=up), (q, k, v))
 
 
+@pytest.mark.parametrize("window", [(2**31 - 1, 2**31 - 1), (2**31 - 1, 0), (2**63 - 1, 3)], ids=str)
+def test_window_sides_past_int32(window):
+    """Huge window sides (INT_MAX, sys.maxsize: "unbounded" idioms) act as unbounded, without wrapping."""
+    q, k, v = _rand(1, 2, 9, 16, seed=44), _rand(1, 1, 21, 16, seed=45), _rand(1, 1, 21, 16, seed=46)
+    for be in BACKENDS:
+        _compare(lambda q, k, v, be=be: embedattn.attention(q, k, v, window=window, backend=be),
+                 lambda q, k, v, up: reference.attention(q, k, v, window=window, upcast=up), (q, k, v))
+
+
 def test_window_matches_explicit_mask():
     q, k, v = _rand(1, 2, 20, 16, seed=4), _rand(1, 2, 26, 16, seed=5), _rand(1, 2, 26, 16, seed=6)
     i, j = torch.arange(20)[:, None], torch.arange(26)[None, :]
