@@ -164,8 +164,9 @@ class Word2Vec:
     ``fused=True`` trains with the fused step (Triton ``sgns_step`` on CUDA; on the CPU the same
     update in chunked PyTorch, torch.compile'd); ``fused=False`` with the autograd
     ``negative_sampling_loss`` + SGD. ``backend`` picks the loss/step implementation as everywhere in
-    embedattn (None: Triton on CUDA, PyTorch on the CPU). Pairs are generated ``batch_words`` corpus
-    words at a time, all on ``device`` (default: CUDA when available). On the CPU, ``workers``
+    embedattn (None: Triton on CUDA, PyTorch on the CPU). Updates apply ``batch_words`` corpus words
+    at a time (one learning rate each), all on ``device`` (default: CUDA when available); with one
+    worker, pairs and negatives are drawn for 2**18 words at once. On the CPU, ``workers``
     threads (default: min(2, torch.get_num_threads())) each run single-threaded PyTorch on their
     share of a batch's pairs, Hogwild like gensim's workers (small ops parallelize badly inside).
     ``compile`` (CPU fused path): torch.compile the step (None: when epochs x corpus words >= 1M,
