@@ -20,13 +20,21 @@ _ID_DTYPES = (torch.int32, torch.int64)
 _TABLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _check_ids(name: str, t, V: int, check_bounds: bool) -> None:
+def _check_ids(name: str, t) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in _ID_DTYPES:
         raise TypeError(f"{name} must be int64 or int32 ids, got {t.dtype}")
-    if check_bounds and t.numel():
-        lo, hi = int(t.min()), int(t.max())  # one host sync; pass check_bounds=False to skip it
+
+
+def _check_bounds(named_ids, V: int) -> None:
+    """Every id in [0, V): one host sync for all the id tensors (skip with check_bounds=False)."""
+    named_ids = [(name, t) for name, t in named_ids if t.numel()]
+    if not named_ids:
+        return
+    ext = torch.stack([x for _, t in named_ids for x in (t.min(), t.max())]).tolist()
+    for i, (name, _) in enumerate(named_ids):
+        lo, hi = ext[2 * i], ext[2 * i + 1]
         if lo < 0 or hi >= V:
             bad = lo if lo < 0 else hi
             raise IndexError(f"{name} contains id {bad}, out of range for tables with {V} rows")
@@ -50,7 +58,7 @@ def _check_inputs(center, context, negatives, in_weight, out_weight, reduction, 
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     V = in_weight.shape[0]
     for name, t in (("center", center), ("context", context), ("negatives", negatives)):
-        _check_ids(name, t, V, check_bounds=False)
+        _check_ids(name, t)
     if center.dim() != 1:
         raise ValueError(f"center must be 1-D (B,), got shape {tuple(center.shape)}")
     if context.shape != center.shape:
@@ -64,8 +72,7 @@ def _check_inputs(center, context, negatives, in_weight, out_weight, reduction, 
     if len(devices) > 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(str(d) for d in devices)}")
     if check_bounds:
-        for name, t in (("center", center), ("context", context), ("negatives", negatives)):
-            _check_ids(name, t, V, check_bounds=True)
+        _check_bounds((("center", center), ("context", context), ("negatives", negatives)), V)
 
 
 class NegativeSamplingFunction(torch.autograd.Function):
