@@ -582,14 +582,19 @@ def _attn_bwd_dq(
 
 
 @triton.jit
-def _dropout_keep_kernel(OUT, seed, drop_p, H, Nq, Nk, DROP_MQ, DROP_MK, BLOCK_M: tl.constexpr,
+def _dropout_keep_kernel(OUT, seed, drop_p, H, NBH, Nq, Nk, DROP_MQ, DROP_MK, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr):
     """Debug path: the keep mask (B, H, Nq, Nk) that the attention kernels draw for a seed."""
-    bh = tl.program_id(2).to(tl.int64)
+    bh = _bh_id()
+    if bh >= NBH:
+        return
+    bh = bh.to(tl.int64)
     b = bh // H
     h = bh % H
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    # (query block, key block) on axis 0: axes 1 and 2 are capped at 65535 programs
+    n_blocks = tl.cdiv(Nk, BLOCK_N)
+    offs_m = (tl.program_id(0) // n_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = (tl.program_id(0) % n_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
     keep = _keep(seed, (b * H + h) * DROP_MQ, offs_m[:, None], offs_n[None, :], drop_p, DROP_MK)
     ok = (offs_m[:, None] < Nq) & (offs_n[None, :] < Nk)
     tl.store(OUT + bh * Nq * Nk + offs_m.to(tl.int64)[:, None] * Nk + offs_n[None, :], keep.to(tl.int8), mask=ok)
@@ -935,8 +940,8 @@ def dropout_keep_mask(B: int, H: int, Nq: int, Nk: int, dropout_p: float, seed: 
     """Debug path: the (B, H, Nq, Nk) bool keep mask the kernels draw for (dropout_p, seed) on dense inputs."""
     out = torch.empty(B, H, Nq, Nk, dtype=torch.int8, device=device)
     bm = bn = 32
-    _dropout_keep_kernel[(triton.cdiv(Nq, bm), triton.cdiv(Nk, bn), B * H)](
-        out, int(seed), float(dropout_p), H, Nq, Nk, Nq, Nk, BLOCK_M=bm, BLOCK_N=bn)
+    _dropout_keep_kernel[(triton.cdiv(Nq, bm) * triton.cdiv(Nk, bn), *_bh_grid(B * H))](
+        out, int(seed), float(dropout_p), H, B * H, Nq, Nk, Nq, Nk, BLOCK_M=bm, BLOCK_N=bn)
     return out.bool()
 
 

@@ -410,12 +410,15 @@ def test_row_offsets_past_int32():
 # ---------------------------------------------------------------- more (batch, head) programs than a grid axis
 def test_batch_heads_fold_over_grid_axes(monkeypatch):
     """B * H goes on grid axes 1 and 2 (CUDA caps each at 65535): with the cap lowered to 3, every kernel
-    (forward, split-KV, preprocess, dK/dV, dQ, varlen) still covers each (batch, head) exactly once."""
+    (forward, split-KV, preprocess, dK/dV, dQ, varlen, the dropout debug mask) still covers each
+    (batch, head) exactly once."""
     if "triton" not in BACKENDS:
         pytest.skip("triton not installed")
     from embedattn.kernels import attention as kernels
 
+    keep = embedattn.attention_dropout_mask((2, 4, 9, 40), 0.3, 5, device=DEVICE)
     monkeypatch.setattr(kernels, "MAX_GRID_Y", 3)
+    assert torch.equal(keep, embedattn.attention_dropout_mask((2, 4, 9, 40), 0.3, 5, device=DEVICE))
     q, k, v = _inputs(2, 4, 2, 9, 13, 16, torch.float32, seed=12)  # B*H = 8, B*Hkv = 4: grids (3, 3), (3, 2)
     _check(q, k, v, "triton", causal=True)
     lens = torch.tensor([5, 13], dtype=torch.int32, device=DEVICE)
