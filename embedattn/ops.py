@@ -159,7 +159,8 @@ def _attention_fwd(
     scale: float,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, lse2): out like q, lse2 (B, Hq, Nq) base-2 log-sum-exp (float32; float64 for float64 q)."""
+    """(out, lse2): out like q, lse2 (B, Hq, Nq) base-2 log-sum-exp (float32; float64 for float64 q).
+    lse2 is differentiable: its gradient reaches q and k through the backward op's ``dlse2``."""
     if _use_kernels(q, backend, q.dtype in _KERNEL_DTYPES and q.shape[-1] <= MAX_HEAD_DIM):
         return _kernels("attention").attention_forward(q, k, v, mask, causal, causal_offset, scale)
     m = _ref_mask(mask, causal, causal_offset, q.shape[2], k.shape[2], q.device)
@@ -180,11 +181,12 @@ def _attention_bwd(
     causal_offset: int,
     scale: float,
     backend: str,
+    dlse2: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) in the dtypes of q, k, v."""
+    """(dq, dk, dv) in the dtypes of q, k, v. ``dlse2``: gradient of the base-2 lse, or None (zero)."""
     if _use_kernels(q, backend, q.dtype in _KERNEL_DTYPES and q.shape[-1] <= MAX_HEAD_DIM):
         return _kernels("attention").attention_backward(dout, q, k, v, out, lse2, mask, causal,
-                                                         causal_offset, scale)
+                                                         causal_offset, scale, dlse2=dlse2)
     # the reference backward written out (dS = P * (dP - rowsum(dP * P))), recomputing P
     cd = _compute_dtype(q.dtype)
     qc, kc, vc, doc = q.to(cd), k.to(cd), v.to(cd), dout.to(cd)
@@ -193,7 +195,10 @@ def _attention_bwd(
     vr = vc.repeat_interleave(group, dim=1) if group > 1 else vc
     dv = torch.matmul(p.transpose(-1, -2), doc)
     dp = torch.matmul(doc, vr.transpose(-1, -2))
-    ds = p * (dp - (dp * p).sum(dim=-1, keepdim=True))
+    rowdot = (dp * p).sum(dim=-1, keepdim=True)
+    if dlse2 is not None:  # d lse / d s = P: the lse's gradient shifts the row term (empty rows: none)
+        rowdot = rowdot - torch.where(torch.isinf(lse2), 0.0, dlse2.to(cd) / _LN2).unsqueeze(-1)
+    ds = p * (dp - rowdot)
     dq = torch.matmul(ds, kr) * scale
     dk = torch.matmul(ds.transpose(-1, -2), qc) * scale
     b, hkv, nk, d = k.shape
@@ -207,14 +212,15 @@ def _attention_setup(ctx, inputs, output):
     out, lse2 = output
     ctx.save_for_backward(q, k, v, out, lse2, mask)
     ctx.meta = (causal, causal_offset, scale, backend)
-    ctx.mark_non_differentiable(lse2)
 
 
-def _attention_backward(ctx, dout, _dlse2):
+def _attention_backward(ctx, dout, dlse2):
     q, k, v, out, lse2, mask = ctx.saved_tensors
     causal, causal_offset, scale, backend = ctx.meta
+    if dout is None:
+        dout = torch.zeros_like(out)
     dq, dk, dv = torch.ops.embedattn.attention_bwd(dout, q, k, v, out, lse2, mask, causal, causal_offset,
-                                                   scale, backend)
+                                                   scale, backend, dlse2)
     return dq, dk, dv, None, None, None, None, None
 
 
@@ -255,7 +261,8 @@ def attention(
     out, lse2 = torch.ops.embedattn.attention_fwd(q, k, v, mask, bool(causal), int(causal_offset), float(scale),
                                                   be)
     if return_lse:
-        return out, lse2.float() * _LN2
+        lse = lse2 * _LN2  # multiplied in lse2's dtype (float64 for float64 inputs), then float32
+        return out, lse if lse.dtype == torch.float64 else lse.float()
     return out
 
 

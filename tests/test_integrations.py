@@ -317,7 +317,8 @@ def test_attention_op_matches_reference(causal, offset, mask_kind):
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     finite = torch.isfinite(ref_lse)
     assert torch.equal(finite, torch.isfinite(lse))
-    torch.testing.assert_close(lse[finite], ref_lse[finite].float(), rtol=1e-6, atol=1e-6)
+    assert lse.dtype == ref_lse.dtype  # float64 inputs keep a float64 lse, as on the reference
+    torch.testing.assert_close(lse[finite], ref_lse[finite], rtol=1e-12, atol=1e-12)
     w = torch.randn(out.shape, generator=g, dtype=torch.float64)
     grads = torch.autograd.grad((out * w).sum(), (q, k, v))
     ref_grads = torch.autograd.grad((ref * w).sum(), (q, k, v))
@@ -373,6 +374,24 @@ def test_negative_sampling_op_matches_api(reduction):
     torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     for s, t in zip(torch.autograd.grad(a.square().sum(), (wi, wo)), torch.autograd.grad(b.square().sum(), (wi, wo))):
         torch.testing.assert_close(s, t, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ops_lse_is_differentiable(backend):
+    """A loss that uses the returned lse gets its gradient (the op must not drop it silently)."""
+    dtype = torch.float64 if backend == "reference" else torch.float32
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 4, 9, 16, generator=g, dtype=dtype).to(DEVICE).requires_grad_() for _ in range(3))
+    k2, v2 = (t.detach()[:, :2].clone().requires_grad_() for t in (k, v))
+    w = torch.randn(1, 4, 9, generator=g, dtype=dtype).to(DEVICE)
+    out, lse = ops.attention(q, k2, v2, causal=True, return_lse=True, backend=backend)
+    got = torch.autograd.grad(out.sum() + (lse * w).sum(), (q, k2, v2))
+    r = [t.detach().double().requires_grad_() for t in (q, k2, v2)]
+    out_r, lse_r = embedattn.reference.attention(*r, causal=True, return_lse=True)
+    want = torch.autograd.grad(out_r.sum() + (lse_r * w.double()).sum(), r)
+    tol = 1e-10 if dtype == torch.float64 else 2e-5
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, atol=tol, rtol=tol)
 
 
 def test_ops_bad_input():
