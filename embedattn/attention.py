@@ -144,6 +144,15 @@ class VarlenAttentionFunction(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None, None, None
 
 
+def _resolve_scale(scale, head_dim: int) -> float:
+    """The score scale: 1/sqrt(D) by default, else a finite number (checked)."""
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim) if head_dim else 1.0
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise AttentionInputError(f"scale must be a finite float or None, got {scale!r}")
+    return float(scale)
+
+
 def _check_features(q, window, softcap, alibi_slopes, dropout_p, seed, n_batch=None):
     """Validate the optional score modifiers; returns the kernel's feature dict."""
     feats = {}
@@ -206,10 +215,7 @@ def _attention(q, k, v, *, causal, causal_offset, scale, attn_mask, return_lse, 
     nq, nk = q.shape[2], k.shape[2]
     mask = _check_mask(attn_mask, q, nk)
     feats = _check_features(q, window, softcap, alibi_slopes, dropout_p, seed)
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[3]) if q.shape[3] else 1.0
-    elif not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise AttentionInputError(f"scale must be a finite float or None, got {scale!r}")
+    scale = _resolve_scale(scale, q.shape[3])
     if q.numel() == 0 or nk == 0 or k.shape[1] == 0:
         return _empty_result(q, k, v, return_lse)
     if be == "reference":
@@ -402,10 +408,7 @@ def attention_varlen(
                                   f"longest sequences ({lq}, {lk})")
     n_batch = cu_seqlens_q.numel() - 1
     feats = _check_features(q.transpose(0, 1)[None], window, softcap, alibi_slopes, dropout_p, seed, n_batch)
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
-    elif not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise AttentionInputError(f"scale must be a finite float or None, got {scale!r}")
+    scale = _resolve_scale(scale, q.shape[-1])
     if be == "reference" or q.shape[0] == 0 or k.shape[0] == 0:
         kw = _reference_features(feats, q)
         if "dropout_p" in feats:
@@ -470,16 +473,13 @@ def attention_with_kvcache(
         raise AttentionInputError(f"cache_seqlens + Nnew must lie in [0, {S}] (the cache length)")
     # every check before the in-place append: a bad argument must not leave the cache half-updated
     feats = _check_features(q, window, softcap, alibi_slopes, 0.0, None)
-    if scale is not None and (not isinstance(scale, (int, float)) or not math.isfinite(scale)):
-        raise AttentionInputError(f"scale must be a finite float or None, got {scale!r}")
+    scale = _resolve_scale(scale, q.shape[-1])
     if n_new:
         pos = lens[:, None] + torch.arange(n_new, device=q.device)[None, :]  # (B, Nnew)
         bi = torch.arange(B, device=q.device)[:, None].expand_as(pos)
         k_cache[bi, :, pos] = k_new.transpose(1, 2)
         v_cache[bi, :, pos] = v_new.transpose(1, 2)
     total = (lens + n_new).to(torch.int32)
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
     if be == "reference" or q.numel() == 0:
         return reference.attention_with_kvcache(q, k_cache, v_cache, total, causal=causal, scale=scale,
                                                 **_reference_features(feats, q))
