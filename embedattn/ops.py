@@ -2,8 +2,10 @@
 
 Ops (namespace ``embedattn``)::
 
-    torch.ops.embedattn.attention_fwd(q, k, v, mask, causal, causal_offset, scale, backend) -> (out, lse2)
-    torch.ops.embedattn.attention_bwd(dout, q, k, v, out, lse2, mask, causal, causal_offset, scale, backend)
+    torch.ops.embedattn.attention_fwd(q, k, v, mask, causal, causal_offset, scale, backend,
+        window_left=-1, window_right=-1, softcap=0.0, alibi=None, dropout_p=0.0, seed=0) -> (out, lse2)
+    torch.ops.embedattn.attention_bwd(dout, q, k, v, out, lse2, mask, causal, causal_offset, scale, backend,
+        dlse2=None, window_left=-1, window_right=-1, softcap=0.0, alibi=None, dropout_p=0.0, seed=0)
         -> (dq, dk, dv)
     torch.ops.embedattn.embedding_fwd(ids, weight, pos_weight, positions, n, pos_mode, scale, offset,
         padding_idx, backend) -> out (T, D)
@@ -41,9 +43,8 @@ import types
 import torch
 from torch.library import triton_op
 
-from . import reference
 from ._backend import interpreting, resolve, triton_available
-from .attention import MAX_HEAD_DIM, _attention, _check_mask, _check_qkv, _empty_result
+from .attention import MAX_HEAD_DIM, _attention, _check_features, _check_mask, _check_qkv, _empty_result
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LN2 = math.log(2.0)
@@ -129,23 +130,77 @@ def _ref_mask(mask, causal: bool, causal_offset: int, nq: int, nk: int, device) 
     return mask.masked_fill(~cm, float("-inf"))
 
 
-def _ref_probs(q, k, mask, causal, causal_offset, scale):
-    """Softmax probabilities in the compute dtype, K repeated over query groups; empty rows are 0."""
+def _ref_scores(q, k, mask, causal, causal_offset, scale, window_left, window_right, softcap, alibi):
+    """(s, t, k repeated over query groups): the masked scores (in the dtype of the q, k given) and, with ``softcap``,
+    t = tanh(q·k·scale / softcap) that the backward's chain rule needs (else None).
+
+    Window and ALiBi distances are measured from the causal diagonal ``i + causal_offset``, as in the
+    kernels (``causal_offset = Nk - Nq``, the default, is the reference's bottom-right alignment)."""
     group = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(group, dim=1) if group > 1 else k
     s = torch.matmul(q, k.transpose(-1, -2)) * scale
-    m = _ref_mask(mask, causal, causal_offset, q.shape[2], k.shape[2], q.device)
+    t = None
+    if softcap:
+        t = torch.tanh(s / softcap)
+        s = softcap * t
+    nq, nk = q.shape[2], k.shape[2]
+    rel = (torch.arange(nq, device=q.device)[:, None] + causal_offset
+           - torch.arange(nk, device=q.device)[None, :])  # >= 0 at or left of the diagonal
+    if alibi is not None:
+        slopes = alibi.to(s.dtype)
+        slopes = slopes[None, :, None, None] if slopes.dim() == 1 else slopes[:, :, None, None]
+        s = s - slopes * rel.abs().to(s.dtype)
+    m = _ref_mask(mask, causal, causal_offset, nq, nk, q.device)
     if m is not None:
         s = s.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else s + m.to(s.dtype)
+    if window_left >= 0:
+        s = s.masked_fill(rel > window_left, float("-inf"))
+    if window_right >= 0:
+        s = s.masked_fill(rel < -window_right, float("-inf"))
+    return s, t, k
+
+
+def _ref_softmax(s):
+    """(P, lse): softmax probabilities and natural log-sum-exp; rows with no visible key give P = 0."""
     mx = s.amax(dim=-1, keepdim=True)
     mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
     e = torch.exp(s - mx)
     den = e.sum(dim=-1, keepdim=True)
-    return e / torch.where(den == 0, torch.ones_like(den), den), k
+    return e / torch.where(den == 0, torch.ones_like(den), den), (mx + torch.log(den)).squeeze(-1)
+
+
+def _ref_keep(shape, dropout_p: float, seed, device) -> torch.Tensor:
+    """The reference branch's dropout keep mask (True = kept): a counter-based hash of (seed, element
+    index), so the forward and the backward op draw the same mask, also while torch.compile traces
+    the op bodies (where a ``torch.Generator`` draw would become an unseeded one) and for a symbolic
+    seed. The kernels draw their own (Philox) mask instead."""
+    m32 = 0xFFFFFFFF
+    if isinstance(seed, int):
+        seed &= m32  # any Python int (the kernels' Philox takes 64-bit seeds) without int64 overflow below
+    n = math.prod(shape)
+    h = (torch.arange(n, device=device, dtype=torch.int64) * 0x9E3779B1 + seed * 0x632BE5AB) & m32
+    for shift, mul in ((16, 0x85EBCA6B), (13, 0xC2B2AE35)):  # murmur3's 32-bit finalizer
+        h = ((h ^ (h >> shift)) * mul) & m32
+    h = h ^ (h >> 16)
+    return (h.to(torch.float64) * 2.0**-32 >= dropout_p).view(shape)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _kernel_features(window_left, window_right, softcap, alibi, dropout_p, seed) -> dict:
+    """The kernel launchers' feature kwargs for the ops' flat feature arguments (off ones left out)."""
+    feats = {}
+    if window_left >= 0 or window_right >= 0:
+        feats["window"] = (window_left, window_right)
+    if softcap > 0:
+        feats["softcap"] = softcap
+    if alibi is not None:
+        feats["alibi"] = alibi if alibi.dtype == torch.float32 else alibi.float()
+    if dropout_p > 0:
+        feats["dropout_p"], feats["seed"] = dropout_p, seed
+    return feats
 
 
 @triton_op("embedattn::attention_fwd", mutates_args=())
@@ -158,14 +213,32 @@ def _attention_fwd(
     causal_offset: int,
     scale: float,
     backend: str,
+    window_left: int = -1,
+    window_right: int = -1,
+    softcap: float = 0.0,
+    alibi: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse2): out like q, lse2 (B, Hq, Nq) base-2 log-sum-exp (float32; float64 for float64 q).
-    lse2 is differentiable: its gradient reaches q and k through the backward op's ``dlse2``."""
+    lse2 is differentiable: its gradient reaches q and k through the backward op's ``dlse2``.
+
+    Features (defaults off): key window ``i + causal_offset - window_left <= j <= i + causal_offset +
+    window_right`` (-1: that side unbounded), ``softcap`` > 0, ``alibi`` slopes (H,) or (B, H), dropout
+    on the probabilities with ``dropout_p`` > 0 drawn from ``seed`` (the lse is of the undropped scores)."""
     if _use_kernels(q, backend, q.dtype in _KERNEL_DTYPES and q.shape[-1] <= MAX_HEAD_DIM):
-        return _kernels("attention").attention_forward(q, k, v, mask, causal, causal_offset, scale)
-    m = _ref_mask(mask, causal, causal_offset, q.shape[2], k.shape[2], q.device)
-    out, lse = reference.attention(q, k, v, causal=False, scale=scale, attn_mask=m, return_lse=True)
-    return out, (lse / _LN2).to(_compute_dtype(q.dtype))
+        feats = _kernel_features(window_left, window_right, softcap, alibi, dropout_p, seed)
+        return _kernels("attention").attention_forward(q, k, v, mask, causal, causal_offset, scale, **feats)
+    cd = _compute_dtype(q.dtype)
+    s, _, _ = _ref_scores(q.to(cd), k.to(cd), mask, causal, causal_offset, scale, window_left, window_right,
+                          softcap, alibi)
+    p, lse = _ref_softmax(s)
+    if dropout_p > 0:
+        p = p * _ref_keep(p.shape, dropout_p, seed, q.device).to(cd) / (1.0 - dropout_p)
+    group = q.shape[1] // k.shape[1]
+    vr = v.to(cd).repeat_interleave(group, dim=1) if group > 1 else v.to(cd)
+    out = torch.matmul(p, vr).to(q.dtype)
+    return out, lse / _LN2
 
 
 @triton_op("embedattn::attention_bwd", mutates_args=())
@@ -182,23 +255,39 @@ def _attention_bwd(
     scale: float,
     backend: str,
     dlse2: torch.Tensor | None = None,
+    window_left: int = -1,
+    window_right: int = -1,
+    softcap: float = 0.0,
+    alibi: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) in the dtypes of q, k, v. ``dlse2``: gradient of the base-2 lse, or None (zero)."""
+    """(dq, dk, dv) in the dtypes of q, k, v. ``dlse2``: gradient of the base-2 lse, or None (zero).
+    The features must be those of the forward (the dropout mask is drawn again from ``seed``)."""
     if _use_kernels(q, backend, q.dtype in _KERNEL_DTYPES and q.shape[-1] <= MAX_HEAD_DIM):
+        feats = _kernel_features(window_left, window_right, softcap, alibi, dropout_p, seed)
         return _kernels("attention").attention_backward(dout, q, k, v, out, lse2, mask, causal,
-                                                         causal_offset, scale, dlse2=dlse2)
+                                                         causal_offset, scale, dlse2=dlse2, **feats)
     # the reference backward written out (dS = P * (dP - rowsum(dP * P))), recomputing P
     cd = _compute_dtype(q.dtype)
     qc, kc, vc, doc = q.to(cd), k.to(cd), v.to(cd), dout.to(cd)
-    p, kr = _ref_probs(qc, kc, mask, causal, causal_offset, scale)
+    s, t, kr = _ref_scores(qc, kc, mask, causal, causal_offset, scale, window_left, window_right, softcap, alibi)
+    p, _ = _ref_softmax(s)
     group = q.shape[1] // k.shape[1]
     vr = vc.repeat_interleave(group, dim=1) if group > 1 else vc
-    dv = torch.matmul(p.transpose(-1, -2), doc)
     dp = torch.matmul(doc, vr.transpose(-1, -2))
+    if dropout_p > 0:  # out = (P * keep / (1 - p)) V: the same factor scales dV's P and dP
+        drop = _ref_keep(p.shape, dropout_p, seed, q.device).to(cd) / (1.0 - dropout_p)
+        dv = torch.matmul((p * drop).transpose(-1, -2), doc)
+        dp = dp * drop
+    else:
+        dv = torch.matmul(p.transpose(-1, -2), doc)
     rowdot = (dp * p).sum(dim=-1, keepdim=True)
     if dlse2 is not None:  # d lse / d s = P: the lse's gradient shifts the row term (empty rows: none)
         rowdot = rowdot - torch.where(torch.isinf(lse2), 0.0, dlse2.to(cd) / _LN2).unsqueeze(-1)
     ds = p * (dp - rowdot)
+    if t is not None:  # s = softcap · tanh(raw / softcap): d s / d raw = 1 - tanh²
+        ds = ds * (1.0 - t * t)
     dq = torch.matmul(ds, kr) * scale
     dk = torch.matmul(ds.transpose(-1, -2), qc) * scale
     b, hkv, nk, d = k.shape
@@ -208,23 +297,42 @@ def _attention_bwd(
 
 
 def _attention_setup(ctx, inputs, output):
-    q, k, v, mask, causal, causal_offset, scale, backend = inputs
+    q, k, v, mask, causal, causal_offset, scale, backend, *feats = inputs
     out, lse2 = output
-    ctx.save_for_backward(q, k, v, out, lse2, mask)
-    ctx.meta = (causal, causal_offset, scale, backend)
+    wl, wr, softcap, alibi, dropout_p, seed = list(feats) + [-1, -1, 0.0, None, 0.0, 0][len(feats):]
+    ctx.save_for_backward(q, k, v, out, lse2, mask, alibi)
+    ctx.meta = (causal, causal_offset, scale, backend, wl, wr, softcap, dropout_p, seed)
 
 
 def _attention_backward(ctx, dout, dlse2):
-    q, k, v, out, lse2, mask = ctx.saved_tensors
-    causal, causal_offset, scale, backend = ctx.meta
+    q, k, v, out, lse2, mask, alibi = ctx.saved_tensors
+    causal, causal_offset, scale, backend, wl, wr, softcap, dropout_p, seed = ctx.meta
     if dout is None:
         dout = torch.zeros_like(out)
     dq, dk, dv = torch.ops.embedattn.attention_bwd(dout, q, k, v, out, lse2, mask, causal, causal_offset,
-                                                   scale, backend, dlse2)
-    return dq, dk, dv, None, None, None, None, None
+                                                   scale, backend, dlse2, wl, wr, softcap, alibi, dropout_p, seed)
+    return (dq, dk, dv) + (None,) * 11
 
 
 _attention_fwd.register_autograd(_attention_backward, setup_context=_attention_setup)
+
+
+def _op_features(q, window, softcap, alibi_slopes, dropout_p, seed) -> tuple:
+    """Checked (window_left, window_right, softcap, alibi, dropout_p, seed) op arguments.
+
+    ``seed=None`` with dropout draws one from torch's RNG eagerly (``torch.manual_seed`` makes it
+    reproducible), also while torch.compile traces (a captured scalar: needs
+    ``torch._dynamo.config.capture_scalar_outputs = True``, else Dynamo breaks the graph there)."""
+    feats = _check_features(q, window, softcap, alibi_slopes, dropout_p,
+                            0 if seed is None and torch.compiler.is_compiling() else seed)
+    if "dropout_p" in feats and seed is None and torch.compiler.is_compiling():
+        feats["seed"] = torch.randint(0, 2**31 - 1, ()).item()  # an unbacked SymInt (capture_scalar_outputs)
+    wl, wr = feats.get("window", (-1, -1))
+    alibi = feats.get("alibi")
+    if alibi is not None and q.dtype == torch.float64:
+        alibi = alibi_slopes.to(torch.float64)  # the float64 reference keeps float64 slopes
+    return (max(wl, -1), max(wr, -1), feats.get("softcap", 0.0), alibi, feats.get("dropout_p", 0.0),
+            feats.get("seed", 0))
 
 
 def attention(
@@ -237,19 +345,28 @@ def attention(
     attn_mask: torch.Tensor | None = None,
     causal_offset: int | None = None,
     return_lse: bool = False,
+    window: tuple[int, int] | None = None,
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    seed: int | None = None,
     backend: str | None = None,
 ):
     """``embedattn.attention`` through ``torch.ops.embedattn.attention_fwd`` (compiles without graph breaks).
 
     Same arguments and checks as ``embedattn.attention``; ``causal_offset`` (default ``Nk - Nq``,
     bottom-right) sets the causal diagonal: query i sees key j iff ``j <= i + causal_offset``
-    (0 is torch SDPA's top-left ``is_causal``). Triton on CUDA, the reference elsewhere (also under
-    the interpreter). ``backend="reference"`` forces the reference on CUDA too.
+    (0 is torch SDPA's top-left ``is_causal``); ``window`` and ALiBi distances are measured from that
+    diagonal too. Triton on CUDA, the reference elsewhere (also under the interpreter).
+    ``backend="reference"`` forces the reference on CUDA too. Dropout: the kernels draw their Philox
+    mask from ``seed``, the reference its own (a counter-based hash of (seed, index));
+    ``seed=None`` takes one from torch's RNG (see ``attend`` for torch.compile).
     """
     be = resolve(backend, q, k, v)
     _check_qkv(q, k, v, "reference")  # dtype/head-dim limits of the kernels fall back inside the op
     nq, nk = q.shape[2], k.shape[2]
     mask = _check_mask(attn_mask, q, nk)
+    feats = _op_features(q, window, softcap, alibi_slopes, dropout_p, seed)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[3]) if q.shape[3] else 1.0
     elif not isinstance(scale, (int, float)) or not math.isfinite(scale):
@@ -259,11 +376,18 @@ def attention(
     if q.numel() == 0 or nk == 0 or k.shape[1] == 0:
         return _empty_result(q, k, v, return_lse)
     out, lse2 = torch.ops.embedattn.attention_fwd(q, k, v, mask, bool(causal), int(causal_offset), float(scale),
-                                                  be)
+                                                  be, *feats)
     if return_lse:
         lse = lse2 * _LN2  # multiplied in lse2's dtype (float64 for float64 inputs), then float32
         return out, lse if lse.dtype == torch.float64 else lse.float()
     return out
+
+
+def _can_capture_seed() -> bool:
+    # a seed drawn while tracing is ``.item()`` of a tensor: traceable only as a captured scalar
+    import torch._dynamo
+
+    return bool(torch._dynamo.config.capture_scalar_outputs)
 
 
 def attend(
@@ -278,18 +402,26 @@ def attend(
     backend: str | None,
     softcap: float | None = None,
     dropout_p: float = 0.0,
+    window: tuple[int, int] | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+    seed: int | None = None,
 ) -> torch.Tensor:
-    """Attention for modules: the registered op while torch.compile traces (no graph break), the
-    eager ``embedattn`` path otherwise (which also runs the interpreter on CPU).
+    """Attention for modules: the registered op while torch.compile traces (no graph break, every
+    feature included), the eager ``embedattn`` path otherwise (which also runs the interpreter on CPU).
+    ``window`` and ALiBi distances are measured from the causal diagonal ``i + causal_offset``.
 
-    ``softcap`` and ``dropout_p`` (in-kernel dropout) are not in the registered op yet: with them the
-    eager path runs even under torch.compile (Dynamo then traces into it, which may break the graph).
-    """
-    if torch.compiler.is_compiling() and not softcap and not dropout_p:
+    Dropout without a ``seed`` draws one per call from torch's RNG; under torch.compile that draw is
+    traceable only with ``torch._dynamo.config.capture_scalar_outputs = True``, otherwise such a call
+    keeps running the eager path (Dynamo traces into it, which breaks the graph)."""
+    # the eager reference measures window/ALiBi distances from i + Nk - Nq: other diagonals take the op
+    shifted = (window is not None or alibi_slopes is not None) and causal_offset != k.shape[-2] - q.shape[-2]
+    if shifted or torch.compiler.is_compiling() and (not dropout_p or seed is not None or _can_capture_seed()):
         return attention(q, k, v, causal=causal, scale=scale, attn_mask=attn_mask, causal_offset=causal_offset,
-                         backend=backend)
+                         window=window, softcap=softcap or 0.0, alibi_slopes=alibi_slopes, dropout_p=dropout_p,
+                         seed=seed, backend=backend)
     return _attention(q, k, v, causal=causal, causal_offset=causal_offset, scale=scale, attn_mask=attn_mask,
-                      return_lse=False, backend=backend, softcap=softcap or 0.0, dropout_p=dropout_p)
+                      return_lse=False, backend=backend, window=window, softcap=softcap or 0.0,
+                      alibi_slopes=alibi_slopes, dropout_p=dropout_p, seed=seed)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -211,6 +211,28 @@ def test_transformers_compiles_fullgraph(attend_calls):
     torch.testing.assert_close(h[am.bool()], h_eager[am.bool()], rtol=1e-12, atol=1e-12)
 
 
+def test_transformers_softcap_compiles_fullgraph():
+    """A Gemma-2 model (logit soft-capping, sliding-window layers) compiles with fullgraph=True through
+    our op (softcap is an op argument now, no eager fallback) and equals the eager model."""
+    import torch._dynamo.testing
+
+    torch._dynamo.reset()
+    cfg = transformers.Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                    num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                    max_position_embeddings=64, sliding_window=4, attn_logit_softcapping=5.0)
+    torch.manual_seed(0)
+    model = transformers.AutoModel.from_config(cfg, attn_implementation="eager").to(DEVICE, torch.float64)
+    model.set_attn_implementation(ea_hf.register("embedattn_gemma_compile", backend="reference"))
+    ids, am = _batch("left")
+    cnt = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    h = torch.compile(model, fullgraph=True, backend=cnt)(input_ids=ids, attention_mask=am).last_hidden_state
+    ops_in_graphs = [[n for n in g.graph.nodes if str(n.target) == "embedattn.attention_fwd"] for g in cnt.graphs]
+    assert sum(map(len, ops_in_graphs)) == 2
+    assert all(n.args[10] == 5.0 for g in ops_in_graphs for n in g)  # softcap reached the op
+    h_eager = model(input_ids=ids, attention_mask=am).last_hidden_state
+    torch.testing.assert_close(h[am.bool()], h_eager[am.bool()], rtol=1e-12, atol=1e-12)
+
+
 def test_transformers_register_errors():
     with pytest.raises(ValueError, match="name"):
         ea_hf.register("")
@@ -400,12 +422,189 @@ def test_ops_bad_input():
         ops.attention(q, torch.randn(2, 3, 7, 8, dtype=q.dtype), torch.randn(2, 3, 7, 8, dtype=q.dtype))
     with pytest.raises(ValueError, match="scale"):
         ops.attention(q, k, v, scale=float("nan"))
+    with pytest.raises(ValueError, match="window"):
+        ops.attention(q, k, v, window=(1,))
+    with pytest.raises(ValueError, match="softcap"):
+        ops.attention(q, k, v, softcap=-1.0)
+    with pytest.raises(ValueError, match="alibi_slopes"):
+        ops.attention(q, k, v, alibi_slopes=torch.ones(3, dtype=q.dtype))
+    with pytest.raises(ValueError, match="dropout_p"):
+        ops.attention(q, k, v, dropout_p=1.0)
     with pytest.raises(IndexError):
         ops.embedding(torch.tensor([[0, 11]]), torch.randn(11, 4))
     with pytest.raises(ValueError, match="reduction"):
         ops.negative_sampling_loss(torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long),
                                    torch.zeros(2, 1, dtype=torch.long), torch.randn(3, 2), torch.randn(3, 2),
                                    reduction="avg")
+
+
+# the op's feature arguments (window, softcap, ALiBi, dropout) against the float64 reference
+_FEATURES = {
+    "window": dict(window=(2, 1)),
+    "window_left_causal": dict(window=(3, -1), causal=True),
+    "softcap": dict(softcap=1.5),
+    "alibi_h": dict(alibi="h"),
+    "alibi_bh_causal": dict(alibi="bh", causal=True),
+    "all_with_mask": dict(window=(1, 0), softcap=2.0, alibi="h", mask=True),
+}
+
+
+def _features(name, g):
+    kw = dict(_FEATURES[name])
+    alibi = kw.pop("alibi", None)
+    if alibi:
+        kw["alibi_slopes"] = torch.rand((4,) if alibi == "h" else (2, 4), generator=g, dtype=torch.float64)
+    if kw.pop("mask", False):
+        kw["attn_mask"] = torch.rand(2, 1, 5, 7, generator=g) > 0.3
+    return kw
+
+
+def _grads_close(out, lse, ref, ref_lse, inputs, g, tol=1e-10):
+    """Gradients of a loss using out (and lse, where every row has a key) equal the reference's."""
+    w = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    wl = torch.randn(lse.shape, generator=g, dtype=torch.float64)
+    use_lse = bool(torch.isfinite(ref_lse).all())
+    grads = torch.autograd.grad((out * w).sum() + use_lse * (lse * wl).sum(), inputs)
+    ref_grads = torch.autograd.grad((ref * w).sum() + use_lse * (ref_lse * wl).sum(), inputs)
+    for name, a, b in zip("qkv", grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=lambda m, name=name: f"d{name}: {m}")
+
+
+@pytest.mark.parametrize("name", list(_FEATURES))
+def test_attention_op_features_match_reference(name):
+    """The op with each feature (window, softcap, ALiBi (H,) and (B, H), all with a mask) equals
+    embedattn.reference.attention in float64: output, lse and gradients (the lse's too)."""
+    g = torch.Generator().manual_seed(8)
+    q, k, v = _qkv()
+    kw = _features(name, g)
+    out, lse = ops.attention(q, k, v, return_lse=True, **kw)
+    ref, ref_lse = embedattn.reference.attention(q, k, v, return_lse=True, **kw)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(finite, torch.isfinite(lse)) and lse.dtype == torch.float64
+    torch.testing.assert_close(lse[finite], ref_lse[finite], rtol=1e-12, atol=1e-12)
+    _grads_close(out, lse, ref, ref_lse, (q, k, v), g)
+
+
+def test_attention_op_features_follow_causal_offset():
+    """Window and ALiBi distances are measured from the causal diagonal i + causal_offset (as in the
+    kernels): with top-left alignment (offset 0) the op equals the reference on a mask-free shift."""
+    q, k, v = _qkv(nq=7, nk=7)
+    slopes = torch.rand(4, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    kw = dict(window=(2, 1), softcap=3.0, alibi_slopes=slopes)
+    out = ops.attention(q, k, v, causal_offset=0, **kw)  # Nq == Nk: offset 0 is the reference's diagonal
+    torch.testing.assert_close(out, embedattn.reference.attention(q, k, v, **kw), rtol=1e-12, atol=1e-12)
+    # Nq < Nk: offset 0 (top-left) equals the reference on the first Nq keys only when the band ends there
+    q2 = q[:, :, :3].detach().requires_grad_()
+    out2 = ops.attention(q2, k, v, causal=True, causal_offset=0, **kw)
+    ref2 = embedattn.reference.attention(q2, k[:, :, :3], v[:, :, :3], causal=True, **kw)
+    torch.testing.assert_close(out2, ref2, rtol=1e-12, atol=1e-12)
+    # attend() (what the modules call) follows the same convention eagerly
+    out3 = ops.attend(q2, k, v, causal=True, causal_offset=0, scale=None, attn_mask=None, backend="reference", **kw)
+    torch.testing.assert_close(out3, ref2, rtol=1e-12, atol=1e-12)
+
+
+def test_attention_op_dropout_reproducible_and_consistent():
+    """Dropout in the op: the same seed gives the same output, another seed another; seed=None follows
+    torch.manual_seed; forward and backward use one mask: output, lse and gradients equal autograd
+    through the reference fed that mask."""
+    g = torch.Generator().manual_seed(10)
+    q, k, v = _qkv()
+    kw = dict(causal=True, softcap=2.0, alibi_slopes=torch.rand(4, generator=g, dtype=torch.float64))
+    out, lse = ops.attention(q, k, v, dropout_p=0.3, seed=5, return_lse=True, **kw)
+    assert torch.equal(out, ops.attention(q, k, v, dropout_p=0.3, seed=5, **kw))
+    assert not torch.allclose(out, ops.attention(q, k, v, dropout_p=0.3, seed=6, **kw))
+    torch.manual_seed(0)
+    a = ops.attention(q, k, v, dropout_p=0.3, **kw)
+    torch.manual_seed(0)
+    assert torch.equal(a, ops.attention(q, k, v, dropout_p=0.3, **kw))
+    keep = ops._ref_keep((2, 4, 5, 7), 0.3, 5, q.device)
+    assert torch.equal(keep, ops._ref_keep((2, 4, 5, 7), 0.3, 5, q.device))
+    assert 0.55 < keep.float().mean() < 0.85  # about 1 - dropout_p kept
+    ref, ref_lse = embedattn.reference.attention(q, k, v, dropout_p=0.3, dropout_mask=keep, return_lse=True, **kw)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-12, atol=1e-12)  # of the undropped scores
+    _grads_close(out, lse, ref, ref_lse, (q, k, v), g)
+    # the registered backward op directly: same mask drawn again from the seed
+    dout = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    args = (None, True, 2, 0.5, "reference", -1, -1, 2.0, kw["alibi_slopes"], 0.3, 5)
+    o, lse2 = torch.ops.embedattn.attention_fwd(q, k, v, *args)
+    dq, dk, dv = torch.ops.embedattn.attention_bwd(dout, q, k, v, o, lse2, *args[:5], None, *args[5:])
+    want = torch.autograd.grad(o, (q, k, v), dout)
+    for a, b in zip((dq, dk, dv), want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_ops_opcheck_features():
+    """torch.library.opcheck on the feature arguments (window, softcap, ALiBi, dropout)."""
+    q, k, v = _qkv(nq=4, nk=6, d=4)
+    alibi = torch.rand(2, 4, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
+    feats = (1, 0, 2.0, alibi, 0.25, 9)
+    torch.library.opcheck(torch.ops.embedattn.attention_fwd.default, (q, k, v, None, True, 2, 0.5, "reference",
+                                                                       *feats))
+    torch.library.opcheck(torch.ops.embedattn.attention_fwd.default, (q, k, v, None, False, 2, 0.5, "reference",
+                                                                       -1, 3, 0.0, None, 0.0, 0))
+    out, lse2 = torch.ops.embedattn.attention_fwd(q, k, v, None, True, 2, 0.5, "reference", *feats)
+    dout = torch.randn(out.shape, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.embedattn.attention_bwd.default,
+                          (dout, q.detach(), k.detach(), v.detach(), out.detach(), lse2.detach(), None, True, 2, 0.5,
+                           "reference", torch.randn(lse2.shape, dtype=torch.float64), *feats),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def _compiled(f, *args):
+    import torch._dynamo.testing
+
+    torch._dynamo.reset()
+    cnt = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    out = torch.compile(f, fullgraph=True, backend=cnt)(*args)
+    assert cnt.frame_count == 1
+    assert [str(n.target) for n in cnt.graphs[0].graph.nodes].count("embedattn.attention_fwd") == 1
+    return out, cnt
+
+
+def test_attend_compiles_fullgraph_with_features():
+    """attend() under torch.compile(fullgraph=True, backend="aot_eager") with softcap + window + ALiBi:
+    one graph through the registered op (autograd included); values and gradients equal the reference."""
+    q, k, v = _qkv()
+    slopes = torch.rand(4, generator=torch.Generator().manual_seed(13), dtype=torch.float64)
+    kw = dict(softcap=2.0, window=(3, -1), alibi_slopes=slopes)
+
+    def f(q, k, v):
+        return ops.attend(q, k, v, causal=True, causal_offset=2, scale=None, attn_mask=None, backend="reference",
+                          **kw)
+
+    out, _ = _compiled(f, q, k, v)
+    ref = embedattn.reference.attention(q, k, v, causal=True, **kw)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    w = torch.randn(out.shape, dtype=torch.float64)
+    for a, b in zip(torch.autograd.grad((out * w).sum(), (q, k, v)), torch.autograd.grad((ref * w).sum(), (q, k, v))):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_attend_compiles_fullgraph_with_dropout():
+    """Dropout under torch.compile(fullgraph=True): a given seed gives the eager op's output and
+    gradients (one mask in the traced forward and backward); seed=None (with capture_scalar_outputs)
+    draws a fresh seed per call from torch's RNG, in the graph."""
+    q, k, v = _qkv()
+
+    def f(q, k, v, seed=None):
+        return ops.attend(q, k, v, causal=False, causal_offset=2, scale=None, attn_mask=None, backend="reference",
+                          softcap=2.0, dropout_p=0.3, seed=seed)
+
+    out, _ = _compiled(lambda q, k, v: f(q, k, v, 7), q, k, v)
+    ref = ops.attention(q, k, v, softcap=2.0, dropout_p=0.3, seed=7)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    w = torch.randn(out.shape, dtype=torch.float64)
+    for a, b in zip(torch.autograd.grad((out * w).sum(), (q, k, v)), torch.autograd.grad((ref * w).sum(), (q, k, v))):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    with torch._dynamo.config.patch(capture_scalar_outputs=True):
+        torch._dynamo.reset()
+        cf = torch.compile(f, fullgraph=True, backend="aot_eager")
+        torch.manual_seed(1)
+        a, b = cf(q, k, v), cf(q, k, v)
+        torch.manual_seed(1)
+        assert torch.equal(a, cf(q, k, v)) and not torch.allclose(a, b)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -532,6 +731,9 @@ with mode:
     c, n = fc(9, dtype=torch.int64), fc(9, 4, dtype=torch.int64)
     loss, coef = E.negative_sampling_fwd(c, c, n, w, w, "auto")
     E.negative_sampling_bwd(c, c, n, w, w, coef, loss, "auto")
+    feats = (3, -1, 2.5, fc(2, 4, dtype=torch.float32), 0.1, 1234)  # window, softcap, ALiBi, dropout
+    o, lse2 = E.attention_fwd(q, k, v, None, True, 8, 0.2, "auto", *feats)
+    E.attention_bwd(o, q, k, v, o, lse2, None, True, 8, 0.2, "auto", lse2, *feats)
 print(",".join(hits))
 """
 
@@ -540,7 +742,8 @@ print(",".join(hits))
 def test_cuda_launchers_trace_with_fake_tensors():
     """The ops' CUDA branch (the kernels' own launchers, autotuned, kernels routed through wrap_triton)
     runs on fake CUDA tensors, as torch.compile traces it: every kernel launch reaches wrap_triton and
-    nothing reads device memory. Runs in a fresh process without the interpreter. (The learned-position
+    nothing reads device memory, also with every attention feature argument set. Runs in a fresh
+    process without the interpreter. (The learned-position
     gradient is left out: CPU-only torch builds cannot slice fake CUDA tensors in place.)"""
     import os
     import subprocess
@@ -552,8 +755,9 @@ def test_cuda_launchers_trace_with_fake_tensors():
                          timeout=120)
     assert res.returncode == 0, res.stderr[-3000:]
     hits = res.stdout.strip().splitlines()[-1].split(",")
-    assert hits == ["_attn_fwd", "_bwd_preprocess", "_attn_bwd_dkdv", "_attn_bwd_dq", "_fwd_kernel",
-                    "_bwd_sorted_kernel", "_bwd_sorted_kernel", "_fwd_kernel", "_bwd_kernel"], hits
+    attn = ["_attn_fwd", "_bwd_preprocess", "_attn_bwd_dkdv", "_attn_bwd_dq"]
+    assert hits == attn + ["_fwd_kernel", "_bwd_sorted_kernel", "_bwd_sorted_kernel", "_fwd_kernel",
+                           "_bwd_kernel"] + attn, hits
 
 
 # --------------------------------------------------------------------------------------------------
@@ -563,6 +767,8 @@ def test_cuda_launchers_trace_with_fake_tensors():
 def test_cuda_ops_opcheck_triton():
     q, k, v = _qkv(nq=37, nk=45, d=24, dtype=torch.float16, device="cuda")
     torch.library.opcheck(torch.ops.embedattn.attention_fwd.default, (q, k, v, None, True, 8, 0.2, "auto"))
+    feats = (3, -1, 2.5, torch.rand(4, device="cuda"), 0.1, 1234)  # window, softcap, ALiBi, dropout
+    torch.library.opcheck(torch.ops.embedattn.attention_fwd.default, (q, k, v, None, True, 8, 0.2, "auto", *feats))
     w = torch.randn(50, 24, device="cuda", requires_grad=True)
     p = torch.randn(40, 24, device="cuda", requires_grad=True)
     ids = torch.randint(0, 50, (3 * 13,), device="cuda")
