@@ -219,19 +219,9 @@ def _attention(q, k, v, *, causal, causal_offset, scale, attn_mask, return_lse, 
     if q.numel() == 0 or nk == 0 or k.shape[1] == 0:
         return _empty_result(q, k, v, return_lse)
     if be == "reference":
-        if causal and causal_offset != nk - nq:
-            # top-left alignment expressed as a mask: the reference itself is bottom-right
-            i = torch.arange(nq, device=q.device)[:, None]
-            j = torch.arange(nk, device=q.device)[None, :]
-            cm = j <= i + causal_offset
-            if mask is None:
-                mask = cm
-            elif mask.dtype == torch.bool:
-                mask = mask & cm
-            else:
-                mask = mask.masked_fill(~cm, float("-inf"))
-            causal = False
+        # the diagonal that causal, window and ALiBi are measured from, as in the kernels
         kw = _reference_features(feats, q)
+        kw["causal_offset"] = causal_offset
         if "dropout_p" in feats:
             g = torch.Generator(device=q.device).manual_seed(feats["seed"])
             shape = (q.shape[0], q.shape[1], nq, nk)

@@ -337,3 +337,27 @@ def test_feature_kernels_compile_for_sm90():
         raise AssertionError(r.stderr[-3000:])
     counts = [int(c) for c in r.stdout.split()]
     assert len(counts) == 5 and all(c > 0 for c in counts), counts
+
+
+@needs_triton
+@pytest.mark.parametrize("causal", [False, True])
+def test_window_and_alibi_follow_a_top_left_diagonal_on_both_backends(causal):
+    """With causal_offset=0 (torch's top-left alignment, used by the SDPA drop-in and integrations)
+    the reference measures window and ALiBi from the same diagonal as the kernels."""
+    from embedattn.attention import _attention
+
+    q, k, v = _rand(1, 2, 5, 16, seed=40), _rand(1, 2, 11, 16, seed=41), _rand(1, 2, 11, 16, seed=42)
+    slopes = torch.tensor([0.5, 0.25], device=DEVICE)
+    kw = dict(causal=causal, causal_offset=0, scale=None, attn_mask=None, return_lse=False, window=(2, 1),
+              alibi_slopes=slopes)
+    a = _attention(q, k, v, backend="reference", **kw)
+    b = _attention(q, k, v, backend="triton", **kw)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    # and the diagonal really is top-left: query 0 sees keys 0..1 only (window right side 1)
+    i, j = torch.arange(5)[:, None], torch.arange(11)[None, :]
+    rel = i - j
+    allowed = (rel <= 2) & (rel >= -1) & ((rel >= 0) if causal else True)
+    bias = -(slopes[None, :, None, None].cpu() * rel.abs())
+    additive = bias + torch.where(allowed, 0.0, float("-inf"))
+    want = reference.attention(q, k, v, attn_mask=additive.to(DEVICE))
+    torch.testing.assert_close(a, want, atol=1e-5, rtol=1e-5)

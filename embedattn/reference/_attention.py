@@ -22,6 +22,7 @@ def attention(
     dropout_p: float = 0.0,
     dropout_mask: torch.Tensor | None = None,
     upcast: bool = True,
+    causal_offset: int | None = None,
 ):
     """softmax(q kᵀ · scale + mask) v for q (B, Hq, Nq, D), k/v (B, Hkv, Nk, D), Hq % Hkv == 0.
 
@@ -34,6 +35,9 @@ def attention(
     (bool keep mask, (B, Hq, Nq, Nk)) / (1 - dropout_p); the log-sum-exp is of the undropped scores.
     ``upcast=True`` computes in float32 (or float64 for float64 inputs) and casts back;
     ``upcast=False`` stays in the input dtype (the "plain PyTorch" yardstick of the tests).
+    ``causal_offset`` moves the diagonal that causal, window and ALiBi are measured from (query i's
+    diagonal key is i + causal_offset); default Nk - Nq, the bottom-right alignment; 0 is torch
+    SDPA's top-left ``is_causal``.
     """
     dtype = q.dtype
     if upcast and dtype in (torch.float16, torch.bfloat16):
@@ -50,7 +54,8 @@ def attention(
         s = softcap * torch.tanh(s / softcap)
     i = torch.arange(nq, device=s.device)[:, None]
     j = torch.arange(nk, device=s.device)[None, :]
-    rel = i + (nk - nq) - j  # >= 0 for keys at or left of the (bottom-right) diagonal
+    off = nk - nq if causal_offset is None else causal_offset
+    rel = i + off - j  # >= 0 for keys at or left of the diagonal
     if alibi_slopes is not None:
         slopes = alibi_slopes.to(s.dtype)
         slopes = slopes[None, :, None, None] if slopes.dim() == 1 else slopes[:, :, None, None]
