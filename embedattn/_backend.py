@@ -1,56 +1,168 @@
-"""Backend dispatch: one place decides whether an op runs in Triton or in the PyTorch reference.
+"""Dispatch: the one place that decides whether an op runs its Triton kernels or the PyTorch reference.
 
-``backend=None`` reads ``EMBEDATTN_BACKEND`` (default ``"auto"``). ``"auto"`` runs Triton on CUDA
-tensors when Triton imports, the reference otherwise. ``"triton"`` on CPU tensors runs the kernels
-through Triton's interpreter, which must have been enabled with ``TRITON_INTERPRET=1`` before Triton
-was imported; otherwise it raises.
+``backend=None`` reads ``EMBEDATTN_BACKEND`` (default ``"auto"``).
+
+* ``"reference"``: the PyTorch reference (``embedattn.reference``), always.
+* ``"auto"``: the Triton kernels when they can run these inputs on CUDA (Triton installed, a dtype and
+  head dim the op's kernels take), the reference otherwise; the fallback is silent. The Triton
+  interpreter is never chosen automatically. Attention on the CPU may run torch's own SDPA instead of
+  the reference where its semantics are exactly ours (``native_ok``), since it is faster there.
+* ``"triton"``: the kernels, or a ``RuntimeError``/``TypeError``/``ValueError`` naming why they cannot
+  run these inputs (CPU tensors without ``TRITON_INTERPRET=1``, float64, bfloat16 under the
+  interpreter, a head dim past the kernels' limit, ...).
+
+Environment variables, all parsed here with one rule (``env_flag``: 1/0, true/false, yes/no, on/off,
+case-insensitive; anything else raises naming the variable): ``EMBEDATTN_BACKEND``,
+``EMBEDATTN_AUTOTUNE`` (default on; never under the interpreter), ``TRITON_INTERPRET``.
 """
 
 from __future__ import annotations
 
-import functools
 import os
+from dataclasses import dataclass
 
 import torch
 
 BACKENDS = ("auto", "triton", "reference")
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("", "0", "false", "no", "off")
 
 
-@functools.lru_cache(maxsize=1)
-def triton_available() -> bool:
-    """True when ``import triton`` works (it is a Linux-only dependency)."""
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception:
+def env_flag(name: str, default: bool) -> bool:
+    """The boolean environment variable ``name`` (``default`` when unset)."""
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    v = raw.strip().lower()
+    if v in _TRUE:
+        return True
+    if v in _FALSE:
         return False
-    return True
+    raise ValueError(f"environment variable {name}={raw!r}: expected 1/0, true/false, yes/no or on/off")
 
 
 def interpreting() -> bool:
     """True when Triton kernels run through the CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
+    return env_flag("TRITON_INTERPRET", False)
 
 
-def resolve(backend: str | None, *tensors: torch.Tensor) -> str:
-    """Return ``"triton"`` or ``"reference"`` for an op whose inputs are ``tensors``."""
+def autotune_enabled() -> bool:
+    """Launchers autotune on a GPU unless ``EMBEDATTN_AUTOTUNE`` is off; never under the interpreter."""
+    return env_flag("EMBEDATTN_AUTOTUNE", True) and not interpreting()
+
+
+def default_backend() -> str:
+    """``EMBEDATTN_BACKEND`` (default ``"auto"``), checked."""
+    raw = os.environ.get("EMBEDATTN_BACKEND", "").strip().lower() or "auto"
+    if raw not in BACKENDS:
+        raise ValueError(f"environment variable EMBEDATTN_BACKEND={raw!r}: expected one of {BACKENDS}")
+    return raw
+
+
+_PROBED: dict[str, bool] = {}  # computed once per process; a plain dict so torch.compile reads constants
+
+
+def triton_available() -> bool:
+    """True when ``import triton`` works (it is a Linux-only dependency)."""
+    if "triton" not in _PROBED:
+        try:
+            import triton  # noqa: F401
+            import triton.language  # noqa: F401
+
+            _PROBED["triton"] = True
+        except Exception:
+            _PROBED["triton"] = False
+    return _PROBED["triton"]
+
+
+def _kernels_interpreted() -> bool:
+    """Whether the kernels were built for the interpreter: Triton reads TRITON_INTERPRET when a kernel
+    is decorated, so setting it later has no effect on kernels already imported."""
+    if "interpreted" not in _PROBED:
+        from .kernels import _utils
+
+        _PROBED["interpreted"] = _utils.INTERPRETED
+    return _PROBED["interpreted"]
+
+
+@dataclass(frozen=True)
+class Capability:
+    """What an op's Triton kernels take."""
+
+    dtypes: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32)
+    max_head_dim: int | None = None
+
+
+CAPABILITIES: dict[str, Capability] = {
+    "attention": Capability(max_head_dim=256),
+    "embedding": Capability(),
+    "negative_sampling": Capability(),
+    "rotary": Capability(),
+}
+
+
+def triton_problem(op: str, device: torch.device, dtype: torch.dtype | None = None,
+                   head_dim: int | None = None) -> tuple[type[Exception], str] | None:
+    """Why ``op``'s Triton kernels cannot run inputs on ``device`` with ``dtype`` and ``head_dim``: the
+    exception type and the reason, or None when they can."""
+    cap = CAPABILITIES[op]
+    if not triton_available():
+        return RuntimeError, "Triton is not installed (pip install triton; it is Linux-only)"
+    if device.type == "cuda":
+        if interpreting():
+            return RuntimeError, "TRITON_INTERPRET=1 is set, so Triton kernels run on CPU tensors only"
+    elif device.type == "cpu":
+        if not interpreting():
+            return RuntimeError, ("CPU tensors need the Triton interpreter: set TRITON_INTERPRET=1 before importing "
+                                  "triton (or pass CUDA tensors, or use backend='reference')")
+        if not _kernels_interpreted():
+            return RuntimeError, ("TRITON_INTERPRET=1 was set after embedattn's kernels were imported; Triton reads "
+                                  "it when a kernel is defined: set it before importing embedattn (or triton)")
+    else:
+        return RuntimeError, f"the Triton kernels run on CUDA tensors (or CPU ones when interpreted), got {device}"
+    if dtype is not None:
+        if dtype not in cap.dtypes:
+            names = ", ".join(str(d).replace("torch.", "") for d in cap.dtypes)
+            return TypeError, (f"{op} kernels take dtype {names}, got {str(dtype).replace('torch.', '')} "
+                               "(use backend='reference')")
+        if dtype == torch.bfloat16 and device.type == "cpu":
+            return TypeError, "the Triton interpreter cannot run dtype bfloat16 (test bf16 on a GPU, or use fp16/fp32)"
+    if head_dim is not None and cap.max_head_dim is not None and not 1 <= head_dim <= cap.max_head_dim:
+        return ValueError, f"{op} kernels take head dims 1..{cap.max_head_dim}, got head dim {head_dim}"
+    return None
+
+
+def check_backend(backend) -> str:
+    """``backend`` checked, with None read from ``EMBEDATTN_BACKEND``."""
     if backend is None:
-        backend = os.environ.get("EMBEDATTN_BACKEND", "auto") or "auto"
+        return default_backend()
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be None or one of {BACKENDS}, got {backend!r}")
-    on_cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in tensors)
+    return backend
+
+
+def _device(tensors) -> torch.device:
+    devs = [t.device for t in tensors if isinstance(t, torch.Tensor)]
+    cuda = [d for d in devs if d.type == "cuda"]
+    return cuda[0] if cuda else (devs[0] if devs else torch.device("cpu"))
+
+
+def resolve(backend: str | None, *tensors: torch.Tensor, op: str = "attention", dtype: torch.dtype | None = None,
+            head_dim: int | None = None, native_ok: bool = False) -> str:
+    """Decide how ``op`` runs on ``tensors``: ``"triton"``, ``"reference"``, or ``"native"`` (torch's own
+    op, for ``auto`` where the kernels cannot run and ``native_ok`` says torch's semantics are exactly ours).
+
+    ``backend="triton"`` raises naming the reason when the kernels cannot run these inputs."""
+    backend = check_backend(backend)
     if backend == "reference":
         return "reference"
+    device = _device(tensors)
     if backend == "auto":
-        return "triton" if on_cuda and triton_available() else "reference"
-    # backend == "triton"
-    if not triton_available():
-        raise RuntimeError("backend='triton' was requested but Triton is not installed (pip install triton)")
-    if not on_cuda and not interpreting():
-        raise RuntimeError(
-            "backend='triton' on CPU tensors needs the Triton interpreter: set TRITON_INTERPRET=1 "
-            "before importing triton (or pass CUDA tensors, or use backend='reference')"
-        )
-    if on_cuda and interpreting():
-        raise RuntimeError("TRITON_INTERPRET=1 is set, so Triton kernels cannot run on CUDA tensors")
+        if device.type == "cuda" and triton_problem(op, device, dtype, head_dim) is None:
+            return "triton"
+        return "native" if native_ok else "reference"
+    problem = triton_problem(op, device, dtype, head_dim)
+    if problem is not None:
+        err, why = problem
+        raise err(f"backend='triton' cannot run this {op} call: {why}")
     return "triton"

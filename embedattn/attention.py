@@ -1,8 +1,18 @@
-"""Fused attention: argument checks, the autograd Function, ``attention`` and the SDPA drop-in."""
+"""Fused attention: argument checks, the registered ops, the autograd Functions and the public entries.
+
+One road per call: the entry checks its arguments into an ``AttnSpec`` (the scalar features) plus the
+tensors that go with it (mask, ALiBi slopes, dropout seed), resolves the backend once
+(``embedattn._backend.resolve``), then runs either the reference (``embedattn.reference``), torch's
+own SDPA (``auto`` off CUDA, where its semantics are exactly ours), or the Triton kernels through one
+``torch.autograd.Function`` whose forward and backward call the registered ops
+``torch.ops.embedattn.attention_fwd`` / ``attention_bwd`` (``varlen_fwd`` / ``varlen_bwd``,
+``kvcache_fwd``). Eager and ``torch.compile`` take the same road.
+"""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -10,6 +20,8 @@ from torch.autograd.function import once_differentiable
 
 from . import reference
 from ._backend import resolve
+from ._checks import check_bool, check_float, check_int, check_seed, seed_tensor
+from ._registry import kernel_op
 
 # captured at import so that the drop-in's fallback still reaches torch when patch_sdpa() is active
 _TORCH_SDPA = F.scaled_dot_product_attention
@@ -17,6 +29,8 @@ _TORCH_SDPA = F.scaled_dot_product_attention
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _REFERENCE_DTYPES = _TRITON_DTYPES + (torch.float64,)
 MAX_HEAD_DIM = 256
+WINDOW_MAX = 1 << 30  # window sides past any sequence mean "unbounded"; clamped so no index arithmetic wraps
+_LN2 = math.log(2.0)
 
 
 class AttentionInputError(ValueError, RuntimeError):
@@ -28,9 +42,58 @@ class AttentionTypeError(TypeError, RuntimeError):
 
 
 # --------------------------------------------------------------------------------------------------
+# the feature carrier: checked once, flattened for the op schema in exactly one place (op_args)
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AttnSpec:
+    """The checked scalar arguments of one attention call.
+
+    Query i sees key j iff ``j <= i + causal_offset`` under ``causal`` (``Nk - Nq`` is bottom-right,
+    0 is torch's top-left ``is_causal``; varlen and KV-cache calls use each sequence's own
+    bottom-right diagonal), and ``i + causal_offset - window_left <= j <= i + causal_offset +
+    window_right`` under a window (-1: that side unbounded). ALiBi distances are measured from the
+    same diagonal. The tensors that go with a spec (mask, ALiBi slopes, dropout seed) travel beside it.
+    """
+
+    causal: bool = False
+    causal_offset: int = 0
+    scale: float = 1.0
+    window_left: int = -1
+    window_right: int = -1
+    softcap: float = 0.0
+    dropout_p: float = 0.0
+
+    def op_args(self) -> tuple:
+        """The scalars in the order of the registered ops' schema (after their tensor arguments)."""
+        return (self.causal, self.causal_offset, self.scale, self.window_left, self.window_right, self.softcap,
+                self.dropout_p)
+
+    @property
+    def window(self) -> tuple[int, int] | None:
+        return None if self.window_left < 0 and self.window_right < 0 else (self.window_left, self.window_right)
+
+    def kernel_features(self, alibi: torch.Tensor | None, seed: torch.Tensor | None) -> dict:
+        """The launchers' feature keyword arguments (features that are off are left out)."""
+        feats = {}
+        if self.window is not None:
+            feats["window"] = self.window
+        if self.softcap > 0:
+            feats["softcap"] = self.softcap
+        if alibi is not None:
+            feats["alibi"] = alibi
+        if self.dropout_p > 0:
+            feats["dropout_p"], feats["seed"] = self.dropout_p, seed
+        return feats
+
+    def reference_kwargs(self, alibi: torch.Tensor | None) -> dict:
+        return dict(causal=self.causal, causal_offset=self.causal_offset, scale=self.scale, window=self.window,
+                    softcap=self.softcap, alibi_slopes=alibi)
+
+
+# --------------------------------------------------------------------------------------------------
 # argument checks
 # --------------------------------------------------------------------------------------------------
-def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -> None:
+def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise AttentionTypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -38,9 +101,8 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) 
             raise AttentionInputError(f"{name} must be 4-D (B, H, N, D), got shape {tuple(t.shape)}")
     if not (q.dtype == k.dtype == v.dtype):
         raise AttentionTypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    allowed = _TRITON_DTYPES if backend == "triton" else _REFERENCE_DTYPES
-    if q.dtype not in allowed:
-        raise AttentionTypeError(f"q dtype must be one of {allowed} for backend {backend!r}, got {q.dtype}")
+    if q.dtype not in _REFERENCE_DTYPES:
+        raise AttentionTypeError(f"q, k, v dtype must be float16, bfloat16, float32 or float64, got {q.dtype}")
     if not (q.device == k.device == v.device):
         raise AttentionInputError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     if k.shape != v.shape:
@@ -52,9 +114,6 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) 
     hq, hkv = q.shape[1], k.shape[1]
     if hkv == 0 and hq != 0 or hkv and hq % hkv != 0:
         raise AttentionInputError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
-    d = q.shape[3]
-    if backend == "triton" and not 1 <= d <= MAX_HEAD_DIM:
-        raise AttentionInputError(f"head dim must be in [1, {MAX_HEAD_DIM}] for backend 'triton', got {d}")
 
 
 def _check_mask(mask: torch.Tensor | None, q: torch.Tensor, nk: int) -> torch.Tensor | None:
@@ -79,71 +138,6 @@ def _check_mask(mask: torch.Tensor | None, q: torch.Tensor, nk: int) -> torch.Te
         ) from None
 
 
-# --------------------------------------------------------------------------------------------------
-# autograd
-# --------------------------------------------------------------------------------------------------
-class AttentionFunction(torch.autograd.Function):
-    """Triton attention. forward(q, k, v, mask, causal, causal_offset, scale, features) -> (out, lse2).
-
-    ``features`` is a dict of optional score modifiers (window, softcap, alibi, dropout_p, seed).
-    ``lse2`` is the base-2 log-sum-exp (float32, -inf on rows with no visible key); it is
-    differentiable (its gradient folds into the backward's ``delta``, as in FlashAttention), so a
-    loss that uses it (e.g. merging partial attentions by their log-sum-exp) gets exact gradients.
-    The backward is deterministic (no atomics), regenerates the dropout mask, and is not itself
-    differentiable (double backward raises).
-    """
-
-    @staticmethod
-    def forward(ctx, q, k, v, mask, causal, causal_offset, scale, features=None):
-        from .kernels.attention import attention_forward
-
-        features = features or {}
-        out, lse2 = attention_forward(q, k, v, mask, causal, causal_offset, scale, **features)
-        ctx.save_for_backward(q, k, v, out, lse2, mask)
-        ctx.causal, ctx.causal_offset, ctx.scale, ctx.features = causal, causal_offset, scale, features
-        # unused outputs get None, not materialized zeros: no work for an lse nobody differentiates
-        ctx.set_materialize_grads(False)
-        return out, lse2
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dout, dlse2):
-        from .kernels.attention import attention_backward
-
-        q, k, v, out, lse2, mask = ctx.saved_tensors
-        if dout is None and dlse2 is None:
-            return None, None, None, None, None, None, None, None
-        if dout is None:
-            dout = torch.zeros_like(out)
-        dq, dk, dv = attention_backward(dout, q, k, v, out, lse2, mask, ctx.causal, ctx.causal_offset, ctx.scale,
-                                        dlse2=dlse2, **ctx.features)
-        return dq, dk, dv, None, None, None, None, None
-
-
-class VarlenAttentionFunction(torch.autograd.Function):
-    """Triton attention over packed variable-length sequences (see ``attention_varlen``)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, features):
-        from .kernels.attention import varlen_forward
-
-        out, lse2 = varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, **features)
-        ctx.save_for_backward(q, k, v, out, lse2, cu_q, cu_k)
-        ctx.args = (max_q, max_k, causal, scale, features)
-        ctx.mark_non_differentiable(lse2)
-        return out, lse2
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dout, _dlse):
-        from .kernels.attention import varlen_backward
-
-        q, k, v, out, lse2, cu_q, cu_k = ctx.saved_tensors
-        max_q, max_k, causal, scale, features = ctx.args
-        dq, dk, dv = varlen_backward(dout, q, k, v, out, lse2, cu_q, cu_k, max_q, max_k, causal, scale, **features)
-        return dq, dk, dv, None, None, None, None, None, None, None
-
-
 def _resolve_scale(scale, head_dim: int) -> float:
     """The score scale: 1/sqrt(D) by default, else a finite number (checked)."""
     if scale is None:
@@ -153,85 +147,223 @@ def _resolve_scale(scale, head_dim: int) -> float:
     return float(scale)
 
 
-def _check_features(q, window, softcap, alibi_slopes, dropout_p, seed, n_batch=None):
-    """Validate the optional score modifiers; returns the kernel's feature dict."""
-    feats = {}
+def _window_side(name: str, side) -> int:
+    if isinstance(side, bool) or not isinstance(side, int):
+        raise AttentionInputError(f"window must be a (left, right) pair of ints (-1 = unbounded), got {name}={side!r}")
+    return -1 if side < 0 else min(int(side), WINDOW_MAX)
+
+
+def _check_alibi(alibi_slopes, q: torch.Tensor, n_batch: int, n_heads: int) -> torch.Tensor | None:
+    if alibi_slopes is None:
+        return None
+    if not isinstance(alibi_slopes, torch.Tensor) or not alibi_slopes.is_floating_point():
+        raise AttentionTypeError("alibi_slopes must be a floating tensor of shape (H,) or (B, H)")
+    if alibi_slopes.requires_grad:
+        raise AttentionInputError("alibi_slopes requires grad; gradients with respect to the slopes are not supported")
+    if tuple(alibi_slopes.shape) not in ((n_heads,), (n_batch, n_heads)):
+        raise AttentionInputError(f"alibi_slopes must have shape ({n_heads},) or ({n_batch}, {n_heads}), got "
+                                  f"{tuple(alibi_slopes.shape)}")
+    if alibi_slopes.device != q.device:
+        raise AttentionInputError(f"alibi_slopes is on {alibi_slopes.device}, q on {q.device}")
+    # float32 for the kernels; the float64 reference keeps float64 slopes
+    return alibi_slopes.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+
+
+def _check_spec(q: torch.Tensor, *, causal, causal_offset: int, scale, window, softcap, dropout_p,
+                head_dim: int) -> AttnSpec:
+    check_bool("causal", causal)
+    wl = wr = -1
     if window is not None:
-        if (not isinstance(window, (tuple, list)) or len(window) != 2
-                or not all(isinstance(w, int) and not isinstance(w, bool) for w in window)):
+        if not isinstance(window, (tuple, list)) or len(window) != 2:
             raise AttentionInputError(f"window must be a (left, right) pair of ints (-1 = unbounded), got {window!r}")
-        feats["window"] = (int(window[0]), int(window[1]))
-    if softcap is not None and softcap != 0:
-        if not isinstance(softcap, (int, float)) or not math.isfinite(softcap) or softcap < 0:
-            raise AttentionInputError(f"softcap must be a finite float >= 0 (0 = off), got {softcap!r}")
-        feats["softcap"] = float(softcap)
-    if alibi_slopes is not None:
-        if not isinstance(alibi_slopes, torch.Tensor) or not alibi_slopes.is_floating_point():
-            raise AttentionTypeError("alibi_slopes must be a floating tensor of shape (H,) or (B, H)")
-        if alibi_slopes.requires_grad:
-            raise AttentionInputError("alibi_slopes requires grad; gradients with respect to the slopes are not "
-                                      "supported")
-        b, h = (n_batch if n_batch is not None else q.shape[0]), q.shape[1] if q.dim() == 4 else q.shape[-2]
-        if tuple(alibi_slopes.shape) not in ((h,), (b, h)):
-            raise AttentionInputError(f"alibi_slopes must have shape ({h},) or ({b}, {h}), got "
-                                      f"{tuple(alibi_slopes.shape)}")
-        if alibi_slopes.device != q.device:
-            raise AttentionInputError(f"alibi_slopes is on {alibi_slopes.device}, q on {q.device}")
-        feats["alibi"] = alibi_slopes.float()
-    if dropout_p:
-        if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
-            raise AttentionInputError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
-        if seed is None:
-            seed = int(torch.randint(0, 2**31 - 1, (1,)).item())  # follows torch.manual_seed
-        feats["dropout_p"] = float(dropout_p)
-        feats["seed"] = int(seed)
-    return feats
-
-
-def _reference_features(feats, q):
-    kw = {}
-    if "window" in feats:
-        kw["window"] = feats["window"]
-    if "softcap" in feats:
-        kw["softcap"] = feats["softcap"]
-    if "alibi" in feats:
-        kw["alibi_slopes"] = feats["alibi"].to(q.dtype if q.dtype == torch.float64 else torch.float32)
-    return kw
+        wl, wr = _window_side("left", window[0]), _window_side("right", window[1])
+    if softcap is None:
+        softcap = 0.0
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not math.isfinite(softcap) \
+            or softcap < 0:
+        raise AttentionInputError(f"softcap must be a finite float >= 0 (0 = off), got {softcap!r}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise AttentionInputError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+    return AttnSpec(causal, int(causal_offset), _resolve_scale(scale, head_dim), wl, wr, float(softcap),
+                    float(dropout_p))
 
 
 def _empty_result(q, k, v, return_lse):
     b, h, nq, d = q.shape
-    # no keys: every row is empty, so zeros (and an lse of -inf), like a fully masked row
-    out = q.new_zeros(b, h, nq, d) + 0.0 * (q.sum() + k.sum() + v.sum())  # keeps the graph connected
+    # no keys: every row is empty, so zeros (and an lse of -inf), like a fully masked row. The inputs'
+    # gradients are zeros; the graph stays connected through a product that cannot turn inf/NaN into NaN
+    link = sum((t.reshape(-1)[:0].sum() for t in (q, k, v)), q.new_zeros(()))
+    out = q.new_zeros(b, h, nq, v.shape[-1]) + link
     if return_lse:
-        return out, torch.full((b, h, nq), float("-inf"), dtype=torch.float32, device=q.device)
+        lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        return out, torch.full((b, h, nq), float("-inf"), dtype=lse_dtype, device=q.device)
     return out
 
 
-def _attention(q, k, v, *, causal, causal_offset, scale, attn_mask, return_lse, backend, window=None,
-               softcap=0.0, alibi_slopes=None, dropout_p=0.0, seed=None):
-    be = resolve(backend, q, k, v)
-    _check_qkv(q, k, v, be)
-    nq, nk = q.shape[2], k.shape[2]
-    mask = _check_mask(attn_mask, q, nk)
-    feats = _check_features(q, window, softcap, alibi_slopes, dropout_p, seed)
-    scale = _resolve_scale(scale, q.shape[3])
-    if q.numel() == 0 or nk == 0 or k.shape[1] == 0:
-        return _empty_result(q, k, v, return_lse)
-    if be == "reference":
-        # the diagonal that causal, window and ALiBi are measured from, as in the kernels
-        kw = _reference_features(feats, q)
-        kw["causal_offset"] = causal_offset
-        if "dropout_p" in feats:
-            g = torch.Generator(device=q.device).manual_seed(feats["seed"])
-            shape = (q.shape[0], q.shape[1], nq, nk)
-            kw["dropout_p"] = feats["dropout_p"]
-            kw["dropout_mask"] = torch.rand(shape, generator=g, device=q.device) >= feats["dropout_p"]
-        return reference.attention(q, k, v, causal=causal, scale=scale, attn_mask=mask, return_lse=return_lse, **kw)
-    out, lse2 = AttentionFunction.apply(q, k, v, mask, bool(causal), int(causal_offset), float(scale), feats)
-    if return_lse:
-        return out, lse2 * math.log(2.0)
+# --------------------------------------------------------------------------------------------------
+# registered ops: bodies launch the kernels (see embedattn._registry); fakes for the interpreter
+# --------------------------------------------------------------------------------------------------
+def _lse_like(q: torch.Tensor) -> torch.Tensor:
+    return q.new_empty(q.shape[:-1], dtype=torch.float32)
+
+
+# the fakes mirror the launchers' allocations exactly (contiguous, whatever the inputs' strides): a compiled
+# graph plans its views on the fake's strides
+def _attention_fwd_fake(q, k, v, mask, alibi, seed, *scalars):
+    return q.new_empty(q.shape), _lse_like(q)
+
+
+@kernel_op("attention_fwd", fake=_attention_fwd_fake)
+def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                   alibi: torch.Tensor | None, seed: torch.Tensor | None, causal: bool, causal_offset: int,
+                   scale: float, window_left: int, window_right: int, softcap: float, dropout_p: float
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out like q, lse2 (B, Hq, Nq) float32 base-2 log-sum-exp, -inf on rows with no visible key)."""
+    from .kernels.attention import attention_forward
+
+    spec = AttnSpec(causal, causal_offset, scale, window_left, window_right, softcap, dropout_p)
+    return attention_forward(q, k, v, mask, causal, causal_offset, scale, **spec.kernel_features(alibi, seed))
+
+
+def _attention_bwd_fake(dout, q, k, v, out, lse2, dlse2, mask, alibi, seed, *scalars):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+@kernel_op("attention_bwd", fake=_attention_bwd_fake)
+def _attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                   lse2: torch.Tensor, dlse2: torch.Tensor | None, mask: torch.Tensor | None,
+                   alibi: torch.Tensor | None, seed: torch.Tensor | None, causal: bool, causal_offset: int,
+                   scale: float, window_left: int, window_right: int, softcap: float, dropout_p: float
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv), deterministic (no atomics); ``dlse2`` is the gradient of the base-2 lse, or None.
+    The features must be the forward's (the dropout mask is drawn again from ``seed``)."""
+    from .kernels.attention import attention_backward
+
+    spec = AttnSpec(causal, causal_offset, scale, window_left, window_right, softcap, dropout_p)
+    return attention_backward(dout, q, k, v, out, lse2, mask, causal, causal_offset, scale, dlse2=dlse2,
+                              **spec.kernel_features(alibi, seed))
+
+
+def _varlen_fwd_fake(q, k, v, cu_q, cu_k, alibi, seed, max_q, max_k, *scalars):
+    return q.new_empty(q.shape), q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)
+
+
+@kernel_op("varlen_fwd", fake=_varlen_fwd_fake)
+def _varlen_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
+                alibi: torch.Tensor | None, seed: torch.Tensor | None, max_q: int, max_k: int, causal: bool,
+                causal_offset: int, scale: float, window_left: int, window_right: int, softcap: float,
+                dropout_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed (total, H, D) sequences: (out like q, lse2 (H, total_q))."""
+    from .kernels.attention import varlen_forward
+
+    spec = AttnSpec(causal, causal_offset, scale, window_left, window_right, softcap, dropout_p)
+    return varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, **spec.kernel_features(alibi, seed))
+
+
+def _varlen_bwd_fake(dout, q, k, v, out, lse2, cu_q, cu_k, alibi, seed, *scalars):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+@kernel_op("varlen_bwd", fake=_varlen_bwd_fake)
+def _varlen_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                lse2: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor, alibi: torch.Tensor | None,
+                seed: torch.Tensor | None, max_q: int, max_k: int, causal: bool, causal_offset: int, scale: float,
+                window_left: int, window_right: int, softcap: float, dropout_p: float
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from .kernels.attention import varlen_backward
+
+    spec = AttnSpec(causal, causal_offset, scale, window_left, window_right, softcap, dropout_p)
+    return varlen_backward(dout, q, k, v, out, lse2, cu_q, cu_k, max_q, max_k, causal, scale,
+                           **spec.kernel_features(alibi, seed))
+
+
+def _kvcache_fwd_fake(q, k_cache, v_cache, lens, alibi, num_splits, *scalars):
+    return q.new_empty(q.shape)
+
+
+@kernel_op("kvcache_fwd", fake=_kvcache_fwd_fake)
+def _kvcache_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lens: torch.Tensor,
+                 alibi: torch.Tensor | None, num_splits: int, causal: bool, causal_offset: int, scale: float,
+                 window_left: int, window_right: int, softcap: float, dropout_p: float) -> torch.Tensor:
+    """Decoding: batch b attends to its first ``lens[b]`` cached keys (int32), causal bottom-right."""
+    from .kernels.attention import kvcache_forward
+
+    spec = AttnSpec(causal, causal_offset, scale, window_left, window_right, softcap, dropout_p)
+    out, _ = kvcache_forward(q, k_cache, v_cache, lens, causal, scale, num_splits, **spec.kernel_features(alibi, None))
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# autograd: one Function per layout, forward and backward through the registered ops
+# --------------------------------------------------------------------------------------------------
+class AttentionFunction(torch.autograd.Function):
+    """Triton attention: ``apply(q, k, v, mask, alibi, seed, *spec.op_args()) -> (out, lse2)``.
+
+    ``lse2`` is the base-2 log-sum-exp (float32, -inf on rows with no visible key); it is
+    differentiable (its gradient folds into the backward's row term, as in FlashAttention). The
+    backward is deterministic, regenerates the dropout mask, and is not itself differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, alibi, seed, *scalars):
+        out, lse2 = torch.ops.embedattn.attention_fwd(q, k, v, mask, alibi, seed, *scalars)
+        ctx.save_for_backward(q, k, v, out, lse2, mask, alibi, seed)
+        ctx.scalars = scalars
+        ctx.set_materialize_grads(False)  # an unused lse costs nothing in the backward
+        return out, lse2
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout, dlse2):
+        q, k, v, out, lse2, mask, alibi, seed = ctx.saved_tensors
+        none = (None,) * (3 + len(ctx.scalars))
+        if dout is None and dlse2 is None:
+            return (None, None, None) + none
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dq, dk, dv = torch.ops.embedattn.attention_bwd(dout, q, k, v, out, lse2, dlse2, mask, alibi, seed,
+                                                       *ctx.scalars)
+        return (dq, dk, dv) + none
+
+
+class VarlenAttentionFunction(torch.autograd.Function):
+    """Triton attention over packed sequences: ``apply(q, k, v, cu_q, cu_k, alibi, seed, max_q, max_k,
+    *spec.op_args()) -> (out, lse2)``; the lse is not differentiable here."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_q, cu_k, alibi, seed, max_q, max_k, *scalars):
+        out, lse2 = torch.ops.embedattn.varlen_fwd(q, k, v, cu_q, cu_k, alibi, seed, max_q, max_k, *scalars)
+        ctx.save_for_backward(q, k, v, out, lse2, cu_q, cu_k, alibi, seed)
+        ctx.args = (max_q, max_k) + scalars
+        ctx.mark_non_differentiable(lse2)
+        return out, lse2
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse2, cu_q, cu_k, alibi, seed = ctx.saved_tensors
+        dq, dk, dv = torch.ops.embedattn.varlen_bwd(dout, q, k, v, out, lse2, cu_q, cu_k, alibi, seed, *ctx.args)
+        return (dq, dk, dv) + (None,) * (4 + len(ctx.args))
+
+
+# --------------------------------------------------------------------------------------------------
+# public entries
+# --------------------------------------------------------------------------------------------------
+def _distinct(q, k, v):
+    """Self-attention passes one tensor as q, k and v; torch.compile cannot trace an autograd.Function
+    given the same tensor twice, so the repeats become views (free)."""
+    if k is q:
+        k = k.view_as(k)
+    if v is q or v is k:
+        v = v.view_as(v)
+    return q, k, v
+
+
+def _native_ok(spec: AttnSpec, mask, alibi, return_lse: bool) -> bool:
+    # torch's SDPA computes exactly our function when no feature of ours is on: no mask (a fully masked
+    # row gives NaN there, zeros here), top-left causal only (bottom-right with Nq > Nk has empty rows)
+    return (mask is None and alibi is None and not return_lse and spec.window is None and spec.softcap == 0
+            and spec.dropout_p == 0 and (not spec.causal or spec.causal_offset == 0))
 
 
 def attention(
@@ -248,6 +380,7 @@ def attention(
     alibi_slopes: torch.Tensor | None = None,
     dropout_p: float = 0.0,
     seed: int | None = None,
+    causal_offset: int | None = None,
     backend: str | None = None,
 ):
     """Fused softmax(q kᵀ · scale + mask) v without materializing the Nq×Nk matrix.
@@ -255,32 +388,63 @@ def attention(
     Args:
         q: (B, Hq, Nq, D). k, v: (B, Hkv, Nk, D) with Hq a multiple of Hkv (GQA/MQA; K/V are not
             copied). Any strides. fp16, bf16, fp32 (and fp64 on the reference backend).
-        causal: query i sees key j iff j <= i + Nk - Nq: aligned bottom-right, FlashAttention's
-            convention (the last query sees every key, as in KV-cache decoding). Rows that see no key
-            (Nq > Nk) give zeros.
+        causal: query i sees key j iff j <= i + causal_offset.
+        causal_offset: the diagonal that causal, window and ALiBi are measured from; default
+            Nk - Nq, bottom-right (FlashAttention's convention: the last query sees every key, as in
+            KV-cache decoding); 0 is torch SDPA's top-left ``is_causal``. Rows that see no key give zeros.
         scale: score scale, default 1/sqrt(D).
         attn_mask: bool (True = attend) or additive float, broadcastable to (B, Hq, Nq, Nk); read
             tile by tile through its strides, never expanded in memory. A row with every key
             masked gives zeros and zero gradients.
-        return_lse: also return the (B, Hq, Nq) float32 log-sum-exp (natural log; -inf on empty rows).
-        window: (left, right) sliding window (Mistral-style local attention), -1 = unbounded: query i
-            sees keys i + Nk - Nq - left <= j <= i + Nk - Nq + right. Combines with ``causal``
-            (which caps right at 0). Key tiles outside the band are skipped, not masked.
+        return_lse: also return the (B, Hq, Nq) log-sum-exp (natural log, float32; float64 for float64
+            inputs; -inf on empty rows). It is differentiable.
+        window: (left, right) sliding window, -1 = unbounded: query i sees keys
+            i + causal_offset - left <= j <= i + causal_offset + right. Combines with ``causal``.
+            Key tiles outside the band are skipped, not masked.
         softcap: > 0 replaces each score s by softcap·tanh(s / softcap) (Gemma-2), gradient included.
-        alibi_slopes: (H,) or (B, H) float: adds -slope·|i + Nk - Nq - j| (FlashAttention's ALiBi).
-        dropout_p: dropout on the attention probabilities, drawn in-kernel (Philox) and regenerated
-            identically in the backward. ``seed`` fixes the draw; None takes one from torch's RNG.
-            The reference backend draws its own mask from ``seed`` (a different stream).
+        alibi_slopes: (H,) or (B, H) float: adds -slope·|i + causal_offset - j| (FlashAttention's ALiBi).
+        dropout_p: dropout on the attention probabilities, drawn in-kernel (Philox) from ``seed`` and
+            regenerated identically in the backward. ``seed`` (an int in [0, 2**63)) fixes the draw;
+            None takes one from torch's generator on the inputs' device (``torch.manual_seed``
+            reproduces it). The reference backend draws its own mask from the seed (a different stream).
         backend: None | "auto" | "triton" | "reference" (see ``embedattn._backend``).
 
     Returns:
         out (B, Hq, Nq, D) in q's dtype, or (out, lse) when ``return_lse``.
     """
-    nk = k.shape[2] if isinstance(k, torch.Tensor) and k.dim() == 4 else 0
-    nq = q.shape[2] if isinstance(q, torch.Tensor) and q.dim() == 4 else 0
-    return _attention(q, k, v, causal=causal, causal_offset=nk - nq, scale=scale, attn_mask=attn_mask,
-                      return_lse=return_lse, backend=backend, window=window, softcap=softcap,
-                      alibi_slopes=alibi_slopes, dropout_p=dropout_p, seed=seed)
+    _check_qkv(q, k, v)
+    nq, nk, d = q.shape[2], k.shape[2], q.shape[3]
+    mask = _check_mask(attn_mask, q, nk)
+    check_bool("return_lse", return_lse)
+    if causal_offset is None:
+        causal_offset = nk - nq
+    causal_offset = check_int("causal_offset", causal_offset, low=-(2**31) + 1, high=2**31 - 1)
+    spec = _check_spec(q, causal=causal, causal_offset=causal_offset, scale=scale, window=window, softcap=softcap,
+                       dropout_p=dropout_p, head_dim=d)
+    alibi = _check_alibi(alibi_slopes, q, q.shape[0], q.shape[1])
+    seed = check_seed(seed)
+    be = resolve(backend, q, k, v, op="attention", dtype=q.dtype, head_dim=d,
+                 native_ok=_native_ok(spec, mask, alibi, return_lse))
+    if q.numel() == 0 or nk == 0 or k.shape[1] == 0:
+        return _empty_result(q, k, v, return_lse)
+    seed_t = seed_tensor(seed, q.device) if spec.dropout_p > 0 else None
+    if be == "native":
+        return _TORCH_SDPA(q, k, v, is_causal=spec.causal, scale=spec.scale, enable_gqa=k.shape[1] != q.shape[1])
+    if be == "reference":
+        keep = None
+        if spec.dropout_p > 0:
+            keep = reference.dropout_keep_mask((q.shape[0], q.shape[1], nq, nk), spec.dropout_p, seed_t)
+        return reference.attention(q, k, v, attn_mask=mask, return_lse=return_lse, dropout_p=spec.dropout_p,
+                                   dropout_mask=keep, **spec.reference_kwargs(alibi))
+    out, lse2 = AttentionFunction.apply(*_distinct(q, k, v), mask, alibi, seed_t, *spec.op_args())
+    if return_lse:
+        return out, lse2 * _LN2
+    return out
+
+
+def _sdpa_torch(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+    return _TORCH_SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                       scale=scale, enable_gqa=enable_gqa)
 
 
 def scaled_dot_product_attention(
@@ -297,11 +461,10 @@ def scaled_dot_product_attention(
 
     3-D (N, L, E) and 4-D (N, H, L, E) inputs; ``is_causal`` is aligned top-left (torch's
     convention: query i sees keys j <= i); bool or float masks; ``enable_gqa``; ``dropout_p`` runs
-    in-kernel (seeded from torch's RNG, so ``torch.manual_seed`` makes it reproducible, though the
-    mask differs from torch's own). Cases the kernel does not cover defer to torch's own SDPA:
-    inputs of other ranks, head dims above 256, float64, and devices/backends where Triton does
-    not run (CPU tensors without the interpreter go to torch, which is faster there than the
-    reference).
+    in-kernel (seeded from torch's generator, so ``torch.manual_seed`` makes it reproducible, though
+    the mask differs from torch's own). Calls the Triton kernels cannot run (by the same decision as
+    ``embedattn.attention`` with ``backend=None``: other ranks, head dims above 256, float64, CPU
+    tensors outside the interpreter, ...) go to torch's own SDPA.
     """
     if not all(isinstance(t, torch.Tensor) for t in (query, key, value)):
         raise AttentionTypeError("query, key and value must be tensors")
@@ -312,9 +475,9 @@ def scaled_dot_product_attention(
         raise AttentionTypeError(
             f"Expected query, key, and value to have the same dtype, but got query.dtype: {query.dtype}, "
             f"key.dtype: {key.dtype}, and value.dtype: {value.dtype} instead.")
+    args = (query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     if not (query.dim() == key.dim() == value.dim()) or query.dim() not in (3, 4):
-        return _TORCH_SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
-                           scale=scale, enable_gqa=enable_gqa)
+        return _sdpa_torch(*args)
     if query.dim() == 4 and query.shape[1] != key.shape[1] and not enable_gqa:
         raise AttentionInputError(
             f"query heads ({query.shape[1]}) differ from key heads ({key.shape[1]}); pass enable_gqa=True")
@@ -324,20 +487,18 @@ def scaled_dot_product_attention(
         raise AttentionTypeError(
             f"Expected attn_mask dtype to be bool or float or to match query dtype, but got attn_mask.dtype: "
             f"{attn_mask.dtype} and  query.dtype: {query.dtype} instead.")
-    be = resolve(None, query, key, value)
-    if (be != "triton" or query.dtype not in _TRITON_DTYPES
-            or query.shape[-1] > MAX_HEAD_DIM or query.shape[-1] != value.shape[-1]
+    be = resolve(None, query, key, value, op="attention", dtype=query.dtype, head_dim=query.shape[-1])
+    if (be != "triton" or query.shape[-1] != value.shape[-1]
             or (attn_mask is not None and attn_mask.requires_grad)
             or (isinstance(dropout_p, (int, float)) and dropout_p >= 1.0)):  # torch: all dropped, zeros
-        return _TORCH_SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
-                           scale=scale, enable_gqa=enable_gqa)
+        return _sdpa_torch(*args)
     three_d = query.dim() == 3
     if three_d:
         query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
         if attn_mask is not None and attn_mask.dim() == 3:
             attn_mask = attn_mask.unsqueeze(1)
-    out = _attention(query, key, value, causal=is_causal, causal_offset=0, scale=scale, attn_mask=attn_mask,
-                     return_lse=False, backend="triton", dropout_p=dropout_p)
+    out = attention(query, key, value, causal=bool(is_causal), causal_offset=0, scale=scale, attn_mask=attn_mask,
+                    dropout_p=float(dropout_p), backend="triton")
     return out.squeeze(1) if three_d else out
 
 
@@ -377,35 +538,42 @@ def attention_varlen(
     """Attention over packed variable-length sequences, no padding work (FlashAttention's varlen API).
 
     q: (total_q, Hq, D), k/v: (total_k, Hkv, D); sequence b is rows cu_seqlens_q[b]:cu_seqlens_q[b+1]
-    of q against rows cu_seqlens_k[b]:cu_seqlens_k[b+1] of k/v. ``max_seqlen_*`` bound the longest
-    sequence (they size the launch grid). ``causal`` is bottom-right per sequence. Other options as
-    ``attention``. Returns (total_q, Hq, D).
+    of q against rows cu_seqlens_k[b]:cu_seqlens_k[b+1] of k/v. ``max_seqlen_*`` (ints) bound the
+    longest sequence (they size the launch grid). ``causal`` is bottom-right per sequence. Other options
+    as ``attention`` (dropout on the Triton backend only). Returns (total_q, Hq, D).
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 3:
             raise AttentionInputError(f"{name} must be a 3-D (total, H, D) tensor")
-    be = resolve(backend, q, k, v)
     # reuse the dense checks on (1, H, total, D) views
-    _check_qkv(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], be)
+    _check_qkv(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None])
     _check_cu("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device)
     _check_cu("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device)
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
         raise AttentionInputError("cu_seqlens_q and cu_seqlens_k must describe the same number of sequences")
-    lq = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max().item()
-    lk = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max().item()
+    max_seqlen_q = check_int("max_seqlen_q", max_seqlen_q, low=0)
+    max_seqlen_k = check_int("max_seqlen_k", max_seqlen_k, low=0)
+    lq = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
+    lk = int((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max())
     if max_seqlen_q < lq or max_seqlen_k < lk:
         raise AttentionInputError(f"max_seqlen_q/max_seqlen_k ({max_seqlen_q}, {max_seqlen_k}) are below the "
                                   f"longest sequences ({lq}, {lk})")
     n_batch = cu_seqlens_q.numel() - 1
-    feats = _check_features(q.transpose(0, 1)[None], window, softcap, alibi_slopes, dropout_p, seed, n_batch)
-    scale = _resolve_scale(scale, q.shape[-1])
+    spec = _check_spec(q, causal=causal, causal_offset=0, scale=scale, window=window, softcap=softcap,
+                       dropout_p=dropout_p, head_dim=q.shape[-1])
+    alibi = _check_alibi(alibi_slopes, q, n_batch, q.shape[1])
+    seed = check_seed(seed)
+    be = resolve(backend, q, k, v, op="attention", dtype=q.dtype, head_dim=q.shape[-1])
     if be == "reference" or q.shape[0] == 0 or k.shape[0] == 0:
-        kw = _reference_features(feats, q)
-        if "dropout_p" in feats:
+        if spec.dropout_p > 0:
             raise AttentionInputError("dropout in attention_varlen needs the triton backend")
-        return reference.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, scale=scale, **kw)
-    out, _ = VarlenAttentionFunction.apply(q, k, v, cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32),
-                                           int(max_seqlen_q), int(max_seqlen_k), bool(causal), float(scale), feats)
+        kw = spec.reference_kwargs(alibi)
+        kw.pop("causal_offset")  # bottom-right per sequence
+        return reference.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, **kw)
+    seed_t = seed_tensor(seed, q.device) if spec.dropout_p > 0 else None
+    cu_q, cu_k = cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32)
+    out, _ = VarlenAttentionFunction.apply(*_distinct(q, k, v), cu_q, cu_k, alibi, seed_t, max_seqlen_q, max_seqlen_k,
+                                           *spec.op_args())
     return out
 
 
@@ -439,8 +607,7 @@ def attention_with_kvcache(
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise AttentionInputError(f"{name} must be a 4-D (B, H, N, D) tensor")
-    be = resolve(backend, q, k_cache, v_cache)
-    _check_qkv(q, k_cache, v_cache, be)
+    _check_qkv(q, k_cache, v_cache)
     B, S = q.shape[0], k_cache.shape[2]
     if (not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.dtype not in (torch.int32, torch.int64)
             or tuple(cache_seqlens.shape) != (B,)):
@@ -458,12 +625,15 @@ def attention_with_kvcache(
         if k_new.dtype != k_cache.dtype or k_new.device != k_cache.device:
             raise AttentionTypeError("k_new/v_new must match the cache's dtype and device")
         n_new = k_new.shape[2]
+    num_splits = check_int("num_splits", num_splits, low=0)
     lens = cache_seqlens.to(torch.int64)
     if bool((lens < 0).any()) or bool((lens + n_new > S).any()):
         raise AttentionInputError(f"cache_seqlens + Nnew must lie in [0, {S}] (the cache length)")
     # every check before the in-place append: a bad argument must not leave the cache half-updated
-    feats = _check_features(q, window, softcap, alibi_slopes, 0.0, None)
-    scale = _resolve_scale(scale, q.shape[-1])
+    spec = _check_spec(q, causal=causal, causal_offset=0, scale=scale, window=window, softcap=softcap,
+                       dropout_p=0.0, head_dim=q.shape[-1])
+    alibi = _check_alibi(alibi_slopes, q, B, q.shape[1])
+    be = resolve(backend, q, k_cache, v_cache, op="attention", dtype=q.dtype, head_dim=q.shape[-1])
     if n_new:
         pos = lens[:, None] + torch.arange(n_new, device=q.device)[None, :]  # (B, Nnew)
         bi = torch.arange(B, device=q.device)[:, None].expand_as(pos)
@@ -471,17 +641,27 @@ def attention_with_kvcache(
         v_cache[bi, :, pos] = v_new.transpose(1, 2)
     total = (lens + n_new).to(torch.int32)
     if be == "reference" or q.numel() == 0:
-        return reference.attention_with_kvcache(q, k_cache, v_cache, total, causal=causal, scale=scale,
-                                                **_reference_features(feats, q))
-    from .kernels.attention import kvcache_forward
-
-    out, _ = kvcache_forward(q, k_cache, v_cache, total, bool(causal), float(scale), int(num_splits), **feats)
-    return out
+        kw = spec.reference_kwargs(alibi)
+        kw.pop("causal_offset")  # bottom-right per batch
+        return reference.attention_with_kvcache(q, k_cache, v_cache, total, **kw)
+    return torch.ops.embedattn.kvcache_fwd(q, k_cache, v_cache, total, alibi, num_splits, *spec.op_args())
 
 
-def dropout_mask(shape: tuple[int, int, int, int], dropout_p: float, seed: int, device="cuda") -> torch.Tensor:
-    """Debug path: the (B, H, Nq, Nk) bool keep mask the Triton kernels draw for ``dropout_p`` and
-    ``seed`` on dense inputs of that shape (True = kept)."""
-    from .kernels.attention import dropout_keep_mask
+def dropout_mask(shape: tuple[int, int, int, int], dropout_p: float, seed: int, device=None,
+                 backend: str | None = None) -> torch.Tensor:
+    """Debug path: the (B, H, Nq, Nk) bool keep mask (True = kept) that ``attention`` draws for
+    ``dropout_p`` and ``seed`` on dense inputs of that shape on ``device`` (default: CUDA when there is
+    one, else the CPU), on the backend the same ``backend`` argument selects there."""
+    if not isinstance(shape, (tuple, list, torch.Size)) or len(shape) != 4:
+        raise ValueError(f"shape must be (B, H, Nq, Nk), got {shape!r}")
+    shape = tuple(check_int(f"shape[{i}]", s, low=0) for i, s in enumerate(shape))
+    dropout_p = check_float("dropout_p", dropout_p, low=0.0, high=1.0, high_open=True)
+    seed = check_int("seed", seed, low=0, high=2**63 - 1)
+    device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+    probe = torch.empty(0, device=device)
+    seed_t = seed_tensor(seed, device)
+    if resolve(backend, probe, op="attention", dtype=torch.float32) == "triton":
+        from .kernels.attention import dropout_keep_mask
 
-    return dropout_keep_mask(*shape, dropout_p, seed, device)
+        return dropout_keep_mask(*shape, dropout_p, seed_t)
+    return reference.dropout_keep_mask(shape, dropout_p, seed_t)

@@ -36,13 +36,15 @@ from numbers import Real
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from ._backend import resolve
+from ._checks import check_bool, check_ids_in_range
+from ._registry import kernel_op
 from .reference import _embedding as _ref
 
 POSITIONAL = ("learned", "sinusoidal", "none")
 _POS_NONE, _POS_LEARNED, _POS_SINUSOIDAL = 0, 1, 2
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _is_int_dtype(dtype: torch.dtype) -> bool:
@@ -77,6 +79,7 @@ def _check(ids, weight, pos_weight, sinusoidal, scale, padding_idx, position_off
             raise TypeError(f"pos_weight dtype {pos_weight.dtype} differs from weight dtype {weight.dtype}")
         if pos_weight.device != weight.device:
             raise ValueError(f"pos_weight is on {pos_weight.device} but weight is on {weight.device}")
+    check_bool("sinusoidal", sinusoidal)
     if isinstance(scale, bool) or not isinstance(scale, Real) or not math.isfinite(float(scale)):
         raise TypeError(f"scale must be a finite real number, got {scale!r}")
     if isinstance(position_offset, bool) or not isinstance(position_offset, int):
@@ -96,6 +99,9 @@ def _check(ids, weight, pos_weight, sinusoidal, scale, padding_idx, position_off
         if position_offset != 0:
             raise ValueError("position_offset applies to the default positions only; "
                              "add it to positions instead")
+        if pos_weight is None and not sinusoidal:
+            raise ValueError("positions were given but there is nothing to read at them: pass pos_weight "
+                             "(learned positions) or sinusoidal=True")
     if padding_idx is not None:
         v = weight.shape[0]
         if isinstance(padding_idx, bool) or not isinstance(padding_idx, int):
@@ -107,47 +113,24 @@ def _check(ids, weight, pos_weight, sinusoidal, scale, padding_idx, position_off
     return padding_idx
 
 
-def _min_max(tensors: list[torch.Tensor]) -> list[int]:
-    """``[min, max]`` of each (non-empty integer) tensor, flattened, as Python ints: one aminmax kernel
-    per tensor writing into one small buffer, then a single device-to-host read (one sync, not one per
-    scalar)."""
-    dtype = tensors[0].dtype
-    if all(x.dtype == dtype for x in tensors):
-        buf = torch.empty(2 * len(tensors), dtype=dtype, device=tensors[0].device)
-        for k, x in enumerate(tensors):
-            torch.aminmax(x, out=(buf[2 * k], buf[2 * k + 1]))
-    else:  # mixed id dtypes (e.g. int32 ids, int64 positions): stack promotes
-        buf = torch.stack([m for x in tensors for m in torch.aminmax(x)])
-    return buf.tolist()
-
-
-def _check_bounds(ids, weight, pos_weight, position_offset, positions, check_bounds):
+def _check_bounds(ids, weight, pos_weight, position_offset, positions, check_bounds) -> None:
     """IndexError before any kernel reads out of bounds. The id and explicit-position checks cost one
-    min/max reduction each and together one device sync; ``check_bounds=False`` skips them (the
-    default-position check is host arithmetic and always runs)."""
-    v = weight.shape[0]
+    min/max reduction each and together one device sync; they are skipped with ``check_bounds=False``
+    and, with the default ``None``, while torch.compile traces (a sync would break the graph). The
+    default-position check is host arithmetic and always runs."""
     p = None if pos_weight is None else pos_weight.shape[0]
     if p is not None and positions is None:
         n = ids.shape[-1]
         if n and position_offset + n > p:
             raise IndexError(f"positions {position_offset}..{position_offset + n - 1} exceed the position "
                              f"table ({p} rows)")
+    if check_bounds is None:
+        check_bounds = not torch.compiler.is_compiling()
     if not check_bounds:
         return
-    check_ids = ids.numel() > 0
-    check_pos = p is not None and positions is not None and positions.numel() > 0
-    if not (check_ids or check_pos):
-        return
-    vals = _min_max([x for x, c in ((ids, check_ids), (positions, check_pos)) if c])
-    if check_ids:
-        lo, hi = vals[:2]
-        if lo < 0 or hi >= v:
-            raise IndexError(f"ids out of range: min {lo}, max {hi}, but the table has {v} rows ([0, {v}))")
-    if check_pos:
-        lo, hi = vals[-2:]
-        if lo < 0 or hi >= p:
-            raise IndexError(f"positions out of range: min {lo}, max {hi}, "
-                             f"but the position table has {p} rows")
+    check_ids_in_range([("ids", ids)], weight.shape[0], "the token table")
+    if p is not None and positions is not None:
+        check_ids_in_range([("positions", positions)], p, "the position table")
 
 
 def _flat_ids(x: torch.Tensor) -> torch.Tensor:
@@ -161,39 +144,77 @@ def _row_major(w: torch.Tensor) -> torch.Tensor:
     return w if w.stride(1) == 1 else w.contiguous()
 
 
+# --------------------------------------------------------------------------------------------------
+# registered ops (bodies launch the kernels; see embedattn._registry)
+# --------------------------------------------------------------------------------------------------
+def _embedding_fwd_fake(ids, weight, pos_weight, positions, n, pos_mode, scale, offset):
+    return weight.new_empty(ids.shape[0], weight.shape[1])
+
+
+@kernel_op("embedding_fwd", fake=_embedding_fwd_fake)
+def _embedding_fwd(ids: torch.Tensor, weight: torch.Tensor, pos_weight: torch.Tensor | None,
+                   positions: torch.Tensor | None, n: int, pos_mode: int, scale: float, offset: int
+                   ) -> torch.Tensor:
+    """(T, D) rows ``weight[ids] * scale + P`` for flat ids (T,); pos_mode 0 none, 1 learned, 2 sinusoidal."""
+    from .kernels.embedding import embedding_forward
+
+    pw = None if pos_weight is None else _row_major(pos_weight)
+    return embedding_forward(ids, _row_major(weight), pw, positions, n=n, pos_mode=pos_mode, scale=scale,
+                             offset=offset)
+
+
+def _embedding_bwd_fake(grad, ids, positions, num_rows, num_positions, n, scale, offset, padding_idx,
+                        deterministic, need_weight, need_pos):
+    return grad.new_empty(num_rows if need_weight else 0, grad.shape[1]), \
+        grad.new_empty(num_positions if need_pos else 0, grad.shape[1])
+
+
+@kernel_op("embedding_bwd", fake=_embedding_bwd_fake)
+def _embedding_bwd(grad: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor | None, num_rows: int,
+                   num_positions: int, n: int, scale: float, offset: int, padding_idx: int, deterministic: bool,
+                   need_weight: bool, need_pos: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_weight (num_rows, D), grad_pos_weight (num_positions, D)) in grad's dtype; a gradient not
+    needed comes back with 0 rows. ``padding_idx`` < 0: none."""
+    from .kernels import embedding as K
+
+    grad = grad.contiguous()
+    d = grad.shape[1]
+    pad = None if padding_idx < 0 else padding_idx
+    gw, gp = grad.new_empty(0, d), grad.new_empty(0, d)  # distinct: an op's outputs may not alias
+    if need_weight:
+        gw = K.scatter_grad(grad, ids, num_rows, scale=scale, padding_idx=pad, deterministic=deterministic)
+    if need_pos:
+        if positions is None:
+            gp = K.positional_grad(grad, num_positions, n=n, offset=offset)
+        else:
+            gp = K.scatter_grad(grad, positions, num_positions, deterministic=deterministic)
+    return gw, gp
+
+
 class EmbeddingFunction(torch.autograd.Function):
-    """autograd.Function over flat ids (T,): returns (T, D); see the module docstring for backward modes."""
+    """``apply(ids, weight, pos_weight, positions, n, pos_mode, scale, offset, padding_idx)`` over flat ids
+    (T,) -> (T, D), through the registered ops; see the module docstring for the backward modes."""
 
     @staticmethod
     def forward(ctx, ids, weight, pos_weight, positions, n, pos_mode, scale, offset, padding_idx):
-        from .kernels import embedding as K
-
-        pw = None if pos_weight is None else _row_major(pos_weight)
-        out = K.embedding_forward(ids, _row_major(weight), pw, positions, n=n, pos_mode=pos_mode, scale=scale,
-                                  offset=offset)
+        out = torch.ops.embedattn.embedding_fwd(ids, weight, pos_weight, positions, n, pos_mode, scale, offset)
         ctx.save_for_backward(ids, positions)
-        ctx.meta = (weight.shape[0], None if pos_weight is None else pos_weight.shape[0], n, scale, offset,
-                    padding_idx)
+        ctx.meta = (weight.shape[0], 0 if pos_weight is None else pos_weight.shape[0], n, scale, offset,
+                    -1 if padding_idx is None else padding_idx)
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @once_differentiable
     def backward(ctx, grad):
-        from .kernels import embedding as K
-
         ids, positions = ctx.saved_tensors
         v, p, n, scale, offset, padding_idx = ctx.meta
-        grad = grad.contiguous()
-        det = torch.are_deterministic_algorithms_enabled() or grad.dtype != torch.float32
-        gw = gp = None
-        if ctx.needs_input_grad[1]:
-            gw = K.scatter_grad(grad, ids, v, scale=scale, padding_idx=padding_idx, deterministic=det)
-        if ctx.needs_input_grad[2]:
-            if positions is None:
-                gp = K.positional_grad(grad, p, n=n, offset=offset)
-            else:
-                gp = K.scatter_grad(grad, positions, p, deterministic=det)
-        return None, gw, gp, None, None, None, None, None, None
+        need_w, need_p = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        if not (need_w or need_p):
+            return (None,) * 9
+        deterministic = torch.are_deterministic_algorithms_enabled() or grad.dtype != torch.float32
+        gw, gp = torch.ops.embedattn.embedding_bwd(grad, ids, positions, v, p, n, scale, offset, padding_idx,
+                                                   deterministic, need_w, need_p)
+        return None, (gw if need_w else None), (gp if need_p else None), None, None, None, None, None, None
 
 
 def embedding(
@@ -206,7 +227,7 @@ def embedding(
     padding_idx: int | None = None,
     position_offset: int = 0,
     positions: torch.Tensor | None = None,
-    check_bounds: bool = True,
+    check_bounds: bool | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
     """Token embedding plus positions: ``weight[ids] * scale + P`` with shape ``ids.shape + (D,)``.
@@ -214,31 +235,34 @@ def embedding(
     Args:
         ids: integer tensor (..., N) of token ids in [0, V).
         weight: (V, D) token table; the output has its dtype (half types are computed in float32;
-            float64 tables always run the reference).
+            float64 tables run the reference).
         pos_weight: optional (P, D) learned position table, same dtype and device as ``weight``.
         sinusoidal: add the sinusoidal encoding (computed in the kernel; odd D allowed) instead.
         scale: multiplies the token rows only (e.g. ``sqrt(D)``).
         padding_idx: as in ``nn.Embedding``: the row is looked up normally but receives no gradient.
         position_offset: default positions are ``arange(N) + position_offset`` (e.g. decoding with a cache).
-        positions: explicit integer positions with the shape of ``ids`` (e.g. left-padded batches).
+        positions: explicit integer positions with the shape of ``ids`` (e.g. left-padded batches);
+            needs a position table or ``sinusoidal=True``.
         check_bounds: check ids (and explicit positions) against the tables with a min/max reduction
-            each, raising IndexError before any kernel runs. It syncs the device once (one read of
-            all the minima and maxima): pass False in hot loops whose ids are known to be valid (an
-            out-of-range id then reads out of bounds).
+            each, raising IndexError before any kernel runs; it syncs the device once. ``None`` (the
+            default) checks eagerly and skips the check while torch.compile traces; ``False`` skips it
+            (an out-of-range id then reads out of bounds).
         backend: None | "auto" | "triton" | "reference" (see ``embedattn._backend``).
 
     Gradients flow to ``weight`` and ``pos_weight``; the backward modes (atomic or sorted-segment,
     which one is deterministic) are described in the module docstring.
     """
     padding_idx = _check(ids, weight, pos_weight, sinusoidal, scale, padding_idx, position_offset, positions)
+    if check_bounds is not None:
+        check_bool("check_bounds", check_bounds)
     _check_bounds(ids, weight, pos_weight, position_offset, positions, check_bounds)
     scale = float(scale)
-    # float64 tables run the reference (the kernels compute in float32)
-    if resolve(backend, ids, weight) == "reference" or weight.dtype not in _KERNEL_DTYPES:
+    be = resolve(backend, ids, weight, op="embedding", dtype=weight.dtype)
+    if be == "reference":
         return _ref.embedding(ids, weight, pos_weight, sinusoidal=sinusoidal, scale=scale,
                               padding_idx=padding_idx, position_offset=position_offset, positions=positions)
     pos_mode = _POS_LEARNED if pos_weight is not None else _POS_SINUSOIDAL if sinusoidal else _POS_NONE
-    flat_pos = _flat_ids(positions) if positions is not None and pos_mode != _POS_NONE else None
+    flat_pos = _flat_ids(positions) if positions is not None else None
     out = EmbeddingFunction.apply(_flat_ids(ids), weight, pos_weight, flat_pos, ids.shape[-1], pos_mode,
                                   scale, position_offset, padding_idx)
     return out.view(*ids.shape, weight.shape[1])
@@ -254,7 +278,8 @@ class FusedEmbedding(nn.Module):
     "pos_weight": wpe.weight})`` or ``FusedEmbedding.from_pretrained(wte.weight, wpe.weight)``.
     Both tables start from N(0, 1) like ``nn.Embedding`` (the ``padding_idx`` row zeroed).
     ``max_positions`` is required for learned positions and unused by the other modes.
-    Set ``check_bounds = False`` on the module to skip the per-call bounds check (and its sync).
+    Set ``check_bounds = False`` on the module to skip the per-call bounds check (and its sync); the
+    default ``None`` checks eagerly and not while torch.compile traces.
     """
 
     def __init__(
@@ -287,7 +312,7 @@ class FusedEmbedding(nn.Module):
         self.positional = positional
         self.padding_idx = padding_idx
         self.scale = float(scale)
-        self.check_bounds = True
+        self.check_bounds: bool | None = None
         self.backend: str | None = None
         self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim, **factory))
         if positional == "learned":

@@ -11,8 +11,11 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from ._backend import resolve
+from ._checks import check_bool, check_ids_in_range
+from ._registry import kernel_op
 from .reference._negative_sampling import negative_sampling_loss as _reference_loss
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -25,19 +28,6 @@ def _check_ids(name: str, t) -> None:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in _ID_DTYPES:
         raise TypeError(f"{name} must be int64 or int32 ids, got {t.dtype}")
-
-
-def _check_bounds(named_ids, V: int) -> None:
-    """Every id in [0, V): one host sync for all the id tensors (skip with check_bounds=False)."""
-    named_ids = [(name, t) for name, t in named_ids if t.numel()]
-    if not named_ids:
-        return
-    ext = torch.stack([x for _, t in named_ids for x in (t.min(), t.max())]).tolist()
-    for i, (name, _) in enumerate(named_ids):
-        lo, hi = ext[2 * i], ext[2 * i + 1]
-        if lo < 0 or hi >= V:
-            bad = lo if lo < 0 else hi
-            raise IndexError(f"{name} contains id {bad}, out of range for tables with {V} rows")
 
 
 def _check_inputs(center, context, negatives, in_weight, out_weight, reduction, check_bounds) -> None:
@@ -56,7 +46,6 @@ def _check_inputs(center, context, negatives, in_weight, out_weight, reduction, 
                         "must share a dtype")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    V = in_weight.shape[0]
     for name, t in (("center", center), ("context", context), ("negatives", negatives)):
         _check_ids(name, t)
     if center.dim() != 1:
@@ -71,26 +60,73 @@ def _check_inputs(center, context, negatives, in_weight, out_weight, reduction, 
     devices = {t.device for t in (center, context, negatives, in_weight, out_weight)}
     if len(devices) > 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(str(d) for d in devices)}")
-    if check_bounds:
-        _check_bounds((("center", center), ("context", context), ("negatives", negatives)), V)
+    if check_bounds is None:
+        check_bounds = not torch.compiler.is_compiling()  # the check syncs: not while compiling
+    if check_bool("check_bounds", check_bounds):
+        check_ids_in_range((("center", center), ("context", context), ("negatives", negatives)),
+                           in_weight.shape[0], "tables")
+
+
+# --------------------------------------------------------------------------------------------------
+# registered ops (bodies launch the kernels; see embedattn._registry)
+# --------------------------------------------------------------------------------------------------
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _ns_fwd_fake(center, context, negatives, in_weight, out_weight):
+    acc = _acc_dtype(in_weight.dtype)
+    b, k = negatives.shape
+    return in_weight.new_empty(b, dtype=acc), in_weight.new_empty(b, k + 1, dtype=acc)
+
+
+@kernel_op("negative_sampling_fwd", fake=_ns_fwd_fake)
+def _negative_sampling_fwd(center: torch.Tensor, context: torch.Tensor, negatives: torch.Tensor,
+                           in_weight: torch.Tensor, out_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss (B,), coef (B, K+1) = d loss / d score, column 0 the positive), float32."""
+    from .kernels.negative_sampling import negative_sampling_forward
+
+    return negative_sampling_forward(center, context, negatives, in_weight, out_weight)
+
+
+def _ns_bwd_fake(center, context, negatives, in_weight, out_weight, coef, grad_loss, dst_in, dst_out, rows_in,
+                 rows_out, need_in, need_out):
+    d = in_weight.shape[1]
+    return coef.new_empty(rows_in if need_in else 0, d), coef.new_empty(rows_out if need_out else 0, d)
+
+
+@kernel_op("negative_sampling_bwd", fake=_ns_bwd_fake)
+def _negative_sampling_bwd(center: torch.Tensor, context: torch.Tensor, negatives: torch.Tensor,
+                           in_weight: torch.Tensor, out_weight: torch.Tensor, coef: torch.Tensor,
+                           grad_loss: torch.Tensor, dst_in: torch.Tensor | None, dst_out: torch.Tensor | None,
+                           rows_in: int, rows_out: int, need_in: bool, need_out: bool
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Table gradients as (rows, D) accumulators in coef's dtype (0 rows when not needed). Dense
+    (``dst_in`` None): rows = V, gradients land on the ids. Sparse: ``dst_in`` (B,) / ``dst_out`` (B, K+1)
+    map each lookup to a row of compact (rows_in, D) / (rows_out, D) buffers."""
+    from .kernels.negative_sampling import negative_sampling_backward
+
+    gin, gout = negative_sampling_backward(center, context, negatives, in_weight, out_weight, coef, grad_loss,
+                                           need_in=need_in, need_out=need_out, dst_in=dst_in, dst_out=dst_out,
+                                           rows_in=rows_in, rows_out=rows_out)
+    d = in_weight.shape[1]
+    return (gin if need_in else coef.new_empty(0, d)), (gout if need_out else coef.new_empty(0, d))
 
 
 class NegativeSamplingFunction(torch.autograd.Function):
-    """Per-pair loss (B,) on the Triton kernels; gradients for both tables, dense or sparse COO."""
+    """Per-pair loss (B,) on the Triton kernels, through the registered ops; gradients for both tables,
+    dense or sparse COO."""
 
     @staticmethod
     def forward(ctx, center, context, negatives, in_weight, out_weight, sparse: bool):
-        from .kernels import negative_sampling as K
-
-        loss, coef = K.negative_sampling_forward(center, context, negatives, in_weight, out_weight)
+        loss, coef = torch.ops.embedattn.negative_sampling_fwd(center, context, negatives, in_weight, out_weight)
         ctx.save_for_backward(center, context, negatives, in_weight, out_weight, coef)
         ctx.sparse = sparse
         return loss
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_loss):
-        from .kernels import negative_sampling as K
-
         center, context, negatives, in_weight, out_weight, coef = ctx.saved_tensors
         need_in, need_out = ctx.needs_input_grad[3], ctx.needs_input_grad[4]
         if not (need_in or need_out):
@@ -98,20 +134,20 @@ class NegativeSamplingFunction(torch.autograd.Function):
         grad_loss = grad_loss.to(coef.dtype)
         V, D = in_weight.shape
         if not ctx.sparse:
-            gin, gout = K.negative_sampling_backward(center, context, negatives, in_weight, out_weight, coef,
-                                                     grad_loss, need_in=need_in, need_out=need_out)
-            gin = gin.to(in_weight.dtype) if gin is not None else None
-            gout = gout.to(out_weight.dtype) if gout is not None else None
+            gin, gout = torch.ops.embedattn.negative_sampling_bwd(
+                center, context, negatives, in_weight, out_weight, coef, grad_loss, None, None, V, V, need_in,
+                need_out)
+            gin = gin.to(in_weight.dtype) if need_in else None
+            gout = gout.to(out_weight.dtype) if need_out else None
             return None, None, None, gin, gout, None
         # sparse: accumulate into one row per distinct id (never one row per lookup, which for the
         # negatives would be the B x K x D tensor the kernel avoids), then wrap as coalesced COO
         uin, inv_in = torch.unique(center, return_inverse=True)
         ids_out = torch.cat([context.unsqueeze(1), negatives], dim=1)
         uout, inv_out = torch.unique(ids_out, return_inverse=True)
-        gin, gout = K.negative_sampling_backward(
-            center, context, negatives, in_weight, out_weight, coef, grad_loss, need_in=need_in,
-            need_out=need_out, dst_in=inv_in, dst_out=inv_out.contiguous(), rows_in=uin.numel(),
-            rows_out=uout.numel())
+        gin, gout = torch.ops.embedattn.negative_sampling_bwd(
+            center, context, negatives, in_weight, out_weight, coef, grad_loss, inv_in, inv_out.contiguous(),
+            uin.numel(), uout.numel(), need_in, need_out)
 
         def coo(idx, vals, dtype):
             return torch.sparse_coo_tensor(idx.unsqueeze(0).long(), vals.to(dtype), (V, D), is_coalesced=True,
@@ -131,7 +167,7 @@ def negative_sampling_loss(
     *,
     reduction: str = "mean",
     sparse: bool = False,
-    check_bounds: bool = True,
+    check_bounds: bool | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
     """Skip-gram negative-sampling loss.
@@ -140,12 +176,16 @@ def negative_sampling_loss(
     ``out_weight`` (u): (V, D) tables of one dtype on one device. Per pair
     ``-log σ(u[context]·v[center]) - Σ_k log σ(-u[negatives_k]·v[center])``, stable for any logit.
     ``reduction``: "mean" | "sum" | "none" (per-pair (B,)). The loss is float32 for 16-bit and float32
-    tables, float64 for float64 tables. ``sparse=True`` gives sparse COO table gradients (for
-    ``torch.optim.SparseAdam``/``SGD``), like ``nn.Embedding(sparse=True)``. ``check_bounds=False``
-    skips the id range check (a host sync); out-of-range ids are then undefined behaviour.
+    tables, float64 for float64 tables (which run the reference). ``sparse=True`` gives sparse COO
+    table gradients (for ``torch.optim.SparseAdam``/``SGD``), like ``nn.Embedding(sparse=True)``.
+    ``check_bounds``: the id range check (IndexError, one host sync); ``None`` (default) checks
+    eagerly and skips it while torch.compile traces; ``False`` skips it (out-of-range ids are then
+    undefined behaviour).
     """
     _check_inputs(center, context, negatives, in_weight, out_weight, reduction, check_bounds)
-    be = resolve(backend, center, context, negatives, in_weight, out_weight)
+    check_bool("sparse", sparse)
+    be = resolve(backend, center, context, negatives, in_weight, out_weight, op="negative_sampling",
+                 dtype=in_weight.dtype)
     if be == "reference" or center.numel() == 0:
         return _reference_loss(center, context, negatives, in_weight, out_weight, reduction=reduction,
                                sparse=sparse)

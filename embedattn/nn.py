@@ -1,9 +1,8 @@
 """Small building blocks on embedattn's ops: multi-head self-attention with GQA and a KV cache, and a
 tiny GPT-style model (an example and a benchmark subject, not a model zoo).
 
-Every module takes ``backend`` (None | "auto" | "triton" | "reference", see ``embedattn._backend``).
-Under ``torch.compile`` the attention goes through the registered op ``torch.ops.embedattn.attention_fwd``
-(see ``embedattn.ops``), so ``torch.compile(model, fullgraph=True)`` traces without graph breaks.
+Every module takes ``backend`` (None | "auto" | "triton" | "reference", see ``embedattn._backend``) and
+calls the public entries, which take the same road eagerly and under ``torch.compile``.
 """
 
 from __future__ import annotations
@@ -14,9 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import ops
+from .attention import attention
 from .embedding import FusedEmbedding
-from .ops import attend
 
 __all__ = ["KVCache", "MultiheadSelfAttention", "TinyGPT", "TransformerBlock"]
 
@@ -99,8 +97,7 @@ class MultiheadSelfAttention(nn.Module):
         v = qkv[:, :, h + hkv:].transpose(1, 2)
         if kv_cache is not None:
             k, v = kv_cache.update(k, v)
-        out = attend(q, k, v, causal=self.causal, causal_offset=k.shape[2] - n, scale=None, attn_mask=attn_mask,
-                     backend=self.backend)
+        out = attention(q, k, v, causal=self.causal, attn_mask=attn_mask, backend=self.backend)
         return self.proj(out.transpose(1, 2).reshape(b, n, h * d))
 
     def extra_repr(self) -> str:
@@ -176,11 +173,7 @@ class TinyGPT(nn.Module):
     def forward(self, ids: torch.Tensor, targets: torch.Tensor | None = None,
                 kv_caches: list[KVCache] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         offset = len(kv_caches[0]) if kv_caches else 0
-        # while compiling, the embedding goes through its registered op (see embedattn.ops)
-        if torch.compiler.is_compiling():
-            x = _embed_op(self.embed, ids, offset)
-        else:
-            x = self.embed(ids, position_offset=offset)
+        x = self.embed(ids, position_offset=offset)
         for i, block in enumerate(self.blocks):
             x = block(x, kv_cache=kv_caches[i] if kv_caches else None)
         logits = self.head(self.norm(x))
@@ -207,10 +200,3 @@ class TinyGPT(nn.Module):
             out = torch.cat([out, nxt], dim=1)
             step = nxt
         return out
-
-
-def _embed_op(embed: FusedEmbedding, ids: torch.Tensor, offset: int) -> torch.Tensor:
-    # FusedEmbedding through the registered op (no bounds check: it would sync and break the graph)
-    return ops.embedding(ids, embed.weight, embed.pos_weight, sinusoidal=embed.positional == "sinusoidal",
-                         scale=embed.scale, padding_idx=embed.padding_idx, position_offset=offset,
-                         check_bounds=False, backend=embed.backend)

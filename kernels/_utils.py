@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 import triton
 
+from .._backend import autotune_enabled, interpreting
+
+__all__ = ["INTERPRETED", "autotune_enabled", "empty", "interpreting", "next_pow2", "poisoned_outputs", "tl_dtype"]
+
 _POISON = False
 
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
+# Triton reads TRITON_INTERPRET when a kernel is defined: what the kernels of this process were built for
+INTERPRETED = interpreting()
 
 
 def empty(*shape: int, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:

@@ -16,13 +16,13 @@ Causal masking takes an offset: query i sees key j iff ``j <= i + causal_offset`
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
-from ._utils import empty, interpreting
+from ._utils import autotune_enabled, empty, interpreting
 
 LOG2E = 1.4426950408889634
 
@@ -160,7 +160,7 @@ def _attn_fwd(
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_lb, stride_lh, stride_sb, stride_sh, stride_os, stride_ls,
     H, NBH, GROUP, Nq, Nk, qk_scale, causal_off, win_left, win_right, sc_scale, sc_log2e,
-    seed, drop_p, drop_scale, DROP_MQ, DROP_MK, NUM_SPLITS, NQ_BUCKET, NK_BUCKET,
+    SEED, drop_p, drop_scale, DROP_MQ, DROP_MK, NUM_SPLITS, NQ_BUCKET, NK_BUCKET,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, MASK_KIND: tl.constexpr, SOFTCAP: tl.constexpr,
     ALIBI: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr, KLENS: tl.constexpr,
@@ -179,6 +179,10 @@ def _attn_fwd(
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     hk = h // GROUP
+    if DROPOUT:  # the seed lives in device memory: the launch holds no per-call host value
+        seed = tl.load(SEED)
+    else:
+        seed = 0
     q_start = 0
     k_start = 0
     if VARLEN:
@@ -358,7 +362,7 @@ def _attn_bwd_dkdv(
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_lb, stride_lh, stride_sb, stride_sh,
     H, HKV, NBH, GROUP, Nq, Nk, qk_scale, sm_scale, causal_off, win_left, win_right, sc_scale, sc_log2e,
-    seed, drop_p, drop_scale, DROP_MQ, DROP_MK, NQ_BUCKET, NK_BUCKET,
+    SEED, drop_p, drop_scale, DROP_MQ, DROP_MK, NQ_BUCKET, NK_BUCKET,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, MASK_KIND: tl.constexpr, SOFTCAP: tl.constexpr,
     ALIBI: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr,
@@ -367,6 +371,10 @@ def _attn_bwd_dkdv(
     bhk = _bh_id()
     if bhk >= NBH:
         return
+    if DROPOUT:  # the seed lives in device memory: the launch holds no per-call host value
+        seed = tl.load(SEED)
+    else:
+        seed = 0
     b = (bhk // HKV).to(tl.int64)
     hk = (bhk % HKV).to(tl.int64)
     q_start = 0
@@ -501,7 +509,7 @@ def _attn_bwd_dq(
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_lb, stride_lh, stride_sb, stride_sh,
     H, NBH, GROUP, Nq, Nk, qk_scale, sm_scale, causal_off, win_left, win_right, sc_scale, sc_log2e,
-    seed, drop_p, drop_scale, DROP_MQ, DROP_MK, NQ_BUCKET, NK_BUCKET,
+    SEED, drop_p, drop_scale, DROP_MQ, DROP_MK, NQ_BUCKET, NK_BUCKET,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, MASK_KIND: tl.constexpr, SOFTCAP: tl.constexpr,
     ALIBI: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr,
@@ -513,6 +521,10 @@ def _attn_bwd_dq(
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     hk = h // GROUP
+    if DROPOUT:  # the seed lives in device memory: the launch holds no per-call host value
+        seed = tl.load(SEED)
+    else:
+        seed = 0
     q_start = 0
     k_start = 0
     if VARLEN:
@@ -582,7 +594,7 @@ def _attn_bwd_dq(
 
 
 @triton.jit
-def _dropout_keep_kernel(OUT, seed, drop_p, H, NBH, Nq, Nk, DROP_MQ, DROP_MK, BLOCK_M: tl.constexpr,
+def _dropout_keep_kernel(OUT, SEED, drop_p, H, NBH, Nq, Nk, DROP_MQ, DROP_MK, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr):
     """Debug path: the keep mask (B, H, Nq, Nk) that the attention kernels draw for a seed."""
     bh = _bh_id()
@@ -595,7 +607,7 @@ def _dropout_keep_kernel(OUT, seed, drop_p, H, NBH, Nq, Nk, DROP_MQ, DROP_MK, BL
     n_blocks = tl.cdiv(Nk, BLOCK_N)
     offs_m = (tl.program_id(0) // n_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = (tl.program_id(0) % n_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
-    keep = _keep(seed, (b * H + h) * DROP_MQ, offs_m[:, None], offs_n[None, :], drop_p, DROP_MK)
+    keep = _keep(tl.load(SEED), (b * H + h) * DROP_MQ, offs_m[:, None], offs_n[None, :], drop_p, DROP_MK)
     ok = (offs_m[:, None] < Nq) & (offs_n[None, :] < Nk)
     tl.store(OUT + bh * Nq * Nk + offs_m.to(tl.int64)[:, None] * Nk + offs_n[None, :], keep.to(tl.int8), mask=ok)
 
@@ -603,9 +615,6 @@ def _dropout_keep_kernel(OUT, seed, drop_p, H, NBH, Nq, Nk, DROP_MQ, DROP_MK, BL
 # --------------------------------------------------------------------------------------------------
 # configs: one fixed config under the interpreter, heuristics or autotune on a GPU
 # --------------------------------------------------------------------------------------------------
-def _autotune_enabled() -> bool:
-    return os.environ.get("EMBEDATTN_AUTOTUNE", "1") not in ("0", "false", "False", "")
-
 
 def _bucket(n: int) -> int:
     # autotune key: powers of two, so a sweep over many lengths does not retune at each one
@@ -712,7 +721,7 @@ class Features:
     """Host-side values of the optional score modifiers; each maps to a constexpr flag."""
 
     def __init__(self, *, causal=False, causal_offset=0, scale=1.0, mask=None, window=None, softcap=0.0,
-                 alibi=None, dropout_p=0.0, seed=0):
+                 alibi=None, dropout_p=0.0, seed=None):
         self.causal, self.causal_offset, self.scale = bool(causal), int(causal_offset), float(scale)
         self.mask, self.alibi = mask, alibi
         self.window = window is not None
@@ -725,7 +734,8 @@ class Features:
             right, self.causal = min(right, 0), False  # causal is a window with no right side
         self.win_left, self.win_right = left, right
         self.softcap = float(softcap or 0.0)
-        self.dropout_p, self.seed = float(dropout_p), int(seed)
+        # seed: a one-element int64 tensor on the inputs' device (read by the kernels), with dropout only
+        self.dropout_p, self.seed = float(dropout_p), seed
 
     def mask_args(self, B, H, Nq, Nk, dummy):
         if self.mask is None:
@@ -741,11 +751,12 @@ class Features:
         a = self.alibi
         return (a, (0, a.stride(0))) if a.dim() == 1 else (a, (a.stride(0), a.stride(1)))
 
-    def scalars(self):
+    def scalars(self, dummy):
         sc = self.softcap
         drop_scale = 1.0 / (1.0 - self.dropout_p) if self.dropout_p > 0 else 1.0
+        seed = self.seed if self.dropout_p > 0 else dummy  # dummy: a never-read pointer
         return (self.win_left, self.win_right, (self.scale / sc) if sc else 0.0, (sc * LOG2E) if sc else 0.0,
-                self.seed, self.dropout_p, drop_scale)
+                seed, self.dropout_p, drop_scale)
 
     def flags(self, head_dim, dtype, mask_kind):
         return dict(HEAD_DIM=head_dim, BLOCK_D=_head_block(head_dim), CAUSAL=self.causal, WINDOW=self.window,
@@ -810,20 +821,20 @@ def _forward(q, k, v, f: Features, *, varlen=None, k_lens=None, num_splits=1):
     cu_q_t, cu_k_t = (varlen[0], varlen[1]) if varlen is not None else (q, q)
     args = (q, k, v, o, lse, m, slopes, cu_q_t, cu_k_t, k_lens if k_lens is not None else q,
             *sq, *sk, *sv, *so, *ms, *sl, *ss, s_os, s_ls,
-            H, B * H, H // HKV, Nq, Nk, f.scale * LOG2E, f.causal_offset, *f.scalars()[:4], *f.scalars()[4:],
+            H, B * H, H // HKV, Nq, Nk, f.scale * LOG2E, f.causal_offset, *f.scalars(q),
             drop_mq, drop_mk, num_splits, _bucket(Nq), _bucket(Nk))
     flags = f.flags(D, q.dtype, kind)
     flags.update(VARLEN=varlen is not None, KLENS=k_lens is not None, SPLIT=split)
-    if not interpreting() and _autotune_enabled() and not split:
+    if autotune_enabled() and not split:
         grid = lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]), *_bh_grid(B * H))
-        _attn_fwd_tuned[grid](*args, **flags)
+        wrap_triton(_attn_fwd_tuned)[grid](*args, **flags)
         _LAST_CONFIG["fwd"] = _fmt_best(_attn_fwd_tuned)
     else:
         conf = _fixed_fwd(flags["BLOCK_D"])
         if split and not interpreting():
             conf = dict(conf, BLOCK_M=16 if Nq <= 16 else 64, num_warps=4)
         grid = (triton.cdiv(Nq, conf["BLOCK_M"]) * num_splits, *_bh_grid(B * H))
-        _attn_fwd[grid](*args, **flags, **conf)
+        wrap_triton(_attn_fwd)[grid](*args, **flags, **conf)
         _LAST_CONFIG["fwd"] = _fmt(conf)
     return o, lse
 
@@ -847,7 +858,7 @@ def _backward(do, q, k, v, o, lse, f: Features, *, varlen=None, dlse2=None):
     block_d = _head_block(D)
     delta = empty(*lse.shape, dtype=torch.float32, device=q.device)
     pre_bm = 32 if interpreting() else 64
-    _bwd_preprocess[(triton.cdiv(pre_N, pre_bm), *_bh_grid(pre_B * H))](
+    wrap_triton(_bwd_preprocess)[(triton.cdiv(pre_N, pre_bm), *_bh_grid(pre_B * H))](
         o, do, delta, *so, *sdo, H, pre_B * H, pre_N, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=pre_bm)
     if dlse2 is not None:
         # d lse2 / d s_ij = p_ij / ln 2 (s the natural-log logit), and ds = p * (dp - delta): the lse's
@@ -866,22 +877,24 @@ def _backward(do, q, k, v, o, lse, f: Features, *, varlen=None, dlse2=None):
     flags = f.flags(D, q.dtype, kind)
     flags["VARLEN"] = varlen is not None
     qk_scale = f.scale * LOG2E
-    tail = (*f.scalars(), drop_mq, drop_mk, _bucket(Nq), _bucket(Nk))
+    tail = (*f.scalars(q), drop_mq, drop_mk, _bucket(Nq), _bucket(Nk))
     kv_args = (q, k, v, do, dk, dv, lse, delta, m, slopes, cu_q_t, cu_k_t, *sq, *sk, *sv, *sdo, *sdk, *ms, *sl, *ss,
                H, HKV, B * HKV, H // HKV, Nq, Nk, qk_scale, f.scale, f.causal_offset, *tail)
     q_args = (q, k, v, do, dq, lse, delta, m, slopes, cu_q_t, cu_k_t, *sq, *sk, *sv, *sdo, *sdq, *ms, *sl, *ss,
               H, B * H, H // HKV, Nq, Nk, qk_scale, f.scale, f.causal_offset, *tail)
-    if not interpreting() and _autotune_enabled():
-        _attn_bwd_dkdv_tuned[lambda meta: (triton.cdiv(Nk, meta["BLOCK_N"]), *_bh_grid(B * HKV))](*kv_args, **flags)
-        _attn_bwd_dq_tuned[lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]), *_bh_grid(B * H))](*q_args, **flags)
+    if autotune_enabled():
+        kv_grid = lambda meta: (triton.cdiv(Nk, meta["BLOCK_N"]), *_bh_grid(B * HKV))
+        q_grid = lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]), *_bh_grid(B * H))
+        wrap_triton(_attn_bwd_dkdv_tuned)[kv_grid](*kv_args, **flags)
+        wrap_triton(_attn_bwd_dq_tuned)[q_grid](*q_args, **flags)
         _LAST_CONFIG["bwd_dkdv"] = _fmt_best(_attn_bwd_dkdv_tuned)
         _LAST_CONFIG["bwd_dq"] = _fmt_best(_attn_bwd_dq_tuned)
     else:
         conf = _fixed_bwd(block_d)
-        _attn_bwd_dkdv[(triton.cdiv(Nk, conf["BLOCK_N"]), *_bh_grid(B * HKV))](*kv_args, **flags, **conf)
+        wrap_triton(_attn_bwd_dkdv)[(triton.cdiv(Nk, conf["BLOCK_N"]), *_bh_grid(B * HKV))](*kv_args, **flags, **conf)
         # dQ iterates over keys: swap the roles so its inner tile is the key block
         qconf = dict(conf, BLOCK_M=conf["BLOCK_N"], BLOCK_N=conf["BLOCK_M"])
-        _attn_bwd_dq[(triton.cdiv(Nq, qconf["BLOCK_M"]), *_bh_grid(B * H))](*q_args, **flags, **qconf)
+        wrap_triton(_attn_bwd_dq)[(triton.cdiv(Nq, qconf["BLOCK_M"]), *_bh_grid(B * H))](*q_args, **flags, **qconf)
         _LAST_CONFIG["bwd_dkdv"] = _fmt(conf)
         _LAST_CONFIG["bwd_dq"] = _fmt(qconf)
     return dq, dk, dv
@@ -936,12 +949,13 @@ def kvcache_forward(q, k_cache, v_cache, k_lens, causal: bool, scale: float, num
     return out, lse / math.log(2.0)
 
 
-def dropout_keep_mask(B: int, H: int, Nq: int, Nk: int, dropout_p: float, seed: int, device) -> torch.Tensor:
-    """Debug path: the (B, H, Nq, Nk) bool keep mask the kernels draw for (dropout_p, seed) on dense inputs."""
-    out = torch.empty(B, H, Nq, Nk, dtype=torch.int8, device=device)
+def dropout_keep_mask(B: int, H: int, Nq: int, Nk: int, dropout_p: float, seed: torch.Tensor) -> torch.Tensor:
+    """Debug path: the (B, H, Nq, Nk) bool keep mask the kernels draw for (dropout_p, seed) on dense inputs;
+    ``seed`` is the one-element int64 tensor the kernels read, on the device to draw on."""
+    out = torch.empty(B, H, Nq, Nk, dtype=torch.int8, device=seed.device)
     bm = bn = 32
-    _dropout_keep_kernel[(triton.cdiv(Nq, bm) * triton.cdiv(Nk, bn), *_bh_grid(B * H))](
-        out, int(seed), float(dropout_p), H, B * H, Nq, Nk, Nq, Nk, BLOCK_M=bm, BLOCK_N=bn)
+    wrap_triton(_dropout_keep_kernel)[(triton.cdiv(Nq, bm) * triton.cdiv(Nk, bn), *_bh_grid(B * H))](
+        out, seed, float(dropout_p), H, B * H, Nq, Nk, Nq, Nk, BLOCK_M=bm, BLOCK_N=bn)
     return out.bool()
 
 

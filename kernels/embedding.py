@@ -22,22 +22,19 @@ Launchers check nothing; ``embedattn.embedding`` validates the arguments.
 from __future__ import annotations
 
 import math
-import os
 import struct
 
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
-from ._utils import empty, interpreting, next_pow2
+from ._utils import autotune_enabled, empty, interpreting, next_pow2
 
 POS_NONE, POS_LEARNED, POS_SINUSOIDAL = 0, 1, 2
 
 _LOG2_10000 = math.log2(10000.0)
 
-
-def _autotune_enabled() -> bool:
-    return not interpreting() and os.environ.get("EMBEDATTN_AUTOTUNE", "1") not in ("0", "false", "False")
 
 
 def _tile(d: int) -> tuple[int, int]:
@@ -153,12 +150,12 @@ def embedding_forward(
     args = (ids, pos, weight, p, out, t, n, d, weight.stride(0), p.stride(0), offset, float(scale), coef_hi,
             coef - coef_hi)
     flags = dict(POS_MODE=pos_mode, EXPLICIT_POS=positions is not None, HAS_SCALE=scale != 1.0)
-    if _autotune_enabled():
+    if autotune_enabled():
         grid = lambda meta: (triton.cdiv(t, meta["BLOCK_T"]), triton.cdiv(d, meta["BLOCK_D"]))
-        _fwd_tuned[grid](*args, **flags)
+        wrap_triton(_fwd_tuned)[grid](*args, **flags)
     else:
         bt, bd = _tile(d)
-        _fwd_kernel[(triton.cdiv(t, bt), triton.cdiv(d, bd))](*args, **flags, BLOCK_T=bt, BLOCK_D=bd,
+        wrap_triton(_fwd_kernel)[(triton.cdiv(t, bt), triton.cdiv(d, bd))](*args, **flags, BLOCK_T=bt, BLOCK_D=bd,
                                                                   num_warps=4)
     return out
 
@@ -296,12 +293,12 @@ def scatter_grad(
         if t == 0 or d == 0:
             return gw.to(grad.dtype)
         args = (grad, ids, gw, t, d, float(scale), pad)
-        if _autotune_enabled():
+        if autotune_enabled():
             grid = lambda meta: (triton.cdiv(t, meta["BLOCK_T"]), triton.cdiv(d, meta["BLOCK_D"]))
-            _bwd_atomic_tuned[grid](*args, **flags)
+            wrap_triton(_bwd_atomic_tuned)[grid](*args, **flags)
         else:
             bt, bd = _tile(d)
-            _bwd_atomic_kernel[(triton.cdiv(t, bt), triton.cdiv(d, bd))](*args, **flags, BLOCK_T=bt,
+            wrap_triton(_bwd_atomic_kernel)[(triton.cdiv(t, bt), triton.cdiv(d, bd))](*args, **flags, BLOCK_T=bt,
                                                                          BLOCK_D=bd, num_warps=4)
         return gw if grad.dtype == torch.float32 else gw.to(grad.dtype)
 
@@ -321,12 +318,12 @@ def scatter_grad(
         n_prog = slots.numel()
     args = (grad, sorted_ids, perm, end, slots, gw, d, gw.stride(0), float(scale), pad)
     flags.update(SLOTS=heads_only, ROWS=SORTED_ROWS)
-    if _autotune_enabled():
+    if autotune_enabled():
         grid = lambda meta: (n_prog, triton.cdiv(d, meta["BLOCK_D"]))
-        _bwd_sorted_tuned[grid](*args, **flags)
+        wrap_triton(_bwd_sorted_tuned)[grid](*args, **flags)
     else:
         _, bd = _tile(d)
-        _bwd_sorted_kernel[(n_prog, triton.cdiv(d, bd))](*args, **flags, BLOCK_D=bd, num_warps=4)
+        wrap_triton(_bwd_sorted_kernel)[(n_prog, triton.cdiv(d, bd))](*args, **flags, BLOCK_D=bd, num_warps=4)
     return gw
 
 
@@ -368,10 +365,11 @@ def positional_grad(grad: torch.Tensor, num_positions: int, *, n: int, offset: i
     if n == 0 or d == 0:
         return gp
     args = (grad, gp, b, n, d, n * d, offset)
-    if _autotune_enabled():
+    if autotune_enabled():
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_T"]), triton.cdiv(d, meta["BLOCK_D"]))
-        _bwd_pos_tuned[grid](*args)
+        wrap_triton(_bwd_pos_tuned)[grid](*args)
     else:
         bt, bd = _tile(d)
-        _bwd_pos_kernel[(triton.cdiv(n, bt), triton.cdiv(d, bd))](*args, BLOCK_T=bt, BLOCK_D=bd, num_warps=4)
+        grid = (triton.cdiv(n, bt), triton.cdiv(d, bd))
+        wrap_triton(_bwd_pos_kernel)[grid](*args, BLOCK_T=bt, BLOCK_D=bd, num_warps=4)
     return gp

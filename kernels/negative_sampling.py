@@ -14,13 +14,12 @@ matters, and the default acq_rel semantics order every one of them on a GPU.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
-from ._utils import empty, interpreting, next_pow2
+from ._utils import autotune_enabled, empty, interpreting, next_pow2
 
 
 @triton.jit
@@ -206,9 +205,6 @@ _bwd_tuned = triton.autotune(_configs(), key=["K", "D", "SPARSE"], reset_to_zero
 # _sgns_step_kernel is never autotuned: each trial would apply the SGD update to the tables again
 
 
-def _autotune() -> bool:
-    return not interpreting() and os.environ.get("EMBEDATTN_AUTOTUNE", "1") != "0"
-
 
 def _fixed_config(K: int, D: int) -> dict:
     block_k = next_pow2(K + 1)
@@ -236,11 +232,11 @@ def negative_sampling_forward(center, context, negatives, in_weight, out_weight)
     args = (center, context, negatives, in_weight, out_weight, loss, coef, B, K, D,
             center.stride(0), context.stride(0), negatives.stride(0), negatives.stride(1),
             in_weight.stride(0), out_weight.stride(0))
-    if _autotune():
-        _fwd_tuned[lambda m: (triton.cdiv(B, m["BLOCK_B"]),)](*args, BLOCK_K=next_pow2(K + 1))
+    if autotune_enabled():
+        wrap_triton(_fwd_tuned)[lambda m: (triton.cdiv(B, m["BLOCK_B"]),)](*args, BLOCK_K=next_pow2(K + 1))
     else:
         cfg = _fixed_config(K, D)
-        _fwd_kernel[(triton.cdiv(B, cfg["BLOCK_B"]),)](*args, **cfg)
+        wrap_triton(_fwd_kernel)[(triton.cdiv(B, cfg["BLOCK_B"]),)](*args, **cfg)
     return loss, coef
 
 
@@ -268,11 +264,11 @@ def negative_sampling_backward(center, context, negatives, in_weight, out_weight
             in_weight.stride(0), out_weight.stride(0), grad_loss.stride(0))
     flags = {"SPARSE": sparse, "NEED_IN": need_in, "NEED_OUT": need_out}
     if B > 0:
-        if _autotune():
-            _bwd_tuned[lambda m: (triton.cdiv(B, m["BLOCK_B"]),)](*args, **flags, BLOCK_K=next_pow2(K + 1))
+        if autotune_enabled():
+            wrap_triton(_bwd_tuned)[lambda m: (triton.cdiv(B, m["BLOCK_B"]),)](*args, **flags, BLOCK_K=next_pow2(K + 1))
         else:
             cfg = _fixed_config(K, D)
-            _bwd_kernel[(triton.cdiv(B, cfg["BLOCK_B"]),)](*args, **flags, **cfg)
+            wrap_triton(_bwd_kernel)[(triton.cdiv(B, cfg["BLOCK_B"]),)](*args, **flags, **cfg)
     return (gin if need_in else None), (gout if need_out else None)
 
 

@@ -50,3 +50,24 @@ def assert_fa_close(out: torch.Tensor, ref64: torch.Tensor, plain: torch.Tensor,
     assert e_out <= factor * e_plain + eps, (
         f"{name}: kernel error {e_out:.3e} > {factor} x plain-torch error {e_plain:.3e} + {eps:.1e}"
     )
+
+
+# The roads every op's main test grid runs on: eager, and under torch.compile(fullgraph=True). On the CPU
+# the compiled road uses aot_eager (Dynamo and AOTAutograd trace the public entry, the autograd Function and
+# the registered ops' fake implementations; the kernels run inside the graph); on CUDA, Inductor.
+ROADS = ["eager", "compiled"]
+
+
+def on_road(road: str, fn):
+    """``fn`` itself, or ``fn`` compiled with fullgraph=True (no graph break allowed)."""
+    if road == "eager":
+        return fn
+    torch._dynamo.reset()
+    return torch.compile(fn, fullgraph=True, backend="inductor" if ON_CUDA else "aot_eager")
+
+
+def graph_targets(gm) -> list[str]:
+    """Every call target in a Dynamo graph, its nested subgraphs included (an autograd.Function's
+    forward and backward bodies are subgraphs)."""
+    return [str(n.target) for m in gm.modules() if isinstance(getattr(m, "graph", None), torch.fx.Graph)
+            for n in m.graph.nodes]

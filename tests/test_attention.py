@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import BACKENDS, DEVICE, DTYPES, ON_CUDA, assert_fa_close, skip_if_unsupported
+from helpers import BACKENDS, DEVICE, DTYPES, ON_CUDA, ROADS, assert_fa_close, on_road, skip_if_unsupported
 
 import embedattn
 from embedattn import reference
@@ -39,11 +39,12 @@ def _inputs(B, Hq, Hkv, Nq, Nk, D, dtype, seed, device=DEVICE):
     return mk(B, Hq, Nq, D), mk(B, Hkv, Nk, D), mk(B, Hkv, Nk, D)
 
 
-def _check(q, k, v, backend, *, causal=False, mask=None, grads=True, seed=0):
+def _check(q, k, v, backend, *, causal=False, mask=None, grads=True, seed=0, road="eager"):
     """Kernel vs float64 reference, with plain PyTorch in the same dtype as the error yardstick."""
     dtype = q.dtype
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    out = embedattn.attention(*leaves, causal=causal, attn_mask=mask, backend=backend)
+    fn = on_road(road, lambda q, k, v: embedattn.attention(q, k, v, causal=causal, attn_mask=mask, backend=backend))
+    out = fn(*leaves)
     assert out.shape == q.shape and out.dtype == dtype
     ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
     mask64 = mask.double() if mask is not None and mask.is_floating_point() else mask
@@ -66,11 +67,12 @@ def _check(q, k, v, backend, *, causal=False, mask=None, grads=True, seed=0):
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}H{}x{}N{}x{}D{}{}".format(*c[:6], "c" if c[6] else ""))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_forward_backward(backend, dtype, case):
+@pytest.mark.parametrize("road", ROADS)
+def test_forward_backward(road, backend, dtype, case):
     skip_if_unsupported(backend, dtype)
     B, Hq, Hkv, Nq, Nk, D, causal = case
     q, k, v = _inputs(B, Hq, Hkv, Nq, Nk, D, dtype, seed=hash(case) % 1000)
-    _check(q, k, v, backend, causal=causal)
+    _check(q, k, v, backend, causal=causal, road=road)
 
 
 MASKS = {
@@ -88,7 +90,8 @@ MASKS = {
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_masks(backend, dtype, causal, kind):
+@pytest.mark.parametrize("road", ROADS)
+def test_masks(road, backend, dtype, causal, kind):
     skip_if_unsupported(backend, dtype)
     B, Hq, Hkv, Nq, Nk, D = 2, 4, 2, 19, 37, 32
     q, k, v = _inputs(B, Hq, Hkv, Nq, Nk, D, dtype, seed=7)
@@ -96,7 +99,7 @@ def test_masks(backend, dtype, causal, kind):
     mask = MASKS[kind](B, Hq, Nq, Nk, g).to(DEVICE)
     if mask.is_floating_point():
         mask = mask.to(dtype)
-    _check(q, k, v, backend, causal=causal, mask=mask)
+    _check(q, k, v, backend, causal=causal, mask=mask, road=road)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -416,9 +419,9 @@ def test_batch_heads_fold_over_grid_axes(monkeypatch):
         pytest.skip("triton not installed")
     from embedattn.kernels import attention as kernels
 
-    keep = embedattn.attention_dropout_mask((2, 4, 3, 40), 0.3, 5, device=DEVICE)
+    keep = embedattn.attention_dropout_mask((2, 4, 3, 40), 0.3, 5, device=DEVICE, backend="triton")
     monkeypatch.setattr(kernels, "MAX_GRID_Y", 3)
-    assert torch.equal(keep, embedattn.attention_dropout_mask((2, 4, 3, 40), 0.3, 5, device=DEVICE))
+    assert torch.equal(keep, embedattn.attention_dropout_mask((2, 4, 3, 40), 0.3, 5, device=DEVICE, backend="triton"))
     q, k, v = _inputs(2, 4, 2, 9, 13, 16, torch.float32, seed=12)  # B*H = 8, B*Hkv = 4: grids (3, 3), (3, 2)
     _check(q, k, v, "triton", causal=True)
     lens = torch.tensor([5, 13], dtype=torch.int32, device=DEVICE)

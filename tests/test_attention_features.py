@@ -112,7 +112,7 @@ def test_dropout_matches_reference_fed_the_kernel_mask(dtype, causal):
     B, H, Nq, Nk, D, p, seed = 1, 2, 21, 35, 16, 0.3, 1234
     q, k, v = _rand(B, H, Nq, D, dtype=dtype, seed=13), _rand(B, 1, Nk, D, dtype=dtype, seed=14), \
         _rand(B, 1, Nk, D, dtype=dtype, seed=15)
-    keep = embedattn.attention_dropout_mask((B, H, Nq, Nk), p, seed, device=DEVICE)
+    keep = embedattn.attention_dropout_mask((B, H, Nq, Nk), p, seed, device=DEVICE, backend="triton")
     assert keep.shape == (B, H, Nq, Nk) and keep.dtype == torch.bool
     _compare(lambda q, k, v: embedattn.attention(q, k, v, causal=causal, dropout_p=p, seed=seed, backend="triton"),
              lambda q, k, v, up: reference.attention(q, k, v, causal=causal, dropout_p=p, dropout_mask=keep,
@@ -122,12 +122,13 @@ def test_dropout_matches_reference_fed_the_kernel_mask(dtype, causal):
 @needs_triton
 def test_dropout_keep_rate_and_seeding():
     p = 0.25
-    keep = embedattn.attention_dropout_mask((2, 3, 64, 96), p, seed=7, device=DEVICE)
+    keep = embedattn.attention_dropout_mask((2, 3, 64, 96), p, seed=7, device=DEVICE, backend="triton")
     rate = keep.float().mean().item()
     n = keep.numel()
     assert abs(rate - (1 - p)) < 4 * (p * (1 - p) / n) ** 0.5  # 4 sigma
-    assert torch.equal(keep, embedattn.attention_dropout_mask((2, 3, 64, 96), p, seed=7, device=DEVICE))
-    assert not torch.equal(keep, embedattn.attention_dropout_mask((2, 3, 64, 96), p, seed=8, device=DEVICE))
+    mask = lambda seed: embedattn.attention_dropout_mask((2, 3, 64, 96), p, seed, device=DEVICE, backend="triton")
+    assert torch.equal(keep, mask(7))
+    assert not torch.equal(keep, mask(8))
     # rows and columns are not correlated: per-row keep rates spread like a binomial
     per_row = keep.float().mean(-1).flatten()
     assert per_row.std().item() < 3 * (p * (1 - p) / 96) ** 0.5
@@ -298,8 +299,8 @@ def compile_(fn, consts, split=False):
             sig[a] = "*fp32" if (a == "O" and split) else "*bf16"
         elif a in FLOAT:
             sig[a] = "fp32"
-        elif a == "seed":
-            sig[a] = "i64"
+        elif a == "SEED":
+            sig[a] = "*i64"
         else:
             sig[a] = "i32"
     k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
@@ -344,14 +345,11 @@ def test_feature_kernels_compile_for_sm90():
 def test_window_and_alibi_follow_a_top_left_diagonal_on_both_backends(causal):
     """With causal_offset=0 (torch's top-left alignment, used by the SDPA drop-in and integrations)
     the reference measures window and ALiBi from the same diagonal as the kernels."""
-    from embedattn.attention import _attention
-
     q, k, v = _rand(1, 2, 5, 16, seed=40), _rand(1, 2, 11, 16, seed=41), _rand(1, 2, 11, 16, seed=42)
     slopes = torch.tensor([0.5, 0.25], device=DEVICE)
-    kw = dict(causal=causal, causal_offset=0, scale=None, attn_mask=None, return_lse=False, window=(2, 1),
-              alibi_slopes=slopes)
-    a = _attention(q, k, v, backend="reference", **kw)
-    b = _attention(q, k, v, backend="triton", **kw)
+    kw = dict(causal=causal, causal_offset=0, window=(2, 1), alibi_slopes=slopes)
+    a = embedattn.attention(q, k, v, backend="reference", **kw)
+    b = embedattn.attention(q, k, v, backend="triton", **kw)
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     # and the diagonal really is top-left: query 0 sees keys 0..1 only (window right side 1)
     i, j = torch.arange(5)[:, None], torch.arange(11)[None, :]

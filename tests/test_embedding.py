@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import BACKENDS, DEVICE, DTYPES, HAS_TRITON, ON_CUDA, assert_fa_close, skip_if_unsupported
+from helpers import BACKENDS, DEVICE, DTYPES, HAS_TRITON, ON_CUDA, ROADS, assert_fa_close, on_road, skip_if_unsupported
 from torch import nn
 
 import embedattn
@@ -30,13 +30,14 @@ def _run(fn, w, pw, ids, grad, **kw):
     return out.detach(), w.grad, None if pw is None else pw.grad
 
 
-def check(backend, dtype, ids, w, pw, gen, **kw):
+def check(backend, dtype, ids, w, pw, gen, road="eager", **kw):
     """Compare kernel/backend output and gradients with the float64 reference (FlashAttention rule:
     error <= 2 x plain PyTorch error in the same dtype + eps; eps scaled by the gradient's magnitude,
     since a row summed over thousands of tokens carries that many roundings)."""
     d = w.shape[1]
     grad = torch.randn(*ids.shape, d, generator=gen).to(DEVICE)
-    out, gw, gp = _run(lambda *a, **k: embedattn.embedding(*a, backend=backend, **k), w, pw, ids, grad, **kw)
+    fn = on_road(road, lambda ids, w, pw: embedattn.embedding(ids, w, pw, backend=backend, **kw))
+    out, gw, gp = _run(lambda ids, w, pw: fn(ids, w, pw), w, pw, ids, grad)
     o64, gw64, gp64 = _run(ref_embedding, w.double(), None if pw is None else pw.double(), ids, grad, **kw)
     plain = _run(lambda *a, **k: ref_embedding(*a, upcast=False, **k), w, pw, ids, grad, **kw)
     assert out.dtype == dtype and out.shape == (*ids.shape, d)
@@ -52,13 +53,14 @@ def check(backend, dtype, ids, w, pw, gen, **kw):
 @pytest.mark.parametrize("d", [7, 8, 100, 128, 1024])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_forward_backward(backend, dtype, d, mode):
+@pytest.mark.parametrize("road", ROADS)
+def test_forward_backward(road, backend, dtype, d, mode):
     skip_if_unsupported(backend, dtype)
     gen = torch.Generator().manual_seed(1000 * d + 7 * MODES.index(mode) + DTYPES.index(dtype))
     v, p, b, n = 37, 25, 2, 13 if d >= 1024 else 21
     w, pw = _tables(v, p, d, dtype, mode, gen)
     ids = torch.randint(0, v, (b, n), generator=gen).to(DEVICE)
-    check(backend, dtype, ids, w, pw, gen, sinusoidal=mode == "sinusoidal")
+    check(backend, dtype, ids, w, pw, gen, road=road, sinusoidal=mode == "sinusoidal")
 
 
 @pytest.mark.parametrize("pos", ["offset", "explicit"])
@@ -69,6 +71,8 @@ def test_forward_backward(backend, dtype, d, mode):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_padding_offsets_positions(backend, dtype, d, mode, padding_idx, pos):
     skip_if_unsupported(backend, dtype)
+    if mode == "none" and pos == "explicit":
+        pytest.skip("explicit positions need a position table or sinusoids (test_positions_without_a_table)")
     gen = torch.Generator().manual_seed(d + 31 * MODES.index(mode) + 3 * (padding_idx or 0) + len(pos))
     v, p, b, n = 29, 40, 3, 11
     w, pw = _tables(v, p, d, dtype, mode, gen)
@@ -222,12 +226,12 @@ def test_sorted_scatter_bits_do_not_depend_on_the_config(monkeypatch):
     if ON_CUDA:  # every config of the autotune space, through the tuned launch path (one config each)
         import triton
 
-        monkeypatch.setattr(K, "_autotune_enabled", lambda: True)
+        monkeypatch.setattr(K, "autotune_enabled", lambda: True)
         for cfg in K._sorted_configs():
             monkeypatch.setattr(K, "_bwd_sorted_tuned", triton.autotune([cfg], key=["D"])(K._bwd_sorted_kernel))
             outs.append(K.scatter_grad(grad, ids, v, deterministic=True))
     else:  # the interpreter has no autotuner: vary the fixed tile
-        monkeypatch.setattr(K, "_autotune_enabled", lambda: False)
+        monkeypatch.setattr(K, "autotune_enabled", lambda: False)
         for tile in [(1, 64), (4, 16), (16, 32), (32, 8)]:
             monkeypatch.setattr(K, "_tile", lambda d, tile=tile: tile)
             outs.append(K.scatter_grad(grad, ids, v, deterministic=True))
@@ -257,11 +261,15 @@ def test_backward_mode_selection(monkeypatch, dtype, det):
 
 
 def test_float64_runs_the_reference():
+    """float64 tables: auto and reference run the reference; a pinned triton backend raises (as every op)."""
     w = torch.randn(9, 5, device=DEVICE, dtype=torch.float64)
     ids = torch.randint(0, 9, (2, 6), device=DEVICE)
-    for backend in BACKENDS:
+    for backend in ("auto", "reference"):
         out = embedattn.embedding(ids, w, sinusoidal=True, backend=backend)
         assert torch.equal(out, ref_embedding(ids, w, sinusoidal=True))
+    if HAS_TRITON:
+        with pytest.raises(TypeError, match="embedding kernels take dtype float16, bfloat16, float32, got float64"):
+            embedattn.embedding(ids, w, sinusoidal=True, backend="triton")
 
 
 def _allocated_bytes(fn) -> int:
@@ -371,7 +379,7 @@ IDS = torch.randint(0, 10, (2, 5))
 def test_ids_out_of_range(backend, bad):
     ids = IDS.clone()
     ids[1, 3] = bad
-    with pytest.raises(IndexError, match="ids out of range"):
+    with pytest.raises(IndexError, match=f"ids contains id {bad}, out of range"):
         embedattn.embedding(ids.to(DEVICE), W.to(DEVICE), backend=backend)
 
 
@@ -385,11 +393,11 @@ def test_bounds_check_ids_and_positions_together(pos_dtype):
                                    ref_embedding(ids, W, PW, positions=pos))
         bad_pos = pos.clone()
         bad_pos[1, 2] = 6
-        with pytest.raises(IndexError, match="positions out of range: min 0, max 6"):
+        with pytest.raises(IndexError, match="positions contains id 6"):
             embedattn.embedding(ids, W, PW, positions=bad_pos, backend=backend)
         bad_ids = ids.clone()
         bad_ids[0, 0] = -3
-        with pytest.raises(IndexError, match="ids out of range: min -3"):
+        with pytest.raises(IndexError, match="ids contains id -3"):
             embedattn.embedding(bad_ids, W, PW, positions=bad_pos, backend=backend)
 
 
@@ -414,8 +422,14 @@ def test_default_positions_beyond_table(backend):
 def test_explicit_positions_beyond_table(backend, bad):
     pos = torch.zeros_like(IDS)
     pos[0, 1] = bad
-    with pytest.raises(IndexError, match="positions out of range"):
+    with pytest.raises(IndexError, match=f"positions contains id {bad}, out of range for the position table"):
         embedattn.embedding(IDS, W, PW, positions=pos, backend=backend)
+
+
+def test_positions_without_a_table():
+    """Explicit positions with nothing to read at them are an error, not silently ignored."""
+    with pytest.raises(ValueError, match="positions were given but there is nothing to read"):
+        embedattn.embedding(IDS, W, positions=torch.zeros_like(IDS))
 
 
 def test_non_integer_ids():

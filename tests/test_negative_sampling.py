@@ -10,8 +10,10 @@ from helpers import (
     DTYPES,
     HAS_TRITON,
     ON_CUDA,
+    ROADS,
     assert_fa_close,
     max_err,
+    on_road,
     skip_if_unsupported,
 )
 
@@ -45,10 +47,13 @@ def _run(fn, c, x, n, wi, wo, up, **kw):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_parity_with_float64_reference(backend, dtype, shape):
+@pytest.mark.parametrize("road", ROADS)
+def test_parity_with_float64_reference(road, backend, dtype, shape):
     skip_if_unsupported(backend, dtype)
     c, x, n, wi, wo, up = _inputs(*shape, dtype, seed=hash(shape) % 1000)
-    out = _run(embedattn.negative_sampling_loss, c, x, n, wi, wo, up, backend=backend)
+    fn = on_road(road, lambda c, x, n, wi, wo, reduction: embedattn.negative_sampling_loss(
+        c, x, n, wi, wo, reduction=reduction, backend=backend))
+    out = _run(fn, c, x, n, wi, wo, up)
     ref = _run(ref_loss, c, x, n, wi.double(), wo.double(), up)
     plain = _run(ref_loss, c, x, n, wi, wo, up, upcast=False)
     for name, o, r, p in zip(("loss", "grad_in", "grad_out"), out, ref, plain):

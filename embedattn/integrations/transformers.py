@@ -16,11 +16,12 @@ natively: K/V are not repeated), ``scaling``, ``is_causal`` (top-left, like SDPA
 mask is given and more than one query), output transposed to (B, S, H, D), and ``(output, None)``
 returned (no attention weights). Beyond sdpa: ``softcap`` (Gemma-2 logit soft-capping) runs in the
 kernel, where sdpa raises. ``dropout > 0`` (training with attention dropout) runs in the kernel too
-(Philox, seeded from torch's RNG: reproducible under ``torch.manual_seed``, but not the same draw
-as torch's). What the kernel does not cover goes to transformers' own SDPA function for that call:
-``position_bias`` (T5-style learned biases need mask gradients), key and value head dims that
-differ, dtypes or head dims the selected backend cannot run, and dropout while torch.compile
-traces (the registered op has no dropout yet). Sliding windows arrive inside the mask.
+(Philox, seeded from torch's generator: reproducible under ``torch.manual_seed``, but not the same
+draw as torch's), eagerly and under ``torch.compile(fullgraph=True)`` alike. What embedattn does not
+cover goes to transformers' own SDPA function for that call: ``position_bias`` (T5-style learned
+biases need mask gradients), key and value head dims that differ, and dtypes or head dims a pinned
+``backend="triton"`` cannot run (the default backend runs every other call, on the reference off
+CUDA). Sliding windows arrive inside the mask.
 
 transformers is an optional dependency (``pip install embedattn[hf]``); it is imported only here.
 """
@@ -32,9 +33,8 @@ from collections.abc import Callable
 
 import torch
 
-from .._backend import resolve
-from ..attention import _TRITON_DTYPES, MAX_HEAD_DIM
-from ..ops import attend
+from .._backend import check_backend, resolve
+from ..attention import attention
 
 __all__ = ["register", "make_attention_forward"]
 
@@ -45,17 +45,18 @@ def _sdpa_forward() -> Callable:
     return sdpa_attention_forward
 
 
-def _supported(query, key, value, mask, dropout, position_bias, backend) -> bool:
-    if dropout and dropout > 0.0 and torch.compiler.is_compiling():
-        return False
+def _supported(query, key, value, mask, position_bias, backend) -> bool:
     if position_bias is not None or key.shape[-1] != value.shape[-1]:
         return False
     if mask is not None and (mask.requires_grad or (mask.dtype != torch.bool and not mask.is_floating_point())):
         return False
     if query.shape[1] % max(key.shape[1], 1):
         return False
-    if resolve(backend, query, key, value) == "triton":
-        return query.dtype in _TRITON_DTYPES and query.shape[-1] <= MAX_HEAD_DIM
+    if check_backend(backend) == "triton":  # pinned: the calls the kernels cannot run go to sdpa
+        try:
+            resolve(backend, query, key, value, op="attention", dtype=query.dtype, head_dim=query.shape[-1])
+        except (RuntimeError, TypeError):
+            return False
     return True
 
 
@@ -76,7 +77,7 @@ def make_attention_forward(backend: str | None = None) -> Callable:
     ) -> tuple[torch.Tensor, None]:
         softcap = kwargs.get("softcap")
         position_bias = kwargs.get("position_bias")
-        if not _supported(query, key, value, attention_mask, dropout, position_bias, backend):
+        if not _supported(query, key, value, attention_mask, position_bias, backend):
             if softcap is not None:
                 raise ValueError("embedattn attention cannot run this call (see embedattn.integrations."
                                  "transformers) and its sdpa fallback does not support `softcap`")
@@ -94,8 +95,9 @@ def make_attention_forward(backend: str | None = None) -> Callable:
             scaling = 1.0 / math.sqrt(query.shape[-1])
         # causal_offset=0: top-left alignment, SDPA's is_causal (the mask builder relies on it when it
         # returns None for an empty-cache prefill with kv_len > q_len)
-        out = attend(query, key, value, causal=causal, causal_offset=0, scale=float(scaling),
-                     attn_mask=attention_mask, backend=backend, softcap=softcap, dropout_p=float(dropout or 0.0))
+        out = attention(query, key, value, causal=causal, causal_offset=0, scale=float(scaling),
+                        attn_mask=attention_mask, backend=backend, softcap=softcap or 0.0,
+                        dropout_p=float(dropout or 0.0))
         return out.transpose(1, 2).contiguous(), None
 
     return embedattn_attention_forward
@@ -111,8 +113,7 @@ def register(name: str = "embedattn", *, backend: str | None = None) -> str:
     """
     if not isinstance(name, str) or not name or "|" in name or "/" in name:
         raise ValueError(f"name must be a plain non-empty string (no '|' or '/'), got {name!r}")
-    if backend is not None:
-        resolve(backend)  # validates the value early
+    check_backend(backend)  # validates the value early
     try:
         from transformers import AttentionInterface
         from transformers.masking_utils import AttentionMaskInterface

@@ -3,9 +3,9 @@
 Each function is short, obviously right and differentiable by autograd.
 """
 
-from ._attention import attention, attention_varlen, attention_with_kvcache
+from ._attention import attention, attention_varlen, attention_with_kvcache, dropout_keep_mask
 from ._embedding import embedding, sinusoidal_positions
 from ._negative_sampling import negative_sampling_loss
 
-__all__ = ["attention", "attention_varlen", "attention_with_kvcache", "embedding", "negative_sampling_loss",
-           "sinusoidal_positions"]
+__all__ = ["attention", "attention_varlen", "attention_with_kvcache", "dropout_keep_mask", "embedding",
+           "negative_sampling_loss", "sinusoidal_positions"]

@@ -85,9 +85,32 @@ def attention(
         p = p * dropout_mask.to(p.dtype) / (1.0 - dropout_p)
     out = torch.matmul(p.to(v.dtype), v).to(dtype)
     if return_lse:
-        lse = (m + torch.log(denom)).squeeze(-1)
-        return out, lse
+        # log of a guarded denominator: an empty row's lse is -inf with a zero (not NaN) gradient
+        empty = denom == 0
+        lse = torch.where(empty, float("-inf"), m + torch.log(torch.where(empty, torch.ones_like(denom), denom)))
+        return out, lse.squeeze(-1)
     return out
+
+
+def dropout_keep_mask(shape: tuple[int, ...], dropout_p: float, seed: torch.Tensor | int,
+                      device: torch.device | str | None = None) -> torch.Tensor:
+    """The reference's dropout keep mask (True = kept) for ``seed``: a counter-based hash of (seed,
+    element index), so the same seed gives the same mask in eager and compiled runs, forward and
+    backward. ``seed`` is an int or a one-element int64 tensor (read without a host sync). The
+    Triton kernels draw their own (Philox) mask from the same seed: a different stream."""
+    m32 = 0xFFFFFFFF
+    if isinstance(seed, torch.Tensor):
+        device = seed.device if device is None else device
+        s = seed.reshape(()).to(device=device, dtype=torch.int64)
+    else:
+        s = torch.tensor(int(seed) & (2**63 - 1), dtype=torch.int64, device=device)
+    s = (s ^ (s >> 32)) & m32  # both halves of a 64-bit seed matter
+    n = math.prod(shape)
+    h = (torch.arange(n, device=device, dtype=torch.int64) * 0x9E3779B1 + s * 0x632BE5AB) & m32
+    for shift, mul in ((16, 0x85EBCA6B), (13, 0xC2B2AE35)):  # murmur3's 32-bit finalizer
+        h = ((h ^ (h >> shift)) * mul) & m32
+    h = h ^ (h >> 16)
+    return (h.to(torch.float64) * 2.0**-32 >= dropout_p).view(shape)
 
 
 def attention_varlen(

@@ -1,0 +1,84 @@
+"""embedattn.patch_sdpa(): torch's SDPA routed to embedattn's drop-in, nesting, undo, real models."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import DEVICE, HAS_TRITON, ON_CUDA
+
+import embedattn
+from embedattn.patching import patch_sdpa, sdpa_patched
+
+ea_attention = importlib.import_module("embedattn.attention")  # the module (embedattn.attention is the function)
+
+TORCH_SDPA = F.scaled_dot_product_attention
+
+
+def test_patch_sdpa_context_manager_and_undo():
+    assert F.scaled_dot_product_attention is TORCH_SDPA and not sdpa_patched()
+    with patch_sdpa() as p:
+        assert F.scaled_dot_product_attention is embedattn.scaled_dot_product_attention
+        assert torch.nn.functional.scaled_dot_product_attention is embedattn.scaled_dot_product_attention
+        assert p.active and sdpa_patched()
+    assert F.scaled_dot_product_attention is TORCH_SDPA and not p.active
+    undo = patch_sdpa()
+    assert F.scaled_dot_product_attention is embedattn.scaled_dot_product_attention
+    undo()
+    undo()  # idempotent
+    assert F.scaled_dot_product_attention is TORCH_SDPA and not sdpa_patched()
+
+
+def test_patch_sdpa_nesting_and_exceptions():
+    with patch_sdpa():
+        with patch_sdpa():
+            assert F.scaled_dot_product_attention is embedattn.scaled_dot_product_attention
+        assert F.scaled_dot_product_attention is embedattn.scaled_dot_product_attention  # outer still active
+    assert F.scaled_dot_product_attention is TORCH_SDPA
+    with pytest.raises(RuntimeError, match="boom"):
+        with patch_sdpa():
+            with patch_sdpa():
+                raise RuntimeError("boom")
+    assert F.scaled_dot_product_attention is TORCH_SDPA and not sdpa_patched()
+    a, b = patch_sdpa(), patch_sdpa()
+    a.undo()  # out of order: b still holds the patch
+    assert F.scaled_dot_product_attention is embedattn.scaled_dot_product_attention
+    b.undo()
+    assert F.scaled_dot_product_attention is TORCH_SDPA
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
+def test_patch_sdpa_routes_models_to_kernel(monkeypatch):
+    """Under the patch, nn.MultiheadAttention and a transformers "sdpa" model run embedattn's kernel and
+    match torch."""
+    if not ON_CUDA:
+        monkeypatch.setenv("EMBEDATTN_BACKEND", "triton")  # the drop-in runs the interpreter on CPU
+    calls = []
+    orig = ea_attention.attention
+    monkeypatch.setattr(ea_attention, "attention", lambda *a, **k: calls.append(k["causal"]) or orig(*a, **k))
+    torch.manual_seed(0)
+    mha = torch.nn.MultiheadAttention(16, 2, batch_first=True, device=DEVICE)
+    x = torch.randn(2, 7, 16, device=DEVICE)
+    causal = torch.nn.Transformer.generate_square_subsequent_mask(7, device=DEVICE)
+    ref = mha(x, x, x, attn_mask=causal, need_weights=False)[0]
+    with patch_sdpa():
+        out = mha(x, x, x, attn_mask=causal, need_weights=False)[0]
+    assert calls
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=2e-5)
+
+    calls.clear()
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = transformers.AutoModel.from_config(cfg, attn_implementation="sdpa").to(DEVICE, torch.float32)
+    ids = torch.randint(1, 64, (2, 9), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    am = torch.ones(2, 9, dtype=torch.long, device=DEVICE)
+    am[-1, 5:] = 0
+    ref = model(input_ids=ids, attention_mask=am).last_hidden_state[am.bool()]
+    with patch_sdpa():
+        out = model(input_ids=ids, attention_mask=am).last_hidden_state[am.bool()]
+    assert len(calls) == 2
+    torch.testing.assert_close(out, ref, rtol=2e-4, atol=2e-5)
