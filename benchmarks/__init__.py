@@ -4,5 +4,6 @@
   peaks, autotuned-config capture and the long-format ``results.csv``.
 - ``attention``, ``embedding``, ``negative_sampling``: the sweeps and their peers.
 - ``plot`` and ``summary``: PNGs and summary.md drawn from a results.csv alone.
+- ``cli``: what the three commands share: one-line errors (exit status 2), argument checks.
 - ``gpu_check.sh``: one offline pass on a lent GPU.
 """

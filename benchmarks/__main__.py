@@ -12,24 +12,28 @@ import shlex
 import sys
 import time
 
+from .cli import ArgumentParser, check_out_dir, fail, non_negative_float, positive_float
+
+PROG = "python -m benchmarks"
 SUITES = ("attention", "embedding", "negative_sampling")
+DTYPES = ("fp16", "bf16", "fp32")  # what --dtype accepts (the kernels' dtypes)
 # share of a --max-seconds budget per suite; time a suite leaves unused passes to the next ones
 BUDGET_SHARE = {"attention": 0.55, "embedding": 0.25, "negative_sampling": 0.2}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks", description="embedattn benchmark sweeps")
+    ap = ArgumentParser(prog=PROG, description="embedattn benchmark sweeps")
     ap.add_argument("--suite", default="all",
                     help="attention, embedding, negative_sampling, a comma list of them, or all")  # fmt: skip
     ap.add_argument("--quick", action="store_true", help="small sweep (minutes on a 2-core CPU)")
     ap.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     ap.add_argument("--out", default=None, help="output folder (default: reports/<device-tag>/)")
     ap.add_argument("--dtype", default=None,
-                    help="comma list of fp16,bf16,fp32 overriding every suite's default dtypes")  # fmt: skip
-    ap.add_argument("--max-seconds", type=float, default=None,
-                    help="time budget for the sweeps; points left when it runs out are skipped and listed")  # fmt: skip
-    ap.add_argument("--warmup-ms", type=float, default=None)
-    ap.add_argument("--rep-ms", type=float, default=None)
+                    help=f"comma list of {','.join(DTYPES)} overriding every suite's default dtypes")  # fmt: skip
+    ap.add_argument("--max-seconds", type=positive_float, default=None, metavar="SECONDS",
+                    help="time budget (> 0); points left when it runs out are skipped and listed")  # fmt: skip
+    ap.add_argument("--warmup-ms", type=non_negative_float, default=None, metavar="MS", help="warm-up (>= 0)")
+    ap.add_argument("--rep-ms", type=non_negative_float, default=None, metavar="MS", help="timed repetitions (>= 0)")
     ap.add_argument("--no-compile", action="store_true", help="leave torch.compile peers out (compilation is slow)")
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # the tests' seconds-long sweep
@@ -37,17 +41,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     suites = SUITES if args.suite == "all" else tuple(s.strip() for s in args.suite.split(","))
     bad = [s for s in suites if s not in SUITES]
     if bad:
-        ap.error(f"unknown suite(s) {bad}; choose from {SUITES} or all")
+        ap.error(f"argument --suite: {', '.join(map(repr, bad))} not one of {', '.join(SUITES)}, all")
     args.suites = suites
-    if args.dtype:
-        from .harness import DTYPES
-
+    args.dtypes = None
+    if args.dtype is not None:
         args.dtypes = [d.strip() for d in args.dtype.split(",")]
         bad = [d for d in args.dtypes if d not in DTYPES]
         if bad:
-            ap.error(f"unknown dtype(s) {bad}; choose from {sorted(DTYPES)}")
-    else:
-        args.dtypes = None
+            ap.error(f"argument --dtype: {', '.join(map(repr, bad))} not one of {', '.join(DTYPES)}")
     return args
 
 
@@ -56,8 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     if args.device == "cuda" and not torch.cuda.is_available():
-        print("--device cuda: no CUDA device visible", file=sys.stderr)
-        return 2
+        return fail(PROG, "--device cuda: no CUDA device visible")
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
                           else "cpu")  # fmt: skip
     if device.type == "cuda" and os.environ.pop("TRITON_INTERPRET", None) not in (None, "", "0"):
@@ -66,6 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     from . import harness
     from .harness import Case, Context, Recorder, device_tag
 
+    out = args.out or os.path.join("reports", device_tag(device))
+    problem = check_out_dir(out)  # before anything runs
+    if problem:
+        return fail(PROG, f"--out: {problem}")
     cache_note = harness.enable_autotune_cache()  # before embedattn.kernels builds its autotuners
     profile = "tiny" if args.tiny else ("quick" if args.quick else "full")
     if device.type == "cuda":
@@ -88,8 +92,6 @@ def main(argv: list[str] | None = None) -> int:
         device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         log=log,
     )
-    out = args.out or os.path.join("reports", device_tag(device))
-    os.makedirs(out, exist_ok=True)
     csv_path = os.path.join(out, "results.csv")
     rec = Recorder(ctx, csv_path)
     t_start = time.time()
@@ -141,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         for case in cases:
             if bar:
                 bar.set_description(f"{name}: {case.label}")
-            if time.time() > deadline:
+            if time.time() >= deadline:
                 skipped.append(case.label)
             else:
                 try:

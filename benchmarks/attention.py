@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from .harness import (
     DTYPES,
+    MODES,
     Case,
     Context,
     Recorder,
@@ -26,15 +27,12 @@ from .harness import (
     chosen_config,
     coarse_first,
     measurement_rows,
-    peak_memory_mib,
-    reset_configs,
-    rotating,
-    time_fn,
+    probe,
+    run_speed_benchmark,
     try_measure,
 )
 
 SUITE = "attention"
-MODES = ("fwd", "bwd", "fwd+bwd")
 GPU_MATERIALIZE_MAX_N = 4096
 
 
@@ -43,13 +41,7 @@ def available(ctx: Context) -> str | None:
     import embedattn
 
     q = torch.randn(1, 1, 8, 16, device=ctx.device)
-    try:
-        embedattn.attention(q, q, q, causal=False)
-    except NotImplementedError:
-        return "embedattn.attention is not implemented yet (placeholder raises NotImplementedError)"
-    except Exception as e:
-        return f"embedattn.attention failed on a tiny input: {type(e).__name__}: {e}"
-    return None
+    return probe("embedattn.attention", lambda: embedattn.attention(q, q, q, causal=False))
 
 
 @dataclass
@@ -230,14 +222,16 @@ def specs(ctx: Context) -> list[Spec]:
     return ordered[:cut] + feature_specs(ctx) + ordered[cut:]
 
 
-def _inputs(ctx: Context, s: Spec) -> list[tuple[torch.Tensor, ...]]:
+def _inputs(ctx: Context, s: Spec) -> tuple[list[tuple[torch.Tensor, ...]], list[torch.Tensor]]:
+    """The rotating (q, k, v) sets and each one's upstream gradient dO."""
     dtype = DTYPES[s.dtype]
     g = torch.Generator(device=ctx.device).manual_seed(s.n * 131 + s.head_dim)
 
     def r(h):
         return torch.randn(s.batch, h, s.n, s.head_dim, device=ctx.device, dtype=dtype, generator=g)
 
-    return [(r(s.heads), r(s.kv_heads), r(s.kv_heads), r(s.heads)) for _ in range(ctx.n_sets)]
+    sets = [(r(s.heads), r(s.kv_heads), r(s.kv_heads), r(s.heads)) for _ in range(ctx.n_sets)]
+    return [st[:3] for st in sets], [st[3] for st in sets]
 
 
 def _too_big(ctx: Context, p: Provider, s: Spec) -> bool:
@@ -248,30 +242,12 @@ def _too_big(ctx: Context, p: Provider, s: Spec) -> bool:
     return s.n > GPU_MATERIALIZE_MAX_N or 6 * scores > 0.8 * free
 
 
-def measure(ctx: Context, rec: Recorder, p: Provider, s: Spec, sets, mode: str) -> list[dict]:
-    with p.context():  # around the forwards of "bwd" too: SDPA's backward runs the forward's backend
-        return _measure(ctx, rec, p, s, sets, mode)
-
-
-def _measure(ctx: Context, rec: Recorder, p: Provider, s: Spec, sets, mode: str) -> list[dict]:
+def measure(ctx: Context, rec: Recorder, p: Provider, s: Spec, inputs, mode: str) -> list[dict]:
+    sets, grads = inputs
     causal = s.causal
-    if mode == "fwd":
-        fn = rotating(lambda q, k, v, do: p.fn(q, k, v, causal), sets)
-        leaves: list[torch.Tensor] = []
-    else:
-        gsets = [tuple(t.detach().requires_grad_(i < 3) for i, t in enumerate(st)) for st in sets]
-        leaves = [t for st in gsets for t in st[:3]]
-        if mode == "bwd":
-            outs = [(p.fn(q, k, v, causal), do) for q, k, v, do in gsets]
-            fn = rotating(lambda o, do: o.backward(do, retain_graph=True), outs)
-        else:
-            fn = rotating(lambda q, k, v, do: p.fn(q, k, v, causal).backward(do), gsets)
-    if p.name == "embedattn":
-        reset_configs("attention")
-    t = time_fn(ctx, fn, grad_to_none=leaves or None)
-    for x in leaves:
-        x.grad = None
-    peak = peak_memory_mib(ctx, fn)
+    with p.context():  # around the forwards of "bwd" too: SDPA's backward runs the forward's backend
+        t, peak = run_speed_benchmark(ctx, lambda q, k, v: p.fn(q, k, v, causal), sets, mode, grad_outputs=grads,
+                                      grad_inputs=(0, 1, 2), op="attention" if p.name == "embedattn" else None)
     base = dict(suite=SUITE, kernel=s.kernel, provider=p.name, mode=mode, dtype=s.dtype, shape=s.shape,
                 x_name="N", x_value=s.n, config=p.config())  # fmt: skip
     nq = 1 if s.feature == "kvcache" else s.n
@@ -282,7 +258,7 @@ def _measure(ctx: Context, rec: Recorder, p: Provider, s: Spec, sets, mode: str)
 
 
 def run_spec(ctx: Context, rec: Recorder, s: Spec, provs: list[Provider]) -> list[dict]:
-    sets = _inputs(ctx, s)
+    inputs = _inputs(ctx, s)
     if s.feature:
         provs = feature_providers(s, provs)
     rows: list[dict] = []
@@ -294,7 +270,7 @@ def run_spec(ctx: Context, rec: Recorder, s: Spec, provs: list[Provider]) -> lis
         for mode in s.modes:
             rows += try_measure(ctx, f"{SUITE} {p.name} {mode} {s.kernel} {s.dtype}",
                                 (p.name, mode, s.kernel, s.dtype),
-                                lambda p=p, mode=mode: measure(ctx, rec, p, s, sets, mode))  # fmt: skip
+                                lambda p=p, mode=mode: measure(ctx, rec, p, s, inputs, mode))  # fmt: skip
     return rows
 
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from .harness import (
     DTYPES,
+    MODES,
     Case,
     Context,
     Recorder,
@@ -23,29 +24,21 @@ from .harness import (
     coarse_first,
     embedding_bytes,
     measurement_rows,
-    peak_memory_mib,
-    reset_configs,
-    rotating,
-    time_fn,
+    probe,
+    run_speed_benchmark,
     try_measure,
 )
 
 SUITE = "embedding"
-MODES = ("fwd", "bwd", "fwd+bwd")
 
 
 def available(ctx: Context) -> str | None:
+    """None when embedattn.embedding runs on this device, else why the suite is skipped."""
     import embedattn
 
     w = torch.randn(10, 8, device=ctx.device)
     ids = torch.tensor([[1, 2, 3]], device=ctx.device)
-    try:
-        embedattn.embedding(ids, w, w)
-    except NotImplementedError:
-        return "embedattn.embedding is not implemented yet (placeholder raises NotImplementedError)"
-    except Exception as e:
-        return f"embedattn.embedding failed on a tiny input: {type(e).__name__}: {e}"
-    return None
+    return probe("embedattn.embedding", lambda: embedattn.embedding(ids, w, w))
 
 
 @dataclass
@@ -127,38 +120,24 @@ def specs(ctx: Context) -> list[Spec]:
 
 
 def _inputs(ctx: Context, s: Spec):
+    """The rotating id sets, each one's upstream gradient, the two tables and the positions."""
     dtype = DTYPES[s.dtype]
     g = torch.Generator(device=ctx.device).manual_seed(s.vocab + s.dim + s.tokens)
     pos = torch.arange(s.seq, device=ctx.device)
-    sets = []
+    ids, grads = [], []
     for _ in range(ctx.n_sets):
-        ids = torch.randint(0, s.vocab, (s.batch, s.seq), device=ctx.device, generator=g)
-        sets.append((ids, torch.randn(s.batch, s.seq, s.dim, device=ctx.device, dtype=dtype, generator=g)))
+        ids.append((torch.randint(0, s.vocab, (s.batch, s.seq), device=ctx.device, generator=g),))
+        grads.append(torch.randn(s.batch, s.seq, s.dim, device=ctx.device, dtype=dtype, generator=g))
     # the tables are shared by the sets: they are the model's parameters (and the big allocation)
     w = torch.randn(s.vocab, s.dim, device=ctx.device, dtype=dtype, generator=g)
     pw = torch.randn(s.seq, s.dim, device=ctx.device, dtype=dtype, generator=g)
-    return sets, w, pw, pos
+    return ids, grads, w, pw, pos
 
 
 def measure(ctx: Context, rec: Recorder, p: Provider, s: Spec, inputs, mode: str) -> list[dict]:
-    sets, w, pw, pos = inputs
-    if mode == "fwd":
-        fn = rotating(lambda ids, dout: p.fn(ids, w, pw, pos), sets)
-        leaves: list[torch.Tensor] = []
-    else:
-        wg, pwg = w.detach().requires_grad_(), pw.detach().requires_grad_()
-        leaves = [wg, pwg]
-        if mode == "bwd":
-            outs = [(p.fn(ids, wg, pwg, pos), dout) for ids, dout in sets]
-            fn = rotating(lambda o, dout: o.backward(dout, retain_graph=True), outs)
-        else:
-            fn = rotating(lambda ids, dout: p.fn(ids, wg, pwg, pos).backward(dout), sets)
-    if p.name == "embedattn":
-        reset_configs("embedding")
-    t = time_fn(ctx, fn, grad_to_none=leaves or None)
-    for x in leaves:
-        x.grad = None
-    peak = peak_memory_mib(ctx, fn)
+    ids, grads, w, pw, pos = inputs
+    t, peak = run_speed_benchmark(ctx, lambda i, w, pw: p.fn(i, w, pw, pos), ids, mode, grad_outputs=grads,
+                                  params=(w, pw), op="embedding" if p.name == "embedattn" else None)
     base = dict(suite=SUITE, kernel=s.kernel, provider=p.name, mode=mode, dtype=s.dtype, shape=s.shape,
                 x_name="tokens", x_value=s.batch * s.seq, config=p.config())  # fmt: skip
     work = embedding_bytes(s.batch * s.seq, s.dim, s.vocab, w.element_size(), mode, pos_rows=s.seq)

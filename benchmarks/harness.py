@@ -8,6 +8,9 @@ so a row's p20 <= p50 <= p80 always holds.
 CUDA timing is ``triton.testing.do_bench`` (it flushes L2 before every call) with quantiles
 [0.5, 0.2, 0.8]; the host timer on CPU reports the same quantiles of per-call wall time. Both call a
 closure that rotates through several input sets, so no call reuses the previous call's inputs.
+Every suite times its providers through ``run_speed_benchmark`` (fwd, bwd, fwd+bwd or a step): one
+place builds the gradient-carrying inputs, runs the backward with a fixed upstream gradient and
+clears the gradients.
 """
 
 from __future__ import annotations
@@ -268,6 +271,69 @@ def peak_memory_mib(ctx: Context, fn: Callable[[], Any]) -> float:
     return (torch.cuda.max_memory_allocated(ctx.device) - base) / 2**20
 
 
+MODES = ("fwd", "bwd", "fwd+bwd")  # what run_speed_benchmark times; "step" is a no-autograd call like "fwd"
+
+
+def run_speed_benchmark(
+    ctx: Context,
+    forward: Callable[..., Any],
+    inputs: Sequence[Sequence[Any]],
+    mode: str,
+    *,
+    grad_outputs: Sequence[torch.Tensor | None] | None = None,
+    grad_inputs: Sequence[int] = (),
+    params: Sequence[torch.Tensor] = (),
+    op: str | None = None,
+) -> tuple[Timing, float]:
+    """Time one provider in one mode; the one fwd / bwd / fwd+bwd runner every suite calls.
+
+    ``forward(*inputs[i], *params)`` is called with i rotating over the input sets.
+
+    - ``fwd`` and ``step``: that call as it is, on the tensors as given (no autograd; a step that
+      updates ``params`` in place updates the tensors the caller passed).
+    - ``bwd``: the backward alone. One forward per set runs before timing and keeps its graph; each
+      call is ``out.backward(grad, retain_graph=True)``.
+    - ``fwd+bwd``: forward then backward in each call.
+
+    The backward gets a fixed upstream gradient: ``grad_outputs[i]`` for set i (None, or no list:
+    the output is a scalar loss). Gradients flow to the positions ``grad_inputs`` of every set (e.g.
+    q, k, v) and to every tensor of ``params`` (shared by all sets, e.g. the tables); the runner
+    makes detached copies that require grad and sets their ``.grad`` to None before every call (as
+    do_bench's ``grad_to_none``), so gradients never accumulate, and again once measured.
+    ``op``: the embedattn op (``"attention"``, ...) whose recorded autotune configs are forgotten
+    before timing, so ``chosen_config(op)`` then names this measurement's.
+
+    Returns the timing and the peak memory of one more call (MiB above the baseline; NaN on CPU).
+    """
+    if mode in ("fwd", "step"):
+        leaves: list[torch.Tensor] = []
+        fn = rotating(forward, [(*s, *params) for s in inputs])
+    elif mode in ("bwd", "fwd+bwd"):
+        shared = [t.detach().requires_grad_() for t in params]
+        sets = [tuple(t.detach().requires_grad_() if i in grad_inputs else t for i, t in enumerate(s)) + tuple(shared)
+                for s in inputs]  # fmt: skip
+        leaves = shared + [s[i] for s in sets for i in grad_inputs]
+        grads = list(grad_outputs) if grad_outputs is not None else [None] * len(sets)
+        if len(grads) != len(sets):
+            raise ValueError(f"{len(grads)} grad_outputs for {len(sets)} input sets")
+        if mode == "bwd":
+            outs = [(forward(*s), g) for s, g in zip(sets, grads)]
+            fn = rotating(lambda out, g: out.backward(g, retain_graph=True), outs)
+        else:
+            fn = rotating(lambda g, *s: forward(*s).backward(g), [(g, *s) for s, g in zip(sets, grads)])
+    else:
+        raise ValueError(f"unknown mode {mode!r}; choose from {MODES + ('step',)}")
+    if op:
+        reset_configs(op)
+    timing = time_fn(ctx, fn, grad_to_none=leaves or None)
+    for t in leaves:
+        t.grad = None
+    peak = peak_memory_mib(ctx, fn)
+    for t in leaves:
+        t.grad = None
+    return timing, peak
+
+
 # ----------------------------------------------------------------------------- device peaks
 
 
@@ -455,17 +521,50 @@ def measurement_rows(
     return rows
 
 
+class ResultsError(ValueError):
+    """A results.csv that cannot be read: missing, empty, short of a column, or with a bad number."""
+
+
+# the columns the plots and the summary read (shape and the run-wide columns are informational)
+REQUIRED_COLUMNS = [c for c in COLUMNS if c not in ("shape", "device", "torch", "triton", "timestamp")]
+
+
 def read_csv(path: str) -> list[dict[str, Any]]:
-    """Rows of a results.csv with p50/p20/p80 as floats (NaN when empty)."""
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
+    """Rows of a results.csv with p50/p20/p80 as floats (NaN when empty) and x_value a float ("" when
+    empty). Raises ``ResultsError``, saying where, for a file that is missing, unreadable or empty, lacks
+    a needed column, has a row of the wrong length or a value that is not a number."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            header = reader.fieldnames or []
+            rows = []
+            for r in reader:
+                r["_line"] = reader.line_num
+                rows.append(r)
+    except FileNotFoundError:
+        raise ResultsError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise ResultsError(f"{path}: cannot read it as a CSV: {e}") from None
+    if not header:
+        raise ResultsError(f"{path}: empty file (no header row)")
+    missing = [c for c in REQUIRED_COLUMNS if c not in header]
+    if missing:
+        raise ResultsError(f"{path}: missing column(s) {', '.join(missing)} (is it a results.csv?)")
+    if not rows:
+        raise ResultsError(f"{path}: no rows below the header")
     for r in rows:
-        for k in ("p50", "p20", "p80"):
-            r[k] = float(r[k]) if r.get(k) not in (None, "") else float("nan")
-        try:
-            r["x_value"] = float(r["x_value"])
-        except (TypeError, ValueError):
-            pass
+        line = r.pop("_line")
+        if None in r or None in r.values():  # DictReader's markers for too many / too few fields
+            raise ResultsError(f"{path}, line {line}: the row's field count differs from the header's ({len(header)})")
+        for k in ("p50", "p20", "p80", "x_value"):
+            v = r[k].strip()
+            if v == "":
+                r[k] = "" if k == "x_value" else float("nan")
+                continue
+            try:
+                r[k] = float(v)
+            except ValueError:
+                raise ResultsError(f"{path}, line {line}: {k} is not a number: {v!r}") from None
     return rows
 
 
@@ -506,11 +605,18 @@ def try_measure(ctx: Context, what: str, key: Any, fn: Callable[[], list[dict[st
     """Run one provider's measurement; on failure note why (once per ``key``) and return no rows."""
     try:
         return fn()
-    except NotImplementedError as e:
-        ctx.note(f"  skip {what}: not implemented yet{': ' + str(e) if str(e) else ''}", key=(key, "nie"))
     except Exception as e:  # unsupported backend/shape, OOM: the sweep goes on without this point
         msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
         ctx.note(f"  skip {what}: {type(e).__name__}: {msg}", key=(key, type(e).__name__))
         if is_oom(e):
             torch.cuda.empty_cache()
     return []
+
+
+def probe(what: str, call: Callable[[], Any]) -> str | None:
+    """None when ``call()`` (the op on a tiny input) runs, else why its suite is skipped."""
+    try:
+        call()
+    except Exception as e:
+        return f"{what} failed on a tiny input: {type(e).__name__}: {e}"
+    return None

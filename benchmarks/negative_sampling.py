@@ -29,10 +29,8 @@ from .harness import (
     Timing,
     chosen_config,
     measurement_rows,
-    peak_memory_mib,
-    reset_configs,
-    rotating,
-    time_fn,
+    probe,
+    run_speed_benchmark,
     try_measure,
 )
 
@@ -42,17 +40,12 @@ LR = 0.025
 
 
 def available(ctx: Context) -> str | None:
+    """None when embedattn.negative_sampling_loss runs on this device, else why the suite is skipped."""
     import embedattn
 
     w = torch.randn(10, 8, device=ctx.device)
     c = torch.tensor([1, 2], device=ctx.device)
-    try:
-        embedattn.negative_sampling_loss(c, c, c[:, None], w, w)
-    except NotImplementedError:
-        return "embedattn.negative_sampling_loss is not implemented yet (placeholder raises NotImplementedError)"
-    except Exception as e:
-        return f"embedattn.negative_sampling_loss failed on a tiny input: {type(e).__name__}: {e}"
-    return None
+    return probe("embedattn.negative_sampling_loss", lambda: embedattn.negative_sampling_loss(c, c, c[:, None], w, w))
 
 
 # ----------------------------------------------------------------------------- plain PyTorch peers
@@ -82,58 +75,19 @@ def torch_sgns_step(center, context, negatives, in_weight, out_weight, lr=LR):
     in_weight.index_add_(0, center, grad_v)
 
 
-# names the fused step's parameters may have (we bind by name, so argument order does not matter)
-_STEP_ALIASES = {
-    "center": ("center", "centers", "center_ids", "inputs"),
-    "context": ("context", "contexts", "context_ids", "targets"),
-    "negatives": ("negatives", "negative", "neg", "negative_ids"),
-    "in_weight": ("in_weight", "w_in", "syn0", "input_weight", "in_table"),
-    "out_weight": ("out_weight", "w_out", "syn1neg", "output_weight", "out_table"),
-    "lr": ("lr", "alpha", "learning_rate"),
-}
-
-
-def bind_step(step: Callable) -> Callable:
-    """Adapt a fused ``sgns_step`` to ``(center, context, negatives, in_weight, out_weight, lr)``."""
-    params = inspect.signature(step).parameters
-    mapping = {}
-    for ours, aliases in _STEP_ALIASES.items():
-        found = next((a for a in aliases if a in params), None)
-        if found is None:
-            raise TypeError(f"cannot find the {ours!r} parameter of sgns_step{inspect.signature(step)}")
-        mapping[ours] = found
-    for name, prm in params.items():
-        if name not in mapping.values() and prm.default is inspect.Parameter.empty and prm.kind not in (
-                prm.VAR_POSITIONAL, prm.VAR_KEYWORD):  # fmt: skip
-            raise TypeError(f"sgns_step has a required parameter {name!r} the benchmark does not know")
-
-    def call(center, context, negatives, in_weight, out_weight, lr=LR):
-        vals = dict(center=center, context=context, negatives=negatives, in_weight=in_weight,
-                    out_weight=out_weight, lr=lr)  # fmt: skip
-        return step(**{mapping[k]: v for k, v in vals.items()})
-
-    return call
-
-
 def fused_step(ctx: Context) -> Callable | None:
-    """embedattn's fused step: a public dispatching ``sgns_step`` if the package has one (it then runs
-    on CPU too), else the Triton launcher on CUDA only. None (with a note) when missing."""
-    import importlib
-
+    """embedattn's training step, called ``(center, context, negatives, in_weight, out_weight, lr)``:
+    the fused Triton ``sgns_step`` on CUDA; on CPU, where Triton kernels are not timed, the word2vec
+    trainer's batched PyTorch step. None (with a note) when it cannot be imported."""
     try:
-        mod = importlib.import_module("embedattn.negative_sampling")
-        if callable(getattr(mod, "sgns_step", None)):
-            return bind_step(mod.sgns_step)
-        if not ctx.is_cuda:
-            # the fused step is a Triton kernel (not timed on CPU); the trainer's CPU step is batched PyTorch
-            cpu_step = getattr(importlib.import_module("embedattn.word2vec._train"), "torch_sgns_step", None)
-            if callable(cpu_step):
-                ctx.note("  sgns_step: CPU run times the word2vec trainer's batched PyTorch step as 'embedattn'")
-                return bind_step(cpu_step)
-            ctx.note("  sgns_step: the fused step is a Triton kernel: not timed on CPU")
-            return None
-        kmod = importlib.import_module("embedattn.kernels.negative_sampling")
-        return bind_step(kmod.sgns_step)
+        if ctx.is_cuda:
+            from embedattn.kernels.negative_sampling import sgns_step
+
+            return sgns_step
+        from embedattn.word2vec._train import torch_sgns_step
+
+        ctx.note("  sgns_step: CPU run times the word2vec trainer's batched PyTorch step as 'embedattn'")
+        return torch_sgns_step
     except Exception as e:
         ctx.note(f"  sgns_step unavailable: {type(e).__name__}: {e}")
         return None
@@ -190,20 +144,9 @@ def _rows(ctx, rec, kernel, name, mode, s, t, peak, config):
 
 
 def measure_loss(ctx, rec, name, loss_fn, s, inputs, mode) -> list[dict]:
-    sets, w_in, w_out = inputs
-    if mode == "fwd":
-        fn = rotating(lambda c, x, n: loss_fn(c, x, n, w_in, w_out), sets)
-        leaves = []
-    else:
-        a, b = w_in.detach().requires_grad_(), w_out.detach().requires_grad_()
-        leaves = [a, b]
-        fn = rotating(lambda c, x, n: loss_fn(c, x, n, a, b).backward(), sets)
-    if name == "embedattn":
-        reset_configs("negative_sampling")
-    t = time_fn(ctx, fn, grad_to_none=leaves or None)
-    for x in leaves:
-        x.grad = None
-    peak = peak_memory_mib(ctx, fn)
+    sets, w_in, w_out = inputs  # the loss is a scalar: its backward needs no upstream gradient
+    t, peak = run_speed_benchmark(ctx, loss_fn, sets, mode, params=(w_in, w_out),
+                                  op="negative_sampling" if name == "embedattn" else None)
     cfg = chosen_config("negative_sampling") if (name == "embedattn" and ctx.is_cuda) else (
         "backend=reference" if name == "embedattn" else "")  # fmt: skip
     return _rows(ctx, rec, "sgns_loss", name, mode, s, t, peak, cfg)
@@ -211,12 +154,9 @@ def measure_loss(ctx, rec, name, loss_fn, s, inputs, mode) -> list[dict]:
 
 def measure_step(ctx, rec, name, step_fn, s, inputs) -> list[dict]:
     sets, w_in, w_out = inputs
-    a, b = w_in.clone(), w_out.clone()  # updated in place; the tables start equal for every provider
-    fn = rotating(lambda c, x, n: step_fn(c, x, n, a, b, LR), sets)
-    if name == "embedattn":
-        reset_configs("negative_sampling")
-    t = time_fn(ctx, fn)
-    peak = peak_memory_mib(ctx, fn)
+    tables = (w_in.clone(), w_out.clone())  # updated in place; the tables start equal for every provider
+    t, peak = run_speed_benchmark(ctx, lambda c, x, n, a, b: step_fn(c, x, n, a, b, LR), sets, "step",
+                                  params=tables, op="negative_sampling" if name == "embedattn" else None)
     cfg = chosen_config("negative_sampling") if name == "embedattn" else ""
     return _rows(ctx, rec, "sgns_step", name, "step", s, t, peak, cfg)
 

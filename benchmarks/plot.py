@@ -7,13 +7,13 @@ in the same CSV) as a dashed line where it bounds the metric.
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import re
 from collections import defaultdict
 
-from .harness import THROUGHPUT_METRICS, read_csv
+from .cli import ArgumentParser, fail
+from .harness import THROUGHPUT_METRICS, ResultsError, read_csv
 
 # fixed colours so a provider looks the same in every plot
 _COLORS = {
@@ -124,11 +124,16 @@ def plot_csv(csv_path: str, out_dir: str | None = None) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.plot", description=__doc__.splitlines()[0])
+    ap = ArgumentParser(prog="python -m benchmarks.plot", description=__doc__.splitlines()[0])
     ap.add_argument("csv", help="results.csv written by python -m benchmarks")
     ap.add_argument("--out", default=None, help="output folder (default: plots/ beside the CSV)")
     args = ap.parse_args(argv)
-    paths = plot_csv(args.csv, args.out)
+    try:
+        paths = plot_csv(args.csv, args.out)
+    except ResultsError as e:  # nothing is drawn from a CSV that cannot be read
+        return fail(ap.prog, str(e))
+    except OSError as e:
+        return fail(ap.prog, f"cannot write {e.filename or 'the plots'}: {e.strerror or e}")
     print(f"{len(paths)} plots -> {os.path.dirname(paths[0]) if paths else args.out}")
     return 0
 

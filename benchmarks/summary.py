@@ -7,14 +7,14 @@ embedattn is faster), the median ratio last. The plots are embedded below each s
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import statistics
 from collections import defaultdict
 
-from .harness import THROUGHPUT_METRICS, read_csv
+from .cli import ArgumentParser, fail
+from .harness import THROUGHPUT_METRICS, ResultsError, read_csv
 from .plot import fmt_x, groups, plot_name
 
 OURS = "embedattn"
@@ -188,18 +188,24 @@ def write_summary(csv_path: str, plots_dir: str | None = None, env: dict | None 
                   out: str | None = None) -> str:  # fmt: skip
     """Write summary.md beside the CSV (or to ``out``); returns its path."""
     out = out or os.path.join(os.path.dirname(os.path.abspath(csv_path)), "summary.md")
+    text = build_summary(csv_path, plots_dir, env)  # first: a CSV that cannot be read leaves no file
     with open(out, "w") as f:
-        f.write(build_summary(csv_path, plots_dir, env))
+        f.write(text)
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.summary", description=__doc__.splitlines()[0])
+    ap = ArgumentParser(prog="python -m benchmarks.summary", description=__doc__.splitlines()[0])
     ap.add_argument("csv")
     ap.add_argument("--plots", default=None, help="plots folder (default: plots/ beside the CSV)")
     ap.add_argument("--out", default=None, help="output file (default: summary.md beside the CSV)")
     args = ap.parse_args(argv)
-    print(write_summary(args.csv, args.plots, out=args.out))
+    try:
+        print(write_summary(args.csv, args.plots, out=args.out))
+    except ResultsError as e:  # nothing is written for a CSV that cannot be read
+        return fail(ap.prog, str(e))
+    except OSError as e:
+        return fail(ap.prog, f"cannot write {e.filename or 'summary.md'}: {e.strerror or e}")
     return 0
 
 

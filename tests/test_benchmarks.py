@@ -8,6 +8,8 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -157,18 +159,22 @@ def test_summary_from_csv(tmp_path):
     assert "N=1k" in text
 
 
-def test_fused_step_binding_by_name():
-    from benchmarks.negative_sampling import bind_step
+def test_cpu_fused_step_matches_the_peer():
+    """On CPU the 'embedattn' step is the word2vec trainer's, called (center, context, negatives, in, out,
+    lr) like the fused kernel: with no negative equal to its target it makes the peer's update."""
+    from benchmarks.negative_sampling import fused_step, torch_sgns_step
 
-    got = {}
-
-    def step(inputs, targets, negatives, w_in, w_out, lr, chunk=64):
-        got.update(inputs=inputs, targets=targets, negatives=negatives, w_in=w_in, w_out=w_out, lr=lr)
-
-    bind_step(step)(1, 2, 3, 4, 5, 0.5)
-    assert got == dict(inputs=1, targets=2, negatives=3, w_in=4, w_out=5, lr=0.5)
-    with pytest.raises(TypeError, match="lr"):
-        bind_step(lambda center, context, negatives, in_weight, out_weight: None)
+    step = fused_step(Context(device=CPU, log=lambda _: None))
+    g = torch.Generator().manual_seed(0)
+    V, D, B, K = 11, 5, 7, 3
+    c, x = torch.randint(0, V, (B,), generator=g), torch.randint(0, 5, (B,), generator=g)
+    n = torch.randint(5, V, (B, K), generator=g)  # disjoint from the targets
+    w_in, w_out = torch.randn(V, D, generator=g), torch.randn(V, D, generator=g)
+    a, b = w_in.clone(), w_out.clone()
+    step(c, x, n, w_in, w_out, 0.1)
+    torch_sgns_step(c, x, n, a, b, lr=0.1)
+    torch.testing.assert_close(w_in, a)
+    torch.testing.assert_close(w_out, b)
 
 
 def test_sgns_peers_agree():
@@ -198,15 +204,160 @@ def test_ws353_spearman(tmp_path):
     assert used == 3 and rho == pytest.approx(1.0)
 
 
-def test_suite_skips_unavailable_op(monkeypatch):
+def test_suite_skips_failing_op(monkeypatch):
     import embedattn
     from benchmarks import attention
 
-    def nope(*a, **k):
-        raise NotImplementedError
+    assert attention.available(Context(device=CPU)) is None
 
-    monkeypatch.setattr(embedattn, "attention", nope)
-    assert "not implemented" in attention.available(Context(device=CPU))
+    def broken(*a, **k):
+        raise RuntimeError("no kernel for this device")
+
+    monkeypatch.setattr(embedattn, "attention", broken)
+    assert attention.available(Context(device=CPU)) == (
+        "embedattn.attention failed on a tiny input: RuntimeError: no kernel for this device")
+
+
+@pytest.mark.parametrize("mode", ["fwd", "bwd", "fwd+bwd", "step"])
+def test_run_speed_benchmark_modes(mode):
+    """The one runner: forward on the inputs as given in fwd/step; in bwd the forwards run once per set
+    before timing; the backward gets each set's own upstream gradient and reaches the inputs named by
+    grad_inputs and the shared params, on copies whose gradients are cleared; the caller's tensors stay
+    as they were (but for a step, which updates its params in place)."""
+    g = torch.Generator().manual_seed(0)
+    sets = [(torch.randn(4, generator=g), torch.randn(4, generator=g)) for _ in range(2)]
+    grads = [torch.full((4,), float(i + 1)) for i in range(2)]
+    weight = torch.randn(4, generator=g)
+    calls, seen_grads, leaves = [], [], []
+
+    def forward(x, y, w):
+        calls.append(1)
+        if mode == "step":
+            w.add_(1.0)
+        out = x * y * w
+        if out.requires_grad:
+            leaves.extend([x, y, w])
+            out.register_hook(lambda grad: seen_grads.append(grad.clone()))
+        return out
+
+    ctx = Context(device=CPU, warmup_ms=0, rep_ms=1)
+    w0 = weight.clone()
+    timing, peak = harness.run_speed_benchmark(ctx, forward, sets, mode, grad_outputs=grads, grad_inputs=(0,),
+                                               params=(weight,))  # fmt: skip
+    assert 0 <= timing.p20 <= timing.p50 <= timing.p80 and math.isnan(peak)  # no peak memory on CPU
+    assert all(not x.requires_grad and x.grad is None for st in sets for x in st)
+    if mode == "step":
+        assert torch.equal(weight, w0 + len(calls))
+        return
+    assert torch.equal(weight, w0) and not weight.requires_grad
+    if mode == "fwd":
+        assert not seen_grads and not leaves
+        return
+    if mode == "bwd":
+        assert len(calls) == len(sets)  # the forwards are outside the timed region
+    assert len(seen_grads) >= 3 and all(any(torch.equal(s, gr) for gr in grads) for s in seen_grads)
+    x, y, w = leaves[:3]
+    assert x.requires_grad and not y.requires_grad and w.requires_grad and w is not weight
+    assert all(t.grad is None for t in leaves)  # cleared once measured
+    with pytest.raises(ValueError, match="unknown mode"):
+        harness.run_speed_benchmark(ctx, forward, sets, "full")
+
+
+def _cli(main, argv, capsys) -> tuple[int, str]:
+    """Exit status and stderr of one command run in this process (argparse errors exit via SystemExit)."""
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def _unwritable_dir(tmp_path: Path) -> Path:
+    ro = tmp_path / "read_only"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        (ro / "probe").touch()
+    except OSError:
+        return ro / "out"
+    pytest.skip("this user writes in read-only folders (root)")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--dtype", "fp64"], "argument --dtype: 'fp64' not one of fp16, bf16, fp32"),
+    (["--dtype", "fp16,float16"], "argument --dtype: 'float16' not one of fp16, bf16, fp32"),
+    (["--max-seconds", "-5"], "argument --max-seconds: must be > 0, got -5"),
+    (["--max-seconds", "0"], "argument --max-seconds: must be > 0, got 0"),
+    (["--warmup-ms", "-1"], "argument --warmup-ms: must be a finite number >= 0, got -1"),
+    (["--rep-ms", "-2.5"], "argument --rep-ms: must be a finite number >= 0, got -2.5"),
+    (["--rep-ms", "many"], "argument --rep-ms: not a number: 'many'"),
+    (["--suite", "attn"], "argument --suite: 'attn' not one of attention, embedding, negative_sampling, all"),
+    (["--out", "{file}"], "--out: {file} exists and is not a folder"),
+    (["--out", "{file}/sub"], "--out: cannot write in {file}/sub: Not a directory"),
+    (["--out", "{read_only}"], "--out: cannot write in {read_only}: Permission denied"),
+])  # fmt: skip
+def test_cli_rejects_bad_arguments(args, message, tmp_path, monkeypatch, capsys):
+    """One line on stderr and exit status 2, before anything is measured."""
+    from benchmarks.__main__ import main
+
+    def measured(*a, **k):
+        raise AssertionError("a benchmark ran")
+
+    monkeypatch.setattr(harness, "measure_copy_bandwidth", measured)
+    file = tmp_path / "results.csv"
+    file.write_text("not a folder\n")
+    paths = {"file": str(file)}
+    if "{read_only}" in args[-1]:
+        paths["read_only"] = str(_unwritable_dir(tmp_path))
+    args = [a.format(**paths) for a in args]
+    if "--out" not in args:
+        args += ["--out", str(tmp_path / "out")]
+    code, err = _cli(main, ["--tiny", "--device", "cpu", *args], capsys)
+    assert code == 2
+    assert err == f"python -m benchmarks: error: {message.format(**paths)}\n"
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_error_is_one_line_from_the_shell(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    p = subprocess.run([sys.executable, "-m", "benchmarks", "--dtype", "fp64", "--out", str(tmp_path / "o")],
+                       cwd=root, env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert p.returncode == 2 and p.stdout == ""
+    assert p.stderr == "python -m benchmarks: error: argument --dtype: 'fp64' not one of fp16, bf16, fp32\n"
+
+
+@pytest.mark.parametrize("content,message", [
+    (None, "{csv}: no such file"),
+    ("", "{csv}: empty file (no header row)"),
+    (",".join(COLUMNS) + "\n", "{csv}: no rows below the header"),
+    ("kernel,p50\nk,1.0\n", "{csv}: missing column(s) suite, provider, mode, dtype, x_name, x_value, metric, unit, "
+                             "p20, p80, config (is it a results.csv?)"),
+    ("{header}\n{good}\n{bad_p50}\n", "{csv}, line 3: p50 is not a number: 'fast'"),
+    ("{header}\n{bad_x}\n", "{csv}, line 2: x_value is not a number: 'N=8'"),
+    ("{header}\n{good},extra\n", "{csv}, line 2: the row's field count differs from the header's (18)"),
+    ("{header}\nattention,k,p\n", "{csv}, line 2: the row's field count differs from the header's (18)"),
+])  # fmt: skip
+@pytest.mark.parametrize("command", ["summary", "plot"])
+def test_summary_and_plot_reject_bad_csv(command, content, message, tmp_path, capsys):
+    """A missing or malformed CSV: one line on stderr, exit status 2, and no summary.md or plots."""
+    import importlib
+
+    main = importlib.import_module(f"benchmarks.{command}").main
+    path = tmp_path / "results.csv"
+    row = dict(suite="attention", kernel="k", provider="embedattn", mode="fwd", dtype="fp32", shape="", x_name="N",
+               x_value="8", metric="tflops", unit="TFLOP/s", p50="1", p20="0.5", p80="2", config="")  # fmt: skip
+
+    def line(**kw):
+        return ",".join(str({**row, **kw}.get(c, "")) for c in COLUMNS)
+
+    if content is not None:
+        path.write_text(content.format(header=",".join(COLUMNS), good=line(), bad_p50=line(p50="fast"),
+                                       bad_x=line(x_value="N=8")))  # fmt: skip
+    code, err = _cli(main, [str(path)], capsys)
+    assert code == 2
+    assert err == f"python -m benchmarks.{command}: error: {message.format(csv=path)}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["results.csv"] if content is not None else [])
 
 
 def test_cli_tiny_sweep(tmp_path, monkeypatch):
@@ -235,7 +386,7 @@ def test_cli_tiny_sweep(tmp_path, monkeypatch):
     assert "## Notes from the run" in (out / "summary.md").read_text()
 
     out2 = tmp_path / "budget"
-    assert main(["--tiny", "--device", DEVICE, "--out", str(out2), "--max-seconds", "0", "--no-plots",
+    assert main(["--tiny", "--device", DEVICE, "--out", str(out2), "--max-seconds", "1e-9", "--no-plots",
                  "--suite", "attention"]) == 0  # fmt: skip
     env2 = json.loads((out2 / "env.json").read_text())
     if env2["suites_run"]:
