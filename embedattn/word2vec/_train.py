@@ -8,16 +8,18 @@ import torch.nn.functional as F
 
 def keep_probability(counts: torch.Tensor, sample: float) -> torch.Tensor:
     """gensim/word2vec.c frequent-word downsampling: P(keep w) = (sqrt(f/t) + 1) * t/f, capped at 1,
-    with f the word's count and t = sample * (total retained words)."""
+    with f the word's count and t = sample * (total retained words); gensim's shorthand ``sample >= 1``
+    sets t = int(sample * (3 + sqrt 5) / 2), downsampling the words counted more than ``sample`` times."""
     counts = counts.double()
     if not sample:
         return torch.ones_like(counts)
-    t = sample * counts.sum()
-    return ((counts / t).sqrt() + 1) * t / counts
+    t = sample * counts.sum() if sample < 1 else float(int(sample * (3 + 5 ** 0.5) / 2))
+    return (((counts / t).sqrt() + 1) * t / counts).clamp(max=1.0)
 
 
 def skipgram_pairs(ids: torch.Tensor, sent: torch.Tensor, start: int, end: int, window: int,
-                   generator: torch.Generator | None, splits: list[int] | None = None):
+                   generator: torch.Generator | None, splits: list[int] | None = None,
+                   shrink_windows: bool = True):
     """Skip-gram pairs whose centre lies in positions [start, end) of ``ids``.
 
     Each centre draws its reduced window b in 1..window (word2vec.c's dynamic window); context
@@ -25,11 +27,15 @@ def skipgram_pairs(ids: torch.Tensor, sent: torch.Tensor, start: int, end: int, 
     word2vec.c: the input row is the context word, the predicted (output) row the centre word.
     Pairs come in centre order. ``splits`` (increasing positions from ``start`` to ``end``): also
     return the pair offsets where each split position begins, a list (one host sync in all).
+    ``shrink_windows=False`` (gensim's option): every centre uses the full ``window``.
     """
     n = ids.numel()
     dev = ids.device
     pos = torch.arange(start, end, device=dev)
-    b = torch.randint(1, window + 1, (end - start,), device=dev, generator=generator)
+    if shrink_windows:
+        b = torch.randint(1, window + 1, (end - start,), device=dev, generator=generator)
+    else:
+        b = torch.full((end - start,), window, device=dev)
     offs = torch.cat([torch.arange(-window, 0, device=dev), torch.arange(1, window + 1, device=dev)])
     q = pos[:, None] + offs[None, :]
     qc = q.clamp(0, n - 1)

@@ -1,11 +1,13 @@
-"""``Word2Vec``: skip-gram with negative sampling, gensim's argument names and defaults."""
+"""``Word2Vec``: skip-gram with negative sampling, gensim's argument names, defaults and methods."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
+import os
 import sys
 import time
-from collections import namedtuple
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -14,131 +16,53 @@ import torch
 
 from .._backend import resolve
 from ..negative_sampling import UnigramSampler
-from ._corpus import build_vocab, line_sentences
+from ._corpus import line_sentences, prepare_vocab, read_corpus, scan_vocab
+from ._keyedvectors import KeyedVectors, WordPairsResult, load_npz, save_npz
 from ._train import CompiledStep, autograd_sgns_step, keep_probability, skipgram_pairs, torch_sgns_step
 
-WordPairsResult = namedtuple("WordPairsResult", ["pearson", "spearman", "oov_ratio"])
+logger = logging.getLogger(__name__)
+
+# the settings save() keeps and load() passes back to the constructor
+_PARAMS = ("vector_size", "window", "negative", "min_count", "sample", "alpha", "min_alpha", "epochs",
+           "ns_exponent", "max_vocab_size", "max_final_vocab", "sorted_vocab", "batch_words", "shrink_windows",
+           "compute_loss", "seed", "workers", "backend", "fused", "compile", "in_flight", "deterministic")
+_STATE = ("effective_min_count", "corpus_count", "corpus_total_words", "train_count", "total_train_time",
+          "running_training_loss")
 
 
-def _rank(x: np.ndarray) -> np.ndarray:
-    """Ranks with ties averaged (scipy.stats.rankdata's default)."""
-    order = np.argsort(x, kind="mergesort")
-    xs = x[order]
-    ranks = np.empty(len(x))
-    i = 0
-    while i < len(x):
-        j = i
-        while j + 1 < len(x) and xs[j + 1] == xs[i]:
-            j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2 + 1
-        i = j + 1
-    return ranks
+def resolve_device(device) -> torch.device:
+    """``device`` as a torch.device (None: CUDA when available, else the CPU); a CUDA device that is
+    not there raises ValueError here, before any work."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device {device!r} is not a torch device: {e}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r}: CUDA is not available here (torch {torch.__version__}, "
+                             "torch.cuda.is_available() is False); use device='cpu'")
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise ValueError(f"device {str(device)!r}: this machine has {n} CUDA device(s), cuda:0..cuda:{n - 1}")
+    return dev
 
 
-def _pearson(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a - a.mean(), b - b.mean()
-    return float((a * b).sum() / math.sqrt((a * a).sum() * (b * b).sum()))
-
-
-class KeyedVectors:
-    """Word vectors by word (the trained input table), gensim-style."""
-
-    def __init__(self, index_to_key: list[str], vectors: torch.Tensor) -> None:
-        self.index_to_key = index_to_key
-        self.key_to_index = {w: i for i, w in enumerate(index_to_key)}
-        self.vectors = vectors
-
-    @property
-    def vector_size(self) -> int:
-        return self.vectors.shape[1]
-
-    def __len__(self) -> int:
-        return len(self.index_to_key)
-
-    def __contains__(self, word: str) -> bool:
-        return word in self.key_to_index
-
-    def _index(self, word: str) -> int:
-        try:
-            return self.key_to_index[word]
-        except KeyError:
-            raise KeyError(f"word {word!r} not in vocabulary") from None
-
-    def __getitem__(self, words):
-        """A numpy float32 vector for a word, a (n, D) array for a list of words."""
-        if isinstance(words, str):
-            return self.vectors[self._index(words)].detach().cpu().numpy().copy()
-        idx = torch.tensor([self._index(w) for w in words], device=self.vectors.device)
-        return self.vectors[idx].detach().cpu().numpy()
-
-    def _unit(self) -> torch.Tensor:
-        v = self.vectors.detach().float()
-        return v / v.norm(dim=1, keepdim=True).clamp_min(1e-12)
-
-    def similarity(self, a: str, b: str) -> float:
-        u = self._unit()
-        return float(u[self._index(a)] @ u[self._index(b)])
-
-    def most_similar(self, positive, negative=(), topn: int = 10) -> list[tuple[str, float]]:
-        """The ``topn`` words of highest cosine similarity to mean(positive) - mean(negative),
-        excluding the query words (gensim's most_similar)."""
-        positive = [positive] if isinstance(positive, str) else list(positive)
-        negative = [negative] if isinstance(negative, str) else list(negative)
-        u = self._unit()
-        q = torch.zeros(u.shape[1], device=u.device)
-        for w in positive:
-            q += u[self._index(w)]
-        for w in negative:
-            q -= u[self._index(w)]
-        sims = u @ (q / q.norm().clamp_min(1e-12))
-        for w in positive + negative:
-            sims[self._index(w)] = -math.inf
-        top = torch.topk(sims, min(topn, max(len(self) - len(positive) - len(negative), 0)))
-        return [(self.index_to_key[i], float(s)) for s, i in zip(top.values.tolist(), top.indices.tolist())]
-
-    def evaluate_word_pairs(self, path: str, delimiter: str = "\t",
-                            case_insensitive: bool = True) -> WordPairsResult:
-        """Correlation of cosine similarities with human scores on a word-pair file (WordSim-353,
-        SimLex-999: ``word1<delim>word2<delim>score`` lines, ``#`` comments). Pairs with an unknown
-        word are skipped; ``oov_ratio`` is their percentage (gensim's convention)."""
-        k2i = self.key_to_index
-        if case_insensitive:  # like gensim: the first (most frequent) spelling wins
-            k2i = {}
-            for w, i in self.key_to_index.items():
-                k2i.setdefault(w.upper(), i)
-        u = self._unit()
-        model, gold, oov, total = [], [], 0, 0
-        with open(path, encoding="utf8") as f:
-            for line in f:
-                if line.startswith("#") or not line.strip():
-                    continue
-                parts = line.rstrip("\n").split(delimiter)
-                a, b, score = parts[0], parts[1], float(parts[2])
-                if case_insensitive:
-                    a, b = a.upper(), b.upper()
-                total += 1
-                if a not in k2i or b not in k2i:
-                    oov += 1
-                    continue
-                model.append(float(u[k2i[a]] @ u[k2i[b]]))
-                gold.append(score)
-        if len(model) < 2:
-            raise ValueError(f"{path}: fewer than 2 word pairs are in the vocabulary")
-        m, g = np.array(model), np.array(gold)
-        return WordPairsResult(_pearson(m, g), _pearson(_rank(m), _rank(g)), 100.0 * oov / max(total, 1))
-
-    def save_word2vec_format(self, path: str, binary: bool = False) -> None:
-        """word2vec.c's format, readable by gensim's ``KeyedVectors.load_word2vec_format``: a
-        ``"<count> <dim>"`` header, then one word per line followed by its vector as text, or as
-        little-endian float32 bytes (and a newline, like word2vec.c) when ``binary``."""
-        vecs = self.vectors.detach().float().cpu().numpy()
-        with open(path, "wb") as f:
-            f.write(f"{len(self)} {self.vector_size}\n".encode())
-            for word, row in zip(self.index_to_key, vecs):
-                if binary:
-                    f.write(word.encode("utf8") + b" " + row.astype("<f4").tobytes() + b"\n")
-                else:
-                    f.write((word + " " + " ".join(f"{x:.7g}" for x in row.tolist()) + "\n").encode("utf8"))
+@contextlib.contextmanager
+def _deterministic_algorithms(on: bool):
+    """torch's deterministic algorithms (``index_add_`` on CUDA without atomics) while training, then
+    the caller's setting back; ops without a deterministic version warn rather than fail."""
+    if not on:
+        yield
+        return
+    before = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=warn_only)
 
 
 def _batch_bounds(n: int, n_batches: int) -> list[int]:
@@ -156,53 +80,102 @@ def _chunked(step, chunk: int, inputs, targets, negatives, w_in, w_out, lr):
     return total
 
 
-class Word2Vec:
-    """Skip-gram word2vec with negative sampling on embedattn's kernels.
+def _check_int(name: str, val, lo: int, optional: bool = False) -> None:
+    if optional and val is None:
+        return
+    if not isinstance(val, (int, np.integer)) or isinstance(val, bool) or val < lo:
+        raise ValueError(f"{name} must be {'None or ' if optional else ''}an int >= {lo}, got {val!r}")
 
-    Arguments follow gensim's ``Word2Vec`` (``sg=1``): give ``sentences`` (an iterable of token lists)
-    or ``corpus_file`` (one sentence per line; .bz2/.gz fine) and training runs in the constructor.
+
+def _plain(v):
+    """A setting as a JSON value (numpy scalars as Python ones)."""
+    return v.item() if isinstance(v, np.generic) else v
+
+
+def _check_corpus_args(corpus_iterable, corpus_file) -> None:
+    if corpus_iterable is not None and corpus_file is not None:
+        raise TypeError("Both corpus_file and corpus_iterable must not be provided at the same time")
+    if corpus_file is not None and not isinstance(corpus_file, (str, os.PathLike)):
+        raise TypeError(f"corpus_file must be a path, got {type(corpus_file).__name__}")
+
+
+class Word2Vec:
+    """Skip-gram word2vec with negative sampling on embedattn's kernels, gensim's API.
+
+    Arguments follow gensim's ``Word2Vec`` with ``sg=1``: give ``sentences`` (an iterable of token
+    lists; a one-pass generator is fine) or ``corpus_file`` (one sentence per line, UTF-8; .bz2/.gz
+    fine) and training runs in the constructor; or call ``build_vocab`` and ``train`` yourself. The
+    vocabulary is gensim's: counted with ``max_vocab_size`` pruning during the scan, cut at
+    ``min_count`` (raised by ``max_final_vocab``) and ``trim_rule``, sorted by descending count with
+    equal counts in gensim's order. The learning rate decays linearly from ``alpha`` to ``min_alpha``
+    with the words processed, over all epochs of a ``train`` call. ``wv`` (a ``KeyedVectors``) holds
+    the vectors as a numpy array, ``syn1neg`` the output table. Only skip-gram with negative sampling is
+    implemented (``sg=1``, ``hs=0``). The loss is always computed (``compute_loss`` is accepted).
+
+    embedattn's own arguments: ``device`` (default CUDA when available); ``backend`` picks the
+    loss/step implementation as everywhere in embedattn (None: Triton on CUDA, PyTorch on the CPU).
     ``fused=True`` trains with the fused step (Triton ``sgns_step`` on CUDA; on the CPU the same
     update in chunked PyTorch, torch.compile'd); ``fused=False`` with the autograd
-    ``negative_sampling_loss`` + SGD. ``backend`` picks the loss/step implementation as everywhere in
-    embedattn (None: Triton on CUDA, PyTorch on the CPU). Updates apply ``batch_words`` corpus words
-    at a time (one learning rate each), all on ``device`` (default: CUDA when available); with one
-    worker, pairs and negatives are drawn for 2**18 words at once. On the CPU, ``workers``
-    threads (default: min(2, torch.get_num_threads())) each run single-threaded PyTorch on their
-    share of a batch's pairs, Hogwild like gensim's workers (small ops parallelize badly inside).
-    ``compile`` (CPU fused path): torch.compile the step (None: when epochs x corpus words >= 1M,
-    as compiling costs ~10-30 s once; falls back to eager PyTorch with a warning when it fails).
-    ``in_flight`` (fused Triton path): None runs one launch per 256-pair minibatch (the semantics
-    whose quality matches gensim's); an int runs one launch per batch in which GPU programs walk
-    their share of the pairs Hogwild, about ``in_flight`` pairs at a time, like word2vec.c's
-    threads: far fewer launches, staleness set by ``in_flight`` (check the quality when raising it).
+    ``negative_sampling_loss`` + SGD. Updates apply ``batch_words`` corpus words at a time (one
+    learning rate each); with one worker, pairs and negatives are drawn for 2**18 words at once. On
+    the CPU, ``workers`` threads (default: min(2, torch.get_num_threads())) each run single-threaded
+    PyTorch on their share of a batch's pairs, Hogwild like gensim's workers. ``compile`` (CPU fused
+    path): torch.compile the step (None: when epochs x corpus words >= 1M, as compiling costs ~10-30 s
+    once; falls back to eager PyTorch with a warning when it fails). ``in_flight`` (fused Triton
+    path): None runs one launch per 256-pair minibatch (the semantics whose quality matches
+    gensim's); an int runs one launch per batch in which GPU programs walk their share of the pairs
+    Hogwild, about ``in_flight`` pairs at a time. ``progress``: True shows a progress bar on stderr
+    (words/s, loss, learning rate), a callable gets the same numbers as a dict; epochs are also logged
+    at INFO level like gensim's.
+
+    Determinism: ``deterministic=True`` gives the same vectors bit for bit for the same ``seed`` on the
+    same device (for tests): one worker, and the PyTorch step (on CUDA under torch's deterministic
+    algorithms) instead of the Triton kernels, whose atomic adds land in a varying order. On the CPU
+    ``workers=1`` alone is enough (gensim's advice too); more workers update the tables Hogwild, in an
+    order that varies run to run.
     """
 
-    def __init__(self, sentences: Iterable[list[str]] | None = None, *, corpus_file: str | None = None,
+    def __init__(self, sentences: Iterable[list[str]] | None = None, *, corpus_file=None,
                  vector_size: int = 100, window: int = 5, negative: int = 5, min_count: int = 5,
                  sample: float = 1e-3, alpha: float = 0.025, min_alpha: float = 1e-4, epochs: int = 5,
-                 ns_exponent: float = 0.75, max_vocab_size: int | None = None, batch_words: int = 10000,
-                 seed: int = 0, workers: int | None = None, device=None, backend: str | None = None,
-                 fused: bool = True, compile: bool | None = None, in_flight: int | None = None,
-                 progress: Callable[[dict], None] | None = None) -> None:
+                 ns_exponent: float = 0.75, max_vocab_size: int | None = None, max_final_vocab: int | None = None,
+                 trim_rule: Callable | None = None, sorted_vocab: int = 1, batch_words: int = 10000,
+                 shrink_windows: bool = True, sg: int = 1, hs: int = 0, compute_loss: bool = False,
+                 callbacks: Iterable = (), seed: int = 0, workers: int | None = None, device=None,
+                 backend: str | None = None, fused: bool = True, compile: bool | None = None,
+                 in_flight: int | None = None, deterministic: bool = False,
+                 progress: bool | Callable[[dict], None] | None = None) -> None:
+        if sg != 1:
+            raise ValueError(f"only skip-gram is implemented: sg must be 1, got {sg!r}")
+        if hs:
+            raise ValueError("hierarchical softmax is not implemented: hs must be 0 (negative sampling)")
         for name, val, lo in (("vector_size", vector_size, 1), ("window", window, 1), ("negative", negative, 1),
-                              ("min_count", min_count, 1), ("epochs", epochs, 1), ("batch_words", batch_words, 1)):
-            if not isinstance(val, int) or val < lo:
-                raise ValueError(f"{name} must be an int >= {lo}, got {val!r}")
+                              ("min_count", min_count, 0), ("epochs", epochs, 1), ("batch_words", batch_words, 1)):
+            _check_int(name, val, lo)
+        _check_int("max_vocab_size", max_vocab_size, 0, optional=True)
+        _check_int("max_final_vocab", max_final_vocab, 1, optional=True)
+        _check_int("workers", workers, 1, optional=True)
+        _check_int("in_flight", in_flight, 1, optional=True)
+        if deterministic and (workers or 1) > 1:
+            raise ValueError(f"deterministic=True trains with one worker, not workers={workers}")
+        if deterministic and backend == "triton":
+            raise ValueError("deterministic=True runs the PyTorch step: the Triton step's atomic adds land in a "
+                             "varying order (use backend=None or 'reference')")
         if sample < 0 or alpha <= 0 or min_alpha < 0:
             raise ValueError("sample and min_alpha must be >= 0 and alpha > 0")
-        if sentences is not None and corpus_file is not None:
-            raise ValueError("give sentences or corpus_file, not both")
+        _check_corpus_args(sentences, corpus_file)
         self.vector_size, self.window, self.negative, self.min_count = vector_size, window, negative, min_count
         self.sample, self.alpha, self.min_alpha, self.epochs = sample, alpha, min_alpha, epochs
-        self.ns_exponent, self.max_vocab_size, self.batch_words = ns_exponent, max_vocab_size, batch_words
-        self.seed, self.backend, self.fused, self.progress = seed, backend, fused, progress
-        if workers is not None and (not isinstance(workers, int) or workers < 1):
-            raise ValueError(f"workers must be an int >= 1, got {workers!r}")
-        self.workers = workers
-        if in_flight is not None and (not isinstance(in_flight, int) or in_flight < 1):
-            raise ValueError(f"in_flight must be None or an int >= 1, got {in_flight!r}")
-        self.in_flight = in_flight
+        self.ns_exponent, self.max_vocab_size, self.max_final_vocab = ns_exponent, max_vocab_size, max_final_vocab
+        self.sorted_vocab, self.batch_words, self.shrink_windows = sorted_vocab, batch_words, shrink_windows
+        self.sg, self.hs, self.compute_loss = 1, 0, compute_loss
+        self.seed, self.backend, self.fused, self.workers, self.in_flight = seed, backend, fused, workers, in_flight
+        self.deterministic = deterministic
+        self.progress = print_progress if progress is True else (progress or None)
         self.compile, self.compile_seconds = compile, 0.0
+        self.device = resolve_device(device)
+        # a backend that cannot run here fails now, not after the vocabulary pass
+        resolve(backend, torch.empty(0, device=self.device), op="negative_sampling", dtype=torch.float32)
         # pairs per minibatch (per sgns_step launch on a GPU, where all pairs of a launch are in
         # flight at once): updates inside one are summed from a common snapshot, so a frequent word
         # drawn as a negative n times moves n stale steps at once. 2048 diverged on head500 (CPU,
@@ -210,42 +183,86 @@ class Word2Vec:
         self._chunk = 256
         # corpus words whose pairs and negatives are drawn at once (one host sync each, see _train)
         self._group_words = 1 << 18
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
         self.wv: KeyedVectors | None = None
-        self.running_training_loss = 0.0
-        self.train_seconds = 0.0
-        self.trained_words = 0
+        self.syn1neg: np.ndarray | None = None
+        self.raw_vocab: dict[str, int] = {}
+        self.effective_min_count = min_count
+        self.corpus_count = self.corpus_total_words = 0
+        self.train_count, self.total_train_time = 0, 0.0
+        self.running_training_loss = self.mean_pair_loss = 0.0
+        self.train_seconds, self.trained_words = 0.0, 0
+        self._ids = self._sent = None  # the corpus given to build_vocab, encoded, on the device
         if sentences is not None or corpus_file is not None:
-            self.build_vocab(sentences, corpus_file=corpus_file)
-            self.train()
+            self.build_vocab(sentences, corpus_file=corpus_file, trim_rule=trim_rule)
+            self.train(epochs=self.epochs, callbacks=callbacks)
+
+    def __str__(self) -> str:
+        n = len(self.wv) if self.wv is not None else 0
+        return f"{self.__class__.__name__}<vocab={n}, vector_size={self.vector_size}, alpha={self.alpha}>"
+
+    __repr__ = __str__
 
     # ----------------------------------------------------------------------------- vocabulary
-    def build_vocab(self, sentences=None, *, corpus_file: str | None = None) -> None:
-        if corpus_file is not None:
-            sentences = line_sentences(corpus_file)
-        if sentences is None:
-            raise ValueError("build_vocab needs sentences or corpus_file")
-        if isinstance(sentences, str):
-            raise TypeError("sentences must be an iterable of token lists, not a str (use corpus_file=)")
-        vocab, ids, sent, raw = build_vocab(sentences, self.min_count, self.max_vocab_size)
-        self.vocab, self.corpus_raw_words = vocab, raw
+    def build_vocab(self, corpus_iterable: Iterable[list[str]] | None = None, corpus_file=None, update: bool = False,
+                    progress_per: int = 10000, keep_raw_vocab: bool = False, trim_rule: Callable | None = None) -> None:
+        """Read the corpus once: count the words (gensim's scan, ``max_vocab_size`` pruning included),
+        keep those that pass ``min_count``/``max_final_vocab``/``trim_rule``, initialise the tables,
+        and keep the corpus (as ids) for ``train()`` without arguments. ``raw_vocab`` keeps the raw
+        counts when ``keep_raw_vocab``; ``progress_per`` is accepted for gensim compatibility."""
+        if update:
+            raise NotImplementedError("build_vocab(update=True) (growing a trained vocabulary) is not implemented")
+        _check_corpus_args(corpus_iterable, corpus_file)
+        if corpus_iterable is None and corpus_file is None:
+            raise TypeError("Either one of corpus_file or corpus_iterable value must be provided")
+        corpus = read_corpus(line_sentences(corpus_file) if corpus_file is not None else corpus_iterable)
+        if corpus.raw_words == 0:
+            raise ValueError("the corpus is empty: no words to train on")
+        raw = scan_vocab(corpus, self.max_vocab_size, trim_rule)
+        self.corpus_count, self.corpus_total_words = corpus.n_sentences, corpus.raw_words
+        self._prepare_vocab(raw, trim_rule, keep_raw_vocab)
+        ids, sent = corpus.encode(self.wv.key_to_index)
         self._ids, self._sent = ids.to(self.device), sent.to(self.device)
-        self._gen = torch.Generator(device=self.device).manual_seed(self.seed)
-        self._worker_gens = [torch.Generator(device=self.device).manual_seed(self.seed + 1 + i)
+
+    def build_vocab_from_freq(self, word_freq: dict[str, int], keep_raw_vocab: bool = False,
+                              corpus_count: int | None = None, trim_rule: Callable | None = None,
+                              update: bool = False) -> None:
+        """The vocabulary from ``{word: count}`` (gensim's); ``train`` then needs a corpus argument."""
+        if update:
+            raise NotImplementedError("build_vocab_from_freq(update=True) is not implemented")
+        self.corpus_count = corpus_count or 0
+        self.corpus_total_words = int(sum(word_freq.values()))
+        self._prepare_vocab(dict(word_freq), trim_rule, keep_raw_vocab)
+        self._ids = self._sent = None
+
+    def _prepare_vocab(self, raw: dict[str, int], trim_rule, keep_raw_vocab: bool) -> None:
+        words, counts, self.effective_min_count = prepare_vocab(raw, self.min_count, self.max_final_vocab,
+                                                                trim_rule, bool(self.sorted_vocab))
+        if not words:
+            top = max(raw.values(), default=0)
+            raise ValueError(f"the vocabulary is empty: no word occurs min_count={self.effective_min_count} times "
+                             f"or more (most frequent: {top} times); lower min_count")
+        self.raw_vocab = raw if keep_raw_vocab else {}
+        V, D = len(words), self.vector_size
+        gen = torch.Generator().manual_seed(self.seed)
+        vectors = torch.empty(V, D).uniform_(-0.5 / D, 0.5 / D, generator=gen).numpy()  # word2vec.c's init
+        self.wv = KeyedVectors._from_arrays(words, vectors, counts)
+        self.syn1neg = np.zeros((V, D), dtype=np.float32)
+        self._init_sampling()
+
+    def _init_sampling(self) -> None:
+        counts = torch.from_numpy(np.asarray(self.wv.expandos["count"], dtype=np.int64))
+        self._sampler = UnigramSampler(counts, self.ns_exponent, device=self.device)
+        self._keep = keep_probability(counts, self.sample).float().to(self.device)
+        # a loaded model continues with fresh random streams, not the ones its first training used
+        seed = self.seed + 1_000_003 * self.train_count
+        self._gen = torch.Generator(device=self.device).manual_seed(seed)
+        self._worker_gens = [torch.Generator(device=self.device).manual_seed(seed + 1 + i)
                              for i in range(self._n_workers())]
-        V, D = len(vocab), self.vector_size
-        w_in = torch.empty(V, D, device=self.device)
-        w_in.uniform_(-0.5 / D, 0.5 / D, generator=self._gen)  # word2vec.c's initialisation
-        self.syn1neg = torch.zeros(V, D, device=self.device)
-        self.wv = KeyedVectors(vocab.index_to_key, w_in)
-        self._sampler = UnigramSampler(vocab.counts, self.ns_exponent, device=self.device)
-        self._keep = keep_probability(vocab.counts, self.sample).float().to(self.device)
 
     # ----------------------------------------------------------------------------- training
     def _step_fn(self):
-        be = resolve(self.backend, self.syn1neg)
+        backend = "reference" if self.deterministic else self.backend
+        be = resolve(backend, self._w_out, op="negative_sampling", dtype=torch.float32)
         if not self.fused:
             return lambda *a: _chunked(lambda *c: autograd_sgns_step(*c, backend=be), self._chunk, *a)
         if be == "triton":
@@ -259,26 +276,71 @@ class Word2Vec:
             return lambda *a: sgns_step(*a, chunk=self._chunk).sum(dtype=torch.float64)
         compile_ = self.compile
         if compile_ is None:  # compiling costs ~10-20 s once: worth it for longer runs only
-            compile_ = self.epochs * self.corpus_raw_words >= 1_000_000
+            compile_ = self.epochs * self._ids_train.numel() >= 1_000_000
         if compile_ and self.device.type == "cpu":  # CompiledStep is the CPU path (C++ codegen, CPU ids)
             t = time.perf_counter()
-            step = CompiledStep(self.wv.vectors, self.syn1neg, self.negative, self._chunk)
+            step = CompiledStep(self._w_in, self._w_out, self.negative, self._chunk)
             self.compile_seconds = time.perf_counter() - t
             if step.ok:
                 return step
         return lambda *a: torch_sgns_step(*a, chunk=self._chunk)
 
     def _n_workers(self) -> int:
-        if self.device.type != "cpu" or resolve(self.backend, torch.empty(0, device=self.device)) != "reference":
+        be = resolve(self.backend, torch.empty(0, device=self.device), op="negative_sampling", dtype=torch.float32)
+        if self.device.type != "cpu" or be != "reference":
             return 1  # Triton's CPU interpreter patches global state per launch: one thread only
+        if self.deterministic:
+            return 1
         return self.workers if self.workers is not None else max(1, min(2, torch.get_num_threads()))
 
-    def train(self, epochs: int | None = None) -> float:
-        """Train (again) for ``epochs`` passes with the learning rate decaying linearly from
-        ``alpha`` to ``min_alpha``. Returns the words/s (raw corpus words per second)."""
+    def _device_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tables as float32 tensors on the device: on the CPU views of ``wv.vectors`` and
+        ``syn1neg`` (training updates them in place, like gensim), elsewhere copies written back."""
+        shape = (len(self.wv), self.vector_size)
+        for name, arr in (("wv.vectors", self.wv.vectors), ("syn1neg", self.syn1neg)):
+            if np.shape(arr) != shape:
+                raise ValueError(f"{name} has shape {np.shape(arr)}, the vocabulary needs {shape}")
+        self.wv.vectors = np.require(self.wv.vectors, np.float32, ["C", "W"])
+        self.syn1neg = np.require(self.syn1neg, np.float32, ["C", "W"])
+        return (torch.from_numpy(self.wv.vectors).to(self.device),
+                torch.from_numpy(self.syn1neg).to(self.device))
+
+    def train(self, corpus_iterable: Iterable[list[str]] | None = None, corpus_file=None,
+              total_examples: int | None = None, total_words: int | None = None, epochs: int | None = None,
+              start_alpha: float | None = None, end_alpha: float | None = None, *, report_delay: float = 1.0,
+              compute_loss: bool | None = None, callbacks: Iterable = ()) -> tuple[int, int]:
+        """Train for ``epochs`` passes (default ``self.epochs``; given, it becomes ``self.epochs`` as in
+        gensim) over ``corpus_iterable``/``corpus_file``, or, with neither, over the corpus given to
+        ``build_vocab``. Words outside the vocabulary are skipped. The learning rate decays linearly
+        from ``start_alpha`` (``alpha``) to ``end_alpha`` (``min_alpha``) with the words processed;
+        the corpus is counted as it is read, so ``total_examples``/``total_words`` are accepted for
+        gensim compatibility but not needed. ``callbacks``: objects with gensim's ``on_train_begin``,
+        ``on_epoch_begin``, ``on_epoch_end``, ``on_train_end`` (each called with the model); progress
+        is reported every ``report_delay`` seconds. Returns (effective words trained, i.e. kept after
+        subsampling, raw words), summed over the epochs, as gensim."""
         if self.wv is None:
-            raise ValueError("call build_vocab (or pass a corpus to the constructor) before train")
-        epochs = self.epochs if epochs is None else epochs
+            raise RuntimeError("you must first build vocabulary before training the model")
+        _check_corpus_args(corpus_iterable, corpus_file)
+        if epochs is not None:
+            _check_int("epochs", epochs, 1)
+            self.epochs = epochs
+        self.alpha = start_alpha or self.alpha
+        self.min_alpha = end_alpha or self.min_alpha
+        if compute_loss is not None:
+            self.compute_loss = compute_loss
+        if corpus_iterable is not None or corpus_file is not None:
+            corpus = read_corpus(line_sentences(corpus_file) if corpus_file is not None else corpus_iterable)
+            ids, sent = corpus.encode(self.wv.key_to_index)
+            ids, sent, raw_words = ids.to(self.device), sent.to(self.device), corpus.raw_words
+        elif self._ids is not None:
+            ids, sent, raw_words = self._ids, self._sent, self.corpus_total_words
+        else:
+            raise ValueError("no corpus to train on: pass corpus_iterable or corpus_file (a loaded model, or one "
+                             "built with build_vocab_from_freq, does not keep a corpus)")
+        callbacks = list(callbacks)
+        self._w_in, self._w_out = self._device_tables()
+        self._ids_train = ids
+        self.wv.norms = None
         n_workers = self._n_workers()
         on_cpu = self.device.type == "cpu"
         # the ops are small: intra-op threads cost more than they give (a lot on a loaded machine),
@@ -288,21 +350,37 @@ class Word2Vec:
         threads = torch.get_num_threads()
         if on_cpu:
             torch.set_num_threads(1)
+        for cb in callbacks:
+            cb.on_train_begin(self)
         try:
             step = self._step_fn()
-            self._train(epochs, step, n_workers, pool)
+            with _deterministic_algorithms(self.deterministic and not on_cpu):
+                effective = self._train(self.epochs, step, n_workers, pool, ids, sent, raw_words, callbacks,
+                                        report_delay)
         finally:
             if pool is not None:
                 pool.shutdown()
             if on_cpu:
                 torch.set_num_threads(threads)
-        return self.trained_words / self.train_seconds
+            if not on_cpu:  # the device copies back into the numpy tables
+                np.copyto(self.wv.vectors, self._w_in.cpu().numpy())
+                np.copyto(self.syn1neg, self._w_out.cpu().numpy())
+            self._w_in = self._w_out = self._ids_train = None
+            self.wv.norms = None
+        self.train_count += 1
+        self.total_train_time += self.train_seconds
+        for cb in callbacks:
+            cb.on_train_end(self)
+        return effective, self.epochs * raw_words
 
-    def _train(self, epochs, step, n_workers, pool) -> None:
-        w_in, w_out, gen = self.wv.vectors, self.syn1neg, self._gen
-        n_all = self._ids.numel()
-        total = epochs * n_all
-        done, loss_acc, loss_pairs, t0, last = 0, 0.0, 0, time.perf_counter(), 0.0
+    def _train(self, epochs, step, n_workers, pool, ids_all, sent_all, raw_words, callbacks, report_delay) -> int:
+        w_in, w_out, gen = self._w_in, self._w_out, self._gen
+        n_all = ids_all.numel()
+        total = max(epochs * n_all, 1)
+        done, loss_acc, loss_pairs, effective = 0, 0.0, 0, 0
+        t0 = last = time.perf_counter()
+        lr = self.alpha
+        self.running_training_loss = 0.0
 
         def negatives(tgt, g):
             # the fused steps skip a negative equal to the target (word2vec.c); the autograd loss
@@ -314,9 +392,13 @@ class Word2Vec:
             return step(inp, tgt, negatives(tgt, g), w_in, w_out, lr)
 
         for epoch in range(epochs):
-            keep = torch.rand(n_all, device=self.device, generator=gen) < self._keep[self._ids]
-            ids, sent = self._ids[keep], self._sent[keep]
+            for cb in callbacks:
+                cb.on_epoch_begin(self)
+            t_epoch = time.perf_counter()
+            keep = torch.rand(n_all, device=self.device, generator=gen) < self._keep[ids_all]
+            ids, sent = ids_all[keep], sent_all[keep]
             n = ids.numel()
+            effective += n
             # batches cover batch_words corpus words each; their kept words become centres
             n_batches = max(1, math.ceil(n_all / self.batch_words))
             bounds = _batch_bounds(n, n_batches)
@@ -329,11 +411,13 @@ class Word2Vec:
                 s, e = bounds[g0], bounds[g1]
                 offs = [0] * (g1 - g0 + 1)
                 if e > s:
-                    inp_g, tgt_g, offs = skipgram_pairs(ids, sent, s, e, self.window, gen, bounds[g0:g1 + 1])
+                    inp_g, tgt_g, offs = skipgram_pairs(ids, sent, s, e, self.window, gen, bounds[g0:g1 + 1],
+                                                        shrink_windows=self.shrink_windows)
                     if pool is None and inp_g.numel():
                         neg_g = negatives(tgt_g, self._worker_gens[0])
                 for bi in range(g0, g1):
-                    lr = self.alpha - (self.alpha - self.min_alpha) * (done / total)
+                    # gensim's schedule: linear in the words processed over all epochs, floored at min_alpha
+                    lr = max(self.min_alpha, self.alpha - (self.alpha - self.min_alpha) * (done / total))
                     a, b = offs[bi - g0], offs[bi - g0 + 1]
                     if b > a:
                         loss_pairs += b - a
@@ -346,38 +430,75 @@ class Word2Vec:
                             loss_acc = loss_acc + sum(f.result() for f in futs)
                     done = epoch * n_all + min(n_all, (bi + 1) * self.batch_words)
                 now = time.perf_counter()
-                if self.progress is not None and (now - last > 0.5 or done == total):
+                if self.progress is not None and (now - last >= report_delay or g1 == n_batches):
                     last = now
                     self.progress({"epoch": epoch + 1, "epochs": epochs, "words": done, "total_words": total,
                                    "loss": float(loss_acc) / max(loss_pairs, 1), "lr": lr,
-                                   "words_per_s": done / (now - t0) * self.corpus_raw_words / n_all})
+                                   "words_per_s": done / max(now - t0, 1e-9) * raw_words / max(n_all, 1)})
+            self.running_training_loss = float(loss_acc)
+            elapsed = time.perf_counter() - t_epoch
+            logger.info("EPOCH %i: training on %i raw words (%i effective words) took %.1fs, %.0f effective words/s",
+                        epoch, raw_words, n, elapsed, n / max(elapsed, 1e-9))
+            for cb in callbacks:
+                cb.on_epoch_end(self)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.train_seconds = time.perf_counter() - t0
-        self.trained_words = epochs * self.corpus_raw_words
+        self.trained_words = epochs * raw_words
         self.running_training_loss = float(loss_acc)
         self.mean_pair_loss = float(loss_acc) / max(loss_pairs, 1)
+        return effective
 
     def get_latest_training_loss(self) -> float:
+        """The summed loss of the pairs trained so far in the latest ``train`` call (updated per epoch)."""
         return self.running_training_loss
 
-    # ----------------------------------------------------------------------------- queries
-    def most_similar(self, positive, negative=(), topn: int = 10):
-        return self.wv.most_similar(positive, negative, topn)
+    # ----------------------------------------------------------------------------- saving
+    def save(self, fname) -> None:
+        """Write the model (settings, vocabulary with counts, both tables, training state) to ``fname``:
+        an .npz with a JSON header, no pickle. ``Word2Vec.load(fname)`` reads it back and can train on;
+        the corpus is not saved (pass one to ``train``)."""
+        if self.wv is None:
+            raise ValueError("nothing to save: build the vocabulary (or train) first")
+        meta = {"params": {k: _plain(getattr(self, k)) for k in _PARAMS},
+                "state": {k: _plain(getattr(self, k)) for k in _STATE},
+                "index_to_key": self.wv.index_to_key, "device": str(self.device)}
+        arrays = {"vectors": self.wv.vectors, "syn1neg": self.syn1neg,
+                  "count": np.asarray(self.wv.expandos["count"], dtype=np.int64)}
+        save_npz(fname, "Word2Vec", meta, arrays)
 
-    def evaluate_word_pairs(self, path: str, **kw) -> WordPairsResult:
-        return self.wv.evaluate_word_pairs(path, **kw)
+    @classmethod
+    def load(cls, fname, device=None) -> Word2Vec:
+        """A model written by ``save``, on ``device`` (default: CUDA when available)."""
+        meta, arrays = load_npz(fname, "Word2Vec")
+        model = cls(**meta["params"], device=device)
+        for k, v in meta["state"].items():
+            setattr(model, k, v)
+        model.wv = KeyedVectors._from_arrays(meta["index_to_key"], arrays["vectors"], arrays["count"])
+        model.syn1neg = arrays["syn1neg"]
+        model._init_sampling()
+        return model
 
-    def save_word2vec_format(self, path: str, binary: bool = False) -> None:
-        self.wv.save_word2vec_format(path, binary=binary)
+    # ----------------------------------------------------------------------------- queries (on wv)
+    def most_similar(self, *args, **kwargs):
+        """``wv.most_similar`` (gensim 4 keeps queries on ``wv``; this shortcut stays for convenience)."""
+        return self.wv.most_similar(*args, **kwargs)
+
+    def evaluate_word_pairs(self, *args, **kwargs) -> WordPairsResult:
+        return self.wv.evaluate_word_pairs(*args, **kwargs)
+
+    def save_word2vec_format(self, *args, **kwargs) -> None:
+        self.wv.save_word2vec_format(*args, **kwargs)
 
 
 def print_progress(info: dict, stream=None) -> None:
-    """A one-line progress display (the CLI's): epoch, % done, words/s, mean pair loss, lr."""
+    """A one-line progress bar (``progress=True``, the CLI's): epoch, % done, words/s, mean pair loss,
+    current learning rate."""
     stream = sys.stderr if stream is None else stream
-    pct = 100.0 * info["words"] / max(info["total_words"], 1)
-    stream.write(f"\repoch {info['epoch']}/{info['epochs']}  {pct:5.1f}%  {info['words_per_s']:,.0f} words/s  "
-                 f"loss {info['loss']:.4f}  lr {info['lr']:.6f}")
+    frac = info["words"] / max(info["total_words"], 1)
+    bar = "#" * int(20 * frac) + "." * (20 - int(20 * frac))
+    stream.write(f"\repoch {info['epoch']}/{info['epochs']} [{bar}] {100 * frac:5.1f}%  "
+                 f"{info['words_per_s']:,.0f} words/s  loss {info['loss']:.4f}  lr {info['lr']:.6f}")
     if info["words"] >= info["total_words"]:
         stream.write("\n")
     stream.flush()
