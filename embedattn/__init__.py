@@ -26,6 +26,7 @@ from .attention import dropout_mask as attention_dropout_mask
 from .embedding import FusedEmbedding, embedding
 from .negative_sampling import NegativeSamplingLoss, UnigramSampler, negative_sampling_loss
 from .patching import patch_sdpa
+from .rotary import rotary
 
 __version__ = "0.1.0"
 
@@ -44,6 +45,7 @@ __all__ = [
     "patch_sdpa",
     "reference",
     "resolve",
+    "rotary",
     "scaled_dot_product_attention",
     "triton_available",
 ]

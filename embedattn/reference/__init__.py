@@ -6,6 +6,7 @@ Each function is short, obviously right and differentiable by autograd.
 from ._attention import attention, attention_varlen, attention_with_kvcache, dropout_keep_mask
 from ._embedding import embedding, sinusoidal_positions
 from ._negative_sampling import negative_sampling_loss
+from ._rotary import rotary
 
 __all__ = ["attention", "attention_varlen", "attention_with_kvcache", "dropout_keep_mask", "embedding",
-           "negative_sampling_loss", "sinusoidal_positions"]
+           "negative_sampling_loss", "rotary", "sinusoidal_positions"]

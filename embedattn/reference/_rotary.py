@@ -1,0 +1,56 @@
+"""Reference rotary position embedding: short, obviously right, differentiable, float64-capable."""
+
+from __future__ import annotations
+
+import torch
+
+
+def rotary(
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    interleaved: bool = False,
+    inplace: bool = False,
+    seqlen_offsets: int | torch.Tensor = 0,
+    cu_seqlens: torch.Tensor | None = None,
+    max_seqlen: int | None = None,
+    *,
+    heads_first: bool = False,
+    upcast: bool = True,
+) -> torch.Tensor:
+    """Rotate the first ``rotary_dim = 2 * cos.shape[1]`` features of ``x``; the rest pass through.
+
+    x: (B, S, H, D), or (B, H, S, D) with ``heads_first``; with ``cu_seqlens`` (B + 1,) the packed
+    (total, H, D) (or (H, total, D)) form, sequence b being rows ``cu_seqlens[b]:cu_seqlens[b+1]``
+    (``max_seqlen`` is not needed here). Token s of sequence b sits at position ``s + offset[b]``
+    (``seqlen_offsets`` an int or a (B,) tensor) and is rotated by ``cos/sin[position]`` (S_ro, rotary_dim/2):
+    pairs (j, j + rotary_dim/2) (GPT-NeoX), or (2j, 2j + 1) with ``interleaved`` (GPT-J).
+    ``inplace`` copies the result into x and returns x.
+    ``upcast=True`` computes half types in float32 and casts back (what the kernels promise);
+    ``upcast=False`` computes in x's dtype with cos/sin cast to it (the "plain PyTorch" baseline).
+    """
+    dtype = x.dtype
+    cdtype = torch.float32 if upcast and dtype in (torch.float16, torch.bfloat16) else dtype
+    seq_dim = (1 if cu_seqlens is None else 0) if not heads_first else (2 if cu_seqlens is None else 1)
+    xs = x.movedim(seq_dim, -3).to(cdtype)  # (..., S, H, D): sequence then heads
+    if cu_seqlens is None:
+        b, s = xs.shape[0], xs.shape[1]
+        offsets = torch.as_tensor(seqlen_offsets, device=x.device).expand(b)
+        pos = torch.arange(s, device=x.device) + offsets[:, None]  # (B, S)
+    else:
+        lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+        offsets = torch.as_tensor(seqlen_offsets, device=x.device).expand(lens.shape[0])
+        seq = torch.repeat_interleave(torch.arange(lens.shape[0], device=x.device), lens, output_size=xs.shape[0])
+        pos = torch.arange(xs.shape[0], device=x.device) - cu_seqlens[seq].long() + offsets[seq]  # (total,)
+    c = cos.to(cdtype)[pos].unsqueeze(-2)  # (..., S, 1, rotary_dim/2)
+    s_ = sin.to(cdtype)[pos].unsqueeze(-2)
+    rd = 2 * cos.shape[1]
+    if interleaved:
+        x0, x1 = xs[..., 0:rd:2], xs[..., 1:rd:2]
+        rot = torch.stack((x0 * c - x1 * s_, x0 * s_ + x1 * c), dim=-1).flatten(-2)
+    else:
+        x0, x1 = xs[..., : rd // 2], xs[..., rd // 2 : rd]
+        rot = torch.cat((x0 * c - x1 * s_, x0 * s_ + x1 * c), dim=-1)
+    out = torch.cat((rot, xs[..., rd:]), dim=-1)
+    out = out.movedim(-3, seq_dim).to(dtype)
+    return x.copy_(out) if inplace else out
