@@ -1,0 +1,145 @@
+"""Ring attention on CPU processes over gloo: time per ring step, and how much of the transfer is hidden.
+
+    python -m benchmarks.ring --world-size 2 --n 1024
+
+Every point runs ``embedattn.distributed``'s forward ring three ways on every rank of ``world_size``
+spawned processes: ``step`` (transfers overlapped with the attention, as ``ring_attention`` runs),
+``compute`` (the same attention calls, no transfers) and ``comm`` (the transfers, no attention).
+``hidden = (compute + comm - step) / comm``, clipped to [0, 1], is the share of the communication time
+the overlap hides (1: fully hidden, 0: serialized). Times are per ring step (a forward over W steps
+divided by W), the slowest rank's, median over ``reps``. ``ring_attention`` adds one small metadata
+all-gather per call on top (the cross-rank input check), left out here. Forward only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import json
+import os
+import statistics
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from .harness import DTYPES
+
+MODES = ("step", "compute", "comm")
+
+
+def _time(fn, reps: int, warmup: int) -> float:
+    """Median over ``reps`` of the slowest rank's wall time of ``fn()``, in ms."""
+    times = []
+    for i in range(warmup + reps):
+        dist.barrier()
+        t0 = time.perf_counter()
+        fn()
+        t = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        if i >= warmup:
+            times.append(t.item() * 1e3)
+    return statistics.median(times)
+
+
+def _worker(rank: int, world: int, init_file: str, out_file: str, points: list[dict], reps: int, warmup: int) -> None:
+    from embedattn import distributed as D
+
+    torch.set_num_threads(1)  # one core per rank: compute and the gloo transfers then compete as on a node
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
+    try:
+        rows = []
+        ring = D._ring(None)
+        for p in points:
+            g = torch.Generator().manual_seed(rank)
+            dtype, n_local = DTYPES[p["dtype"]], p["n"] // world
+            q = torch.randn(p["batch"], p["heads"], n_local, p["head_dim"], generator=g).to(dtype)
+            k, v = (torch.randn(p["batch"], p["kv_heads"], n_local, p["head_dim"], generator=g).to(dtype)
+                    for _ in range(2))
+            plans = D._plans(ring, n_local, p["load_balance"], p["causal"], None, False)
+            kw = dict(scale=None, softcap=0.0, backend=p["backend"])
+            ms = {}
+            for mode in MODES:
+                flags = dict(communicate=mode != "compute", compute=mode != "comm")
+                fn = functools.partial(D._ring_forward, q, k, v, None, ring, plans, kw, **flags)
+                ms[mode] = _time(fn, reps, warmup)
+            ms = {m: t / world for m, t in ms.items()}  # per ring step
+            overlap = ms["compute"] + ms["comm"] - ms["step"]
+            hidden = min(max(overlap / ms["comm"], 0.0), 1.0) if world > 1 and ms["comm"] > 0 else float("nan")
+            kv_mib = 2 * k.numel() * k.element_size() / 2**20
+            rows.append(dict(p, world_size=world, n_local=n_local, step_ms=ms["step"], compute_ms=ms["compute"],
+                             comm_ms=ms["comm"], hidden=hidden, kv_mib=kv_mib))
+        if rank == 0:
+            with open(out_file, "w") as f:
+                json.dump(rows, f)
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def run_ring(world_size: int = 2, n: int = 1024, *, batch: int = 1, heads: int = 4, kv_heads: int | None = None,
+             head_dim: int = 64, causal=(False, True), load_balance=(False, True), dtype: str = "fp32",
+             backend: str = "reference", reps: int = 3, warmup: int = 1, timeout_s: float = 300.0,
+             log=print) -> list[dict]:
+    """Run the ring on ``world_size`` CPU processes (gloo) for every (causal, load_balance) pair and return
+    one dict per point: the shape, ``step_ms``, ``compute_ms``, ``comm_ms`` (per ring step), ``hidden``
+    (share of comm time hidden by the overlap) and ``kv_mib`` (one K/V message). ``n`` is the whole
+    sequence; it must split into ``2 * world_size`` chunks when a point uses ``load_balance``."""
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    causal = (causal,) if isinstance(causal, bool) else tuple(causal)
+    load_balance = (load_balance,) if isinstance(load_balance, bool) else tuple(load_balance)
+    if n % (2 * world_size if any(load_balance) else world_size):
+        raise ValueError(f"n = {n} does not split into equal shards over {world_size} ranks (2 chunks each with "
+                         "load_balance)")
+    points = [dict(n=n, batch=batch, heads=heads, kv_heads=kv_heads or heads, head_dim=head_dim, dtype=dtype,
+                   backend=backend, causal=c, load_balance=lb) for c in causal for lb in load_balance]
+    with tempfile.TemporaryDirectory() as tmp:
+        out_file = os.path.join(tmp, "rows.json")
+        ctx = mp.start_processes(_worker, args=(world_size, os.path.join(tmp, "init"), out_file, points, reps, warmup),
+                                 nprocs=world_size, join=False, start_method="spawn")
+        deadline = time.monotonic() + timeout_s
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                for p in ctx.processes:
+                    p.kill()
+                raise TimeoutError(f"ring benchmark on {world_size} processes ran past {timeout_s} s")
+        with open(out_file) as f:
+            rows = json.load(f)
+    if log is not None:
+        log(format_table(rows))
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = [f"{'W':>2} {'N':>6} {'causal':>6} {'zigzag':>6} {'step ms':>9} {'compute ms':>10} {'comm ms':>8} "
+             f"{'hidden':>7}"]
+    for r in rows:
+        lines.append(f"{r['world_size']:>2} {r['n']:>6} {str(r['causal']):>6} {str(r['load_balance']):>6} "
+                     f"{r['step_ms']:>9.2f} {r['compute_ms']:>10.2f} {r['comm_ms']:>8.2f} {r['hidden']:>7.0%}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.ring", description=__doc__.splitlines()[0])
+    ap.add_argument("--world-size", type=int, default=2)
+    ap.add_argument("--n", type=int, default=1024, help="whole sequence length")
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--kv-heads", type=int, default=None)
+    ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    ap.add_argument("--reps", type=int, default=3)
+    args = ap.parse_args(argv)
+    run_ring(args.world_size, args.n, heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim,
+             dtype=args.dtype, reps=args.reps)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
