@@ -15,16 +15,16 @@ import time
 from .cli import ArgumentParser, check_out_dir, fail, non_negative_float, positive_float
 
 PROG = "python -m benchmarks"
-SUITES = ("attention", "embedding", "negative_sampling")
+SUITES = ("attention", "embedding", "negative_sampling", "ring")
 DTYPES = ("fp16", "bf16", "fp32")  # what --dtype accepts (the kernels' dtypes)
 # share of a --max-seconds budget per suite; time a suite leaves unused passes to the next ones
-BUDGET_SHARE = {"attention": 0.55, "embedding": 0.25, "negative_sampling": 0.2}
+BUDGET_SHARE = {"attention": 0.5, "embedding": 0.25, "negative_sampling": 0.2, "ring": 0.05}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = ArgumentParser(prog=PROG, description="embedattn benchmark sweeps")
     ap.add_argument("--suite", default="all",
-                    help="attention, embedding, negative_sampling, a comma list of them, or all")  # fmt: skip
+                    help="attention, embedding, negative_sampling, ring, a comma list of them, or all")  # fmt: skip
     ap.add_argument("--quick", action="store_true", help="small sweep (minutes on a 2-core CPU)")
     ap.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     ap.add_argument("--out", default=None, help="output folder (default: reports/<device-tag>/)")

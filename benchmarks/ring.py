@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from .harness import DTYPES
+from .harness import DTYPES, Case, Context, Recorder
 
 MODES = ("step", "compute", "comm")
 
@@ -115,6 +115,62 @@ def run_ring(world_size: int = 2, n: int = 1024, *, batch: int = 1, heads: int =
     if log is not None:
         log(format_table(rows))
     return rows
+
+
+# --------------------------------------------------------------------------------------------------
+# the `--suite ring` entry of `python -m benchmarks`
+# --------------------------------------------------------------------------------------------------
+def available(ctx: Context) -> str | None:
+    if not dist.is_available():
+        return "torch.distributed is not available in this torch build"
+    if ctx.profile == "tiny":
+        return "the tests' seconds-long sweep leaves the ring out (starting a process group costs seconds)"
+    return None
+
+
+def _rows_of(rec: Recorder, r: dict) -> list[dict]:
+    shape = (f"B{r['batch']} H{r['heads']}x{r['kv_heads']} N{r['n']} D{r['head_dim']} W{r['world_size']}"
+             f"{' causal' if r['causal'] else ''}{' zigzag' if r['load_balance'] else ''}")
+    base = dict(suite="ring", kernel=f"ring_w{r['world_size']}{'_causal' if r['causal'] else ''}"
+                f"{'_zigzag' if r['load_balance'] else ''}", provider="embedattn", dtype=r["dtype"], shape=shape,
+                x_name="seq_len", x_value=r["n"], config=f"gloo,{r['backend']}")
+    out = [rec.row(**base, mode=m, metric="ms", unit="ms", p50=r[f"{m}_ms"], p20=r[f"{m}_ms"], p80=r[f"{m}_ms"])
+           for m in MODES]
+    out.append(rec.row(**base, mode="step", metric="hidden", unit="fraction", p50=r["hidden"], p20=r["hidden"],
+                       p80=r["hidden"]))
+    return out
+
+
+def _ring_points(world_size: int, n: int, ctx: Context, rec: Recorder):
+    # one spawn of the process group for every (causal, zigzag) point: starting processes costs seconds
+    rows = run_ring(world_size, n, causal=(False, True), load_balance=(False, True),
+                    reps=2 if ctx.profile != "full" else 5, log=None)
+    return [row for r in rows for row in _rows_of(rec, r)]
+
+
+def _block_point(n: int, world_size: int, ctx: Context, rec: Recorder):
+    """One GPU: the attention on one ring block (N/W queries against N/W keys, with the LSE), what each ring
+    step computes, timed with the harness."""
+    import embedattn
+
+    from .harness import time_fn
+
+    m = n // world_size
+    q, k, v = (torch.randn(1, 16, m, 128, device=ctx.device, dtype=torch.bfloat16) for _ in range(3))
+    t = time_fn(ctx, lambda: embedattn.attention(q, k, v, return_lse=True, causal_offset=m))
+    base = dict(suite="ring", kernel=f"ring_block_w{world_size}", provider="embedattn", dtype="bf16",
+                shape=f"B1 H16 N{n}/W{world_size} D128", x_name="seq_len", x_value=n, config="one block")
+    return [rec.row(**base, mode="block", metric="ms", unit="ms", p50=t.p50, p20=t.p20, p80=t.p80)]
+
+
+def plan(ctx: Context) -> list[Case]:
+    """CPU: the ring on gloo processes (2 ranks; 4 in a full run). One GPU: the per-block compute at the ring's
+    block sizes (the multi-GPU NCCL ring is run with ``torchrun``, see the README)."""
+    if ctx.device.type == "cuda":
+        return [Case("ring", f"block N{n} W{w}", functools.partial(_block_point, n, w))
+                for n in (16384, 65536) for w in (2, 4, 8)]
+    sizes = [(2, 256)] if ctx.profile == "quick" else [(2, 1024), (4, 1024)]
+    return [Case("ring", f"W{w} N{n}", functools.partial(_ring_points, w, n)) for w, n in sizes]
 
 
 def format_table(rows: list[dict]) -> str:

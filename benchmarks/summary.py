@@ -172,6 +172,7 @@ def build_summary(csv_path: str, plots_dir: str | None = None, env: dict | None 
                 rel = os.path.relpath(path, base)
                 lines.append(f"![{k[1]} {k[2]} {k[3]}]({rel})")
         lines.append("")
+    lines += ring_section(rows)
     notes = env.get("notes") or []
     skipped = env.get("skipped_for_budget") or []
     if notes or skipped:
@@ -182,6 +183,24 @@ def build_summary(csv_path: str, plots_dir: str | None = None, env: dict | None 
                          + ", ".join(skipped[:20]) + (" ..." if len(skipped) > 20 else ""))  # fmt: skip
         lines.append("")
     return "\n".join(lines)
+
+
+def ring_section(rows: list[dict]) -> list[str]:
+    """Ring attention has no peer: its time per step, compute-only and comm-only, and the share of the
+    communication the overlap hides (benchmarks/ring.py)."""
+    ring = [r for r in rows if r["suite"] == "ring"]
+    if not ring:
+        return []
+    cells: dict[tuple, dict[str, float]] = defaultdict(dict)
+    for r in ring:
+        cells[(r["kernel"], r["shape"], r["dtype"])][r["mode"] if r["metric"] == "ms" else r["metric"]] = r["p50"]
+    lines = ["## ring", "", "| kernel | shape | dtype | step ms | compute ms | comm ms | block ms | comm hidden |",
+             "|---|---|---|---|---|---|---|---|"]
+    for (kernel, shape, dtype), c in sorted(cells.items()):
+        vals = [_num(c[m]) if m in c else "" for m in ("step", "compute", "comm", "block")]
+        hidden = f"{c['hidden']:.0%}" if "hidden" in c else ""
+        lines.append(f"| {kernel} | {shape} | {dtype} | " + " | ".join(vals) + f" | {hidden} |")
+    return lines + [""]
 
 
 def write_summary(csv_path: str, plots_dir: str | None = None, env: dict | None = None,

@@ -8,12 +8,14 @@ Public API::
     embedattn.FusedEmbedding(...)
     embedattn.negative_sampling_loss(...)                 # skip-gram negative sampling
     embedattn.NegativeSamplingLoss, embedattn.UnigramSampler
+    embedattn.rotary(x, cos, sin, ...)                    # rotary position embedding
+    embedattn.distributed.ring_attention(...)             # context parallelism over torch.distributed
     embedattn.reference                                   # the PyTorch reference of every op
 
 Every op takes ``backend=None | "auto" | "triton" | "reference"`` (see ``embedattn._backend``).
 """
 
-from . import reference
+from . import distributed, reference
 from ._backend import interpreting, resolve, triton_available
 from .attention import (
     AttentionFunction,
@@ -39,6 +41,7 @@ __all__ = [
     "attention_dropout_mask",
     "attention_varlen",
     "attention_with_kvcache",
+    "distributed",
     "embedding",
     "interpreting",
     "negative_sampling_loss",

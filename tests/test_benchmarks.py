@@ -291,7 +291,7 @@ def _unwritable_dir(tmp_path: Path) -> Path:
     (["--warmup-ms", "-1"], "argument --warmup-ms: must be a finite number >= 0, got -1"),
     (["--rep-ms", "-2.5"], "argument --rep-ms: must be a finite number >= 0, got -2.5"),
     (["--rep-ms", "many"], "argument --rep-ms: not a number: 'many'"),
-    (["--suite", "attn"], "argument --suite: 'attn' not one of attention, embedding, negative_sampling, all"),
+    (["--suite", "attn"], "argument --suite: 'attn' not one of attention, embedding, negative_sampling, ring, all"),
     (["--out", "{file}"], "--out: {file} exists and is not a folder"),
     (["--out", "{file}/sub"], "--out: cannot write in {file}/sub: Not a directory"),
     (["--out", "{read_only}"], "--out: cannot write in {read_only}: Permission denied"),
