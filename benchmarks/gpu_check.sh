@@ -7,7 +7,11 @@
 # 240) bounds the sweeps: points left when it runs out are skipped and listed in summary.md. Env:
 # EMBEDATTN_BENCH_DATA (folder with head500.noblanks.cor[.bz2] and wordsim353.tsv when gensim is absent),
 # GPU_CHECK_SUITES (default all), GPU_CHECK_PYTHON (default python3), GPU_CHECK_DEVICE (default cuda;
-# cpu only to dry-run this script), GPU_CHECK_SKIP_INSTALL=1 (embedattn already installed). Results land in
+# cpu only to dry-run this script), GPU_CHECK_SKIP_INSTALL=1 (embedattn already installed),
+# GPU_CHECK_TUNE_S (default 0: none): first tune, for that many seconds, the keys this device's config table lacks
+# (python -m benchmarks.tune, into OUT_DIR/configs/, which the sweep then reads through EMBEDATTN_CONFIGS_DIR;
+# copy the table it writes to embedattn/configs/ to ship it). benchmarks/scripts/gpu_session.sh is the full
+# session (the CUDA test suite, tuning, the sweep) on a lent H200. Results land in
 # OUT_DIR/reports/<device-tag>/ (results.csv, env.json, plots/, summary.md): copy that folder to the
 # repository's reports/. Autotune results persist in Triton's cache (TRITON_CACHE_AUTOTUNING=1), so a
 # second pass on the same machine does not retune; those decisions are also saved to
@@ -55,7 +59,16 @@ print(json.dumps(peaks))
 json.dump(peaks, open(f"{sys.argv[1]}/peaks.json", "w"), indent=2)
 EOF
 
-# 3. the full sweep under the budget (hard stop at budget + 150 s for the point in flight and plots)
+# 3. optional: tune what this device's config table lacks; the sweep reads the result
+TUNE_S="${GPU_CHECK_TUNE_S:-0}"
+if [ "$TUNE_S" -gt 0 ] && [ "$DEV" = cuda ]; then
+    timeout --signal=INT $(( TUNE_S + 60 )) "$PY" -m benchmarks.tune --device cuda --max-seconds "$TUNE_S" \
+        --out "$OUT_DIR/configs" > "$OUT_DIR/tune.log" 2>&1
+    grep -E "^(tuning|tuned|skipped|failed)" "$OUT_DIR/tune.log" | cut -c1-300
+    export EMBEDATTN_CONFIGS_DIR="$OUT_DIR/configs${EMBEDATTN_CONFIGS_DIR:+:$EMBEDATTN_CONFIGS_DIR}"
+fi
+
+# 4. the full sweep under the budget (hard stop at budget + 150 s for the point in flight and plots)
 TAG=$("$PY" -c "from benchmarks.harness import device_tag; print(device_tag('$DEV'))")
 DEST="$OUT_DIR/reports/$TAG"
 timeout --signal=INT $(( BUDGET + 150 )) "$PY" -m benchmarks --device "$DEV" --suite "$SUITES" \
@@ -64,7 +77,7 @@ timeout --signal=INT $(( BUDGET + 150 )) "$PY" -m benchmarks --device "$DEV" --s
 rc=${PIPESTATUS[0]}
 tail -n 40 "$OUT_DIR/sweep.log"
 
-# 4. whatever the sweep left: plots and summary re-drawn from the CSV (it is written point by point)
+# 5. whatever the sweep left: plots and summary re-drawn from the CSV (it is written point by point)
 if [ "$rc" -ne 0 ] && [ -s "$DEST/results.csv" ]; then
     echo "sweep exited with $rc: re-drawing plots/summary from the partial CSV"
     "$PY" -m benchmarks.plot "$DEST/results.csv" && "$PY" -m benchmarks.summary "$DEST/results.csv" >/dev/null

@@ -1,8 +1,38 @@
-# install the checkout on the GPU machine (offline); fall back to a wheel if the editable install fails
-python3 -c "import setuptools, pip; print('setuptools', setuptools.__version__, 'pip', pip.__version__)"
-if ! pip install --no-deps --no-build-isolation -e . > /tmp/pip.log 2>&1; then
-  echo "editable install failed:"; tail -30 /tmp/pip.log
-  pip wheel --no-deps --no-build-isolation -w /tmp/wh . > /tmp/pipw.log 2>&1 || tail -30 /tmp/pipw.log
-  pip install --no-deps /tmp/wh/*.whl 2>&1 | tail -3
+#!/usr/bin/env bash
+# Install this checkout on an offline GPU machine (torch and triton already there, no network):
+# pip install -e . with no dependencies and no build isolation. Idempotent: an embedattn that already imports
+# from this checkout is left alone. When the editable install fails, embedattn/kernels is linked to kernels/
+# (the package maps embedattn.kernels to that folder) and this checkout goes on PYTHONPATH: the folder is
+# printed, and written to $PYTHONPATH_FILE when that is set, for the caller to export.
+#
+#   bash benchmarks/scripts/gpu_install.sh        (PY: the python to install into, default python3)
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+PY=${PY:-python3}
+HERE=$PWD
+
+check() {  # imports embedattn from this checkout, run from elsewhere so the working folder proves nothing
+    (cd /tmp && "$PY" - "$HERE" <<'PYEOF'
+import os, sys
+import embedattn, embedattn.configs, embedattn.kernels.attention as k
+root = os.path.realpath(sys.argv[1])
+print(f"embedattn {os.path.dirname(embedattn.__file__)}, kernels {os.path.dirname(k.__file__)}")
+sys.exit(0 if os.path.realpath(embedattn.__file__).startswith(root + os.sep) else 1)
+PYEOF
+    )
+}
+
+if check 2>/dev/null; then
+    echo "embedattn already installed from $HERE"
+    exit 0
 fi
-(cd /tmp && python3 -c "import embedattn, embedattn.kernels.attention as k; print('embedattn from', embedattn.__file__, k.__file__)")
+"$PY" -c "import setuptools, pip; print('setuptools', setuptools.__version__, 'pip', pip.__version__)"
+if "$PY" -m pip install -q --no-deps --no-build-isolation -e . > /tmp/embedattn_pip.log 2>&1 && check; then
+    exit 0
+fi
+echo "editable install failed (/tmp/embedattn_pip.log):"
+tail -n 20 /tmp/embedattn_pip.log
+ln -sfn ../kernels embedattn/kernels
+[ -n "${PYTHONPATH_FILE:-}" ] && echo "$HERE" > "$PYTHONPATH_FILE"
+echo "PYTHONPATH=$HERE"
+PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}" check
