@@ -4,10 +4,17 @@ The peer is what GPT-2-style models do: ``tok(ids) + pos(arange(S))``, run eager
 ``torch.compile`` (dynamic shapes, so one compile serves every size; skipped with a note when
 compilation fails). Throughput is effective GB/s over the minimal traffic of
 ``harness.embedding_bytes`` and its fraction of the copy bandwidth measured in the same run.
+
+On CUDA the sweep is 2k, 8k, 32k and 128k tokens at D 768 and 4096 (bf16; fp16 and fp32 too in the full
+profile), fwd / bwd / fwd+bwd. Besides the default call (bounds checked on the device, no host sync) it
+times the strict host check (``embedattn-sync``), no check (``embedattn-nocheck``), and the backward forced
+onto each scatter (``embedattn-atomic``: float32 atomics, ``embedattn-sorted``: the deterministic sorted
+segments), which is what sets ``kernels.embedding.scatter_mode``'s crossover for half tables.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -73,23 +80,40 @@ class Provider:
     name: str
     fn: Callable[..., torch.Tensor]  # (ids, weight, pos_weight, pos) -> out
     config: Callable[[], str] = lambda: ""
+    context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext  # around each measurement
+
+
+@contextlib.contextmanager
+def forced_scatter(mode: str):
+    """Every embedding backward scatters with ``mode`` ("atomic" or "sorted") while the block runs."""
+    from embedattn.kernels import embedding as K
+
+    real = K.scatter_mode
+    K.scatter_mode = lambda *args: mode
+    try:
+        yield
+    finally:
+        K.scatter_mode = real
 
 
 def providers(ctx: Context, compile_peer: bool = True) -> list[Provider]:
     import embedattn
 
-    out = [
-        Provider(
-            "embedattn",
-            lambda ids, w, pw, pos: embedattn.embedding(ids, w, pw),
-            config=(lambda: chosen_config("embedding")) if ctx.is_cuda else (lambda: "backend=reference"),
-        ),
-        Provider("torch-eager", eager),
-    ]
-    if ctx.is_cuda:  # the default bounds check reads min/max back to the host: show what it costs
-        out.append(Provider("embedattn-nocheck", lambda ids, w, pw, pos: embedattn.embedding(ids, w, pw,
-                                                                                             check_bounds=False),
-                            config=lambda: chosen_config("embedding")))
+    def ours(check=None, scatter=None):
+        extra = [f"check={'device' if check is None else check}"] + ([f"scatter={scatter}"] if scatter else [])
+        cfg = lambda: "; ".join([c for c in [chosen_config("embedding")] if c] + extra)
+        kw = {} if check is None else {"check_bounds": check}
+        return dict(fn=lambda ids, w, pw, pos: embedattn.embedding(ids, w, pw, **kw), config=cfg,
+                    context=(lambda: forced_scatter(scatter)) if scatter else contextlib.nullcontext)
+
+    if not ctx.is_cuda:
+        return [Provider("embedattn", lambda ids, w, pw, pos: embedattn.embedding(ids, w, pw),
+                         config=lambda: "backend=reference"), Provider("torch-eager", eager)]
+    out = [Provider("embedattn", **ours()), Provider("torch-eager", eager)]
+    out += [Provider("embedattn-sync", **ours("sync")),  # the strict host check: one device sync a call
+            Provider("embedattn-nocheck", **ours(False)),
+            Provider("embedattn-atomic", **ours(scatter="atomic")),
+            Provider("embedattn-sorted", **ours(scatter="sorted"))]
     if compile_peer and ctx.profile != "tiny":
         try:
             compiled = torch.compile(eager, dynamic=True)
@@ -105,14 +129,15 @@ def specs(ctx: Context) -> list[Spec]:
     elif ctx.is_cuda:
         vocabs = [32768] if ctx.profile == "quick" else [32768, 131072]
         dims = [768, 4096]
-        tokens = [8192, 65536] if ctx.profile == "quick" else [8192, 16384, 32768, 65536]
+        tokens = [2048, 131072] if ctx.profile == "quick" else [2048, 8192, 32768, 131072]
         seq = 2048
     else:
         vocabs = [32768] if ctx.profile == "quick" else [32768, 131072]
         dims = [768]
         tokens = [2048, 8192] if ctx.profile == "quick" else [2048, 8192, 32768]
         seq = 1024
-    dtypes = ctx.pick_dtypes(["bf16"] if ctx.is_cuda else ["fp32"])
+    full = ctx.is_cuda and ctx.profile == "full"
+    dtypes = ctx.pick_dtypes(["bf16", "fp16", "fp32"] if full else ["bf16"] if ctx.is_cuda else ["fp32"])
     # (vocab, dim) pairs in order of interest, so a time budget drops the least telling last
     pairs = [(v, d) for d in dims for v in vocabs]
     out = [Spec(dt, v, d, t, min(seq, t)) for dt in dtypes for v, d in pairs for t in tokens]
@@ -136,8 +161,11 @@ def _inputs(ctx: Context, s: Spec):
 
 def measure(ctx: Context, rec: Recorder, p: Provider, s: Spec, inputs, mode: str) -> list[dict]:
     ids, grads, w, pw, pos = inputs
-    t, peak = run_speed_benchmark(ctx, lambda i, w, pw: p.fn(i, w, pw, pos), ids, mode, grad_outputs=grads,
-                                  params=(w, pw), op="embedding" if p.name == "embedattn" else None)
+    if p.name.endswith(("-atomic", "-sorted")) and mode == "fwd":
+        return []  # the forced scatter only changes the backward
+    with p.context():
+        t, peak = run_speed_benchmark(ctx, lambda i, w, pw: p.fn(i, w, pw, pos), ids, mode, grad_outputs=grads,
+                                      params=(w, pw), op="embedding" if p.name.startswith("embedattn") else None)
     base = dict(suite=SUITE, kernel=s.kernel, provider=p.name, mode=mode, dtype=s.dtype, shape=s.shape,
                 x_name="tokens", x_value=s.batch * s.seq, config=p.config())  # fmt: skip
     work = embedding_bytes(s.batch * s.seq, s.dim, s.vocab, w.element_size(), mode, pos_rows=s.seq)

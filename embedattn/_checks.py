@@ -56,16 +56,83 @@ def seed_tensor(seed: int | None, device) -> torch.Tensor:
     return torch.full((1,), seed, dtype=torch.int64, device=device)
 
 
-def check_ids_in_range(named_ids, size: int, what: str = "the table") -> None:
+def check_ids_in_range(named_ids, size: int, what: str = "the table", unit: str = "rows") -> None:
     """IndexError unless every id of each (name, tensor) pair lies in [0, size).
 
     One min/max reduction per tensor and one device-to-host read for all of them (one sync)."""
-    named_ids = [(name, t) for name, t in named_ids if t is not None and t.numel()]
-    if not named_ids:
+    _check_ranges([(name, t, size, what) for name, t in named_ids], unit)
+
+
+def _check_ranges(items, unit: str = "rows") -> None:
+    """``check_ids_in_range`` over (name, ids, size, what) items, each against its own table size."""
+    items = [it for it in items if it[1] is not None and it[1].numel()]
+    if not items:
         return
-    ext = torch.stack([x for _, t in named_ids for x in torch.aminmax(t.reshape(-1))]).tolist()
-    for i, (name, _) in enumerate(named_ids):
+    ext = torch.stack([x for _, t, _, _ in items for x in torch.aminmax(t.reshape(-1))]).tolist()
+    for i, (name, _, size, what) in enumerate(items):
         lo, hi = ext[2 * i], ext[2 * i + 1]
         if lo < 0 or hi >= size:
             bad = lo if lo < 0 else hi
-            raise IndexError(f"{name} contains id {bad}, out of range for {what} with {size} rows ([0, {size}))")
+            raise IndexError(f"{name} contains id {bad}, out of range for {what} with {size} {unit} ([0, {size}))")
+
+
+# --------------------------------------------------------------------------------------------------
+# bounds checks of ids: the check_bounds modes shared by embedding and negative_sampling_loss
+# --------------------------------------------------------------------------------------------------
+BOUNDS_MODES = ("sync", "device", "off")
+
+
+def bounds_mode(check_bounds, device: torch.device) -> str:
+    """``check_bounds`` as one of BOUNDS_MODES.
+
+    ``None`` (the default): "device" on CUDA and while torch.compile traces, "sync" in eager mode on the
+    CPU (where the host read costs nothing). ``True`` is "sync", ``False`` is "off". "device" in eager
+    mode off CUDA becomes "sync": the same check, with the IndexError naming the id."""
+    compiling = torch.compiler.is_compiling()
+    if check_bounds is None:
+        mode = "device" if device.type == "cuda" or compiling else "sync"
+    elif isinstance(check_bounds, bool):
+        mode = "sync" if check_bounds else "off"
+    elif isinstance(check_bounds, str):
+        if check_bounds not in BOUNDS_MODES:
+            raise ValueError(f"check_bounds must be None, a bool or one of {BOUNDS_MODES}, got {check_bounds!r}")
+        mode = check_bounds
+    else:
+        raise TypeError(f"check_bounds must be None, a bool or one of {BOUNDS_MODES}, got {check_bounds!r}")
+    if mode == "device" and device.type != "cuda" and not compiling:
+        mode = "sync"
+    return mode
+
+
+def check_ids(items, mode: str) -> None:
+    """The host part of a bounds check. ``items``: (name, ids, size, what) per id tensor (None ids skipped).
+
+    Ids into a table with no rows are an IndexError in every mode (no row 0 to fall back on; the shapes
+    say it, no device read). In "sync" mode every id must lie in [0, size): one min/max reduction per
+    tensor and one device-to-host read for all of them (one sync), an IndexError naming the first bad
+    tensor and its most negative or largest id."""
+    for name, t, size, what in items:
+        if size == 0 and t is not None and t.numel():
+            raise IndexError(f"{name} index {what}, which has no rows")
+    if mode == "sync":
+        _check_ranges(items)
+
+
+def ok_flag(device) -> torch.Tensor:
+    """The int32 (1,) flag a checking kernel clears when it meets an out-of-range id; starts at 1."""
+    return torch.ones(1, dtype=torch.int32, device=device)
+
+
+def assert_ok(ok: torch.Tensor, msg: str) -> None:
+    """Fail the call when a kernel cleared ``ok``, without a host sync: ``torch._assert_async`` raises at
+    once on the CPU; on CUDA it is a device-side assertion, reported at the next synchronization."""
+    torch._assert_async(ok, msg)
+
+
+def safe_ids(t: torch.Tensor, size: int, mode: str, msg: str) -> torch.Tensor:
+    """The torch-ops form of a kernel's check (for the reference road): ids outside [0, size) replaced by
+    0; in "device" mode ``assert_ok`` on their absence."""
+    good = (t >= 0) & (t < size)
+    if mode == "device":
+        assert_ok(good.all(), msg)
+    return torch.where(good, t, torch.zeros_like(t))

@@ -5,28 +5,54 @@ al. computed in registers (no table), or nothing. Positions default to ``arange(
 along the last dimension of ``ids``; an explicit ``positions`` tensor (as transformers passes
 ``position_ids``, e.g. with left padding) is honoured.
 
-Backward (Triton path), which mode is which:
+Bounds checks (``check_bounds``), for the ids and the explicit positions into a learned table:
 
-* token table, default for float32 tables: scatter-add with float32 atomics into the zero-initialised
-  (V, D) gradient. Fast, not bitwise reproducible (colliding ids add up in scheduling order).
-* token table, float16/bfloat16 tables, and every dtype when ``torch.are_deterministic_algorithms_enabled()``:
-  sorted segments. The T ids are sorted stably, each run of equal ids is summed by one program in a
-  fixed order in float32 and written once, cast to the table dtype, into a zeroed (V, D) gradient
-  in the table dtype. Bitwise reproducible, across processes too (the summation order does not
-  depend on the autotuned launch config), and it needs no float32 (V, D) buffer (an atomic
-  scatter-add for half tables would need one, plus a cast pass).
+* ``"sync"``: before any kernel runs, one min/max reduction per tensor and one device-to-host read
+  (one sync); an IndexError names the first bad tensor and id (its minimum or maximum). The default in
+  eager mode on the CPU, where the read is free. ``True`` means ``"sync"``.
+* ``"device"``: the default on CUDA and while torch.compile traces. No host sync: the forward kernel
+  checks the ids it gathers, reads row 0 in place of a bad one (never an out-of-bounds address) and
+  clears a flag that ``torch._assert_async`` checks right after the launch. On CUDA that is a device-side
+  assertion, like torch's own embedding kernel: the call returns, the error surfaces as a RuntimeError
+  ("device-side assert triggered") at the next synchronization of the stream (``.item()``, ``.cpu()``,
+  ``torch.cuda.synchronize()``; for a captured CUDA graph, the first one after the replay that met the
+  bad id), and it poisons the CUDA context, as every device assertion does. Under Inductor the
+  assertion is a Triton ``device_assert``, compiled in while ``torch._inductor.config.
+  assert_indirect_indexing`` is on (its default). Off CUDA (torch.compile on the CPU) the same assertion
+  raises at once, a RuntimeError. In eager mode on the CPU "device" is "sync". A step using it can be
+  captured in a CUDA graph and compiled with ``fullgraph=True``. (The reference road, e.g. float64
+  tables on CUDA, does the same in torch ops.)
+* ``False`` / ``"off"``: no check; a bad id still reads row 0 (no out-of-bounds access); its output
+  row is meaningless and its gradient is dropped (the reference road sends it to row 0).
+
+Default positions past a learned table (``position_offset + N > P``) are host arithmetic: an IndexError
+in every mode. So is an id into a table with no rows.
+
+Backward (Triton path), which mode is which (``embedattn.kernels.embedding.scatter_mode``):
+
+* token table, float32 tables outside deterministic mode: scatter-add with float32 atomics into the
+  zero-initialised (V, D) gradient. Fast, not bitwise reproducible (colliding ids add up in scheduling
+  order).
+* float16/bfloat16 tables outside deterministic mode: the same float32 atomics into a float32 (V, D)
+  buffer, cast once, where that buffer is small against the tokens (V <= T, or at most 16 MiB); the
+  sorted segments otherwise (the buffer's zero-fill and cast would cost more than the atomics save).
+* every dtype when ``torch.are_deterministic_algorithms_enabled()``: sorted segments. The T ids are sorted
+  stably, each run of equal ids is summed by one program in a fixed order in float32 and written once,
+  cast to the table dtype, into a zeroed (V, D) gradient in the table dtype. Bitwise reproducible, across
+  processes too (the summation order does not depend on the autotuned launch config), and it needs no
+  float32 (V, D) buffer.
 * learned positions at the default positions: a reduction over the batch, one program per tile of
   positions; no atomics, always deterministic. Only table rows outside ``[offset, offset + N)`` are
   zero-filled. With explicit ``positions`` the position table is scattered like the token table.
 
-Memory: the forward allocates its (B, N, D) output and nothing else of that size. The backward
-allocates the (V, D) token gradient (zero-filled, in the table dtype) and the (P, D) position gradient
-(only rows outside [offset, offset + N) zero-filled), plus, in the sorted mode, three int64 vectors
-of length T. Measured with the torch profiler (V=4096, D=64, B*N=128, P=128, Triton interpreter):
-backward allocates exactly (V + P) * D * 4 bytes for float32 and (V + P) * D * 2 + 3 * T * 8 (+ the
-interpreter's head list) for float16; forward exactly B*N*D*elem (tests/test_embedding.py::
-test_buffer_sizes checks this, with CUDA peak memory on a GPU). An atomic scatter for a float16 table
-would allocate 3x the output (float32 buffer + cast), which is why half tables use sorted segments.
+Memory: the forward allocates its (B, N, D) output (and the 4-byte flag in "device" mode) and nothing
+else of that size. The backward allocates the (V, D) token gradient (zero-filled, in the table dtype) and
+the (P, D) position gradient (only rows outside [offset, offset + N) zero-filled), plus, in the sorted
+mode, three int64 vectors of length T, and in the atomic mode for half tables the float32 (V, D) buffer.
+Measured with the torch profiler (V=4096, D=64, B*N=128, P=128, Triton interpreter): backward allocates
+exactly (V + P) * D * 4 bytes for float32 and (V + P) * D * 2 + 3 * T * 8 (+ the interpreter's head list)
+for float16 in the sorted mode; forward exactly B*N*D*elem (tests/test_embedding.py::test_buffer_sizes
+checks this, with CUDA peak memory on a GPU).
 """
 
 from __future__ import annotations
@@ -39,7 +65,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from ._backend import resolve
-from ._checks import check_bool, check_ids_in_range
+from ._checks import assert_ok, bounds_mode, check_bool, check_ids, ok_flag, safe_ids
 from ._registry import kernel_op
 from .reference import _embedding as _ref
 
@@ -113,24 +139,25 @@ def _check(ids, weight, pos_weight, sinusoidal, scale, padding_idx, position_off
     return padding_idx
 
 
-def _check_bounds(ids, weight, pos_weight, position_offset, positions, check_bounds) -> None:
-    """IndexError before any kernel reads out of bounds. The id and explicit-position checks cost one
-    min/max reduction each and together one device sync; they are skipped with ``check_bounds=False``
-    and, with the default ``None``, while torch.compile traces (a sync would break the graph). The
-    default-position check is host arithmetic and always runs."""
+_BAD_ID = ("embedding: an id is out of range for its table (ids for the token table, or explicit positions for "
+           "the position table); row 0 was read in its place. check_bounds='sync' raises an IndexError naming it")
+
+
+def _check_bounds(ids, weight, pos_weight, position_offset, positions, mode: str) -> None:
+    """The host part of the bounds checks (see the module docstring): default positions past the position
+    table and ids into an empty table always raise; in "sync" mode the ids and explicit positions are
+    checked with one min/max reduction each and one device sync for both, an IndexError naming the first
+    bad one."""
     p = None if pos_weight is None else pos_weight.shape[0]
     if p is not None and positions is None:
         n = ids.shape[-1]
         if n and position_offset + n > p:
             raise IndexError(f"positions {position_offset}..{position_offset + n - 1} exceed the position "
                              f"table ({p} rows)")
-    if check_bounds is None:
-        check_bounds = not torch.compiler.is_compiling()
-    if not check_bounds:
-        return
-    check_ids_in_range([("ids", ids)], weight.shape[0], "the token table")
-    if p is not None and positions is not None:
-        check_ids_in_range([("positions", positions)], p, "the position table")
+    items = [("ids", ids, weight.shape[0], "the token table")]
+    if p is not None:
+        items.append(("positions", positions, p, "the position table"))
+    check_ids(items, mode)
 
 
 def _flat_ids(x: torch.Tensor) -> torch.Tensor:
@@ -147,20 +174,21 @@ def _row_major(w: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------
 # registered ops (bodies launch the kernels; see embedattn._registry)
 # --------------------------------------------------------------------------------------------------
-def _embedding_fwd_fake(ids, weight, pos_weight, positions, n, pos_mode, scale, offset):
+def _embedding_fwd_fake(ids, weight, pos_weight, positions, n, pos_mode, scale, offset, ok=None):
     return weight.new_empty(ids.shape[0], weight.shape[1])
 
 
-@kernel_op("embedding_fwd", fake=_embedding_fwd_fake)
+@kernel_op("embedding_fwd", fake=_embedding_fwd_fake, mutates_args=("ok",))
 def _embedding_fwd(ids: torch.Tensor, weight: torch.Tensor, pos_weight: torch.Tensor | None,
-                   positions: torch.Tensor | None, n: int, pos_mode: int, scale: float, offset: int
-                   ) -> torch.Tensor:
-    """(T, D) rows ``weight[ids] * scale + P`` for flat ids (T,); pos_mode 0 none, 1 learned, 2 sinusoidal."""
+                   positions: torch.Tensor | None, n: int, pos_mode: int, scale: float, offset: int,
+                   ok: torch.Tensor | None = None) -> torch.Tensor:
+    """(T, D) rows ``weight[ids] * scale + P`` for flat ids (T,); pos_mode 0 none, 1 learned, 2 sinusoidal.
+    A bad id reads row 0; ``ok`` (int32 (1,), set to 1 by the caller) is cleared when there is one."""
     from .kernels.embedding import embedding_forward
 
     pw = None if pos_weight is None else _row_major(pos_weight)
     return embedding_forward(ids, _row_major(weight), pw, positions, n=n, pos_mode=pos_mode, scale=scale,
-                             offset=offset)
+                             offset=offset, ok=ok)
 
 
 def _embedding_bwd_fake(grad, ids, positions, num_rows, num_positions, n, scale, offset, padding_idx,
@@ -192,12 +220,17 @@ def _embedding_bwd(grad: torch.Tensor, ids: torch.Tensor, positions: torch.Tenso
 
 
 class EmbeddingFunction(torch.autograd.Function):
-    """``apply(ids, weight, pos_weight, positions, n, pos_mode, scale, offset, padding_idx)`` over flat ids
-    (T,) -> (T, D), through the registered ops; see the module docstring for the backward modes."""
+    """``apply(ids, weight, pos_weight, positions, n, pos_mode, scale, offset, padding_idx, check)`` over flat
+    ids (T,) -> (T, D), through the registered ops; ``check``: the "device" bounds check (the kernel's flag
+    and one ``torch._assert_async``). See the module docstring for the bounds and backward modes."""
 
     @staticmethod
-    def forward(ctx, ids, weight, pos_weight, positions, n, pos_mode, scale, offset, padding_idx):
-        out = torch.ops.embedattn.embedding_fwd(ids, weight, pos_weight, positions, n, pos_mode, scale, offset)
+    def forward(ctx, ids, weight, pos_weight, positions, n, pos_mode, scale, offset, padding_idx, check):
+        ok = ok_flag(ids.device) if check else None
+        out = torch.ops.embedattn.embedding_fwd(ids, weight, pos_weight, positions, n, pos_mode, scale, offset,
+                                                ok)
+        if check:
+            assert_ok(ok, _BAD_ID)
         ctx.save_for_backward(ids, positions)
         ctx.meta = (weight.shape[0], 0 if pos_weight is None else pos_weight.shape[0], n, scale, offset,
                     -1 if padding_idx is None else padding_idx)
@@ -210,11 +243,10 @@ class EmbeddingFunction(torch.autograd.Function):
         v, p, n, scale, offset, padding_idx = ctx.meta
         need_w, need_p = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         if not (need_w or need_p):
-            return (None,) * 9
-        deterministic = torch.are_deterministic_algorithms_enabled() or grad.dtype != torch.float32
+            return (None,) * 10
         gw, gp = torch.ops.embedattn.embedding_bwd(grad, ids, positions, v, p, n, scale, offset, padding_idx,
-                                                   deterministic, need_w, need_p)
-        return None, (gw if need_w else None), (gp if need_p else None), None, None, None, None, None, None
+                                                   torch.are_deterministic_algorithms_enabled(), need_w, need_p)
+        return None, (gw if need_w else None), (gp if need_p else None), *(None,) * 7
 
 
 def embedding(
@@ -227,7 +259,7 @@ def embedding(
     padding_idx: int | None = None,
     position_offset: int = 0,
     positions: torch.Tensor | None = None,
-    check_bounds: bool | None = None,
+    check_bounds: bool | str | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
     """Token embedding plus positions: ``weight[ids] * scale + P`` with shape ``ids.shape + (D,)``.
@@ -243,28 +275,34 @@ def embedding(
         position_offset: default positions are ``arange(N) + position_offset`` (e.g. decoding with a cache).
         positions: explicit integer positions with the shape of ``ids`` (e.g. left-padded batches);
             needs a position table or ``sinusoidal=True``.
-        check_bounds: check ids (and explicit positions) against the tables with a min/max reduction
-            each, raising IndexError before any kernel runs; it syncs the device once. ``None`` (the
-            default) checks eagerly and skips the check while torch.compile traces; ``False`` skips it
-            (an out-of-range id then reads out of bounds).
+        check_bounds: how ids (and explicit positions into ``pos_weight``) are checked against the tables:
+            ``"sync"`` (or ``True``): an IndexError naming the first bad id before any kernel runs (one
+            device sync: not capturable, a graph break under torch.compile); ``"device"``: inside the
+            kernel, no host sync, a bad id reads row 0 and fails the call by a device-side assertion (on
+            CUDA it surfaces at the next synchronization); ``False``/``"off"``: no check, a bad id reads
+            row 0. ``None`` (the default): "device" on CUDA and under torch.compile, "sync" eagerly on the
+            CPU. The module docstring says exactly when each error surfaces.
         backend: None | "auto" | "triton" | "reference" (see ``embedattn._backend``).
 
     Gradients flow to ``weight`` and ``pos_weight``; the backward modes (atomic or sorted-segment,
     which one is deterministic) are described in the module docstring.
     """
     padding_idx = _check(ids, weight, pos_weight, sinusoidal, scale, padding_idx, position_offset, positions)
-    if check_bounds is not None:
-        check_bool("check_bounds", check_bounds)
-    _check_bounds(ids, weight, pos_weight, position_offset, positions, check_bounds)
+    mode = bounds_mode(check_bounds, ids.device)
+    _check_bounds(ids, weight, pos_weight, position_offset, positions, mode)
     scale = float(scale)
     be = resolve(backend, ids, weight, op="embedding", dtype=weight.dtype)
     if be == "reference":
+        if mode != "sync":  # what the kernels do, in torch ops
+            ids = safe_ids(ids, weight.shape[0], mode, _BAD_ID)
+            if positions is not None and pos_weight is not None:
+                positions = safe_ids(positions, pos_weight.shape[0], mode, _BAD_ID)
         return _ref.embedding(ids, weight, pos_weight, sinusoidal=sinusoidal, scale=scale,
                               padding_idx=padding_idx, position_offset=position_offset, positions=positions)
     pos_mode = _POS_LEARNED if pos_weight is not None else _POS_SINUSOIDAL if sinusoidal else _POS_NONE
     flat_pos = _flat_ids(positions) if positions is not None else None
     out = EmbeddingFunction.apply(_flat_ids(ids), weight, pos_weight, flat_pos, ids.shape[-1], pos_mode,
-                                  scale, position_offset, padding_idx)
+                                  scale, position_offset, padding_idx, mode == "device")
     return out.view(*ids.shape, weight.shape[1])
 
 
@@ -278,8 +316,8 @@ class FusedEmbedding(nn.Module):
     "pos_weight": wpe.weight})`` or ``FusedEmbedding.from_pretrained(wte.weight, wpe.weight)``.
     Both tables start from N(0, 1) like ``nn.Embedding`` (the ``padding_idx`` row zeroed).
     ``max_positions`` is required for learned positions and unused by the other modes.
-    Set ``check_bounds = False`` on the module to skip the per-call bounds check (and its sync); the
-    default ``None`` checks eagerly and not while torch.compile traces.
+    ``check_bounds`` on the module is passed to every call (``embedding``'s modes: None, "sync",
+    "device", False/"off"); the default ``None`` checks without a host sync on CUDA.
     """
 
     def __init__(
@@ -312,7 +350,7 @@ class FusedEmbedding(nn.Module):
         self.positional = positional
         self.padding_idx = padding_idx
         self.scale = float(scale)
-        self.check_bounds: bool | None = None
+        self.check_bounds: bool | str | None = None
         self.backend: str | None = None
         self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim, **factory))
         if positional == "learned":

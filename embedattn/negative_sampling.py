@@ -2,6 +2,14 @@
 
 loss_b = -log σ(u[context_b]·v[center_b]) - Σ_k log σ(-u[negatives_bk]·v[center_b]),
 v = ``in_weight``, u = ``out_weight``. The Triton path never materializes the (B, K, D) gather.
+
+Bounds checks (``check_bounds``) of center, context and negatives work as in ``embedattn.embedding`` (its
+module docstring says when each error surfaces): "sync" raises an IndexError naming the first bad tensor
+and id before any kernel runs (one host sync; the default eagerly on the CPU); "device" (the default on
+CUDA and under torch.compile) checks inside the forward kernel, reads row 0 for a bad id and fails the call
+by ``torch._assert_async`` (on CUDA a device-side assertion, surfacing at the next synchronization);
+False/"off" checks nothing but still reads row 0. The backward kernel adds nothing for a bad id (a bad
+center drops its pair), so no mode reads or writes outside the tables.
 """
 
 from __future__ import annotations
@@ -14,7 +22,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from ._backend import resolve
-from ._checks import check_bool, check_ids_in_range
+from ._checks import assert_ok, bounds_mode, check_bool, check_ids, check_ids_in_range, ok_flag, safe_ids
 from ._registry import kernel_op
 from .reference._negative_sampling import negative_sampling_loss as _reference_loss
 
@@ -30,7 +38,12 @@ def _check_ids(name: str, t) -> None:
         raise TypeError(f"{name} must be int64 or int32 ids, got {t.dtype}")
 
 
-def _check_inputs(center, context, negatives, in_weight, out_weight, reduction, check_bounds) -> None:
+_BAD_ID = ("negative_sampling_loss: a center, context or negative id is out of range for the tables; row 0 was "
+           "read in its place. check_bounds='sync' raises an IndexError naming it")
+
+
+def _check_inputs(center, context, negatives, in_weight, out_weight, reduction, check_bounds) -> str:
+    """Validate the arguments; return the bounds mode (and in "sync" mode check the ids)."""
     for name, w in (("in_weight", in_weight), ("out_weight", out_weight)):
         if not isinstance(w, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(w).__name__}")
@@ -60,11 +73,11 @@ def _check_inputs(center, context, negatives, in_weight, out_weight, reduction, 
     devices = {t.device for t in (center, context, negatives, in_weight, out_weight)}
     if len(devices) > 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(str(d) for d in devices)}")
-    if check_bounds is None:
-        check_bounds = not torch.compiler.is_compiling()  # the check syncs: not while compiling
-    if check_bool("check_bounds", check_bounds):
-        check_ids_in_range((("center", center), ("context", context), ("negatives", negatives)),
-                           in_weight.shape[0], "tables")
+    mode = bounds_mode(check_bounds, center.device)
+    v = in_weight.shape[0]
+    check_ids([("center", center, v, "the tables"), ("context", context, v, "the tables"),
+               ("negatives", negatives, v, "the tables")], mode)
+    return mode
 
 
 # --------------------------------------------------------------------------------------------------
@@ -74,19 +87,21 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _ns_fwd_fake(center, context, negatives, in_weight, out_weight):
+def _ns_fwd_fake(center, context, negatives, in_weight, out_weight, ok=None):
     acc = _acc_dtype(in_weight.dtype)
     b, k = negatives.shape
     return in_weight.new_empty(b, dtype=acc), in_weight.new_empty(b, k + 1, dtype=acc)
 
 
-@kernel_op("negative_sampling_fwd", fake=_ns_fwd_fake)
+@kernel_op("negative_sampling_fwd", fake=_ns_fwd_fake, mutates_args=("ok",))
 def _negative_sampling_fwd(center: torch.Tensor, context: torch.Tensor, negatives: torch.Tensor,
-                           in_weight: torch.Tensor, out_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss (B,), coef (B, K+1) = d loss / d score, column 0 the positive), float32."""
+                           in_weight: torch.Tensor, out_weight: torch.Tensor, ok: torch.Tensor | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss (B,), coef (B, K+1) = d loss / d score, column 0 the positive), float32. A bad id reads row 0;
+    ``ok`` (int32 (1,), set to 1 by the caller) is cleared when there is one."""
     from .kernels.negative_sampling import negative_sampling_forward
 
-    return negative_sampling_forward(center, context, negatives, in_weight, out_weight)
+    return negative_sampling_forward(center, context, negatives, in_weight, out_weight, ok)
 
 
 def _ns_bwd_fake(center, context, negatives, in_weight, out_weight, coef, grad_loss, dst_in, dst_out, rows_in,
@@ -115,11 +130,15 @@ def _negative_sampling_bwd(center: torch.Tensor, context: torch.Tensor, negative
 
 class NegativeSamplingFunction(torch.autograd.Function):
     """Per-pair loss (B,) on the Triton kernels, through the registered ops; gradients for both tables,
-    dense or sparse COO."""
+    dense or sparse COO. ``check``: the "device" bounds check (the kernel's flag, one ``_assert_async``)."""
 
     @staticmethod
-    def forward(ctx, center, context, negatives, in_weight, out_weight, sparse: bool):
-        loss, coef = torch.ops.embedattn.negative_sampling_fwd(center, context, negatives, in_weight, out_weight)
+    def forward(ctx, center, context, negatives, in_weight, out_weight, sparse: bool, check: bool):
+        ok = ok_flag(center.device) if check else None
+        loss, coef = torch.ops.embedattn.negative_sampling_fwd(center, context, negatives, in_weight, out_weight,
+                                                               ok)
+        if check:
+            assert_ok(ok, _BAD_ID)
         ctx.save_for_backward(center, context, negatives, in_weight, out_weight, coef)
         ctx.sparse = sparse
         return loss
@@ -130,7 +149,7 @@ class NegativeSamplingFunction(torch.autograd.Function):
         center, context, negatives, in_weight, out_weight, coef = ctx.saved_tensors
         need_in, need_out = ctx.needs_input_grad[3], ctx.needs_input_grad[4]
         if not (need_in or need_out):
-            return None, None, None, None, None, None
+            return (None,) * 7
         grad_loss = grad_loss.to(coef.dtype)
         V, D = in_weight.shape
         if not ctx.sparse:
@@ -139,11 +158,12 @@ class NegativeSamplingFunction(torch.autograd.Function):
                 need_out)
             gin = gin.to(in_weight.dtype) if need_in else None
             gout = gout.to(out_weight.dtype) if need_out else None
-            return None, None, None, gin, gout, None
+            return None, None, None, gin, gout, None, None
         # sparse: accumulate into one row per distinct id (never one row per lookup, which for the
-        # negatives would be the B x K x D tensor the kernel avoids), then wrap as coalesced COO
-        uin, inv_in = torch.unique(center, return_inverse=True)
-        ids_out = torch.cat([context.unsqueeze(1), negatives], dim=1)
+        # negatives would be the B x K x D tensor the kernel avoids), then wrap as coalesced COO. Bad ids
+        # (the kernel adds nothing for them) count as 0 here, so every COO index is a row of the table
+        uin, inv_in = torch.unique(safe_ids(center, V, "off", ""), return_inverse=True)
+        ids_out = safe_ids(torch.cat([context.unsqueeze(1), negatives], dim=1), V, "off", "")
         uout, inv_out = torch.unique(ids_out, return_inverse=True)
         gin, gout = torch.ops.embedattn.negative_sampling_bwd(
             center, context, negatives, in_weight, out_weight, coef, grad_loss, inv_in, inv_out.contiguous(),
@@ -155,7 +175,7 @@ class NegativeSamplingFunction(torch.autograd.Function):
 
         gin = coo(uin, gin, in_weight.dtype) if need_in else None
         gout = coo(uout, gout, out_weight.dtype) if need_out else None
-        return None, None, None, gin, gout, None
+        return None, None, None, gin, gout, None, None
 
 
 def negative_sampling_loss(
@@ -167,7 +187,7 @@ def negative_sampling_loss(
     *,
     reduction: str = "mean",
     sparse: bool = False,
-    check_bounds: bool | None = None,
+    check_bounds: bool | str | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
     """Skip-gram negative-sampling loss.
@@ -178,22 +198,25 @@ def negative_sampling_loss(
     ``reduction``: "mean" | "sum" | "none" (per-pair (B,)). The loss is float32 for 16-bit and float32
     tables, float64 for float64 tables (which run the reference). ``sparse=True`` gives sparse COO
     table gradients (for ``torch.optim.SparseAdam``/``SGD``), like ``nn.Embedding(sparse=True)``.
-    ``check_bounds``: the id range check (IndexError, one host sync); ``None`` (default) checks
-    eagerly and skips it while torch.compile traces; ``False`` skips it (out-of-range ids are then
-    undefined behaviour).
+    ``check_bounds``: None | "sync" (or True) | "device" | False/"off", as in ``embedattn.embedding``
+    (see the module docstring): None checks without a host sync on CUDA and under torch.compile, with an
+    IndexError naming the id eagerly on the CPU; no mode reads outside the tables.
     """
-    _check_inputs(center, context, negatives, in_weight, out_weight, reduction, check_bounds)
+    mode = _check_inputs(center, context, negatives, in_weight, out_weight, reduction, check_bounds)
     check_bool("sparse", sparse)
     be = resolve(backend, center, context, negatives, in_weight, out_weight, op="negative_sampling",
                  dtype=in_weight.dtype)
     if be == "reference" or center.numel() == 0:
+        if mode != "sync":  # what the kernels do, in torch ops
+            v = in_weight.shape[0]
+            center, context, negatives = (safe_ids(t, v, mode, _BAD_ID) for t in (center, context, negatives))
         return _reference_loss(center, context, negatives, in_weight, out_weight, reduction=reduction,
                                sparse=sparse)
     if in_weight.stride(1) != 1:
         in_weight = in_weight.contiguous()
     if out_weight.stride(1) != 1:
         out_weight = out_weight.contiguous()
-    loss = NegativeSamplingFunction.apply(center, context, negatives, in_weight, out_weight, sparse)
+    loss = NegativeSamplingFunction.apply(center, context, negatives, in_weight, out_weight, sparse, mode == "device")
     if reduction == "mean":
         return loss.mean()
     if reduction == "sum":
@@ -310,7 +333,8 @@ class UnigramSampler:
     def sample(self, *shape: int, exclude: torch.Tensor | None = None,
                generator: torch.Generator | None = None, device=None) -> torch.Tensor:
         """int64 ids of the given shape. With ``exclude`` (shape = the draw's leading dims, e.g. (B,)
-        for a (B, K) draw) no entry equals its row's excluded id."""
+        for a (B, K) draw) no entry equals its row's excluded id; an excluded id outside [0, len(self))
+        is an IndexError naming it (on CUDA a device-side assertion, as the loss's "device" check)."""
         if len(shape) == 1 and isinstance(shape[0], (tuple, list, torch.Size)):
             shape = tuple(shape[0])
         dev = self.device if device is None else torch.device(device)
@@ -327,7 +351,15 @@ class UnigramSampler:
             got = tuple(exclude.shape) if isinstance(exclude, torch.Tensor) else type(exclude).__name__
             raise ValueError(f"exclude must be a tensor shaped like the leading dims of the draw {tuple(shape)}, "
                              f"got {got}")
+        if exclude.dtype.is_floating_point or exclude.dtype.is_complex or exclude.dtype == torch.bool:
+            raise TypeError(f"exclude must hold integer ids, got {exclude.dtype}")
         ex = exclude.to(dev).long()
+        n = self.probs.numel()
+        # an id outside [0, n) would index the tables from the end (-1) or past them: as the loss checks ids
+        if bounds_mode(None, dev) == "sync":
+            check_ids_in_range([("exclude", ex)], n, "the sampler's vocabulary", unit="ids")
+        else:
+            ex = safe_ids(ex, n, "device", f"UnigramSampler.sample: exclude holds an id outside [0, {n})")
         ex = ex.reshape(ex.shape + (1,) * (len(shape) - ex.dim()))
         p_x = self.probs[ex]
         start = self._cum[ex] - p_x

@@ -10,6 +10,11 @@ so plain stores would drop updates. The backward adds into fp32 (fp64 for fp64 t
 the fused step adds straight into the tables, in their dtype (16-bit tables round every update; bf16
 atomics are native from sm_90 only). The adds are relaxed: nothing is ordered by them, only their sum
 matters, and the default acq_rel semantics order every one of them on a GPU.
+
+Bounds: the loss kernels pass every id through ``embedattn.kernels.embedding.checked_ids``: an id outside
+[0, V) reads row 0 (never an out-of-bounds address), the forward can clear an "ok" flag for the caller's
+``torch._assert_async``, and the backward drops the gradient of a pair whose center is bad and of every
+bad context or negative. Row offsets (pair index x stride) are int64: they pass 2^31 elements.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from ._utils import autotune_enabled, empty, interpreting, next_pow2
+from .embedding import checked_ids
 
 
 @triton.jit
@@ -61,16 +67,29 @@ def _nll_and_coef(score, cols, m2):
 
 
 @triton.jit
-def _fwd_kernel(center_ptr, context_ptr, neg_ptr, w_in_ptr, w_out_ptr, loss_ptr, coef_ptr,
-                B, K, D, s_c, s_x, s_nb, s_nk, s_in, s_out,
-                BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
-    ACC: tl.constexpr = loss_ptr.dtype.element_ty
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+def _pair_tile(center_ptr, context_ptr, neg_ptr, ok_ptr, B, K, V, s_c, s_x, s_nb, s_nk,
+               CHECK: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
+    """This program's BLOCK_B pairs: rows (int64), columns, their masks, the checked center ids (BLOCK_B,)
+    and (BLOCK_B, BLOCK_K) output-table ids with their in-range masks (see ``checked_ids``)."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
     cols = tl.arange(0, BLOCK_K)
     rmask = rows < B
     m2 = rmask[:, None] & (cols[None, :] <= K)
     center = tl.load(center_ptr + rows * s_c, mask=rmask, other=0).to(tl.int64)
+    center, good_c = checked_ids(center, rmask, V, ok_ptr, CHECK)
     ids = _ids_tile(context_ptr, neg_ptr, rows, cols, rmask, m2, K, s_x, s_nb, s_nk)
+    ids, good = checked_ids(ids, m2, V, ok_ptr, CHECK)
+    return rows, cols, rmask, m2, center, good_c, ids, good
+
+
+@triton.jit
+def _fwd_kernel(center_ptr, context_ptr, neg_ptr, w_in_ptr, w_out_ptr, loss_ptr, coef_ptr, ok_ptr,
+                B, K, D, V, s_c, s_x, s_nb, s_nk, s_in, s_out,
+                CHECK: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    ACC: tl.constexpr = loss_ptr.dtype.element_ty
+    rows, cols, rmask, m2, center, _, ids, _ = _pair_tile(center_ptr, context_ptr, neg_ptr, ok_ptr, B, K, V, s_c,
+                                                          s_x, s_nb, s_nk, CHECK, BLOCK_B, BLOCK_K)
+    # a bad id reads row 0: its loss is finite and meaningless (the check reports it)
     score = _scores(center, ids, w_in_ptr, w_out_ptr, rmask, m2, D, s_in, s_out,
                     BLOCK_B, BLOCK_K, BLOCK_D, ACC)
     nll, coef = _nll_and_coef(score, cols, m2)
@@ -81,16 +100,15 @@ def _fwd_kernel(center_ptr, context_ptr, neg_ptr, w_in_ptr, w_out_ptr, loss_ptr,
 @triton.jit
 def _bwd_kernel(center_ptr, context_ptr, neg_ptr, dst_in_ptr, dst_out_ptr, w_in_ptr, w_out_ptr,
                 coef_ptr, grad_ptr, gin_ptr, gout_ptr,
-                B, K, D, s_c, s_x, s_nb, s_nk, s_in, s_out, s_g,
+                B, K, D, V, s_c, s_x, s_nb, s_nk, s_in, s_out, s_g,
                 SPARSE: tl.constexpr, NEED_IN: tl.constexpr, NEED_OUT: tl.constexpr,
                 BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     ACC: tl.constexpr = coef_ptr.dtype.element_ty
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    cols = tl.arange(0, BLOCK_K)
-    rmask = rows < B
-    m2 = rmask[:, None] & (cols[None, :] <= K)
-    center = tl.load(center_ptr + rows * s_c, mask=rmask, other=0).to(tl.int64)
-    ids = _ids_tile(context_ptr, neg_ptr, rows, cols, rmask, m2, K, s_x, s_nb, s_nk)
+    rows, cols, rmask, m2, center, good_c, ids, good = _pair_tile(center_ptr, context_ptr, neg_ptr, gin_ptr, B, K,
+                                                                  V, s_c, s_x, s_nb, s_nk, False, BLOCK_B, BLOCK_K)
+    # bad ids add nothing: a bad center drops its pair, a bad context or negative its column
+    rmask = rmask & good_c
+    m2 = m2 & good & good_c[:, None]
     if SPARSE:  # gradients go to compact rows (positions among the unique ids), not to the ids
         dst_in = tl.load(dst_in_ptr + rows, mask=rmask, other=0).to(tl.int64)
         dst_out = tl.load(dst_out_ptr + rows[:, None] * (K + 1) + cols[None, :], mask=m2,
@@ -168,7 +186,7 @@ def _sgns_step_kernel(inp_ptr, tgt_ptr, neg_ptr, w_in_ptr, w_out_ptr, loss_ptr, 
                       BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     # one launch updates pairs [start, end) of the batch: the launcher walks a batch chunk by chunk
     # without slicing (or any other host-side op) between launches
-    rows = start + tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_B + start + tl.arange(0, BLOCK_B)
     _sgns_tile(rows, rows < end, inp_ptr, tgt_ptr, neg_ptr, w_in_ptr, w_out_ptr, loss_ptr, lr,
                K, D, s_c, s_x, s_nb, s_nk, s_in, s_out, BLOCK_B, BLOCK_K, BLOCK_D, "")
 
@@ -181,7 +199,7 @@ def _sgns_loop_kernel(inp_ptr, tgt_ptr, neg_ptr, w_in_ptr, w_out_ptr, loss_ptr, 
     # and walks them BLOCK_B at a time, in order; programs run Hogwild, so grid * BLOCK_B pairs are
     # in flight. Table rows are read from L2 (".cg"): atomics land there, and a row cached in this
     # SM's L1 would stay stale for the whole (long) launch.
-    lo = tl.program_id(0) * per_prog
+    lo = tl.program_id(0).to(tl.int64) * per_prog
     hi = tl.minimum(lo + per_prog, B)
     for s in range(lo, hi, BLOCK_B):
         rows = s + tl.arange(0, BLOCK_B)
@@ -221,22 +239,24 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def negative_sampling_forward(center, context, negatives, in_weight, out_weight):
+def negative_sampling_forward(center, context, negatives, in_weight, out_weight, ok=None):
     """Per-pair loss (B,) and coef (B, K+1) = d loss_b / d score_bk, both in the accumulation dtype
-    (fp32, fp64 for fp64 tables). Column 0 of coef is the positive."""
+    (fp32, fp64 for fp64 tables). Column 0 of coef is the positive. An id outside [0, V) reads row 0; with
+    ``ok`` (an int32 (1,) tensor set to 1) the kernel also sets ``ok`` to 0."""
     B, K = negatives.shape
     D = in_weight.shape[1]
     acc = _acc_dtype(in_weight.dtype)
     loss = empty(B, dtype=acc, device=in_weight.device)
     coef = empty(B, K + 1, dtype=acc, device=in_weight.device)
-    args = (center, context, negatives, in_weight, out_weight, loss, coef, B, K, D,
-            center.stride(0), context.stride(0), negatives.stride(0), negatives.stride(1),
+    args = (center, context, negatives, in_weight, out_weight, loss, coef, center if ok is None else ok, B, K, D,
+            in_weight.shape[0], center.stride(0), context.stride(0), negatives.stride(0), negatives.stride(1),
             in_weight.stride(0), out_weight.stride(0))
     if autotune_enabled():
-        wrap_triton(_fwd_tuned)[lambda m: (triton.cdiv(B, m["BLOCK_B"]),)](*args, BLOCK_K=next_pow2(K + 1))
+        wrap_triton(_fwd_tuned)[lambda m: (triton.cdiv(B, m["BLOCK_B"]),)](*args, CHECK=ok is not None,
+                                                                          BLOCK_K=next_pow2(K + 1))
     else:
         cfg = _fixed_config(K, D)
-        wrap_triton(_fwd_kernel)[(triton.cdiv(B, cfg["BLOCK_B"]),)](*args, **cfg)
+        wrap_triton(_fwd_kernel)[(triton.cdiv(B, cfg["BLOCK_B"]),)](*args, CHECK=ok is not None, **cfg)
     return loss, coef
 
 
@@ -260,7 +280,7 @@ def negative_sampling_backward(center, context, negatives, in_weight, out_weight
     if not sparse:
         dst_in, dst_out = center, coef  # unused by the kernel when SPARSE is off
     args = (center, context, negatives, dst_in, dst_out, in_weight, out_weight, coef, grad_loss, gin, gout,
-            B, K, D, center.stride(0), context.stride(0), negatives.stride(0), negatives.stride(1),
+            B, K, D, V, center.stride(0), context.stride(0), negatives.stride(0), negatives.stride(1),
             in_weight.stride(0), out_weight.stride(0), grad_loss.stride(0))
     flags = {"SPARSE": sparse, "NEED_IN": need_in, "NEED_OUT": need_out}
     if B > 0:

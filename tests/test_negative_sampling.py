@@ -316,6 +316,22 @@ def test_sampler_statistics():
     assert max_err(freq, q) < 5 * (0.25 / rows.numel()) ** 0.5
 
 
+def test_sampler_exclude_out_of_range():
+    """An excluded id outside the vocabulary is an error naming exclude (-1 used to exclude the last id,
+    V a raw IndexError from torch's indexing)."""
+    s = embedattn.UnigramSampler([1.0, 3.0, 2.0])
+    for bad in (-1, 3, 10):
+        ex = torch.tensor([0, bad, 1])
+        with pytest.raises(IndexError, match=rf"exclude contains id {bad}, out of range for the sampler's "
+                                             r"vocabulary with 3 ids \(\[0, 3\)\)"):
+            s.sample(3, 4, exclude=ex)
+    with pytest.raises(IndexError, match="exclude contains id -1"):
+        s.sample(5, exclude=torch.tensor(-1))
+    with pytest.raises(TypeError, match="exclude must hold integer ids"):
+        s.sample(3, exclude=torch.tensor([0.0, 1.0, 2.0]))
+    assert s.sample(3, 4, exclude=torch.tensor([0, 2, 1], dtype=torch.int32)).shape == (3, 4)
+
+
 def test_sampler_bad_input():
     with pytest.raises(ValueError, match="non-negative"):
         embedattn.UnigramSampler([1.0, -1.0])
@@ -343,15 +359,21 @@ def _good():
     return dict(center=c, context=x, negatives=n, in_weight=wi, out_weight=wo)
 
 
+# on CUDA None and "device" assert on the device (test_cuda_graph_capture_and_fullgraph_compile's subprocess)
+CHECKING = [True, "sync"] + ([] if ON_CUDA else [None, "device"])
+
+
+@pytest.mark.parametrize("check_bounds", CHECKING)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("arg,bad", [("center", 7), ("context", -1), ("negatives", 100)])
-def test_ids_out_of_range(backend, arg, bad):
+def test_ids_out_of_range(backend, arg, bad, check_bounds):
+    """Every checking mode raises on the CPU in eager mode ("device" is "sync" there), naming the id."""
     kw = _good()
     t = kw[arg].clone()
     t.view(-1)[0] = bad
     kw[arg] = t
     with pytest.raises(IndexError, match=f"{arg} contains id {bad}"):
-        embedattn.negative_sampling_loss(**kw, backend=backend)
+        embedattn.negative_sampling_loss(**kw, check_bounds=check_bounds, backend=backend)
 
 
 @pytest.mark.parametrize(
@@ -434,3 +456,171 @@ def test_hogwild_kernel_compiles_for_sm90():
     *ops, barriers = r.stdout.split()
     assert "red.global.gpu.relaxed.add.f32" in ops and not any(o.startswith("atom") for o in ops), ops
     assert "ld.global.cg.b32" in ops and int(barriers) >= 1, (ops, barriers)
+
+
+
+# ----------------------------------------------------------------------------- bounds checks
+
+def _poisoned(v, d, pad=4, seed=0):
+    """A (v, d) table viewing the middle of a buffer whose rows around it are NaN (out-of-bounds reads show)."""
+    g = torch.Generator().manual_seed(seed)
+    buf = torch.full((v + 2 * pad, d), float("nan"))
+    buf[pad:pad + v] = torch.randn(v, d, generator=g) / d**0.5
+    return buf.to(DEVICE)[pad:pad + v]
+
+
+def _bad_batch(v=9, b=6, k=3):
+    g = torch.Generator().manual_seed(v)
+    c, x, n = torch.randint(0, v, (b,), generator=g), torch.randint(0, v, (b,), generator=g), \
+        torch.randint(0, v, (b, k), generator=g)
+    c[1], x[2], n[3, 1], n[4, 0], n[5, 2] = v, -1, -4, v + 3, -1
+    return c.to(DEVICE), x.to(DEVICE), n.to(DEVICE)
+
+
+def _dropped_reference(c, x, n, wi, wo, up):
+    """float64 gradients with every bad lookup removed (a bad center removes its pair): what the kernels'
+    backward computes when the check is off."""
+    v = wi.shape[0]
+    ids = torch.cat([x[:, None], n], 1)
+    keep = ((ids >= 0) & (ids < v) & ((c >= 0) & (c < v))[:, None]).double()
+    wi64, wo64 = wi.double().requires_grad_(), wo.double().requires_grad_()
+    s = (wo64[ids.clamp(0, v - 1)] * wi64[c.clamp(0, v - 1)][:, None]).sum(-1)
+    z = torch.cat([s[:, :1], -s[:, 1:]], 1)
+    (-(torch.nn.functional.logsigmoid(z) * keep).sum(1) * up).sum().backward()
+    return wi64.grad, wo64.grad
+
+
+@pytest.mark.parametrize("check_bounds", [False, "off"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unchecked_bad_ids_never_read_out_of_bounds(backend, check_bounds):
+    """With the check off, bad center/context/negative ids read row 0 (never the NaN rows around the tables):
+    the loss is finite and equals the loss at row 0; on the Triton road the gradient of a bad lookup is
+    dropped (checked against a float64 reference without those lookups)."""
+    v, d = 9, 5
+    wi, wo = _poisoned(v, d, seed=1), _poisoned(v, d, seed=2)
+    c, x, n = _bad_batch(v)
+    up = torch.rand(c.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    loss, gi, go = _run(lambda *a, **k: embedattn.negative_sampling_loss(*a, check_bounds=check_bounds,
+                                                                         backend=backend, **k), c, x, n, wi, wo, up)
+    safe = [torch.where((t >= 0) & (t < v), t, 0) for t in (c, x, n)]
+    assert torch.isfinite(loss).all() and torch.isfinite(gi).all() and torch.isfinite(go).all()
+    torch.testing.assert_close(loss.double(), ref_loss(*safe, wi.double(), wo.double(), reduction="none"))
+    if backend == "triton":
+        ei, eo = _dropped_reference(c, x, n, wi, wo, up)
+        assert max_err(gi, ei) < 1e-6 and max_err(go, eo) < 1e-6
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
+def test_unchecked_bad_ids_sparse_gradients_stay_in_the_table():
+    """Sparse gradients with bad ids (check off): every COO index is a row of the table, none repeated, and
+    the values are the dropped-lookup gradients."""
+    v, d = 9, 5
+    wi, wo = _poisoned(v, d, seed=4), _poisoned(v, d, seed=5)
+    c, x, n = _bad_batch(v)
+    up = torch.ones(c.shape[0], dtype=torch.float64, device=DEVICE)
+    _, gi, go = _run(lambda *a, **k: embedattn.negative_sampling_loss(*a, check_bounds=False, sparse=True,
+                                                                       backend="triton", **k), c, x, n, wi, wo, up)
+    ei, eo = _dropped_reference(c, x, n, wi, wo, up)
+    for g, e in ((gi, ei), (go, eo)):
+        assert g.is_sparse
+        idx = g._indices()[0]
+        assert idx.min() >= 0 and idx.max() < v and idx.unique().numel() == idx.numel()
+        assert max_err(g.to_dense(), e) < 1e-6
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
+def test_forward_kernel_flags_bad_ids():
+    """The "device" check inside the forward kernel: the flag is cleared by a bad center, context or negative
+    (one at a time) and stays set otherwise; outputs stay finite."""
+    from embedattn.kernels.negative_sampling import negative_sampling_forward
+
+    v, d = 9, 5
+    wi, wo = _poisoned(v, d, seed=6), _poisoned(v, d, seed=7)
+    c, x, n = (t.clamp(0, v - 1) for t in _bad_batch(v))
+    cases = {"none": (c, x, n)}
+    for name, i in (("center", 0), ("context", 1), ("negatives", 2)):
+        ts = [c, x, n]
+        bad = ts[i].clone()
+        bad.view(-1)[-1] = v
+        ts[i] = bad
+        cases[name] = tuple(ts)
+    for name, (cc, xx, nn_) in cases.items():
+        ok = torch.ones(1, dtype=torch.int32, device=DEVICE)
+        loss, coef = negative_sampling_forward(cc, xx, nn_, wi, wo, ok)
+        assert torch.isfinite(loss).all() and torch.isfinite(coef).all()
+        assert ok.item() == (1 if name == "none" else 0), name
+
+
+@pytest.mark.skipif(ON_CUDA, reason="a device-side assertion poisons the CUDA context: see the subprocess test")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compiled_default_check_has_no_host_sync(backend):
+    """Under torch.compile (fullgraph) the default is the "device" check: no host read, and a bad id fails the
+    call (on the CPU at once, a RuntimeError from torch._assert_async)."""
+    v, d = 9, 5
+    wi, wo = _poisoned(v, d, seed=8), _poisoned(v, d, seed=9)
+    f = on_road("compiled", lambda c, x, n, wi, wo: embedattn.negative_sampling_loss(c, x, n, wi, wo,
+                                                                                     backend=backend))
+    c, x, n = (t.clamp(0, v - 1) for t in _bad_batch(v))
+    torch.testing.assert_close(f(c, x, n, wi, wo).double(), ref_loss(c, x, n, wi.double(), wo.double()))
+    with pytest.raises(RuntimeError, match="negative_sampling_loss: a center, context or negative id is out"):
+        f(*_bad_batch(v), wi, wo)
+
+
+def test_empty_tables_are_an_error_in_every_mode():
+    kw = {k: t.cpu() for k, t in _good().items()}
+    kw.update(in_weight=torch.randn(0, 4), out_weight=torch.randn(0, 4))
+    for mode in (None, "device", False):
+        with pytest.raises(IndexError, match="center index the tables, which has no rows"):
+            embedattn.negative_sampling_loss(**kw, check_bounds=mode)
+
+
+def cuda_only(f):
+    return pytest.mark.cuda(pytest.mark.skipif(not ON_CUDA, reason="needs CUDA")(f))
+
+
+@cuda_only
+def test_cuda_graph_capture_and_fullgraph_compile():
+    """The default check has no host sync: a training step (loss, backward) captures in a CUDA graph and
+    replays with new ids, and compiles with fullgraph=True; a bad id fails at the next synchronization
+    (in a subprocess: a device-side assertion poisons the CUDA context)."""
+    import subprocess
+    import sys
+
+    import torch._dynamo.testing
+
+    torch.manual_seed(0)
+    wi = (torch.randn(500, 64, device="cuda") * 0.1).requires_grad_()
+    wo = (torch.randn(500, 64, device="cuda") * 0.1).requires_grad_()
+    c, x = torch.randint(0, 500, (256,), device="cuda"), torch.randint(0, 500, (256,), device="cuda")
+    n = torch.randint(0, 500, (256, 5), device="cuda")
+    step = lambda: embedattn.negative_sampling_loss(c, x, n, wi, wo)  # noqa: E731
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            step().backward()
+    torch.cuda.current_stream().wait_stream(s)
+    wi.grad.zero_()
+    wo.grad.zero_()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        loss = step()
+        loss.backward()
+    c.copy_(torch.randint(0, 500, (256,), device="cuda"))
+    wi.grad.zero_()
+    g.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(loss.double(), ref_loss(c, x, n, wi.detach().double(), wo.detach().double()),
+                               rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
+    cnt = torch._dynamo.testing.CompileCounterWithBackend("inductor")
+    torch.compile(step, fullgraph=True, backend=cnt)().backward()
+    assert cnt.frame_count == 1
+    script = ("import torch, embedattn\n"
+              "w = torch.randn(50, 8, device='cuda')\n"
+              "c = torch.randint(0, 50, (16,), device='cuda'); n = torch.randint(0, 50, (16, 3), device='cuda')\n"
+              "n[3, 1] = 50\n"
+              "embedattn.negative_sampling_loss(c, c, n, w, w)\nprint('returned', flush=True)\n"
+              "torch.cuda.synchronize()\nprint('synchronized', flush=True)\n")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "returned" in r.stdout and "synchronized" not in r.stdout, r.stdout + r.stderr
