@@ -11,7 +11,9 @@ import json
 import math
 import os
 import statistics
-from collections import defaultdict
+from collections import Counter, defaultdict
+
+from embedattn.configs import point_source
 
 from .cli import ArgumentParser, fail
 from .harness import THROUGHPUT_METRICS, ResultsError, read_csv
@@ -157,11 +159,16 @@ def build_summary(csv_path: str, plots_dir: str | None = None, env: dict | None 
                       f"{r['p50']:.3f} |" if r["unit"] == "rho" else
                       f"| {r['kernel']} | {r['provider']} | {r['metric']} | {_num(r['p50'])} |" for r in quality]
             lines.append("")
+        kinds = Counter(point_source(r["config"]) for r in rows
+                        if r["suite"] == suite and r["provider"] == OURS and r["metric"] == "ms")
+        kinds.pop("", None)
+        if kinds:
+            lines += [f"Launch configs: {kinds['tuned']} of {sum(kinds.values())} embedattn points ran tuned configs"
+                      + "".join(f", {n} {k}" for k, n in sorted(kinds.items()) if k != "tuned"), ""]
         configs = sorted({(r["kernel"], r["mode"], r["dtype"], r["x_value"], r["config"]) for r in rows
                           if r["suite"] == suite and r["provider"] == OURS and r["metric"] == "ms" and r["config"]})
         if configs and any("=" in c[4] and "backend=" not in c[4] for c in configs):
-            how = ("fixed heuristic configs: EMBEDATTN_AUTOTUNE=0" if str(env.get("embedattn_autotune")) == "0"
-                   else "autotuned on GPU")
+            how = "each says how it was chosen: tuned (the device's table), autotuned, or heuristic"
             lines += [f"<details><summary>embedattn: the config each point ran with ({how})</summary>",
                       "", "| kernel | mode | dtype | x | config |", "|---|---|---|---|---|"]
             lines += [f"| {k} | {m} | {d} | {fmt_x(x)} | `{c}` |" for k, m, d, x, c in configs]

@@ -36,7 +36,8 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ._utils import INTERPRETED, autotune_enabled, empty, interpreting, next_pow2
+from .. import configs
+from ._utils import INTERPRETED, empty, interpreting, next_pow2
 
 POS_NONE, POS_LEARNED, POS_SINUSOIDAL = 0, 1, 2
 
@@ -48,6 +49,14 @@ TILE_BYTES = 16384
 CHUNK_BYTES = 2048
 # the output is stored with an evict-first hint above this size (it cannot stay in L2 for its reader)
 STREAM_BYTES = 32 << 20
+
+
+_LAST_CONFIG = configs.records("embedding")  # what each kernel last ran with (cleared by the benchmark harness)
+
+
+def last_config() -> dict[str, str]:
+    """The config each embedding kernel last ran with, and how it was chosen (tuned/autotuned/heuristic)."""
+    return configs.recorded("embedding")
 
 
 @functools.cache
@@ -231,14 +240,18 @@ def embedding_forward(
             weight.stride(0), p.stride(0), offset, float(scale), coef_hi, coef - coef_hi, _t_class(t))
     flags = dict(POS_MODE=pos_mode, EXPLICIT_POS=positions is not None, HAS_SCALE=scale != 1.0,
                  CHECK=ok is not None, STREAM_OUT=t * d * weight.element_size() > STREAM_BYTES)
-    if autotune_enabled():
-        grid = lambda meta: (triton.cdiv(t, meta["BLOCK_T"]), triton.cdiv(d, meta["BLOCK_D"]))
-        wrap_triton(_fwd_tuned)[grid](*args, **flags)
-    else:
-        sms = _num_sms(weight.device.index or 0) if weight.is_cuda else 132
-        bt, bd = _tile(d, weight.element_size(), t, sms)
-        grid = (triton.cdiv(t, bt), triton.cdiv(d, bd))
-        wrap_triton(_fwd_kernel)[grid](*args, **flags, BLOCK_T=bt, BLOCK_D=bd, num_warps=4)
+    sms = _num_sms(weight.device.index or 0) if weight.is_cuda else 132
+    bt, bd = _tile(d, weight.element_size(), t, sms)
+
+    def launch(c):
+        wrap_triton(_fwd_kernel)[(triton.cdiv(t, c["BLOCK_T"]), triton.cdiv(d, c["BLOCK_D"]))](*args, **flags, **c)
+
+    def autotune():
+        wrap_triton(_fwd_tuned)[lambda m: (triton.cdiv(t, m["BLOCK_T"]), triton.cdiv(d, m["BLOCK_D"]))](*args, **flags)
+        return getattr(_fwd_tuned, "best_config", None)
+
+    configs.run("embedding.fwd", configs.embedding_key(weight.dtype, d, t, pos_mode),
+                dict(BLOCK_T=bt, BLOCK_D=bd, num_warps=4), launch, autotune=autotune, device=weight.device)
     return out
 
 
@@ -391,13 +404,19 @@ def scatter_grad(
         if t == 0 or d == 0:
             return gw.to(grad.dtype)
         args = (grad, ids, gw, t, d, num_rows, float(scale), pad)
-        if autotune_enabled():
-            grid = lambda meta: (triton.cdiv(t, meta["BLOCK_T"]), triton.cdiv(d, meta["BLOCK_D"]))
+        bt, bd = _tile(d, 4)  # sized as the float32 buffer it adds into
+
+        def launch_atomic(c):
+            grid = (triton.cdiv(t, c["BLOCK_T"]), triton.cdiv(d, c["BLOCK_D"]))
+            wrap_triton(_bwd_atomic_kernel)[grid](*args, **flags, **c)
+
+        def autotune_atomic():
+            grid = lambda m: (triton.cdiv(t, m["BLOCK_T"]), triton.cdiv(d, m["BLOCK_D"]))
             wrap_triton(_bwd_atomic_tuned)[grid](*args, **flags)
-        else:
-            bt, bd = _tile(d, 4)  # sized as the float32 buffer it adds into
-            grid = (triton.cdiv(t, bt), triton.cdiv(d, bd))
-            wrap_triton(_bwd_atomic_kernel)[grid](*args, **flags, BLOCK_T=bt, BLOCK_D=bd, num_warps=4)
+            return getattr(_bwd_atomic_tuned, "best_config", None)
+
+        configs.run("embedding.bwd_atomic", configs.embedding_key(grad.dtype, d, t),
+                    dict(BLOCK_T=bt, BLOCK_D=bd, num_warps=4), launch_atomic, autotune=autotune_atomic, device=dev)
         return gw if grad.dtype == torch.float32 else gw.to(grad.dtype)
 
     gw = torch.zeros(num_rows, d, dtype=grad.dtype, device=dev)
@@ -416,12 +435,17 @@ def scatter_grad(
         n_prog = slots.numel()
     args = (grad, sorted_ids, perm, end, slots, gw, d, num_rows, gw.stride(0), float(scale), pad)
     flags.update(SLOTS=heads_only, ROWS=SORTED_ROWS)
-    if autotune_enabled():
-        grid = lambda meta: (n_prog, triton.cdiv(d, meta["BLOCK_D"]))
-        wrap_triton(_bwd_sorted_tuned)[grid](*args, **flags)
-    else:
-        bd = min(_tile(d, 4)[1], 256)  # the (ROWS, BLOCK_D) float32 step: 32 registers a thread at 4 warps
-        wrap_triton(_bwd_sorted_kernel)[(n_prog, triton.cdiv(d, bd))](*args, **flags, BLOCK_D=bd, num_warps=4)
+    bd = min(_tile(d, 4)[1], 256)  # the (ROWS, BLOCK_D) float32 step: 32 registers a thread at 4 warps
+
+    def launch_sorted(c):
+        wrap_triton(_bwd_sorted_kernel)[(n_prog, triton.cdiv(d, c["BLOCK_D"]))](*args, **flags, **c)
+
+    def autotune_sorted():
+        wrap_triton(_bwd_sorted_tuned)[lambda m: (n_prog, triton.cdiv(d, m["BLOCK_D"]))](*args, **flags)
+        return getattr(_bwd_sorted_tuned, "best_config", None)
+
+    configs.run("embedding.bwd_sorted", configs.embedding_key(grad.dtype, d, t), dict(BLOCK_D=bd, num_warps=4),
+                launch_sorted, autotune=autotune_sorted, device=dev)
     return gw
 
 
@@ -459,11 +483,15 @@ def positional_grad(grad: torch.Tensor, num_positions: int, *, n: int, offset: i
     if n == 0 or d == 0:
         return gp
     args = (grad, gp, b, n, d, n * d, offset)
-    if autotune_enabled():
-        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_T"]), triton.cdiv(d, meta["BLOCK_D"]))
-        wrap_triton(_bwd_pos_tuned)[grid](*args)
-    else:
-        bt, bd = _tile(d, 4)  # sized as the float32 accumulator
-        grid = (triton.cdiv(n, bt), triton.cdiv(d, bd))
-        wrap_triton(_bwd_pos_kernel)[grid](*args, BLOCK_T=bt, BLOCK_D=bd, num_warps=4)
+    bt, bd = _tile(d, 4)  # sized as the float32 accumulator
+
+    def launch(c):
+        wrap_triton(_bwd_pos_kernel)[(triton.cdiv(n, c["BLOCK_T"]), triton.cdiv(d, c["BLOCK_D"]))](*args, **c)
+
+    def autotune():
+        wrap_triton(_bwd_pos_tuned)[lambda m: (triton.cdiv(n, m["BLOCK_T"]), triton.cdiv(d, m["BLOCK_D"]))](*args)
+        return getattr(_bwd_pos_tuned, "best_config", None)
+
+    configs.run("embedding.bwd_pos", configs.embedding_key(grad.dtype, d, t), dict(BLOCK_T=bt, BLOCK_D=bd,
+                num_warps=4), launch, autotune=autotune, device=grad.device)
     return gp

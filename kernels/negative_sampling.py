@@ -24,7 +24,8 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ._utils import autotune_enabled, empty, interpreting, next_pow2
+from .. import configs
+from ._utils import empty, interpreting, next_pow2
 from .embedding import checked_ids
 
 
@@ -235,6 +236,14 @@ def _fixed_config(K: int, D: int) -> dict:
     return {"BLOCK_B": block_b, "BLOCK_K": block_k, "BLOCK_D": block_d, "num_warps": 4}
 
 
+_LAST_CONFIG = configs.records("negative_sampling")  # what each kernel last ran with (cleared by the harness)
+
+
+def last_config() -> dict[str, str]:
+    """The config each negative-sampling kernel last ran with, and how it was chosen."""
+    return configs.recorded("negative_sampling")
+
+
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -251,12 +260,17 @@ def negative_sampling_forward(center, context, negatives, in_weight, out_weight,
     args = (center, context, negatives, in_weight, out_weight, loss, coef, center if ok is None else ok, B, K, D,
             in_weight.shape[0], center.stride(0), context.stride(0), negatives.stride(0), negatives.stride(1),
             in_weight.stride(0), out_weight.stride(0))
-    if autotune_enabled():
+
+    def launch(c):
+        wrap_triton(_fwd_kernel)[(triton.cdiv(B, c["BLOCK_B"]),)](*args, CHECK=ok is not None, **c)
+
+    def autotune():
         wrap_triton(_fwd_tuned)[lambda m: (triton.cdiv(B, m["BLOCK_B"]),)](*args, CHECK=ok is not None,
                                                                           BLOCK_K=next_pow2(K + 1))
-    else:
-        cfg = _fixed_config(K, D)
-        wrap_triton(_fwd_kernel)[(triton.cdiv(B, cfg["BLOCK_B"]),)](*args, CHECK=ok is not None, **cfg)
+        return getattr(_fwd_tuned, "best_config", None)
+
+    configs.run("negative_sampling.fwd", configs.negative_sampling_key(in_weight.dtype, D, K), _fixed_config(K, D),
+                launch, autotune=autotune, device=in_weight.device)
     return loss, coef
 
 
@@ -284,11 +298,16 @@ def negative_sampling_backward(center, context, negatives, in_weight, out_weight
             in_weight.stride(0), out_weight.stride(0), grad_loss.stride(0))
     flags = {"SPARSE": sparse, "NEED_IN": need_in, "NEED_OUT": need_out}
     if B > 0:
-        if autotune_enabled():
-            wrap_triton(_bwd_tuned)[lambda m: (triton.cdiv(B, m["BLOCK_B"]),)](*args, **flags, BLOCK_K=next_pow2(K + 1))
-        else:
-            cfg = _fixed_config(K, D)
-            wrap_triton(_bwd_kernel)[(triton.cdiv(B, cfg["BLOCK_B"]),)](*args, **flags, **cfg)
+        def launch(c):
+            wrap_triton(_bwd_kernel)[(triton.cdiv(B, c["BLOCK_B"]),)](*args, **flags, **c)
+
+        def autotune():
+            grid = lambda m: (triton.cdiv(B, m["BLOCK_B"]),)
+            wrap_triton(_bwd_tuned)[grid](*args, **flags, BLOCK_K=next_pow2(K + 1))
+            return getattr(_bwd_tuned, "best_config", None)
+
+        configs.run("negative_sampling.bwd", configs.negative_sampling_key(in_weight.dtype, D, K, sparse),
+                    _fixed_config(K, D), launch, autotune=autotune, device=dev)
     return (gin if need_in else None), (gout if need_out else None)
 
 

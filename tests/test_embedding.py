@@ -222,19 +222,16 @@ def test_sorted_scatter_bits_do_not_depend_on_the_config(monkeypatch):
     t, d, v = (20000, 300, 7) if ON_CUDA else (300, 40, 3)  # long runs: many row steps per run
     grad = torch.randn(t, d, generator=gen).to(DEVICE)
     ids = torch.randint(0, v, (t,), generator=gen).to(DEVICE)
-    outs = []
-    if ON_CUDA:  # every config of the autotune space, through the tuned launch path (one config each)
-        import triton
+    from embedattn import configs
 
-        monkeypatch.setattr(K, "autotune_enabled", lambda: True)
-        for cfg in K._sorted_configs():
-            monkeypatch.setattr(K, "_bwd_sorted_tuned", triton.autotune([cfg], key=["D"])(K._bwd_sorted_kernel))
+    # every config of the autotune space on CUDA; a spread of feature blocks under the interpreter
+    cands = [configs.as_dict(c) for c in K._sorted_configs()] if ON_CUDA else \
+        [dict(BLOCK_D=bd, num_warps=4) for bd in (8, 16, 32, 64)]
+    outs = []
+    for cfg in cands:  # forced through the launcher's tuned-config path, as a table entry would run
+        with configs.tuning("embedding.bwd_sorted", cfg):
             outs.append(K.scatter_grad(grad, ids, v, deterministic=True))
-    else:  # the interpreter has no autotuner: vary the fixed tile
-        monkeypatch.setattr(K, "autotune_enabled", lambda: False)
-        for tile in [(1, 64), (4, 16), (16, 32), (32, 8)]:
-            monkeypatch.setattr(K, "_tile", lambda *a, tile=tile, **k: tile)
-            outs.append(K.scatter_grad(grad, ids, v, deterministic=True))
+        assert configs.last("embedding.bwd_sorted")[1] == cfg
     assert all(torch.equal(outs[0], o) for o in outs[1:])
 
 
