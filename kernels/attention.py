@@ -7,7 +7,12 @@ accumulates dK/dV per key block (looping over the query heads of its GQA group, 
 one kernel accumulates dQ per query block. All accumulation is fp32.
 
 Tails are masked: any Nq >= 1, Nk >= 1, head dim 1..256 (padded to a power-of-two tile of at least
-16). Tiles that need no causal/tail mask run an unmasked loop.
+16). Tiles that need no causal/tail mask run an unmasked loop. Each kernel reads, as in Triton's tutorial: its
+coordinates (``_program``), the range of tiles it visits (``_key_range``, ``_query_range``), then one inner-loop
+helper per part of that range (masked head, unmasked interior, masked tail), all sharing ``_score``.
+
+Softcap evaluates tanh to ~2e-7 relative error at any argument (``_tanh``), so a capped score is as accurate
+as an uncapped one whatever the cap.
 
 Causal masking takes an offset: query i sees key j iff ``j <= i + causal_offset``; the API passes
 ``Nk - Nq`` (bottom-right, FlashAttention's convention) or 0 (top-left, torch SDPA's ``is_causal``).
@@ -29,22 +34,212 @@ LOG2E = 1.4426950408889634
 # attn_mask kinds
 MASK_NONE, MASK_BOOL, MASK_ADD = 0, 1, 2
 
+# the same constants inside the kernels: a @triton.jit function reads a module global only when it is a tl.constexpr
+_LOG2E = tl.constexpr(LOG2E)
+_MASK_BOOL = tl.constexpr(MASK_BOOL)
+_MASK_ADD = tl.constexpr(MASK_ADD)
+
+# Inside the kernels a few runtime values travel together as tuples (Triton inlines every helper, so they cost
+# nothing; the constexpr flags stay separate arguments: unpacking a tuple turns its constexprs into tensors):
+#   score_args  what _score reads: (Nq, Nk, causal_off, qk_scale, sc_scale, sc_log2e, win_left, win_right, slope2,
+#               mask_base, stride_mm, stride_mn)
+#   drop        what _dropout reads: (seed, first dropout row of the head, drop_p, drop_scale, DROP_MK)
+#   kv          one kv head's keys and values: (k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd)
+
+
+# --------------------------------------------------------------------------------------------------
+# a program's coordinates, and the rows of a (sequence, head dim) matrix it reads and writes
+# --------------------------------------------------------------------------------------------------
+@triton.jit
+def _bh_id():
+    # the (batch, head) index, folded over grid axes 1 and 2: CUDA caps axes 1 and 2 at 65535 programs,
+    # and B * H passes that in large-batch decoding (e.g. 4096 x 32); see _bh_grid
+    return tl.program_id(2) * tl.num_programs(1) + tl.program_id(1)
+
+
+@triton.jit
+def _batch_head(bh, H):
+    # int64: b * stride_b + h * stride_h may pass 2^31 elements
+    return (bh // H).to(tl.int64), (bh % H).to(tl.int64)
+
+
+@triton.jit
+def _program(NBH, H, GROUP, CU_Q, CU_K, Nq, Nk, causal_off, VARLEN: tl.constexpr):
+    """This program's (b, h, hk, q_start, k_start, Nq, Nk, causal_off): batch, head and kv head (GROUP query heads
+    share one; the dK/dV kernel, one program per kv head, passes H = HKV and GROUP = 1), the first query and key
+    rows of its sequence and their lengths. Dense: rows from 0, the lengths and offset given. Varlen: sequence b of
+    the packed rows, cut by cu_seqlens, causal bottom-right. A program past the last (batch, head) (_bh_grid rounds
+    the grid up) gets empty sequences: the kernel's length check ends it."""
+    bh = _bh_id()
+    b, h = _batch_head(tl.minimum(bh, NBH - 1), H)
+    hk = h // GROUP
+    q_start = 0
+    k_start = 0
+    if VARLEN:
+        q_start = tl.load(CU_Q + b).to(tl.int64)
+        k_start = tl.load(CU_K + b).to(tl.int64)
+        Nq = (tl.load(CU_Q + b + 1) - q_start).to(tl.int32)
+        Nk = (tl.load(CU_K + b + 1) - k_start).to(tl.int32)
+        causal_off = Nk - Nq
+    Nq = tl.where(bh < NBH, Nq, 0)
+    Nk = tl.where(bh < NBH, Nk, 0)
+    return b, h, hk, q_start, k_start, Nq, Nk, causal_off
+
+
+@triton.jit
+def _head_args(b, h, H, M, SLOPES, SEED, stride_mb, stride_mh, stride_mm, stride_mn, stride_sb, stride_sh,
+               Nq, Nk, causal_off, qk_scale, sc_scale, sc_log2e, win_left, win_right, drop_p, drop_scale,
+               DROP_MQ, DROP_MK, ALIBI: tl.constexpr, DROPOUT: tl.constexpr):
+    """(score_args, drop) of batch b, query head h: its attn_mask plane, its ALiBi slope in base 2, its dropout
+    draw, with the program's lengths and scalars (see the tuples above)."""
+    slope2 = 0.0
+    if ALIBI:
+        slope2 = tl.load(SLOPES + b * stride_sb + h * stride_sh).to(tl.float32) * _LOG2E
+    seed = 0
+    if DROPOUT:  # the seed lives in device memory: the launch holds no per-call host value
+        seed = tl.load(SEED)
+    score_args = (Nq, Nk, causal_off, qk_scale, sc_scale, sc_log2e, win_left, win_right, slope2,
+                  M + b * stride_mb + h * stride_mh, stride_mm, stride_mn)
+    return score_args, (seed, (b * H + h) * DROP_MQ, drop_p, drop_scale, DROP_MK)
+
+
+@triton.jit
+def _row_ptrs(base, start, stride_r, stride_d, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, TRANS: tl.constexpr):
+    # rows [start, start + BLOCK_R) of a (rows, head dim) matrix, as a (BLOCK_R, BLOCK_D) tile or with TRANS its
+    # transpose: the row base in int64 (start * stride may pass 2^31 elements), the tile's own offsets in int32
+    offs_r0 = tl.arange(0, BLOCK_R)
+    offs_d = tl.arange(0, BLOCK_D)
+    base = base + tl.cast(start, tl.int64) * stride_r
+    if TRANS:
+        ptrs = base + offs_r0[None, :] * stride_r + offs_d[:, None] * stride_d
+    else:
+        ptrs = base + offs_r0[:, None] * stride_r + offs_d[None, :] * stride_d
+    return ptrs
+
+
+@triton.jit
+def _load_rows(base, start, stride_r, stride_d, n_rows, BLOCK_R: tl.constexpr, HEAD_DIM: tl.constexpr,
+               BLOCK_D: tl.constexpr, MASKED: tl.constexpr, TRANS: tl.constexpr):
+    """The (BLOCK_R, BLOCK_D) tile of rows [start, start + BLOCK_R) (with TRANS its transpose); padded head dims
+    read 0, and with MASKED rows past n_rows too (an unmasked tile is known to lie inside)."""
+    ptrs = _row_ptrs(base, start, stride_r, stride_d, BLOCK_R, BLOCK_D, TRANS)
+    offs_r = start + tl.arange(0, BLOCK_R)
+    offs_d = tl.arange(0, BLOCK_D)
+    if TRANS:
+        r_ok = offs_r[None, :] < n_rows
+        d_ok = offs_d[:, None] < HEAD_DIM
+    else:
+        r_ok = offs_r[:, None] < n_rows
+        d_ok = offs_d[None, :] < HEAD_DIM
+    if MASKED:
+        if BLOCK_D == HEAD_DIM:
+            x = tl.load(ptrs, mask=r_ok, other=0.0)
+        else:
+            x = tl.load(ptrs, mask=r_ok & d_ok, other=0.0)
+    else:
+        if BLOCK_D == HEAD_DIM:
+            x = tl.load(ptrs)
+        else:
+            x = tl.load(ptrs, mask=d_ok, other=0.0)
+    return x
+
+
+@triton.jit
+def _store_rows(base, start, stride_r, stride_d, n_rows, x,
+                BLOCK_R: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    ok = ((start + tl.arange(0, BLOCK_R))[:, None] < n_rows) & (tl.arange(0, BLOCK_D)[None, :] < HEAD_DIM)
+    tl.store(_row_ptrs(base, start, stride_r, stride_d, BLOCK_R, BLOCK_D, False), x.to(base.dtype.element_ty),
+             mask=ok)
+
+
+@triton.jit
+def _kv_rows(kv, start_n, Nk, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+             MASKED: tl.constexpr, K_T: tl.constexpr):
+    """The key and value tiles of rows [start_n, start_n + BLOCK_N), with K_T the key tile transposed."""
+    k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd = kv
+    return (_load_rows(k_base, start_n, stride_kn, stride_kd, Nk, BLOCK_N, HEAD_DIM, BLOCK_D, MASKED, K_T),
+            _load_rows(v_base, start_n, stride_vn, stride_vd, Nk, BLOCK_N, HEAD_DIM, BLOCK_D, MASKED, False))
+
+
+@triton.jit
+def _lse_delta(lse_base, delta_base, offs_m, Nq, MASKED: tl.constexpr):
+    """The saved lse2 and delta of query rows offs_m (read past Nq with MASKED only)."""
+    if MASKED:
+        m_ok = offs_m < Nq
+        lse = tl.load(lse_base + offs_m, mask=m_ok, other=float("inf"))
+        delta = tl.load(delta_base + offs_m, mask=m_ok, other=0.0)
+    else:
+        lse = tl.load(lse_base + offs_m)
+        delta = tl.load(delta_base + offs_m)
+    # rows with no visible key have lse = -inf and P = 0: shift by +inf so exp2 gives 0, not NaN
+    return tl.where(lse == float("-inf"), float("inf"), lse), delta
+
+
+# --------------------------------------------------------------------------------------------------
+# block ranges: which tiles a program visits, and which of them need no mask
+# --------------------------------------------------------------------------------------------------
+@triton.jit
+def _key_range(start_m, Nk, causal_off, win_left, win_right,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+    """Key blocks the query block [start_m, start_m + BLOCK_M) sees (forward and dQ): (lo, mid, hi). Blocks
+    outside [lo, hi) are skipped; [lo, mid) need no mask (every key inside Nk and at or left of the diagonal of
+    every row); [mid, hi) do (the causal diagonal, the key tail). A window band is masked whole: mid = lo."""
+    lo = 0
+    hi = Nk
+    if CAUSAL:
+        hi = tl.minimum(Nk, tl.maximum(start_m + BLOCK_M + causal_off, 0))
+    if WINDOW:
+        lo = (tl.maximum(start_m + causal_off - win_left, 0) // BLOCK_N) * BLOCK_N
+        hi = tl.minimum(Nk, tl.maximum(start_m + BLOCK_M + causal_off + win_right, 0))
+        mid = lo
+    else:
+        mid = (Nk // BLOCK_N) * BLOCK_N
+        if CAUSAL:
+            mid = tl.minimum(mid, (tl.maximum(start_m + causal_off + 1, 0) // BLOCK_N) * BLOCK_N)
+    return lo, mid, hi
+
+
+@triton.jit
+def _query_range(start_n, Nq, causal_off, win_left, win_right,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+    """Query blocks that see the key block [start_n, start_n + BLOCK_N) (dK/dV): (lo, head, tail, hi). [lo, head)
+    is the masked head (the causal diagonal, or the whole window band), [head, tail) the unmasked interior,
+    [tail, hi) the masked query tail; with WINDOW only the head is visited."""
+    hi = tl.cdiv(Nq, BLOCK_M) * BLOCK_M
+    lo = 0
+    head = 0
+    if CAUSAL:
+        # first query that sees any key of this block, and first query block that sees all of them
+        lo = (tl.maximum(start_n - causal_off, 0) // BLOCK_M) * BLOCK_M
+        diag = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - causal_off, 0), BLOCK_M) * BLOCK_M
+        head = tl.minimum(tl.maximum(diag, lo), hi)
+    if WINDOW:
+        # queries i with j - off - right <= i <= j - off + left for some key j of this block
+        lo = (tl.maximum(start_n - causal_off - win_right, 0) // BLOCK_M) * BLOCK_M
+        head = tl.minimum(tl.maximum(start_n + BLOCK_N - causal_off + win_left, 0), Nq)
+    return lo, head, tl.maximum(head, (Nq // BLOCK_M) * BLOCK_M), hi
+
 
 # --------------------------------------------------------------------------------------------------
 # score: everything that turns q·k into a base-2 logit, shared by the forward and both backward kernels
 # --------------------------------------------------------------------------------------------------
 @triton.jit
 def _tanh(x):
-    # tanh from exp2 (the interpreter and every triton version have it): 1 - 2 / (e^{2x} + 1)
-    e = tl.math.exp2(x * 2.8853900817779268)
-    return 1.0 - 2.0 / (e + 1.0)
-
-
-@triton.jit
-def _bh_id():
-    # the (batch, head) index, folded over grid axes 1 and 2: CUDA caps axes 1 and 2 at 65535 programs,
-    # and B * H passes that in large-batch decoding (e.g. 4096 x 32); see _bh_grid
-    return tl.program_id(2) * tl.num_programs(1) + tl.program_id(1)
+    """(tanh x, 1 - tanh^2 x) in fp32: tanh to about 2e-7 relative at any x, 1 - tanh^2 to that plus its own
+    conditioning (2|x| times x's rounding). Softcap multiplies tanh by the cap, so the error must be relative:
+    1 - 2 / (e^{2x} + 1) is only 1e-7 absolute, i.e. 1e-7 * softcap in the capped score (1e-2 in the output at
+    softcap 1e5). |x| < 0.5: an odd minimax polynomial (relative error 1.5e-8 before rounding). Otherwise, from
+    e = e^{-2|x|} in (0, 1/e] (exp2, which the interpreter and every Triton have): tanh|x| = (1 - e) / (1 + e) and
+    1 - tanh^2 = 4e / (1 + e)^2, which keeps its digits where tanh -> 1."""
+    a = tl.abs(x)
+    e = tl.math.exp2(a * (-2.0 * _LOG2E))
+    r = 1.0 / (1.0 + e)
+    u = x * x
+    p = x + x * u * (-3.333314390e-01 + u * (1.332587906e-01 + u * (-5.304550171e-02 + u * 1.724150758e-02)))
+    small = a < 0.5
+    t = tl.where(small, p, tl.where(x < 0, (e - 1.0) * r, (1.0 - e) * r))
+    g = tl.where(small, 1.0 - p * p, 4.0 * e * r * r)
+    return t, g
 
 
 @triton.jit
@@ -54,31 +249,28 @@ def _moff(qi, kj, stride_mm, stride_mn):
 
 
 @triton.jit
-def _score(
-    qk, qi, kj, mask_base, stride_mm, stride_mn, slope2,
-    Nq, Nk, qk_scale, causal_off, win_left, win_right, sc_scale, sc_log2e,
-    MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, MASK_KIND: tl.constexpr,
-    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
-):
-    """qk: raw q·k tile; qi/kj: query/key indices broadcastable to it. Returns (s2, t): the base-2
-    logit and, with SOFTCAP, tanh(q·k·scale/softcap) that the backward needs for the chain rule."""
+def _score(qk, qi, kj, score_args, MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+           MASK_KIND: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr):
+    """qk: raw q·k tile; qi/kj: query/key indices broadcastable to it. Returns (s2, dcap): the base-2 logit
+    and, with SOFTCAP, the derivative of the capped score by the uncapped one, 1 - tanh^2(q·k·scale/softcap), that
+    the backward's chain rule needs."""
+    Nq, Nk, causal_off, qk_scale, sc_scale, sc_log2e, win_left, win_right, slope2, mask_base, stride_mm, stride_mn = \
+        score_args
     if SOFTCAP:
-        t = _tanh(qk * sc_scale)
+        t, dcap = _tanh(qk * sc_scale)
         s = t * sc_log2e
     else:
-        t = qk
+        dcap = qk
         s = qk * qk_scale
     if ALIBI:
         d = qi + causal_off - kj
         s = s - slope2 * tl.where(d < 0, -d, d).to(tl.float32)
-    if MASK_KIND != 0:
-        mk_ok = (qi < Nq) & (kj < Nk)
-        if MASK_KIND == 1:
-            mk = tl.load(mask_base + _moff(qi, kj, stride_mm, stride_mn), mask=mk_ok, other=0)
-            s = tl.where(mk != 0, s, float("-inf"))
-        else:
-            mk = tl.load(mask_base + _moff(qi, kj, stride_mm, stride_mn), mask=mk_ok, other=0.0).to(tl.float32)
-            s = s + mk * 1.4426950408889634
+    if MASK_KIND == _MASK_BOOL:
+        mk = tl.load(mask_base + _moff(qi, kj, stride_mm, stride_mn), mask=(qi < Nq) & (kj < Nk), other=0)
+        s = tl.where(mk != 0, s, float("-inf"))
+    if MASK_KIND == _MASK_ADD:
+        mk = tl.load(mask_base + _moff(qi, kj, stride_mm, stride_mn), mask=(qi < Nq) & (kj < Nk), other=0.0)
+        s = s + mk.to(tl.float32) * _LOG2E
     if MASKED:
         valid = (qi < Nq) & (kj < Nk)
         if CAUSAL:
@@ -86,68 +278,77 @@ def _score(
         if WINDOW:
             valid = valid & (kj >= qi + causal_off - win_left) & (kj <= qi + causal_off + win_right)
         s = tl.where(valid, s, float("-inf"))
-    return s, t
+    return s, dcap
 
 
 @triton.jit
-def _keep(seed, drop_base, qi, kj, drop_p, DROP_MK):
+def _softcap_grad(ds, dcap, SOFTCAP: tl.constexpr):
+    # the chain rule through softcap: d(softcap * tanh(x / softcap)) / dx = 1 - tanh^2, from _score
+    if SOFTCAP:
+        ds = ds * dcap
+    return ds
+
+
+@triton.jit
+def _keep(qi, kj, seed, drop_base, drop_p, DROP_MK):
     # one Philox draw per (batch, head, query, key): the backward regenerates exactly the same mask
-    off = (drop_base + qi) * DROP_MK + kj
-    return tl.rand(seed, off) >= drop_p
+    return tl.rand(seed, (drop_base + qi) * DROP_MK + kj) >= drop_p
+
+
+@triton.jit
+def _dropout(x, qi, kj, drop, DROPOUT: tl.constexpr):
+    """x (a tile of P or dP) under dropout, when DROPOUT: kept entries scaled by 1 / (1 - p), the others 0."""
+    if DROPOUT:
+        seed, drop_base, drop_p, drop_scale, DROP_MK = drop
+        x = tl.where(_keep(qi, kj, seed, drop_base, drop_p, DROP_MK), x * drop_scale, 0.0)
+    return x
+
+
+@triton.jit
+def _key_tile(q, offs_m, kv, start_n, score_args, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+              BLOCK_D: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+              MASK_KIND: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, PREC: tl.constexpr,
+              K_T: tl.constexpr):
+    """The query block q (rows offs_m) against the key block [start_n, start_n + BLOCK_N), for the forward and dQ:
+    (k, v, s, dcap, offs_n) with (s, dcap) from _score. K_T (the forward) loads the key tile transposed, (BLOCK_D,
+    BLOCK_N): compiled for sm_90 with BLOCK_M = 16 (mma.sync, split-KV decoding), a (BLOCK_N, BLOCK_D) load and
+    tl.trans spilled 4x more."""
+    if not MASKED:  # an unmasked tile starts at a multiple of BLOCK_N
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+    k, v = _kv_rows(kv, start_n, score_args[1], BLOCK_N, HEAD_DIM, BLOCK_D, MASKED, K_T)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    if K_T:
+        qk = tl.dot(q, k, input_precision=PREC)
+    else:
+        qk = tl.dot(q, tl.trans(k), input_precision=PREC)
+    s, dcap = _score(qk, offs_m[:, None], offs_n[None, :], score_args, MASKED, CAUSAL, WINDOW, MASK_KIND, SOFTCAP,
+                     ALIBI)
+    return k, v, s, dcap, offs_n
 
 
 # --------------------------------------------------------------------------------------------------
 # forward
 # --------------------------------------------------------------------------------------------------
 @triton.jit
-def _fwd_tile(
-    acc, l_i, m_i, q, k_base, v_base, mask_base, start_n,
-    offs_m, offs_n0, offs_d,
-    stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
-    Nq, Nk, qk_scale, causal_off, win_left, win_right, sc_scale, sc_log2e, slope2,
-    seed, drop_base, drop_p, drop_scale, DROP_MK,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, MASK_KIND: tl.constexpr,
-    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr,
-):
-    offs_n = start_n + offs_n0
-    # row offsets in int64 (start_n * stride may pass 2^31 elements), the tile's own in int32
-    n64 = tl.cast(start_n, tl.int64)
-    k_ptrs = k_base + n64 * stride_kn + offs_n0[None, :] * stride_kn + offs_d[:, None] * stride_kd
-    v_ptrs = v_base + n64 * stride_vn + offs_n0[:, None] * stride_vn + offs_d[None, :] * stride_vd
-    if MASKED:
-        n_ok = offs_n < Nk
-        if BLOCK_D == HEAD_DIM:
-            k = tl.load(k_ptrs, mask=n_ok[None, :], other=0.0)
-            v = tl.load(v_ptrs, mask=n_ok[:, None], other=0.0)
-        else:
-            d_ok = offs_d < HEAD_DIM
-            k = tl.load(k_ptrs, mask=n_ok[None, :] & d_ok[:, None], other=0.0)
-            v = tl.load(v_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-    else:
-        if BLOCK_D == HEAD_DIM:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
-        else:
-            d_ok = offs_d < HEAD_DIM
-            k = tl.load(k_ptrs, mask=d_ok[:, None], other=0.0)
-            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
-    qk = tl.dot(q, k, input_precision=PREC)
-    qk, _t = _score(qk, offs_m[:, None], offs_n[None, :], mask_base, stride_mm, stride_mn, slope2,
-                    Nq, Nk, qk_scale, causal_off, win_left, win_right, sc_scale, sc_log2e,
-                    MASKED, CAUSAL, WINDOW, MASK_KIND, SOFTCAP, ALIBI)
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
-    # a row that has seen no visible key yet keeps m = -inf; shift by 0 so exp2 gives 0, not NaN
-    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(qk - m_shift[:, None])
-    alpha = tl.math.exp2(m_i - m_shift)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None]
-    if DROPOUT:
-        keep = _keep(seed, drop_base, offs_m[:, None], offs_n[None, :], drop_p, DROP_MK)
-        p = tl.where(keep, p * drop_scale, 0.0)
-    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
-    return acc, l_i, m_new
+def _fwd_inner(acc, l_i, m_i, q, offs_m, kv, lo, hi, score_args, drop, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+               BLOCK_D: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+               MASK_KIND: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
+               PREC: tl.constexpr):
+    """Online softmax of the query block q over the key blocks [lo, hi): returns the updated (acc, l_i, m_i)."""
+    for start_n in range(lo, hi, BLOCK_N):
+        _k, v, s, _dcap, offs_n = _key_tile(q, offs_m, kv, start_n, score_args, BLOCK_N, HEAD_DIM, BLOCK_D, MASKED,
+                                            CAUSAL, WINDOW, MASK_KIND, SOFTCAP, ALIBI, PREC, True)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # a row that has seen no visible key yet keeps m = -inf; shift by 0 so exp2 gives 0, not NaN
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_shift[:, None])
+        alpha = tl.math.exp2(m_i - m_shift)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        p = _dropout(p, offs_m[:, None], offs_n[None, :], drop, DROPOUT)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
+        m_i = m_new
+    return acc, l_i, m_i
 
 
 @triton.jit
@@ -166,107 +367,49 @@ def _attn_fwd(
     ALIBI: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr, KLENS: tl.constexpr,
     SPLIT: tl.constexpr, PREC: tl.constexpr,
 ):
-    if SPLIT:
-        pid0 = tl.program_id(0)
-        split = pid0 % NUM_SPLITS
-        start_m = (pid0 // NUM_SPLITS) * BLOCK_M
+    if SPLIT:  # axis 0 holds (query block, split of the key range) pairs
+        split = tl.program_id(0) % NUM_SPLITS
+        start_m = (tl.program_id(0) // NUM_SPLITS) * BLOCK_M
     else:
         split = 0
         start_m = tl.program_id(0) * BLOCK_M
-    bh = _bh_id()
-    if bh >= NBH:
-        return
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    hk = h // GROUP
-    if DROPOUT:  # the seed lives in device memory: the launch holds no per-call host value
-        seed = tl.load(SEED)
-    else:
-        seed = 0
-    q_start = 0
-    k_start = 0
-    if VARLEN:
-        q_start = tl.load(CU_Q + b).to(tl.int64)
-        k_start = tl.load(CU_K + b).to(tl.int64)
-        Nq = (tl.load(CU_Q + b + 1) - q_start).to(tl.int32)
-        Nk = (tl.load(CU_K + b + 1) - k_start).to(tl.int32)
-        causal_off = Nk - Nq
-    if KLENS:
+    b, h, hk, q_start, k_start, Nq, Nk, causal_off = _program(NBH, H, GROUP, CU_Q, CU_K, Nq, Nk, causal_off, VARLEN)
+    if KLENS:  # a kv cache: batch b attends to its first K_LENS[b] keys, causal bottom-right
         Nk = tl.load(K_LENS + b).to(tl.int32)
         causal_off = Nk - Nq
     if start_m >= Nq:
         return
-    q_base = Q + b * stride_qb + h * stride_qh + q_start * stride_qm
-    k_base = K + b * stride_kb + hk * stride_kh + k_start * stride_kn
-    v_base = V + b * stride_vb + hk * stride_vh + k_start * stride_vn
-    o_base = O + b * stride_ob + h * stride_oh + q_start * stride_om + split * stride_os
-    mask_base = M + b * stride_mb + h * stride_mh
-    lse_base = LSE + b * stride_lb + h * stride_lh + q_start + split * stride_ls
-    slope2 = 0.0
-    if ALIBI:
-        slope2 = tl.load(SLOPES + b * stride_sb + h * stride_sh).to(tl.float32) * 1.4426950408889634
-    drop_base = (b * H + h) * DROP_MQ
-
+    kv = (K + b * stride_kb + hk * stride_kh + k_start * stride_kn,
+          V + b * stride_vb + hk * stride_vh + k_start * stride_vn, stride_kn, stride_kd, stride_vn, stride_vd)
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_n0 = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    m_ok = offs_m < Nq
-    d_ok = offs_d < HEAD_DIM
-    q = tl.load(q_base + offs_m.to(tl.int64)[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    q = _load_rows(Q + b * stride_qb + h * stride_qh + q_start * stride_qm, start_m, stride_qm, stride_qd, Nq,
+                   BLOCK_M, HEAD_DIM, BLOCK_D, True, False)
+    score_args, drop = _head_args(b, h, H, M, SLOPES, SEED, stride_mb, stride_mh, stride_mm, stride_mn, stride_sb,
+                                  stride_sh, Nq, Nk, causal_off, qk_scale, sc_scale, sc_log2e, win_left, win_right,
+                                  drop_p, drop_scale, DROP_MQ, DROP_MK, ALIBI, DROPOUT)
 
-    # key range this query block can see; tiles outside it are skipped, not masked
-    lo = 0
-    hi = Nk
-    if CAUSAL:
-        hi = tl.minimum(Nk, tl.maximum(start_m + BLOCK_M + causal_off, 0))
-    if WINDOW:
-        lo = (tl.maximum(start_m + causal_off - win_left, 0) // BLOCK_N) * BLOCK_N
-        hi = tl.minimum(Nk, tl.maximum(start_m + BLOCK_M + causal_off + win_right, 0))
-    if SPLIT:
+    lo, mid, hi = _key_range(start_m, Nk, causal_off, win_left, win_right, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
+    if SPLIT:  # this program's chunk of the range, masked whole
         chunk = tl.cdiv(tl.cdiv(tl.maximum(hi - lo, 0), NUM_SPLITS), BLOCK_N) * BLOCK_N
         lo = lo + split * chunk
         hi = tl.minimum(hi, lo + chunk)
-    if SPLIT or WINDOW:
-        for start_n in range(lo, hi, BLOCK_N):
-            acc, l_i, m_i = _fwd_tile(
-                acc, l_i, m_i, q, k_base, v_base, mask_base, start_n, offs_m, offs_n0, offs_d,
-                stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
-                Nq, Nk, qk_scale, causal_off, win_left, win_right, sc_scale, sc_log2e, slope2,
-                seed, drop_base, drop_p, drop_scale, DROP_MK,
-                HEAD_DIM, BLOCK_D, True, CAUSAL, WINDOW, MASK_KIND, SOFTCAP, ALIBI, DROPOUT, PREC)
-    else:
-        # key blocks entirely at or left of the diagonal for every row of this block need no mask
-        full = (Nk // BLOCK_N) * BLOCK_N
-        if CAUSAL:
-            full = tl.minimum(full, (tl.maximum(start_m + causal_off + 1, 0) // BLOCK_N) * BLOCK_N)
-        for start_n in range(0, full, BLOCK_N):
-            start_n = tl.multiple_of(start_n, BLOCK_N)
-            acc, l_i, m_i = _fwd_tile(
-                acc, l_i, m_i, q, k_base, v_base, mask_base, start_n, offs_m, offs_n0, offs_d,
-                stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
-                Nq, Nk, qk_scale, causal_off, win_left, win_right, sc_scale, sc_log2e, slope2,
-                seed, drop_base, drop_p, drop_scale, DROP_MK,
-                HEAD_DIM, BLOCK_D, False, CAUSAL, WINDOW, MASK_KIND, SOFTCAP, ALIBI, DROPOUT, PREC)
-        for start_n in range(full, hi, BLOCK_N):
-            acc, l_i, m_i = _fwd_tile(
-                acc, l_i, m_i, q, k_base, v_base, mask_base, start_n, offs_m, offs_n0, offs_d,
-                stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
-                Nq, Nk, qk_scale, causal_off, win_left, win_right, sc_scale, sc_log2e, slope2,
-                seed, drop_base, drop_p, drop_scale, DROP_MK,
-                HEAD_DIM, BLOCK_D, True, CAUSAL, WINDOW, MASK_KIND, SOFTCAP, ALIBI, DROPOUT, PREC)
+        mid = lo
+    if not (SPLIT or WINDOW):  # interior: unmasked (a window band or a split has none: mid = lo)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, offs_m, kv, lo, mid, score_args, drop, BLOCK_N, HEAD_DIM,
+                                   BLOCK_D, False, CAUSAL, WINDOW, MASK_KIND, SOFTCAP, ALIBI, DROPOUT, PREC)
+    # the causal diagonal and the key tail, a window band, a split's chunk: masked
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, offs_m, kv, mid, hi, score_args, drop, BLOCK_N, HEAD_DIM,
+                               BLOCK_D, True, CAUSAL, WINDOW, MASK_KIND, SOFTCAP, ALIBI, DROPOUT, PREC)
 
     empty_row = l_i == 0.0
     l_safe = tl.where(empty_row, 1.0, l_i)
-    out = acc / l_safe[:, None]
     lse2 = tl.where(empty_row, float("-inf"), m_i + tl.math.log2(l_safe))
-    tl.store(o_base + offs_m.to(tl.int64)[:, None] * stride_om + offs_d[None, :] * stride_od,
-             out.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
-    tl.store(lse_base + offs_m, lse2, mask=m_ok)
+    _store_rows(O + b * stride_ob + h * stride_oh + q_start * stride_om + split * stride_os, start_m,
+                stride_om, stride_od, Nq, acc / l_safe[:, None], BLOCK_M, HEAD_DIM, BLOCK_D)
+    tl.store(LSE + b * stride_lb + h * stride_lh + q_start + split * stride_ls + offs_m, lse2, mask=offs_m < Nq)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -284,80 +427,49 @@ def _bwd_preprocess(
     bh = _bh_id()
     if bh >= NBH:
         return
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    b, h = _batch_head(bh, H)
+    # for packed varlen input Nq is the total token count: _load_rows's int64 row base covers numel(o)
+    o = _load_rows(O + b * stride_ob + h * stride_oh, start_m, stride_om, stride_od, Nq,
+                   BLOCK_M, HEAD_DIM, BLOCK_D, True, False)
+    do = _load_rows(DO + b * stride_dob + h * stride_doh, start_m, stride_dom, stride_dod, Nq,
+                    BLOCK_M, HEAD_DIM, BLOCK_D, True, False)
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    ok = (offs_m[:, None] < Nq) & (offs_d[None, :] < HEAD_DIM)
-    # int64 rows: for packed varlen input Nq is the total token count, offs_m * stride up to numel(o)
-    m64 = offs_m.to(tl.int64)[:, None]
-    o = tl.load(O + b * stride_ob + h * stride_oh + m64 * stride_om + offs_d[None, :] * stride_od,
-                mask=ok, other=0.0).to(tl.float32)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + m64 * stride_dom
-                 + offs_d[None, :] * stride_dod, mask=ok, other=0.0).to(tl.float32)
-    tl.store(DELTA + bh.to(tl.int64) * Nq + offs_m, tl.sum(o * do, 1), mask=offs_m < Nq)
+    tl.store(DELTA + bh.to(tl.int64) * Nq + offs_m, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=offs_m < Nq)
 
 
 @triton.jit
-def _dkdv_tile(
-    dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, start_m,
-    offs_n, offs_m0, offs_d,
-    stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn,
-    Nq, Nk, qk_scale, causal_off, win_left, win_right, sc_scale, sc_log2e, slope2,
-    seed, drop_base, drop_p, drop_scale, DROP_MK,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, MASK_KIND: tl.constexpr,
-    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr,
-):
-    offs_m = start_m + offs_m0
-    m64 = tl.cast(start_m, tl.int64)  # int64 row base, int32 tile offsets
-    q_ptrs = q_base + m64 * stride_qm + offs_m0[:, None] * stride_qm + offs_d[None, :] * stride_qd
-    do_ptrs = do_base + m64 * stride_dom + offs_m0[:, None] * stride_dom + offs_d[None, :] * stride_dod
-    if MASKED:
-        m_ok = offs_m < Nq
-        ld_ok = m_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
-        q = tl.load(q_ptrs, mask=ld_ok, other=0.0)
-        do = tl.load(do_ptrs, mask=ld_ok, other=0.0)
-        lse = tl.load(lse_base + offs_m, mask=m_ok, other=float("inf"))
-        delta = tl.load(delta_base + offs_m, mask=m_ok, other=0.0)
-    else:
-        if BLOCK_D == HEAD_DIM:
-            q = tl.load(q_ptrs)
-            do = tl.load(do_ptrs)
-        else:
-            d_ok = offs_d[None, :] < HEAD_DIM
-            q = tl.load(q_ptrs, mask=d_ok, other=0.0)
-            do = tl.load(do_ptrs, mask=d_ok, other=0.0)
-        lse = tl.load(lse_base + offs_m)
-        delta = tl.load(delta_base + offs_m)
-    # rows with no visible key have lse = -inf and P = 0: shift by +inf so exp2 gives 0, not NaN
-    lse = tl.where(lse == float("-inf"), float("inf"), lse)
-    qkT = tl.dot(k, tl.trans(q), input_precision=PREC)
-    sT, tT = _score(qkT, offs_m[None, :], offs_n[:, None], mask_base, stride_mm, stride_mn, slope2,
-                    Nq, Nk, qk_scale, causal_off, win_left, win_right, sc_scale, sc_log2e,
-                    MASKED, CAUSAL, WINDOW, MASK_KIND, SOFTCAP, ALIBI)
-    pT = tl.math.exp2(sT - lse[None, :])
-    dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
-    if DROPOUT:
-        keep = _keep(seed, drop_base, offs_m[None, :], offs_n[:, None], drop_p, DROP_MK)
-        dv = tl.dot(tl.where(keep, pT * drop_scale, 0.0).to(do.dtype), do, dv, input_precision=PREC)
-        dpT = tl.where(keep, dpT * drop_scale, 0.0)
-    else:
-        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PREC)
-    dsT = pT * (dpT - delta[None, :])
-    if SOFTCAP:
-        dsT = dsT * (1.0 - tT * tT)
-    dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=PREC)
+def _dkdv_inner(dk, dv, k, v, offs_n, q_rows, lo, hi, score_args, drop, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+                BLOCK_D: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+                MASK_KIND: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
+                PREC: tl.constexpr):
+    """dK, dV of the key block (k, v) (rows offs_n) from the query blocks [lo, hi) of one query head, whose
+    q_rows = (q_base, do_base, lse_base, delta_base, stride_qm, stride_qd, stride_dom, stride_dod)."""
+    q_base, do_base, lse_base, delta_base, stride_qm, stride_qd, stride_dom, stride_dod = q_rows
+    Nq = score_args[0]
+    for start_m in range(lo, hi, BLOCK_M):
+        if not MASKED:  # an unmasked tile starts at a multiple of BLOCK_M
+            start_m = tl.multiple_of(start_m, BLOCK_M)
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        q = _load_rows(q_base, start_m, stride_qm, stride_qd, Nq, BLOCK_M, HEAD_DIM, BLOCK_D, MASKED, False)
+        do = _load_rows(do_base, start_m, stride_dom, stride_dod, Nq, BLOCK_M, HEAD_DIM, BLOCK_D, MASKED, False)
+        lse, delta = _lse_delta(lse_base, delta_base, offs_m, Nq, MASKED)
+        qkT = tl.dot(k, tl.trans(q), input_precision=PREC)
+        sT, dcapT = _score(qkT, offs_m[None, :], offs_n[:, None], score_args, MASKED, CAUSAL, WINDOW, MASK_KIND,
+                           SOFTCAP, ALIBI)
+        pT = tl.math.exp2(sT - lse[None, :])
+        dv = tl.dot(_dropout(pT, offs_m[None, :], offs_n[:, None], drop, DROPOUT).to(do.dtype), do, dv,
+                    input_precision=PREC)
+        dpT = _dropout(tl.dot(v, tl.trans(do), input_precision=PREC), offs_m[None, :], offs_n[:, None], drop, DROPOUT)
+        dsT = _softcap_grad(pT * (dpT - delta[None, :]), dcapT, SOFTCAP)
+        dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=PREC)
     return dk, dv
 
 
 @triton.jit
 def _attn_bwd_dkdv(
     Q, K, V, DO, DK, DV, LSE, DELTA, M, SLOPES, CU_Q, CU_K,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_qb, stride_qh, stride_qm, stride_qd, stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_kb, stride_kh, stride_kn, stride_kd, stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_lb, stride_lh, stride_sb, stride_sh,
@@ -367,144 +479,64 @@ def _attn_bwd_dkdv(
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, MASK_KIND: tl.constexpr, SOFTCAP: tl.constexpr,
     ALIBI: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr,
 ):
+    # one program per (batch, kv head, key block): it loops over the GROUP query heads of the kv head, so no atomics
     start_n = tl.program_id(0) * BLOCK_N
-    bhk = _bh_id()
-    if bhk >= NBH:
-        return
-    if DROPOUT:  # the seed lives in device memory: the launch holds no per-call host value
-        seed = tl.load(SEED)
-    else:
-        seed = 0
-    b = (bhk // HKV).to(tl.int64)
-    hk = (bhk % HKV).to(tl.int64)
-    q_start = 0
-    k_start = 0
-    if VARLEN:
-        q_start = tl.load(CU_Q + b).to(tl.int64)
-        k_start = tl.load(CU_K + b).to(tl.int64)
-        Nq = (tl.load(CU_Q + b + 1) - q_start).to(tl.int32)
-        Nk = (tl.load(CU_K + b + 1) - k_start).to(tl.int32)
-        causal_off = Nk - Nq
+    b, hk, _, q_start, k_start, Nq, Nk, causal_off = _program(NBH, HKV, 1, CU_Q, CU_K, Nq, Nk, causal_off, VARLEN)
     if start_n >= Nk:
         return
+    kv = (K + b * stride_kb + hk * stride_kh + k_start * stride_kn,
+          V + b * stride_vb + hk * stride_vh + k_start * stride_vn, stride_kn, stride_kd, stride_vn, stride_vd)
+    k, v = _kv_rows(kv, start_n, Nk, BLOCK_N, HEAD_DIM, BLOCK_D, True, False)
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_m0 = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    ld_ok = (offs_n[:, None] < Nk) & (offs_d[None, :] < HEAD_DIM)
-    n64 = offs_n.to(tl.int64)[:, None]  # row offsets may pass 2^31 elements
-    kv_off = n64 * stride_kn + offs_d[None, :] * stride_kd
-    k = tl.load(K + b * stride_kb + hk * stride_kh + k_start * stride_kn + kv_off, mask=ld_ok, other=0.0)
-    v = tl.load(V + b * stride_vb + hk * stride_vh + k_start * stride_vn + n64 * stride_vn
-                + offs_d[None, :] * stride_vd, mask=ld_ok, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
-    m_end = tl.cdiv(Nq, BLOCK_M) * BLOCK_M
-    m_full = (Nq // BLOCK_M) * BLOCK_M
-    lo = 0
-    a_end = 0
-    if CAUSAL:
-        # first query that sees any key of this block, and first query block that sees all of them
-        lo = (tl.maximum(start_n - causal_off, 0) // BLOCK_M) * BLOCK_M
-        diag = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - causal_off, 0), BLOCK_M) * BLOCK_M
-        a_end = tl.minimum(tl.maximum(diag, lo), m_end)
-    if WINDOW:
-        # queries i with j - off - right <= i <= j - off + left for some key j of this block
-        lo = (tl.maximum(start_n - causal_off - win_right, 0) // BLOCK_M) * BLOCK_M
-        a_end = tl.minimum(tl.maximum(start_n + BLOCK_N - causal_off + win_left, 0), Nq)
-    c_start = tl.maximum(a_end, m_full)
-
+    lo, head, tail, hi = _query_range(start_n, Nq, causal_off, win_left, win_right, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
     for g in range(0, GROUP):
         h = hk * GROUP + g
-        q_base = Q + b * stride_qb + h * stride_qh + q_start * stride_qm
-        do_base = DO + b * stride_dob + h * stride_doh + q_start * stride_dom
-        lse_base = LSE + b * stride_lb + h * stride_lh + q_start
-        delta_base = DELTA + b * stride_lb + h * stride_lh + q_start
-        mask_base = M + b * stride_mb + h * stride_mh
-        slope2 = 0.0
-        if ALIBI:
-            slope2 = tl.load(SLOPES + b * stride_sb + h * stride_sh).to(tl.float32) * 1.4426950408889634
-        drop_base = (b * H + h) * DROP_MQ
-        for start_m in range(lo, a_end, BLOCK_M):  # causal diagonal or window band: masked
-            dk, dv = _dkdv_tile(
-                dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, start_m,
-                offs_n, offs_m0, offs_d, stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn,
-                Nq, Nk, qk_scale, causal_off, win_left, win_right, sc_scale, sc_log2e, slope2,
-                seed, drop_base, drop_p, drop_scale, DROP_MK,
-                HEAD_DIM, BLOCK_D, True, CAUSAL, WINDOW, MASK_KIND, SOFTCAP, ALIBI, DROPOUT, PREC)
+        score_args, drop = _head_args(b, h, H, M, SLOPES, SEED, stride_mb, stride_mh, stride_mm, stride_mn,
+                                      stride_sb, stride_sh, Nq, Nk, causal_off, qk_scale, sc_scale, sc_log2e,
+                                      win_left, win_right, drop_p, drop_scale, DROP_MQ, DROP_MK, ALIBI, DROPOUT)
+        q_rows = (Q + b * stride_qb + h * stride_qh + q_start * stride_qm,
+                  DO + b * stride_dob + h * stride_doh + q_start * stride_dom,
+                  LSE + b * stride_lb + h * stride_lh + q_start, DELTA + b * stride_lb + h * stride_lh + q_start,
+                  stride_qm, stride_qd, stride_dom, stride_dod)
+        # the masked head (the causal diagonal, or the whole window band), the unmasked interior, the query tail
+        dk, dv = _dkdv_inner(dk, dv, k, v, offs_n, q_rows, lo, head, score_args, drop, BLOCK_M, HEAD_DIM, BLOCK_D,
+                             True, CAUSAL, WINDOW, MASK_KIND, SOFTCAP, ALIBI, DROPOUT, PREC)
         if not WINDOW:
-            for start_m in range(a_end, m_full, BLOCK_M):  # interior: unmasked
-                start_m = tl.multiple_of(start_m, BLOCK_M)
-                dk, dv = _dkdv_tile(
-                    dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, start_m,
-                    offs_n, offs_m0, offs_d, stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn,
-                    Nq, Nk, qk_scale, causal_off, win_left, win_right, sc_scale, sc_log2e, slope2,
-                    seed, drop_base, drop_p, drop_scale, DROP_MK,
-                    HEAD_DIM, BLOCK_D, False, CAUSAL, WINDOW, MASK_KIND, SOFTCAP, ALIBI, DROPOUT, PREC)
-            for start_m in range(c_start, m_end, BLOCK_M):  # query tail: masked
-                dk, dv = _dkdv_tile(
-                    dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, start_m,
-                    offs_n, offs_m0, offs_d, stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn,
-                    Nq, Nk, qk_scale, causal_off, win_left, win_right, sc_scale, sc_log2e, slope2,
-                    seed, drop_base, drop_p, drop_scale, DROP_MK,
-                    HEAD_DIM, BLOCK_D, True, CAUSAL, WINDOW, MASK_KIND, SOFTCAP, ALIBI, DROPOUT, PREC)
+            dk, dv = _dkdv_inner(dk, dv, k, v, offs_n, q_rows, head, tail, score_args, drop, BLOCK_M, HEAD_DIM,
+                                 BLOCK_D, False, CAUSAL, WINDOW, MASK_KIND, SOFTCAP, ALIBI, DROPOUT, PREC)
+            dk, dv = _dkdv_inner(dk, dv, k, v, offs_n, q_rows, tail, hi, score_args, drop, BLOCK_M, HEAD_DIM,
+                                 BLOCK_D, True, CAUSAL, WINDOW, MASK_KIND, SOFTCAP, ALIBI, DROPOUT, PREC)
 
-    dk = dk * sm_scale
-    out_off = b * stride_dkb + hk * stride_dkh + (k_start + n64) * stride_dkn + offs_d[None, :] * stride_dkd
-    tl.store(DK + out_off, dk.to(DK.dtype.element_ty), mask=ld_ok)
-    tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=ld_ok)
+    # dK and dV are allocated alike (the launcher passes dK's strides for both)
+    out = b * stride_dkb + hk * stride_dkh + k_start * stride_dkn
+    _store_rows(DK + out, start_n, stride_dkn, stride_dkd, Nk, dk * sm_scale, BLOCK_N, HEAD_DIM, BLOCK_D)
+    _store_rows(DV + out, start_n, stride_dkn, stride_dkd, Nk, dv, BLOCK_N, HEAD_DIM, BLOCK_D)
 
 
 @triton.jit
-def _dq_tile(
-    dq, q, do, lse, delta, k_base, v_base, mask_base, start_n,
-    offs_m, offs_n0, offs_d,
-    stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
-    Nq, Nk, qk_scale, causal_off, win_left, win_right, sc_scale, sc_log2e, slope2,
-    seed, drop_base, drop_p, drop_scale, DROP_MK,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, MASK_KIND: tl.constexpr,
-    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr,
-):
-    offs_n = start_n + offs_n0
-    n64 = tl.cast(start_n, tl.int64)  # int64 row base, int32 tile offsets
-    k_ptrs = k_base + n64 * stride_kn + offs_n0[:, None] * stride_kn + offs_d[None, :] * stride_kd
-    v_ptrs = v_base + n64 * stride_vn + offs_n0[:, None] * stride_vn + offs_d[None, :] * stride_vd
-    if MASKED:
-        ld_ok = (offs_n[:, None] < Nk) & (offs_d[None, :] < HEAD_DIM)
-        k = tl.load(k_ptrs, mask=ld_ok, other=0.0)
-        v = tl.load(v_ptrs, mask=ld_ok, other=0.0)
-    else:
-        if BLOCK_D == HEAD_DIM:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
-        else:
-            d_ok = offs_d[None, :] < HEAD_DIM
-            k = tl.load(k_ptrs, mask=d_ok, other=0.0)
-            v = tl.load(v_ptrs, mask=d_ok, other=0.0)
-    qk = tl.dot(q, tl.trans(k), input_precision=PREC)
-    s, t = _score(qk, offs_m[:, None], offs_n[None, :], mask_base, stride_mm, stride_mn, slope2,
-                  Nq, Nk, qk_scale, causal_off, win_left, win_right, sc_scale, sc_log2e,
-                  MASKED, CAUSAL, WINDOW, MASK_KIND, SOFTCAP, ALIBI)
-    p = tl.math.exp2(s - lse[:, None])
-    dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-    if DROPOUT:
-        keep = _keep(seed, drop_base, offs_m[:, None], offs_n[None, :], drop_p, DROP_MK)
-        dp = tl.where(keep, dp * drop_scale, 0.0)
-    ds = p * (dp - delta[:, None])
-    if SOFTCAP:
-        ds = ds * (1.0 - t * t)
-    dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PREC)
+def _dq_inner(dq, q, do, lse, delta, offs_m, kv, lo, hi, score_args, drop, BLOCK_N: tl.constexpr,
+              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+              WINDOW: tl.constexpr, MASK_KIND: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+              DROPOUT: tl.constexpr, PREC: tl.constexpr):
+    """dQ of the query block q from the key blocks [lo, hi): returns dq."""
+    for start_n in range(lo, hi, BLOCK_N):
+        k, v, s, dcap, offs_n = _key_tile(q, offs_m, kv, start_n, score_args, BLOCK_N, HEAD_DIM, BLOCK_D, MASKED,
+                                          CAUSAL, WINDOW, MASK_KIND, SOFTCAP, ALIBI, PREC, False)
+        p = tl.math.exp2(s - lse[:, None])
+        dp = _dropout(tl.dot(do, tl.trans(v), input_precision=PREC), offs_m[:, None], offs_n[None, :], drop, DROPOUT)
+        ds = _softcap_grad(p * (dp - delta[:, None]), dcap, SOFTCAP)
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PREC)
     return dq
 
 
 @triton.jit
 def _attn_bwd_dq(
     Q, K, V, DO, DQ, LSE, DELTA, M, SLOPES, CU_Q, CU_K,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_qb, stride_qh, stride_qm, stride_qd, stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_kb, stride_kh, stride_kn, stride_kd, stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_lb, stride_lh, stride_sb, stride_sh,
@@ -515,82 +547,32 @@ def _attn_bwd_dq(
     ALIBI: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr,
 ):
     start_m = tl.program_id(0) * BLOCK_M
-    bh = _bh_id()
-    if bh >= NBH:
-        return
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    hk = h // GROUP
-    if DROPOUT:  # the seed lives in device memory: the launch holds no per-call host value
-        seed = tl.load(SEED)
-    else:
-        seed = 0
-    q_start = 0
-    k_start = 0
-    if VARLEN:
-        q_start = tl.load(CU_Q + b).to(tl.int64)
-        k_start = tl.load(CU_K + b).to(tl.int64)
-        Nq = (tl.load(CU_Q + b + 1) - q_start).to(tl.int32)
-        Nk = (tl.load(CU_K + b + 1) - k_start).to(tl.int32)
-        causal_off = Nk - Nq
+    b, h, hk, q_start, k_start, Nq, Nk, causal_off = _program(NBH, H, GROUP, CU_Q, CU_K, Nq, Nk, causal_off, VARLEN)
     if start_m >= Nq:
         return
-    k_base = K + b * stride_kb + hk * stride_kh + k_start * stride_kn
-    v_base = V + b * stride_vb + hk * stride_vh + k_start * stride_vn
-    mask_base = M + b * stride_mb + h * stride_mh
-    slope2 = 0.0
-    if ALIBI:
-        slope2 = tl.load(SLOPES + b * stride_sb + h * stride_sh).to(tl.float32) * 1.4426950408889634
-    drop_base = (b * H + h) * DROP_MQ
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_n0 = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    m_ok = offs_m < Nq
-    ld_ok = m_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
-    m64 = q_start + offs_m.to(tl.int64)[:, None]  # row offsets may pass 2^31 elements
-    q = tl.load(Q + b * stride_qb + h * stride_qh + m64 * stride_qm
-                + offs_d[None, :] * stride_qd, mask=ld_ok, other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + m64 * stride_dom
-                 + offs_d[None, :] * stride_dod, mask=ld_ok, other=0.0)
-    lse_base = LSE + b * stride_lb + h * stride_lh + q_start
-    lse = tl.load(lse_base + offs_m, mask=m_ok, other=float("inf"))
-    lse = tl.where(lse == float("-inf"), float("inf"), lse)
-    delta = tl.load(DELTA + b * stride_lb + h * stride_lh + q_start + offs_m, mask=m_ok, other=0.0)
+    q = _load_rows(Q + b * stride_qb + h * stride_qh + q_start * stride_qm, start_m, stride_qm, stride_qd, Nq,
+                   BLOCK_M, HEAD_DIM, BLOCK_D, True, False)
+    do = _load_rows(DO + b * stride_dob + h * stride_doh + q_start * stride_dom, start_m, stride_dom, stride_dod, Nq,
+                    BLOCK_M, HEAD_DIM, BLOCK_D, True, False)
+    lse, delta = _lse_delta(LSE + b * stride_lb + h * stride_lh + q_start,
+                            DELTA + b * stride_lb + h * stride_lh + q_start, offs_m, Nq, True)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    kv = (K + b * stride_kb + hk * stride_kh + k_start * stride_kn,
+          V + b * stride_vb + hk * stride_vh + k_start * stride_vn, stride_kn, stride_kd, stride_vn, stride_vd)
+    score_args, drop = _head_args(b, h, H, M, SLOPES, SEED, stride_mb, stride_mh, stride_mm, stride_mn, stride_sb,
+                                  stride_sh, Nq, Nk, causal_off, qk_scale, sc_scale, sc_log2e, win_left, win_right,
+                                  drop_p, drop_scale, DROP_MQ, DROP_MK, ALIBI, DROPOUT)
 
-    lo = 0
-    hi = Nk
-    if CAUSAL:
-        hi = tl.minimum(Nk, tl.maximum(start_m + BLOCK_M + causal_off, 0))
-    if WINDOW:
-        lo = (tl.maximum(start_m + causal_off - win_left, 0) // BLOCK_N) * BLOCK_N
-        hi = tl.minimum(Nk, tl.maximum(start_m + BLOCK_M + causal_off + win_right, 0))
-        for start_n in range(lo, hi, BLOCK_N):
-            dq = _dq_tile(dq, q, do, lse, delta, k_base, v_base, mask_base, start_n, offs_m, offs_n0, offs_d,
-                          stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
-                          Nq, Nk, qk_scale, causal_off, win_left, win_right, sc_scale, sc_log2e, slope2,
-                          seed, drop_base, drop_p, drop_scale, DROP_MK,
-                          HEAD_DIM, BLOCK_D, True, CAUSAL, WINDOW, MASK_KIND, SOFTCAP, ALIBI, DROPOUT, PREC)
-    else:
-        full = (Nk // BLOCK_N) * BLOCK_N
-        if CAUSAL:
-            full = tl.minimum(full, (tl.maximum(start_m + causal_off + 1, 0) // BLOCK_N) * BLOCK_N)
-        for start_n in range(0, full, BLOCK_N):
-            start_n = tl.multiple_of(start_n, BLOCK_N)
-            dq = _dq_tile(dq, q, do, lse, delta, k_base, v_base, mask_base, start_n, offs_m, offs_n0, offs_d,
-                          stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
-                          Nq, Nk, qk_scale, causal_off, win_left, win_right, sc_scale, sc_log2e, slope2,
-                          seed, drop_base, drop_p, drop_scale, DROP_MK,
-                          HEAD_DIM, BLOCK_D, False, CAUSAL, WINDOW, MASK_KIND, SOFTCAP, ALIBI, DROPOUT, PREC)
-        for start_n in range(full, hi, BLOCK_N):
-            dq = _dq_tile(dq, q, do, lse, delta, k_base, v_base, mask_base, start_n, offs_m, offs_n0, offs_d,
-                          stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
-                          Nq, Nk, qk_scale, causal_off, win_left, win_right, sc_scale, sc_log2e, slope2,
-                          seed, drop_base, drop_p, drop_scale, DROP_MK,
-                          HEAD_DIM, BLOCK_D, True, CAUSAL, WINDOW, MASK_KIND, SOFTCAP, ALIBI, DROPOUT, PREC)
-    dq = dq * sm_scale
-    tl.store(DQ + b * stride_dqb + h * stride_dqh + m64 * stride_dqm
-             + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=ld_ok)
+    lo, mid, hi = _key_range(start_m, Nk, causal_off, win_left, win_right, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
+    if not WINDOW:  # interior: unmasked (a window band has none: mid = lo)
+        dq = _dq_inner(dq, q, do, lse, delta, offs_m, kv, lo, mid, score_args, drop, BLOCK_N, HEAD_DIM, BLOCK_D,
+                       False, CAUSAL, WINDOW, MASK_KIND, SOFTCAP, ALIBI, DROPOUT, PREC)
+    # the causal diagonal and the key tail, or a window band: masked
+    dq = _dq_inner(dq, q, do, lse, delta, offs_m, kv, mid, hi, score_args, drop, BLOCK_N, HEAD_DIM, BLOCK_D,
+                   True, CAUSAL, WINDOW, MASK_KIND, SOFTCAP, ALIBI, DROPOUT, PREC)
+    _store_rows(DQ + b * stride_dqb + h * stride_dqh + q_start * stride_dqm, start_m, stride_dqm, stride_dqd, Nq,
+                dq * sm_scale, BLOCK_M, HEAD_DIM, BLOCK_D)
 
 
 @triton.jit
@@ -600,16 +582,15 @@ def _dropout_keep_kernel(OUT, SEED, drop_p, H, NBH, Nq, Nk, DROP_MQ, DROP_MK, BL
     bh = _bh_id()
     if bh >= NBH:
         return
-    bh = bh.to(tl.int64)
-    b = bh // H
-    h = bh % H
+    b, h = _batch_head(bh, H)
     # (query block, key block) on axis 0: axes 1 and 2 are capped at 65535 programs
     n_blocks = tl.cdiv(Nk, BLOCK_N)
     offs_m = (tl.program_id(0) // n_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = (tl.program_id(0) % n_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
-    keep = _keep(tl.load(SEED), (b * H + h) * DROP_MQ, offs_m[:, None], offs_n[None, :], drop_p, DROP_MK)
+    keep = _keep(offs_m[:, None], offs_n[None, :], tl.load(SEED), (b * H + h) * DROP_MQ, drop_p, DROP_MK)
     ok = (offs_m[:, None] < Nq) & (offs_n[None, :] < Nk)
-    tl.store(OUT + bh * Nq * Nk + offs_m.to(tl.int64)[:, None] * Nk + offs_n[None, :], keep.to(tl.int8), mask=ok)
+    tl.store(OUT + bh.to(tl.int64) * Nq * Nk + offs_m.to(tl.int64)[:, None] * Nk + offs_n[None, :], keep.to(tl.int8),
+             mask=ok)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -674,24 +655,23 @@ def last_config() -> dict[str, str]:
     return dict(_LAST_CONFIG)
 
 
+# the config without autotuning, (BLOCK_M, BLOCK_N, num_warps, num_stages): under the interpreter, then by head block
+# (BLOCK_D <= 64, <= 128, larger)
+_FIXED = {"fwd": ((32, 16, 4, 1), (128, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 2)),
+          "bwd": ((16, 32, 4, 1), (64, 64, 4, 2), (32, 64, 4, 2), (32, 32, 4, 1))}
+
+
+def _fixed(kind: str, block_d: int) -> dict:
+    row = 0 if interpreting() else 1 + (block_d > 64) + (block_d > 128)
+    return dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), _FIXED[kind][row]))
+
+
 def _fixed_fwd(block_d: int) -> dict:
-    if interpreting():
-        return {"BLOCK_M": 32, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
-    if block_d <= 64:
-        return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
-    if block_d <= 128:
-        return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
-    return {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
+    return _fixed("fwd", block_d)
 
 
 def _fixed_bwd(block_d: int) -> dict:
-    if interpreting():
-        return {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
-    if block_d <= 64:
-        return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
-    if block_d <= 128:
-        return {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
-    return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
+    return _fixed("bwd", block_d)
 
 
 def _fmt(conf: dict) -> str:
@@ -878,9 +858,10 @@ def _backward(do, q, k, v, o, lse, f: Features, *, varlen=None, dlse2=None):
     flags["VARLEN"] = varlen is not None
     qk_scale = f.scale * LOG2E
     tail = (*f.scalars(q), drop_mq, drop_mk, _bucket(Nq), _bucket(Nk))
-    kv_args = (q, k, v, do, dk, dv, lse, delta, m, slopes, cu_q_t, cu_k_t, *sq, *sk, *sv, *sdo, *sdk, *ms, *sl, *ss,
+    # strides: the query-side rows (q, dO), the key-side rows (k, v), the output, mask, lse/delta, ALiBi slopes
+    kv_args = (q, k, v, do, dk, dv, lse, delta, m, slopes, cu_q_t, cu_k_t, *sq, *sdo, *sk, *sv, *sdk, *ms, *sl, *ss,
                H, HKV, B * HKV, H // HKV, Nq, Nk, qk_scale, f.scale, f.causal_offset, *tail)
-    q_args = (q, k, v, do, dq, lse, delta, m, slopes, cu_q_t, cu_k_t, *sq, *sk, *sv, *sdo, *sdq, *ms, *sl, *ss,
+    q_args = (q, k, v, do, dq, lse, delta, m, slopes, cu_q_t, cu_k_t, *sq, *sdo, *sk, *sv, *sdq, *ms, *sl, *ss,
               H, B * H, H // HKV, Nq, Nk, qk_scale, f.scale, f.causal_offset, *tail)
     if autotune_enabled():
         kv_grid = lambda meta: (triton.cdiv(Nk, meta["BLOCK_N"]), *_bh_grid(B * HKV))
