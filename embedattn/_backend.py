@@ -13,7 +13,9 @@
 
 Environment variables, all parsed here with one rule (``env_flag``: 1/0, true/false, yes/no, on/off,
 case-insensitive; anything else raises naming the variable): ``EMBEDATTN_BACKEND``,
-``EMBEDATTN_AUTOTUNE`` (default on; never under the interpreter), ``TRITON_INTERPRET``.
+``EMBEDATTN_AUTOTUNE`` (default on; never under the interpreter), ``TRITON_INTERPRET``,
+``EMBEDATTN_ATTENTION_IMPL`` (default / hopper / gluon). The tuned-config tables read
+``EMBEDATTN_CONFIGS_DIR`` and ``EMBEDATTN_TUNED_CONFIGS`` (see ``embedattn.configs``).
 """
 
 from __future__ import annotations
@@ -49,6 +51,19 @@ def interpreting() -> bool:
 def autotune_enabled() -> bool:
     """Launchers autotune on a GPU unless ``EMBEDATTN_AUTOTUNE`` is off; never under the interpreter."""
     return env_flag("EMBEDATTN_AUTOTUNE", True) and not interpreting()
+
+
+ATTENTION_IMPLS = ("default", "hopper", "gluon")
+
+
+def attention_impl() -> str:
+    """``EMBEDATTN_ATTENTION_IMPL``: which attention kernels run where they can (``default``: the measured
+    kernels/attention.py; ``hopper``: the sm90 TMA / warp-specialized kernels of kernels/attention_hopper.py;
+    ``gluon``: its Gluon forward). The unmeasured variants are opt-in until a GPU run shows them faster."""
+    raw = os.environ.get("EMBEDATTN_ATTENTION_IMPL", "").strip().lower() or "default"
+    if raw not in ATTENTION_IMPLS:
+        raise ValueError(f"environment variable EMBEDATTN_ATTENTION_IMPL={raw!r}: expected one of {ATTENTION_IMPLS}")
+    return raw
 
 
 def default_backend() -> str:

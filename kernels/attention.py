@@ -27,7 +27,8 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ._utils import autotune_enabled, empty, interpreting
+from .. import configs
+from ._utils import empty, interpreting
 
 LOG2E = 1.4426950408889634
 
@@ -647,12 +648,12 @@ _attn_bwd_dkdv_tuned = triton.autotune(configs=_bwd_configs(), key=_KEY,
 _attn_bwd_dq_tuned = triton.autotune(configs=_bwd_configs(), key=_KEY,
                                      prune_configs_by={"early_config_prune": _prune_bwd})(_attn_bwd_dq)
 
-_LAST_CONFIG: dict[str, str] = {}
+_LAST_CONFIG = configs.records("attention")  # what each kernel last ran with (cleared by the benchmark harness)
 
 
 def last_config() -> dict[str, str]:
-    """The config each attention kernel last ran with (autotuned choice or fixed heuristic)."""
-    return dict(_LAST_CONFIG)
+    """The config each attention kernel last ran with, and how it was chosen (tuned/autotuned/heuristic)."""
+    return configs.recorded("attention")
 
 
 # the config without autotuning, (BLOCK_M, BLOCK_N, num_warps, num_stages): under the interpreter, then by head block
@@ -672,17 +673,6 @@ def _fixed_fwd(block_d: int) -> dict:
 
 def _fixed_bwd(block_d: int) -> dict:
     return _fixed("bwd", block_d)
-
-
-def _fmt(conf: dict) -> str:
-    return ",".join(f"{k}={v}" for k, v in conf.items())
-
-
-def _fmt_best(tuner) -> str:
-    c = getattr(tuner, "best_config", None)
-    if c is None:
-        return ""
-    return _fmt({**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages})
 
 
 def _head_block(d: int) -> int:
@@ -805,17 +795,20 @@ def _forward(q, k, v, f: Features, *, varlen=None, k_lens=None, num_splits=1):
             drop_mq, drop_mk, num_splits, _bucket(Nq), _bucket(Nk))
     flags = f.flags(D, q.dtype, kind)
     flags.update(VARLEN=varlen is not None, KLENS=k_lens is not None, SPLIT=split)
-    if autotune_enabled() and not split:
-        grid = lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]), *_bh_grid(B * H))
-        wrap_triton(_attn_fwd_tuned)[grid](*args, **flags)
-        _LAST_CONFIG["fwd"] = _fmt_best(_attn_fwd_tuned)
-    else:
-        conf = _fixed_fwd(flags["BLOCK_D"])
-        if split and not interpreting():
-            conf = dict(conf, BLOCK_M=16 if Nq <= 16 else 64, num_warps=4)
-        grid = (triton.cdiv(Nq, conf["BLOCK_M"]) * num_splits, *_bh_grid(B * H))
-        wrap_triton(_attn_fwd)[grid](*args, **flags, **conf)
-        _LAST_CONFIG["fwd"] = _fmt(conf)
+    heur = _fixed_fwd(flags["BLOCK_D"])
+    if split and not interpreting():
+        heur = dict(heur, BLOCK_M=16 if Nq <= 16 else 64, num_warps=4)
+
+    def launch(c):
+        wrap_triton(_attn_fwd)[(triton.cdiv(Nq, c["BLOCK_M"]) * num_splits, *_bh_grid(B * H))](*args, **flags, **c)
+
+    def autotune():
+        wrap_triton(_attn_fwd_tuned)[lambda m: (triton.cdiv(Nq, m["BLOCK_M"]), *_bh_grid(B * H))](*args, **flags)
+        return getattr(_attn_fwd_tuned, "best_config", None)
+
+    # split-KV decoding has its own tile rule (the table and the autotuner describe unsplit launches)
+    key = None if split else configs.attention_key(q.dtype, D, Nq, Nk, flags)
+    configs.run("attention.fwd", key, heur, launch, autotune=autotune, device=q.device)
     return o, lse
 
 
@@ -863,21 +856,28 @@ def _backward(do, q, k, v, o, lse, f: Features, *, varlen=None, dlse2=None):
                H, HKV, B * HKV, H // HKV, Nq, Nk, qk_scale, f.scale, f.causal_offset, *tail)
     q_args = (q, k, v, do, dq, lse, delta, m, slopes, cu_q_t, cu_k_t, *sq, *sdo, *sk, *sv, *sdq, *ms, *sl, *ss,
               H, B * H, H // HKV, Nq, Nk, qk_scale, f.scale, f.causal_offset, *tail)
-    if autotune_enabled():
-        kv_grid = lambda meta: (triton.cdiv(Nk, meta["BLOCK_N"]), *_bh_grid(B * HKV))
-        q_grid = lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]), *_bh_grid(B * H))
-        wrap_triton(_attn_bwd_dkdv_tuned)[kv_grid](*kv_args, **flags)
-        wrap_triton(_attn_bwd_dq_tuned)[q_grid](*q_args, **flags)
-        _LAST_CONFIG["bwd_dkdv"] = _fmt_best(_attn_bwd_dkdv_tuned)
-        _LAST_CONFIG["bwd_dq"] = _fmt_best(_attn_bwd_dq_tuned)
-    else:
-        conf = _fixed_bwd(block_d)
-        wrap_triton(_attn_bwd_dkdv)[(triton.cdiv(Nk, conf["BLOCK_N"]), *_bh_grid(B * HKV))](*kv_args, **flags, **conf)
-        # dQ iterates over keys: swap the roles so its inner tile is the key block
-        qconf = dict(conf, BLOCK_M=conf["BLOCK_N"], BLOCK_N=conf["BLOCK_M"])
-        wrap_triton(_attn_bwd_dq)[(triton.cdiv(Nq, qconf["BLOCK_M"]), *_bh_grid(B * H))](*q_args, **flags, **qconf)
-        _LAST_CONFIG["bwd_dkdv"] = _fmt(conf)
-        _LAST_CONFIG["bwd_dq"] = _fmt(qconf)
+    conf = _fixed_bwd(block_d)
+    # dQ iterates over keys: swap the roles so its inner tile is the key block
+    qconf = dict(conf, BLOCK_M=conf["BLOCK_N"], BLOCK_N=conf["BLOCK_M"])
+    key = configs.attention_key(q.dtype, D, Nq, Nk, flags)
+
+    def launch_dkdv(c):
+        wrap_triton(_attn_bwd_dkdv)[(triton.cdiv(Nk, c["BLOCK_N"]), *_bh_grid(B * HKV))](*kv_args, **flags, **c)
+
+    def autotune_dkdv():
+        grid = lambda m: (triton.cdiv(Nk, m["BLOCK_N"]), *_bh_grid(B * HKV))
+        wrap_triton(_attn_bwd_dkdv_tuned)[grid](*kv_args, **flags)
+        return getattr(_attn_bwd_dkdv_tuned, "best_config", None)
+
+    def launch_dq(c):
+        wrap_triton(_attn_bwd_dq)[(triton.cdiv(Nq, c["BLOCK_M"]), *_bh_grid(B * H))](*q_args, **flags, **c)
+
+    def autotune_dq():
+        wrap_triton(_attn_bwd_dq_tuned)[lambda m: (triton.cdiv(Nq, m["BLOCK_M"]), *_bh_grid(B * H))](*q_args, **flags)
+        return getattr(_attn_bwd_dq_tuned, "best_config", None)
+
+    configs.run("attention.bwd_dkdv", key, conf, launch_dkdv, autotune=autotune_dkdv, device=q.device)
+    configs.run("attention.bwd_dq", key, qconf, launch_dq, autotune=autotune_dq, device=q.device)
     return dq, dk, dv
 
 
