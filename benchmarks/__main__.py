@@ -12,7 +12,7 @@ import shlex
 import sys
 import time
 
-from .cli import ArgumentParser, check_out_dir, fail, non_negative_float, positive_float
+from .cli import ArgumentParser, check_out_dir, fail, non_negative_float, positive_float, suites_and_dtypes
 
 PROG = "python -m benchmarks"
 SUITES = ("attention", "embedding", "negative_sampling", "ring")
@@ -38,17 +38,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # the tests' seconds-long sweep
     args = ap.parse_args(argv)
-    suites = SUITES if args.suite == "all" else tuple(s.strip() for s in args.suite.split(","))
-    bad = [s for s in suites if s not in SUITES]
-    if bad:
-        ap.error(f"argument --suite: {', '.join(map(repr, bad))} not one of {', '.join(SUITES)}, all")
-    args.suites = suites
-    args.dtypes = None
-    if args.dtype is not None:
-        args.dtypes = [d.strip() for d in args.dtype.split(",")]
-        bad = [d for d in args.dtypes if d not in DTYPES]
-        if bad:
-            ap.error(f"argument --dtype: {', '.join(map(repr, bad))} not one of {', '.join(DTYPES)}")
+    suites_and_dtypes(ap, args, SUITES, DTYPES)
     return args
 
 

@@ -67,3 +67,19 @@ def check_out_dir(path: str) -> str | None:
     except OSError as e:
         return f"cannot write in {path}: {e.strerror or e}"
     return None
+
+
+def suites_and_dtypes(ap: argparse.ArgumentParser, args: argparse.Namespace, known_suites, known_dtypes) -> None:
+    """``--suite`` (a comma list or "all") and ``--dtype`` (a comma list, or None for each suite's default)
+    checked against the known names, with one-line errors; sets ``args.suites`` and ``args.dtypes``."""
+    suites = tuple(known_suites) if args.suite == "all" else tuple(s.strip() for s in args.suite.split(","))
+    bad = [s for s in suites if s not in known_suites]
+    if bad:
+        ap.error(f"argument --suite: {', '.join(map(repr, bad))} not one of {', '.join(known_suites)}, all")
+    args.suites = suites
+    args.dtypes = None
+    if args.dtype is not None:
+        args.dtypes = [d.strip() for d in args.dtype.split(",")]
+        bad = [d for d in args.dtypes if d not in known_dtypes]
+        if bad:
+            ap.error(f"argument --dtype: {', '.join(map(repr, bad))} not one of {', '.join(known_dtypes)}")

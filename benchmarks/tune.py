@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .cli import ArgumentParser, check_out_dir, fail, non_negative_float, positive_float
+from .cli import ArgumentParser, check_out_dir, fail, non_negative_float, positive_float, suites_and_dtypes
 
 PROG = "python -m benchmarks.tune"
 SUITES = ("attention", "embedding", "negative_sampling")
@@ -729,17 +729,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--rep-ms", type=non_negative_float, default=20.0, metavar="MS", help="do_bench repetitions")
     ap.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # seconds-long shapes (tests, interpreter)
     args = ap.parse_args(argv)
-    suites = SUITES if args.suite == "all" else tuple(s.strip() for s in args.suite.split(","))
-    bad = [s for s in suites if s not in SUITES]
-    if bad:
-        ap.error(f"argument --suite: {', '.join(map(repr, bad))} not one of {', '.join(SUITES)}, all")
-    args.suites = suites
-    args.dtypes = None
-    if args.dtype is not None:
-        args.dtypes = [d.strip() for d in args.dtype.split(",")]
-        bad = [d for d in args.dtypes if d not in DTYPES]
-        if bad:
-            ap.error(f"argument --dtype: {', '.join(map(repr, bad))} not one of {', '.join(DTYPES)}")
+    suites_and_dtypes(ap, args, SUITES, DTYPES)
     for name in ("compile_workers", "max_candidates"):
         v = getattr(args, name)
         if v is not None and v < (0 if name == "compile_workers" else 1):
