@@ -94,9 +94,12 @@ def _kernels_interpreted() -> bool:
     """Whether the kernels were built for the interpreter: Triton reads TRITON_INTERPRET when a kernel
     is decorated, so setting it later has no effect on kernels already imported."""
     if "interpreted" not in _PROBED:
+        import triton.language as tl
+
         from .kernels import _utils
 
-        _PROBED["interpreted"] = _utils.INTERPRETED
+        # Triton's own jitted helpers (tl.cdiv, ...) were built when triton was imported
+        _PROBED["interpreted"] = _utils.INTERPRETED and type(tl.cdiv).__name__ == "InterpretedFunction"
     return _PROBED["interpreted"]
 
 

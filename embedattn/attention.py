@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from numbers import Integral, Real
 
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from . import reference
-from ._backend import resolve
-from ._checks import check_bool, check_float, check_int, check_seed, seed_tensor
+from ._backend import attention_impl, check_backend, resolve
+from ._checks import assert_ok, bounds_mode, check_bool, check_float, check_int, check_seed, seed_tensor
 from ._registry import kernel_op
 
 # captured at import so that the drop-in's fallback still reaches torch when patch_sdpa() is active
@@ -138,18 +139,26 @@ def _check_mask(mask: torch.Tensor | None, q: torch.Tensor, nk: int) -> torch.Te
         ) from None
 
 
+def _real(name: str, value, what: str) -> float:
+    """A real number (int or float, not a bool): TypeError naming ``name`` otherwise; ValueError if not finite."""
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise AttentionTypeError(f"{name} must be {what}, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise AttentionInputError(f"{name} must be {what}, got {value!r}")
+    return value
+
+
 def _resolve_scale(scale, head_dim: int) -> float:
     """The score scale: 1/sqrt(D) by default, else a finite number (checked)."""
     if scale is None:
         return 1.0 / math.sqrt(head_dim) if head_dim else 1.0
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise AttentionInputError(f"scale must be a finite float or None, got {scale!r}")
-    return float(scale)
+    return _real("scale", scale, "a finite float or None")
 
 
 def _window_side(name: str, side) -> int:
-    if isinstance(side, bool) or not isinstance(side, int):
-        raise AttentionInputError(f"window must be a (left, right) pair of ints (-1 = unbounded), got {name}={side!r}")
+    if isinstance(side, bool) or not isinstance(side, Integral):
+        raise AttentionTypeError(f"window must be a (left, right) pair of ints (-1 = unbounded), got {name}={side!r}")
     return -1 if side < 0 else min(int(side), WINDOW_MAX)
 
 
@@ -174,16 +183,17 @@ def _check_spec(q: torch.Tensor, *, causal, causal_offset: int, scale, window, s
     check_bool("causal", causal)
     wl = wr = -1
     if window is not None:
-        if not isinstance(window, (tuple, list)) or len(window) != 2:
+        if not isinstance(window, (tuple, list)):
+            raise AttentionTypeError(f"window must be a (left, right) pair of ints (-1 = unbounded), got {window!r}")
+        if len(window) != 2:
             raise AttentionInputError(f"window must be a (left, right) pair of ints (-1 = unbounded), got {window!r}")
         wl, wr = _window_side("left", window[0]), _window_side("right", window[1])
-    if softcap is None:
-        softcap = 0.0
-    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not math.isfinite(softcap) \
-            or softcap < 0:
+    softcap = 0.0 if softcap is None else _real("softcap", softcap, "a finite float >= 0 (0 = off)")
+    if softcap < 0:
         raise AttentionInputError(f"softcap must be a finite float >= 0 (0 = off), got {softcap!r}")
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
-        raise AttentionInputError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+    dropout_p = _real("dropout_p", dropout_p, "a float in [0, 1)")
+    if not 0.0 <= dropout_p < 1.0:
+        raise AttentionInputError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
     return AttnSpec(causal, int(causal_offset), _resolve_scale(scale, head_dim), wl, wr, float(softcap),
                     float(dropout_p))
 
@@ -222,7 +232,19 @@ def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
     from .kernels.attention import attention_forward
 
     spec = AttnSpec(causal, causal_offset, scale, window_left, window_right, softcap, dropout_p)
-    return attention_forward(q, k, v, mask, causal, causal_offset, scale, **spec.kernel_features(alibi, seed))
+    feats = spec.kernel_features(alibi, seed)
+    impl = attention_impl()
+    if impl != "default":  # opt-in sm90 variants, unmeasured: taken only where they cover the call
+        from .kernels import attention_hopper as KH
+
+        if KH.supports(q, k, v, mask=mask, scale=scale, **feats):
+            if impl == "gluon" and not torch.compiler.is_compiling():
+                from .kernels import attention_gluon as KG
+
+                if KG.supports(q, k, v, causal=causal, mask=mask, scale=scale, **feats):
+                    return KG.gluon_forward(q, k, v, causal, causal_offset, scale)
+            return KH.hopper_forward(q, k, v, causal, causal_offset, scale)
+    return attention_forward(q, k, v, mask, causal, causal_offset, scale, **feats)
 
 
 def _attention_bwd_fake(dout, q, k, v, out, lse2, dlse2, mask, alibi, seed, *scalars):
@@ -240,8 +262,13 @@ def _attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
     from .kernels.attention import attention_backward
 
     spec = AttnSpec(causal, causal_offset, scale, window_left, window_right, softcap, dropout_p)
-    return attention_backward(dout, q, k, v, out, lse2, mask, causal, causal_offset, scale, dlse2=dlse2,
-                              **spec.kernel_features(alibi, seed))
+    feats = spec.kernel_features(alibi, seed)
+    if attention_impl() != "default" and not torch.are_deterministic_algorithms_enabled():
+        from .kernels import attention_hopper as KH  # the 5-matmul backward: dQ by atomics, not deterministic
+
+        if KH.supports_backward(q, k, v, mask=mask, scale=scale, **feats):
+            return KH.hopper_backward(dout, q, k, v, out, lse2, causal, causal_offset, scale, dlse2=dlse2)
+    return attention_backward(dout, q, k, v, out, lse2, mask, causal, causal_offset, scale, dlse2=dlse2, **feats)
 
 
 def _varlen_fwd_fake(q, k, v, cu_q, cu_k, alibi, seed, max_q, max_k, *scalars):
@@ -361,9 +388,24 @@ def _distinct(q, k, v):
 
 def _native_ok(spec: AttnSpec, mask, alibi, return_lse: bool) -> bool:
     # torch's SDPA computes exactly our function when no feature of ours is on: no mask (a fully masked
-    # row gives NaN there, zeros here), top-left causal only (bottom-right with Nq > Nk has empty rows)
+    # row gives NaN there, zeros here) and a causal diagonal at or right of the top-left one (offset >= 0:
+    # every row sees key 0, so no row is empty)
     return (mask is None and alibi is None and not return_lse and spec.window is None and spec.softcap == 0
-            and spec.dropout_p == 0 and (not spec.causal or spec.causal_offset == 0))
+            and spec.dropout_p == 0 and (not spec.causal or spec.causal_offset >= 0))
+
+
+def _native(q, k, v, spec: AttnSpec):
+    """torch's SDPA on a call ``_native_ok`` accepted: top-left is_causal, or the shifted diagonal as a
+    bool mask (decoding: one query sees every key, no mask at all)."""
+    nq, nk = q.shape[2], k.shape[2]
+    causal, mask = spec.causal, None
+    if causal and spec.causal_offset >= nk - 1:
+        causal = False
+    elif causal and spec.causal_offset > 0:
+        mask = torch.ones(nq, nk, dtype=torch.bool, device=q.device).tril(spec.causal_offset)
+        causal = False
+    return _TORCH_SDPA(q, k, v, attn_mask=mask, is_causal=causal, scale=spec.scale,
+                       enable_gqa=k.shape[1] != q.shape[1])
 
 
 def attention(
@@ -402,6 +444,9 @@ def attention(
             i + causal_offset - left <= j <= i + causal_offset + right. Combines with ``causal``.
             Key tiles outside the band are skipped, not masked.
         softcap: > 0 replaces each score s by softcap·tanh(s / softcap) (Gemma-2), gradient included.
+            Accurate at any cap on the Triton backend: the kernels evaluate tanh to ~2e-7 relative error,
+            so a capped score is as accurate as an uncapped one (fp32 outputs within ~3e-6 of float64 with
+            unit-variance inputs at caps 30 to 1e5; tests/test_attention_features.py checks 1e3 and 1e5).
         alibi_slopes: (H,) or (B, H) float: adds -slope·|i + causal_offset - j| (FlashAttention's ALiBi).
         dropout_p: dropout on the attention probabilities, drawn in-kernel (Philox) from ``seed`` and
             regenerated identically in the backward. ``seed`` (an int in [0, 2**63)) fixes the draw;
@@ -429,7 +474,7 @@ def attention(
         return _empty_result(q, k, v, return_lse)
     seed_t = seed_tensor(seed, q.device) if spec.dropout_p > 0 else None
     if be == "native":
-        return _TORCH_SDPA(q, k, v, is_causal=spec.causal, scale=spec.scale, enable_gqa=k.shape[1] != q.shape[1])
+        return _native(q, k, v, spec)
     if be == "reference":
         keep = None
         if spec.dropout_p > 0:
@@ -447,6 +492,62 @@ def _sdpa_torch(query, key, value, attn_mask, dropout_p, is_causal, scale, enabl
                        scale=scale, enable_gqa=enable_gqa)
 
 
+def _sdpa_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+    """The 4-D (q, k, v, mask) the kernels run for a torch SDPA call, or None where the call goes to torch's
+    own SDPA: what torch rejects (so the error is torch's), and what the kernels do not cover.
+
+    Taken: 3-D or 4-D q/k/v of one dtype and device, k and v of one shape, one head dim >= 1; batch (and,
+    without ``enable_gqa``, head) sizes that broadcast as in torch's matmul; grouped heads under
+    ``enable_gqa``; a bool mask or a float one of float32 or q's dtype, of 2 to q.dim() dims, that
+    broadcasts to the scores' shape; a finite scale; dropout in [0, 1)."""
+    if not all(isinstance(t, torch.Tensor) for t in (query, key, value)):
+        return None
+    if not (isinstance(is_causal, bool) and isinstance(enable_gqa, bool)):
+        return None
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, Real) or not math.isfinite(scale)):
+        return None
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, Real) or not 0.0 <= dropout_p < 1.0:
+        return None  # torch: dropout_p = 1 gives zeros, outside [0, 1] an error
+    nd = query.dim()
+    if nd not in (3, 4) or key.dim() != nd or key.shape != value.shape:
+        return None
+    if not (query.dtype == key.dtype == value.dtype) or not (query.device == key.device == value.device):
+        return None
+    if query.numel() == 0 or key.numel() == 0 or query.shape[-1] != key.shape[-1]:
+        return None
+    if is_causal and attn_mask is not None:
+        # torch applies both or raises depending on the backend it picks (2.13 on the CPU: both for 4-D
+        # inputs, an error for 3-D ones): torch's own call is the only faithful answer
+        return None
+    bq, bk = query.shape[0], key.shape[0]
+    if bq != bk and (1 not in (bq, bk) or nd == 3 and enable_gqa):  # 3-D + enable_gqa: torch groups dim 0
+        return None
+    nb = max(bq, bk)
+    if nd == 4:
+        hq, hk = query.shape[1], key.shape[1]
+        if hq != hk and (hq % hk if enable_gqa else 1 not in (hq, hk)):
+            return None
+        scores = (nb, max(hq, hk), query.shape[2], key.shape[2])
+        q, k, v = query.expand(nb, scores[1], -1, -1), key.expand(nb, -1, -1, -1), value.expand(nb, -1, -1, -1)
+    else:
+        scores = (nb, query.shape[1], key.shape[1])
+        q, k, v = (t.expand(nb, -1, -1).unsqueeze(1) for t in (query, key, value))
+    mask = attn_mask
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or mask.requires_grad or mask.device != query.device:
+            return None
+        if mask.dtype not in (torch.bool, torch.float32, query.dtype) or not 2 <= mask.dim() <= nd:
+            return None
+        try:
+            if tuple(torch.broadcast_shapes(mask.shape, scores)) != scores:
+                return None
+        except RuntimeError:
+            return None
+        if nd == 3 and mask.dim() == 3:
+            mask = mask.unsqueeze(1)
+    return q, k, v, mask
+
+
 def scaled_dot_product_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -459,47 +560,35 @@ def scaled_dot_product_attention(
 ) -> torch.Tensor:
     """Drop-in for ``torch.nn.functional.scaled_dot_product_attention`` with torch's semantics.
 
-    3-D (N, L, E) and 4-D (N, H, L, E) inputs; ``is_causal`` is aligned top-left (torch's
-    convention: query i sees keys j <= i); bool or float masks; ``enable_gqa``; ``dropout_p`` runs
-    in-kernel (seeded from torch's generator, so ``torch.manual_seed`` makes it reproducible, though
-    the mask differs from torch's own). Calls the Triton kernels cannot run (by the same decision as
-    ``embedattn.attention`` with ``backend=None``: other ranks, head dims above 256, float64, CPU
-    tensors outside the interpreter, ...) go to torch's own SDPA.
+    Every call torch accepts gives torch's result, every call torch rejects raises torch's error
+    (tests/test_attention.py runs torch as the oracle over a grid of calls). The kernels take 3-D
+    (N, L, E) and 4-D (N, H, L, E) inputs: ``is_causal`` aligned top-left (query i sees keys j <= i);
+    bool or float masks broadcast to the scores; batch and head sizes that broadcast (K/V with batch 1
+    against q with batch 2; one K/V head without ``enable_gqa``), grouped heads with ``enable_gqa``;
+    ``dropout_p`` in-kernel (seeded from torch's generator, so ``torch.manual_seed`` makes it
+    reproducible, though the mask differs from torch's own).
+
+    Everything else goes to torch's own SDPA (captured before any ``patch_sdpa``): other ranks, head
+    dim 0 or above 256, a value head dim unlike the key's, float64, masks that require grad,
+    ``attn_mask`` together with ``is_causal`` (torch applies both or raises, depending on the backend
+    it picks for the call), calls torch rejects, and calls the Triton kernels cannot run by the
+    decision of ``embedattn.resolve(None, ...)`` (CPU tensors outside the interpreter, ...).
     """
-    if not all(isinstance(t, torch.Tensor) for t in (query, key, value)):
-        raise AttentionTypeError("query, key and value must be tensors")
-    if is_causal and attn_mask is not None:
-        raise AttentionInputError("_scaled_dot_product_attention: Explicit attn_mask should not be set when "
-                                  "is_causal=True")
-    if query.dtype != key.dtype or query.dtype != value.dtype:
-        raise AttentionTypeError(
-            f"Expected query, key, and value to have the same dtype, but got query.dtype: {query.dtype}, "
-            f"key.dtype: {key.dtype}, and value.dtype: {value.dtype} instead.")
     args = (query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-    if not (query.dim() == key.dim() == value.dim()) or query.dim() not in (3, 4):
+    plan = _sdpa_plan(*args)
+    if plan is None:
         return _sdpa_torch(*args)
-    if query.dim() == 4 and query.shape[1] != key.shape[1] and not enable_gqa:
-        raise AttentionInputError(
-            f"query heads ({query.shape[1]}) differ from key heads ({key.shape[1]}); pass enable_gqa=True")
-    if (isinstance(attn_mask, torch.Tensor) and attn_mask.dtype != torch.bool
-            and attn_mask.dtype not in (torch.float32, query.dtype)):
-        # torch's own rule: a float64 mask (or fp16 with bf16 queries) is an error there, so here too
-        raise AttentionTypeError(
-            f"Expected attn_mask dtype to be bool or float or to match query dtype, but got attn_mask.dtype: "
-            f"{attn_mask.dtype} and  query.dtype: {query.dtype} instead.")
-    be = resolve(None, query, key, value, op="attention", dtype=query.dtype, head_dim=query.shape[-1])
-    if (be != "triton" or query.shape[-1] != value.shape[-1]
-            or (attn_mask is not None and attn_mask.requires_grad)
-            or (isinstance(dropout_p, (int, float)) and dropout_p >= 1.0)):  # torch: all dropped, zeros
+    check_backend(None)  # a bad EMBEDATTN_BACKEND raises, it does not silently mean torch
+    try:
+        be = resolve(None, query, key, value, op="attention", dtype=query.dtype, head_dim=query.shape[-1])
+    except (RuntimeError, TypeError, ValueError):  # e.g. EMBEDATTN_BACKEND=triton with a head dim past 256
+        be = "torch"
+    if be != "triton":
         return _sdpa_torch(*args)
-    three_d = query.dim() == 3
-    if three_d:
-        query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
-        if attn_mask is not None and attn_mask.dim() == 3:
-            attn_mask = attn_mask.unsqueeze(1)
-    out = attention(query, key, value, causal=bool(is_causal), causal_offset=0, scale=scale, attn_mask=attn_mask,
+    q, k, v, mask = plan
+    out = attention(q, k, v, causal=is_causal, causal_offset=0, scale=scale, attn_mask=mask,
                     dropout_p=float(dropout_p), backend="triton")
-    return out.squeeze(1) if three_d else out
+    return out.squeeze(1) if query.dim() == 3 else out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -543,8 +632,10 @@ def attention_varlen(
     as ``attention`` (dropout on the Triton backend only). Returns (total_q, Hq, D).
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 3:
-            raise AttentionInputError(f"{name} must be a 3-D (total, H, D) tensor")
+        if not isinstance(t, torch.Tensor):
+            raise AttentionTypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 3:
+            raise AttentionInputError(f"{name} must be a 3-D (total, H, D) tensor, got shape {tuple(t.shape)}")
     # reuse the dense checks on (1, H, total, D) views
     _check_qkv(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None])
     _check_cu("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device)
@@ -577,6 +668,11 @@ def attention_varlen(
     return out
 
 
+def _expanded(t: torch.Tensor) -> bool:
+    """Several elements share one memory location (a stride 0 on a dim of size > 1, e.g. ``expand``)."""
+    return any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape))
+
+
 @torch.no_grad()
 def attention_with_kvcache(
     q: torch.Tensor,
@@ -592,6 +688,7 @@ def attention_with_kvcache(
     softcap: float = 0.0,
     alibi_slopes: torch.Tensor | None = None,
     num_splits: int = 0,
+    check_bounds: bool | str | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
     """Decoding attention over a KV cache (inference only: no gradient).
@@ -599,14 +696,34 @@ def attention_with_kvcache(
     q: (B, Hq, Nq, D); k_cache/v_cache: (B, Hkv, S, D); cache_seqlens: (B,) int, the valid prefix of
     each cache. ``k_new``/``v_new`` (B, Hkv, Nnew, D), when given, are written into the cache in place
     at positions cache_seqlens[b] .. + Nnew (``cache_seqlens`` itself is not changed: add Nnew for
-    the next step). Batch b then attends to its first cache_seqlens[b] + Nnew keys; ``causal`` is
-    bottom-right, so the new queries see the cache and the new keys up to themselves. With Nq = 1 and
-    a long cache the kernel splits the keys across programs (flash-decoding); ``num_splits=0`` picks
-    the count, 1 disables it. GQA as in ``attention``.
+    the next step); an expanded cache (a stride 0 on a dim of size > 1) is refused before any write.
+    Batch b then attends to its first cache_seqlens[b] + Nnew keys; ``causal`` is bottom-right, so the
+    new queries see the cache and the new keys up to themselves. With Nq = 1 and a long cache the
+    kernel splits the keys across programs (flash-decoding); ``num_splits=0`` picks the count, 1
+    disables it. GQA, window, softcap and ALiBi as in ``attention``.
+
+    ``check_bounds``: how ``0 <= cache_seqlens[b]`` and ``cache_seqlens[b] + Nnew <= S`` are checked
+    (the modes of ``embedding``):
+
+    * ``None`` (default): "device" on CUDA (and while torch.compile traces), "sync" on the CPU, where
+      reading the lengths costs nothing. The default decoding step on CUDA reads nothing back to the host.
+    * ``"sync"`` (or ``True``): read the lengths on the host before anything runs: a ``ValueError``
+      is raised by this call, and the cache is left untouched.
+    * ``"device"``: no host read; ``torch._assert_async`` checks on the device. On CUDA the device-side
+      assertion fails the stream and surfaces as a ``RuntimeError`` ("device-side assert triggered") at
+      the next synchronizing call (``.item()``, ``.cpu()``, ``torch.cuda.synchronize()``), after which
+      the CUDA context is unusable. Eager calls on the CPU run the "sync" check instead (as for
+      ``embedding``); a compiled CPU graph raises the assertion's ``RuntimeError`` before the append.
+    * ``"off"`` (or ``False``): no check.
+
+    In every mode no read or write leaves the cache: a batch whose lengths are out of range gets no
+    append (its rows keep their values) and attends to its lengths clamped to [0, S].
     """
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise AttentionInputError(f"{name} must be a 4-D (B, H, N, D) tensor")
+        if not isinstance(t, torch.Tensor):
+            raise AttentionTypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise AttentionInputError(f"{name} must be a 4-D (B, H, N, D) tensor, got shape {tuple(t.shape)}")
     _check_qkv(q, k_cache, v_cache)
     B, S = q.shape[0], k_cache.shape[2]
     if (not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.dtype not in (torch.int32, torch.int64)
@@ -618,6 +735,8 @@ def attention_with_kvcache(
     if (k_new is None) != (v_new is None):
         raise AttentionInputError("k_new and v_new must be given together")
     if k_new is not None:
+        if not isinstance(k_new, torch.Tensor) or not isinstance(v_new, torch.Tensor):
+            raise AttentionTypeError("k_new and v_new must be tensors")
         if k_new.shape != v_new.shape or k_new.dim() != 4 or k_new.shape[:2] != k_cache.shape[:2] \
                 or k_new.shape[3] != k_cache.shape[3]:
             raise AttentionInputError(f"k_new/v_new must be (B, Hkv, Nnew, D) matching the cache, got "
@@ -625,21 +744,37 @@ def attention_with_kvcache(
         if k_new.dtype != k_cache.dtype or k_new.device != k_cache.device:
             raise AttentionTypeError("k_new/v_new must match the cache's dtype and device")
         n_new = k_new.shape[2]
+        if n_new > S:
+            raise AttentionInputError(f"Nnew ({n_new}) new keys do not fit a cache of length {S}")
+        for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+            if n_new and _expanded(t):
+                raise AttentionInputError(f"{name} is expanded (stride {tuple(t.stride())} for shape "
+                                          f"{tuple(t.shape)}): appending in place would write one slot for many "
+                                          "entries; pass a cache that owns its memory (e.g. .contiguous())")
     num_splits = check_int("num_splits", num_splits, low=0)
-    lens = cache_seqlens.to(torch.int64)
-    if bool((lens < 0).any()) or bool((lens + n_new > S).any()):
-        raise AttentionInputError(f"cache_seqlens + Nnew must lie in [0, {S}] (the cache length)")
+    mode = bounds_mode(check_bounds, q.device)
     # every check before the in-place append: a bad argument must not leave the cache half-updated
     spec = _check_spec(q, causal=causal, causal_offset=0, scale=scale, window=window, softcap=softcap,
                        dropout_p=0.0, head_dim=q.shape[-1])
     alibi = _check_alibi(alibi_slopes, q, B, q.shape[1])
     be = resolve(backend, q, k_cache, v_cache, op="attention", dtype=q.dtype, head_dim=q.shape[-1])
+    lens = cache_seqlens.to(torch.int64)
+    ok = (lens >= 0) & (lens + n_new <= S)  # (B,)
+    msg = f"attention_with_kvcache: cache_seqlens + Nnew must lie in [0, {S}] (the cache length)"
+    if mode == "sync" and not bool(ok.all()):
+        raise AttentionInputError(msg)
+    if mode == "device":
+        assert_ok(ok.all(), msg)
     if n_new:
-        pos = lens[:, None] + torch.arange(n_new, device=q.device)[None, :]  # (B, Nnew)
+        pos = (lens[:, None] + torch.arange(n_new, device=q.device)[None, :]).clamp(0, S - 1)  # (B, Nnew)
         bi = torch.arange(B, device=q.device)[:, None].expand_as(pos)
-        k_cache[bi, :, pos] = k_new.transpose(1, 2)
-        v_cache[bi, :, pos] = v_new.transpose(1, 2)
-    total = (lens + n_new).to(torch.int32)
+        kn, vn = k_new.transpose(1, 2), v_new.transpose(1, 2)  # (B, Nnew, Hkv, D), as cache[bi, :, pos]
+        if mode != "sync":  # a batch out of range writes its own values back: no append, no stray write
+            row_ok = ok[:, None, None, None]
+            kn, vn = torch.where(row_ok, kn, k_cache[bi, :, pos]), torch.where(row_ok, vn, v_cache[bi, :, pos])
+        k_cache[bi, :, pos] = kn
+        v_cache[bi, :, pos] = vn
+    total = (lens + n_new).clamp(0, S).to(torch.int32)
     if be == "reference" or q.numel() == 0:
         kw = spec.reference_kwargs(alibi)
         kw.pop("causal_offset")  # bottom-right per batch
@@ -657,7 +792,16 @@ def dropout_mask(shape: tuple[int, int, int, int], dropout_p: float, seed: int, 
     shape = tuple(check_int(f"shape[{i}]", s, low=0) for i, s in enumerate(shape))
     dropout_p = check_float("dropout_p", dropout_p, low=0.0, high=1.0, high_open=True)
     seed = check_int("seed", seed, low=0, high=2**63 - 1)
-    device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(f"device must be a str, a torch.device or None, got {device!r}")
+    try:
+        device = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"device={device!r} is not a device: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device={str(device)!r}, but CUDA is not available here (use device='cpu' or None)")
     probe = torch.empty(0, device=device)
     seed_t = seed_tensor(seed, device)
     if resolve(backend, probe, op="attention", dtype=torch.float32) == "triton":

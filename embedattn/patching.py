@@ -12,9 +12,13 @@ models do)::
     undo()                            # (or undo.undo())
 
 Code that bound the function earlier (``from torch.nn.functional import scaled_dot_product_attention``
-at import time) keeps torch's. The drop-in keeps torch's semantics (dropout runs in the kernel,
-seeded from torch's RNG) and hands what its kernel does not cover (float64, head dims > 256, CPU
-tensors outside the interpreter, ...) back to torch's own SDPA, captured before any patch.
+at import time) keeps torch's. The drop-in keeps torch's semantics, so working code keeps working
+under the patch: every call torch accepts gives torch's result (broadcast batch and heads, 3-D
+inputs, masks, ``enable_gqa``, ``scale``), every call torch rejects raises torch's exception type
+(tests/test_attention.py checks a grid of both against torch itself); dropout runs in the kernel,
+seeded from torch's RNG. What the kernel does not cover (float64, head dims 0 or > 256, ``attn_mask``
+with ``is_causal``, CPU tensors outside the interpreter, ...) goes to torch's own SDPA, captured
+before any patch.
 
 Patches nest: the original is restored when the last active patch is undone, in any order, and a
 context manager undoes its patch when the block raises. Undoing one patch twice is a no-op. The

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import math
+import os
 
 import pytest
 import torch
@@ -11,6 +13,8 @@ from helpers import BACKENDS, DEVICE, DTYPES, ON_CUDA, ROADS, assert_fa_close, o
 
 import embedattn
 from embedattn import reference
+
+ea_attention = importlib.import_module("embedattn.attention")  # the module (embedattn.attention is the function)
 
 # (B, Hq, Hkv, Nq, Nk, D, causal): odd tails, Nq != Nk both ways, GQA/MQA, odd head dims
 CASES = [
@@ -186,64 +190,140 @@ def test_empty_inputs(backend):
     assert embedattn.attention(q, k, v, backend=backend).shape == (0, 2, 4, 16)
 
 
-# ---------------------------------------------------------------- drop-in parity with torch SDPA
-SDPA_CASES = [
-    dict(shape_q=(2, 3, 17, 32), shape_k=(2, 3, 17, 32)),
-    dict(shape_q=(2, 3, 17, 32), shape_k=(2, 3, 29, 32), is_causal=True),  # top-left alignment
-    dict(shape_q=(2, 3, 29, 32), shape_k=(2, 3, 11, 32), is_causal=True),
-    dict(shape_q=(2, 17, 24), shape_k=(2, 9, 24)),  # 3-D
-    dict(shape_q=(1, 4, 9, 16), shape_k=(1, 2, 21, 16), enable_gqa=True, is_causal=True),
-    dict(shape_q=(2, 2, 9, 16), shape_k=(2, 2, 21, 16), mask="bool"),
-    dict(shape_q=(2, 2, 9, 16), shape_k=(2, 2, 21, 16), mask="float", scale=0.2),
+# ---------------------------------------------------------------- drop-in: torch's own SDPA is the oracle
+def _sdpa_case(name, q, k, v=None, *, mask=None, kernel=True, **kw):
+    """One drop-in call: shapes of q/k/v, a mask spec, SDPA keyword arguments, and whether the Triton road
+    must run it (False: torch takes it, e.g. because torch rejects it)."""
+    return pytest.param(dict(q=q, k=k, v=v if v is not None else k, mask=mask, kw=kw, kernel=kernel), id=name)
+
+
+_B, _T = torch.bool, torch.float32
+SDPA_GRID = [
+    # shapes: Nq != Nk both ways, 3-D, broadcast batch and heads, grouped heads, degenerate sizes
+    _sdpa_case("plain", (2, 3, 17, 16), (2, 3, 17, 16)),
+    _sdpa_case("nq<nk_causal", (2, 3, 9, 16), (2, 3, 21, 16), is_causal=True),
+    _sdpa_case("nq>nk_causal", (1, 2, 21, 16), (1, 2, 9, 16), is_causal=True),
+    _sdpa_case("nq1", (2, 2, 1, 8), (2, 2, 13, 8), is_causal=True),
+    _sdpa_case("3d", (2, 17, 24), (2, 9, 24)),
+    _sdpa_case("3d_causal_mask3d", (2, 7, 8), (2, 11, 8), mask=((2, 7, 11), _B), is_causal=True, kernel=False),
+    _sdpa_case("3d_mask4d", (2, 7, 8), (2, 11, 8), mask=((1, 1, 7, 11), _B), kernel=False),
+    _sdpa_case("3d_mask3d_float", (2, 7, 8), (2, 11, 8), mask=((2, 7, 11), _T)),
+    _sdpa_case("3d_kv_batch1_mask2d", (2, 7, 8), (1, 11, 8), mask=((7, 11), _B)),
+    _sdpa_case("kv_batch1", (2, 2, 7, 16), (1, 2, 11, 16)),
+    _sdpa_case("q_batch1", (1, 2, 7, 16), (2, 2, 11, 16), mask=((2, 1, 7, 11), _T)),
+    _sdpa_case("kv_head1_no_gqa", (2, 4, 7, 16), (2, 1, 11, 16), is_causal=True),
+    _sdpa_case("q_head1_no_gqa", (1, 1, 7, 16), (1, 3, 11, 16)),
+    _sdpa_case("gqa", (1, 4, 9, 16), (1, 2, 21, 16), enable_gqa=True, is_causal=True),
+    _sdpa_case("gqa_kv_batch1_mask", (2, 4, 9, 16), (1, 2, 13, 16), mask=((2, 1, 9, 13), _B), enable_gqa=True),
+    _sdpa_case("gqa_needs_flag", (1, 4, 9, 16), (1, 2, 9, 16), kernel=False),
+    _sdpa_case("gqa_not_divisible", (1, 3, 9, 16), (1, 2, 9, 16), enable_gqa=True, kernel=False),
+    _sdpa_case("gqa_q_head1", (1, 1, 9, 16), (1, 4, 9, 16), enable_gqa=True, kernel=False),
+    _sdpa_case("batch_mismatch", (2, 2, 5, 8), (3, 2, 5, 8), kernel=False),
+    _sdpa_case("head_dim_0", (1, 2, 5, 0), (1, 2, 7, 0), kernel=False),
+    _sdpa_case("head_dim_mismatch", (1, 2, 5, 8), (1, 2, 7, 4), kernel=False),
+    _sdpa_case("value_head_dim_differs", (1, 2, 5, 8), (1, 2, 7, 8), (1, 2, 7, 12), kernel=False),
+    _sdpa_case("nk_0", (1, 2, 5, 8), (1, 2, 0, 8), kernel=False),
+    _sdpa_case("nq_0", (1, 2, 0, 8), (1, 2, 3, 8), kernel=False),
+    _sdpa_case("2d", (5, 8), (7, 8), kernel=False),
+    _sdpa_case("5d", (1, 2, 2, 5, 8), (1, 2, 2, 7, 8), kernel=False),
+    _sdpa_case("rank_mix", (2, 5, 8), (1, 2, 7, 8), kernel=False),
+    # masks; with is_causal too torch applies both or raises (by the backend it picks): torch's call answers
+    _sdpa_case("bool2d", (2, 2, 9, 16), (2, 2, 21, 16), mask=((9, 21), _B)),
+    _sdpa_case("bool2d_causal", (2, 2, 9, 16), (2, 2, 21, 16), mask=((9, 21), _B), is_causal=True, kernel=False),
+    _sdpa_case("float_b1_scale", (2, 2, 9, 16), (2, 2, 21, 16), mask=((2, 1, 9, 21), _T), scale=0.2),
+    _sdpa_case("float3d_heads", (2, 3, 9, 16), (2, 3, 12, 16), mask=((3, 9, 12), _T)),
+    _sdpa_case("fully_masked_rows", (1, 2, 9, 16), (1, 2, 12, 16), mask=("rows", _B)),
+    _sdpa_case("neg_inf_rows", (1, 2, 9, 16), (1, 2, 12, 16), mask=("rows", _T)),
+    _sdpa_case("mask_1d", (1, 2, 5, 8), (1, 2, 7, 8), mask=((7,), _B), kernel=False),
+    _sdpa_case("mask_0d", (1, 2, 5, 8), (1, 2, 7, 8), mask=((), _B), kernel=False),
+    _sdpa_case("mask_5d", (1, 2, 5, 8), (1, 2, 7, 8), mask=((1, 1, 2, 5, 7), _B), kernel=False),
+    _sdpa_case("mask_not_broadcastable", (1, 2, 5, 8), (1, 2, 7, 8), mask=((3, 7), _B), kernel=False),
+    _sdpa_case("mask_wider_batch", (1, 2, 5, 8), (1, 2, 7, 8), mask=((2, 1, 5, 7), _B), kernel=False),
+    _sdpa_case("mask_int", (1, 2, 5, 8), (1, 2, 7, 8), mask=((5, 7), torch.int32), kernel=False),
+    _sdpa_case("mask_float64", (1, 2, 5, 8), (1, 2, 7, 8), mask=((5, 7), torch.float64), kernel=False),
+    _sdpa_case("mask_float16_fp32_q", (1, 2, 5, 8), (1, 2, 7, 8), mask=((5, 7), torch.float16), kernel=False),
+    _sdpa_case("mask_requires_grad", (1, 2, 5, 8), (1, 2, 7, 8), mask=((5, 7), "grad"), kernel=False),
+    # arguments
+    _sdpa_case("dropout_0_int", (1, 2, 5, 8), (1, 2, 7, 8), dropout_p=0),
+    _sdpa_case("dropout_1", (1, 2, 5, 8), (1, 2, 7, 8), dropout_p=1.0, kernel=False),
+    _sdpa_case("dropout_negative", (1, 2, 5, 8), (1, 2, 7, 8), dropout_p=-0.5, kernel=False),
+    _sdpa_case("dropout_1.5", (1, 2, 5, 8), (1, 2, 7, 8), dropout_p=1.5, kernel=False),
+    _sdpa_case("scale_int", (1, 2, 5, 8), (1, 2, 7, 8), scale=2),
+    _sdpa_case("scale_nan", (1, 2, 5, 8), (1, 2, 7, 8), scale=float("nan"), kernel=False),
+    _sdpa_case("scale_str", (1, 2, 5, 8), (1, 2, 7, 8), scale="a", kernel=False),
+    _sdpa_case("causal_str", (1, 2, 5, 8), (1, 2, 7, 8), is_causal="no", kernel=False),
+    _sdpa_case("causal_int", (1, 2, 5, 8), (1, 2, 7, 8), is_causal=1, kernel=False),
+    _sdpa_case("gqa_none", (1, 2, 5, 8), (1, 2, 7, 8), enable_gqa=None, kernel=False),
+    _sdpa_case("mask_list", (1, 2, 5, 8), (1, 2, 7, 8), mask="list", kernel=False),
+    _sdpa_case("dtype_mix", (1, 2, 5, 8), (1, 2, 7, 8), mask="half_k", kernel=False),
+    _sdpa_case("fp16_mask", (1, 2, 9, 16), (1, 2, 13, 16), mask=((9, 13), _T), dtype=torch.float16),
+    _sdpa_case("fp16_causal", (1, 2, 9, 16), (1, 2, 13, 16), is_causal=True, dtype=torch.float16),
 ]
 
 
-@pytest.mark.parametrize("case", SDPA_CASES)
-def test_sdpa_drop_in_parity(case, monkeypatch):
-    if "triton" not in BACKENDS:
-        pytest.skip("triton not installed")
-    monkeypatch.setenv("EMBEDATTN_BACKEND", "triton")
+def _sdpa_inputs(case):
     g = torch.Generator().manual_seed(21)
-    q = torch.randn(case["shape_q"], generator=g).to(DEVICE).requires_grad_()
-    k = torch.randn(case["shape_k"], generator=g).to(DEVICE).requires_grad_()
-    v = torch.randn(case["shape_k"], generator=g).to(DEVICE).requires_grad_()
-    mask = None
-    if case.get("mask") == "bool":
-        mask = (torch.rand(q.shape[-2], k.shape[-2], generator=g) > 0.4).to(DEVICE)
-    elif case.get("mask") == "float":
-        mask = torch.randn(q.shape[0], 1, q.shape[-2], k.shape[-2], generator=g).to(DEVICE)
-    kw = dict(attn_mask=mask, is_causal=case.get("is_causal", False), scale=case.get("scale"),
-              enable_gqa=case.get("enable_gqa", False))
-    out = embedattn.scaled_dot_product_attention(q, k, v, **kw)
-    want = F.scaled_dot_product_attention(q, k, v, **kw)
-    torch.testing.assert_close(out, want, atol=2e-5, rtol=1e-4)
-    dout = torch.randn_like(out)
-    for a, b in zip(torch.autograd.grad(out, (q, k, v), dout), torch.autograd.grad(want, (q, k, v), dout)):
-        torch.testing.assert_close(a, b, atol=5e-5, rtol=1e-4)
+    dtype = case["kw"].pop("dtype", torch.float32)
+    q, k, v = (torch.randn(s, generator=g).to(DEVICE, dtype) for s in (case["q"], case["k"], case["v"]))
+    spec, mask = case["mask"], None
+    if spec == "list":
+        mask = [[True]]
+    elif spec == "half_k":
+        k = k.half()
+    elif spec is not None:
+        shape, mdtype = spec
+        if shape == "rows":  # rows 2 and 5 of every head see no key
+            keep = torch.rand(q.shape[-2], k.shape[-2], generator=g) > 0.3
+            keep[[2, 5]] = False
+            mask = keep if mdtype == torch.bool else torch.where(keep, 0.0, float("-inf"))
+        elif mdtype == torch.bool:
+            mask = torch.rand(shape, generator=g) > 0.3
+        elif mdtype == torch.int32:
+            mask = torch.ones(shape, dtype=mdtype)
+        elif mdtype == "grad":
+            mask = torch.randn(shape, generator=g)
+        else:
+            mask = torch.randn(shape, generator=g).to(mdtype)
+        mask = mask.to(DEVICE).requires_grad_(mdtype == "grad")
+    return q, k, v, mask
 
 
-def test_sdpa_drop_in_errors_like_torch():
-    q = torch.randn(1, 2, 4, 8)
-    with pytest.raises(RuntimeError):
-        embedattn.scaled_dot_product_attention(q, q, q, attn_mask=torch.ones(4, 4, dtype=torch.bool), is_causal=True)
-    with pytest.raises(RuntimeError):
-        embedattn.scaled_dot_product_attention(q, q.half(), q)
-    with pytest.raises(RuntimeError):
-        embedattn.scaled_dot_product_attention(q, torch.randn(1, 1, 4, 8), torch.randn(1, 1, 4, 8))
+def _sdpa_call(fn, q, k, v, mask, kw):
+    """(out, grads of q, k, v) of one call, or the exception it raised."""
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    try:
+        out = fn(*leaves, attn_mask=mask, **kw)
+    except Exception as e:  # the exception is the result
+        return e
+    if not out.requires_grad:
+        return out, None
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to(out.device, out.dtype)
+    return out, torch.autograd.grad(out, leaves, dout)
 
 
+@pytest.mark.parametrize("case", SDPA_GRID)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_sdpa_drop_in_mask_dtype_and_full_dropout_like_torch(backend, monkeypatch):
-    """torch rejects a float mask that is neither float32 nor the query's dtype, and dropout_p=1 gives zeros."""
+def test_sdpa_drop_in_is_torch(backend, case, monkeypatch):
+    """Every call torch accepts gives torch's result (and gradients); every call torch rejects raises an
+    exception of torch's type. On the Triton road the kernel runs exactly the calls marked ``kernel``."""
     monkeypatch.setenv("EMBEDATTN_BACKEND", backend)
-    q = torch.randn(1, 2, 4, 16, device=DEVICE)
-    with pytest.raises(RuntimeError, match="attn_mask dtype"):
-        F.scaled_dot_product_attention(q, q, q, attn_mask=torch.zeros(4, 4, dtype=torch.float64, device=DEVICE))
-    with pytest.raises(TypeError, match="attn_mask dtype"):
-        embedattn.scaled_dot_product_attention(q, q, q, attn_mask=torch.zeros(4, 4, dtype=torch.float64,
-                                                                                device=DEVICE))
-    out = embedattn.scaled_dot_product_attention(q, q, q, dropout_p=1.0)
-    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, q, q, dropout_p=1.0))
+    calls = []
+    orig = ea_attention.attention
+    monkeypatch.setattr(ea_attention, "attention", lambda *a, **k: calls.append(1) or orig(*a, **k))
+    case = dict(case, kw=dict(case["kw"]))
+    q, k, v, mask = _sdpa_inputs(case)
+    kw = case["kw"]
+    want = _sdpa_call(F.scaled_dot_product_attention, q, k, v, mask, kw)
+    got = _sdpa_call(embedattn.scaled_dot_product_attention, q, k, v, mask, kw)
+    assert bool(calls) == (case["kernel"] and backend == "triton"), "the kernel ran" if calls else "torch ran"
+    if isinstance(want, Exception):
+        assert isinstance(got, type(want)), f"torch raised {want!r}, the drop-in {got!r}"
+        return
+    assert not isinstance(got, Exception), f"torch accepted the call, the drop-in raised {got!r}"
+    tol = dict(atol=2e-3, rtol=2e-3) if q.dtype == torch.float16 else dict(atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(got[0], want[0], **tol, equal_nan=True)
+    for name, a, b in zip(("dq", "dk", "dv"), got[1] or (), want[1] or ()):
+        torch.testing.assert_close(a, b, **tol, equal_nan=True, msg=lambda m, n=name: f"{n}: {m}")
 
 
 def test_sdpa_dropout_on_reference_backend_is_torchs():
@@ -317,6 +397,123 @@ def test_bad_dtypes_and_devices(backend):
             embedattn.attention(big, big, big, backend=backend)
 
 
+# one line per argument: wrong types raise TypeError, values out of range ValueError, each naming the argument
+_QP = lambda: torch.randn(5, 2, 16, device=DEVICE)  # a packed (total, H, D) tensor
+_CU = lambda: torch.tensor([0, 5], device=DEVICE)
+_KV = lambda: torch.randn(1, 2, 8, 16, device=DEVICE)
+ARGS = [
+    ("causal_str", "attention", dict(causal="no"), TypeError, "causal"),
+    ("causal_int", "attention", dict(causal=1), TypeError, "causal"),
+    ("return_lse_int", "attention", dict(return_lse=1), TypeError, "return_lse"),
+    ("seed_float", "attention", dict(seed=1.5, dropout_p=0.1), TypeError, "seed"),
+    ("seed_2**70", "attention", dict(seed=2**70, dropout_p=0.1), ValueError, "seed"),
+    ("seed_negative", "attention", dict(seed=-1, dropout_p=0.1), ValueError, "seed"),
+    ("scale_str", "attention", dict(scale="a"), TypeError, "scale"),
+    ("scale_inf", "attention", dict(scale=float("inf")), ValueError, "scale"),
+    ("softcap_str", "attention", dict(softcap="1"), TypeError, "softcap"),
+    ("softcap_bool", "attention", dict(softcap=True), TypeError, "softcap"),
+    ("softcap_negative", "attention", dict(softcap=-1.0), ValueError, "softcap"),
+    ("dropout_str", "attention", dict(dropout_p="0.1"), TypeError, "dropout_p"),
+    ("dropout_bool", "attention", dict(dropout_p=True), TypeError, "dropout_p"),
+    ("dropout_1", "attention", dict(dropout_p=1.0), ValueError, "dropout_p"),
+    ("window_str", "attention", dict(window="ab"), TypeError, "window"),
+    ("window_float", "attention", dict(window=(1.5, 0)), TypeError, "window"),
+    ("window_bool", "attention", dict(window=(True, 0)), TypeError, "window"),
+    ("window_len", "attention", dict(window=(1,)), ValueError, "window"),
+    ("causal_offset_float", "attention", dict(causal_offset=1.5), TypeError, "causal_offset"),
+    ("causal_offset_2**40", "attention", dict(causal_offset=2**40), ValueError, "causal_offset"),
+    ("max_seqlen_float", "varlen", dict(max_seqlen_q=7.5), TypeError, "max_seqlen_q"),
+    ("max_seqlen_none", "varlen", dict(max_seqlen_k=None), TypeError, "max_seqlen_k"),
+    ("max_seqlen_negative", "varlen", dict(max_seqlen_k=-1), ValueError, "max_seqlen_k"),
+    ("varlen_causal_str", "varlen", dict(causal="yes"), TypeError, "causal"),
+    ("num_splits_negative", "kvcache", dict(num_splits=-1), ValueError, "num_splits"),
+    ("num_splits_float", "kvcache", dict(num_splits=2.5), TypeError, "num_splits"),
+    ("kvcache_causal_str", "kvcache", dict(causal="no"), TypeError, "causal"),
+    ("check_bounds_str", "kvcache", dict(check_bounds="always"), ValueError, "check_bounds"),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name,entry,kw,exc,match", ARGS, ids=[a[0] for a in ARGS])
+def test_bad_argument_types_and_ranges(backend, name, entry, kw, exc, match):
+    q = torch.randn(1, 2, 4, 16, device=DEVICE)
+    with pytest.raises(exc, match=match):
+        if entry == "attention":
+            embedattn.attention(q, q, q, backend=backend, **kw)
+        elif entry == "varlen":
+            kw = dict(dict(max_seqlen_q=5, max_seqlen_k=5), **kw)
+            embedattn.attention_varlen(_QP(), _QP(), _QP(), _CU(), _CU(), backend=backend, **kw)
+        else:
+            embedattn.attention_with_kvcache(q[:, :, :1], _KV(), _KV(), torch.tensor([3], device=DEVICE),
+                                             backend=backend, **kw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_entries_reject_non_tensors_with_type_errors(backend):
+    q, kv = torch.randn(1, 2, 1, 16, device=DEVICE), torch.randn(1, 2, 8, 16, device=DEVICE)
+    lens = torch.tensor([3], device=DEVICE)
+    with pytest.raises(TypeError, match="k must be a torch.Tensor"):
+        embedattn.attention(q, [1.0], q, backend=backend)
+    with pytest.raises(TypeError, match="q must be a torch.Tensor"):
+        embedattn.attention_varlen([1.0], _QP(), _QP(), _CU(), _CU(), 5, 5, backend=backend)
+    with pytest.raises(TypeError, match="k_cache must be a torch.Tensor"):
+        embedattn.attention_with_kvcache(q, None, kv, lens, backend=backend)
+    with pytest.raises(TypeError, match="k_new and v_new"):
+        embedattn.attention_with_kvcache(q, kv, kv.clone(), lens, [0.0], [0.0], backend=backend)
+    with pytest.raises(ValueError, match="3-D"):
+        embedattn.attention_varlen(q, _QP(), _QP(), _CU(), _CU(), 5, 5, backend=backend)
+
+def test_dropout_mask_debug_path_errors(monkeypatch):
+    """attention_dropout_mask: a CUDA device where there is none, or the Triton backend on CPU tensors without
+    the interpreter, is one clear error, not one from deep inside torch or Triton."""
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA is not available"):
+            embedattn.attention_dropout_mask((1, 1, 4, 4), 0.5, 1, device="cuda")
+    with pytest.raises(ValueError, match="device"):
+        embedattn.attention_dropout_mask((1, 1, 4, 4), 0.5, 1, device="tpu9")
+    with pytest.raises(TypeError, match="device"):
+        embedattn.attention_dropout_mask((1, 1, 4, 4), 0.5, 1, device=3.5)
+    with pytest.raises(ValueError, match="seed"):
+        embedattn.attention_dropout_mask((1, 1, 4, 4), 0.5, 2**70)
+    assert embedattn.attention_dropout_mask((1, 1, 4, 4), 0.5, 1, device="cpu").shape == (1, 1, 4, 4)
+    if "triton" in BACKENDS and not ON_CUDA:
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+            embedattn.attention_dropout_mask((1, 1, 4, 4), 0.5, 1, device="cpu", backend="triton")
+
+
+_LATE_INTERPRET = """
+import os, torch
+{preamble}
+os.environ["TRITON_INTERPRET"] = "1"
+import embedattn
+q = torch.randn(1, 1, 4, 16)
+try:
+    embedattn.attention(q, q, q, backend="triton")
+    print("RAN")
+except RuntimeError as e:
+    print(type(e).__name__, e)
+"""
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs Triton")
+@pytest.mark.parametrize("preamble", [
+    "import embedattn.kernels.attention",
+    "import triton",
+])
+def test_triton_interpret_set_after_import_is_one_clear_error(preamble):
+    """TRITON_INTERPRET=1 set after Triton (or embedattn's kernels) was imported: backend='triton' raises the
+    README's explanation, not Triton's "0 active drivers" or an interpreter error."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", _LATE_INTERPRET.format(preamble=preamble)], env=env,
+                       capture_output=True, text=True, timeout=300)
+    out = (r.stdout + r.stderr).strip()
+    assert r.returncode == 0 and "set after" in out and "RuntimeError" in out, out[-2000:]
+
+
 def test_reference_float64_matches_math():
     """The oracle itself, against an independent one-liner (softmax of explicit scores)."""
     q, k, v = (torch.randn(2, 3, 5, 8, dtype=torch.float64) for _ in range(3))
@@ -351,6 +548,54 @@ def test_lse_is_differentiable(backend, only_lse):
     for name, a, b in zip(("dq", "dk", "dv"), got, want):
         assert torch.isfinite(a).all(), name
         torch.testing.assert_close(a.double(), b, atol=2e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lse_gradient_with_additive_neg_inf_rows_is_finite(backend):
+    """A row fully masked by an additive -inf mask, with the returned lse in the loss: finite gradients,
+    zero on that row, and the rest equal to the float64 reference (which gave NaN here)."""
+    q, k, v = _inputs(1, 2, 1, 7, 9, 16, torch.float32, seed=33)
+    mask = torch.zeros(7, 9, device=DEVICE)
+    mask[3] = float("-inf")
+    mask[5, ::2] = float("-inf")
+
+    def grads(leaves, be):
+        out, lse = embedattn.attention(*leaves, attn_mask=mask.to(leaves[0].dtype), return_lse=True, backend=be)
+        assert torch.isneginf(lse[:, :, 3]).all() and torch.isfinite(lse[:, :, 5]).all()
+        loss = out.sum() + torch.where(torch.isfinite(lse), lse, 0.0).sum()
+        return torch.autograd.grad(loss, leaves)
+
+    got = grads([t.clone().requires_grad_() for t in (q, k, v)], backend)
+    want = grads([t.double().requires_grad_() for t in (q, k, v)], "reference")
+    for name, a, b in zip(("dq", "dk", "dv"), got, want):
+        assert torch.isfinite(a).all() and torch.isfinite(b).all(), name
+        torch.testing.assert_close(a.double(), b, atol=2e-5, rtol=1e-4, msg=name)
+    assert torch.equal(got[0][:, :, 3], torch.zeros_like(got[0][:, :, 3]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_keys_gives_zeros_whatever_the_inputs_hold(backend):
+    """Nk = 0: zeros (lse -inf) and zero gradients, also when q holds inf and NaN."""
+    q = torch.randn(1, 2, 3, 16, device=DEVICE)
+    q[0, 0, 0, 0], q[0, 1, 2, 5] = float("inf"), float("nan")
+    k = torch.randn(1, 2, 0, 16, device=DEVICE)
+    leaves = [t.clone().requires_grad_() for t in (q, k, k)]
+    out, lse = embedattn.attention(*leaves, return_lse=True, backend=backend)
+    assert torch.equal(out, torch.zeros_like(out)) and torch.isneginf(lse).all()
+    grads = torch.autograd.grad(out.sum(), leaves)
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dropout_seed_none_follows_torch_generator(backend):
+    """seed=None: torch.manual_seed reproduces a call; consecutive calls draw different masks."""
+    q = torch.randn(1, 2, 8, 16, device=DEVICE)
+    run = lambda: embedattn.attention(q, q, q, dropout_p=0.5, backend=backend)
+    torch.manual_seed(123)
+    a, b = run(), run()
+    torch.manual_seed(123)
+    assert torch.equal(run(), a)
+    assert not torch.equal(a, b)
 
 
 def test_double_backward_raises():

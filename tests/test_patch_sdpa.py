@@ -82,3 +82,37 @@ def test_patch_sdpa_routes_models_to_kernel(monkeypatch):
         out = model(input_ids=ids, attention_mask=am).last_hidden_state[am.bool()]
     assert len(calls) == 2
     torch.testing.assert_close(out, ref, rtol=2e-4, atol=2e-5)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
+def test_patch_sdpa_keeps_working_code_working(monkeypatch):
+    """Calls torch accepts keep working under the patch, with torch's result, and calls it rejects keep
+    failing with torch's exception type: K/V shared across the batch (batch 1), one K/V head without
+    enable_gqa, attn_mask together with is_causal, head dim 0, and a 1-D mask (rejected)."""
+    if not ON_CUDA:
+        monkeypatch.setenv("EMBEDATTN_BACKEND", "triton")
+    g = torch.Generator().manual_seed(3)
+    r = lambda *s: torch.randn(*s, generator=g).to(DEVICE)
+    q = r(2, 4, 6, 16)
+    calls = [
+        ((q, r(1, 4, 9, 16), r(1, 4, 9, 16)), {}),
+        ((q, r(2, 1, 9, 16), r(2, 1, 9, 16)), {"is_causal": True}),
+        ((q, r(2, 4, 9, 16), r(2, 4, 9, 16)), {"attn_mask": r(6, 9) > 0, "is_causal": True}),
+        ((r(2, 4, 6, 0), r(2, 4, 9, 0), r(2, 4, 9, 8)), {}),
+        ((q, r(2, 4, 9, 16), r(2, 4, 9, 16)), {"attn_mask": r(9) > 0}),
+    ]
+    for args, kw in calls:
+        try:
+            want = TORCH_SDPA(*args, **kw)
+        except Exception as e:  # the exception is the answer
+            want = e
+        with patch_sdpa():
+            try:
+                got = F.scaled_dot_product_attention(*args, **kw)
+            except Exception as e:
+                got = e
+        if isinstance(want, Exception):
+            assert isinstance(got, type(want)), (kw, want, got)
+        else:
+            assert not isinstance(got, Exception), (kw, got)
+            torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)

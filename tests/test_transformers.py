@@ -242,6 +242,36 @@ def test_transformers_gemma2_dropout_softcap_compiles_fullgraph(backend, attend_
     assert not torch.allclose(a, h_eager[am.bool()])  # dropout was on in training
 
 
+def test_transformers_output_attentions_behaves_like_sdpa(attend_calls):
+    """output_attentions=True: no weights, as with sdpa: one transformers warning (warning_once, like sdpa's),
+    the model's attentions equal sdpa's (an empty tuple in transformers 5), and the kernel still runs."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = hf_logging.get_logger(ea_hf.__name__)
+    logger.addHandler(handler)
+    logging.Logger.warning_once.cache_clear()
+    try:
+        model = _llama(torch.float64)
+        ids, am = _batch("right")
+        out = {}
+        for impl in ("sdpa", ea_hf.register("embedattn_weights", backend="reference")):
+            model.set_attn_implementation(impl)
+            out[impl] = model(input_ids=ids, attention_mask=am, output_attentions=True)
+    finally:
+        logger.removeHandler(handler)
+    ours, sdpa = out["embedattn_weights"], out["sdpa"]
+    assert type(ours.attentions) is type(sdpa.attentions) and len(ours.attentions) == len(sdpa.attentions)
+    assert all(a is None for a in ours.attentions)
+    assert [r.getMessage() for r in records] == [ea_hf._NO_WEIGHTS]
+    assert len(attend_calls) == 2
+    torch.testing.assert_close(ours.last_hidden_state[am.bool()], sdpa.last_hidden_state[am.bool()],
+                               rtol=1e-9, atol=1e-10)
+
 def test_transformers_register_errors():
     with pytest.raises(ValueError, match="name"):
         ea_hf.register("")

@@ -120,10 +120,13 @@ def device_key(device: Any = None) -> str:
     if dev.type != "cuda":
         key = dev.type
     else:
-        index = dev.index if dev.index is not None else torch.cuda.current_device()
-        if index not in _NAMES:
-            _NAMES[index] = torch.cuda.get_device_name(index)
-        key = _normalize_name(_NAMES[index])
+        try:
+            index = dev.index if dev.index is not None else torch.cuda.current_device()
+            if index not in _NAMES:
+                _NAMES[index] = torch.cuda.get_device_name(index)
+            key = _normalize_name(_NAMES[index])
+        except (AssertionError, RuntimeError):  # no CUDA runtime (fake CUDA tensors while tracing): no table
+            return "cuda"
     if device is not None and (dev.type != "cuda" or dev.index is not None):  # bare "cuda" follows the current one
         _DEVICE_KEYS[device] = key
     return key

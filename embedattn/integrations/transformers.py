@@ -23,6 +23,12 @@ biases need mask gradients), key and value head dims that differ, and dtypes or 
 ``backend="triton"`` cannot run (the default backend runs every other call, on the reference off
 CUDA). Sliding windows arrive inside the mask.
 
+Attention weights (``output_attentions=True``) are not computed, as with transformers' ``sdpa``: the
+function logs transformers' warning once (``logger.warning_once``, like sdpa's) and returns ``None``
+for the weights, so the model's ``outputs.attentions`` is exactly what transformers gives for sdpa
+(an empty tuple in transformers 5.x; tests/test_transformers.py compares the two). Use
+``attn_implementation="eager"`` to get the weights.
+
 transformers is an optional dependency (``pip install embedattn[hf]``); it is imported only here.
 """
 
@@ -43,6 +49,16 @@ def _sdpa_forward() -> Callable:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     return sdpa_attention_forward
+
+
+_NO_WEIGHTS = ("`embedattn` attention does not compute attention weights (`output_attentions=True`): like `sdpa`, "
+               "it returns None for them. Set your attention to `eager` if you need them.")
+
+
+def _warn_no_weights() -> None:
+    from transformers.utils import logging
+
+    logging.get_logger(__name__).warning_once(_NO_WEIGHTS)
 
 
 def _supported(query, key, value, mask, position_bias, backend) -> bool:
@@ -75,6 +91,8 @@ def make_attention_forward(backend: str | None = None) -> Callable:
         is_causal: bool | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, None]:
+        if kwargs.get("output_attentions", False):
+            _warn_no_weights()
         softcap = kwargs.get("softcap")
         position_bias = kwargs.get("position_bias")
         if not _supported(query, key, value, attention_mask, position_bias, backend):

@@ -68,11 +68,13 @@ def attention(
     if causal:
         s = s.masked_fill(rel < 0, float("-inf"))
     if window is not None:
+        # a side past every distance is unbounded; clamped so a huge int (2**63, 2**64) compares exactly
+        span = nq + nk + abs(off)
         left, right = window
         if left is not None and left >= 0:
-            s = s.masked_fill(rel > left, float("-inf"))
+            s = s.masked_fill(rel > min(int(left), span), float("-inf"))
         if right is not None and right >= 0:
-            s = s.masked_fill(rel < -right, float("-inf"))
+            s = s.masked_fill(rel < -min(int(right), span), float("-inf"))
     # softmax written out so that rows with every key masked give 0 (not NaN) and zero gradients
     m = s.amax(dim=-1, keepdim=True).detach()
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))

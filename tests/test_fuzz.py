@@ -1,0 +1,274 @@
+"""Standing fuzz test: random shapes and features of every op's Triton road against the float64 reference.
+
+Attention: odd sizes, Nq != Nk, Nq = 1, GQA ratios, causal, windows, softcap, ALiBi (H,) and (B, H),
+bool/float masks with broadcast dims and fully masked rows (a float mask also in another dtype than q),
+non-contiguous and expanded (stride-0) inputs, the returned lse in the loss, fp32/fp16 (bf16 on CUDA);
+forward and gradients under FlashAttention's rule (``helpers.assert_fa_close``). Embedding: learned,
+sinusoidal or no positions, default/offset/explicit positions, padding_idx, repeated ids, scale, id
+dtypes. Negative sampling: every reduction, repeated ids, large logits, sparse gradients. Only the public
+APIs (``embedattn.attention``, ``embedattn.embedding``, ``embedattn.negative_sampling_loss``) against
+``embedattn.reference``.
+
+Budget: cases come from one seed (``EMBEDATTN_FUZZ_SEED``, default 0) with a small count in CI (this file
+runs in well under a minute on 2 CPU cores under the interpreter), a larger one with ``EMBEDATTN_SLOW=1``,
+and larger shapes and counts on CUDA (head dims up to 256, bf16). A failing case's message starts with a
+one-line reproduction: the environment and pytest node that rerun it, and the case's parameters.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from contextlib import contextmanager
+
+import pytest
+import torch
+from helpers import DEVICE, HAS_TRITON, ON_CUDA, assert_fa_close
+
+import embedattn
+from embedattn import reference
+from embedattn._backend import env_flag
+
+pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="the fuzz test runs the Triton kernels")
+
+SLOW = env_flag("EMBEDATTN_SLOW", False)
+SEED = int(os.environ.get("EMBEDATTN_FUZZ_SEED", "0"))
+N_CASES = {  # (interpreter: CI, EMBEDATTN_SLOW=1; CUDA: CI, EMBEDATTN_SLOW=1)
+    "attention": (14, 120, 100, 500),
+    "embedding": (10, 80, 100, 400),
+    "negative_sampling": (10, 80, 100, 400),
+}
+
+
+def _count(op: str) -> int:
+    cpu, cpu_slow, cuda, cuda_slow = N_CASES[op]
+    return (cuda_slow if SLOW else cuda) if ON_CUDA else (cpu_slow if SLOW else cpu)
+
+
+@contextmanager
+def _repro(op: str, i: int, case: dict):
+    """Re-raise any failure with a one-line reproduction first."""
+    try:
+        yield
+    except Exception as e:
+        slow = " EMBEDATTN_SLOW=1" if SLOW else ""
+        line = (f"repro: EMBEDATTN_FUZZ_SEED={SEED}{slow} pytest 'tests/test_fuzz.py::test_fuzz_{op}[{i}]' "
+                f"| {op} case {case}")
+        raise AssertionError(f"{line}\n{type(e).__name__}: {e}") from e
+
+
+def _randn(shape, g, dtype, scale=1.0):
+    return (torch.randn(shape, generator=g) * scale).to(DEVICE, dtype)
+
+
+def _grads_close(got, want, base, names, eps=None):
+    for name, a, b, c in zip(names, got, want, base):
+        if a is None and b is None:
+            continue
+        a, b, c = (t.to_dense() if t is not None and t.is_sparse else t for t in (a, b, c))
+        assert_fa_close(a, b, c, name, eps=eps)
+
+
+# ------------------------------------------------------------------------------------------- attention
+def _attention_case(i: int) -> dict:
+    r = random.Random(f"attention/{SEED}/{i}")
+    if ON_CUDA:
+        nq, nk = r.choice([1, r.randint(1, 700)]), r.choice([1, r.randint(1, 900)])
+        d = r.choice([r.randint(1, 256), 8, 40, 64, 96, 128, 256])  # mostly common dims: each new one compiles
+        dtypes = ["float32", "float16", "bfloat16"]
+    else:
+        nq, nk = r.choice([1, r.randint(1, 40)]), r.choice([1, r.randint(1, 56)])
+        d = r.choice([1, 2, 3, 5, 8, 13, 16, 24, 40])
+        dtypes = ["float32", "float16"]
+    while True:  # on the interpreter at most 8 (batch, head) programs, which bounds its time
+        b, hkv, group = r.choice([1, 1, 2, 3]), r.choice([1, 1, 2, 3]), r.choice([1, 1, 2, 3, 4])
+        if ON_CUDA or b * hkv * group <= 8:
+            break
+    side = lambda: r.choice([-1, r.randint(0, 8), r.randint(0, max(nq, nk))])
+    mask = None
+    if r.random() < 0.45:
+        mask = dict(kind=r.choice(["bool", "float"]), bcast=[r.random() < 0.5 for _ in range(3)],
+                    empty_rows=r.random() < 0.5, other_dtype=r.random() < 0.3)
+    return dict(
+        B=b, Hq=hkv * group, Hkv=hkv, Nq=nq, Nk=nk, D=d, dtype=r.choice(dtypes),
+        causal=r.random() < 0.4, window=(side(), side()) if r.random() < 0.35 else None,
+        softcap=round(r.uniform(1.0, 30.0), 2) if r.random() < 0.35 else 0.0,
+        alibi=r.choice([None, None, "h", "bh"]), mask=mask, layout=r.choice(["contiguous", "strided", "expanded"]),
+        lse=r.random() < 0.25, scale=r.choice([None, None, round(r.uniform(0.05, 1.0), 3)]),
+        input_scale=round(r.uniform(0.5, 3.0), 2), seed=r.randint(0, 2**31 - 1),
+    )
+
+
+def _attention_inputs(c: dict):
+    """Float32 CPU leaves (what gradients are taken of), and how to turn them into the call's q, k, v and kwargs
+    in a dtype."""
+    g = torch.Generator().manual_seed(c["seed"])
+    B, Hq, Hkv, Nq, Nk, D = c["B"], c["Hq"], c["Hkv"], c["Nq"], c["Nk"], c["D"]
+    kv_b = 1 if c["layout"] == "expanded" else B
+    s = c["input_scale"]
+    leaves = [torch.randn(B, Nq, Hq, D, generator=g) * s, torch.randn(kv_b, Nk, Hkv, D, generator=g) * s,
+              torch.randn(kv_b, Nk, Hkv, D, generator=g)]
+    kw = dict(causal=c["causal"], window=c["window"], softcap=c["softcap"], scale=c["scale"])
+    if c["alibi"]:
+        shape = (Hq,) if c["alibi"] == "h" else (B, Hq)
+        kw["alibi_slopes"] = (0.02 + 0.5 * torch.rand(shape, generator=g)).to(DEVICE)
+    if c["mask"]:
+        m = c["mask"]
+        shape = tuple(1 if bc else n for bc, n in zip(m["bcast"], (B, Hq, Nq))) + (Nk,)
+        keep = torch.rand(shape, generator=g) > 0.3
+        if m["empty_rows"]:
+            rows = shape[2]  # 1 when the query dim broadcasts: then every row is empty
+            keep[..., torch.randint(0, rows, (max(1, rows // 4),), generator=g), :] = False
+        if m["kind"] == "bool":
+            kw["attn_mask"] = keep.to(DEVICE)
+        else:
+            kw["attn_mask"] = torch.where(keep, torch.randn(shape, generator=g), float("-inf")).to(DEVICE)
+
+    def build(leaves, dtype):
+        q, k, v = (t.to(DEVICE, dtype).transpose(1, 2) for t in leaves)  # (B, N, H, D) viewed as (B, H, N, D)
+        if c["layout"] == "contiguous":
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        elif c["layout"] == "expanded":
+            k, v = k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)
+        call = dict(kw)
+        if "attn_mask" in call and call["attn_mask"].is_floating_point():
+            other = torch.float32 if dtype != torch.float32 else torch.float16
+            call["attn_mask"] = call["attn_mask"].to(other if c["mask"]["other_dtype"] else dtype)
+        if "alibi_slopes" in call:
+            call["alibi_slopes"] = call["alibi_slopes"].to(torch.float64 if dtype == torch.float64 else torch.float32)
+        return q, k, v, call
+
+    return leaves, build
+
+
+def _with_lse(res):
+    out, lse = res
+    return out + 0.5 * torch.where(torch.isfinite(lse), lse, 0.0).unsqueeze(-1).to(out.dtype)
+
+
+@pytest.mark.parametrize("i", range(_count("attention")))
+def test_fuzz_attention(i):
+    c = _attention_case(i)
+    with _repro("attention", i, c):
+        dtype = getattr(torch, c["dtype"])
+        base, build = _attention_inputs(c)
+
+        def run(leaves, dt, fn):
+            q, k, v, kw = build(leaves, dt)
+            res = fn(q, k, v, **kw)
+            return _with_lse(res) if c["lse"] else res
+
+        kern = lambda q, k, v, **kw: embedattn.attention(q, k, v, return_lse=c["lse"], backend="triton", **kw)
+        ref = lambda up: lambda q, k, v, **kw: reference.attention(q, k, v, return_lse=c["lse"], upcast=up, **kw)
+        leaves = [t.clone().requires_grad_() for t in base]
+        r64 = [t.double().requires_grad_() for t in base]
+        rp = [t.clone().requires_grad_() for t in base]
+        out, want, plain = run(leaves, dtype, kern), run(r64, torch.float64, ref(True)), run(rp, dtype, ref(False))
+        assert out.dtype == dtype and out.shape == want.shape
+        assert_fa_close(out, want, plain, "out")
+        dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(c["seed"] + 1))
+        got = torch.autograd.grad(out, leaves, dout.to(DEVICE, dtype))
+        exp = torch.autograd.grad(want, r64, dout.to(DEVICE, torch.float64))
+        yard = torch.autograd.grad(plain, rp, dout.to(DEVICE, dtype))
+        # a gradient that is exactly 0 (e.g. dk with Nk = 1) still carries the fp32 rounding of its terms
+        # (rowsum(dO * O) against dO . v): eps scales with the gradients' size
+        eps = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
+        eps *= max(1.0, max(t.abs().max().item() if t.numel() else 0.0 for t in exp))
+        _grads_close([t.to(dtype) for t in got], exp, [t.to(dtype) for t in yard], ("dq", "dk", "dv"), eps)
+
+
+# ------------------------------------------------------------------------------------------- embedding
+def _embedding_case(i: int) -> dict:
+    r = random.Random(f"embedding/{SEED}/{i}")
+    big = 8 if ON_CUDA else 1
+    V = r.choice([1, 2, 3, r.randint(1, 60 * big)])
+    n = r.randint(1, 20 * big)
+    shape = r.choice([(n,), (r.randint(1, 4), n), (2, r.randint(1, 3), n)])
+    mode = r.choice(["learned", "sinusoidal", "none"])
+    explicit = mode != "none" and r.random() < 0.35
+    return dict(V=V, D=r.choice([1, 2, 3, 8, r.randint(1, 48 * big)]), shape=shape, mode=mode, explicit=explicit,
+                offset=0 if explicit else r.choice([0, 0, r.randint(1, 10)]),
+                padding_idx=r.choice([None, None, r.randint(-V, V - 1)]),
+                scale=r.choice([1.0, round(r.uniform(0.1, 4.0), 3)]),
+                dtype=r.choice(["float32", "float16"] + (["bfloat16"] if ON_CUDA else [])),
+                id_dtype=r.choice(["int32", "int64"]), seed=r.randint(0, 2**31 - 1))
+
+
+@pytest.mark.parametrize("i", range(_count("embedding")))
+def test_fuzz_embedding(i):
+    c = _embedding_case(i)
+    with _repro("embedding", i, c):
+        g = torch.Generator().manual_seed(c["seed"])
+        dtype, id_dtype = getattr(torch, c["dtype"]), getattr(torch, c["id_dtype"])
+        ids = torch.randint(0, c["V"], c["shape"], generator=g).to(DEVICE, id_dtype)
+        n = c["shape"][-1]
+        positions = None
+        P = n + c["offset"] + 3
+        if c["explicit"]:
+            positions = torch.randint(0, P, c["shape"], generator=g).to(DEVICE, id_dtype)
+        base = [torch.randn(c["V"], c["D"], generator=g)]
+        if c["mode"] == "learned":
+            base.append(torch.randn(P, c["D"], generator=g))
+        kw = dict(sinusoidal=c["mode"] == "sinusoidal", scale=c["scale"], padding_idx=c["padding_idx"],
+                  position_offset=c["offset"], positions=positions)
+
+        def run(leaves, dt, fn):
+            tables = [t.to(DEVICE, dt) for t in leaves]
+            return fn(ids, tables[0], tables[1] if len(tables) > 1 else None, **kw)
+
+        leaves = [t.clone().requires_grad_() for t in base]
+        r64 = [t.double().requires_grad_() for t in base]
+        rp = [t.clone().requires_grad_() for t in base]
+        out = run(leaves, dtype, lambda *a, **k: embedattn.embedding(*a, backend="triton", **k))
+        want = run(r64, torch.float64, reference.embedding)
+        plain = run(rp, dtype, lambda *a, **k: reference.embedding(*a, upcast=False, **k))
+        assert out.dtype == dtype and out.shape == c["shape"] + (c["D"],)
+        assert_fa_close(out, want, plain, "out")
+        dout = torch.randn(out.shape, generator=g)
+        got = torch.autograd.grad(out, leaves, dout.to(DEVICE, dtype))
+        exp = torch.autograd.grad(want, r64, dout.to(DEVICE, torch.float64))
+        yard = torch.autograd.grad(plain, rp, dout.to(DEVICE, dtype))
+        # accumulated over repeated ids: the error scales with the gradient's size
+        eps = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype] * max(1.0, exp[0].abs().max())
+        _grads_close([t.to(dtype) for t in got], exp, [t.to(dtype) for t in yard], ("dweight", "dpos_weight"), eps)
+        if c["padding_idx"] is not None:
+            assert torch.equal(got[0][c["padding_idx"]], torch.zeros_like(got[0][c["padding_idx"]]))
+
+
+# ----------------------------------------------------------------------------------- negative sampling
+def _ns_case(i: int) -> dict:
+    r = random.Random(f"negative_sampling/{SEED}/{i}")
+    big = 8 if ON_CUDA else 1
+    return dict(B=r.randint(1, 40 * big), K=r.randint(1, 8), V=r.choice([1, 2, r.randint(1, 50 * big)]),
+                D=r.choice([1, 3, 4, r.randint(1, 64 * big)]), reduction=r.choice(["mean", "sum", "none"]),
+                sparse=r.random() < 0.2, weight_scale=round(r.uniform(0.05, 2.0), 3),
+                dtype=r.choice(["float32", "float16"] + (["bfloat16"] if ON_CUDA else [])),
+                id_dtype=r.choice(["int32", "int64"]), seed=r.randint(0, 2**31 - 1))
+
+
+@pytest.mark.parametrize("i", range(_count("negative_sampling")))
+def test_fuzz_negative_sampling(i):
+    c = _ns_case(i)
+    with _repro("negative_sampling", i, c):
+        g = torch.Generator().manual_seed(c["seed"])
+        dtype, id_dtype = getattr(torch, c["dtype"]), getattr(torch, c["id_dtype"])
+        ids = [torch.randint(0, c["V"], s, generator=g).to(DEVICE, id_dtype) for s in ((c["B"],), (c["B"],),
+                                                                                       (c["B"], c["K"]))]
+        base = [torch.randn(c["V"], c["D"], generator=g) * c["weight_scale"] for _ in range(2)]
+        kw = dict(reduction=c["reduction"], sparse=c["sparse"])
+
+        # the tables are the leaves, in each dtype: a sparse gradient cannot flow back through a dtype cast
+        leaves, r64, rp = ([t.to(DEVICE, dt).requires_grad_() for t in base] for dt in (dtype, torch.float64, dtype))
+        loss = embedattn.negative_sampling_loss(*ids, *leaves, backend="triton", **kw)
+        want = reference.negative_sampling_loss(*ids, *r64, **kw)
+        # the yardstick's gradients dense: torch cannot add sparse float16 gradients on the CPU
+        plain = reference.negative_sampling_loss(*ids, *rp, upcast=False, **dict(kw, sparse=False))
+        # a sum of many terms: the error scales with the loss
+        eps = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
+        assert_fa_close(loss.double(), want, plain, "loss", eps=eps * max(1.0, want.abs().max().item()))
+        dl = torch.randn(loss.shape, generator=g)
+        got = torch.autograd.grad(loss, leaves, dl.to(DEVICE, loss.dtype))
+        exp = torch.autograd.grad(want, r64, dl.to(DEVICE, torch.float64))
+        yard = torch.autograd.grad(plain, rp, dl.to(DEVICE, plain.dtype))
+        scale = max(1.0, max(t.to_dense().abs().max().item() for t in exp))
+        _grads_close([t.to(dtype) for t in got], exp, [t.to(dtype) for t in yard], ("din", "dout"), eps * scale)
