@@ -5,14 +5,17 @@
   with its K negatives).
 - ``sgns_step``: embedattn's fused forward + gradient + SGD update vs the same step in plain PyTorch
   (analytic gradient, ``index_add_`` into both tables), in pairs/s.
-- ``word2vec``: embedattn.word2vec.Word2Vec vs gensim (CPU, Cython) on head500 from the gensim wheel:
-  words/s (corpus words x epochs / wall time of the constructor, vocabulary included) and the
-  WordSim-353 Spearman correlation, both computed here the same way for both.
+- ``word2vec``: embedattn.word2vec.Word2Vec vs gensim (CPU, Cython) on head500 from the gensim wheel, in
+  one run: embedattn's kernel trainer on the run's device (and with shared negatives), on a CUDA run
+  also its CPU path and the minibatch trainer (one ``sgns_step`` launch per 256 pairs); skip-gram and
+  CBOW. Words/s (corpus words x epochs / wall time of the constructor, vocabulary included; and of the
+  training alone, ``train_words_per_s``) and the WordSim-353 Spearman correlation, computed here the
+  same way for all. ``word2vec_large`` (CUDA): the GPU trainer's speed on head500 repeated to >= 100M
+  words (on the device, one epoch; variants: shared negatives, plain-store write-back, warps).
 """
 
 from __future__ import annotations
 
-import inspect
 import os
 import time
 from collections.abc import Callable
@@ -254,30 +257,41 @@ class W2VSettings:
     negative: int = 5
     min_count: int = 3
     workers: int = 2
+    sg: int = 1
 
-    def shape(self, words: int) -> str:
-        return (f"corpus=head500 words={words} D={self.vector_size} window={self.window} "
+    def shape(self, words: int, corpus: str = "head500") -> str:
+        return (f"corpus={corpus} words={words} sg={self.sg} D={self.vector_size} window={self.window} "
                 f"negative={self.negative} min_count={self.min_count} workers={self.workers}")  # fmt: skip
 
 
-def _train_embedattn(ctx: Context, corpus: str, cfg: W2VSettings, backend: str | None):
+# embedattn providers: name -> (device: "run" for the run's device, or "cpu"; Word2Vec options)
+_EMBEDATTN_CUDA = {"embedattn": ("run", {}), "embedattn-shared-negatives": ("run", {"shared_negatives": True}),
+                   "embedattn-minibatch": ("run", {"trainer": "minibatch"}), "embedattn-cpu": ("cpu", {})}
+_EMBEDATTN_CPU = {"embedattn": ("run", {}), "embedattn-shared-negatives": ("run", {"shared_negatives": True})}
+
+
+def _options(opts: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in sorted(opts.items())) or "trainer=kernel"
+
+
+def _train_embedattn(ctx: Context, corpus: str, cfg: W2VSettings, device: str, opts: dict):
     from embedattn.word2vec import Word2Vec
 
-    extra = {}
-    if not ctx.is_cuda and "workers" in inspect.signature(Word2Vec).parameters:
+    extra = dict(opts)
+    if device == "cpu":
         extra["workers"] = cfg.workers  # the same CPU threads gensim gets
-    if not ctx.is_cuda and "compile" in inspect.signature(Word2Vec).parameters:
-        extra["compile"] = True  # the CPU fast path; its one-off compile counts in the wall time only
-    return Word2Vec(corpus_file=corpus, vector_size=cfg.vector_size, window=cfg.window, negative=cfg.negative,
-                    min_count=cfg.min_count, epochs=cfg.epochs, seed=0, device=str(ctx.device),
-                    backend=backend, **extra)  # fmt: skip
+        if opts.get("trainer") == "minibatch":
+            extra["compile"] = True  # its CPU fast path; the one-off compile counts in the wall time only
+    return Word2Vec(corpus_file=corpus, sg=cfg.sg, vector_size=cfg.vector_size, window=cfg.window,
+                    negative=cfg.negative, min_count=cfg.min_count, epochs=cfg.epochs, seed=0, device=device,
+                    **extra)  # fmt: skip
 
 
 def _train_gensim(ctx: Context, corpus: str, cfg: W2VSettings):
     from gensim.models import Word2Vec
     from gensim.models.word2vec import LineSentence
 
-    return Word2Vec(LineSentence(corpus), sg=1, vector_size=cfg.vector_size, window=cfg.window,
+    return Word2Vec(LineSentence(corpus), sg=cfg.sg, vector_size=cfg.vector_size, window=cfg.window,
                     negative=cfg.negative, min_count=cfg.min_count, epochs=cfg.epochs, seed=0,
                     workers=cfg.workers)  # fmt: skip
 
@@ -290,12 +304,18 @@ def run_word2vec(ctx: Context, rec: Recorder, cfg: W2VSettings) -> list[dict]:
         return []
     with _open_text(corpus) as f:
         words = sum(len(line.split()) for line in f)
-    trainers: dict[str, Callable] = {"embedattn": lambda: _train_embedattn(ctx, corpus, cfg, None)}
-    if ctx.is_cuda:  # the same trainer on the reference (plain PyTorch) path, same device
-        trainers["embedattn-reference"] = lambda: _train_embedattn(ctx, corpus, cfg, "reference")
-    trainers["gensim"] = lambda: _train_gensim(ctx, corpus, cfg)
+    providers = _EMBEDATTN_CUDA if ctx.is_cuda else _EMBEDATTN_CPU
+    if not cfg.sg:  # options of skip-gram only
+        providers = {k: v for k, v in providers.items() if "shared" not in k and "minibatch" not in k}
+    trainers: dict[str, tuple[str, str, Callable]] = {}
+    for name, (where, opts) in providers.items():
+        device = str(ctx.device) if where == "run" else "cpu"
+        trainers[name] = (device, _options(opts),
+                          lambda device=device, opts=opts: _train_embedattn(ctx, corpus, cfg, device, opts))
+    trainers["gensim"] = ("cpu", "", lambda: _train_gensim(ctx, corpus, cfg))
+    kernel = "word2vec" if cfg.sg else "word2vec_cbow"
 
-    def one(name: str, train: Callable) -> list[dict]:
+    def one(name: str, device: str, config: str, train: Callable) -> list[dict]:
         torch.manual_seed(0)
         if ctx.is_cuda:
             torch.cuda.synchronize()
@@ -305,38 +325,103 @@ def run_word2vec(ctx: Context, rec: Recorder, cfg: W2VSettings) -> list[dict]:
             torch.cuda.synchronize()
         ms = (time.perf_counter() - t0) * 1e3
         rho, used = ws353_spearman(lambda w: model.wv[w], ws)
-        device = "cpu" if name == "gensim" else str(ctx.device)
-        base = dict(suite=SUITE, kernel="word2vec", provider=name, mode="train", dtype="fp32",
+        base = dict(suite=SUITE, kernel=kernel, provider=name, mode="train", dtype="fp32",
                     shape=cfg.shape(words) + f" device={device}", x_name="epochs", x_value=cfg.epochs,
-                    config="" if name == "gensim" else f"backend={name.partition('-')[2] or 'auto'}")  # fmt: skip
+                    config=config)  # fmt: skip
         rows = measurement_rows(rec, base, Timing(ms, ms, ms), float(words * cfg.epochs), "words_per_s")
         rows.append(rec.row(**base, metric="ws353_spearman", unit="rho", p50=rho, p20=rho, p80=rho))
         # training alone (no vocabulary pass, no compile): gensim's total_train_time, our train_seconds
         train_s = getattr(model, "total_train_time", None) or getattr(model, "train_seconds", None)
+        tw = words * cfg.epochs / train_s if train_s else float("nan")
         if train_s:
-            tw = words * cfg.epochs / train_s
             rows.append(rec.row(**base, metric="train_words_per_s", unit="words/s", p50=tw, p20=tw, p80=tw))
-        ctx.log(f"  word2vec {name}: {words * cfg.epochs / ms * 1e3:,.0f} words/s, ws353 rho {rho:.3f} "
-                f"({used} pairs)")  # fmt: skip
+        ctx.log(f"  {kernel} {name} ({device}): {words * cfg.epochs / ms * 1e3:,.0f} words/s "
+                f"(training {tw:,.0f}), ws353 rho {rho:.3f} ({used} pairs)")  # fmt: skip
         return rows
 
     rows: list[dict] = []
-    for name, train in trainers.items():
-        rows += try_measure(ctx, f"word2vec {name}", ("w2v", name), lambda name=name, train=train: one(name, train))
+    for name, (device, config, train) in trainers.items():
+        rows += try_measure(ctx, f"{kernel} {name}", ("w2v", name, cfg.sg),
+                            lambda name=name, device=device, config=config, train=train: one(name, device, config,
+                                                                                               train))  # fmt: skip
+    return rows
+
+
+def repeat_corpus(model, times: int) -> None:
+    """Make the corpus ``model.build_vocab`` kept (ids on the model's device) ``times`` copies of itself,
+    on the device (sentence ids shifted per copy), for speed runs on a large corpus without reading one."""
+    ids, sent = model._ids, model._sent
+    n_sent = int(sent[-1]) + 1
+    shift = torch.arange(times, device=ids.device)[:, None] * n_sent
+    model._ids = ids.repeat(times)
+    model._sent = (sent[None, :] + shift).reshape(-1)
+    model.corpus_count, model.corpus_total_words = n_sent * times, model._ids.numel()
+
+
+# GPU speed variants: name -> (Word2Vec options, model attributes)
+_LARGE = {"embedattn": ({}, {}), "embedattn-shared-negatives": ({"shared_negatives": True}, {}),
+          "embedattn-store": ({}, {"_write_back": "store"})}
+_LARGE_FULL = {f"embedattn-warps{w}": ({}, {"_num_warps": w}) for w in (2, 8)}
+
+
+def run_word2vec_large(ctx: Context, rec: Recorder, cfg: W2VSettings, min_words: int) -> list[dict]:
+    """The GPU trainer's words/s on head500 repeated to at least ``min_words`` words, one epoch."""
+    from embedattn.word2vec import Word2Vec, line_sentences
+
+    corpus = gensim_data("head500.noblanks.cor")
+    if corpus is None:
+        ctx.note("  word2vec_large: gensim's head500.noblanks.cor not found: skipped")
+        return []
+    sents = list(line_sentences(corpus))
+    variants = dict(_LARGE, **(_LARGE_FULL if ctx.profile == "full" else {}))
+    if not cfg.sg:
+        variants = {k: v for k, v in variants.items() if "shared" not in k}
+
+    def one(name: str, opts: dict, attrs: dict) -> list[dict]:
+        model = Word2Vec(sg=cfg.sg, vector_size=cfg.vector_size, window=cfg.window, negative=cfg.negative,
+                         min_count=cfg.min_count, epochs=1, seed=0, device=str(ctx.device), **opts)  # fmt: skip
+        model.build_vocab(sents)
+        repeat_corpus(model, -(-min_words // model._ids.numel()))
+        for k, v in attrs.items():
+            setattr(model, k, v)
+        model.train()
+        words = model.trained_words
+        base = dict(suite=SUITE, kernel="word2vec_large" if cfg.sg else "word2vec_large_cbow", provider=name,
+                    mode="train", dtype="fp32", shape=cfg.shape(words, "head500-repeated") + f" device={ctx.device}",
+                    x_name="words", x_value=words, config=_options({**opts, **attrs}))  # fmt: skip
+        ms = model.train_seconds * 1e3
+        rows = measurement_rows(rec, base, Timing(ms, ms, ms), float(words), "words_per_s")  # training alone
+        ctx.log(f"  word2vec_large {name}: {words / model.train_seconds:,.0f} words/s ({words:,} words, "
+                f"mean pair loss {model.mean_pair_loss:.4f})")  # fmt: skip
+        del model
+        torch.cuda.empty_cache()
+        return rows
+
+    rows: list[dict] = []
+    for name, (opts, attrs) in variants.items():
+        rows += try_measure(ctx, f"word2vec_large {name}", ("w2v_large", name, cfg.sg),
+                            lambda name=name, opts=opts, attrs=attrs: one(name, opts, attrs))  # fmt: skip
     return rows
 
 
 def plan(ctx: Context) -> list[Case]:
     step = fused_step(ctx)
     cases = []
-    if ctx.profile != "tiny":  # first: a time budget cuts from the end, and this is the end-to-end number
-        epochs = 1 if ctx.profile == "quick" else 20  # 20: the quality target's setting (issue 4)
+    if ctx.profile != "tiny":  # first: a time budget cuts from the end, and these are the end-to-end numbers
+        epochs = 1 if ctx.profile == "quick" else 20  # 20: the quality target's setting (issues 4, 16)
         workers = 2 if not ctx.is_cuda else min(os.cpu_count() or 2, 16)
-        cfg = W2VSettings(epochs=epochs, workers=workers)
         if ctx.profile == "quick":
             ctx.note("  word2vec: --quick trains 1 epoch (words/s only; WordSim-353 needs the full sweep's 20)")
-        cases.append(Case(SUITE, f"word2vec head500 epochs={epochs}", lambda c, r: run_word2vec(c, r, cfg),
-                          weight=20.0))  # fmt: skip
+        for sg in (1, 0):
+            cfg = W2VSettings(epochs=epochs, workers=workers, sg=sg)
+            cases.append(Case(SUITE, f"word2vec head500 sg={sg} epochs={epochs}",
+                              lambda c, r, cfg=cfg: run_word2vec(c, r, cfg), weight=20.0))  # fmt: skip
+        if ctx.is_cuda:  # the speed target is measured on >= 100M words
+            for sg in (1, 0):
+                cfg = W2VSettings(epochs=1, workers=workers, sg=sg)
+                cases.append(Case(SUITE, f"word2vec head500x300 sg={sg}",
+                                  lambda c, r, cfg=cfg: run_word2vec_large(c, r, cfg, 100_000_000),
+                                  weight=20.0))  # fmt: skip
     cases += [
         Case(SUITE, f"sgns d{s.dim} {s.dtype} B={s.pairs}", lambda c, r, s=s: run_spec(c, r, s, step))
         for s in specs(ctx)

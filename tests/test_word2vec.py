@@ -1,9 +1,13 @@
-"""The word2vec trainer: its steps against the float64 minibatch reference, pair generation, the
-vocabulary equal to gensim's, KeyedVectors queries and evaluations equal to gensim's on the same
-vectors, files exchanged with gensim both ways, save/load, the CLI, and training quality on gensim's data.
+"""The word2vec trainers. The kernel trainer: Philox draws equal to Triton's, the C kernel (the CPU path)
+and the Triton kernel (interpreted on the CPU) against the NumPy reference of the algorithm, the model's
+wiring against the reference, its compile for sm_90. The minibatch trainer: its steps against the
+float64 minibatch reference, pair generation. Then the vocabulary equal to gensim's, KeyedVectors
+queries and evaluations equal to gensim's on the same vectors, files exchanged with gensim both ways,
+save/load, the CLI, and training quality on gensim's data (skip-gram and CBOW).
 
-The head500 quality run against gensim (20 epochs each) takes minutes: it is marked slow and runs
-with EMBEDATTN_SLOW=1. CI runs gensim's own Lee-corpus sanity check and a synthetic-topic check.
+The head500 quality runs against gensim (20 epochs each) and the interpreted Triton kernel's training
+run take minutes: they are marked slow and run with EMBEDATTN_SLOW=1. CI runs gensim's own Lee-corpus
+sanity checks and synthetic-topic checks.
 """
 
 from __future__ import annotations
@@ -24,9 +28,12 @@ from embedattn.word2vec._corpus import line_sentences, prepare_vocab, read_corpu
 from embedattn.word2vec._train import (
     CompiledStep,
     autograd_sgns_step,
+    chunk_bounds,
     keep_probability,
+    philox,
     skipgram_pairs,
     torch_sgns_step,
+    train_chunks_reference,
 )
 
 gensim = pytest.importorskip("gensim")
@@ -162,6 +169,205 @@ def test_keep_probability_is_gensims():
     assert (keep_probability(torch.tensor([1000, 1]), 0) == 1).all()
 
 
+# ----------------------------------------------------------------------------- the kernel trainer
+def _kernel_inputs(n=400, V=40, seed=0, n_sent=12, max_words=37):
+    """A random corpus cut into chunks (sentences of random length, long ones cut at ``max_words``),
+    keep probabilities and an alias table; every table id collides often (small V)."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, V, n).astype(np.int32)
+    bounds = chunk_bounds(np.sort(rng.integers(0, n_sent, n)), max_words)
+    keep = rng.uniform(0.5, 1, V).astype(np.float32)
+    keep[:3] = 1.0
+    return tokens, bounds, keep, rng.uniform(0, 1, V).astype(np.float32), rng.integers(0, V, V).astype(np.int32)
+
+
+def _kernel_tables(V=40, D=16, seed=1):
+    rng = np.random.default_rng(seed)
+    return [(rng.standard_normal((V, D)) * 0.3).astype(np.float32) for _ in range(2)]
+
+
+_KERNEL_KW = dict(seed=7, pos_base=1000, lr_start=0.05, lr_end=0.001, total_words=3000.0, window=3, negative=4,
+                  shrink_windows=True)
+_MODES = [{"sg": True, "shared_negatives": False, "cbow_mean": True},
+          {"sg": True, "shared_negatives": True, "cbow_mean": True},
+          {"sg": False, "shared_negatives": False, "cbow_mean": True},
+          {"sg": False, "shared_negatives": False, "cbow_mean": False}]
+
+
+def test_chunk_bounds():
+    sent = np.array([0, 0, 0, 0, 0, 1, 2, 2, 2, 2, 2, 2, 2])
+    assert chunk_bounds(sent, 3).tolist() == [0, 3, 5, 6, 9, 12, 13]
+    assert chunk_bounds(sent, 100).tolist() == [0, 5, 6, 13]
+    assert chunk_bounds(np.zeros(0, dtype=np.int64), 5).tolist() == [0]
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
+def test_philox_is_tritons():
+    # the reference's (and the C kernel's) draws are tl.randint4x's, bit for bit, 64-bit counters and seeds too
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def draw(out, seed, base, N: tl.constexpr):
+        r0, r1, _, _ = tl.randint4x(seed, base + tl.arange(0, N).to(tl.int64) * 977)
+        tl.store(out + tl.arange(0, N), r0.to(tl.int32, bitcast=True))
+        tl.store(out + N + tl.arange(0, N), r1.to(tl.int32, bitcast=True))
+
+    for seed, base in [(0, 0), (12345, 2**33 + 7), (2**40 + 3, 5)]:
+        out = torch.zeros(2 * 64, dtype=torch.int32, device=DEVICE)
+        draw[(1,)](out, seed, base, N=64)
+        got = out.cpu().numpy().view(np.uint32)
+        r = philox(seed, base + np.arange(64, dtype=np.int64) * 977)
+        assert np.array_equal(got[:64], r[0]) and np.array_equal(got[64:], r[1])
+
+
+@pytest.mark.parametrize("mode", _MODES)
+def test_c_kernel_matches_reference(mode):
+    # the CPU path: the same algorithm and the same draws as the float64 NumPy reference, in float32
+    from embedattn.word2vec import _cpu
+
+    fn = _cpu.load()
+    if fn is None:
+        pytest.skip("no C compiler")
+    tokens, bounds, keep, aprob, alias = _kernel_inputs()
+    wi, wo = _kernel_tables()
+    n_chunks = len(bounds) - 1
+    ref_in, ref_out = wi.astype(np.float64), wo.astype(np.float64)
+    want = train_chunks_reference(tokens, bounds, range(n_chunks), keep, aprob, alias, ref_in, ref_out,
+                                  **_KERNEL_KW, **mode)
+    got = _cpu.train_chunks(fn, tokens, bounds, 0, n_chunks, 1, keep, aprob, alias, wi, wo,
+                            max_chunk=int(np.diff(bounds).max()), **_KERNEL_KW, **mode)
+    assert want[1] == got[1] and want[2] == got[2] and want[2] < len(tokens)  # pairs, kept words (some dropped)
+    assert got[0] == pytest.approx(want[0], rel=1e-5)
+    assert np.abs(wi - ref_in).max() < 1e-5 and np.abs(wo - ref_out).max() < 1e-5
+    assert np.abs(wi - _kernel_tables()[0]).max() > 0.1  # it trained
+    none = _cpu.train_chunks(fn, tokens, bounds, 0, n_chunks, 1, keep, aprob, alias, *_kernel_tables(),
+                             max_chunk=int(np.diff(bounds).max()), want_loss=False, **_KERNEL_KW, **mode)
+    assert none[0] == 0 and none[1] == got[1]
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
+@pytest.mark.parametrize("mode,grid,det", [(_MODES[0], 2, False), (_MODES[1], 1, True), (_MODES[2], 1, True)])
+def test_triton_kernel_matches_reference(mode, grid, det):
+    # the GPU kernel against the float64 reference on a tiny corpus: interpreted on the CPU, programs
+    # run one after another (program p walks chunks p, p + grid, ... in order); on CUDA, one program is
+    # sequential (deterministic=True; several programs run Hogwild: looser there)
+    from embedattn.kernels.word2vec import word2vec_train
+
+    n = 120 if ON_CUDA else 50
+    tokens, bounds, keep, aprob, alias = _kernel_inputs(n=n, n_sent=3)
+    wi, wo = _kernel_tables(D=13)
+    n_chunks = len(bounds) - 1
+    order = [c for p in range(grid) for c in range(p, n_chunks, grid)]
+    ref_in, ref_out = wi.astype(np.float64), wo.astype(np.float64)
+    want = train_chunks_reference(tokens, bounds, order, keep, aprob, alias, ref_in, ref_out, **_KERNEL_KW, **mode)
+    T = lambda a: torch.from_numpy(a).to(DEVICE)  # noqa: E731
+    a, b = T(wi), T(wo)
+    stats = word2vec_train(T(tokens), T(bounds), torch.full((n,), -1, dtype=torch.int32, device=DEVICE), T(keep),
+                           T(aprob), T(alias), a, b, c0=0, n_chunks=n_chunks, grid=grid, deterministic=det,
+                           **_KERNEL_KW, **mode)
+    got = stats.sum(0).tolist()
+    assert stats.shape == (grid, 3) and got[1] == want[1] and got[2] == want[2]  # the draws decide these alone
+    tol = 1e-5 if (grid == 1 or not ON_CUDA) else 5e-2
+    assert got[0] == pytest.approx(want[0], rel=tol)
+    assert max_err(a.cpu(), torch.from_numpy(ref_in)) < tol and max_err(b.cpu(), torch.from_numpy(ref_out)) < tol
+
+
+def test_model_trains_the_reference_algorithm():
+    # the trainer's wiring (chunks, slices, epochs, seed, learning-rate schedule, tables) on the CPU path:
+    # the model equals the reference run epoch by epoch on the same corpus; slicing changes nothing
+    sents, _ = _topic_corpus(n_sent=30)
+    sents[3] = sents[3] * 100  # 1200 words: cut into chunks
+    kw = dict(vector_size=8, window=2, negative=3, min_count=1, epochs=2, seed=5, alpha=0.05, min_alpha=0.002,
+              device="cpu", workers=1, sample=1e-2)
+    m = Word2Vec(**kw)
+    m.build_vocab(sents)
+    wi, wo = m.wv.vectors.astype(np.float64), m.syn1neg.astype(np.float64)
+    m._chunk_words, m._slice_words = 1000, 700
+    tokens, bounds = m._ids.numpy().astype(np.int32), chunk_bounds(m._sent.numpy(), 1000)
+    assert len(bounds) == 32
+    effective, raw = m.train()
+    n = len(tokens)
+    total = 0
+    for epoch in range(2):
+        st = train_chunks_reference(tokens, bounds, range(len(bounds) - 1), m._keep.numpy(),
+                                    m._sampler._alias_prob.numpy(), m._sampler._alias.numpy(), wi, wo, seed=5,
+                                    pos_base=epoch * n, lr_start=0.05, lr_end=0.002, total_words=2.0 * n, window=2,
+                                    negative=3)
+        total += st[2]
+    assert (effective, raw) == (total, 2 * n) and total < 2 * n
+    assert np.abs(m.wv.vectors - wi).max() < 1e-5 and np.abs(m.syn1neg - wo).max() < 1e-5
+    m2 = Word2Vec(**kw)  # the default slices (one here): the same vectors bit for bit
+    m2._chunk_words = 1000
+    m2.build_vocab(sents)
+    m2.train()
+    assert np.array_equal(m2.wv.vectors, m.wv.vectors)
+
+
+_AOT_W2V = """
+import re, subprocess, sys, os, glob, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from embedattn.kernels.word2vec import _word2vec_kernel as fn, word2vec_config
+
+types = ["*i32", "*i64", "*i32", "*fp32", "*fp32", "*i32", "*fp32", "*fp32", "*fp64"] + ["i32"] * 6 + ["i64"] * 2 \\
+    + ["fp32"] * 3
+for sg, shared, add, det in [(1, 0, 1, 0), (1, 1, 1, 0), (0, 0, 1, 0), (1, 0, 0, 0), (1, 1, 1, 1)]:
+    cfg = word2vec_config(5, 5, 100, bool(sg) and not shared)
+    nw = cfg.pop("num_warps", 4)
+    consts = dict(cfg, SG=bool(sg), CBOW_MEAN=True, SHARED=bool(shared), SHRINK=True, ADD=bool(add),
+                  DETERMINISTIC=bool(det))
+    sig = dict(zip(fn.arg_names, types))
+    sig.update({c: "constexpr" for c in consts})
+    src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(c),): v for c, v in consts.items()})
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": nw}).asm["ptx"]
+    ops = sorted(set(re.findall(r"(?:red|atom|ld)[.]global[.a-z0-9_]*", ptx)))
+    print(sg, shared, add, det, ",".join(ops), ptx.count("bar.sync"), ptx.count("ld.local"))
+"""
+
+
+@pytest.mark.skipif(not HAS_TRITON or ON_CUDA, reason="needs Triton; on CUDA the kernel tests run it")
+def test_word2vec_kernel_compiles_for_sm90():
+    # what the interpreter cannot show: the kernel compiles for an H100/H200 (ptxas runs here, no GPU
+    # needed; in a subprocess, as this one interprets) in every mode, reads table rows through L2, writes
+    # back with relaxed fire-and-forget reductions (or plain stores), and orders its threads with barriers
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", _AOT_W2V], env=env, capture_output=True, text=True, timeout=600)
+    if r.returncode:
+        tail = r.stderr.strip().splitlines()[-1:] or [""]
+        if any(x in tail[0] for x in ("ImportError", "ptxas", "FileNotFoundError", "backend")):
+            pytest.skip(f"cannot compile for sm_90 here: {tail[0]}")
+        raise AssertionError(r.stderr[-3000:])
+    lines = [line.split() for line in r.stdout.strip().splitlines()]
+    assert len(lines) == 5, r.stdout
+    for line in lines:  # sg, shared, add, deterministic, loads and reductions, barriers, local-memory loads
+        add, ops, barriers, local = line[2], line[4].split(","), int(line[5]), int(line[6])
+        assert "ld.global.cg.b32" in ops and not any(o.startswith("atom") for o in ops), line
+        assert ("red.global.gpu.relaxed.add.f32" in ops) == (add == "1"), line
+        assert barriers >= 2 and local == 0, line
+
+
+@pytest.mark.slow
+@slow
+@pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
+@pytest.mark.parametrize("sg", [1, 0])
+def test_trains_topics_triton_kernel(sg):
+    # the kernel trainer's Triton kernel (interpreted on the CPU: about 0.1 s per word here) learns the
+    # topics, and under the interpreter gives the C path's vectors (same algorithm, same draws)
+    sents, topics = _topic_corpus(n_sent=60 if not ON_CUDA else 400)
+    kw = dict(vector_size=16, window=2, min_count=1, epochs=3 if not ON_CUDA else 5, sample=0, seed=1, alpha=0.1,
+              sg=sg)  # alpha 0.1: CBOW makes one update per word, and this is a few words only
+    m = Word2Vec(sents, device=DEVICE, backend="triton", deterministic=not ON_CUDA, **kw)
+    assert _topic_purity(m, topics) > 0.85
+    if not ON_CUDA:
+        c = Word2Vec(sents, device="cpu", workers=1, **kw)
+        assert np.abs(c.wv.vectors - m.wv.vectors).max() < 1e-4
+
+
 # ----------------------------------------------------------------------------- vocabulary (gensim's)
 def _lee():
     return list(line_sentences(datapath("lee_background.cor")))
@@ -276,7 +482,12 @@ def test_invalid_utf8_raises_like_gensim(tmp_path):
         ({"sentences": [["a"]], "workers": 0}, ValueError, "workers"),
         ({"sentences": [["a"]], "in_flight": 0}, ValueError, "in_flight"),
         ({"sentences": [["a"]], "max_final_vocab": 0}, ValueError, "max_final_vocab"),
-        ({"sentences": [["a"]], "sg": 0}, ValueError, "skip-gram"),
+        ({"sentences": [["a"]], "sg": 2}, ValueError, "sg must be"),
+        ({"sentences": [["a"]], "sg": 0, "trainer": "minibatch"}, ValueError, "CBOW"),
+        ({"sentences": [["a"]], "sg": 0, "fused": False}, ValueError, "CBOW"),
+        ({"sentences": [["a"]], "trainer": "fast"}, ValueError, "trainer must be"),
+        ({"sentences": [["a"]], "trainer": "kernel", "in_flight": 8}, ValueError, "minibatch"),
+        ({"sentences": [["a"]], "sg": 0, "shared_negatives": True}, ValueError, "shared_negatives"),
         ({"sentences": [["a"]], "hs": 1}, ValueError, "hierarchical softmax"),
         ({"sentences": [["a"]], "corpus_file": "x"}, TypeError, "at the same time"),
         ({"sentences": [["a"]], "device": "cuda:7"}, ValueError, "cuda:7"),
@@ -314,11 +525,14 @@ def _topic_purity(model, topics):
     return good / (32 * 7)
 
 
-@pytest.mark.parametrize("fused", [True, False])
-def test_trains_topics_cpu(fused):
+@pytest.mark.parametrize("kw", [{}, {"shared_negatives": True}, {"sg": 0}, {"sg": 0, "cbow_mean": 0},
+                                {"trainer": "minibatch"}, {"fused": False}])
+def test_trains_topics_cpu(kw):
+    # the kernel trainer's CPU path (C), skip-gram (with shared negatives too) and CBOW (mean and sum);
+    # the minibatch trainer (compiled or eager step, and the autograd loss)
     sents, topics = _topic_corpus()
-    m = Word2Vec(sents, vector_size=16, window=3, min_count=1, epochs=5, sample=0, seed=1, fused=fused,
-                 alpha=0.05, batch_words=500)
+    m = Word2Vec(sents, vector_size=16, window=3, min_count=1, epochs=5, sample=0, seed=1, alpha=0.05,
+                 batch_words=500, device="cpu", compute_loss=True, **kw)
     assert _topic_purity(m, topics) > 0.9
     assert m.mean_pair_loss < 2.0  # from 6 log 2 = 4.16 at the zero-initialised start
     assert isinstance(m.wv.vectors, np.ndarray) and m.wv.vectors.dtype == np.float32
@@ -333,7 +547,8 @@ def test_trains_topics_triton_sgns_step(in_flight):
     # in_flight: the one-launch-per-batch Hogwild kernel instead of a launch per 256-pair minibatch
     sents, topics = _topic_corpus(n_sent=60 if not ON_CUDA else 400)
     m = Word2Vec(sents, vector_size=16, window=2, min_count=1, epochs=3 if not ON_CUDA else 5, sample=0,
-                 seed=1, alpha=0.05, batch_words=500, device=DEVICE, backend="triton", in_flight=in_flight)
+                 seed=1, alpha=0.05, batch_words=500, device=DEVICE, backend="triton", in_flight=in_flight,
+                 trainer="minibatch")
     assert m.device.type == DEVICE and isinstance(m.wv.vectors, np.ndarray)  # copied back from the device
     assert _topic_purity(m, topics) > 0.85
 
@@ -358,9 +573,12 @@ def test_build_vocab_then_train_with_corpus_iterable():
         Word2Vec(device="cpu").train(corpus_iterable=sents)
 
 
-@pytest.mark.parametrize("kw", [{"workers": 1, "device": "cpu"}, {"deterministic": True, "device": DEVICE}])
+@pytest.mark.parametrize("kw", [{"workers": 1, "device": "cpu"}, {"deterministic": True, "device": DEVICE},
+                                {"workers": 1, "device": "cpu", "trainer": "minibatch"},
+                                {"deterministic": True, "device": DEVICE, "trainer": "minibatch"}])
 def test_deterministic(kw):
-    # one CPU worker is deterministic (gensim's advice); deterministic=True on any device
+    # one CPU worker is deterministic (gensim's advice); deterministic=True on any device (the kernel
+    # trainer with one program, the minibatch trainer with the PyTorch step)
     sents, _ = _topic_corpus(n_sent=100)
 
     def run(seed):
@@ -369,7 +587,7 @@ def test_deterministic(kw):
     a, b = run(3), run(3)
     assert np.array_equal(a, b)
     assert not np.array_equal(a, run(4))
-    for bad in ({"workers": 2}, {"backend": "triton"}):
+    for bad in ({"workers": 2}, {"backend": "triton", "trainer": "minibatch"}):
         with pytest.raises(ValueError, match="deterministic=True"):
             Word2Vec(sents, deterministic=True, **bad)
 
@@ -381,7 +599,7 @@ def test_training_applies_batch_by_batch(group_words):
     # schedule), and every pair of the epoch is used once
     sents, _ = _topic_corpus(n_sent=50)
     m = Word2Vec(vector_size=8, window=2, min_count=1, epochs=2, sample=0, batch_words=100, workers=1,
-                 device="cpu", backend="reference", compile=False, alpha=0.05, min_alpha=0.001)
+                 device="cpu", backend="reference", compile=False, alpha=0.05, min_alpha=0.001, trainer="minibatch")
     m._group_words = group_words
     m.build_vocab(sents)
     calls = []
@@ -652,13 +870,18 @@ def test_model_save_load_round_trips(tmp_path):
         KeyedVectors.load(datapath("lee_background.cor"))
 
 
-def test_lee_sanity_check():
-    # gensim's own skip-gram sanity check (test_word2vec.py): 'bombings' within the 50 nearest of 'attacks'
+@pytest.mark.parametrize("kw", [
+    # gensim's test_sg_neg and test_cbow_neg settings; skip-gram with shared negatives, and the minibatch trainer
+    {"sg": 1, "window": 4}, {"sg": 1, "window": 4, "shared_negatives": True},
+    {"sg": 0, "cbow_mean": 1, "alpha": 0.05, "window": 5, "sample": 0}, {"sg": 1, "window": 4, "trainer": "minibatch"},
+])
+def test_lee_sanity_check(kw):
+    # gensim's own sanity check (test_word2vec.py): 'bombings' within the 50 nearest of 'attacks'
     from gensim.utils import simple_preprocess
 
     with open(datapath("lee_background.cor"), encoding="utf8") as f:
         sents = [simple_preprocess(line) for line in f]
-    m = Word2Vec(sents, window=4, negative=15, min_count=5, epochs=10, seed=42)
+    m = Word2Vec(sents, negative=15, min_count=5, epochs=10, seed=42, device="cpu", **kw)
     near = [w for w, _ in m.wv.most_similar("attacks", topn=50)]
     assert "bombings" in near
 
@@ -727,17 +950,21 @@ def test_cli_bad_input_fails_with_one_line(tmp_path, capsys):
 
 @pytest.mark.slow
 @slow
-def test_head500_wordsim_matches_gensim():
+@pytest.mark.parametrize("kw", [{"sg": 1}, {"sg": 0}, {"sg": 1, "shared_negatives": True},
+                                {"sg": 1, "trainer": "minibatch"}])
+def test_head500_wordsim_matches_gensim(kw):
     """The quality target: WordSim-353 Spearman on head500 (min_count 3, 20 epochs) within 0.05 of
-    gensim's skip-gram with the same settings."""
+    gensim's with the same settings (skip-gram or CBOW), both with 2 workers."""
     from gensim.models import Word2Vec as GW2V
 
     corpus = datapath("head500.noblanks.cor.bz2")
     sents = list(line_sentences(corpus))
     ws = datapath("wordsim353.tsv")
-    ours = Word2Vec(sents, min_count=3, epochs=20, seed=0, workers=2, device=DEVICE).wv.evaluate_word_pairs(ws)
-    theirs = GW2V(sents, sg=1, min_count=3, epochs=20, seed=0, workers=2).wv.evaluate_word_pairs(ws)
-    print(f"head500 wordsim353 spearman: embedattn {ours.spearman.statistic:.4f} gensim {theirs[1].statistic:.4f}")
+    ours = Word2Vec(sents, min_count=3, epochs=20, seed=0, workers=2 if DEVICE == "cpu" else None, device=DEVICE,
+                    **kw).wv.evaluate_word_pairs(ws)
+    theirs = GW2V(sents, sg=kw["sg"], min_count=3, epochs=20, seed=0, workers=2).wv.evaluate_word_pairs(ws)
+    print(f"head500 wordsim353 spearman {kw}: embedattn {ours.spearman.statistic:.4f} "
+          f"gensim {theirs[1].statistic:.4f}")
     assert ours.spearman.statistic >= theirs[1].statistic - 0.05
 
 

@@ -1,4 +1,4 @@
-"""word2vec trainer (skip-gram negative sampling) on embedattn kernels, with gensim's API.
+"""word2vec trainer (skip-gram or CBOW, negative sampling) on embedattn kernels, with gensim's API.
 
     from embedattn.word2vec import Word2Vec, KeyedVectors
     model = Word2Vec(corpus_file="text.txt", vector_size=100, min_count=5, epochs=5)

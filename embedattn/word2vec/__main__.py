@@ -1,4 +1,5 @@
-"""``python -m embedattn.word2vec --corpus FILE --out vectors.txt [options]``: train skip-gram vectors.
+"""``python -m embedattn.word2vec --corpus FILE --out vectors.txt [options]``: train word vectors (skip-gram,
+or CBOW with ``--sg 0``).
 
 Bad input (a missing corpus or evaluation file, an ``--out`` that cannot be written, a CUDA device that
 is not there, bytes in the corpus that are not UTF-8, an empty vocabulary) fails with one ``error:``
@@ -39,10 +40,13 @@ def _check_writable(flag: str, path: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m embedattn.word2vec",
-                                description="Train skip-gram negative-sampling word vectors (gensim defaults).")
+                                description="Train word2vec vectors with negative sampling (gensim's defaults; "
+                                            "skip-gram).")
     p.add_argument("--corpus", required=True, help="UTF-8 text, one sentence per line (.bz2/.gz read directly)")
     p.add_argument("--out", required=True, help="output vectors in word2vec format")
     p.add_argument("--binary", action="store_true", help="write the binary word2vec format")
+    p.add_argument("--sg", type=int, default=1, choices=[0, 1], help="1: skip-gram (default), 0: CBOW")
+    p.add_argument("--cbow-mean", type=int, default=1, choices=[0, 1], help="CBOW: mean (1) or sum (0) of the context")
     p.add_argument("--vector-size", type=int, default=100)
     p.add_argument("--window", type=int, default=5)
     p.add_argument("--negative", type=int, default=5)
@@ -60,10 +64,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--backend", default=None, choices=["auto", "triton", "reference"])
+    p.add_argument("--trainer", default=None, choices=["kernel", "minibatch"],
+                   help="kernel: word2vec.c's algorithm in one kernel call per corpus slice (default); minibatch: "
+                        "skip-gram pairs in minibatches of the fused sgns_step")
+    p.add_argument("--shared-negatives", action="store_true",
+                   help="kernel trainer, skip-gram: one set of negatives per centre word for its whole window")
     p.add_argument("--in-flight", type=int, default=None,
-                   help="GPU fused step: one Hogwild launch per batch with this many pairs in flight "
+                   help="minibatch trainer, GPU: one Hogwild launch per batch with this many pairs in flight "
                         "(default: one launch per 256-pair minibatch)")
-    p.add_argument("--no-fused", action="store_true", help="train with the autograd loss instead of sgns_step")
+    p.add_argument("--no-fused", action="store_true",
+                   help="minibatch trainer with the autograd loss instead of sgns_step")
     p.add_argument("--eval", default=None, help="word-pair file (e.g. wordsim353.tsv): print Spearman after training")
     p.add_argument("--analogies", default=None,
                    help="analogy file (e.g. questions-words.txt): print the accuracy after training")
@@ -82,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
                          ns_exponent=a.ns_exponent, max_vocab_size=a.max_vocab_size,
                          max_final_vocab=a.max_final_vocab, batch_words=a.batch_words, workers=a.workers,
                          seed=a.seed, device=device, backend=a.backend, fused=not a.no_fused, in_flight=a.in_flight,
-                         progress=None if a.quiet else print_progress)
+                         sg=a.sg, cbow_mean=a.cbow_mean, trainer=a.trainer, shared_negatives=a.shared_negatives,
+                         compute_loss=True, progress=None if a.quiet else print_progress)
         model.build_vocab(corpus_file=a.corpus)
     except (_Bad, ValueError, TypeError, RuntimeError, OSError) as e:  # UnicodeDecodeError is a ValueError
         print(f"error: {e}", file=sys.stderr)

@@ -1,7 +1,10 @@
-"""Skip-gram training pieces, all batched on the device: subsampling, pair generation, SGD steps."""
+"""Training pieces. The minibatch trainer (skip-gram), batched on the device: subsampling, pair
+generation, SGD steps. The kernel trainer's algorithm, as the NumPy reference its kernels are tested
+against (below: ``train_chunks_reference``), with its Philox draws and the corpus cut into chunks."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -145,3 +148,166 @@ def autograd_sgns_step(inputs, targets, negatives, w_in, w_out, lr: float, backe
             g = g.coalesce()
             w.index_add_(0, g.indices()[0], g.values(), alpha=-lr)
     return loss.detach().double()
+
+
+# ----------------------------------------------------------------------------- the sentence-walking trainer
+# One algorithm, three implementations that draw the same random numbers: this NumPy reference (the
+# oracle, slow), the C kernel of the CPU path (``_cpu.py``) and the Triton kernel (``kernels/word2vec.py``).
+#
+# The corpus of one epoch is a token array cut into chunks (sentences, or pieces of a long sentence);
+# a chunk is walked word by word in order, so updates within it are sequential SGD as in word2vec.c,
+# and chunks run concurrently (Hogwild) in the kernels. Per chunk: frequent words are dropped with
+# gensim's keep probability, then each kept word in turn is the centre of a window of b kept words on
+# either side (b uniform in 1..window). The input rows of the window stay held (the kernels keep them
+# in registers) from when they come within ``window`` words ahead of the centre until they leave the
+# window behind it; then their change is added back to the table. Skip-gram trains the centre's output
+# row, held across its window, against each context row in order, with ``negative`` fresh negatives
+# per pair written back at once (word2vec.c), or with one set of negatives per centre held across the
+# window like the centre's row (``shared_negatives``, Wombat / word2vec-acc's reuse). CBOW trains the
+# centre's output row and its negatives against the window's mean (or sum) once per centre.
+#
+# Random numbers come from Philox4x32-10 (Triton's ``tl.randint4x``) keyed by the seed, with one
+# counter block of ``2 + 2 * window * negative`` per corpus position and epoch: the keep test of the
+# word at position p uses counter (base + p) * stride; the centre at kept index m of a chunk starting
+# at lo uses (base + lo + m) * stride + 1 for its window and + 2 + t * negative + k for the k-th
+# negative of its t-th pair. So the draws do not depend on how the corpus is sliced or scheduled. The
+# learning rate decays linearly with the corpus position over all epochs (gensim's schedule).
+
+PHILOX_ROUND_A, PHILOX_ROUND_B = 0xD2511F53, 0xCD9E8D57
+PHILOX_KEY_A, PHILOX_KEY_B = 0x9E3779B9, 0xBB67AE85
+
+
+def philox(seed: int, counters) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Philox4x32-10 of int64 ``counters`` under a 64-bit ``seed``: the four uint32 words Triton's
+    ``tl.randint4x(seed, counters)`` returns (counter = (lo, hi, 0, 0), key = (seed lo, seed hi))."""
+    m32 = np.uint64(0xFFFFFFFF)
+    ctr = np.asarray(counters, dtype=np.int64).view(np.uint64)
+    c0, c1 = ctr & m32, ctr >> np.uint64(32)
+    c2, c3 = np.zeros_like(c0), np.zeros_like(c0)
+    k0, k1 = np.uint64(seed & 0xFFFFFFFF), np.uint64((seed >> 32) & 0xFFFFFFFF)
+    a, b = np.uint64(PHILOX_ROUND_A), np.uint64(PHILOX_ROUND_B)
+    for _ in range(10):
+        pb, pa = b * c2, a * c0  # < 2**64: exact in uint64
+        c0, c2 = (pb >> np.uint64(32)) ^ c1 ^ k0, (pa >> np.uint64(32)) ^ c3 ^ k1
+        c1, c3 = pb & m32, pa & m32
+        k0, k1 = (k0 + np.uint64(PHILOX_KEY_A)) & m32, (k1 + np.uint64(PHILOX_KEY_B)) & m32
+    return tuple(x.astype(np.uint32) for x in (c0, c1, c2, c3))
+
+
+def unit_float(r: np.ndarray) -> np.ndarray:
+    """uint32 -> float32 uniform in [0, 1) from the top 24 bits (exact in float32)."""
+    return (r >> np.uint32(8)).astype(np.float32) * np.float32(2.0 ** -24)
+
+
+def below(r: np.ndarray, n: int) -> np.ndarray:
+    """uint32 -> int in [0, n): (r * n) >> 32."""
+    return ((r.astype(np.uint64) * np.uint64(n)) >> np.uint64(32)).astype(np.int64)
+
+
+def counter_stride(window: int, negative: int) -> int:
+    """Philox counters reserved per corpus position: the keep test, the window, 2 * window * negative."""
+    return 2 + 2 * window * negative
+
+
+def chunk_bounds(sent: np.ndarray, max_words: int) -> np.ndarray:
+    """Chunk starts (and the end) of a corpus whose token i is in sentence ``sent[i]`` (non-decreasing):
+    each sentence, cut into pieces of at most ``max_words`` words. Windows never cross a chunk."""
+    sent = np.asarray(sent)
+    n = len(sent)
+    if n == 0:
+        return np.zeros(1, dtype=np.int64)
+    starts = np.flatnonzero(np.r_[True, sent[1:] != sent[:-1]])
+    pieces = -(-np.diff(np.r_[starts, n]) // max_words)
+    first = np.repeat(np.cumsum(pieces) - pieces, pieces)
+    return np.r_[np.repeat(starts, pieces) + (np.arange(pieces.sum()) - first) * max_words, n].astype(np.int64)
+
+
+def _neg_ids(seed, ctr, negative, alias_prob, alias):
+    """``negative`` ids drawn with the alias table from counters ctr, ctr + 1, ..."""
+    r0, r1, _, _ = philox(seed, ctr + np.arange(negative))
+    i = below(r0, len(alias_prob))
+    return np.where(unit_float(r1) < alias_prob[i], i, alias[i])
+
+
+def _nll(z):
+    """-log sigmoid(z), stable."""
+    return np.maximum(-z, 0) + np.log1p(np.exp(-np.abs(z)))
+
+
+def train_chunks_reference(tokens, bounds, chunks, keep_prob, alias_prob, alias, w_in, w_out, *, seed: int,
+                           pos_base: int, lr_start: float, lr_end: float, total_words: float, window: int,
+                           negative: int, sg: bool = True, cbow_mean: bool = True, shared_negatives: bool = False,
+                           shrink_windows: bool = True) -> np.ndarray:
+    """The trainer's algorithm (see above) in NumPy, one word at a time: the chunks ``chunks`` (indices
+    into ``bounds``) in order, updating the numpy tables ``w_in``/``w_out`` in place (float64 tables make
+    it the oracle of the fp32 kernels). Returns [summed loss, pairs trained, kept words]."""
+    W, K = window, negative
+    stride = counter_stride(W, K)
+    stats = np.zeros(3)
+    label = np.r_[1.0, np.zeros(K)]
+    for c in chunks:
+        lo, hi = int(bounds[c]), int(bounds[c + 1])
+        toks = tokens[lo:hi]
+        r0 = philox(seed, (pos_base + np.arange(lo, hi)) * stride)[0]
+        words = toks[unit_float(r0) < keep_prob[toks]]
+        n = len(words)
+        stats[2] += n
+        held, loaded = {}, {}  # kept index -> its input row, as held and as loaded
+        for j in range(min(W, n)):
+            held[j], loaded[j] = w_in[words[j]].copy(), w_in[words[j]].copy()
+        for m in range(n):
+            if m - W - 1 >= 0:  # the row leaving the window goes back: its change is added
+                jo = m - W - 1
+                w_in[words[jo]] += held.pop(jo) - loaded.pop(jo)
+            if m + W < n:  # the row entering it is loaded
+                held[m + W], loaded[m + W] = w_in[words[m + W]].copy(), w_in[words[m + W]].copy()
+            ctr = (pos_base + lo + m) * stride
+            b = int(below(philox(seed, ctr + 1)[0], W)) + 1 if shrink_windows else W
+            lr = max(lr_end, lr_start - (lr_start - lr_end) * (pos_base + lo + m) / total_words)
+            cw = int(words[m])
+            context = [j for j in range(max(0, m - b), min(n, m + b + 1)) if j != m]
+            if not context:
+                continue
+            if sg:
+                ids = np.r_[cw, _neg_ids(seed, ctr + 2, K, alias_prob, alias)]
+                u = w_out[ids].copy()  # the centre's output row (and the shared negatives), held
+                u0 = u.copy()
+                for j in context:
+                    t = j - m + W - (j > m)  # the pair's counter block, 0 .. 2 * window - 1
+                    if not shared_negatives:
+                        ids[1:] = _neg_ids(seed, ctr + 2 + t * K, K, alias_prob, alias)
+                        u[1:] = w_out[ids[1:]]
+                    live = np.r_[True, ids[1:] != cw]  # word2vec.c skips a negative equal to the centre
+                    v = held[j]
+                    s = u @ v
+                    g = (label - 1 / (1 + np.exp(-s))) * lr * live
+                    stats[0] += (_nll(np.where(label > 0, s, -s)) * live).sum()
+                    stats[1] += 1
+                    neu1e = g @ u
+                    du = np.outer(g, v)
+                    u += du
+                    if not shared_negatives:
+                        np.add.at(w_out, ids[1:], du[1:])
+                    held[j] += neu1e
+                back = slice(None) if shared_negatives else slice(0, 1)  # the rows held over the window
+                np.add.at(w_out, ids[back], (u - u0)[back])
+            else:
+                h = np.sum([held[j] for j in context], axis=0)
+                if cbow_mean:
+                    h = h / len(context)
+                ids = np.r_[cw, _neg_ids(seed, ctr + 2, K, alias_prob, alias)]
+                live = np.r_[True, ids[1:] != cw]
+                u = w_out[ids]
+                s = u @ h
+                g = (label - 1 / (1 + np.exp(-s))) * lr * live
+                stats[0] += (_nll(np.where(label > 0, s, -s)) * live).sum()
+                stats[1] += 1
+                neu1e = g @ u
+                np.add.at(w_out, ids, np.outer(g, h))
+                if not cbow_mean:
+                    neu1e = neu1e / len(context)
+                for j in context:
+                    held[j] += neu1e
+        for j in sorted(held):
+            w_in[words[j]] += held.pop(j) - loaded.pop(j)
+    return stats

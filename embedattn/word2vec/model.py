@@ -1,4 +1,4 @@
-"""``Word2Vec``: skip-gram with negative sampling, gensim's argument names, defaults and methods."""
+"""``Word2Vec``: skip-gram and CBOW with negative sampling, gensim's argument names, defaults and methods."""
 
 from __future__ import annotations
 
@@ -16,16 +16,27 @@ import torch
 
 from .._backend import resolve
 from ..negative_sampling import UnigramSampler
+from . import _cpu
 from ._corpus import line_sentences, prepare_vocab, read_corpus, scan_vocab
 from ._keyedvectors import KeyedVectors, WordPairsResult, load_npz, save_npz
-from ._train import CompiledStep, autograd_sgns_step, keep_probability, skipgram_pairs, torch_sgns_step
+from ._train import (
+    CompiledStep,
+    autograd_sgns_step,
+    chunk_bounds,
+    keep_probability,
+    skipgram_pairs,
+    torch_sgns_step,
+    train_chunks_reference,
+)
 
 logger = logging.getLogger(__name__)
 
 # the settings save() keeps and load() passes back to the constructor
 _PARAMS = ("vector_size", "window", "negative", "min_count", "sample", "alpha", "min_alpha", "epochs",
            "ns_exponent", "max_vocab_size", "max_final_vocab", "sorted_vocab", "batch_words", "shrink_windows",
-           "compute_loss", "seed", "workers", "backend", "fused", "compile", "in_flight", "deterministic")
+           "compute_loss", "seed", "workers", "backend", "fused", "compile", "in_flight", "deterministic", "sg",
+           "cbow_mean", "trainer", "shared_negatives")
+_TRAINERS = (None, "kernel", "minibatch")
 _STATE = ("effective_min_count", "corpus_count", "corpus_total_words", "train_count", "total_train_time",
           "running_training_loss")
 
@@ -100,39 +111,51 @@ def _check_corpus_args(corpus_iterable, corpus_file) -> None:
 
 
 class Word2Vec:
-    """Skip-gram word2vec with negative sampling on embedattn's kernels, gensim's API.
+    """word2vec with negative sampling (skip-gram, or CBOW with ``sg=0``) on embedattn's kernels, gensim's API.
 
-    Arguments follow gensim's ``Word2Vec`` with ``sg=1``: give ``sentences`` (an iterable of token
-    lists; a one-pass generator is fine) or ``corpus_file`` (one sentence per line, UTF-8; .bz2/.gz
-    fine) and training runs in the constructor; or call ``build_vocab`` and ``train`` yourself. The
-    vocabulary is gensim's: counted with ``max_vocab_size`` pruning during the scan, cut at
-    ``min_count`` (raised by ``max_final_vocab``) and ``trim_rule``, sorted by descending count with
-    equal counts in gensim's order. The learning rate decays linearly from ``alpha`` to ``min_alpha``
-    with the words processed, over all epochs of a ``train`` call. ``wv`` (a ``KeyedVectors``) holds
-    the vectors as a numpy array, ``syn1neg`` the output table. Only skip-gram with negative sampling is
-    implemented (``sg=1``, ``hs=0``). The loss is always computed (``compute_loss`` is accepted).
+    Arguments follow gensim's ``Word2Vec`` (skip-gram is the default here, gensim's is CBOW: pass ``sg``
+    explicitly to get the same model from both): give ``sentences`` (an iterable of token lists; a
+    one-pass generator is fine) or ``corpus_file`` (one sentence per line, UTF-8; .bz2/.gz fine) and
+    training runs in the constructor; or call ``build_vocab`` and ``train`` yourself. The vocabulary is
+    gensim's: counted with ``max_vocab_size`` pruning during the scan, cut at ``min_count`` (raised by
+    ``max_final_vocab``) and ``trim_rule``, sorted by descending count with equal counts in gensim's
+    order. The learning rate decays linearly from ``alpha`` to ``min_alpha`` with the words processed,
+    over all epochs of a ``train`` call. ``wv`` (a ``KeyedVectors``) holds the vectors as a numpy
+    array, ``syn1neg`` the output table. Hierarchical softmax is not implemented (``hs=0``).
+    ``cbow_mean`` (CBOW): train on the mean of the context vectors (1, gensim's default) or their sum.
+    The training loss (``get_latest_training_loss``, ``mean_pair_loss``) is computed on the GPU and by the
+    minibatch trainer always, by the kernel trainer's CPU path only with ``compute_loss=True`` or
+    ``progress`` (it costs a fifth of the time there; gensim computes it only with ``compute_loss``).
 
-    embedattn's own arguments: ``device`` (default CUDA when available); ``backend`` picks the
-    loss/step implementation as everywhere in embedattn (None: Triton on CUDA, PyTorch on the CPU).
-    ``fused=True`` trains with the fused step (Triton ``sgns_step`` on CUDA; on the CPU the same
-    update in chunked PyTorch, torch.compile'd); ``fused=False`` with the autograd
-    ``negative_sampling_loss`` + SGD. Updates apply ``batch_words`` corpus words at a time (one
-    learning rate each); with one worker, pairs and negatives are drawn for 2**18 words at once. On
-    the CPU, ``workers`` threads (default: min(2, torch.get_num_threads())) each run single-threaded
-    PyTorch on their share of a batch's pairs, Hogwild like gensim's workers. ``compile`` (CPU fused
-    path): torch.compile the step (None: when epochs x corpus words >= 1M, as compiling costs ~10-30 s
-    once; falls back to eager PyTorch with a warning when it fails). ``in_flight`` (fused Triton
-    path): None runs one launch per 256-pair minibatch (the semantics whose quality matches
-    gensim's); an int runs one launch per batch in which GPU programs walk their share of the pairs
-    Hogwild, about ``in_flight`` pairs at a time. ``progress``: True shows a progress bar on stderr
-    (words/s, loss, learning rate), a callable gets the same numbers as a dict; epochs are also logged
-    at INFO level like gensim's.
+    Two trainers (``trainer``; None picks ``"kernel"`` unless ``fused=False`` or ``in_flight`` asks for
+    the minibatch one):
+
+    - ``"kernel"``: word2vec.c's algorithm in one kernel call per slice of about 1M corpus words (the
+      Triton kernel ``kernels/word2vec.py`` on CUDA; on the CPU the same algorithm in C, built once
+      with the system compiler, run by ``workers`` threads). Subsampling, dynamic windows and negative
+      draws happen inside; each sentence (cut into pieces of at most 10000 words, gensim's limit, or
+      1000 on a GPU, word2vec.c's, for parallelism) is walked word by word, sequential SGD within it,
+      Hogwild across sentences. ``shared_negatives=True`` draws one set
+      of negatives per centre word for its whole window (skip-gram; Wombat / word2vec-acc's reuse:
+      less memory traffic, slightly different updates). Skip-gram and CBOW. ``batch_words`` is unused.
+    - ``"minibatch"`` (skip-gram only): pairs and negatives drawn for ``batch_words`` words at a time,
+      updates applied 256 pairs at a time from one snapshot: ``fused=True`` with the fused step (Triton
+      ``sgns_step`` on CUDA; on the CPU chunked PyTorch, torch.compile'd when ``compile`` allows, None:
+      when epochs x corpus words >= 1M, as compiling costs ~10-30 s once), ``fused=False`` with the
+      autograd ``negative_sampling_loss`` + SGD; ``in_flight`` (fused Triton): one Hogwild launch per
+      batch with about that many pairs in flight.
+
+    embedattn's own arguments: ``device`` (default CUDA when available); ``backend`` as everywhere in
+    embedattn (None: Triton on CUDA, the CPU path elsewhere; ``"triton"`` on the CPU runs the kernel
+    through Triton's interpreter, for tests). ``workers`` (CPU, default min(2, torch.get_num_threads()))
+    threads train concurrently, Hogwild like gensim's workers. ``progress``: True shows a progress bar
+    on stderr (words/s, loss, learning rate), a callable gets the same numbers as a dict; epochs are
+    also logged at INFO level like gensim's.
 
     Determinism: ``deterministic=True`` gives the same vectors bit for bit for the same ``seed`` on the
-    same device (for tests): one worker, and the PyTorch step (on CUDA under torch's deterministic
-    algorithms) instead of the Triton kernels, whose atomic adds land in a varying order. On the CPU
-    ``workers=1`` alone is enough (gensim's advice too); more workers update the tables Hogwild, in an
-    order that varies run to run.
+    same device (for tests): the kernel trainer with one program (one thread), the minibatch trainer
+    with the PyTorch step. On the CPU ``workers=1`` alone is enough (gensim's advice too); more
+    workers (or GPU programs) update the tables Hogwild, in an order that varies run to run.
     """
 
     def __init__(self, sentences: Iterable[list[str]] | None = None, *, corpus_file=None,
@@ -140,15 +163,18 @@ class Word2Vec:
                  sample: float = 1e-3, alpha: float = 0.025, min_alpha: float = 1e-4, epochs: int = 5,
                  ns_exponent: float = 0.75, max_vocab_size: int | None = None, max_final_vocab: int | None = None,
                  trim_rule: Callable | None = None, sorted_vocab: int = 1, batch_words: int = 10000,
-                 shrink_windows: bool = True, sg: int = 1, hs: int = 0, compute_loss: bool = False,
-                 callbacks: Iterable = (), seed: int = 0, workers: int | None = None, device=None,
-                 backend: str | None = None, fused: bool = True, compile: bool | None = None,
+                 shrink_windows: bool = True, sg: int = 1, hs: int = 0, cbow_mean: int = 1,
+                 compute_loss: bool = False, callbacks: Iterable = (), seed: int = 0, workers: int | None = None,
+                 device=None, backend: str | None = None, trainer: str | None = None,
+                 shared_negatives: bool = False, fused: bool = True, compile: bool | None = None,
                  in_flight: int | None = None, deterministic: bool = False,
                  progress: bool | Callable[[dict], None] | None = None) -> None:
-        if sg != 1:
-            raise ValueError(f"only skip-gram is implemented: sg must be 1, got {sg!r}")
+        if sg not in (0, 1):
+            raise ValueError(f"sg must be 1 (skip-gram) or 0 (CBOW), got {sg!r}")
         if hs:
             raise ValueError("hierarchical softmax is not implemented: hs must be 0 (negative sampling)")
+        if trainer not in _TRAINERS:
+            raise ValueError(f"trainer must be one of {_TRAINERS}, got {trainer!r}")
         for name, val, lo in (("vector_size", vector_size, 1), ("window", window, 1), ("negative", negative, 1),
                               ("min_count", min_count, 0), ("epochs", epochs, 1), ("batch_words", batch_words, 1)):
             _check_int(name, val, lo)
@@ -156,11 +182,19 @@ class Word2Vec:
         _check_int("max_final_vocab", max_final_vocab, 1, optional=True)
         _check_int("workers", workers, 1, optional=True)
         _check_int("in_flight", in_flight, 1, optional=True)
+        eff = trainer or ("minibatch" if (not fused or in_flight is not None) else "kernel")
+        if eff == "minibatch" and not sg:
+            raise ValueError("CBOW (sg=0) is trained by the kernel trainer only, not trainer='minibatch' "
+                             "(fused=False and in_flight select the minibatch trainer)")
+        if eff == "kernel" and (not fused or in_flight is not None):
+            raise ValueError("fused=False and in_flight are options of trainer='minibatch'")
+        if shared_negatives and (eff != "kernel" or not sg):
+            raise ValueError("shared_negatives is an option of the kernel trainer's skip-gram")
         if deterministic and (workers or 1) > 1:
             raise ValueError(f"deterministic=True trains with one worker, not workers={workers}")
-        if deterministic and backend == "triton":
-            raise ValueError("deterministic=True runs the PyTorch step: the Triton step's atomic adds land in a "
-                             "varying order (use backend=None or 'reference')")
+        if deterministic and backend == "triton" and eff == "minibatch":
+            raise ValueError("deterministic=True runs the minibatch trainer's PyTorch step: the Triton step's atomic "
+                             "adds land in a varying order (use backend=None or 'reference', or trainer='kernel')")
         if sample < 0 or alpha <= 0 or min_alpha < 0:
             raise ValueError("sample and min_alpha must be >= 0 and alpha > 0")
         _check_corpus_args(sentences, corpus_file)
@@ -168,7 +202,8 @@ class Word2Vec:
         self.sample, self.alpha, self.min_alpha, self.epochs = sample, alpha, min_alpha, epochs
         self.ns_exponent, self.max_vocab_size, self.max_final_vocab = ns_exponent, max_vocab_size, max_final_vocab
         self.sorted_vocab, self.batch_words, self.shrink_windows = sorted_vocab, batch_words, shrink_windows
-        self.sg, self.hs, self.compute_loss = 1, 0, compute_loss
+        self.sg, self.hs, self.cbow_mean, self.compute_loss = int(sg), 0, int(cbow_mean), compute_loss
+        self.trainer, self.shared_negatives = trainer, bool(shared_negatives)
         self.seed, self.backend, self.fused, self.workers, self.in_flight = seed, backend, fused, workers, in_flight
         self.deterministic = deterministic
         self.progress = print_progress if progress is True else (progress or None)
@@ -183,6 +218,14 @@ class Word2Vec:
         self._chunk = 256
         # corpus words whose pairs and negatives are drawn at once (one host sync each, see _train)
         self._group_words = 1 << 18
+        # the kernel trainer: chunks of at most this many words (windows stop at a chunk's ends; on the CPU
+        # gensim's sentence limit, on a GPU word2vec.c's, for more programs), about this many corpus words
+        # per kernel call (a GPU launch: one program per chunk), and how rows go back to the tables ("add"
+        # their change, or "store" their value)
+        self._chunk_words = 1000 if self.device.type == "cuda" else 10000
+        self._slice_words = (1 << 20) if self.device.type == "cuda" else (1 << 17)
+        self._write_back = "add"
+        self._num_warps = None  # the GPU kernel's warps per program (None: its config's)
         self.wv: KeyedVectors | None = None
         self.syn1neg: np.ndarray | None = None
         self.raw_vocab: dict[str, int] = {}
@@ -244,7 +287,9 @@ class Word2Vec:
         self.raw_vocab = raw if keep_raw_vocab else {}
         V, D = len(words), self.vector_size
         gen = torch.Generator().manual_seed(self.seed)
-        vectors = torch.empty(V, D).uniform_(-0.5 / D, 0.5 / D, generator=gen).numpy()  # word2vec.c's init
+        # gensim's init (prep_vectors: uniform in [-1/D, 1/D); word2vec.c's is half as wide): CBOW's WordSim-353
+        # on head500 gains ~0.01 with it
+        vectors = torch.empty(V, D).uniform_(-1.0 / D, 1.0 / D, generator=gen).numpy()
         self.wv = KeyedVectors._from_arrays(words, vectors, counts)
         self.syn1neg = np.zeros((V, D), dtype=np.float32)
         self._init_sampling()
@@ -284,6 +329,29 @@ class Word2Vec:
             if step.ok:
                 return step
         return lambda *a: torch_sgns_step(*a, chunk=self._chunk)
+
+    def _road(self) -> str:
+        """How ``train`` runs here: ``"triton"`` (the kernel trainer's Triton kernel: CUDA, or the CPU
+        interpreter with backend='triton'), ``"c"`` (its CPU path), ``"numpy"`` (its NumPy reference,
+        where C cannot be built: slow) or ``"minibatch"``."""
+        want = self.trainer or ("minibatch" if (not self.fused or self.in_flight is not None) else None)
+        if want == "minibatch":
+            return "minibatch"
+        be = resolve(self.backend, torch.empty(0, device=self.device), op="negative_sampling", dtype=torch.float32)
+        if be == "triton":
+            return "triton"
+        if self.device.type == "cpu" and _cpu.load() is not None:
+            return "c"
+        if want is None and self.sg:  # the kernel cannot run here: the minibatch trainer's PyTorch step
+            return "minibatch"
+        if self.device.type == "cpu":
+            import warnings
+
+            warnings.warn("word2vec: no C compiler for the kernel trainer's CPU path; training with its NumPy "
+                          "reference (slow)", stacklevel=3)
+            return "numpy"
+        raise ValueError(f"the kernel trainer on {self.device} runs the Triton kernel, and backend={self.backend!r} "
+                         "resolves to the reference: use backend=None/'triton', or trainer='minibatch' (skip-gram)")
 
     def _n_workers(self) -> int:
         be = resolve(self.backend, torch.empty(0, device=self.device), op="negative_sampling", dtype=torch.float32)
@@ -353,10 +421,15 @@ class Word2Vec:
         for cb in callbacks:
             cb.on_train_begin(self)
         try:
-            step = self._step_fn()
-            with _deterministic_algorithms(self.deterministic and not on_cpu):
-                effective = self._train(self.epochs, step, n_workers, pool, ids, sent, raw_words, callbacks,
-                                        report_delay)
+            road = self._road()
+            if road == "minibatch":
+                step = self._step_fn()
+                with _deterministic_algorithms(self.deterministic and not on_cpu):
+                    effective = self._train(self.epochs, step, n_workers, pool, ids, sent, raw_words, callbacks,
+                                            report_delay)
+            else:
+                effective = self._train_kernel(road, self.epochs, n_workers, pool, ids, sent, raw_words, callbacks,
+                                               report_delay)
         finally:
             if pool is not None:
                 pool.shutdown()
@@ -449,8 +522,114 @@ class Word2Vec:
         self.mean_pair_loss = float(loss_acc) / max(loss_pairs, 1)
         return effective
 
+    def _train_kernel(self, road, epochs, n_workers, pool, ids_all, sent_all, raw_words, callbacks,
+                      report_delay) -> int:
+        """The kernel trainer: per epoch, one kernel call per slice of about ``_slice_words`` corpus words
+        (whole chunks); the host only enqueues slices (on CUDA at most two ahead of the device, so the
+        progress report is current) and reports progress. The kernel draws everything from the seed and
+        the corpus position, so slicing changes nothing but the Hogwild schedule."""
+        dev, on_cuda = self.device, self.device.type == "cuda"
+        n_all = ids_all.numel()
+        total = max(epochs * n_all, 1)
+        bounds_np = chunk_bounds(sent_all.cpu().numpy(), self._chunk_words)
+        n_chunks = len(bounds_np) - 1
+        firsts = np.searchsorted(bounds_np[:-1], np.arange(0, max(n_all, 1), self._slice_words))
+        cuts = np.unique(np.r_[firsts, n_chunks]).tolist()
+        slices = list(zip(cuts[:-1], cuts[1:]))
+        # a loaded model continues with fresh random streams, not the ones its first training used
+        seed = (self.seed + 1_000_003 * self.train_count) % (1 << 63)
+        kw = dict(seed=seed, lr_start=self.alpha, lr_end=self.min_alpha, total_words=float(total), window=self.window,
+                  negative=self.negative, sg=bool(self.sg), cbow_mean=bool(self.cbow_mean),
+                  shared_negatives=self.shared_negatives, shrink_windows=self.shrink_windows)
+        aprob, alias = self._sampler._alias_prob.float(), self._sampler._alias.to(torch.int32)
+        # the loss costs the C path a fifth of its time: computed there when asked for or shown (gensim
+        # computes it only with compute_loss)
+        want_loss = road != "c" or bool(self.compute_loss or self.progress is not None)
+        if road == "triton":
+            from ..kernels.word2vec import word2vec_train
+
+            tokens = ids_all.to(torch.int32)
+            bounds = torch.from_numpy(bounds_np).to(dev)
+            kept = torch.empty(max(n_all, 1), dtype=torch.int32, device=dev)  # the kernel's scratch
+            stats = torch.zeros(3, dtype=torch.float64, device=dev)
+        else:
+            tokens = ids_all.cpu().numpy().astype(np.int32)
+            arrays = dict(keep_prob=self._keep.cpu().numpy(), alias_prob=aprob.cpu().numpy(),
+                          alias=alias.cpu().numpy())
+            w_in, w_out = self._w_in.numpy(), self._w_out.numpy()
+            stats = np.zeros(3)
+            fn = _cpu.load() if road == "c" else None
+            max_chunk = int(np.diff(bounds_np).max(initial=0))
+
+        def run_slice(ca, cb, pos_base):
+            nonlocal stats
+            if road == "triton":
+                st = word2vec_train(tokens, bounds, kept, self._keep, aprob, alias, self._w_in, self._w_out, c0=ca,
+                                    n_chunks=cb - ca, grid=cb - ca, pos_base=pos_base, write_back=self._write_back,
+                                    deterministic=self.deterministic, num_warps=self._num_warps, **kw)
+                stats += st.sum(0)
+            elif road == "c":
+                def part(w):
+                    return _cpu.train_chunks(fn, tokens, bounds_np, ca + w, cb, n_workers, arrays["keep_prob"],
+                                             arrays["alias_prob"], arrays["alias"], w_in, w_out, pos_base=pos_base,
+                                             max_chunk=max_chunk, want_loss=want_loss, **kw)
+                stats = stats + (sum(f.result() for f in [pool.submit(part, w) for w in range(n_workers)])
+                                 if pool is not None else part(0))
+            else:
+                stats = stats + train_chunks_reference(tokens, bounds_np, range(ca, cb), arrays["keep_prob"],
+                                                       arrays["alias_prob"], arrays["alias"], w_in, w_out,
+                                                       pos_base=pos_base, **kw)
+
+        def host_stats():  # [loss, pairs, kept words] so far (a device sync on CUDA)
+            return stats.tolist()
+
+        t0 = last = time.perf_counter()
+        queued: list = []
+        self.running_training_loss = 0.0
+        kept_before = 0.0
+        for epoch in range(epochs):
+            for cb_ in callbacks:
+                cb_.on_epoch_begin(self)
+            t_epoch = time.perf_counter()
+            pos_base = epoch * n_all
+            for si, (ca, cb) in enumerate(slices):
+                run_slice(ca, cb, pos_base)
+                if on_cuda:  # at most two slices queued ahead of the device
+                    ev = torch.cuda.Event()
+                    ev.record()
+                    queued.append(ev)
+                    if len(queued) > 2:
+                        queued.pop(0).synchronize()
+                now = time.perf_counter()
+                if self.progress is not None and (now - last >= report_delay or si == len(slices) - 1):
+                    last = now
+                    done = pos_base + int(bounds_np[cb])
+                    loss, pairs, _ = host_stats()
+                    lr = max(self.min_alpha, self.alpha - (self.alpha - self.min_alpha) * done / total)
+                    self.progress({"epoch": epoch + 1, "epochs": epochs, "words": done, "total_words": total,
+                                   "loss": loss / max(pairs, 1), "lr": lr,
+                                   "words_per_s": done / max(now - t0, 1e-9) * raw_words / max(n_all, 1)})
+            loss, pairs, kept_total = host_stats()
+            self.running_training_loss = loss
+            elapsed = time.perf_counter() - t_epoch
+            n_kept = kept_total - kept_before
+            logger.info("EPOCH %i: training on %i raw words (%i effective words) took %.1fs, %.0f effective words/s",
+                        epoch, raw_words, n_kept, elapsed, n_kept / max(elapsed, 1e-9))
+            kept_before = kept_total
+            for cb_ in callbacks:
+                cb_.on_epoch_end(self)
+        if on_cuda:
+            torch.cuda.synchronize(dev)
+        self.train_seconds = time.perf_counter() - t0
+        self.trained_words = epochs * raw_words
+        loss, pairs, kept_total = host_stats()
+        self.running_training_loss = loss
+        self.mean_pair_loss = loss / max(pairs, 1) if want_loss else float("nan")
+        return int(kept_total)
+
     def get_latest_training_loss(self) -> float:
-        """The summed loss of the pairs trained so far in the latest ``train`` call (updated per epoch)."""
+        """The summed loss of the pairs (CBOW: of the centre words) trained so far in the latest ``train``
+        call, updated per epoch; 0 on the kernel trainer's CPU path unless ``compute_loss`` or ``progress``."""
         return self.running_training_loss
 
     # ----------------------------------------------------------------------------- saving
