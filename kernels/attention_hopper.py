@@ -173,17 +173,25 @@ def _attn_fwd_hopper(
 # backward: delta = rowsum(dO * O); one program per key block, 5 matmuls per tile; dQ = scale * dQacc
 # --------------------------------------------------------------------------------------------------
 @triton.jit
-def _bwd_delta(O, DO, DELTA, stride_ob, stride_oh, stride_om, stride_dob, stride_doh, stride_dom,
-               H, NBH, Nq, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
-    bh = _bh_id()
-    if bh >= NBH:
-        return
+def _row_tile(bh, H, Nq, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The rows of (batch, head) `bh` this program's query block covers: batch and head (int64), row
+    and column offsets, the in-range row mask and the rows as int64 (for the `_bwd_delta`/`_dq_convert` tiles)."""
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     ok = offs_m[:, None] < Nq
     m64 = offs_m.to(tl.int64)[:, None]
+    return b, h, offs_m, offs_d, ok, m64
+
+
+@triton.jit
+def _bwd_delta(O, DO, DELTA, stride_ob, stride_oh, stride_om, stride_dob, stride_doh, stride_dom,
+               H, NBH, Nq, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    bh = _bh_id()
+    if bh >= NBH:
+        return
+    b, h, offs_m, offs_d, ok, m64 = _row_tile(bh, H, Nq, HEAD_DIM, BLOCK_M)
     o = tl.load(O + b * stride_ob + h * stride_oh + m64 * stride_om + offs_d[None, :], mask=ok, other=0.0)
     do = tl.load(DO + b * stride_dob + h * stride_doh + m64 * stride_dom + offs_d[None, :], mask=ok, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
@@ -284,12 +292,7 @@ def _dq_convert(DQA, DQ, stride_dqb, stride_dqh, stride_dqm, H, NBH, Nq, sm_scal
     bh = _bh_id()
     if bh >= NBH:
         return
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    ok = offs_m[:, None] < Nq
-    m64 = offs_m.to(tl.int64)[:, None]
+    b, h, offs_m, offs_d, ok, m64 = _row_tile(bh, H, Nq, HEAD_DIM, BLOCK_M)
     dq = tl.load(DQA + bh.to(tl.int64) * Nq * HEAD_DIM + m64 * HEAD_DIM + offs_d[None, :], mask=ok, other=0.0)
     tl.store(DQ + b * stride_dqb + h * stride_dqh + m64 * stride_dqm + offs_d[None, :],
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=ok)

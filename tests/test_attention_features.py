@@ -9,7 +9,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import BACKENDS, DEVICE, DTYPES, ON_CUDA, assert_fa_close, skip_if_unsupported
+from helpers import BACKENDS, DEVICE, DTYPES, ON_CUDA, assert_fa_close, compile_sm90_in_subprocess, skip_if_unsupported
 
 import embedattn
 from embedattn import reference
@@ -812,18 +812,8 @@ def test_feature_kernels_compile_for_sm90():
     """What the interpreter cannot show: every kernel with all feature flags on (and the varlen and
     split-KV decoding variants) lowers and assembles for an H100 (ptxas runs here, no GPU needed;
     in a subprocess, since this one interprets), with tensor-core instructions in each."""
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-c", _AOT], env=env, capture_output=True, text=True, timeout=600)
-    if r.returncode:
-        tail = r.stderr.strip().splitlines()[-1:] or [""]
-        if any(x in tail[0] for x in ("ImportError", "ptxas", "FileNotFoundError", "backend")):
-            pytest.skip(f"cannot compile for sm_90 here: {tail[0]}")
-        raise AssertionError(r.stderr[-3000:])
-    counts = [int(c) for c in r.stdout.split()]
+    out = compile_sm90_in_subprocess(_AOT)
+    counts = [int(c) for c in out.split()]
     assert len(counts) == 5 and all(c > 0 for c in counts), counts
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import BACKENDS, DEVICE, DTYPES, HAS_TRITON, ON_CUDA, ROADS, assert_fa_close, on_road, skip_if_unsupported
+from helpers import compile_sm90_in_subprocess as compile_sm90
 from torch import nn
 
 import embedattn
@@ -757,18 +758,8 @@ def test_kernels_compile_for_sm90():
     share the id check) compile for an H100/H200 (ptxas runs here, no GPU needed), the forward gathers and
     stores with 16-byte accesses (v4.b32), keeps position rows in L2 (evict_last) and streams a large
     output (evict_first), and the scatters are relaxed reductions (red, not atom)."""
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-c", _AOT], env=env, capture_output=True, text=True, timeout=600)
-    if r.returncode:
-        tail = r.stderr.strip().splitlines()[-1:] or [""]
-        if any(x in tail[0] for x in ("ImportError", "ptxas", "FileNotFoundError", "backend")):
-            pytest.skip(f"cannot compile for sm_90 here: {tail[0]}")
-        raise AssertionError(r.stderr[-3000:])
-    ops = dict(line.split(" ", 1) for line in r.stdout.strip().splitlines())
+    out = compile_sm90(_AOT)
+    ops = dict(line.split(" ", 1) for line in out.strip().splitlines())
     assert set(ops) == {"fwd", "fwd_sin", "bwd_atomic", "bwd_sorted", "bwd_pos", "ns_fwd", "ns_bwd"}, ops
     fwd = ops["fwd"].split()
     assert "ld.global.v4.b32" in fwd, fwd  # token rows, 16 bytes a thread

@@ -57,6 +57,20 @@ def _repro(op: str, i: int, case: dict):
         raise AssertionError(f"{line}\n{type(e).__name__}: {e}") from e
 
 
+def _table_dtypes_and_seed(r: random.Random) -> dict:
+    """The last fields of an embedding or negative-sampling case: table dtype (bf16 on CUDA only), id dtype, seed."""
+    return dict(dtype=r.choice(["float32", "float16"] + (["bfloat16"] if ON_CUDA else [])),
+                id_dtype=r.choice(["int32", "int64"]), seed=r.randint(0, 2**31 - 1))
+
+
+@contextmanager
+def _table_case(op: str, i: int, make):
+    """Case i of op (from make), under _repro: yields the case, its generator, table dtype and id dtype."""
+    c = make(i)
+    with _repro(op, i, c):
+        yield c, torch.Generator().manual_seed(c["seed"]), getattr(torch, c["dtype"]), getattr(torch, c["id_dtype"])
+
+
 def _randn(shape, g, dtype, scale=1.0):
     return (torch.randn(shape, generator=g) * scale).to(DEVICE, dtype)
 
@@ -190,16 +204,12 @@ def _embedding_case(i: int) -> dict:
                 offset=0 if explicit else r.choice([0, 0, r.randint(1, 10)]),
                 padding_idx=r.choice([None, None, r.randint(-V, V - 1)]),
                 scale=r.choice([1.0, round(r.uniform(0.1, 4.0), 3)]),
-                dtype=r.choice(["float32", "float16"] + (["bfloat16"] if ON_CUDA else [])),
-                id_dtype=r.choice(["int32", "int64"]), seed=r.randint(0, 2**31 - 1))
+                **_table_dtypes_and_seed(r))
 
 
 @pytest.mark.parametrize("i", range(_count("embedding")))
 def test_fuzz_embedding(i):
-    c = _embedding_case(i)
-    with _repro("embedding", i, c):
-        g = torch.Generator().manual_seed(c["seed"])
-        dtype, id_dtype = getattr(torch, c["dtype"]), getattr(torch, c["id_dtype"])
+    with _table_case("embedding", i, _embedding_case) as (c, g, dtype, id_dtype):
         ids = torch.randint(0, c["V"], c["shape"], generator=g).to(DEVICE, id_dtype)
         n = c["shape"][-1]
         positions = None
@@ -242,16 +252,12 @@ def _ns_case(i: int) -> dict:
     return dict(B=r.randint(1, 40 * big), K=r.randint(1, 8), V=r.choice([1, 2, r.randint(1, 50 * big)]),
                 D=r.choice([1, 3, 4, r.randint(1, 64 * big)]), reduction=r.choice(["mean", "sum", "none"]),
                 sparse=r.random() < 0.2, weight_scale=round(r.uniform(0.05, 2.0), 3),
-                dtype=r.choice(["float32", "float16"] + (["bfloat16"] if ON_CUDA else [])),
-                id_dtype=r.choice(["int32", "int64"]), seed=r.randint(0, 2**31 - 1))
+                **_table_dtypes_and_seed(r))
 
 
 @pytest.mark.parametrize("i", range(_count("negative_sampling")))
 def test_fuzz_negative_sampling(i):
-    c = _ns_case(i)
-    with _repro("negative_sampling", i, c):
-        g = torch.Generator().manual_seed(c["seed"])
-        dtype, id_dtype = getattr(torch, c["dtype"]), getattr(torch, c["id_dtype"])
+    with _table_case("negative_sampling", i, _ns_case) as (c, g, dtype, id_dtype):
         ids = [torch.randint(0, c["V"], s, generator=g).to(DEVICE, id_dtype) for s in ((c["B"],), (c["B"],),
                                                                                        (c["B"], c["K"]))]
         base = [torch.randn(c["V"], c["D"], generator=g) * c["weight_scale"] for _ in range(2)]

@@ -12,6 +12,7 @@ from helpers import (
     ON_CUDA,
     ROADS,
     assert_fa_close,
+    compile_sm90_in_subprocess,
     max_err,
     on_road,
     skip_if_unsupported,
@@ -187,33 +188,54 @@ def _step_reference(inp, tgt, neg, wi, wo, lr):
     return loss, wi64, wo64
 
 
+def _sgns_batch(seed, B, K, D, distinct, v_colliding):
+    """B (input, target, K negatives) triples and two (V, D) tables: every row distinct, or ids drawn
+    from a tiny vocabulary of v_colliding rows so that they collide (skipped on a GPU)."""
+    if not distinct and ON_CUDA:
+        pytest.skip("colliding rows race (Hogwild) across programs on a GPU; checked under the interpreter")
+    g = torch.Generator().manual_seed(seed)
+    if distinct:  # no row is touched by two programs: the result is exact on any device
+        V = B * (K + 2)
+        perm = torch.randperm(V, generator=g)
+        inp, tgt, neg = perm[:B], perm[B:2 * B], perm[2 * B:2 * B + B * K].view(B, K)
+    else:
+        V = v_colliding
+        inp, tgt = torch.randint(0, V, (B,), generator=g), torch.randint(0, V, (B,), generator=g)
+        neg = torch.randint(0, V, (B, K), generator=g)
+    wi = torch.randn(V, D, generator=g) * 0.3
+    wo = torch.randn(V, D, generator=g) * 0.3
+    return inp, tgt, neg, wi, wo
+
+
+def _minibatch_reference(inp, tgt, neg, wi, wo, lr, size):
+    """_step_reference over consecutive minibatches of `size` pairs: (all losses, final wi, final wo)."""
+    losses, wi_r, wo_r = [], wi.double(), wo.double()
+    for s in range(0, len(inp), size):
+        lo, wi_r, wo_r = _step_reference(inp[s:s + size], tgt[s:s + size], neg[s:s + size], wi_r, wo_r, lr)
+        losses.append(lo)
+    return torch.cat(losses), wi_r, wo_r
+
+
+def _assert_step_matches(loss, wi_k, wo_k, loss_r, wi_r, wo_r):
+    assert max_err(loss.cpu(), loss_r) < 1e-5
+    assert max_err(wi_k.cpu(), wi_r) < 1e-5
+    assert max_err(wo_k.cpu(), wo_r) < 1e-5
+
+
 @pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
 @pytest.mark.parametrize("distinct", [True, False])
 def test_sgns_step_kernel(distinct):
     from embedattn.kernels.negative_sampling import sgns_step
 
-    if not distinct and ON_CUDA:
-        pytest.skip("colliding rows race (Hogwild) across programs on a GPU; checked under the interpreter")
-    g = torch.Generator().manual_seed(11)
     B, K, D = 13, 4, 70
-    if distinct:  # no row is touched by two programs: the result is exact on any device
-        V = B * (K + 2)
-        perm = torch.randperm(V, generator=g)
-        inp, tgt = perm[:B], perm[B:2 * B]
-        neg = perm[2 * B:2 * B + B * K].view(B, K)
-    else:  # B fits one interpreter program, which applies all its updates from the same snapshot
-        V = 7
-        inp, tgt = torch.randint(0, V, (B,), generator=g), torch.randint(0, V, (B,), generator=g)
-        neg = torch.randint(0, V, (B, K), generator=g)
+    # colliding: B fits one interpreter program, which applies all its updates from the same snapshot
+    inp, tgt, neg, wi, wo = _sgns_batch(11, B, K, D, distinct, v_colliding=7)
+    if not distinct:
         assert (neg == tgt[:, None]).any()  # the skip rule is exercised
-    wi = torch.randn(V, D, generator=g) * 0.3
-    wo = torch.randn(V, D, generator=g) * 0.3
-    loss_r, wi_r, wo_r = _step_reference(inp, tgt, neg, wi, wo, lr=0.05)
+    ref = _step_reference(inp, tgt, neg, wi, wo, lr=0.05)
     wi_k, wo_k = wi.to(DEVICE), wo.to(DEVICE)
     loss = sgns_step(inp.to(DEVICE), tgt.to(DEVICE), neg.to(DEVICE), wi_k, wo_k, 0.05)
-    assert max_err(loss.cpu(), loss_r) < 1e-5
-    assert max_err(wi_k.cpu(), wi_r) < 1e-5
-    assert max_err(wo_k.cpu(), wo_r) < 1e-5
+    _assert_step_matches(loss, wi_k, wo_k, *ref)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
@@ -224,32 +246,15 @@ def test_sgns_step_chunked_launches(distinct):
     # rows give the exact per-chunk minibatch result; on a GPU only distinct rows are race-free)
     from embedattn.kernels.negative_sampling import sgns_step
 
-    if not distinct and ON_CUDA:
-        pytest.skip("colliding rows race (Hogwild) across programs on a GPU; checked under the interpreter")
-    g = torch.Generator().manual_seed(12)
     B, K, D, chunk = 45, 3, 20, 16
-    if distinct:
-        V = B * (K + 2)
-        perm = torch.randperm(V, generator=g)
-        inp, tgt, neg = perm[:B], perm[B:2 * B], perm[2 * B:2 * B + B * K].view(B, K)
-    else:
-        V = 6
-        inp, tgt = torch.randint(0, V, (B,), generator=g), torch.randint(0, V, (B,), generator=g)
-        neg = torch.randint(0, V, (B, K), generator=g)
-    wi = torch.randn(V, D, generator=g) * 0.3
-    wo = torch.randn(V, D, generator=g) * 0.3
-    losses, wi_r, wo_r = [], wi.double(), wo.double()
-    for s in range(0, B, chunk):
-        lo, wi_r, wo_r = _step_reference(inp[s:s + chunk], tgt[s:s + chunk], neg[s:s + chunk], wi_r, wo_r, 0.1)
-        losses.append(lo)
+    inp, tgt, neg, wi, wo = _sgns_batch(12, B, K, D, distinct, v_colliding=6)
+    ref = _minibatch_reference(inp, tgt, neg, wi, wo, 0.1, chunk)
     wi_k, wo_k = wi.to(DEVICE), wo.to(DEVICE)
     # int32 ids, a non-contiguous target column: the launch loop keeps the strides
     tgt2 = torch.stack([tgt, tgt], 1).to(DEVICE, torch.int32)[:, 1]
     loss = sgns_step(inp.to(DEVICE), tgt2, neg.to(DEVICE), wi_k, wo_k, 0.1, chunk=chunk)
     assert loss.shape == (B,)
-    assert max_err(loss.cpu(), torch.cat(losses)) < 1e-5
-    assert max_err(wi_k.cpu(), wi_r) < 1e-5
-    assert max_err(wo_k.cpu(), wo_r) < 1e-5
+    _assert_step_matches(loss, wi_k, wo_k, *ref)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
@@ -261,32 +266,15 @@ def test_sgns_hogwild(distinct, tiles_in_flight):
     # on a GPU only distinct rows are race-free. B = 100: several tiles per program, a masked last one
     from embedattn.kernels.negative_sampling import _fixed_config, sgns_hogwild
 
-    if not distinct and ON_CUDA:
-        pytest.skip("colliding rows race (Hogwild) across programs on a GPU; checked under the interpreter")
-    g = torch.Generator().manual_seed(13)
     B, K, D = 100, 3, 20
     tile = _fixed_config(K, D)["BLOCK_B"]
-    if distinct:
-        V = B * (K + 2)
-        perm = torch.randperm(V, generator=g)
-        inp, tgt, neg = perm[:B], perm[B:2 * B], perm[2 * B:2 * B + B * K].view(B, K)
-    else:
-        V = 6
-        inp, tgt = torch.randint(0, V, (B,), generator=g), torch.randint(0, V, (B,), generator=g)
-        neg = torch.randint(0, V, (B, K), generator=g)
-    wi = torch.randn(V, D, generator=g) * 0.3
-    wo = torch.randn(V, D, generator=g) * 0.3
-    losses, wi_r, wo_r = [], wi.double(), wo.double()
-    for s in range(0, B, tile):
-        lo, wi_r, wo_r = _step_reference(inp[s:s + tile], tgt[s:s + tile], neg[s:s + tile], wi_r, wo_r, 0.1)
-        losses.append(lo)
+    inp, tgt, neg, wi, wo = _sgns_batch(13, B, K, D, distinct, v_colliding=6)
+    ref = _minibatch_reference(inp, tgt, neg, wi, wo, 0.1, tile)
     wi_k, wo_k = wi.to(DEVICE), wo.to(DEVICE)
     loss = sgns_hogwild(inp.to(DEVICE), tgt.to(DEVICE, torch.int32), neg.to(DEVICE), wi_k, wo_k, 0.1,
                         in_flight=tiles_in_flight * tile)
     assert loss.shape == (B,)
-    assert max_err(loss.cpu(), torch.cat(losses)) < 1e-5
-    assert max_err(wi_k.cpu(), wi_r) < 1e-5
-    assert max_err(wo_k.cpu(), wo_r) < 1e-5
+    _assert_step_matches(loss, wi_k, wo_k, *ref)
 
 
 # ----------------------------------------------------------------------------- the sampler
@@ -442,18 +430,8 @@ def test_hogwild_kernel_compiles_for_sm90():
     # here, no GPU needed; in a subprocess, as this one interprets), its table rows are read through
     # L2 (a stale L1 line would outlive the launch), its scatters are relaxed fire-and-forget
     # reductions (Triton's default is an acq_rel atom) and its tiles are separated by a CTA barrier
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-c", _AOT], env=env, capture_output=True, text=True, timeout=300)
-    if r.returncode:
-        tail = r.stderr.strip().splitlines()[-1:] or [""]
-        if any(x in tail[0] for x in ("ImportError", "ptxas", "FileNotFoundError", "backend")):
-            pytest.skip(f"cannot compile for sm_90 here: {tail[0]}")
-        raise AssertionError(r.stderr[-3000:])
-    *ops, barriers = r.stdout.split()
+    out = compile_sm90_in_subprocess(_AOT, timeout=300)
+    *ops, barriers = out.split()
     assert "red.global.gpu.relaxed.add.f32" in ops and not any(o.startswith("atom") for o in ops), ops
     assert "ld.global.cg.b32" in ops and int(barriers) >= 1, (ops, barriers)
 

@@ -68,14 +68,24 @@ def test_forward_backward(backend, dtype, road, shape, interleaved):
     assert torch.equal(out[..., rd:], x[..., rd:])  # the features past rotary_dim pass through
 
 
-@pytest.mark.parametrize("heads_first", [False, True])
-@pytest.mark.parametrize("offsets", ["int", "tensor"])
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("backend", BACKENDS)
+def _each_offsets_and_layout(test):
+    """Parametrize over backend, dtype, int or per-sequence tensor offsets, and tokens- or heads-first x."""
+    test = pytest.mark.parametrize("backend", BACKENDS)(test)
+    test = pytest.mark.parametrize("dtype", DTYPES)(test)
+    test = pytest.mark.parametrize("offsets", ["int", "tensor"])(test)
+    return pytest.mark.parametrize("heads_first", [False, True])(test)
+
+
+def _offsets_gen(base, dtype, offsets, heads_first):
+    """A generator seeded apart for each case of an _each_offsets_and_layout test."""
+    return torch.Generator().manual_seed(base + DTYPES.index(dtype) + 2 * heads_first + 4 * (offsets == "int"))
+
+
+@_each_offsets_and_layout
 def test_seqlen_offsets(backend, dtype, offsets, heads_first):
     """KV-cache decoding: each sequence starts at its own position; the last rows of the table are used."""
     skip_if_unsupported(backend, dtype)
-    gen = torch.Generator().manual_seed(100 + DTYPES.index(dtype) + 2 * heads_first + 4 * (offsets == "int"))
+    gen = _offsets_gen(100, dtype, offsets, heads_first)
     b, s, h, d, s_ro = 3, 5, 3, 12, 20
     cos, sin = _tables(s_ro, 4, dtype, gen)
     off = s_ro - s if offsets == "int" else torch.tensor([0, s_ro - s, 7], device=DEVICE, dtype=torch.int32)
@@ -153,14 +163,11 @@ def test_non_contiguous(backend):
     assert torch.equal(base[outside], big[outside])
 
 
-@pytest.mark.parametrize("heads_first", [False, True])
-@pytest.mark.parametrize("offsets", ["int", "tensor"])
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("backend", BACKENDS)
+@_each_offsets_and_layout
 def test_varlen(backend, dtype, offsets, heads_first):
     """Packed sequences (lengths 3, 0, 7, 1): matches the reference and per-sequence dense calls."""
     skip_if_unsupported(backend, dtype)
-    gen = torch.Generator().manual_seed(400 + DTYPES.index(dtype) + 2 * heads_first + 4 * (offsets == "int"))
+    gen = _offsets_gen(400, dtype, offsets, heads_first)
     lens, h, d, rd, s_ro = [3, 0, 7, 1], 3, 10, 8, 16
     cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
     total, max_len = sum(lens), max(lens) + 1  # max_seqlen need only bound the lengths

@@ -258,29 +258,21 @@ def attention_key(dtype: Any, head_dim: int, nq: int, nk: int, flags: Mapping[st
 
 
 @functools.lru_cache(maxsize=4096)
-def _embedding_key(dtype: Any, d: int, tokens: int, pos_mode: int | None) -> Key:
-    key = {"dtype": dtype, "d": d, "tokens": tokens}
-    if pos_mode is not None:
-        key["pos_mode"] = int(pos_mode)
-    return normalize_key(key)
+def _launch_key(fields: tuple[tuple[str, Any], ...]) -> Key:
+    """Memoized ``normalize_key`` of (name, value) pairs, a None value leaving its field out."""
+    return normalize_key({name: v for name, v in fields if v is not None})
 
 
 def embedding_key(dtype: Any, d: int, tokens: int, pos_mode: int | None = None) -> Key:
     """The key of an embedding launch: table dtype, row width, token bucket (and the forward's position mode)."""
-    return _embedding_key(dtype, int(d), bucket(tokens), None if pos_mode is None else int(pos_mode))
-
-
-@functools.lru_cache(maxsize=4096)
-def _negative_sampling_key(dtype: Any, d: int, k: int, sparse: bool | None) -> Key:
-    key = {"dtype": dtype, "d": d, "k": k}
-    if sparse is not None:
-        key["sparse"] = bool(sparse)
-    return normalize_key(key)
+    return _launch_key((("dtype", dtype), ("d", int(d)), ("tokens", bucket(tokens)),
+                        ("pos_mode", None if pos_mode is None else int(pos_mode))))
 
 
 def negative_sampling_key(dtype: Any, d: int, k: int, sparse: bool | None = None) -> Key:
     """The key of a negative-sampling launch: table dtype, row width, negatives per pair (and sparse, backward)."""
-    return _negative_sampling_key(dtype, int(d), int(k), None if sparse is None else bool(sparse))
+    return _launch_key((("dtype", dtype), ("d", int(d)), ("k", int(k)),
+                        ("sparse", None if sparse is None else bool(sparse))))
 
 
 # ----------------------------------------------------------------------------------------------------------------
