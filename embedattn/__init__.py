@@ -10,12 +10,13 @@ Public API::
     embedattn.NegativeSamplingLoss, embedattn.UnigramSampler
     embedattn.rotary(x, cos, sin, ...)                    # rotary position embedding
     embedattn.distributed.ring_attention(...)             # context parallelism over torch.distributed
+    embedattn.flash_attn_interface.flash_attn_func(...)   # FlashAttention 2's functions, by name
     embedattn.reference                                   # the PyTorch reference of every op
 
 Every op takes ``backend=None | "auto" | "triton" | "reference"`` (see ``embedattn._backend``).
 """
 
-from . import distributed, reference
+from . import distributed, flash_attn_interface, reference
 from ._backend import interpreting, resolve, triton_available
 from .attention import (
     AttentionFunction,
@@ -43,6 +44,7 @@ __all__ = [
     "attention_with_kvcache",
     "distributed",
     "embedding",
+    "flash_attn_interface",
     "interpreting",
     "negative_sampling_loss",
     "patch_sdpa",

@@ -94,7 +94,8 @@ class AttnSpec:
 # --------------------------------------------------------------------------------------------------
 # argument checks
 # --------------------------------------------------------------------------------------------------
-def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, paged: bool = False) -> None:
+    """q (B, Hq, N, D), k/v (B, Hkv, N, D) (with ``paged``, pools of pages (num_pages, Hkv, page_size, D))."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise AttentionTypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -108,7 +109,7 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise AttentionInputError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     if k.shape != v.shape:
         raise AttentionInputError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    if q.shape[0] != k.shape[0]:
+    if not paged and q.shape[0] != k.shape[0]:
         raise AttentionInputError(f"batch size of q ({q.shape[0]}) and k/v ({k.shape[0]}) differ")
     if q.shape[3] != k.shape[3]:
         raise AttentionInputError(f"head dim of q ({q.shape[3]}) and k/v ({k.shape[3]}) differ")
@@ -217,10 +218,17 @@ def _lse_like(q: torch.Tensor) -> torch.Tensor:
     return q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
-# the fakes mirror the launchers' allocations exactly (contiguous, whatever the inputs' strides): a compiled
-# graph plans its views on the fake's strides
+# the fakes mirror the launchers' allocations exactly (contiguous, except the dense and KV-cache outputs, laid out in
+# q's memory order): a compiled graph plans its views on the fake's strides
+def _out_like(q: torch.Tensor) -> torch.Tensor:
+    # the dense forward writes its output in q's memory order (FlashAttention's (B, N, H, D) for q.transpose(1, 2))
+    from .kernels.attention import empty_in_order
+
+    return empty_in_order(q)
+
+
 def _attention_fwd_fake(q, k, v, mask, alibi, seed, *scalars):
-    return q.new_empty(q.shape), _lse_like(q)
+    return _out_like(q), _lse_like(q)
 
 
 @kernel_op("attention_fwd", fake=_attention_fwd_fake)
@@ -304,20 +312,22 @@ def _varlen_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
                            **spec.kernel_features(alibi, seed))
 
 
-def _kvcache_fwd_fake(q, k_cache, v_cache, lens, alibi, num_splits, *scalars):
-    return q.new_empty(q.shape)
+def _kvcache_fwd_fake(q, k_cache, v_cache, lens, alibi, num_splits, *scalars_and_table):
+    return _out_like(q), _lse_like(q)
 
 
 @kernel_op("kvcache_fwd", fake=_kvcache_fwd_fake)
 def _kvcache_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lens: torch.Tensor,
                  alibi: torch.Tensor | None, num_splits: int, causal: bool, causal_offset: int, scale: float,
-                 window_left: int, window_right: int, softcap: float, dropout_p: float) -> torch.Tensor:
-    """Decoding: batch b attends to its first ``lens[b]`` cached keys (int32), causal bottom-right."""
+                 window_left: int, window_right: int, softcap: float, dropout_p: float,
+                 block_table: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decoding: batch b attends to its first ``lens[b]`` cached keys (int32), causal bottom-right; with
+    ``block_table`` the caches are pools of pages read through it. (out like q, lse2 (B, Hq, Nq) base 2)."""
     from .kernels.attention import kvcache_forward
 
     spec = AttnSpec(causal, causal_offset, scale, window_left, window_right, softcap, dropout_p)
-    out, _ = kvcache_forward(q, k_cache, v_cache, lens, causal, scale, num_splits, **spec.kernel_features(alibi, None))
-    return out
+    return kvcache_forward(q, k_cache, v_cache, lens, causal, scale, num_splits, block_table=block_table,
+                           **spec.kernel_features(alibi, None))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -622,14 +632,17 @@ def attention_varlen(
     alibi_slopes: torch.Tensor | None = None,
     dropout_p: float = 0.0,
     seed: int | None = None,
+    return_lse: bool = False,
     backend: str | None = None,
-) -> torch.Tensor:
+):
     """Attention over packed variable-length sequences, no padding work (FlashAttention's varlen API).
 
     q: (total_q, Hq, D), k/v: (total_k, Hkv, D); sequence b is rows cu_seqlens_q[b]:cu_seqlens_q[b+1]
     of q against rows cu_seqlens_k[b]:cu_seqlens_k[b+1] of k/v. ``max_seqlen_*`` (ints) bound the
     longest sequence (they size the launch grid). ``causal`` is bottom-right per sequence. Other options
-    as ``attention`` (dropout on the Triton backend only). Returns (total_q, Hq, D).
+    as ``attention`` (dropout on the Triton backend only). Returns (total_q, Hq, D), or with ``return_lse``
+    (out, lse (Hq, total_q) natural log, float32 (float64 for float64 inputs), -inf where a sequence has no
+    key); this lse is not differentiable on the Triton backend.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
@@ -650,6 +663,7 @@ def attention_varlen(
         raise AttentionInputError(f"max_seqlen_q/max_seqlen_k ({max_seqlen_q}, {max_seqlen_k}) are below the "
                                   f"longest sequences ({lq}, {lk})")
     n_batch = cu_seqlens_q.numel() - 1
+    check_bool("return_lse", return_lse)
     spec = _check_spec(q, causal=causal, causal_offset=0, scale=scale, window=window, softcap=softcap,
                        dropout_p=dropout_p, head_dim=q.shape[-1])
     alibi = _check_alibi(alibi_slopes, q, n_batch, q.shape[1])
@@ -660,17 +674,47 @@ def attention_varlen(
             raise AttentionInputError("dropout in attention_varlen needs the triton backend")
         kw = spec.reference_kwargs(alibi)
         kw.pop("causal_offset")  # bottom-right per sequence
-        return reference.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, **kw)
+        return reference.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, return_lse=return_lse, **kw)
     seed_t = seed_tensor(seed, q.device) if spec.dropout_p > 0 else None
     cu_q, cu_k = cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32)
-    out, _ = VarlenAttentionFunction.apply(*_distinct(q, k, v), cu_q, cu_k, alibi, seed_t, max_seqlen_q, max_seqlen_k,
-                                           *spec.op_args())
-    return out
+    out, lse2 = VarlenAttentionFunction.apply(*_distinct(q, k, v), cu_q, cu_k, alibi, seed_t, max_seqlen_q,
+                                              max_seqlen_k, *spec.op_args())
+    return (out, lse2 * _LN2) if return_lse else out
 
 
 def _expanded(t: torch.Tensor) -> bool:
     """Several elements share one memory location (a stride 0 on a dim of size > 1, e.g. ``expand``)."""
     return any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape))
+
+
+def _check_block_table(block_table, q: torch.Tensor, k_cache: torch.Tensor) -> None:
+    if not isinstance(block_table, torch.Tensor) or block_table.dtype not in (torch.int32, torch.int64):
+        got = block_table.dtype if isinstance(block_table, torch.Tensor) else type(block_table).__name__
+        raise AttentionTypeError(f"block_table must be an int32/int64 tensor (B, max_pages), got {got}")
+    if block_table.dim() != 2 or block_table.shape[0] != q.shape[0]:
+        raise AttentionInputError(f"block_table must have shape (B, max_pages) = ({q.shape[0]}, max_pages), got "
+                                  f"{tuple(block_table.shape)}")
+    if block_table.device != q.device:
+        raise AttentionInputError(f"block_table is on {block_table.device}, q on {q.device}")
+    if k_cache.shape[0] == 0:
+        raise AttentionInputError("k_cache/v_cache hold no pages: a paged cache is (num_pages >= 1, Hkv, page_size, D)")
+    if k_cache.shape[2] == 0:
+        raise AttentionInputError("the page size (k_cache.shape[2]) must be >= 1")
+
+
+def _table_error(block_table: torch.Tensor, used: torch.Tensor, n_pages: int) -> IndexError:
+    bad = used & ((block_table < 0) | (block_table >= n_pages))
+    b, j = (int(i) for i in bad.nonzero()[0])
+    return IndexError(f"attention_with_kvcache: block_table[{b}, {j}] = {int(block_table[b, j])} is out of range for "
+                      f"a pool of {n_pages} pages ([0, {n_pages})); the entry holds positions used by batch {b}")
+
+
+def _pages_as_cache(pool: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
+    """The (B, Hkv, max_pages * page_size, D) contiguous copy of a paged cache (for the reference only; entries are
+    clamped into the pool, so padding past a batch's pages reads some page, never outside)."""
+    b, max_pages = block_table.shape
+    g = pool[block_table.long().clamp(0, pool.shape[0] - 1)]  # (B, max_pages, Hkv, page_size, D)
+    return g.permute(0, 2, 1, 3, 4).reshape(b, pool.shape[1], max_pages * pool.shape[2], pool.shape[3])
 
 
 @torch.no_grad()
@@ -688,9 +732,11 @@ def attention_with_kvcache(
     softcap: float = 0.0,
     alibi_slopes: torch.Tensor | None = None,
     num_splits: int = 0,
+    block_table: torch.Tensor | None = None,
+    return_lse: bool = False,
     check_bounds: bool | str | None = None,
     backend: str | None = None,
-) -> torch.Tensor:
+):
     """Decoding attention over a KV cache (inference only: no gradient).
 
     q: (B, Hq, Nq, D); k_cache/v_cache: (B, Hkv, S, D); cache_seqlens: (B,) int, the valid prefix of
@@ -700,32 +746,50 @@ def attention_with_kvcache(
     Batch b then attends to its first cache_seqlens[b] + Nnew keys; ``causal`` is bottom-right, so the
     new queries see the cache and the new keys up to themselves. With Nq = 1 and a long cache the
     kernel splits the keys across programs (flash-decoding); ``num_splits=0`` picks the count, 1
-    disables it. GQA, window, softcap and ALiBi as in ``attention``.
+    disables it. GQA, window, softcap and ALiBi as in ``attention``. The output is laid out in q's memory
+    order. ``return_lse``: also the (B, Hq, Nq) log-sum-exp (natural log, float32; -inf for no key).
 
-    ``check_bounds``: how ``0 <= cache_seqlens[b]`` and ``cache_seqlens[b] + Nnew <= S`` are checked
-    (the modes of ``embedding``):
+    ``block_table`` (B, max_pages) int32/int64: a paged cache (vLLM's, FlashInfer's, FlashAttention's
+    block_table). k_cache/v_cache are then pools of pages (num_pages, Hkv, page_size, D), any page size >= 1
+    and any strides, and batch b's position p is slot ``p % page_size`` of page ``block_table[b, p //
+    page_size]``; S is the table's capacity, max_pages * page_size. The kernel reads the pages in place (no
+    gather into a contiguous copy; split-KV as above) and k_new/v_new are appended through the pages in
+    place. Only the entries holding a batch's first cache_seqlens[b] + Nnew positions are read and
+    checked: padding past them (e.g. -1) is fine. Speed: a page size that is a multiple of the kernel's key
+    tile (64 for head dims up to 128 on a GPU, 32 above: page sizes 64, 128, 256, ...) reads each key tile
+    from one page, the same loads as a contiguous cache; other sizes (1, 7, 16, ...) gather each tile row by
+    row, one page id per row (correct at any size; its cost is measured by
+    benchmarks/scripts/decode_bench.py, not yet on a GPU).
+
+    ``check_bounds``: how ``0 <= cache_seqlens[b]`` and ``cache_seqlens[b] + Nnew <= S`` are checked, and
+    with a block table that every entry used lies in [0, num_pages) (the modes of ``embedding``):
 
     * ``None`` (default): "device" on CUDA (and while torch.compile traces), "sync" on the CPU, where
       reading the lengths costs nothing. The default decoding step on CUDA reads nothing back to the host.
-    * ``"sync"`` (or ``True``): read the lengths on the host before anything runs: a ``ValueError``
-      is raised by this call, and the cache is left untouched.
-    * ``"device"``: no host read; ``torch._assert_async`` checks on the device. On CUDA the device-side
+    * ``"sync"`` (or ``True``): read the lengths (and the table) on the host before anything runs: a
+      ``ValueError`` (lengths) or ``IndexError`` (table) is raised by this call, and the cache is left untouched.
+    * ``"device"``: no host read; one ``torch._assert_async`` checks on the device. On CUDA the device-side
       assertion fails the stream and surfaces as a ``RuntimeError`` ("device-side assert triggered") at
       the next synchronizing call (``.item()``, ``.cpu()``, ``torch.cuda.synchronize()``), after which
       the CUDA context is unusable. Eager calls on the CPU run the "sync" check instead (as for
       ``embedding``); a compiled CPU graph raises the assertion's ``RuntimeError`` before the append.
     * ``"off"`` (or ``False``): no check.
 
-    In every mode no read or write leaves the cache: a batch whose lengths are out of range gets no
-    append (its rows keep their values) and attends to its lengths clamped to [0, S].
+    In every mode no read or write leaves the cache: a batch whose lengths (or used table entries) are out of
+    range gets no append (its rows keep their values) and attends to its lengths clamped to [0, S], through
+    table entries clamped into the pool.
     """
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         if not isinstance(t, torch.Tensor):
             raise AttentionTypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
             raise AttentionInputError(f"{name} must be a 4-D (B, H, N, D) tensor, got shape {tuple(t.shape)}")
-    _check_qkv(q, k_cache, v_cache)
-    B, S = q.shape[0], k_cache.shape[2]
+    paged = block_table is not None
+    _check_qkv(q, k_cache, v_cache, paged=paged)
+    if paged:
+        _check_block_table(block_table, q, k_cache)
+    B, page = q.shape[0], k_cache.shape[2]
+    S = page * block_table.shape[1] if paged else page  # the capacity of each batch's cache
     if (not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.dtype not in (torch.int32, torch.int64)
             or tuple(cache_seqlens.shape) != (B,)):
         raise AttentionTypeError(f"cache_seqlens must be an int32/int64 tensor of shape ({B},)")
@@ -737,9 +801,9 @@ def attention_with_kvcache(
     if k_new is not None:
         if not isinstance(k_new, torch.Tensor) or not isinstance(v_new, torch.Tensor):
             raise AttentionTypeError("k_new and v_new must be tensors")
-        if k_new.shape != v_new.shape or k_new.dim() != 4 or k_new.shape[:2] != k_cache.shape[:2] \
-                or k_new.shape[3] != k_cache.shape[3]:
-            raise AttentionInputError(f"k_new/v_new must be (B, Hkv, Nnew, D) matching the cache, got "
+        if k_new.shape != v_new.shape or k_new.dim() != 4 or k_new.shape[0] != B \
+                or k_new.shape[1] != k_cache.shape[1] or k_new.shape[3] != k_cache.shape[3]:
+            raise AttentionInputError(f"k_new/v_new must be (B, Hkv, Nnew, D) matching q and the cache, got "
                                       f"{tuple(k_new.shape)} and {tuple(v_new.shape)}")
         if k_new.dtype != k_cache.dtype or k_new.device != k_cache.device:
             raise AttentionTypeError("k_new/v_new must match the cache's dtype and device")
@@ -752,6 +816,7 @@ def attention_with_kvcache(
                                           f"{tuple(t.shape)}): appending in place would write one slot for many "
                                           "entries; pass a cache that owns its memory (e.g. .contiguous())")
     num_splits = check_int("num_splits", num_splits, low=0)
+    check_bool("return_lse", return_lse)
     mode = bounds_mode(check_bounds, q.device)
     # every check before the in-place append: a bad argument must not leave the cache half-updated
     spec = _check_spec(q, causal=causal, causal_offset=0, scale=scale, window=window, softcap=softcap,
@@ -761,25 +826,48 @@ def attention_with_kvcache(
     lens = cache_seqlens.to(torch.int64)
     ok = (lens >= 0) & (lens + n_new <= S)  # (B,)
     msg = f"attention_with_kvcache: cache_seqlens + Nnew must lie in [0, {S}] (the cache length)"
-    if mode == "sync" and not bool(ok.all()):
+    if paged:
+        n_pages = k_cache.shape[0]
+        # entry j holds positions [j * page, (j + 1) * page): used by batch b iff j * page < its length
+        used = torch.arange(block_table.shape[1], device=q.device)[None, :] * page < \
+            (lens + n_new).clamp(0, S)[:, None]
+        table_ok = ~(used & ((block_table < 0) | (block_table >= n_pages))).any(dim=1)  # (B,)
+        if mode == "sync":
+            lens_ok, entries_ok = torch.stack([ok.all(), table_ok.all()]).tolist()  # the one host read
+            if not lens_ok:
+                raise AttentionInputError(msg)
+            if not entries_ok:
+                raise _table_error(block_table, used, n_pages)
+        ok = ok & table_ok
+        msg += f" and every block_table entry used must lie in [0, {n_pages}) (the pool's pages)"
+    elif mode == "sync" and not bool(ok.all()):
         raise AttentionInputError(msg)
     if mode == "device":
         assert_ok(ok.all(), msg)
     if n_new:
         pos = (lens[:, None] + torch.arange(n_new, device=q.device)[None, :]).clamp(0, S - 1)  # (B, Nnew)
-        bi = torch.arange(B, device=q.device)[:, None].expand_as(pos)
-        kn, vn = k_new.transpose(1, 2), v_new.transpose(1, 2)  # (B, Nnew, Hkv, D), as cache[bi, :, pos]
+        if paged:  # (page, slot) of each new position; a bad entry is clamped into the pool (and gets no write)
+            rows = block_table.gather(1, pos // page).long().clamp(0, k_cache.shape[0] - 1)
+            pos = pos % page
+        else:
+            rows = torch.arange(B, device=q.device)[:, None].expand_as(pos)
+        kn, vn = k_new.transpose(1, 2), v_new.transpose(1, 2)  # (B, Nnew, Hkv, D), as cache[rows, :, pos]
         if mode != "sync":  # a batch out of range writes its own values back: no append, no stray write
             row_ok = ok[:, None, None, None]
-            kn, vn = torch.where(row_ok, kn, k_cache[bi, :, pos]), torch.where(row_ok, vn, v_cache[bi, :, pos])
-        k_cache[bi, :, pos] = kn
-        v_cache[bi, :, pos] = vn
+            kn = torch.where(row_ok, kn, k_cache[rows, :, pos])
+            vn = torch.where(row_ok, vn, v_cache[rows, :, pos])
+        k_cache[rows, :, pos] = kn
+        v_cache[rows, :, pos] = vn
     total = (lens + n_new).clamp(0, S).to(torch.int32)
     if be == "reference" or q.numel() == 0:
         kw = spec.reference_kwargs(alibi)
         kw.pop("causal_offset")  # bottom-right per batch
-        return reference.attention_with_kvcache(q, k_cache, v_cache, total, **kw)
-    return torch.ops.embedattn.kvcache_fwd(q, k_cache, v_cache, total, alibi, num_splits, *spec.op_args())
+        if paged:  # the oracle reads a contiguous copy of the pages
+            k_cache, v_cache = _pages_as_cache(k_cache, block_table), _pages_as_cache(v_cache, block_table)
+        return reference.attention_with_kvcache(q, k_cache, v_cache, total, return_lse=return_lse, **kw)
+    out, lse2 = torch.ops.embedattn.kvcache_fwd(q, k_cache, v_cache, total, alibi, num_splits, *spec.op_args(),
+                                                block_table)
+    return (out, lse2 * _LN2) if return_lse else out
 
 
 def dropout_mask(shape: tuple[int, int, int, int], dropout_p: float, seed: int, device=None,

@@ -16,6 +16,10 @@ as an uncapped one whatever the cap.
 
 Causal masking takes an offset: query i sees key j iff ``j <= i + causal_offset``; the API passes
 ``Nk - Nq`` (bottom-right, FlashAttention's convention) or 0 (top-left, torch SDPA's ``is_causal``).
+
+KV-cache decoding (``kvcache_forward``) reads each batch's length from ``k_lens``, optionally splits the keys
+across programs (flash-decoding), and with a block table reads a paged cache in place (``_kv_rows``; the constexpr
+PAGE is the page size). The dense forward writes its output in q's memory order (``empty_in_order``).
 """
 
 from __future__ import annotations
@@ -154,12 +158,70 @@ def _store_rows(base, start, stride_r, stride_d, n_rows, x,
 
 
 @triton.jit
-def _kv_rows(kv, start_n, Nk, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-             MASKED: tl.constexpr, K_T: tl.constexpr):
-    """The key and value tiles of rows [start_n, start_n + BLOCK_N), with K_T the key tile transposed."""
+def _gather_rows(base, row_off, stride_d, row_ok, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
+                 TRANS: tl.constexpr):
+    """A (len(row_off), BLOCK_D) tile (with TRANS its transpose) of rows at arbitrary element offsets row_off (int64)
+    from base; padded head dims read 0, and with MASKED the rows where row_ok is False."""
+    offs_d = tl.arange(0, BLOCK_D)
+    if TRANS:
+        ptrs = base + row_off[None, :] + offs_d[:, None] * stride_d
+        r_ok = row_ok[None, :]
+        d_ok = offs_d[:, None] < HEAD_DIM
+    else:
+        ptrs = base + row_off[:, None] + offs_d[None, :] * stride_d
+        r_ok = row_ok[:, None]
+        d_ok = offs_d[None, :] < HEAD_DIM
+    if MASKED:
+        if BLOCK_D == HEAD_DIM:
+            x = tl.load(ptrs, mask=r_ok, other=0.0)
+        else:
+            x = tl.load(ptrs, mask=r_ok & d_ok, other=0.0)
+    else:
+        if BLOCK_D == HEAD_DIM:
+            x = tl.load(ptrs)
+        else:
+            x = tl.load(ptrs, mask=d_ok, other=0.0)
+    return x
+
+
+@triton.jit
+def _kv_rows(kv, start_n, Nk, pages, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+             MASKED: tl.constexpr, K_T: tl.constexpr, PAGE: tl.constexpr):
+    """The key and value tiles of rows [start_n, start_n + BLOCK_N), with K_T the key tile transposed.
+
+    PAGE > 0: a paged cache, ``pages = (table row, stride_btn, stride_kpage, stride_vpage, n_pages)``: key position p
+    is slot p % PAGE of page table[p // PAGE] (clamped into [0, n_pages): an unchecked bad entry reads some page of
+    the pool, never outside it), and the bases in kv hold no batch offset. Tiles start at multiples of BLOCK_N,
+    so with PAGE a multiple of BLOCK_N a tile lies in one page: one page id, then the contiguous loads of an unpaged
+    cache. Any other PAGE gathers the tile row by row (one page id per row; each row's head dim stays contiguous)."""
     k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd = kv
-    return (_load_rows(k_base, start_n, stride_kn, stride_kd, Nk, BLOCK_N, HEAD_DIM, BLOCK_D, MASKED, K_T),
-            _load_rows(v_base, start_n, stride_vn, stride_vd, Nk, BLOCK_N, HEAD_DIM, BLOCK_D, MASKED, False))
+    if PAGE == 0:
+        k = _load_rows(k_base, start_n, stride_kn, stride_kd, Nk, BLOCK_N, HEAD_DIM, BLOCK_D, MASKED, K_T)
+        v = _load_rows(v_base, start_n, stride_vn, stride_vd, Nk, BLOCK_N, HEAD_DIM, BLOCK_D, MASKED, False)
+    elif PAGE % BLOCK_N == 0:
+        table, stride_btn, stride_kp, stride_vp, n_pages = pages
+        first = (start_n // PAGE) * PAGE  # the page's first position
+        page = tl.load(table + (start_n // PAGE) * stride_btn)
+        page = tl.minimum(tl.maximum(page, 0), n_pages - 1).to(tl.int64)
+        k = _load_rows(k_base + page * stride_kp, start_n - first, stride_kn, stride_kd, Nk - first, BLOCK_N, HEAD_DIM,
+                       BLOCK_D, MASKED, K_T)
+        v = _load_rows(v_base + page * stride_vp, start_n - first, stride_vn, stride_vd, Nk - first, BLOCK_N, HEAD_DIM,
+                       BLOCK_D, MASKED, False)
+    else:
+        table, stride_btn, stride_kp, stride_vp, n_pages = pages
+        pos = start_n + tl.arange(0, BLOCK_N)
+        row_ok = pos < Nk
+        if MASKED:  # positions past Nk read page 0's slot: never loaded (row_ok masks them)
+            page = tl.load(table + (pos // PAGE) * stride_btn, mask=row_ok, other=0)
+        else:
+            page = tl.load(table + (pos // PAGE) * stride_btn)
+        page = tl.minimum(tl.maximum(page, 0), n_pages - 1).to(tl.int64)
+        slot = (pos % PAGE).to(tl.int64)
+        k = _gather_rows(k_base, page * stride_kp + slot * stride_kn, stride_kd, row_ok, BLOCK_D, HEAD_DIM, MASKED,
+                         K_T)
+        v = _gather_rows(v_base, page * stride_vp + slot * stride_vn, stride_vd, row_ok, BLOCK_D, HEAD_DIM, MASKED,
+                         False)
+    return k, v
 
 
 @triton.jit
@@ -306,17 +368,17 @@ def _dropout(x, qi, kj, drop, DROPOUT: tl.constexpr):
 
 
 @triton.jit
-def _key_tile(q, offs_m, kv, start_n, score_args, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+def _key_tile(q, offs_m, kv, pages, start_n, score_args, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
               BLOCK_D: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
               MASK_KIND: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, PREC: tl.constexpr,
-              K_T: tl.constexpr):
+              K_T: tl.constexpr, PAGE: tl.constexpr):
     """The query block q (rows offs_m) against the key block [start_n, start_n + BLOCK_N), for the forward and dQ:
     (k, v, s, dcap, offs_n) with (s, dcap) from _score. K_T (the forward) loads the key tile transposed, (BLOCK_D,
     BLOCK_N): compiled for sm_90 with BLOCK_M = 16 (mma.sync, split-KV decoding), a (BLOCK_N, BLOCK_D) load and
-    tl.trans spilled 4x more."""
+    tl.trans spilled 4x more. PAGE > 0: the keys come from a paged cache (see _kv_rows)."""
     if not MASKED:  # an unmasked tile starts at a multiple of BLOCK_N
         start_n = tl.multiple_of(start_n, BLOCK_N)
-    k, v = _kv_rows(kv, start_n, score_args[1], BLOCK_N, HEAD_DIM, BLOCK_D, MASKED, K_T)
+    k, v = _kv_rows(kv, start_n, score_args[1], pages, BLOCK_N, HEAD_DIM, BLOCK_D, MASKED, K_T, PAGE)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     if K_T:
         qk = tl.dot(q, k, input_precision=PREC)
@@ -331,14 +393,14 @@ def _key_tile(q, offs_m, kv, start_n, score_args, BLOCK_N: tl.constexpr, HEAD_DI
 # forward
 # --------------------------------------------------------------------------------------------------
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, offs_m, kv, lo, hi, score_args, drop, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-               BLOCK_D: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
-               MASK_KIND: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
-               PREC: tl.constexpr):
+def _fwd_inner(acc, l_i, m_i, q, offs_m, kv, pages, lo, hi, score_args, drop, BLOCK_N: tl.constexpr,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+               WINDOW: tl.constexpr, MASK_KIND: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+               DROPOUT: tl.constexpr, PREC: tl.constexpr, PAGE: tl.constexpr):
     """Online softmax of the query block q over the key blocks [lo, hi): returns the updated (acc, l_i, m_i)."""
     for start_n in range(lo, hi, BLOCK_N):
-        _k, v, s, _dcap, offs_n = _key_tile(q, offs_m, kv, start_n, score_args, BLOCK_N, HEAD_DIM, BLOCK_D, MASKED,
-                                            CAUSAL, WINDOW, MASK_KIND, SOFTCAP, ALIBI, PREC, True)
+        _k, v, s, _dcap, offs_n = _key_tile(q, offs_m, kv, pages, start_n, score_args, BLOCK_N, HEAD_DIM, BLOCK_D,
+                                            MASKED, CAUSAL, WINDOW, MASK_KIND, SOFTCAP, ALIBI, PREC, True, PAGE)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # a row that has seen no visible key yet keeps m = -inf; shift by 0 so exp2 gives 0, not NaN
         m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -354,19 +416,19 @@ def _fwd_inner(acc, l_i, m_i, q, offs_m, kv, lo, hi, score_args, drop, BLOCK_N: 
 
 @triton.jit
 def _attn_fwd(
-    Q, K, V, O, LSE, M, SLOPES, CU_Q, CU_K, K_LENS,
+    Q, K, V, O, LSE, M, SLOPES, CU_Q, CU_K, K_LENS, BLOCK_TABLE,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
     stride_mb, stride_mh, stride_mm, stride_mn,
-    stride_lb, stride_lh, stride_sb, stride_sh, stride_os, stride_ls,
+    stride_lb, stride_lh, stride_sb, stride_sh, stride_os, stride_ls, stride_btb, stride_btn, N_PAGES,
     H, NBH, GROUP, Nq, Nk, qk_scale, causal_off, win_left, win_right, sc_scale, sc_log2e,
     SEED, drop_p, drop_scale, DROP_MQ, DROP_MK, NUM_SPLITS, NQ_BUCKET, NK_BUCKET,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, MASK_KIND: tl.constexpr, SOFTCAP: tl.constexpr,
     ALIBI: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr, KLENS: tl.constexpr,
-    SPLIT: tl.constexpr, PREC: tl.constexpr,
+    SPLIT: tl.constexpr, PREC: tl.constexpr, PAGE: tl.constexpr,
 ):
     if SPLIT:  # axis 0 holds (query block, split of the key range) pairs
         split = tl.program_id(0) % NUM_SPLITS
@@ -380,8 +442,13 @@ def _attn_fwd(
         causal_off = Nk - Nq
     if start_m >= Nq:
         return
-    kv = (K + b * stride_kb + hk * stride_kh + k_start * stride_kn,
-          V + b * stride_vb + hk * stride_vh + k_start * stride_vn, stride_kn, stride_kd, stride_vn, stride_vd)
+    if PAGE > 0:  # a paged cache (with KLENS): K/V are pools of pages (num_pages, HKV, PAGE, D), batch b's in its row
+        kv = (K + hk * stride_kh, V + hk * stride_vh, stride_kn, stride_kd, stride_vn, stride_vd)
+        pages = (BLOCK_TABLE + b * stride_btb, stride_btn, stride_kb, stride_vb, N_PAGES)
+    else:
+        kv = (K + b * stride_kb + hk * stride_kh + k_start * stride_kn,
+              V + b * stride_vb + hk * stride_vh + k_start * stride_vn, stride_kn, stride_kd, stride_vn, stride_vd)
+        pages = None
     offs_m = start_m + tl.arange(0, BLOCK_M)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -399,11 +466,11 @@ def _attn_fwd(
         hi = tl.minimum(hi, lo + chunk)
         mid = lo
     if not (SPLIT or WINDOW):  # interior: unmasked (a window band or a split has none: mid = lo)
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, offs_m, kv, lo, mid, score_args, drop, BLOCK_N, HEAD_DIM,
-                                   BLOCK_D, False, CAUSAL, WINDOW, MASK_KIND, SOFTCAP, ALIBI, DROPOUT, PREC)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, offs_m, kv, pages, lo, mid, score_args, drop, BLOCK_N, HEAD_DIM,
+                                   BLOCK_D, False, CAUSAL, WINDOW, MASK_KIND, SOFTCAP, ALIBI, DROPOUT, PREC, PAGE)
     # the causal diagonal and the key tail, a window band, a split's chunk: masked
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, offs_m, kv, mid, hi, score_args, drop, BLOCK_N, HEAD_DIM,
-                               BLOCK_D, True, CAUSAL, WINDOW, MASK_KIND, SOFTCAP, ALIBI, DROPOUT, PREC)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, offs_m, kv, pages, mid, hi, score_args, drop, BLOCK_N, HEAD_DIM,
+                               BLOCK_D, True, CAUSAL, WINDOW, MASK_KIND, SOFTCAP, ALIBI, DROPOUT, PREC, PAGE)
 
     empty_row = l_i == 0.0
     l_safe = tl.where(empty_row, 1.0, l_i)
@@ -487,7 +554,7 @@ def _attn_bwd_dkdv(
         return
     kv = (K + b * stride_kb + hk * stride_kh + k_start * stride_kn,
           V + b * stride_vb + hk * stride_vh + k_start * stride_vn, stride_kn, stride_kd, stride_vn, stride_vd)
-    k, v = _kv_rows(kv, start_n, Nk, BLOCK_N, HEAD_DIM, BLOCK_D, True, False)
+    k, v = _kv_rows(kv, start_n, Nk, None, BLOCK_N, HEAD_DIM, BLOCK_D, True, False, 0)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -524,8 +591,8 @@ def _dq_inner(dq, q, do, lse, delta, offs_m, kv, lo, hi, score_args, drop, BLOCK
               DROPOUT: tl.constexpr, PREC: tl.constexpr):
     """dQ of the query block q from the key blocks [lo, hi): returns dq."""
     for start_n in range(lo, hi, BLOCK_N):
-        k, v, s, dcap, offs_n = _key_tile(q, offs_m, kv, start_n, score_args, BLOCK_N, HEAD_DIM, BLOCK_D, MASKED,
-                                          CAUSAL, WINDOW, MASK_KIND, SOFTCAP, ALIBI, PREC, False)
+        k, v, s, dcap, offs_n = _key_tile(q, offs_m, kv, None, start_n, score_args, BLOCK_N, HEAD_DIM, BLOCK_D,
+                                          MASKED, CAUSAL, WINDOW, MASK_KIND, SOFTCAP, ALIBI, PREC, False, 0)
         p = tl.math.exp2(s - lse[:, None])
         dp = _dropout(tl.dot(do, tl.trans(v), input_precision=PREC), offs_m[:, None], offs_n[None, :], drop, DROPOUT)
         ds = _softcap_grad(p * (dp - delta[:, None]), dcap, SOFTCAP)
@@ -641,7 +708,7 @@ def _prune_bwd(configs, named_args, **kwargs):
 
 _KEY = ["NQ_BUCKET", "NK_BUCKET", "HEAD_DIM", "CAUSAL", "WINDOW", "MASK_KIND", "SOFTCAP", "ALIBI", "DROPOUT",
         "VARLEN", "PREC"]
-_attn_fwd_tuned = triton.autotune(configs=_fwd_configs(), key=_KEY + ["KLENS", "SPLIT"],
+_attn_fwd_tuned = triton.autotune(configs=_fwd_configs(), key=_KEY + ["KLENS", "SPLIT", "PAGE"],
                                   prune_configs_by={"early_config_prune": _prune_fwd})(_attn_fwd)
 _attn_bwd_dkdv_tuned = triton.autotune(configs=_bwd_configs(), key=_KEY,
                                        prune_configs_by={"early_config_prune": _prune_bwd})(_attn_bwd_dkdv)
@@ -747,6 +814,20 @@ def _dense(t):
     return tuple(t.stride())
 
 
+def empty_in_order(like: torch.Tensor) -> torch.Tensor:
+    """An uninitialized tensor of ``like``'s shape and dtype laid out in its memory order: the dims of size > 1 and
+    nonzero stride sorted by stride (outermost first; ties by position) among their own places, the others (size 1,
+    or broadcast) kept in place, the last dim (head dim) innermost. The dense forward writes its output so: for
+    q = x.transpose(1, 2) with x a (B, N, H, D) tensor (FlashAttention's layout, or a slice of one projection),
+    out.transpose(1, 2) is contiguous, with no copy. The fakes allocate the same way."""
+    n = like.dim()
+    real = [i for i in range(n - 1) if like.shape[i] > 1 and like.stride(i) != 0]
+    ranked = iter(sorted(real, key=lambda i: (-like.stride(i), i)))
+    order = [next(ranked) if i in real else i for i in range(n - 1)] + [n - 1]
+    t = empty(*(like.shape[i] for i in order), dtype=like.dtype, device=like.device)
+    return t.permute([order.index(i) for i in range(n)])
+
+
 def _packed(t):
     # (total, H, D) seen as (B, H, N, D) with a zero batch stride: sequences start at cu_seqlens[b]
     return (0, t.stride(1), t.stride(0), t.stride(2))
@@ -755,13 +836,16 @@ def _packed(t):
 # --------------------------------------------------------------------------------------------------
 # launchers
 # --------------------------------------------------------------------------------------------------
-def _forward(q, k, v, f: Features, *, varlen=None, k_lens=None, num_splits=1):
+def _forward(q, k, v, f: Features, *, varlen=None, k_lens=None, num_splits=1, block_table=None):
     """Shared forward launcher. Dense: q (B,H,Nq,D) -> out like q, lse2 (B,H,Nq). Varlen: q (Tq,H,D) packed,
     varlen=(cu_q, cu_k, max_q, max_k) -> out (Tq,H,D), lse2 (H,Tq). Split-KV (num_splits > 1) returns the
-    per-split partials (B,H,S,Nq,D) fp32 and (B,H,S,Nq) for the caller to combine."""
+    per-split partials (B,H,S,Nq,D) fp32 and (B,H,S,Nq) for the caller to combine. ``block_table`` (with
+    k_lens): k/v are pools of pages (num_pages, HKV, page_size, D) read through the (B, max_pages) int32 table."""
     if varlen is None:
         B, H, Nq, D = q.shape
         HKV, Nk = k.shape[1], k.shape[2]
+        if block_table is not None:
+            Nk *= block_table.shape[1]  # the capacity; each batch's length is read from k_lens
         sq, sk, sv = _dense(q), _dense(k), _dense(v)
         drop_mq, drop_mk = Nq, Nk
     else:
@@ -779,7 +863,7 @@ def _forward(q, k, v, f: Features, *, varlen=None, k_lens=None, num_splits=1):
         sl = (lse.stride(0), lse.stride(1))
         s_os, s_ls = o.stride(2), lse.stride(2)
     elif varlen is None:
-        o = empty(B, H, Nq, D, dtype=q.dtype, device=dev)
+        o = empty_in_order(q)
         lse = empty(B, H, Nq, dtype=torch.float32, device=dev)
         so, sl, s_os, s_ls = _dense(o), (H * Nq, Nq), 0, 0
     else:
@@ -789,14 +873,16 @@ def _forward(q, k, v, f: Features, *, varlen=None, k_lens=None, num_splits=1):
     m, ms, kind = f.mask_args(B, H, Nq, Nk, q)
     slopes, ss = f.alibi_args(q)
     cu_q_t, cu_k_t = (varlen[0], varlen[1]) if varlen is not None else (q, q)
-    args = (q, k, v, o, lse, m, slopes, cu_q_t, cu_k_t, k_lens if k_lens is not None else q,
-            *sq, *sk, *sv, *so, *ms, *sl, *ss, s_os, s_ls,
+    paged = block_table is not None
+    table, st_table = (block_table, (*block_table.stride(), k.shape[0])) if paged else (q, (0, 0, 0))
+    args = (q, k, v, o, lse, m, slopes, cu_q_t, cu_k_t, k_lens if k_lens is not None else q, table,
+            *sq, *sk, *sv, *so, *ms, *sl, *ss, s_os, s_ls, *st_table,
             H, B * H, H // HKV, Nq, Nk, f.scale * LOG2E, f.causal_offset, *f.scalars(q),
             drop_mq, drop_mk, num_splits, _bucket(Nq), _bucket(Nk))
     flags = f.flags(D, q.dtype, kind)
-    flags.update(VARLEN=varlen is not None, KLENS=k_lens is not None, SPLIT=split)
+    flags.update(VARLEN=varlen is not None, KLENS=k_lens is not None, SPLIT=split, PAGE=k.shape[2] if paged else 0)
     heur = _fixed_fwd(flags["BLOCK_D"])
-    if split and not interpreting():
+    if (split or paged) and not interpreting():  # decoding tiles: few query rows
         heur = dict(heur, BLOCK_M=16 if Nq <= 16 else 64, num_warps=4)
 
     def launch(c):
@@ -806,8 +892,9 @@ def _forward(q, k, v, f: Features, *, varlen=None, k_lens=None, num_splits=1):
         wrap_triton(_attn_fwd_tuned)[lambda m: (triton.cdiv(Nq, m["BLOCK_M"]), *_bh_grid(B * H))](*args, **flags)
         return getattr(_attn_fwd_tuned, "best_config", None)
 
-    # split-KV decoding has its own tile rule (the table and the autotuner describe unsplit launches)
-    key = None if split else configs.attention_key(q.dtype, D, Nq, Nk, flags)
+    # split-KV and paged decoding have their own tile rule (the table and the autotuner describe unsplit contiguous
+    # launches)
+    key = None if split or paged else configs.attention_key(q.dtype, D, Nq, Nk, flags)
     configs.run("attention.fwd", key, heur, launch, autotune=autotune, device=q.device)
     return o, lse
 
@@ -909,24 +996,33 @@ def varlen_backward(do, q, k, v, o, lse, cu_q, cu_k, max_q: int, max_k: int, cau
     return _backward(do, q, k, v, o, lse, f, varlen=(cu_q, cu_k, int(max_q), int(max_k)))
 
 
-def kvcache_forward(q, k_cache, v_cache, k_lens, causal: bool, scale: float, num_splits: int = 0, **features):
+def kvcache_forward(q, k_cache, v_cache, k_lens, causal: bool, scale: float, num_splits: int = 0, *,
+                    block_table=None, **features):
     """Decoding forward over a cache: batch b attends to its first k_lens[b] keys (int32), causal
     bottom-right per batch. Split-KV (flash-decoding): the keys are cut into ``num_splits`` chunks run
     by separate programs and merged by their log-sum-exp, so Nq = 1 with a long cache fills the GPU.
-    ``num_splits=0`` picks a count from the shape. Returns (out like q, lse2 (B, H, Nq))."""
+    ``num_splits=0`` picks a count from the shape. Returns (out like q, lse2 (B, H, Nq)).
+
+    ``block_table`` (B, max_pages) int32: a paged cache. k_cache/v_cache are pools of pages (num_pages, HKV,
+    page_size, D), any page size and strides; batch b's position p is slot p % page_size of page
+    block_table[b, p // page_size], read in place. The caller guarantees k_lens[b] <= max_pages * page_size and
+    table entries in [0, num_pages) (the kernel does not check them). A page size that is a multiple of the key
+    tile (BLOCK_N: 64 for head dims up to 128 on a GPU, 32 above) reads each tile from one page like a contiguous
+    cache; other sizes gather the tile row by row."""
     B, H, Nq, D = q.shape
-    Nk = k_cache.shape[2]
+    Nk = k_cache.shape[2] * (1 if block_table is None else block_table.shape[1])
     if num_splits <= 0:
         programs = B * H * triton.cdiv(Nq, 64)
         num_splits = 1 if interpreting() else max(1, min(64, triton.cdiv(264, programs), triton.cdiv(Nk, 256)))
     f = Features(causal=causal, causal_offset=0, scale=scale, **features)
     if num_splits == 1:
-        return _forward(q, k_cache, v_cache, f, k_lens=k_lens)
-    o_part, lse_part = _forward(q, k_cache, v_cache, f, k_lens=k_lens, num_splits=num_splits)
+        return _forward(q, k_cache, v_cache, f, k_lens=k_lens, block_table=block_table)
+    o_part, lse_part = _forward(q, k_cache, v_cache, f, k_lens=k_lens, num_splits=num_splits, block_table=block_table)
     lse = torch.logsumexp(lse_part * math.log(2.0), dim=2)  # (B, H, Nq), natural log
     w = torch.exp(lse_part * math.log(2.0) - lse.unsqueeze(2))
     w = torch.nan_to_num(w, nan=0.0)  # rows with no key in any split
-    out = (w.unsqueeze(-1) * torch.nan_to_num(o_part, nan=0.0)).sum(2).to(q.dtype)
+    out = empty_in_order(q)
+    out.copy_((w.unsqueeze(-1) * torch.nan_to_num(o_part, nan=0.0)).sum(2))
     return out, lse / math.log(2.0)
 
 
@@ -940,5 +1036,5 @@ def dropout_keep_mask(B: int, H: int, Nq: int, Nk: int, dropout_p: float, seed: 
     return out.bool()
 
 
-__all__ = ["LOG2E", "attention_backward", "attention_forward", "dropout_keep_mask", "kvcache_forward",
+__all__ = ["LOG2E", "attention_backward", "attention_forward", "dropout_keep_mask", "empty_in_order", "kvcache_forward",
            "last_config", "varlen_backward", "varlen_forward"]

@@ -121,11 +121,14 @@ def attention_varlen(
     v: torch.Tensor,
     cu_seqlens_q: torch.Tensor,
     cu_seqlens_k: torch.Tensor,
+    *,
+    return_lse: bool = False,
     **kwargs,
-) -> torch.Tensor:
+):
     """Packed (total, H, D) sequences: each sequence b is q[cu_q[b]:cu_q[b+1]] against
-    k/v[cu_k[b]:cu_k[b+1]], run through ``attention`` one at a time."""
-    outs = []
+    k/v[cu_k[b]:cu_k[b+1]], run through ``attention`` one at a time. With ``return_lse`` also the
+    (H, total_q) log-sum-exp (-inf for a sequence with no keys)."""
+    outs, lses = [], []
     slopes = kwargs.pop("alibi_slopes", None)
     for b in range(cu_seqlens_q.numel() - 1):
         if slopes is not None:
@@ -137,11 +140,21 @@ def attention_varlen(
             continue
         if ks.shape[2] == 0:
             outs.append(torch.zeros_like(qs[0].transpose(0, 1)))
+            lses.append(torch.full(qs.shape[1:3], float("-inf"), dtype=_lse_dtype(q), device=q.device))
             continue
-        outs.append(attention(qs, ks, vs, **kwargs)[0].transpose(0, 1))
+        out, lse = attention(qs, ks, vs, return_lse=True, **kwargs)
+        outs.append(out[0].transpose(0, 1))
+        lses.append(lse[0])
     if not outs:
-        return q.new_zeros(q.shape[0], q.shape[1], v.shape[-1])
-    return torch.cat(outs, dim=0)
+        out = q.new_zeros(q.shape[0], q.shape[1], v.shape[-1])
+        lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=_lse_dtype(q), device=q.device)
+    else:
+        out, lse = torch.cat(outs, dim=0), torch.cat(lses, dim=1)
+    return (out, lse) if return_lse else out
+
+
+def _lse_dtype(q: torch.Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
 def attention_with_kvcache(
@@ -149,10 +162,13 @@ def attention_with_kvcache(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     cache_seqlens: torch.Tensor,
+    *,
+    return_lse: bool = False,
     **kwargs,
-) -> torch.Tensor:
-    """Batch b attends to the first cache_seqlens[b] keys of the cache (B, Hkv, S, D)."""
-    outs = []
+):
+    """Batch b attends to the first cache_seqlens[b] keys of the cache (B, Hkv, S, D). With ``return_lse``
+    also the (B, Hq, Nq) log-sum-exp (-inf for an empty cache)."""
+    outs, lses = [], []
     slopes = kwargs.pop("alibi_slopes", None)
     for b in range(q.shape[0]):
         if slopes is not None:
@@ -160,6 +176,13 @@ def attention_with_kvcache(
         n = int(cache_seqlens[b])
         if n == 0:
             outs.append(torch.zeros_like(q[b:b + 1]))
+            lses.append(torch.full(q.shape[1:3], float("-inf"), dtype=_lse_dtype(q), device=q.device)[None])
             continue
-        outs.append(attention(q[b:b + 1], k_cache[b:b + 1, :, :n], v_cache[b:b + 1, :, :n], **kwargs))
-    return torch.cat(outs, dim=0)
+        out, lse = attention(q[b:b + 1], k_cache[b:b + 1, :, :n], v_cache[b:b + 1, :, :n], return_lse=True, **kwargs)
+        outs.append(out)
+        lses.append(lse)
+    if outs:
+        out, lse = torch.cat(outs, dim=0), torch.cat(lses, dim=0)
+    else:  # no batch
+        out, lse = q.new_zeros(q.shape), q.new_zeros(q.shape[:3], dtype=_lse_dtype(q))
+    return (out, lse) if return_lse else out

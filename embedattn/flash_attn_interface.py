@@ -1,0 +1,338 @@
+"""FlashAttention 2's Python API (``flash_attn.flash_attn_interface``) on embedattn's kernels.
+
+Code written for FlashAttention runs unchanged after swapping the import::
+
+    from embedattn.flash_attn_interface import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
+
+Every function takes FlashAttention 2's argument names, order and defaults, its (batch, seqlen, nheads,
+headdim) layout (packed (total, nheads, headdim) for varlen) and its return conventions. The tensors
+reach the kernels as strided views (``transpose(1, 2)`` to embedattn's (B, H, N, D), ``unbind`` of the
+packed forms): no input is copied, and the Triton kernels write the dense and KV-cache outputs in q's
+memory order, so ``out`` comes back contiguous (B, N, H, D) for a q in that layout with no extra pass (the
+reference backend's output takes one copy). KV-cache appends write into the caches in place. Each
+function also takes a keyword-only ``backend`` (None | "auto" | "triton" | "reference", see
+``embedattn._backend``), which FlashAttention does not have.
+
+Semantics are FlashAttention's: causal is aligned bottom-right (query i sees key j iff
+``j <= i + seqlen_k - seqlen_q``); ``window_size=(left, right)`` keeps keys in
+``[i + seqlen_k - seqlen_q - left, i + seqlen_k - seqlen_q + right]``, -1 (any negative) being unbounded;
+ALiBi adds ``-slope * |i + seqlen_k - seqlen_q - j|``; ``softcap > 0`` caps the scaled scores with
+``softcap * tanh(s / softcap)`` (``<= 0`` is off); GQA/MQA by K/V with fewer heads; a row that sees no
+key gives zeros. ``dropout_p`` is applied as given (FlashAttention applies it whenever it is > 0, train
+or eval: pass 0.0 for evaluation), drawn from torch's generator on the inputs' device, so
+``torch.manual_seed`` reproduces it (the mask is not FlashAttention's). Gradients flow to q, k, v (and
+the packed tensors) and are deterministic whatever ``deterministic`` says.
+
+Differences, all documented here and raised clearly where an argument asks for something missing:
+
+* ``return_attn_probs=True`` returns ``(out, softmax_lse, None)``: the log-sum-exp is FlashAttention's
+  (float32, (B, H, Nq), (H, total_q) for varlen; natural log of the scaled, capped, biased scores), but
+  ``S_dmask``, FlashAttention's testing-only probability/dropout matrix, is never produced (FlashAttention
+  returns None for it too unless dropout_p > 0). A row that sees no key has lse ``-inf`` here (the log of
+  an empty sum); FlashAttention's unsplit kernels write ``+inf`` there.
+* Dtypes: float16 and bfloat16 as FlashAttention, plus float32 (and float64 on the reference backend).
+  Any head dim from 1 to 256 (no multiple-of-8 padding is needed), any strides. Dropout in the varlen
+  functions needs the Triton backend (the reference backend raises).
+* The packed functions' backward assembles the packed gradient with one ``stack`` (FlashAttention writes
+  dq, dk, dv into one buffer).
+* ``flash_attn_with_kvcache``: ``cache_leftpad`` is not supported (NotImplementedError). Paged caches take
+  any page size >= 1 (FlashAttention 2 needs a multiple of 256); multiples of the kernel's key tile (64
+  for head dims up to 128, 32 above) read each tile from one page like a contiguous cache, other sizes
+  gather rows (see ``embedattn.attention_with_kvcache``). ``cache_batch_idx`` is supported for a contiguous
+  cache (as in FlashAttention, not with ``block_table``). ``rotary_cos``/``rotary_sin`` need
+  ``seqlen_ro >=`` the cache's capacity (FlashAttention's rule; it lets the positions go unchecked without a
+  device sync); any rotary_dim <= headdim (FlashAttention needs a multiple of 16). Table entries, cache rows
+  and lengths out of range raise before anything is written (on CUDA by default as a device-side
+  assertion, without a host sync: see ``embedattn.attention_with_kvcache``'s ``check_bounds``).
+* ``flash_attn_varlen_func(block_table=...)`` (paged K/V for varlen) is not supported
+  (NotImplementedError): decode from pages with ``flash_attn_with_kvcache``.
+"""
+
+from __future__ import annotations
+
+from numbers import Integral, Real
+
+import torch
+
+from ._checks import check_bool
+from .attention import (
+    AttentionInputError,
+    AttentionTypeError,
+    attention,
+    attention_varlen,
+    attention_with_kvcache,
+)
+from .rotary import rotary
+
+__all__ = [
+    "flash_attn_func",
+    "flash_attn_kvpacked_func",
+    "flash_attn_qkvpacked_func",
+    "flash_attn_varlen_func",
+    "flash_attn_varlen_kvpacked_func",
+    "flash_attn_varlen_qkvpacked_func",
+    "flash_attn_with_kvcache",
+]
+
+
+# --------------------------------------------------------------------------------------------------
+# FlashAttention's arguments as embedattn's
+# --------------------------------------------------------------------------------------------------
+def _tensor(name: str, t, dims: int, layout: str) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise AttentionTypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != dims:
+        raise AttentionInputError(f"{name} must be {dims}-D {layout}, got shape {tuple(t.shape)}")
+    return t
+
+
+def _packed(name: str, t, dims: int, layout: str, dim: int, n: int) -> tuple[torch.Tensor, ...]:
+    """The n tensors packed along ``dim`` of t, as views (``unbind``: its backward is one stack)."""
+    _tensor(name, t, dims, layout)
+    if t.shape[dim] != n:
+        raise AttentionInputError(f"{name} must be {layout} (size {n} at dim {dim}), got shape {tuple(t.shape)}")
+    return t.unbind(dim)
+
+
+def _window(window_size) -> tuple[int, int] | None:
+    """FlashAttention's (left, right), -1 (any negative) = unbounded, as embedattn's window (None = off)."""
+    if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
+        raise AttentionTypeError(f"window_size must be a (left, right) pair of ints (-1 = unbounded), "
+                                 f"got {window_size!r}")
+    left, right = window_size
+    # bools and non-ints pass through to embedattn's own check, which names them
+    if all(isinstance(s, Real) and not isinstance(s, bool) and s < 0 for s in (left, right)):
+        return None
+    return (left, right)
+
+
+def _softcap(softcap):
+    # FlashAttention: anything > 0 caps the scores, <= 0 is off (embedattn refuses a negative cap)
+    if isinstance(softcap, Real) and not isinstance(softcap, bool) and softcap <= 0:
+        return 0.0
+    return softcap
+
+
+def _heads_first(t: torch.Tensor) -> torch.Tensor:
+    return t.transpose(1, 2)  # (B, N, H, D) -> (B, H, N, D), a view
+
+
+def _seq_first(out: torch.Tensor) -> torch.Tensor:
+    """embedattn's (B, H, N, D) output as FlashAttention's (B, N, H, D): free when the kernel wrote it in that
+    memory order (q's, for a q in FlashAttention's layout), one copy otherwise (the reference backend)."""
+    return out.transpose(1, 2).contiguous()
+
+
+def _dense(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+           return_attn_probs, backend):
+    check_bool("deterministic", deterministic)  # the backward is deterministic either way
+    check_bool("return_attn_probs", return_attn_probs)
+    res = attention(_heads_first(q), _heads_first(k), _heads_first(v), causal=causal, scale=softmax_scale,
+                    window=_window(window_size), softcap=_softcap(softcap), alibi_slopes=alibi_slopes,
+                    dropout_p=dropout_p, return_lse=return_attn_probs, backend=backend)
+    if return_attn_probs:
+        out, lse = res
+        return _seq_first(out), lse, None
+    return _seq_first(res)
+
+
+def _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal,
+            window_size, softcap, alibi_slopes, deterministic, return_attn_probs, backend):
+    check_bool("deterministic", deterministic)
+    check_bool("return_attn_probs", return_attn_probs)
+    res = attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
+                           scale=softmax_scale, window=_window(window_size), softcap=_softcap(softcap),
+                           alibi_slopes=alibi_slopes, dropout_p=dropout_p, return_lse=return_attn_probs,
+                           backend=backend)
+    if return_attn_probs:
+        out, lse = res
+        return out, lse, None
+    return res
+
+
+# --------------------------------------------------------------------------------------------------
+# dense
+# --------------------------------------------------------------------------------------------------
+def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                    alibi_slopes=None, deterministic=False, return_attn_probs=False, *, backend=None):
+    """FlashAttention's ``flash_attn_func``: q (B, Nq, H, D), k/v (B, Nk, Hkv, D) with H % Hkv == 0.
+
+    Returns out (B, Nq, H, D), or ``(out, softmax_lse (B, H, Nq) float32, None)`` with ``return_attn_probs``.
+    See the module docstring for the semantics and the differences from FlashAttention.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _tensor(name, t, 4, "(batch, seqlen, nheads, headdim)")
+    return _dense(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                  return_attn_probs, backend)
+
+
+def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                              softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False, *,
+                              backend=None):
+    """FlashAttention's ``flash_attn_qkvpacked_func``: qkv (B, N, 3, H, D); q, k, v are views of it (its
+    gradient is assembled by one stack). Returns as ``flash_attn_func``."""
+    q, k, v = _packed("qkv", qkv, 5, "(batch, seqlen, 3, nheads, headdim)", 2, 3)
+    return _dense(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                  return_attn_probs, backend)
+
+
+def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                             softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False, *,
+                             backend=None):
+    """FlashAttention's ``flash_attn_kvpacked_func``: q (B, Nq, H, D), kv (B, Nk, 2, Hkv, D). Returns as
+    ``flash_attn_func``."""
+    _tensor("q", q, 4, "(batch, seqlen, nheads, headdim)")
+    k, v = _packed("kv", kv, 5, "(batch, seqlen_k, 2, nheads_k, headdim)", 2, 2)
+    return _dense(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                  return_attn_probs, backend)
+
+
+# --------------------------------------------------------------------------------------------------
+# varlen (packed sequences)
+# --------------------------------------------------------------------------------------------------
+def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                           softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                           deterministic=False, return_attn_probs=False, block_table=None, *, backend=None):
+    """FlashAttention's ``flash_attn_varlen_func``: q (total_q, H, D), k/v (total_k, Hkv, D); sequence b is rows
+    ``cu_seqlens_q[b]:cu_seqlens_q[b+1]`` of q against ``cu_seqlens_k[b]:cu_seqlens_k[b+1]`` of k/v (int32 or
+    int64). Returns out (total_q, H, D), or ``(out, softmax_lse (H, total_q) float32, None)``.
+    ``block_table`` (paged K/V) is not supported: NotImplementedError."""
+    if block_table is not None:
+        raise NotImplementedError("embedattn.flash_attn_interface.flash_attn_varlen_func does not take a block_table "
+                                  "(paged K/V); decode from a paged cache with flash_attn_with_kvcache")
+    return _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal,
+                   window_size, softcap, alibi_slopes, deterministic, return_attn_probs, backend)
+
+
+def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False,
+                                     window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False,
+                                     return_attn_probs=False, *, backend=None):
+    """FlashAttention's ``flash_attn_varlen_qkvpacked_func``: qkv (total, 3, H, D). Returns as
+    ``flash_attn_varlen_func``."""
+    q, k, v = _packed("qkv", qkv, 4, "(total, 3, nheads, headdim)", 1, 3)
+    return _varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p, softmax_scale, causal,
+                   window_size, softcap, alibi_slopes, deterministic, return_attn_probs, backend)
+
+
+def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                                    softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                                    alibi_slopes=None, deterministic=False, return_attn_probs=False, *, backend=None):
+    """FlashAttention's ``flash_attn_varlen_kvpacked_func``: q (total_q, H, D), kv (total_k, 2, Hkv, D). Returns as
+    ``flash_attn_varlen_func``."""
+    _tensor("q", q, 3, "(total_q, nheads, headdim)")
+    k, v = _packed("kv", kv, 4, "(total_k, 2, nheads_k, headdim)", 1, 2)
+    return _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal,
+                   window_size, softcap, alibi_slopes, deterministic, return_attn_probs, backend)
+
+
+# --------------------------------------------------------------------------------------------------
+# KV-cache decoding
+# --------------------------------------------------------------------------------------------------
+def _int32_table(name: str, t, batch: int) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor) or t.dtype not in (torch.int32, torch.int64):
+        raise AttentionTypeError(f"{name} must be an int32/int64 tensor, got "
+                                 f"{t.dtype if isinstance(t, torch.Tensor) else type(t).__name__}")
+    if tuple(t.shape) != (batch,):
+        raise AttentionInputError(f"{name} must have shape ({batch},), got {tuple(t.shape)}")
+    return t
+
+
+@torch.no_grad()
+def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None, cache_seqlens=None,
+                            cache_batch_idx=None, cache_leftpad=None, block_table=None, softmax_scale=None,
+                            causal=False, window_size=(-1, -1), softcap=0.0, rotary_interleaved=True,
+                            alibi_slopes=None, num_splits=0, return_softmax_lse=False, *, backend=None):
+    """FlashAttention's ``flash_attn_with_kvcache`` (inference: no gradient).
+
+    q: (B, Nq, H, D). k_cache/v_cache: (B_cache, S, Hkv, D), or with ``block_table`` (B, max_blocks) int32 a
+    pool of pages (num_blocks, page_size, Hkv, D), any page size: batch b's position p is slot
+    ``p % page_size`` of page ``block_table[b, p // page_size]``. ``k``/``v`` (B, Nnew, Hkv, D), when given,
+    are written into the cache in place at positions ``cache_seqlens[b] ...`` (through the pages), after
+    rotation when ``rotary_cos``/``rotary_sin`` (seqlen_ro, rotary_dim / 2) are given: k at positions
+    ``cache_seqlens[b] + i``, q at those positions when causal or local (``window_size != (-1, -1)``), else
+    every query at ``cache_seqlens[b]``; ``rotary_interleaved`` pairs (0, 1), (2, 3), ... (GPT-J), else
+    (0, rotary_dim / 2), ... (GPT-NeoX). ``cache_seqlens``: an int or (B,) int tensor, the cached length of
+    each sequence (None: the whole cache; required with k/v). ``cache_batch_idx`` (B,) int: the cache row of
+    each sequence (contiguous caches only). Batch b attends to its first cache_seqlens[b] + Nnew positions.
+
+    Returns out (B, Nq, H, D), or ``(out, softmax_lse (B, H, Nq) float32)`` with ``return_softmax_lse``. Every
+    argument is checked before anything is written; a length, a block-table entry or a cache_batch_idx
+    out of range raises (see ``embedattn.attention_with_kvcache`` for the check modes: on CUDA a device-side
+    assertion, no host sync).
+    """
+    _tensor("q", q, 4, "(batch, seqlen, nheads, headdim)")
+    paged = block_table is not None
+    cache_layout = "(num_blocks, page_block_size, nheads_k, headdim)" if paged else \
+        "(batch_size_cache, seqlen_cache, nheads_k, headdim)"
+    _tensor("k_cache", k_cache, 4, cache_layout)
+    _tensor("v_cache", v_cache, 4, cache_layout)
+    if cache_leftpad is not None:
+        raise NotImplementedError("embedattn.flash_attn_interface.flash_attn_with_kvcache does not support "
+                                  "cache_leftpad")
+    check_bool("return_softmax_lse", return_softmax_lse)
+    check_bool("rotary_interleaved", rotary_interleaved)
+    if (k is None) != (v is None):
+        raise AttentionInputError("k and v must be given together")
+    if k is not None:
+        _tensor("k", k, 4, "(batch, seqlen_new, nheads_k, headdim)")
+        _tensor("v", v, 4, "(batch, seqlen_new, nheads_k, headdim)")
+    B = q.shape[0]
+    if paged and cache_batch_idx is not None:
+        raise AttentionInputError("cache_batch_idx cannot be combined with block_table (as in FlashAttention): "
+                                  "map each sequence to its pages in the block table instead")
+    kc, vc = _heads_first(k_cache), _heads_first(v_cache)  # (B or pool, Hkv, S or page, D) views
+    capacity = kc.shape[2]
+    if paged:
+        if not isinstance(block_table, torch.Tensor) or block_table.dim() != 2:
+            raise AttentionTypeError("block_table must be a 2-D (batch, max_num_blocks_per_seq) int32 tensor")
+        capacity *= block_table.shape[1]
+    elif cache_batch_idx is not None:
+        # sequence b reads and appends to cache row cache_batch_idx[b]: the cache as a pool of one page per row
+        block_table = _int32_table("cache_batch_idx", cache_batch_idx, B).view(B, 1)
+    if cache_seqlens is None:
+        if k is not None:
+            raise AttentionInputError("cache_seqlens is required when k and v are given (where to append them)")
+        cache_seqlens = capacity
+    if isinstance(cache_seqlens, Integral) and not isinstance(cache_seqlens, bool):
+        cache_seqlens = torch.full((B,), int(cache_seqlens), dtype=torch.int32, device=q.device)
+    _int32_table("cache_seqlens", cache_seqlens, B)
+    window = _window(window_size)
+    if (rotary_cos is None) != (rotary_sin is None):
+        raise AttentionInputError("rotary_cos and rotary_sin must be given together")
+    if rotary_cos is not None:
+        if k is None:
+            raise AttentionInputError("rotary_cos/rotary_sin rotate the new keys: they need k and v")
+        if not isinstance(rotary_cos, torch.Tensor) or rotary_cos.dim() != 2:
+            raise AttentionTypeError("rotary_cos must be a 2-D (seqlen_ro, rotary_dim / 2) tensor")
+        if rotary_cos.shape[0] < capacity:
+            raise AttentionInputError(f"rotary_cos/rotary_sin have {rotary_cos.shape[0]} positions, fewer than the "
+                                      f"cache's capacity {capacity} (FlashAttention's rule: seqlen_ro >= seqlen_k)")
+        # FlashAttention rotates q position by position when causal or local, else all at cache_seqlens
+        local = window is not None and any(0 <= s < capacity for s in window if isinstance(s, Real))
+        offsets = cache_seqlens
+        # the positions were bounded above (seqlen_ro >= capacity) and the lengths are checked by the attention call
+        # before anything is written: no device sync here (a position out of range is rotated by the identity)
+        if causal is True or local:
+            q = rotary(q, rotary_cos, rotary_sin, rotary_interleaved, seqlen_offsets=offsets, check_bounds=False,
+                       backend=backend)
+        else:
+            nq, h = q.shape[1], q.shape[2]
+            q = rotary(q.reshape(B, 1, nq * h, q.shape[3]), rotary_cos, rotary_sin, rotary_interleaved,
+                       seqlen_offsets=offsets, check_bounds=False, backend=backend).view(q.shape)
+        k = rotary(k, rotary_cos, rotary_sin, rotary_interleaved, seqlen_offsets=offsets, check_bounds=False,
+                   backend=backend)
+    try:
+        res = attention_with_kvcache(
+            _heads_first(q), kc, vc, cache_seqlens, None if k is None else _heads_first(k),
+            None if v is None else _heads_first(v), causal=causal, scale=softmax_scale, window=window,
+            softcap=_softcap(softcap), alibi_slopes=alibi_slopes, num_splits=num_splits, block_table=block_table,
+            return_lse=return_softmax_lse, backend=backend)
+    except IndexError as e:
+        if cache_batch_idx is None:
+            raise
+        raise IndexError(f"cache_batch_idx holds a row outside the cache's {k_cache.shape[0]} rows "
+                         f"([0, {k_cache.shape[0]}))") from e
+    if return_softmax_lse:
+        out, lse = res
+        return _seq_first(out), lse
+    return _seq_first(res)
