@@ -109,6 +109,22 @@ def _head_args(b, h, H, M, SLOPES, SEED, stride_mb, stride_mh, stride_mm, stride
 
 
 @triton.jit
+def _masked_load(ptrs, r_ok, d_ok, MASKED: tl.constexpr, FULL_D: tl.constexpr):
+    """A tile load: rows masked by r_ok only when MASKED, features by d_ok only when the head dim is padded."""
+    if MASKED:
+        if FULL_D:
+            x = tl.load(ptrs, mask=r_ok, other=0.0)
+        else:
+            x = tl.load(ptrs, mask=r_ok & d_ok, other=0.0)
+    else:
+        if FULL_D:
+            x = tl.load(ptrs)
+        else:
+            x = tl.load(ptrs, mask=d_ok, other=0.0)
+    return x
+
+
+@triton.jit
 def _row_ptrs(base, start, stride_r, stride_d, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, TRANS: tl.constexpr):
     # rows [start, start + BLOCK_R) of a (rows, head dim) matrix, as a (BLOCK_R, BLOCK_D) tile or with TRANS its
     # transpose: the row base in int64 (start * stride may pass 2^31 elements), the tile's own offsets in int32
@@ -136,17 +152,7 @@ def _load_rows(base, start, stride_r, stride_d, n_rows, BLOCK_R: tl.constexpr, H
     else:
         r_ok = offs_r[:, None] < n_rows
         d_ok = offs_d[None, :] < HEAD_DIM
-    if MASKED:
-        if BLOCK_D == HEAD_DIM:
-            x = tl.load(ptrs, mask=r_ok, other=0.0)
-        else:
-            x = tl.load(ptrs, mask=r_ok & d_ok, other=0.0)
-    else:
-        if BLOCK_D == HEAD_DIM:
-            x = tl.load(ptrs)
-        else:
-            x = tl.load(ptrs, mask=d_ok, other=0.0)
-    return x
+    return _masked_load(ptrs, r_ok, d_ok, MASKED, BLOCK_D == HEAD_DIM)
 
 
 @triton.jit
@@ -171,17 +177,7 @@ def _gather_rows(base, row_off, stride_d, row_ok, BLOCK_D: tl.constexpr, HEAD_DI
         ptrs = base + row_off[:, None] + offs_d[None, :] * stride_d
         r_ok = row_ok[:, None]
         d_ok = offs_d[None, :] < HEAD_DIM
-    if MASKED:
-        if BLOCK_D == HEAD_DIM:
-            x = tl.load(ptrs, mask=r_ok, other=0.0)
-        else:
-            x = tl.load(ptrs, mask=r_ok & d_ok, other=0.0)
-    else:
-        if BLOCK_D == HEAD_DIM:
-            x = tl.load(ptrs)
-        else:
-            x = tl.load(ptrs, mask=d_ok, other=0.0)
-    return x
+    return _masked_load(ptrs, r_ok, d_ok, MASKED, BLOCK_D == HEAD_DIM)
 
 
 @triton.jit

@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+import torch.utils._python_dispatch
 
 DEVICE = os.environ.get("EMBEDATTN_TEST_DEVICE", "cpu")
 ON_CUDA = DEVICE == "cuda"
@@ -88,3 +89,16 @@ def compile_sm90_in_subprocess(code: str, timeout: float = 600) -> str:
             pytest.skip(f"cannot compile for sm_90 here: {tail[0]}")
         raise AssertionError(r.stderr[-3000:])
     return r.stdout
+
+
+class HostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the aten ops a call dispatches (``_local_scalar_dense`` is what .item()/bool()/int() run:
+    a host read of a device tensor)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))

@@ -9,7 +9,8 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import BACKENDS, DEVICE, DTYPES, ON_CUDA, assert_fa_close, compile_sm90_in_subprocess, skip_if_unsupported
+from helpers import BACKENDS, DEVICE, DTYPES, ON_CUDA, HostReads, assert_fa_close, skip_if_unsupported
+from helpers import compile_sm90_in_subprocess as compile_sm90
 
 import embedattn
 from embedattn import reference
@@ -619,18 +620,6 @@ def test_kvcache_bounds_sync_mode(backend, check_bounds):
         assert torch.equal(kc, k0) and torch.equal(vc, v0)
 
 
-class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
-    """Records the aten ops a call dispatches (``_local_scalar_dense`` is what .item()/bool()/int() run)."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 @needs_triton
 def test_kvcache_device_mode_reads_nothing_back(monkeypatch):
     """The default decoding step on CUDA ("device" mode, forced here on the CPU): no host read of any device
@@ -641,7 +630,7 @@ def test_kvcache_device_mode_reads_nothing_back(monkeypatch):
     kc, vc = _cache()
     q, kn, vn = _rand(2, 2, 2, 16, seed=86), _rand(2, 2, 2, 16, seed=87), _rand(2, 2, 2, 16, seed=88)
     lens = torch.tensor([3, 6], device=DEVICE)
-    with _HostReads() as mode:
+    with HostReads() as mode:
         out = embedattn.attention_with_kvcache(q, kc, vc, lens, kn, vn, causal=True, backend="triton")
     assert not [op for op in mode.ops if "_local_scalar_dense" in op or "item" in op], mode.ops
     assert sum("_assert_async" in op for op in mode.ops) == 1, mode.ops
@@ -812,7 +801,7 @@ def test_feature_kernels_compile_for_sm90():
     """What the interpreter cannot show: every kernel with all feature flags on (and the varlen and
     split-KV decoding variants) lowers and assembles for an H100 (ptxas runs here, no GPU needed;
     in a subprocess, since this one interprets), with tensor-core instructions in each."""
-    out = compile_sm90_in_subprocess(_AOT)
+    out = compile_sm90(_AOT)
     counts = [int(c) for c in out.split()]
     assert len(counts) == 5 and all(c > 0 for c in counts), counts
 

@@ -13,7 +13,7 @@ import importlib
 
 import pytest
 import torch
-from helpers import BACKENDS, DEVICE, ON_CUDA, assert_fa_close, compile_sm90_in_subprocess
+from helpers import BACKENDS, DEVICE, ON_CUDA, HostReads, assert_fa_close, compile_sm90_in_subprocess
 
 import embedattn
 from embedattn import reference
@@ -238,16 +238,6 @@ def test_bad_table_arguments(backend):
     assert torch.equal(k_pool, k0)
 
 
-class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 @needs_triton
 def test_device_mode_reads_nothing_back(monkeypatch):
     """The default on CUDA ("device" mode, forced here): no host read, one torch._assert_async for the lengths and
@@ -255,7 +245,7 @@ def test_device_mode_reads_nothing_back(monkeypatch):
     ea = importlib.import_module("embedattn.attention")
     monkeypatch.setattr(ea, "bounds_mode", lambda check_bounds, device: "device")
     k_pool, v_pool, table, q, kn, lens = _small()
-    with _HostReads() as mode:
+    with HostReads() as mode:
         embedattn.attention_with_kvcache(q, k_pool, v_pool, lens, kn, kn.clone(), block_table=table, backend="triton")
     assert not [op for op in mode.ops if "_local_scalar_dense" in op or "item" in op], mode.ops
     assert sum("_assert_async" in op for op in mode.ops) == 1, mode.ops

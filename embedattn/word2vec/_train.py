@@ -234,6 +234,16 @@ def _nll(z):
     return np.maximum(-z, 0) + np.log1p(np.exp(-np.abs(z)))
 
 
+def _pair_update(u, h, label, lr, live, stats):
+    """word2vec.c's update of one centre row ``h`` against its positive and negative rows ``u``: the scaled
+    gradient g per row (0 where ``live`` is off), the loss added to ``stats``, and h's own gradient g @ u."""
+    s = u @ h
+    g = (label - 1 / (1 + np.exp(-s))) * lr * live
+    stats[0] += (_nll(np.where(label > 0, s, -s)) * live).sum()
+    stats[1] += 1
+    return g, g @ u
+
+
 def train_chunks_reference(tokens, bounds, chunks, keep_prob, alias_prob, alias, w_in, w_out, *, seed: int,
                            pos_base: int, lr_start: float, lr_end: float, total_words: float, window: int,
                            negative: int, sg: bool = True, cbow_mean: bool = True, shared_negatives: bool = False,
@@ -279,11 +289,7 @@ def train_chunks_reference(tokens, bounds, chunks, keep_prob, alias_prob, alias,
                         u[1:] = w_out[ids[1:]]
                     live = np.r_[True, ids[1:] != cw]  # word2vec.c skips a negative equal to the centre
                     v = held[j]
-                    s = u @ v
-                    g = (label - 1 / (1 + np.exp(-s))) * lr * live
-                    stats[0] += (_nll(np.where(label > 0, s, -s)) * live).sum()
-                    stats[1] += 1
-                    neu1e = g @ u
+                    g, neu1e = _pair_update(u, v, label, lr, live, stats)
                     du = np.outer(g, v)
                     u += du
                     if not shared_negatives:
@@ -298,11 +304,7 @@ def train_chunks_reference(tokens, bounds, chunks, keep_prob, alias_prob, alias,
                 ids = np.r_[cw, _neg_ids(seed, ctr + 2, K, alias_prob, alias)]
                 live = np.r_[True, ids[1:] != cw]
                 u = w_out[ids]
-                s = u @ h
-                g = (label - 1 / (1 + np.exp(-s))) * lr * live
-                stats[0] += (_nll(np.where(label > 0, s, -s)) * live).sum()
-                stats[1] += 1
-                neu1e = g @ u
+                g, neu1e = _pair_update(u, h, label, lr, live, stats)
                 np.add.at(w_out, ids, np.outer(g, h))
                 if not cbow_mean:
                     neu1e = neu1e / len(context)
