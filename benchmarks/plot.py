@@ -81,7 +81,10 @@ def plot_csv(csv_path: str, out_dir: str | None = None) -> list[str]:
         fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
         if len(xs) == 1:  # one point per provider (word2vec): bars with p20-p80 whiskers
             vals = [by_prov[p][0] for p in provs]
-            ax.bar(provs, [v["p50"] for v in vals], color=[_COLORS.get(p, None) for p in provs],
+            # providers without a fixed color (variants such as "embedattn-cpu") take the cycle's next one
+            cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+            colors = [_COLORS.get(p) or cycle[i % len(cycle)] for i, p in enumerate(provs)]
+            ax.bar(provs, [v["p50"] for v in vals], color=colors,
                    yerr=[[v["p50"] - v["p20"] for v in vals], [v["p80"] - v["p50"] for v in vals]],
                    capsize=4)  # fmt: skip
             ax.set_xlabel(f"provider ({grp[0]['x_name']} = {fmt_x(xs[0])})")

@@ -392,3 +392,22 @@ def test_cli_tiny_sweep(tmp_path, monkeypatch):
     if env2["suites_run"]:
         assert env2["skipped_for_budget"] and all(r["suite"] == "device"
                                                   for r in harness.read_csv(str(out2 / "results.csv")))
+
+
+def test_plot_bars_for_providers_without_a_fixed_color(tmp_path):
+    """One-point kernels (word2vec) draw bars; provider variants such as "embedattn-cpu" have no fixed color
+    and must take one from the cycle instead of failing the whole plot step."""
+    pytest.importorskip("matplotlib")
+    from benchmarks.harness import COLUMNS
+    from benchmarks.plot import plot_csv
+
+    path = tmp_path / "results.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, COLUMNS)
+        w.writeheader()
+        for prov, v in (("embedattn", 3.0), ("embedattn-cpu", 2.0), ("gensim", 1.0)):
+            w.writerow({c: "" for c in COLUMNS} | dict(
+                suite="negative_sampling", kernel="word2vec", provider=prov, mode="train", dtype="fp32",
+                shape="head500", x_name="epochs", x_value=1, metric="words_per_s", unit="words/s", p50=v, p20=v,
+                p80=v, config="", device="cpu", torch="x", triton="x", timestamp="t"))
+    assert plot_csv(str(path)) and any((tmp_path / "plots").iterdir())
