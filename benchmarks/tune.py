@@ -241,9 +241,9 @@ def candidates(t: Target) -> list[dict]:
 
 def _attention_calls(s: dict, device, real: bool) -> dict[str, Callable[[], Any]]:
     import torch
-    from embedattn.kernels import attention as KA
 
     from embedattn import configs
+    from embedattn.kernels import attention as KA
 
     from .harness import DTYPES as TORCH_DTYPES
 
@@ -290,6 +290,7 @@ def _attention_calls(s: dict, device, real: bool) -> dict[str, Callable[[], Any]
 
 def _embedding_calls(s: dict, device, real: bool) -> dict[str, Callable[[], Any]]:
     import torch
+
     from embedattn.kernels import embedding as KE
 
     from .harness import DTYPES as TORCH_DTYPES
@@ -316,9 +317,9 @@ def _embedding_calls(s: dict, device, real: bool) -> dict[str, Callable[[], Any]
 
 def _negative_sampling_calls(s: dict, device, real: bool) -> dict[str, Callable[[], Any]]:
     import torch
-    from embedattn.kernels import negative_sampling as KN
 
     from embedattn import configs
+    from embedattn.kernels import negative_sampling as KN
 
     from .harness import DTYPES as TORCH_DTYPES
 

@@ -193,15 +193,6 @@ import triton
 from triton import knobs
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-try:
-    import embedattn.kernels  # noqa: F401  (an installed embedattn)
-except ImportError:  # a side environment: load kernels/ as embedattn.kernels
-    import embedattn
-    spec = importlib.util.spec_from_file_location("embedattn.kernels", os.path.join(root, "kernels", "__init__.py"),
-                                                  submodule_search_locations=[os.path.join(root, "kernels")])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["embedattn.kernels"] = mod
-    spec.loader.exec_module(mod)
 import embedattn.kernels.attention_hopper as KH
 import embedattn.kernels.attention_gluon as KG
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")

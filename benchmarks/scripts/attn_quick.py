@@ -10,10 +10,10 @@ abs difference of the outputs. reports/h100/attention_quick_fixed_configs.txt is
 import torch
 import torch.nn.functional as F
 import triton
-from embedattn.kernels import attention as KA
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import embedattn
+from embedattn.kernels import attention as KA
 
 
 def bench(fn):

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib.util
 import math
 import os
 import statistics
@@ -56,19 +55,9 @@ from benchmarks.harness import (  # noqa: E402
     time_fn,
     write_json,
 )
-
-try:
-    import embedattn.kernels  # noqa: F401
-except ImportError:  # not installed: load kernels/ as embedattn.kernels from the checkout
-    spec = importlib.util.spec_from_file_location("embedattn.kernels", os.path.join(ROOT, "kernels", "__init__.py"),
-                                                  submodule_search_locations=[os.path.join(ROOT, "kernels")])
-    _mod = importlib.util.module_from_spec(spec)
-    sys.modules["embedattn.kernels"] = _mod
-    spec.loader.exec_module(_mod)
 from embedattn.kernels import attention as KA  # noqa: E402
 from embedattn.kernels import attention_gluon as KG  # noqa: E402
 from embedattn.kernels import attention_hopper as KH  # noqa: E402
-
 from embedattn.reference import attention as ref_attention  # noqa: E402
 
 DT = {"bf16": torch.bfloat16, "fp16": torch.float16}
