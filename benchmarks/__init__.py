@@ -5,5 +5,5 @@
 - ``attention``, ``embedding``, ``negative_sampling``: the sweeps and their peers.
 - ``plot`` and ``summary``: PNGs and summary.md drawn from a results.csv alone.
 - ``cli``: what the three commands share: one-line errors (exit status 2), argument checks.
-- ``gpu_check.sh``: one offline pass on a lent GPU.
+- ``gpu/``: the scripts of a GPU lease (gpu_session.sh, gpu_check.sh, gpu_install.sh, hopper_attention.py).
 """

@@ -116,6 +116,7 @@ CAPABILITIES: dict[str, Capability] = {
     "embedding": Capability(),
     "negative_sampling": Capability(),
     "rotary": Capability(),
+    "word2vec": Capability(dtypes=(torch.float32, torch.float16, torch.bfloat16)),
 }
 
 

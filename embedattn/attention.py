@@ -456,7 +456,7 @@ def attention(
         softcap: > 0 replaces each score s by softcap·tanh(s / softcap) (Gemma-2), gradient included.
             Accurate at any cap on the Triton backend: the kernels evaluate tanh to ~2e-7 relative error,
             so a capped score is as accurate as an uncapped one (fp32 outputs within ~3e-6 of float64 with
-            unit-variance inputs at caps 30 to 1e5; tests/test_attention_features.py checks 1e3 and 1e5).
+            unit-variance inputs at caps 30 to 1e5; tests/attention/test_attention_features.py checks 1e3 and 1e5).
         alibi_slopes: (H,) or (B, H) float: adds -slope·|i + causal_offset - j| (FlashAttention's ALiBi).
         dropout_p: dropout on the attention probabilities, drawn in-kernel (Philox) from ``seed`` and
             regenerated identically in the backward. ``seed`` (an int in [0, 2**63)) fixes the draw;
@@ -571,7 +571,7 @@ def scaled_dot_product_attention(
     """Drop-in for ``torch.nn.functional.scaled_dot_product_attention`` with torch's semantics.
 
     Every call torch accepts gives torch's result, every call torch rejects raises torch's error
-    (tests/test_attention.py runs torch as the oracle over a grid of calls). The kernels take 3-D
+    (tests/attention/test_attention.py runs torch as the oracle over a grid of calls). The kernels take 3-D
     (N, L, E) and 4-D (N, H, L, E) inputs: ``is_causal`` aligned top-left (query i sees keys j <= i);
     bool or float masks broadcast to the scores; batch and head sizes that broadcast (K/V with batch 1
     against q with batch 2; one K/V head without ``enable_gqa``), grouped heads with ``enable_gqa``;

@@ -51,7 +51,7 @@ the (P, D) position gradient (only rows outside [offset, offset + N) zero-filled
 mode, three int64 vectors of length T, and in the atomic mode for half tables the float32 (V, D) buffer.
 Measured with the torch profiler (V=4096, D=64, B*N=128, P=128, Triton interpreter): backward allocates
 exactly (V + P) * D * 4 bytes for float32 and (V + P) * D * 2 + 3 * T * 8 (+ the interpreter's head list)
-for float16 in the sorted mode; forward exactly B*N*D*elem (tests/test_embedding.py::test_buffer_sizes
+for float16 in the sorted mode; forward exactly B*N*D*elem (tests/embedding/test_embedding.py::test_buffer_sizes
 checks this, with CUDA peak memory on a GPU).
 """
 

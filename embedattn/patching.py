@@ -15,7 +15,7 @@ Code that bound the function earlier (``from torch.nn.functional import scaled_d
 at import time) keeps torch's. The drop-in keeps torch's semantics, so working code keeps working
 under the patch: every call torch accepts gives torch's result (broadcast batch and heads, 3-D
 inputs, masks, ``enable_gqa``, ``scale``), every call torch rejects raises torch's exception type
-(tests/test_attention.py checks a grid of both against torch itself); dropout runs in the kernel,
+(tests/attention/test_attention.py checks a grid of both against torch itself); dropout runs in the kernel,
 seeded from torch's RNG. What the kernel does not cover (float64, head dims 0 or > 256, ``attn_mask``
 with ``is_causal``, CPU tensors outside the interpreter, ...) goes to torch's own SDPA, captured
 before any patch.

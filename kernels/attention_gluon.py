@@ -12,8 +12,8 @@ mbarriers. Eight warps: two warpgroups of 64 query rows each, sharing each K/V t
 
 Scope (``supports``): what ``kernels.attention_hopper.supports`` takes, non-causal, D 64 or 128. Importing
 this module needs no Gluon: without it (an older Triton) ``AVAILABLE`` is False and ``supports`` says no.
-Compile-checked for sm_90 only (tests/test_hopper.py): unmeasured and not yet run on a GPU, so nothing
-selects it by default; benchmarks/scripts/hopper_attention.py checks it against float64 and times it.
+Compile-checked for sm_90 only (tests/attention/test_hopper.py): unmeasured and not yet run on a GPU, so nothing
+selects it by default; benchmarks/gpu/hopper_attention.py checks it against float64 and times it.
 """
 
 from __future__ import annotations

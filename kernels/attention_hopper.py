@@ -299,11 +299,11 @@ def _dq_convert(DQA, DQ, stride_dqb, stride_dqh, stride_dqm, H, NBH, Nq, sm_scal
 
 
 # --------------------------------------------------------------------------------------------------
-# configs: fixed per head dim (unmeasured on a GPU yet: benchmarks/scripts/hopper_attention.py sweeps them)
+# configs: fixed per head dim (unmeasured on a GPU yet: benchmarks/gpu/hopper_attention.py sweeps them)
 # --------------------------------------------------------------------------------------------------
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per head dim, from the sm_90 compile report (no spills, shared memory
-# within 227 KB; tests/test_hopper.py prints it) and tutorial 06; unmeasured on a GPU, so
-# benchmarks/scripts/hopper_attention.py times alternatives beside them. Non-causal forward: 4 warps, the only
+# within 227 KB; tests/attention/test_hopper.py prints it) and tutorial 06; unmeasured on a GPU, so
+# benchmarks/gpu/hopper_attention.py times alternatives beside them. Non-causal forward: 4 warps, the only
 # count at which Triton 3.6's Hopper pass warp-specializes (a TMA producer warpgroup and two consumer
 # warpgroups of BLOCK_M / 2 rows each, setmaxnreg 40 / 232).
 FWD_CONFIGS = {64: (128, 128, 4, 2), 128: (128, 128, 4, 2), 256: (64, 64, 4, 2)}

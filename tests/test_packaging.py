@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -49,9 +50,18 @@ def test_embedattn_kernels_import(cwd, tmp_path):
 def test_wheel_carries_kernels_and_imports_outside_the_tree(tmp_path):
     """Build a wheel from the tree, install it into a fresh venv and import the kernels from outside the tree."""
     pytest.importorskip("triton")
+    # a copy of what git tracks (links kept as links): setuptools builds in the tree it is given
+    src = tmp_path / "src"
+    src.mkdir()
+    for entry in ("pyproject.toml", "MANIFEST.in", "README.md", "embedattn", "kernels"):
+        if (ROOT / entry).is_dir():
+            shutil.copytree(ROOT / entry, src / entry, symlinks=True,
+                            ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        else:
+            shutil.copy2(ROOT / entry, src / entry)
     wheels = tmp_path / "wheels"
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                            "-w", str(wheels), str(ROOT)], capture_output=True, text=True, timeout=600)
+                            "-w", str(wheels), str(src)], capture_output=True, text=True, timeout=600)
     assert build.returncode == 0, build.stderr
     (wheel,) = wheels.glob("embedattn-*.whl")
     names = zipfile.ZipFile(wheel).namelist()

@@ -26,7 +26,7 @@ CUDA). Sliding windows arrive inside the mask.
 Attention weights (``output_attentions=True``) are not computed, as with transformers' ``sdpa``: the
 function logs transformers' warning once (``logger.warning_once``, like sdpa's) and returns ``None``
 for the weights, so the model's ``outputs.attentions`` is exactly what transformers gives for sdpa
-(an empty tuple in transformers 5.x; tests/test_transformers.py compares the two). Use
+(an empty tuple in transformers 5.x; tests/integrations/test_transformers.py compares the two). Use
 ``attn_implementation="eager"`` to get the weights.
 
 transformers is an optional dependency (``pip install embedattn[hf]``); it is imported only here.

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU benchmark pass for a lent, offline CUDA machine (torch + triton + matplotlib preinstalled).
 #
-#   bash benchmarks/gpu_check.sh [OUT_DIR] [BUDGET_SECONDS] [extra python -m benchmarks args...]
+#   bash benchmarks/gpu/gpu_check.sh [OUT_DIR] [BUDGET_SECONDS] [extra python -m benchmarks args...]
 #
 # OUT_DIR defaults to $OUT (the device tool's return folder) or ./gpu_out; BUDGET_SECONDS (default
 # 240) bounds the sweeps: points left when it runs out are skipped and listed in summary.md. Env:
@@ -10,14 +10,14 @@
 # cpu only to dry-run this script), GPU_CHECK_SKIP_INSTALL=1 (embedattn already installed),
 # GPU_CHECK_TUNE_S (default 0: none): first tune, for that many seconds, the keys this device's config table lacks
 # (python -m benchmarks.tune, into OUT_DIR/configs/, which the sweep then reads through EMBEDATTN_CONFIGS_DIR;
-# copy the table it writes to embedattn/configs/ to ship it). benchmarks/scripts/gpu_session.sh is the full
+# copy the table it writes to embedattn/configs/ to ship it). benchmarks/gpu/gpu_session.sh is the full
 # session (the CUDA test suite, tuning, the sweep) on a lent H200. Results land in
 # OUT_DIR/reports/<device-tag>/ (results.csv, env.json, plots/, summary.md): copy that folder to the
 # repository's reports/. Autotune results persist in Triton's cache (TRITON_CACHE_AUTOTUNING=1), so a
 # second pass on the same machine does not retune; those decisions are also saved to
 # OUT_DIR/triton_autotune_cache.tgz.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 
 OUT_DIR="${1:-${OUT:-gpu_out}}"
 BUDGET="${2:-240}"

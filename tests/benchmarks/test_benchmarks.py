@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the benchmarks package lives at the root
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the benchmarks package lives at the root
 
 from helpers import DEVICE  # noqa: E402
 
@@ -319,7 +319,7 @@ def test_cli_rejects_bad_arguments(args, message, tmp_path, monkeypatch, capsys)
 
 
 def test_cli_error_is_one_line_from_the_shell(tmp_path):
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": str(root)}
     p = subprocess.run([sys.executable, "-m", "benchmarks", "--dtype", "fp64", "--out", str(tmp_path / "o")],
                        cwd=root, env=env, capture_output=True, text=True, timeout=120)  # fmt: skip

@@ -3,12 +3,12 @@
 # CUDA test suite, tuning what this device's config table lacks, then the full benchmark sweep on the tuned table.
 # Everything to commit lands in $OUT/<gpu>/ ($OUT: the device tool's return folder; ./gpu_out without one).
 #
-#   bash benchmarks/scripts/gpu_session.sh [PHASE ...]     PHASE: install tests tune sweep pack (default: all five)
+#   bash benchmarks/gpu/gpu_session.sh [PHASE ...]     PHASE: install tests tune sweep pack (default: all five)
 #
 # The device tool runs one command for at most 10 minutes, so the session is two calls on one warm machine; the
 # session's work folder (under $SESSION_DIR, default /tmp/embedattn_session) and its clock carry over between them:
-#   1. bash benchmarks/scripts/gpu_session.sh install tests               # <= 360 s
-#   2. bash benchmarks/scripts/gpu_session.sh install tune sweep pack     # <= 360 s (install: a check, seconds)
+#   1. bash benchmarks/gpu/gpu_session.sh install tests               # <= 360 s
+#   2. bash benchmarks/gpu/gpu_session.sh install tune sweep pack     # <= 360 s (install: a check, seconds)
 # Every call leaves $OUT/<gpu>/ (at most 8 files, the tool's limit): session.json (phases, budgets, counts) and
 # logs.tgz always; after the sweep also results.csv, env.json, summary.md, plots.tgz and <device key>.json, the
 # tuned table. To commit: results.csv, env.json, summary.md and plots.tgz unpacked -> reports/<gpu>/;
@@ -106,7 +106,7 @@ phase_install() {
     local t=$1
     nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,memory.used \
         --format=csv,noheader 2>&1 | tee "$W/nvidia_smi.log"
-    $RUN env PY="$PY" PYTHONPATH_FILE="$W/pythonpath" timeout -k 5 "$t" bash benchmarks/scripts/gpu_install.sh \
+    $RUN env PY="$PY" PYTHONPATH_FILE="$W/pythonpath" timeout -k 5 "$t" bash benchmarks/gpu/gpu_install.sh \
         > "$W/install.log" 2>&1
     local rc=$?
     tail -n 3 "$W/install.log"

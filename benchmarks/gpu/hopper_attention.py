@@ -1,12 +1,12 @@
 # ruff: noqa: B023  (the closures are timed inside their own iteration)
 """Issue #13, one GPU lease: the Hopper attention kernels against today's kernels and every SDPA backend.
 
-    python benchmarks/scripts/hopper_attention.py --out DIR --max-seconds 540
+    python benchmarks/gpu/hopper_attention.py --out DIR --max-seconds 540
 
-On an sm90 machine (H100/H200) with the checkout installed (benchmarks/scripts/gpu_install.sh), in order,
+On an sm90 machine (H100/H200) with the checkout installed (benchmarks/gpu/gpu_install.sh), in order,
 each step bounded so the whole run ends inside ``--max-seconds``:
 
-1. tests: tests/test_hopper.py on CUDA (bf16 and fp16, N up to 2k), then the attention CUDA tests
+1. tests: tests/attention/test_hopper.py on CUDA (bf16 and fp16, N up to 2k), then the attention CUDA tests
    (``--test-seconds``; 0 skips them);
 2. the two ceilings: device copy bandwidth and a bf16 8192^3 matmul;
 3. correctness: ||out - ref|| / ||ref|| of the forward and of dq/dk/dv against a float64 reference, for
@@ -170,8 +170,8 @@ def run_tests(out_dir: str, seconds: float) -> None:
     t0 = time.time()
     with open(path, "w") as f:
         # the Hopper kernels' own tests, then today's attention tests' Triton cases (as gpu_session.sh)
-        for files, share, sel in ((["tests/test_hopper.py"], 0.4, []),
-                                  (["tests/test_attention.py"], 1.0, ["-k", "not reference"])):
+        for files, share, sel in ((["tests/attention/test_hopper.py"], 0.4, []),
+                                  (["tests/attention/test_attention.py"], 1.0, ["-k", "not reference"])):
             left = seconds - (time.time() - t0)
             if left < 10:
                 break
@@ -473,7 +473,7 @@ def main() -> None:
     if not args.out:
         ap.error("--out is required")
     t_start = time.time()
-    cmd = "python benchmarks/scripts/hopper_attention.py " + " ".join(sys.argv[1:])
+    cmd = "python benchmarks/gpu/hopper_attention.py " + " ".join(sys.argv[1:])
     os.makedirs(args.out, exist_ok=True)
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9:
         sys.exit("needs an sm90+ GPU (H100/H200)")

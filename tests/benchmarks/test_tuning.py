@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the benchmarks package lives at the root
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the benchmarks package lives at the root
 
 from helpers import DEVICE, ON_CUDA  # noqa: E402
 

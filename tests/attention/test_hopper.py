@@ -4,7 +4,7 @@ what only the compiled code shows: each default config built for sm_90 with the 
 (3.6, from a side environment when one exists) and with this environment's Triton, asserting wgmma/HGMMA,
 TMA loads, the warp-specialized partitions where claimed, the TMA reduce-add of dQ, and no spills.
 
-    python tests/test_hopper.py [PYTHON ...]   prints the compile report (one row per kernel config)
+    python tests/attention/test_hopper.py [PYTHON ...]   prints the compile report (one row per kernel config)
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ if HAS_TRITON:
     from embedattn.kernels import attention_gluon as KG
     from embedattn.kernels import attention_hopper as KH
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # the GPU machine's Triton (3.6.0) in a side environment; CI has none and skips those rows
 TRITON36_PYTHON = os.environ.get("EMBEDATTN_TRITON36_PYTHON", "/work/tri36/bin/python")
 

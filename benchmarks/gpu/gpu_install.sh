@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Install this checkout on an offline GPU machine (torch and triton already there, no network):
 # pip install -e . with no dependencies and no build isolation. Idempotent: an embedattn that already imports
-# from this checkout is left alone. When the editable install fails, embedattn/kernels is linked to kernels/
-# (the package maps embedattn.kernels to that folder) and this checkout goes on PYTHONPATH: the folder is
-# printed, and written to $PYTHONPATH_FILE when that is set, for the caller to export.
+# from this checkout is left alone. When the editable install fails, this checkout goes on PYTHONPATH
+# (embedattn/kernels is the repository's link to kernels/): the folder is printed, and written to
+# $PYTHONPATH_FILE when that is set, for the caller to export.
 #
-#   bash benchmarks/scripts/gpu_install.sh        (PY: the python to install into, default python3)
+#   bash benchmarks/gpu/gpu_install.sh        (PY: the python to install into, default python3)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-python3}
@@ -32,7 +32,6 @@ if "$PY" -m pip install -q --no-deps --no-build-isolation -e . > /tmp/embedattn_
 fi
 echo "editable install failed (/tmp/embedattn_pip.log):"
 tail -n 20 /tmp/embedattn_pip.log
-ln -sfn ../kernels embedattn/kernels
 [ -n "${PYTHONPATH_FILE:-}" ] && echo "$HERE" > "$PYTHONPATH_FILE"
 echo "PYTHONPATH=$HERE"
 PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}" check
