@@ -24,6 +24,7 @@ PAGE is the page size). The dense forward writes its output in q's memory order 
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -666,16 +667,16 @@ def _bucket(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 16))
 
 
-def _fwd_configs():
-    shapes = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3),
-              (128, 64, 4, 4), (128, 128, 4, 3), (64, 128, 4, 3), (128, 64, 8, 4), (64, 32, 4, 2)]
+def _config_list(shapes) -> list:
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
 
-def _bwd_configs():
-    shapes = [(32, 64, 4, 2), (64, 64, 4, 2), (64, 64, 8, 2), (32, 128, 4, 2), (64, 128, 8, 2),
-              (128, 64, 8, 2), (32, 64, 4, 3), (64, 64, 4, 3), (32, 32, 4, 1), (16, 32, 4, 1)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+# the candidate configs (the autotuner's space and benchmarks.tune's), (BLOCK_M, BLOCK_N, num_warps, num_stages);
+# the backward's dQ kernel runs each with BLOCK_M and BLOCK_N swapped (its inner tile is the key block)
+FWD_CONFIGS = _config_list([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3),
+                            (128, 64, 4, 4), (128, 128, 4, 3), (64, 128, 4, 3), (128, 64, 8, 4), (64, 32, 4, 2)])
+BWD_CONFIGS = _config_list([(32, 64, 4, 2), (64, 64, 4, 2), (64, 64, 8, 2), (32, 128, 4, 2), (64, 128, 8, 2),
+                            (128, 64, 8, 2), (32, 64, 4, 3), (64, 64, 4, 3), (32, 32, 4, 1), (16, 32, 4, 1)])
 
 
 def _smem_ok(conf, block_d: int, elt: int, n_tiles: int) -> bool:
@@ -685,7 +686,9 @@ def _smem_ok(conf, block_d: int, elt: int, n_tiles: int) -> bool:
     return need <= 200 * 1024
 
 
-def _prune_fwd(configs, named_args, **kwargs):
+def prune_fwd(configs, named_args, **kwargs) -> list:
+    """Triton's ``early_config_prune`` for the forward: the FWD_CONFIGS that fit shared memory and, at head blocks of
+    256, registers (``named_args``: the launch's arguments, Q among them; ``kwargs``: its constexprs, BLOCK_D)."""
     block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 128))
     elt = named_args["Q"].element_size()
     keep = [c for c in configs if _smem_ok(c, block_d, elt, 2)
@@ -693,7 +696,8 @@ def _prune_fwd(configs, named_args, **kwargs):
     return keep or configs[-1:]
 
 
-def _prune_bwd(configs, named_args, **kwargs):
+def prune_bwd(configs, named_args, **kwargs) -> list:
+    """``prune_fwd`` for the backward's dK/dV and dQ kernels (BWD_CONFIGS; four tiles in shared memory)."""
     block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 128))
     elt = named_args["Q"].element_size()
     keep = [c for c in configs if _smem_ok(c, block_d, elt, 4)
@@ -702,14 +706,38 @@ def _prune_bwd(configs, named_args, **kwargs):
     return keep or configs[-1:]
 
 
+# the constexpr flags that change a launch's code path, as they enter the tuned-config key (MASK_KIND apart)
+_KEY_FLAGS = ("CAUSAL", "WINDOW", "SOFTCAP", "ALIBI", "DROPOUT", "VARLEN", "KLENS")
+
+
+@functools.lru_cache(maxsize=4096)
+def _tuning_key(dtype, head_dim: int, nq: int, nk: int, on: tuple, mask_kind: int):
+    flags = {n.lower(): bool(v) for n, v in zip(_KEY_FLAGS, on)}
+    flags.update(mask_bool=mask_kind == MASK_BOOL, mask_add=mask_kind == MASK_ADD)
+    return configs.normalize_key({"dtype": dtype, "head_dim": head_dim, "nq": configs.bucket(nq),
+                                  "nk": configs.bucket(nk), "flags": flags})
+
+
+def tuning_key(dtype, head_dim: int, nq: int, nk: int, flags) -> dict:
+    """The tuned-config key of an attention launch: dtype, head dim, Nq/Nk buckets and the launch's constexpr
+    ``flags`` (a mapping) that change its code path. Memoized: the launchers call it at every launch."""
+    g = flags.get
+    return _tuning_key(dtype, int(head_dim), configs.bucket(nq), configs.bucket(nk),
+                       tuple(bool(g(n, False)) for n in _KEY_FLAGS), int(g("MASK_KIND", 0) or 0))
+
+
+# the old private names, until benchmarks/tune.py reads the public ones
+_prune_fwd, _prune_bwd = prune_fwd, prune_bwd
+_fwd_configs, _bwd_configs = FWD_CONFIGS.copy, BWD_CONFIGS.copy
+
 _KEY = ["NQ_BUCKET", "NK_BUCKET", "HEAD_DIM", "CAUSAL", "WINDOW", "MASK_KIND", "SOFTCAP", "ALIBI", "DROPOUT",
         "VARLEN", "PREC"]
-_attn_fwd_tuned = triton.autotune(configs=_fwd_configs(), key=_KEY + ["KLENS", "SPLIT", "PAGE"],
-                                  prune_configs_by={"early_config_prune": _prune_fwd})(_attn_fwd)
-_attn_bwd_dkdv_tuned = triton.autotune(configs=_bwd_configs(), key=_KEY,
-                                       prune_configs_by={"early_config_prune": _prune_bwd})(_attn_bwd_dkdv)
-_attn_bwd_dq_tuned = triton.autotune(configs=_bwd_configs(), key=_KEY,
-                                     prune_configs_by={"early_config_prune": _prune_bwd})(_attn_bwd_dq)
+_attn_fwd_tuned = triton.autotune(configs=FWD_CONFIGS, key=_KEY + ["KLENS", "SPLIT", "PAGE"],
+                                  prune_configs_by={"early_config_prune": prune_fwd})(_attn_fwd)
+_attn_bwd_dkdv_tuned = triton.autotune(configs=BWD_CONFIGS, key=_KEY,
+                                       prune_configs_by={"early_config_prune": prune_bwd})(_attn_bwd_dkdv)
+_attn_bwd_dq_tuned = triton.autotune(configs=BWD_CONFIGS, key=_KEY,
+                                     prune_configs_by={"early_config_prune": prune_bwd})(_attn_bwd_dq)
 
 _LAST_CONFIG = configs.records("attention")  # what each kernel last ran with (cleared by the benchmark harness)
 
@@ -890,7 +918,7 @@ def _forward(q, k, v, f: Features, *, varlen=None, k_lens=None, num_splits=1, bl
 
     # split-KV and paged decoding have their own tile rule (the table and the autotuner describe unsplit contiguous
     # launches)
-    key = None if split or paged else configs.attention_key(q.dtype, D, Nq, Nk, flags)
+    key = None if split or paged else tuning_key(q.dtype, D, Nq, Nk, flags)
     configs.run("attention.fwd", key, heur, launch, autotune=autotune, device=q.device)
     return o, lse
 
@@ -942,7 +970,7 @@ def _backward(do, q, k, v, o, lse, f: Features, *, varlen=None, dlse2=None):
     conf = _fixed_bwd(block_d)
     # dQ iterates over keys: swap the roles so its inner tile is the key block
     qconf = dict(conf, BLOCK_M=conf["BLOCK_N"], BLOCK_N=conf["BLOCK_M"])
-    key = configs.attention_key(q.dtype, D, Nq, Nk, flags)
+    key = tuning_key(q.dtype, D, Nq, Nk, flags)
 
     def launch_dkdv(c):
         wrap_triton(_attn_bwd_dkdv)[(triton.cdiv(Nk, c["BLOCK_N"]), *_bh_grid(B * HKV))](*kv_args, **flags, **c)
@@ -1032,5 +1060,6 @@ def dropout_keep_mask(B: int, H: int, Nq: int, Nk: int, dropout_p: float, seed: 
     return out.bool()
 
 
-__all__ = ["LOG2E", "attention_backward", "attention_forward", "dropout_keep_mask", "empty_in_order", "kvcache_forward",
-           "last_config", "varlen_backward", "varlen_forward"]
+__all__ = ["BWD_CONFIGS", "FWD_CONFIGS", "LOG2E", "attention_backward", "attention_forward", "dropout_keep_mask",
+           "empty_in_order", "kvcache_forward", "last_config", "prune_bwd", "prune_fwd", "tuning_key",
+           "varlen_backward", "varlen_forward"]

@@ -556,7 +556,7 @@ def test_kvcache_automatic_split_choice(monkeypatch):
 
 @needs_triton
 def test_gpu_tile_configs_under_the_interpreter(monkeypatch):
-    """The autotune space (kernels' _fwd_configs/_bwd_configs), not only the interpreter's one fixed config:
+    """The autotune space (kernels FWD_CONFIGS/BWD_CONFIGS), not only the interpreter's one fixed config:
     each distinct (BLOCK_M, BLOCK_N) of the forward runs a shape with tails past a tile, each of the
     backward's runs forward and backward, with features on."""
     from embedattn.kernels import attention as K
@@ -566,7 +566,7 @@ def test_gpu_tile_configs_under_the_interpreter(monkeypatch):
         return [c.kwargs for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) not in seen
                 and not seen.add((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]))]
 
-    fwd, bwd = distinct(K._fwd_configs(), K._fixed_fwd(16)), distinct(K._bwd_configs(), K._fixed_bwd(16))
+    fwd, bwd = distinct(K.FWD_CONFIGS, K._fixed_fwd(16)), distinct(K.BWD_CONFIGS, K._fixed_bwd(16))
     shapes = [(1, 2, 1, 37, 135, 8, dict(causal=True, softcap=2.0, alibi_slopes=_slopes(2))),
               (1, 1, 1, 131, 45, 8, dict(window=(40, 9), attn_mask=_rows_masked(1, 1, 131, 45)))]
     runs = [(fc, None, shapes[i % 2]) for i, fc in enumerate(fwd)]
