@@ -23,7 +23,7 @@ Bounds checks (``check_bounds``), for the ids and the explicit positions into a 
   captured in a CUDA graph and compiled with ``fullgraph=True``. (The reference road, e.g. float64
   tables on CUDA, does the same in torch ops.)
 * ``False`` / ``"off"``: no check; a bad id still reads row 0 (no out-of-bounds access); its output
-  row is meaningless and its gradient is dropped (the reference road sends it to row 0).
+  row is meaningless and its gradient is dropped. Both roads (kernels and reference) do exactly this.
 
 Default positions past a learned table (``position_offset + N > P``) are host arithmetic: an IndexError
 in every mode. So is an id into a table with no rows.
@@ -65,7 +65,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from ._backend import resolve
-from ._checks import assert_ok, bounds_mode, check_bool, check_ids, ok_flag, safe_ids
+from ._checks import assert_ok, bounds_mode, check_bool, check_ids, ok_flag
 from ._registry import kernel_op
 from .reference import _embedding as _ref
 
@@ -280,8 +280,9 @@ def embedding(
             device sync: not capturable, a graph break under torch.compile); ``"device"``: inside the
             kernel, no host sync, a bad id reads row 0 and fails the call by a device-side assertion (on
             CUDA it surfaces at the next synchronization); ``False``/``"off"``: no check, a bad id reads
-            row 0. ``None`` (the default): "device" on CUDA and under torch.compile, "sync" eagerly on the
-            CPU. The module docstring says exactly when each error surfaces.
+            row 0 and its gradient is dropped (on every backend). ``None`` (the default): "device" on CUDA
+            and under torch.compile, "sync" eagerly on the CPU. The module docstring says exactly when
+            each error surfaces.
         backend: None | "auto" | "triton" | "reference" (see ``embedattn._backend``).
 
     Gradients flow to ``weight`` and ``pos_weight``; the backward modes (atomic or sorted-segment,
@@ -293,12 +294,15 @@ def embedding(
     scale = float(scale)
     be = resolve(backend, ids, weight, op="embedding", dtype=weight.dtype)
     if be == "reference":
-        if mode != "sync":  # what the kernels do, in torch ops
-            ids = safe_ids(ids, weight.shape[0], mode, _BAD_ID)
+        if mode == "device":  # the kernels' flag, in torch ops
+            bad = [(ids, weight.shape[0])]
             if positions is not None and pos_weight is not None:
-                positions = safe_ids(positions, pos_weight.shape[0], mode, _BAD_ID)
+                bad.append((positions, pos_weight.shape[0]))
+            assert_ok(torch.stack([((t >= 0) & (t < n)).all() for t, n in bad]).all(), _BAD_ID)
+        # unchecked, a bad id reads row 0 and its gradient is dropped, as in the kernels
         return _ref.embedding(ids, weight, pos_weight, sinusoidal=sinusoidal, scale=scale,
-                              padding_idx=padding_idx, position_offset=position_offset, positions=positions)
+                              padding_idx=padding_idx, position_offset=position_offset, positions=positions,
+                              drop_bad_ids=mode != "sync")
     pos_mode = _POS_LEARNED if pos_weight is not None else _POS_SINUSOIDAL if sinusoidal else _POS_NONE
     flat_pos = _flat_ids(positions) if positions is not None else None
     out = EmbeddingFunction.apply(_flat_ids(ids), weight, pos_weight, flat_pos, ids.shape[-1], pos_mode,

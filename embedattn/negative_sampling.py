@@ -8,8 +8,9 @@ module docstring says when each error surfaces): "sync" raises an IndexError nam
 and id before any kernel runs (one host sync; the default eagerly on the CPU); "device" (the default on
 CUDA and under torch.compile) checks inside the forward kernel, reads row 0 for a bad id and fails the call
 by ``torch._assert_async`` (on CUDA a device-side assertion, surfacing at the next synchronization);
-False/"off" checks nothing but still reads row 0. The backward kernel adds nothing for a bad id (a bad
-center drops its pair), so no mode reads or writes outside the tables.
+False/"off" checks nothing but still reads row 0. The backward adds nothing for a bad id (a bad center
+drops its pair, a bad context or negative its column), so no mode reads or writes outside the tables.
+Both roads (kernels and reference) do exactly this.
 """
 
 from __future__ import annotations
@@ -207,11 +208,12 @@ def negative_sampling_loss(
     be = resolve(backend, center, context, negatives, in_weight, out_weight, op="negative_sampling",
                  dtype=in_weight.dtype)
     if be == "reference" or center.numel() == 0:
-        if mode != "sync":  # what the kernels do, in torch ops
+        if mode == "device":  # the kernels' flag, in torch ops
             v = in_weight.shape[0]
-            center, context, negatives = (safe_ids(t, v, mode, _BAD_ID) for t in (center, context, negatives))
+            assert_ok(torch.stack([((t >= 0) & (t < v)).all() for t in (center, context, negatives)]).all(), _BAD_ID)
+        # unchecked, a bad id reads row 0 and its gradient is dropped, as in the kernels
         return _reference_loss(center, context, negatives, in_weight, out_weight, reduction=reduction,
-                               sparse=sparse)
+                               sparse=sparse, drop_bad_ids=mode != "sync")
     if in_weight.stride(1) != 1:
         in_weight = in_weight.contiguous()
     if out_weight.stride(1) != 1:

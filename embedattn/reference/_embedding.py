@@ -30,6 +30,16 @@ def default_positions(ids: torch.Tensor, position_offset: int = 0) -> torch.Tens
     return (torch.arange(n, device=ids.device) + position_offset).expand(ids.shape)
 
 
+def _lookup(table: torch.Tensor, ids: torch.Tensor, padding_idx: int | None, drop_bad_ids: bool) -> torch.Tensor:
+    """``table[ids]``; with ``drop_bad_ids`` an id outside [0, rows) reads row 0 and passes no gradient
+    (what the kernels do when the bounds check is off)."""
+    if not drop_bad_ids:
+        return F.embedding(ids, table, padding_idx=padding_idx)
+    good = (ids >= 0) & (ids < table.shape[0])
+    rows = F.embedding(torch.where(good, ids, 0), table, padding_idx=padding_idx)
+    return torch.where(good.unsqueeze(-1), rows, rows.detach())
+
+
 def embedding(
     ids: torch.Tensor,
     weight: torch.Tensor,
@@ -41,6 +51,7 @@ def embedding(
     position_offset: int = 0,
     positions: torch.Tensor | None = None,
     upcast: bool = True,
+    drop_bad_ids: bool = False,
 ) -> torch.Tensor:
     """``weight[ids] * scale + P`` with P = ``pos_weight[positions]``, the sinusoidal encoding, or 0.
 
@@ -48,6 +59,8 @@ def embedding(
     ``padding_idx`` works as in ``nn.Embedding``: the row is returned by the lookup but gets no gradient.
     ``upcast=True`` computes half types in float32 and casts back (what the kernels promise);
     ``upcast=False`` stays in the table dtype (the "plain PyTorch" baseline of the tests).
+    ``drop_bad_ids=True``: an id (or explicit position into ``pos_weight``) outside its table reads row 0
+    and its gradient is dropped, as in the kernels without a bounds check; otherwise it is an IndexError.
     """
     dtype = weight.dtype
     cdtype = torch.float32 if upcast and dtype in (torch.float16, torch.bfloat16) else dtype
@@ -59,11 +72,11 @@ def embedding(
         positions = positions.long()
     if padding_idx is not None and padding_idx < 0:
         padding_idx += weight.shape[0]
-    out = F.embedding(ids, weight.to(cdtype), padding_idx=padding_idx)
+    out = _lookup(weight.to(cdtype), ids, padding_idx, drop_bad_ids)
     if scale != 1.0:
         out = out * scale
     if pos_weight is not None:
-        out = out + F.embedding(positions, pos_weight.to(cdtype))
+        out = out + _lookup(pos_weight.to(cdtype), positions, None, drop_bad_ids)
     elif sinusoidal:
         out = out + sinusoidal_positions(positions, weight.shape[1], cdtype)
     return out.to(dtype)

@@ -565,9 +565,11 @@ def test_bad_id_raises_naming_it(backend, check_bounds):
 @pytest.mark.parametrize("pos", ["default", "explicit"])
 @pytest.mark.parametrize("check_bounds", [False, "off"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_unchecked_bad_id_reads_row_zero(backend, check_bounds, pos):
+@pytest.mark.parametrize("road", ROADS)
+def test_unchecked_bad_id_reads_row_zero(road, backend, check_bounds, pos):
     """With the check off a bad id (or position) reads row 0, never the NaN rows around the table; good ids
-    are exact; the gradient stays finite and good rows get exactly theirs."""
+    are exact; the gradient of a bad id (or position) is dropped: every row, row 0 included, gets exactly
+    the good lookups' gradient. One behaviour on both backends, eager and compiled."""
     v, p, d = 10, 9, 6
     w = _poisoned_table(v, d).requires_grad_()
     pw = _poisoned_table(p, d).requires_grad_()
@@ -577,7 +579,9 @@ def test_unchecked_bad_id_reads_row_zero(backend, check_bounds, pos):
         positions = torch.arange(7, device=DEVICE).expand(3, 7).clone()
         positions[1, 2], positions[2, 5] = -3, p + 1
         kw["positions"] = positions
-    out = embedattn.embedding(ids, w, pw, check_bounds=check_bounds, backend=backend, **kw)
+    fn = on_road(road, lambda ids, w, pw, **kw: embedattn.embedding(ids, w, pw, check_bounds=check_bounds,
+                                                                     backend=backend, **kw))
+    out = fn(ids, w, pw, **kw)
     good = (ids >= 0) & (ids < v)
     safe = torch.where(good, ids, 0)
     safe_pos = kw.get("positions", torch.arange(7, device=DEVICE).expand(3, 7))
@@ -588,7 +592,10 @@ def test_unchecked_bad_id_reads_row_zero(backend, check_bounds, pos):
     out.sum().backward()
     assert torch.isfinite(w.grad).all() and torch.isfinite(pw.grad).all()
     counts = torch.bincount(ids[good], minlength=v).float()
-    torch.testing.assert_close(w.grad[1:], counts[1:, None].expand(-1, d))  # row 0: see the module docstring
+    torch.testing.assert_close(w.grad, counts[:, None].expand(-1, d), rtol=0, atol=0)
+    q = kw.get("positions", torch.arange(7, device=DEVICE).expand(3, 7))
+    pos_counts = torch.bincount(q[(q >= 0) & (q < p)], minlength=p).float()
+    torch.testing.assert_close(pw.grad, pos_counts[:, None].expand(-1, d), rtol=0, atol=0)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")

@@ -470,22 +470,37 @@ def _dropped_reference(c, x, n, wi, wo, up):
 
 @pytest.mark.parametrize("check_bounds", [False, "off"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_unchecked_bad_ids_never_read_out_of_bounds(backend, check_bounds):
+@pytest.mark.parametrize("road", ROADS)
+def test_unchecked_bad_ids_never_read_out_of_bounds(road, backend, check_bounds):
     """With the check off, bad center/context/negative ids read row 0 (never the NaN rows around the tables):
-    the loss is finite and equals the loss at row 0; on the Triton road the gradient of a bad lookup is
-    dropped (checked against a float64 reference without those lookups)."""
+    the loss is finite and equals the loss at row 0; on both backends, eager and compiled, the gradient of a
+    bad lookup is dropped (checked against a float64 reference without those lookups)."""
     v, d = 9, 5
     wi, wo = _poisoned(v, d, seed=1), _poisoned(v, d, seed=2)
     c, x, n = _bad_batch(v)
     up = torch.rand(c.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(3)).to(DEVICE)
-    loss, gi, go = _run(lambda *a, **k: embedattn.negative_sampling_loss(*a, check_bounds=check_bounds,
-                                                                         backend=backend, **k), c, x, n, wi, wo, up)
+    fn = on_road(road, lambda *a, **k: embedattn.negative_sampling_loss(*a, check_bounds=check_bounds,
+                                                                        backend=backend, **k))
+    loss, gi, go = _run(fn, c, x, n, wi, wo, up)
     safe = [torch.where((t >= 0) & (t < v), t, 0) for t in (c, x, n)]
     assert torch.isfinite(loss).all() and torch.isfinite(gi).all() and torch.isfinite(go).all()
     torch.testing.assert_close(loss.double(), ref_loss(*safe, wi.double(), wo.double(), reduction="none"))
-    if backend == "triton":
-        ei, eo = _dropped_reference(c, x, n, wi, wo, up)
-        assert max_err(gi, ei) < 1e-6 and max_err(go, eo) < 1e-6
+    ei, eo = _dropped_reference(c, x, n, wi, wo, up)
+    assert max_err(gi, ei) < 1e-6 and max_err(go, eo) < 1e-6
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unchecked_bad_ids_sparse_gradients_match_dense(backend):
+    """sparse=True with bad ids (check off) gives the dropped-lookup gradients on both backends."""
+    v, d = 9, 5
+    wi, wo = _poisoned(v, d, seed=8), _poisoned(v, d, seed=9)
+    c, x, n = _bad_batch(v)
+    up = torch.ones(c.shape[0], dtype=torch.float64, device=DEVICE)
+    _, gi, go = _run(lambda *a, **k: embedattn.negative_sampling_loss(*a, check_bounds=False, sparse=True,
+                                                                       backend=backend, **k), c, x, n, wi, wo, up)
+    ei, eo = _dropped_reference(c, x, n, wi, wo, up)
+    assert gi.is_sparse and go.is_sparse
+    assert max_err(gi.to_dense(), ei) < 1e-6 and max_err(go.to_dense(), eo) < 1e-6
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
