@@ -1,211 +1,50 @@
-"""The CPU path of the sentence-walking trainer: the algorithm of ``train_chunks_reference`` (``_train.py``)
-in C, built once per machine with the system C compiler and called through ctypes, which releases the
-GIL, so ``workers`` Python threads train their chunks concurrently (Hogwild, like gensim's and
-word2vec.c's threads). Same Philox draws as the reference and the Triton kernel. ``load()`` returns
-None (the trainer falls back to the PyTorch minibatch step) when no compiler works.
+"""The CPU path of the kernel trainer: ``_w2v.c`` (the algorithm of ``train_chunks_reference`` in C),
+built once with the system C compiler into a cache keyed by the source's hash, the compiler and the
+target it compiles for, and called through ctypes with one ``W2VArgs`` struct. ctypes releases the GIL,
+so ``workers`` Python threads train their chunks concurrently (Hogwild, like gensim's and word2vec.c's
+threads). ``load()`` returns None where no compiler works; ``build_error()`` then says why, and the
+model says once which road trains instead (gensim's ``FAST_VERSION`` warning, in words).
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
-import platform
 import shutil
 import subprocess
 import tempfile
-import warnings
+from pathlib import Path
 
 import numpy as np
 
-_SOURCE = r"""
-#include <math.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
-
-/* Philox4x32-10 as Triton's tl.randint4x: counter (lo, hi, 0, 0), key (seed lo, seed hi); words 0, 1 */
-static inline void philox(uint64_t seed, int64_t counter, uint32_t *r0, uint32_t *r1) {
-    uint32_t c0 = (uint32_t)counter, c1 = (uint32_t)((uint64_t)counter >> 32), c2 = 0, c3 = 0;
-    uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
-    for (int i = 0; i < 10; i++) {
-        uint64_t pb = (uint64_t)0xCD9E8D57u * c2, pa = (uint64_t)0xD2511F53u * c0;
-        uint32_t n0 = (uint32_t)(pb >> 32) ^ c1 ^ k0, n2 = (uint32_t)(pa >> 32) ^ c3 ^ k1;
-        c1 = (uint32_t)pb;
-        c3 = (uint32_t)pa;
-        c0 = n0;
-        c2 = n2;
-        k0 += 0x9E3779B9u;
-        k1 += 0xBB67AE85u;
-    }
-    *r0 = c0;
-    *r1 = c1;
-}
-
-static inline float unit_float(uint32_t r) { return (float)(r >> 8) * (1.0f / 16777216.0f); }
-static inline int64_t below(uint32_t r, int64_t n) { return (int64_t)(((uint64_t)r * (uint64_t)n) >> 32); }
-
-/* n negatives from counters ctr .. ctr + n - 1 through the alias table (the Philox loop vectorizes) */
-static inline void draw(uint64_t seed, int64_t ctr, int64_t n, const float *aprob, const int32_t *alias, int64_t V,
-                        uint32_t *r0, uint32_t *r1, int32_t *ids) {
-    for (int64_t k = 0; k < n; k++) philox(seed, ctr + k, r0 + k, r1 + k);
-    for (int64_t k = 0; k < n; k++) {
-        int64_t i = below(r0[k], V);
-        ids[k] = unit_float(r1[k]) < aprob[i] ? (int32_t)i : alias[i];
-    }
-}
-
-/* g = (label - sigmoid(s)) * lr; returns -log sigmoid(+-s), the pair's loss term, when want_loss
-   (it costs a fifth of a pair; logf, as log1pf would cost as much as the rest of the pair) */
-static inline float grad(float s, float label, float lr, int want_loss, float *g) {
-    float e = expf(-fabsf(s));
-    float sig = s >= 0 ? 1.0f / (1.0f + e) : e / (1.0f + e);
-    *g = (label - sig) * lr;
-    if (!want_loss) return 0.0f;
-    float z = label > 0 ? s : -s;
-    return fmaxf(-z, 0.0f) + logf(1.0f + e);
-}
-
-static inline float dot(const float *a, const float *b, int64_t D) {
-    float s = 0;
-    for (int64_t d = 0; d < D; d++) s += a[d] * b[d];
-    return s;
-}
-
-static inline void axpy(float a, const float *x, float *y, int64_t D) {
-    for (int64_t d = 0; d < D; d++) y[d] += a * x[d];
-}
-
-int w2v_train(const int32_t *tokens, const int64_t *bounds, int64_t c_begin, int64_t c_end, int64_t c_step,
-              const float *keep, const float *aprob, const int32_t *alias, float *w_in, float *w_out,
-              int64_t V, int64_t D, int64_t K, int64_t W, uint64_t seed, int64_t pos_base, double lr_start,
-              double lr_end, double total, int sg, int cbow_mean, int shared, int shrink, int want_loss,
-              int64_t max_chunk, double *stats) {
-    const int64_t stride = 2 + 2 * W * K, S = 2 * W + 2, K1 = K + 1;
-    int32_t *words = malloc(sizeof(int32_t) * (max_chunk > 0 ? max_chunk : 1));
-    int32_t *ids = malloc(sizeof(int32_t) * K1);
-    uint32_t *r0s = malloc(sizeof(uint32_t) * K1), *r1s = malloc(sizeof(uint32_t) * K1);
-    float *held = malloc(sizeof(float) * S * D), *loaded = malloc(sizeof(float) * S * D);
-    float *u = malloc(sizeof(float) * K1 * D), *u0 = malloc(sizeof(float) * K1 * D);
-    float *neu1e = malloc(sizeof(float) * D), *h = malloc(sizeof(float) * D), *g = malloc(sizeof(float) * K1);
-    if (!words || !ids || !r0s || !r1s || !held || !loaded || !u || !u0 || !neu1e || !h || !g) return 1;
-    double loss = 0, pairs = 0, kept = 0;
-    for (int64_t c = c_begin; c < c_end; c += c_step) {
-        const int64_t lo = bounds[c], hi = bounds[c + 1];
-        int64_t n = 0;
-        for (int64_t p = lo; p < hi; p++) { /* subsampling */
-            uint32_t r0, r1;
-            philox(seed, (pos_base + p) * stride, &r0, &r1);
-            if (unit_float(r0) < keep[tokens[p]]) words[n++] = tokens[p];
-        }
-        kept += n;
-        for (int64_t j = 0; j < (W < n ? W : n); j++) {
-            memcpy(held + (j % S) * D, w_in + (int64_t)words[j] * D, sizeof(float) * D);
-            memcpy(loaded + (j % S) * D, w_in + (int64_t)words[j] * D, sizeof(float) * D);
-        }
-        for (int64_t m = 0; m < n; m++) {
-            if (m - W - 1 >= 0) { /* the row leaving the window goes back */
-                int64_t j = m - W - 1;
-                float *row = w_in + (int64_t)words[j] * D, *hj = held + (j % S) * D, *lj = loaded + (j % S) * D;
-                for (int64_t d = 0; d < D; d++) row[d] += hj[d] - lj[d];
-            }
-            if (m + W < n) { /* the row entering it is loaded */
-                int64_t j = m + W;
-                memcpy(held + (j % S) * D, w_in + (int64_t)words[j] * D, sizeof(float) * D);
-                memcpy(loaded + (j % S) * D, w_in + (int64_t)words[j] * D, sizeof(float) * D);
-            }
-            const int64_t ctr = (pos_base + lo + m) * stride;
-            int64_t b = W;
-            if (shrink) {
-                uint32_t r0, r1;
-                philox(seed, ctr + 1, &r0, &r1);
-                b = below(r0, W) + 1;
-            }
-            const float lr = (float)fmax(lr_end, lr_start - (lr_start - lr_end) * (double)(pos_base + lo + m) / total);
-            const int64_t jlo = m - b > 0 ? m - b : 0, jhi = m + b + 1 < n ? m + b + 1 : n;
-            if (jhi - jlo <= 1) continue;
-            const int32_t cw = words[m];
-            ids[0] = cw;
-            if (sg) {
-                memcpy(u, w_out + (int64_t)cw * D, sizeof(float) * D);
-                memcpy(u0, u, sizeof(float) * D);
-                if (shared) {
-                    draw(seed, ctr + 2, K, aprob, alias, V, r0s, r1s, ids + 1);
-                    for (int64_t k = 1; k < K1; k++) {
-                        memcpy(u + k * D, w_out + (int64_t)ids[k] * D, sizeof(float) * D);
-                        memcpy(u0 + k * D, u + k * D, sizeof(float) * D);
-                    }
-                }
-                for (int64_t j = jlo; j < jhi; j++) {
-                    if (j == m) continue;
-                    const int64_t t = j - m + W - (j > m);
-                    if (!shared) {
-                        draw(seed, ctr + 2 + t * K, K, aprob, alias, V, r0s, r1s, ids + 1);
-                        for (int64_t k = 1; k < K1; k++)
-                            memcpy(u + k * D, w_out + (int64_t)ids[k] * D, sizeof(float) * D);
-                    }
-                    float *v = held + (j % S) * D;
-                    for (int64_t k = 0; k < K1; k++) {
-                        g[k] = 0;
-                        if (k > 0 && ids[k] == cw) continue; /* word2vec.c skips a negative equal to the centre */
-                        loss += grad(dot(u + k * D, v, D), k == 0, lr, want_loss, g + k);
-                    }
-                    pairs += 1;
-                    memset(neu1e, 0, sizeof(float) * D);
-                    for (int64_t k = 0; k < K1; k++) axpy(g[k], u + k * D, neu1e, D);
-                    for (int64_t k = 0; k < K1; k++) {
-                        if (shared || k == 0) axpy(g[k], v, u + k * D, D);
-                        else axpy(g[k], v, w_out + (int64_t)ids[k] * D, D);
-                    }
-                    axpy(1.0f, neu1e, v, D);
-                }
-                for (int64_t k = 0; k < (shared ? K1 : 1); k++) { /* the held output rows go back */
-                    float *row = w_out + (int64_t)ids[k] * D, *uk = u + k * D, *u0k = u0 + k * D;
-                    for (int64_t d = 0; d < D; d++) row[d] += uk[d] - u0k[d];
-                }
-            } else {
-                memset(h, 0, sizeof(float) * D);
-                int64_t cnt = 0;
-                for (int64_t j = jlo; j < jhi; j++)
-                    if (j != m) { axpy(1.0f, held + (j % S) * D, h, D); cnt++; }
-                if (cbow_mean) for (int64_t d = 0; d < D; d++) h[d] /= (float)cnt;
-                draw(seed, ctr + 2, K, aprob, alias, V, r0s, r1s, ids + 1);
-                for (int64_t k = 0; k < K1; k++) memcpy(u + k * D, w_out + (int64_t)ids[k] * D, sizeof(float) * D);
-                for (int64_t k = 0; k < K1; k++) {
-                    g[k] = 0;
-                    if (k > 0 && ids[k] == cw) continue;
-                    loss += grad(dot(u + k * D, h, D), k == 0, lr, want_loss, g + k);
-                }
-                pairs += 1;
-                memset(neu1e, 0, sizeof(float) * D);
-                for (int64_t k = 0; k < K1; k++) axpy(g[k], u + k * D, neu1e, D);
-                for (int64_t k = 0; k < K1; k++) axpy(g[k], h, w_out + (int64_t)ids[k] * D, D);
-                const float scale = cbow_mean ? 1.0f : 1.0f / (float)cnt;
-                for (int64_t j = jlo; j < jhi; j++)
-                    if (j != m) axpy(scale, neu1e, held + (j % S) * D, D);
-            }
-        }
-        for (int64_t j = n - 1 - W > 0 ? n - 1 - W : 0; j < n; j++) { /* the rows still held go back */
-            float *row = w_in + (int64_t)words[j] * D, *hj = held + (j % S) * D, *lj = loaded + (j % S) * D;
-            for (int64_t d = 0; d < D; d++) row[d] += hj[d] - lj[d];
-        }
-    }
-    stats[0] += loss;
-    stats[1] += pairs;
-    stats[2] += kept;
-    free(words); free(ids); free(r0s); free(r1s); free(held); free(loaded);
-    free(u); free(u0); free(neu1e); free(h); free(g);
-    return 0;
-}
-"""
+SOURCE = Path(__file__).with_name("_w2v.c")
+ABI_VERSION = 2  # W2V_ABI_VERSION in _w2v.c
 
 # -ffast-math is avoided on purpose: linked into a shared library it sets flush-to-zero for the whole
 # process. The reassociation flags alone let the compiler vectorize the dot products.
-_FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-fno-math-errno", "-fno-trapping-math", "-fno-signed-zeros",
-          "-fassociative-math", "-ffp-contract=fast"]
+FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-fno-math-errno", "-fno-trapping-math", "-fno-signed-zeros",
+         "-fassociative-math", "-ffp-contract=fast")
 
-_lib = None
-_tried = False
+_p, _i64, _i32, _f64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_double
+
+
+class W2VArgs(ctypes.Structure):
+    """``w2v_args`` of ``_w2v.c``, field for field (the library reports its size and ABI version, checked
+    at load)."""
+
+    _fields_ = [
+        ("tokens", _p), ("bounds", _p), ("c_begin", _i64), ("c_end", _i64), ("c_step", _i64),
+        ("keep", _p), ("aprob", _p), ("alias", _p), ("w_in", _p), ("w_out", _p), ("w_hs", _p), ("lockf", _p),
+        ("hs_off", _p), ("hs_points", _p), ("hs_codes", _p), ("stats", _p),
+        ("V", _i64), ("D", _i64), ("K", _i64), ("W", _i64), ("seed", ctypes.c_uint64), ("pos_base", _i64),
+        ("lr_start", _f64), ("lr_end", _f64), ("total", _f64), ("max_chunk", _i64), ("max_code", _i64),
+        ("sg", _i32), ("cbow_mean", _i32), ("shared", _i32), ("shrink", _i32), ("want_loss", _i32), ("hs", _i32),
+    ]
+
+
+_state: dict = {}
 
 
 def _cache_dir() -> str:
@@ -214,21 +53,42 @@ def _cache_dir() -> str:
     return d
 
 
-def _build() -> str:
+def _compiler() -> str:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if cc is None:
-        raise RuntimeError("no C compiler (cc, gcc or clang) on PATH")
-    key = hashlib.sha256("\0".join([_SOURCE, *_FLAGS, cc, platform.machine(), platform.node()]).encode()).hexdigest()
-    path = os.path.join(_cache_dir(), f"w2v_{key[:16]}.so")
+        raise RuntimeError("no C compiler (cc, gcc or clang) on PATH, and CC is not set")
+    return cc
+
+
+def _run(cmd: list[str], stdin: str = "") -> str:
+    r = subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=120)
+    if r.returncode:
+        raise RuntimeError(f"{' '.join(cmd[:3])} failed: {r.stderr.strip()[-2000:]}")
+    return r.stdout
+
+
+@functools.lru_cache(maxsize=None)
+def cache_key(cc: str) -> str:
+    """The build's identity: the source, the compiler (its path and version) and the target it compiles
+    for: the predefined macros under the flags, which spell out what ``-march=native`` means on this CPU
+    (so a home directory shared by machines with different CPUs keeps one library per target)."""
+    version = _run([cc, "--version"])
+    target = _run([cc, *[f for f in FLAGS if f.startswith(("-m", "-f"))], "-dM", "-E", "-x", "c", "-"])
+    parts = [SOURCE.read_text(), cc, version, " ".join(FLAGS), "\n".join(sorted(target.splitlines()))]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:20]
+
+
+def build() -> str:
+    """The compiled library's path (built now unless the cache holds it)."""
+    if not SOURCE.exists():
+        raise RuntimeError(f"{SOURCE} is missing (a broken install: reinstall embedattn)")
+    cc = _compiler()
+    path = os.path.join(_cache_dir(), f"w2v_{cache_key(cc)}.so")
     if os.path.exists(path):
         return path
     with tempfile.TemporaryDirectory() as tmp:
-        src, out = os.path.join(tmp, "w2v.c"), os.path.join(tmp, "w2v.so")
-        with open(src, "w") as f:
-            f.write(_SOURCE)
-        r = subprocess.run([cc, *_FLAGS, "-o", out, src, "-lm"], capture_output=True, text=True, timeout=120)
-        if r.returncode:
-            raise RuntimeError(f"{cc} failed: {r.stderr.strip()[-2000:]}")
+        out = os.path.join(tmp, "w2v.so")
+        _run([cc, *FLAGS, "-o", out, str(SOURCE), "-lm"])
         tmp_final = f"{path}.{os.getpid()}.tmp"
         shutil.copyfile(out, tmp_final)
         os.replace(tmp_final, path)  # atomic: concurrent builders never load a half-written file
@@ -236,43 +96,58 @@ def _build() -> str:
 
 
 def load():
-    """The compiled kernel (a ctypes function), or None with a warning when it cannot be built."""
-    global _lib, _tried
-    if not _tried:
-        _tried = True
+    """The compiled ``w2v_train`` (a ctypes function taking a ``W2VArgs`` pointer), or None when it cannot
+    be built or loaded (``build_error()`` says why). Tried once per process."""
+    if "fn" not in _state:
+        _state["fn"], _state["error"] = None, None
         try:
-            lib = ctypes.CDLL(_build())
+            lib = ctypes.CDLL(build())
+            lib.w2v_abi.restype = ctypes.c_int64
+            abi = lib.w2v_abi()
+            if (abi >> 32, abi & 0xFFFFFFFF) != (ABI_VERSION, ctypes.sizeof(W2VArgs)):
+                raise RuntimeError(f"the library's ABI ({abi >> 32}, {abi & 0xFFFFFFFF} bytes) is not the binding's "
+                                   f"({ABI_VERSION}, {ctypes.sizeof(W2VArgs)} bytes)")
             fn = lib.w2v_train
-            p, i64 = ctypes.c_void_p, ctypes.c_int64
-            fn.argtypes = [p, p, i64, i64, i64, p, p, p, p, p, i64, i64, i64, i64, ctypes.c_uint64, i64,
-                           ctypes.c_double, ctypes.c_double, ctypes.c_double, ctypes.c_int, ctypes.c_int,
-                           ctypes.c_int, ctypes.c_int, ctypes.c_int, i64, p]
+            fn.argtypes = [ctypes.POINTER(W2VArgs)]
             fn.restype = ctypes.c_int
-            _lib = fn
-        except Exception as e:  # noqa: BLE001 (no compiler, a failed build: the PyTorch path runs)
-            warnings.warn(f"word2vec: the C kernel of the CPU path could not be built ({e}); "
-                          "training falls back to the PyTorch minibatch step", stacklevel=3)
-    return _lib
+            _state["fn"] = fn
+        except Exception as e:  # noqa: BLE001 (no compiler, a failed build: the model names the road it takes)
+            _state["error"] = str(e)
+    return _state["fn"]
 
 
-def _ptr(a: np.ndarray) -> int:
-    return a.ctypes.data
+def build_error() -> str | None:
+    """Why ``load()`` returned None (None when it did not, or was not tried)."""
+    return _state.get("error")
+
+
+def _ptr(a: np.ndarray | None) -> int | None:
+    return None if a is None else a.ctypes.data
 
 
 def train_chunks(fn, tokens: np.ndarray, bounds: np.ndarray, c_begin: int, c_end: int, c_step: int,
                  keep_prob: np.ndarray, alias_prob: np.ndarray, alias: np.ndarray, w_in: np.ndarray,
-                 w_out: np.ndarray, *, seed: int, pos_base: int, lr_start: float, lr_end: float, total_words: float,
-                 window: int, negative: int, sg: bool, cbow_mean: bool, shared_negatives: bool,
-                 shrink_windows: bool, max_chunk: int, want_loss: bool = True) -> np.ndarray:
+                 w_out: np.ndarray | None, *, seed: int, pos_base: int, lr_start: float, lr_end: float,
+                 total_words: float, window: int, negative: int, sg: bool, cbow_mean: bool, shared_negatives: bool,
+                 shrink_windows: bool, max_chunk: int, want_loss: bool = True, w_hs: np.ndarray | None = None,
+                 hs_off: np.ndarray | None = None, hs_points: np.ndarray | None = None,
+                 hs_codes: np.ndarray | None = None, lockf: np.ndarray | None = None) -> np.ndarray:
     """Chunks ``c_begin, c_begin + c_step, ... < c_end`` through the C kernel, in place on the float32
-    tables (C-contiguous numpy arrays; int32 tokens/alias, int64 bounds, float32 probabilities).
-    Returns [summed loss (0 unless ``want_loss``), pairs, kept words]."""
+    tables (C-contiguous numpy arrays; int32 tokens/alias/hs_points, int64 bounds/hs_off, uint8 hs_codes,
+    float32 probabilities and lockf). ``w_hs`` (with the Huffman arrays): hierarchical softmax; ``lockf``
+    None: every input row trains. Returns [summed loss (0 unless ``want_loss``), pairs, kept words]."""
     stats = np.zeros(3)
     V, D = w_in.shape
-    rc = fn(_ptr(tokens), _ptr(bounds), c_begin, c_end, c_step, _ptr(keep_prob), _ptr(alias_prob), _ptr(alias),
-            _ptr(w_in), _ptr(w_out), V, D, negative, window, seed, pos_base, lr_start, lr_end, total_words,
-            int(sg), int(cbow_mean), int(shared_negatives), int(shrink_windows), int(want_loss), max_chunk,
-            _ptr(stats))
-    if rc:
+    hs = w_hs is not None
+    max_code = int(np.diff(hs_off).max(initial=0)) if hs else 0
+    args = W2VArgs(
+        tokens=_ptr(tokens), bounds=_ptr(bounds), c_begin=c_begin, c_end=c_end, c_step=c_step, keep=_ptr(keep_prob),
+        aprob=_ptr(alias_prob), alias=_ptr(alias), w_in=_ptr(w_in), w_out=_ptr(w_out) if negative else None,
+        w_hs=_ptr(w_hs), lockf=_ptr(lockf), hs_off=_ptr(hs_off) if hs else None,
+        hs_points=_ptr(hs_points) if hs else None, hs_codes=_ptr(hs_codes) if hs else None, stats=_ptr(stats),
+        V=V, D=D, K=negative, W=window, seed=seed, pos_base=pos_base, lr_start=lr_start, lr_end=lr_end,
+        total=total_words, max_chunk=max_chunk, max_code=max_code, sg=int(sg), cbow_mean=int(cbow_mean),
+        shared=int(shared_negatives), shrink=int(shrink_windows), want_loss=int(want_loss), hs=int(hs))
+    if fn(ctypes.byref(args)):
         raise MemoryError("word2vec C kernel: out of memory")
     return stats

@@ -234,24 +234,43 @@ def _nll(z):
     return np.maximum(-z, 0) + np.log1p(np.exp(-np.abs(z)))
 
 
-def _pair_update(u, h, label, lr, live, stats):
-    """word2vec.c's update of one centre row ``h`` against its positive and negative rows ``u``: the scaled
-    gradient g per row (0 where ``live`` is off), the loss added to ``stats``, and h's own gradient g @ u."""
+def _objective_step(u, h, label, lr, live, stats):
+    """word2vec.c's update of one input ``h`` against output rows ``u`` with targets ``label``
+    (negative sampling: the positive row then the negatives; hierarchical softmax: the nodes of a Huffman
+    path, label 1 - code): the scaled gradient g per row (0 where ``live`` is off), the loss added to
+    ``stats``, and h's own gradient g @ u."""
     s = u @ h
     g = (label - 1 / (1 + np.exp(-s))) * lr * live
     stats[0] += (_nll(np.where(label > 0, s, -s)) * live).sum()
-    stats[1] += 1
     return g, g @ u
+
+
+def huffman_arrays(codes, points) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-word Huffman codes and node ids (gensim's ``code``/``point`` attributes) flattened for the
+    kernels: (offsets int64 [V + 1], node ids int32, codes uint8); word w's path is offsets[w]:offsets[w + 1]."""
+    lens = np.fromiter((len(c) for c in codes), dtype=np.int64, count=len(codes))
+    off = np.zeros(len(codes) + 1, dtype=np.int64)
+    np.cumsum(lens, out=off[1:])
+    pts = np.concatenate([np.asarray(p, dtype=np.int32) for p in points]) if len(points) else np.zeros(0, np.int32)
+    cds = np.concatenate([np.asarray(c, dtype=np.uint8) for c in codes]) if len(codes) else np.zeros(0, np.uint8)
+    return off, pts, cds
 
 
 def train_chunks_reference(tokens, bounds, chunks, keep_prob, alias_prob, alias, w_in, w_out, *, seed: int,
                            pos_base: int, lr_start: float, lr_end: float, total_words: float, window: int,
                            negative: int, sg: bool = True, cbow_mean: bool = True, shared_negatives: bool = False,
-                           shrink_windows: bool = True) -> np.ndarray:
+                           shrink_windows: bool = True, w_hs=None, hs_off=None, hs_points=None, hs_codes=None,
+                           lockf=None) -> np.ndarray:
     """The trainer's algorithm (see above) in NumPy, one word at a time: the chunks ``chunks`` (indices
-    into ``bounds``) in order, updating the numpy tables ``w_in``/``w_out`` in place (float64 tables make
-    it the oracle of the fp32 kernels). Returns [summed loss, pairs trained, kept words]."""
+    into ``bounds``) in order, updating the numpy tables ``w_in``/``w_out`` (and ``w_hs``) in place (float64
+    tables make it the oracle of the fp32 kernels). ``negative=0``: no negative sampling (``w_out``
+    unused). ``w_hs`` with ``hs_off``/``hs_points``/``hs_codes`` (``huffman_arrays``): hierarchical softmax,
+    the centre word's Huffman path walked per pair (skip-gram) or per centre (CBOW), its node rows held over
+    the window like the centre's output row; with negatives too, the two gradients of the input add up.
+    ``lockf`` (per word): the factor on each update of an input row (gensim's ``vectors_lockf``; 0 locks
+    a row). Returns [summed loss, pairs trained, kept words]."""
     W, K = window, negative
+    hs = w_hs is not None
     stride = counter_stride(W, K)
     stats = np.zeros(3)
     label = np.r_[1.0, np.zeros(K)]
@@ -278,38 +297,60 @@ def train_chunks_reference(tokens, bounds, chunks, keep_prob, alias_prob, alias,
             context = [j for j in range(max(0, m - b), min(n, m + b + 1)) if j != m]
             if not context:
                 continue
+            if hs:  # the centre's Huffman path: node rows (held over the window) and their labels 1 - code
+                pts = hs_points[hs_off[cw]:hs_off[cw + 1]]
+                hl = 1.0 - hs_codes[hs_off[cw]:hs_off[cw + 1]].astype(np.float64)
+                uh = w_hs[pts].copy()
+                uh0 = uh.copy()
+            lk = (lambda j: 1.0) if lockf is None else (lambda j: lockf[words[j]])
             if sg:
                 ids = np.r_[cw, _neg_ids(seed, ctr + 2, K, alias_prob, alias)]
-                u = w_out[ids].copy()  # the centre's output row (and the shared negatives), held
-                u0 = u.copy()
+                u = w_out[ids].copy() if K else None  # the centre's output row (and the shared negatives), held
+                u0 = u.copy() if K else None
                 for j in context:
                     t = j - m + W - (j > m)  # the pair's counter block, 0 .. 2 * window - 1
-                    if not shared_negatives:
-                        ids[1:] = _neg_ids(seed, ctr + 2 + t * K, K, alias_prob, alias)
-                        u[1:] = w_out[ids[1:]]
-                    live = np.r_[True, ids[1:] != cw]  # word2vec.c skips a negative equal to the centre
                     v = held[j]
-                    g, neu1e = _pair_update(u, v, label, lr, live, stats)
-                    du = np.outer(g, v)
-                    u += du
-                    if not shared_negatives:
-                        np.add.at(w_out, ids[1:], du[1:])
-                    held[j] += neu1e
-                back = slice(None) if shared_negatives else slice(0, 1)  # the rows held over the window
-                np.add.at(w_out, ids[back], (u - u0)[back])
+                    neu1e = np.zeros_like(v)
+                    if K:
+                        if not shared_negatives:
+                            ids[1:] = _neg_ids(seed, ctr + 2 + t * K, K, alias_prob, alias)
+                            u[1:] = w_out[ids[1:]]
+                        live = np.r_[True, ids[1:] != cw]  # word2vec.c skips a negative equal to the centre
+                        g, neu1e = _objective_step(u, v, label, lr, live, stats)
+                        du = np.outer(g, v)
+                        u += du
+                        if not shared_negatives:
+                            np.add.at(w_out, ids[1:], du[1:])
+                    if hs:
+                        gh, eh = _objective_step(uh, v, hl, lr, 1.0, stats)
+                        uh += np.outer(gh, v)
+                        neu1e = neu1e + eh
+                    stats[1] += 1
+                    held[j] += lk(j) * neu1e
+                if K:
+                    back = slice(None) if shared_negatives else slice(0, 1)  # the rows held over the window
+                    np.add.at(w_out, ids[back], (u - u0)[back])
             else:
                 h = np.sum([held[j] for j in context], axis=0)
                 if cbow_mean:
                     h = h / len(context)
-                ids = np.r_[cw, _neg_ids(seed, ctr + 2, K, alias_prob, alias)]
-                live = np.r_[True, ids[1:] != cw]
-                u = w_out[ids]
-                g, neu1e = _pair_update(u, h, label, lr, live, stats)
-                np.add.at(w_out, ids, np.outer(g, h))
+                neu1e = np.zeros_like(h)
+                if K:
+                    ids = np.r_[cw, _neg_ids(seed, ctr + 2, K, alias_prob, alias)]
+                    live = np.r_[True, ids[1:] != cw]
+                    g, neu1e = _objective_step(w_out[ids], h, label, lr, live, stats)
+                    np.add.at(w_out, ids, np.outer(g, h))
+                if hs:
+                    gh, eh = _objective_step(uh, h, hl, lr, 1.0, stats)
+                    uh += np.outer(gh, h)
+                    neu1e = neu1e + eh
+                stats[1] += 1
                 if not cbow_mean:
                     neu1e = neu1e / len(context)
                 for j in context:
-                    held[j] += neu1e
+                    held[j] += lk(j) * neu1e
+            if hs:
+                w_hs[pts] += uh - uh0  # a path's nodes are distinct
         for j in sorted(held):
             w_in[words[j]] += held.pop(j) - loaded.pop(j)
     return stats
