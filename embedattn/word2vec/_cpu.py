@@ -67,7 +67,7 @@ def _run(cmd: list[str], stdin: str = "") -> str:
     return r.stdout
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cache_key(cc: str) -> str:
     """The build's identity: the source, the compiler (its path and version) and the target it compiles
     for: the predefined macros under the flags, which spell out what ``-march=native`` means on this CPU

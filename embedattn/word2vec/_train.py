@@ -302,7 +302,6 @@ def train_chunks_reference(tokens, bounds, chunks, keep_prob, alias_prob, alias,
                 hl = 1.0 - hs_codes[hs_off[cw]:hs_off[cw + 1]].astype(np.float64)
                 uh = w_hs[pts].copy()
                 uh0 = uh.copy()
-            lk = (lambda j: 1.0) if lockf is None else (lambda j: lockf[words[j]])
             if sg:
                 ids = np.r_[cw, _neg_ids(seed, ctr + 2, K, alias_prob, alias)]
                 u = w_out[ids].copy() if K else None  # the centre's output row (and the shared negatives), held
@@ -326,7 +325,7 @@ def train_chunks_reference(tokens, bounds, chunks, keep_prob, alias_prob, alias,
                         uh += np.outer(gh, v)
                         neu1e = neu1e + eh
                     stats[1] += 1
-                    held[j] += lk(j) * neu1e
+                    held[j] += (1.0 if lockf is None else lockf[words[j]]) * neu1e
                 if K:
                     back = slice(None) if shared_negatives else slice(0, 1)  # the rows held over the window
                     np.add.at(w_out, ids[back], (u - u0)[back])
@@ -348,7 +347,7 @@ def train_chunks_reference(tokens, bounds, chunks, keep_prob, alias_prob, alias,
                 if not cbow_mean:
                     neu1e = neu1e / len(context)
                 for j in context:
-                    held[j] += lk(j) * neu1e
+                    held[j] += (1.0 if lockf is None else lockf[words[j]]) * neu1e
             if hs:
                 w_hs[pts] += uh - uh0  # a path's nodes are distinct
         for j in sorted(held):
