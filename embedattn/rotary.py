@@ -14,6 +14,34 @@ gradient, which autograd may share or expand). ``inplace=True`` writes into x (`
 and allocates nothing; otherwise the output is a new contiguous tensor of x's shape. Gradients flow
 to x only, as in FlashAttention; when cos or sin require grad the reference runs instead
 (``backend="auto"``) or a ValueError says so (``backend="triton"``).
+
+In place on a leaf that requires grad (or a view of one), as FlashAttention allows: x's memory is
+rotated in place and the gradient is still right (the rotation's gradient does not depend on x), but
+autograd cannot give a leaf a history, so the returned tensor is a new one holding the same values
+and carrying the gradient (the in-place write bumps x's version, so an op that saved x for its
+backward fails loudly instead of using the rotated values). embedattn refuses ``inplace=True`` only
+where the result would be ill-defined: x with broadcast (stride-0) dimensions, whose elements share
+memory (FlashAttention's kernel would race on them).
+
+Bounds (``check_bounds``, the modes of ``embedattn.embedding``): positions (``seqlen_offsets`` + token
+index) must lie in ``[0, seqlen_ro)`` and, for varlen, cu_seqlens must partition x's rows
+(``0 = cu[0] <= ... <= cu[B] = total``) with every length ``<= max_seqlen``. Dense x with an int offset
+is host arithmetic, checked in every mode. Otherwise:
+
+* ``"sync"`` (``True``; the default eagerly on the CPU): a few reductions and one host read before
+  anything runs; an IndexError (positions) or ValueError (cu_seqlens, max_seqlen) says what is wrong.
+* ``"device"`` (the default on CUDA and while torch.compile traces): no host sync; the kernel checks
+  each sequence and clears a flag that ``torch._assert_async`` checks after the launch (a RuntimeError
+  at once on the CPU, a device-side assertion on CUDA), the reference road the same in torch ops.
+* ``False``/``"off"``: nothing is checked and nothing goes out of bounds: a position outside cos/sin is
+  rotated by the identity, and cu_seqlens is read as a partition of x's rows (its running maximum,
+  clamped into ``[0, total]``, from 0 to ``total``: a few device ops on B + 1 entries, no sync), so
+  every row is written once, the same on every backend. A sequence longer than ``max_seqlen`` is
+  rotated in full (``max_seqlen`` only sizes the kernel's grid).
+
+``apply_rotary_emb``, ``apply_rotary_emb_qkv_`` and ``apply_rotary_emb_kv_`` are FlashAttention's
+``flash_attn.layers.rotary`` functions with their signatures (``apply_rotary_emb_torch`` its plain
+PyTorch formula).
 """
 
 from __future__ import annotations
@@ -22,7 +50,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from ._backend import check_backend, resolve
-from ._checks import check_bool, check_int
+from ._checks import assert_ok, bounds_mode, check_bool, check_int, ok_flag
 from ._registry import kernel_op
 from .reference import _rotary as _ref
 
@@ -64,12 +92,9 @@ def _check(x, cos, sin, interleaved, inplace, seqlen_offsets, cu_seqlens, max_se
     if rd > d:
         raise ValueError(f"rotary_dim = 2 * cos.shape[1] = {rd} exceeds the head dim {d} (cos/sin are "
                          f"(seqlen_ro, rotary_dim / 2), half the rotated width, not the full width)")
-    if inplace:
-        if x.requires_grad and x.is_leaf and torch.is_grad_enabled():
-            raise RuntimeError("inplace=True on a leaf tensor that requires grad: autograd cannot record it")
-        if any(st == 0 and n > 1 for st, n in zip(x.stride(), x.shape)):
-            raise ValueError("inplace=True needs x without broadcast (stride-0) dimensions: "
-                             "several elements share one memory location")
+    if inplace and any(st == 0 and n > 1 for st, n in zip(x.stride(), x.shape)):
+        raise ValueError("inplace=True needs x without broadcast (stride-0) dimensions: "
+                         "several elements share one memory location")
     if varlen:
         if not isinstance(cu_seqlens, torch.Tensor):
             raise TypeError(f"cu_seqlens must be a torch.Tensor or None, got {type(cu_seqlens).__name__}")
@@ -83,6 +108,9 @@ def _check(x, cos, sin, interleaved, inplace, seqlen_offsets, cu_seqlens, max_se
             raise ValueError("cu_seqlens needs max_seqlen (the longest sequence; it sizes the launch grid)")
         seqlen = check_int("max_seqlen", max_seqlen, low=0)
         batch, total = cu_seqlens.shape[0] - 1, x.shape[1 if heads_first else 0]
+        if batch == 0 and total:
+            raise ValueError(f"cu_seqlens {tuple(cu_seqlens.shape)} holds no sequence but x has {total} packed "
+                             f"tokens: cu_seqlens must be (batch + 1,) with cu_seqlens[-1] = {total}")
     else:
         if max_seqlen is not None:
             raise ValueError("max_seqlen goes with cu_seqlens (the varlen form); pass neither or both")
@@ -100,29 +128,15 @@ def _check(x, cos, sin, interleaved, inplace, seqlen_offsets, cu_seqlens, max_se
     return batch, seqlen, total
 
 
-def _check_positions(cos, seqlen_offsets, cu_seqlens, batch, seqlen, total, check_bounds) -> None:
-    """IndexError unless every position (``offset + s`` for token s of a sequence) lies in
-    ``[0, seqlen_ro)``; for varlen also a ValueError unless cu_seqlens fits x and max_seqlen.
+_BAD_BOUNDS = ("rotary: a position (seqlen_offsets + token index) lies outside cos/sin, or cu_seqlens is not a "
+               "partition of x's rows (0 = cu_seqlens[0] <= ... <= cu_seqlens[-1] = total, lengths <= max_seqlen); "
+               "check_bounds='sync' raises naming it")
 
-    Dense x with an int offset: host arithmetic, always checked. Tensor offsets and varlen (checked
-    with the actual sequence lengths): a few reductions and one device sync, skipped with
-    ``check_bounds=False`` and, by default, while torch.compile traces. Unchecked, a position outside
-    cos/sin is never read (the kernel rotates it by the identity), but a cu_seqlens past x would be."""
-    s_ro = cos.shape[0]
+
+def _bound_stats(cos, seqlen_offsets, cu_seqlens, batch, seqlen) -> torch.Tensor:
+    """The device values the bounds depend on, stacked: the first and last position used, and for varlen
+    cu_seqlens' first and last entries and its shortest and longest length."""
     tensor_off = isinstance(seqlen_offsets, torch.Tensor)
-
-    def bad_positions(lo, hi):
-        return IndexError(f"positions {lo}..{hi} (seqlen_offsets + token index) are out of range for cos/sin "
-                          f"with {s_ro} rows ([0, {s_ro}))")
-
-    if cu_seqlens is None and not tensor_off and seqlen and batch:
-        if seqlen_offsets < 0 or seqlen_offsets + seqlen > s_ro:
-            raise bad_positions(seqlen_offsets, seqlen_offsets + seqlen - 1)
-    if check_bounds is None:
-        check_bounds = not torch.compiler.is_compiling()
-    if not check_bool("check_bounds", check_bounds) or not (tensor_off or cu_seqlens is not None):
-        return
-    # the span of positions used, and for varlen cu_seqlens' first/last entries and length range
     if cu_seqlens is None:
         lens = torch.full((batch,), seqlen, device=seqlen_offsets.device)
     else:
@@ -134,7 +148,35 @@ def _check_positions(cos, seqlen_offsets, cu_seqlens, batch, seqlen, total, chec
              torch.where(live, off + lens - 1, -1).max() if batch else lens.new_full((), -1)]
     if cu_seqlens is not None:
         stats += [cu[0], cu[-1], *(torch.aminmax(lens) if batch else (cu[0], cu[0]))]
-    vals = torch.stack(stats).tolist()  # the one sync
+    return torch.stack(stats)
+
+
+def _in_bounds(cos, seqlen_offsets, cu_seqlens, batch, seqlen, total) -> torch.Tensor:
+    """The "device" check in torch ops (the reference road): a bool tensor, no host read."""
+    st = _bound_stats(cos, seqlen_offsets, cu_seqlens, batch, seqlen)
+    ok = (st[0] >= 0) & (st[1] < cos.shape[0])
+    if cu_seqlens is not None:
+        ok = ok & (st[2] == 0) & (st[3] == total) & (st[4] >= 0) & (st[5] <= seqlen)
+    return ok
+
+
+def _check_positions(cos, seqlen_offsets, cu_seqlens, batch, seqlen, total, mode: str) -> None:
+    """The host part of the bounds checks (see the module docstring): dense x with an int offset in every
+    mode; tensor offsets and varlen in "sync" mode only (a few reductions and one device sync), an
+    IndexError for positions past cos/sin, a ValueError for cu_seqlens or max_seqlen."""
+    s_ro = cos.shape[0]
+    tensor_off = isinstance(seqlen_offsets, torch.Tensor)
+
+    def bad_positions(lo, hi):
+        return IndexError(f"positions {lo}..{hi} (seqlen_offsets + token index) are out of range for cos/sin "
+                          f"with {s_ro} rows ([0, {s_ro}))")
+
+    if cu_seqlens is None and not tensor_off and seqlen and batch:
+        if seqlen_offsets < 0 or seqlen_offsets + seqlen > s_ro:
+            raise bad_positions(seqlen_offsets, seqlen_offsets + seqlen - 1)
+    if mode != "sync" or not (tensor_off or cu_seqlens is not None):
+        return
+    vals = _bound_stats(cos, seqlen_offsets, cu_seqlens, batch, seqlen).tolist()  # the one sync
     if cu_seqlens is not None:
         first, last, lmin, lmax = vals[2:]
         if first != 0 or lmin < 0:
@@ -149,55 +191,68 @@ def _check_positions(cos, seqlen_offsets, cu_seqlens, batch, seqlen, total, chec
         raise bad_positions(lo, hi)
 
 
+def _partition(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """cu_seqlens made a partition of ``total`` rows on the device (no sync): clamped into [0, total], its
+    first entry 0 and its last ``total``, then its running maximum. A valid one comes back unchanged."""
+    if cu_seqlens.shape[0] < 2:
+        return cu_seqlens
+    c = cu_seqlens.clamp(0, total)
+    c = torch.cat([c.new_zeros(1), c[1:-1], c.new_full((1,), total)])
+    return torch.cummax(c, 0).values
+
+
 # --------------------------------------------------------------------------------------------------
 # registered ops (bodies launch the kernel; see embedattn._registry)
 # --------------------------------------------------------------------------------------------------
-def _rotary_fwd_fake(x, cos, sin, offsets, cu_seqlens, offset, max_seqlen, interleaved, conjugate, heads_first):
+def _rotary_fwd_fake(x, cos, sin, offsets, cu_seqlens, offset, max_seqlen, interleaved, conjugate, heads_first,
+                     ok=None):
     return x.new_empty(x.shape)
 
 
-@kernel_op("rotary_fwd", fake=_rotary_fwd_fake)
+@kernel_op("rotary_fwd", fake=_rotary_fwd_fake, mutates_args=("ok",))
 def _rotary_fwd(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, offsets: torch.Tensor | None,
                 cu_seqlens: torch.Tensor | None, offset: int, max_seqlen: int, interleaved: bool, conjugate: bool,
-                heads_first: bool) -> torch.Tensor:
-    """x rotated (sin negated with ``conjugate``: the backward) into a new contiguous tensor of x's shape."""
+                heads_first: bool, ok: torch.Tensor | None = None) -> torch.Tensor:
+    """x rotated (sin negated with ``conjugate``: the backward) into a new contiguous tensor of x's shape.
+    ``ok`` (int32 (1,), set to 1 by the caller) is cleared when a bound is violated."""
     from .kernels.rotary import rotary_forward
 
     return rotary_forward(x, cos, sin, offsets, cu_seqlens, offset=offset, max_seqlen=max_seqlen,
-                          interleaved=interleaved, conjugate=conjugate, heads_first=heads_first)
+                          interleaved=interleaved, conjugate=conjugate, heads_first=heads_first, ok=ok)
 
 
 def _rotary_fwd_inplace_fake(x, cos, sin, offsets, cu_seqlens, offset, max_seqlen, interleaved, conjugate,
-                             heads_first):
+                             heads_first, ok=None):
     return None
 
 
-@kernel_op("rotary_fwd_inplace", fake=_rotary_fwd_inplace_fake, mutates_args=("x",))
+@kernel_op("rotary_fwd_inplace", fake=_rotary_fwd_inplace_fake, mutates_args=("x", "ok"))
 def _rotary_fwd_inplace(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, offsets: torch.Tensor | None,
                         cu_seqlens: torch.Tensor | None, offset: int, max_seqlen: int, interleaved: bool,
-                        conjugate: bool, heads_first: bool) -> None:
+                        conjugate: bool, heads_first: bool, ok: torch.Tensor | None = None) -> None:
     """x rotated in place (the features past rotary_dim are not touched)."""
     from .kernels.rotary import rotary_forward
 
     rotary_forward(x, cos, sin, offsets, cu_seqlens, offset=offset, max_seqlen=max_seqlen, interleaved=interleaved,
-                   conjugate=conjugate, heads_first=heads_first, out=x)
+                   conjugate=conjugate, heads_first=heads_first, out=x, ok=ok)
 
 
 class RotaryFunction(torch.autograd.Function):
-    """``apply(x, cos, sin, offsets, cu_seqlens, offset, max_seqlen, interleaved, inplace, heads_first)``
-    through the registered ops; the gradient (to x only) is the conjugate rotation of the incoming one."""
+    """``apply(x, cos, sin, offsets, cu_seqlens, offset, max_seqlen, interleaved, inplace, heads_first, ok)``
+    through the registered ops; the gradient (to x only) is the conjugate rotation of the incoming one.
+    ``ok``: the "device" bounds flag (or None)."""
 
     @staticmethod
-    def forward(ctx, x, cos, sin, offsets, cu_seqlens, offset, max_seqlen, interleaved, inplace, heads_first):
+    def forward(ctx, x, cos, sin, offsets, cu_seqlens, offset, max_seqlen, interleaved, inplace, heads_first, ok):
         if inplace:
             torch.ops.embedattn.rotary_fwd_inplace(x, cos, sin, offsets, cu_seqlens, offset, max_seqlen,
-                                                   interleaved, False, heads_first)
+                                                   interleaved, False, heads_first, ok)
             if ctx.needs_input_grad[0]:  # (dynamo traces mark_dirty only where autograd records the call)
                 ctx.mark_dirty(x)
             out = x
         else:
             out = torch.ops.embedattn.rotary_fwd(x, cos, sin, offsets, cu_seqlens, offset, max_seqlen, interleaved,
-                                                 False, heads_first)
+                                                 False, heads_first, ok)
         ctx.save_for_backward(cos, sin, offsets, cu_seqlens)
         ctx.meta = (offset, max_seqlen, interleaved, heads_first)
         return out
@@ -210,8 +265,15 @@ class RotaryFunction(torch.autograd.Function):
         dx = None
         if ctx.needs_input_grad[0]:
             dx = torch.ops.embedattn.rotary_fwd(grad, cos, sin, offsets, cu_seqlens, offset, max_seqlen, interleaved,
-                                                True, heads_first)
-        return dx, None, None, None, None, None, None, None, None, None
+                                                True, heads_first, None)
+        return dx, *(None,) * 10
+
+
+def _leaf_in_place(x: torch.Tensor) -> bool:
+    """An in-place write to x that autograd cannot record: x is a leaf that requires grad, or a view of one."""
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return False
+    return x.is_leaf or (x._base is not None and x._base.is_leaf)
 
 
 def rotary(
@@ -225,7 +287,7 @@ def rotary(
     max_seqlen: int | None = None,
     *,
     heads_first: bool = False,
-    check_bounds: bool | None = None,
+    check_bounds: bool | str | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
     """Rotary position embedding, FlashAttention's ``apply_rotary_emb(x, cos, sin, interleaved, inplace,
@@ -238,17 +300,20 @@ def rotary(
         cos, sin: (seqlen_ro, rotary_dim / 2), float32 or x's dtype (both the same). ``rotary_dim``
             <= D features are rotated; the rest pass through unchanged.
         interleaved: rotate (x[2j], x[2j+1]) pairs (GPT-J) instead of (x[j], x[j + rotary_dim/2]) (GPT-NeoX).
-        inplace: write the result into x and return x (x must not be a leaf that requires grad).
+        inplace: write the result into x and return x. On a leaf that requires grad (FlashAttention
+            allows it) x is still rotated in place, and a new tensor with the same values carries the
+            gradient (see the module docstring). Refused for x with broadcast (stride-0) dimensions.
         seqlen_offsets: int, or (B,) int32/int64 tensor: the position of each sequence's first token
             (decoding with a KV cache). Every position ``offset + s`` (s < that sequence's length)
             must lie in [0, seqlen_ro): IndexError otherwise.
         cu_seqlens: (B + 1,) int32/int64 cumulative sequence lengths of the packed form, with
             ``max_seqlen`` (an int bounding every length; it sizes the launch grid).
         heads_first: x is (B, H, S, D) (or (H, total, D)).
-        check_bounds: check the positions of tensor offsets and of the varlen form, and cu_seqlens
-            against x and max_seqlen (a few reductions, one device sync). ``None`` checks eagerly and
-            not while torch.compile traces; ``False`` skips it (a position past cos/sin is then
-            rotated by the identity, never read). Dense x with an int offset is always checked.
+        check_bounds: how the positions of tensor offsets and of the varlen form, and cu_seqlens
+            against x and max_seqlen, are checked: None | "sync" (``True``) | "device" | False/"off", as
+            for ``embedattn.embedding`` (the module docstring says what each does; unchecked, nothing is
+            read or written out of bounds and every row of the output is written). Dense x with an int
+            offset is always checked.
         backend: None | "auto" | "triton" | "reference" (see ``embedattn._backend``).
 
     Returns x's shape and dtype (a new contiguous tensor, or x itself with ``inplace``). Differentiable
@@ -256,19 +321,44 @@ def rotary(
     """
     batch, seqlen, total = _check(x, cos, sin, interleaved, inplace, seqlen_offsets, cu_seqlens, max_seqlen,
                                   heads_first)
-    _check_positions(cos, seqlen_offsets, cu_seqlens, batch, seqlen, total, check_bounds)
+    mode = bounds_mode(check_bounds, x.device)
+    _check_positions(cos, seqlen_offsets, cu_seqlens, batch, seqlen, total, mode)
     be = resolve(backend, x, cos, sin, op="rotary", dtype=x.dtype)
     if be == "triton" and torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad):
         if check_backend(backend) == "triton":
             raise ValueError("backend='triton' computes no gradient for cos/sin, which require grad: detach them "
                              "or use backend='reference'")
         be = "reference"
+    # FlashAttention's in place on a leaf: computed out of place, then written into x (module docstring)
+    leaf = inplace and _leaf_in_place(x)
+    out = _dispatch(x, cos, sin, interleaved, inplace and not leaf, seqlen_offsets, cu_seqlens, max_seqlen,
+                    heads_first, mode, be, batch, seqlen, total)
+    if leaf:
+        with torch.no_grad():
+            x.copy_(out)
+    return out
+
+
+def _dispatch(x, cos, sin, interleaved, inplace, seqlen_offsets, cu_seqlens, max_seqlen, heads_first, mode, be,
+              batch, seqlen, total):
+    """``rotary`` after its checks: the reference, or the kernels through RotaryFunction, with the bounds
+    handling of ``mode`` (see the module docstring)."""
+    tensor_off = isinstance(seqlen_offsets, torch.Tensor)
+    device_check = mode == "device" and (tensor_off or cu_seqlens is not None)
+    raw_cu = cu_seqlens
+    if cu_seqlens is not None and (mode == "off" or (be == "reference" and mode == "device")):
+        cu_seqlens = _partition(cu_seqlens, total)
     if be == "reference":
+        if device_check:  # the kernel's check, in torch ops
+            assert_ok(_in_bounds(cos, seqlen_offsets, raw_cu, batch, seqlen, total), _BAD_BOUNDS)
         return _ref.rotary(x, cos, sin, interleaved, inplace, seqlen_offsets, cu_seqlens, max_seqlen,
                            heads_first=heads_first)
-    offsets = seqlen_offsets if isinstance(seqlen_offsets, torch.Tensor) else None
-    offset = 0 if offsets is not None else int(seqlen_offsets)
+    offsets = seqlen_offsets if tensor_off else None
+    offset = 0 if tensor_off else int(seqlen_offsets)
+    ok = ok_flag(x.device) if device_check else None
     out = RotaryFunction.apply(x, cos, sin, offsets, cu_seqlens, offset, 0 if max_seqlen is None else int(max_seqlen),
-                               interleaved, inplace, heads_first)
+                               interleaved, inplace, heads_first, ok)
+    if ok is not None:
+        assert_ok(ok, _BAD_BOUNDS)
     # in place, x itself (the Function returns x when autograd records it, else an alias of it)
     return x if inplace else out

@@ -18,8 +18,16 @@ halves of a pair are loaded before either is stored, and programs own disjoint e
 output may be x itself (in place).
 
 Positions are ``s + offset`` (or ``s + offsets[b]``). One outside ``[0, S_ro)`` is never read: its
-rotation is the identity (cos 1, sin 0). The API checks positions before launching; the mask is
-what keeps an unchecked call (``check_bounds=False``, or under torch.compile) in bounds.
+rotation is the identity (cos 1, sin 0).
+
+Bounds, varlen: sequence b covers packed rows ``[cu_seqlens[b], cu_seqlens[b+1])`` clamped into x: its
+start into ``[0, total]`` (the first sequence starts at 0), its end into ``[start, total]`` (the last
+ends at ``total``), so no program touches a row outside x and every row of x belongs to some sequence.
+``max_seqlen`` only sizes the grid: the programs of a sequence step over its rows in a grid-stride loop,
+so a sequence longer than ``max_seqlen`` is still covered. With CHECK the kernel also clears the int32
+flag at ``ok_ptr`` (no host sync; the caller checks it with ``torch._assert_async``) when cu_seqlens is
+not a partition of x's rows (``cu[0] = 0 <= ... <= cu[B] = total``), a length exceeds ``max_seqlen`` or
+a position falls outside cos/sin: the "device" mode of ``embedattn.rotary``'s ``check_bounds``.
 
 Launchers check nothing; ``embedattn.rotary`` validates the arguments. No autotuning: the op is
 memory-bound and a fixed tile per head dim is what FlashAttention uses; an autotuner would also run
@@ -40,12 +48,27 @@ NUM_WARPS = 4
 
 
 @triton.jit
+def _sequence(cu_ptr, b, S, B, TOTAL, VARLEN: tl.constexpr):
+    """(first row, length, raw start, raw end) of sequence b: rows clamped into [0, TOTAL) as the module
+    docstring says; the raw cu_seqlens entries for the check (dense: S rows from 0)."""
+    if VARLEN:
+        raw0 = tl.load(cu_ptr + b).to(tl.int64)
+        raw1 = tl.load(cu_ptr + b + 1).to(tl.int64)
+        start = tl.where(b == 0, 0, tl.minimum(tl.maximum(raw0, 0), TOTAL))
+        end = tl.where(b == B - 1, TOTAL, tl.minimum(tl.maximum(raw1, start), TOTAL))
+        return start, end - start, raw0, raw1
+    else:
+        n = tl.zeros_like(b) + S
+        return tl.zeros_like(b), n, tl.zeros_like(b), n
+
+
+@triton.jit
 def _rotary_kernel(
-    x_ptr, cos_ptr, sin_ptr, out_ptr, offsets_ptr, cu_ptr,
-    S, H, HALF, D, S_RO, offset, n_m, n_pair_tiles,
+    x_ptr, cos_ptr, sin_ptr, out_ptr, offsets_ptr, cu_ptr, ok_ptr,
+    S, B, TOTAL, H, HALF, D, S_RO, offset, n_m, n_pair_tiles,
     sxb, sxs, sxh, sxd, sob, sos, soh, sod, scs, scd, sss, ssd,
     INTERLEAVED: tl.constexpr, CONJUGATE: tl.constexpr, OFFSETS_TENSOR: tl.constexpr, VARLEN: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    CHECK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # coordinates: axis 0 is (batch, row block), a row being one (token, head) of the sequence, so a
     # decoding step (S = 1) still fills a tile with its heads; axis 1 the feature tile (rotation pairs
@@ -54,55 +77,58 @@ def _rotary_kernel(
     pid_k = tl.program_id(1)
     m = pid % n_m
     b = (pid // n_m).to(tl.int64)
-    if VARLEN:
-        start = tl.load(cu_ptr + b).to(tl.int64)
-        seqlen = tl.load(cu_ptr + b + 1).to(tl.int64) - start
-        x_base = x_ptr + start * sxs
-        o_base = out_ptr + start * sos
+    start, seqlen, raw0, raw1 = _sequence(cu_ptr, b, S, B, TOTAL, VARLEN)
+    if OFFSETS_TENSOR:
+        off = tl.load(offsets_ptr + b).to(tl.int64)
     else:
-        seqlen = S
-        x_base = x_ptr + b * sxb
-        o_base = out_ptr + b * sob
-    if m * BLOCK_M >= seqlen * H:  # a varlen sequence shorter than max_seqlen
-        return
-    r = (m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    rs = r // H  # token
-    rh = r % H  # head
-    mm = rs < seqlen
-    x_row = x_base + rs * sxs + rh * sxh
-    o_row = o_base + rs * sos + rh * soh
-    rk = tl.arange(0, BLOCK_K)
-    if pid_k < n_pair_tiles:
-        j = pid_k * BLOCK_K + rk
-        mj = j < HALF
-        if OFFSETS_TENSOR:
-            pos = rs + tl.load(offsets_ptr + b).to(tl.int64)
+        off = tl.zeros_like(b) + offset
+    if CHECK:
+        bad = (seqlen > 0) & ((off < 0) | (off + seqlen > S_RO))
+        if VARLEN:
+            bad = bad | ((b == 0) & (raw0 != 0)) | (raw1 < raw0) | ((b == B - 1) & (raw1 != TOTAL))
+            bad = bad | (raw1 - raw0 > S)
+        # one program per sequence reports it (a masked store: nothing is written while all is well)
+        tl.store(ok_ptr, tl.zeros_like(bad).to(tl.int32), mask=bad & (m == 0) & (pid_k == 0))
+    # sequence b's (token, head) rows, BLOCK_M a step: one step unless max_seqlen was too small
+    x_base = x_ptr + b * sxb + start * sxs
+    o_base = out_ptr + b * sob + start * sos
+    n_rows = seqlen * H
+    for m0 in range(m * BLOCK_M, n_rows, n_m * BLOCK_M):
+        r = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
+        rs = r // H  # token
+        rh = r % H  # head
+        mm = r < n_rows
+        x_row = x_base + rs * sxs + rh * sxh
+        o_row = o_base + rs * sos + rh * soh
+        rk = tl.arange(0, BLOCK_K)
+        if pid_k < n_pair_tiles:
+            j = pid_k * BLOCK_K + rk
+            mj = j < HALF
+            pos = rs + off
+            m2 = mm[:, None] & mj[None, :]
+            mc = (mm & (pos >= 0) & (pos < S_RO))[:, None] & mj[None, :]
+            c = tl.load(cos_ptr + pos[:, None] * scs + j[None, :] * scd, mask=mc, other=1.0).to(tl.float32)
+            s = tl.load(sin_ptr + pos[:, None] * sss + j[None, :] * ssd, mask=mc, other=0.0).to(tl.float32)
+            if CONJUGATE:
+                s = -s
+            if INTERLEAVED:
+                k0 = 2 * j
+                k1 = k0 + 1
+            else:
+                k0 = j
+                k1 = j + HALF
+            x0 = tl.load(x_row[:, None] + k0[None, :] * sxd, mask=m2, other=0.0).to(tl.float32)
+            x1 = tl.load(x_row[:, None] + k1[None, :] * sxd, mask=m2, other=0.0).to(tl.float32)
+            o0 = x0 * c - x1 * s
+            o1 = x0 * s + x1 * c
+            tl.store(o_row[:, None] + k0[None, :] * sod, o0.to(out_ptr.dtype.element_ty), mask=m2)
+            tl.store(o_row[:, None] + k1[None, :] * sod, o1.to(out_ptr.dtype.element_ty), mask=m2)
         else:
-            pos = rs + offset
-        m2 = mm[:, None] & mj[None, :]
-        mc = (mm & (pos >= 0) & (pos < S_RO))[:, None] & mj[None, :]
-        c = tl.load(cos_ptr + pos[:, None] * scs + j[None, :] * scd, mask=mc, other=1.0).to(tl.float32)
-        s = tl.load(sin_ptr + pos[:, None] * sss + j[None, :] * ssd, mask=mc, other=0.0).to(tl.float32)
-        if CONJUGATE:
-            s = -s
-        if INTERLEAVED:
-            k0 = 2 * j
-            k1 = k0 + 1
-        else:
-            k0 = j
-            k1 = j + HALF
-        x0 = tl.load(x_row[:, None] + k0[None, :] * sxd, mask=m2, other=0.0).to(tl.float32)
-        x1 = tl.load(x_row[:, None] + k1[None, :] * sxd, mask=m2, other=0.0).to(tl.float32)
-        o0 = x0 * c - x1 * s
-        o1 = x0 * s + x1 * c
-        tl.store(o_row[:, None] + k0[None, :] * sod, o0.to(out_ptr.dtype.element_ty), mask=m2)
-        tl.store(o_row[:, None] + k1[None, :] * sod, o1.to(out_ptr.dtype.element_ty), mask=m2)
-    else:
-        # pass-through columns [2 * HALF, D): copied (launched only when the output is a new tensor)
-        k = 2 * HALF + (pid_k - n_pair_tiles) * BLOCK_K + rk
-        m2 = mm[:, None] & (k < D)[None, :]
-        v = tl.load(x_row[:, None] + k[None, :] * sxd, mask=m2, other=0.0)
-        tl.store(o_row[:, None] + k[None, :] * sod, v.to(out_ptr.dtype.element_ty), mask=m2)
+            # pass-through columns [2 * HALF, D): copied (launched only when the output is a new tensor)
+            k = 2 * HALF + (pid_k - n_pair_tiles) * BLOCK_K + rk
+            m2 = mm[:, None] & (k < D)[None, :]
+            v = tl.load(x_row[:, None] + k[None, :] * sxd, mask=m2, other=0.0)
+            tl.store(o_row[:, None] + k[None, :] * sod, v.to(out_ptr.dtype.element_ty), mask=m2)
 
 
 def _tile(width: int, rows: int) -> tuple[int, int]:
@@ -138,22 +164,25 @@ def rotary_forward(
     conjugate: bool,
     heads_first: bool,
     out: torch.Tensor | None = None,
+    ok: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Rotate the first ``2 * cos.shape[1]`` features of ``x`` and return the result.
 
     x: (B, S, H, D), (B, H, S, D) with ``heads_first``, or packed (total, H, D) / (H, total, D) with
-    ``cu_seqlens`` (B + 1,) and ``max_seqlen``. cos/sin: (S_ro, rotary_dim / 2), any strides.
-    ``offsets`` (B,) per-sequence position offsets, or None to use the int ``offset``.
-    ``out``: where to write; None allocates a contiguous tensor of x's shape and dtype (the tail
-    ``[rotary_dim, D)`` is copied into it). ``out=x`` rotates in place (the tail is left alone).
+    ``cu_seqlens`` (B + 1,) and ``max_seqlen`` (it sizes the grid; longer sequences are still covered).
+    cos/sin: (S_ro, rotary_dim / 2), any strides. ``offsets`` (B,) per-sequence position offsets, or
+    None to use the int ``offset``. ``out``: where to write; None allocates a contiguous tensor of x's
+    shape and dtype (the tail ``[rotary_dim, D)`` is copied into it). ``out=x`` rotates in place (the
+    tail is left alone). ``ok``: an int32 (1,) flag set to 1, cleared when a bound is violated (see the
+    module docstring). Varlen x with rows needs ``cu_seqlens`` with at least one sequence.
     """
     varlen = cu_seqlens is not None
     if varlen:
-        h = x.shape[0] if heads_first else x.shape[1]
-        batch, seqlen = cu_seqlens.shape[0] - 1, max_seqlen
+        h, total = (x.shape[0], x.shape[1]) if heads_first else (x.shape[1], x.shape[0])
+        batch, seqlen = cu_seqlens.shape[0] - 1, max(max_seqlen, 1)
     else:
         batch, h = x.shape[0], (x.shape[1] if heads_first else x.shape[2])
-        seqlen = x.shape[2] if heads_first else x.shape[1]
+        seqlen = total = x.shape[2] if heads_first else x.shape[1]
     d, half = x.shape[-1], cos.shape[1]
     inplace = out is x
     if out is None:
@@ -168,10 +197,11 @@ def rotary_forward(
     dummy = cos  # stands for an absent pointer argument; never read
     wrap_triton(_rotary_kernel)[grid](
         x, cos, sin, out, dummy if offsets is None else offsets, dummy if cu_seqlens is None else cu_seqlens,
-        seqlen, h, half, d, cos.shape[0], offset, n_m, n_pair,
+        dummy if ok is None else ok,
+        max_seqlen if varlen else seqlen, batch, total, h, half, d, cos.shape[0], offset, n_m, n_pair,
         *_bshd_strides(x, varlen, heads_first), *_bshd_strides(out, varlen, heads_first),
         cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1),
         INTERLEAVED=interleaved, CONJUGATE=conjugate, OFFSETS_TENSOR=offsets is not None, VARLEN=varlen,
-        BLOCK_M=block_m, BLOCK_K=block_k, num_warps=NUM_WARPS,
+        CHECK=ok is not None, BLOCK_M=block_m, BLOCK_K=block_k, num_warps=NUM_WARPS,
     )
     return out

@@ -5,6 +5,15 @@ from __future__ import annotations
 import torch
 
 
+def _rows(table: torch.Tensor, pos: torch.Tensor, fill: float) -> torch.Tensor:
+    """``table[pos]``, with ``fill`` in the rows of positions outside the table."""
+    inside = (pos >= 0) & (pos < table.shape[0])
+    if table.shape[0] == 0:
+        return table.new_full((*pos.shape, table.shape[1]), fill)
+    rows = table[torch.where(inside, pos, 0)]
+    return torch.where(inside.unsqueeze(-1), rows, torch.full_like(rows, fill))
+
+
 def rotary(
     x: torch.Tensor,
     cos: torch.Tensor,
@@ -25,7 +34,10 @@ def rotary(
     (``max_seqlen`` is not needed here). Token s of sequence b sits at position ``s + offset[b]``
     (``seqlen_offsets`` an int or a (B,) tensor) and is rotated by ``cos/sin[position]`` (S_ro, rotary_dim/2):
     pairs (j, j + rotary_dim/2) (GPT-NeoX), or (2j, 2j + 1) with ``interleaved`` (GPT-J).
-    ``inplace`` copies the result into x and returns x.
+    A position outside ``[0, S_ro)`` is rotated by the identity (cos 1, sin 0), as in the kernel
+    (``embedattn.rotary`` checks positions unless ``check_bounds`` is off). ``cu_seqlens`` must be a
+    partition of x's rows (0 = cu[0] <= ... <= cu[-1] = total); ``embedattn.rotary`` makes an unchecked
+    one so first. ``inplace`` copies the result into x and returns x.
     ``upcast=True`` computes half types in float32 and casts back (what the kernels promise);
     ``upcast=False`` computes in x's dtype with cos/sin cast to it (the "plain PyTorch" baseline).
     """
@@ -42,8 +54,8 @@ def rotary(
         offsets = torch.as_tensor(seqlen_offsets, device=x.device).expand(lens.shape[0])
         seq = torch.repeat_interleave(torch.arange(lens.shape[0], device=x.device), lens, output_size=xs.shape[0])
         pos = torch.arange(xs.shape[0], device=x.device) - cu_seqlens[seq].long() + offsets[seq]  # (total,)
-    c = cos.to(cdtype)[pos].unsqueeze(-2)  # (..., S, 1, rotary_dim/2)
-    s_ = sin.to(cdtype)[pos].unsqueeze(-2)
+    c = _rows(cos.to(cdtype), pos, 1.0).unsqueeze(-2)  # (..., S, 1, rotary_dim/2)
+    s_ = _rows(sin.to(cdtype), pos, 0.0).unsqueeze(-2)
     rd = 2 * cos.shape[1]
     if interleaved:
         x0, x1 = xs[..., 0:rd:2], xs[..., 1:rd:2]

@@ -376,7 +376,6 @@ BAD = {
     "offset tensor past cos": (dict(seqlen_offsets=torch.tensor([0, 5])), IndexError, r"positions 0..9"),
     "offset tensor negative": (dict(seqlen_offsets=torch.tensor([-2, 0])), IndexError, r"positions -2..4"),
     "cos too short": (dict(cos=COS[:4], sin=SIN[:4]), IndexError, r"positions 0..4 .* 4 rows"),
-    "inplace leaf": (dict(x=X.clone().requires_grad_(), inplace=True), RuntimeError, "leaf"),
     "inplace broadcast": (dict(x=X[:1].expand(2, -1, -1, -1), inplace=True), ValueError, "stride-0"),
     "max_seqlen alone": (dict(max_seqlen=5), ValueError, "max_seqlen goes with cu_seqlens"),
     "cu without max": (dict(x=X.flatten(0, 1), cu_seqlens=CU), ValueError, "needs max_seqlen"),
@@ -390,7 +389,9 @@ BAD = {
     "max_seqlen negative": (dict(x=X.flatten(0, 1), cu_seqlens=CU, max_seqlen=-1), ValueError, "max_seqlen must be"),
     "varlen offset past cos": (dict(x=X.flatten(0, 1), cu_seqlens=CU, max_seqlen=6, seqlen_offsets=4), IndexError,
                                r"positions 4..9"),
-    "check_bounds not bool": (dict(check_bounds=1), TypeError, "check_bounds must be a bool"),
+    "check_bounds not a mode": (dict(check_bounds=1), TypeError, "check_bounds must be None, a bool or one of"),
+    "check_bounds bad mode": (dict(check_bounds="fatal"), ValueError, "check_bounds must be None, a bool or one of"),
+    "cu no sequence": (dict(x=X.flatten(0, 1), cu_seqlens=CU[:1], max_seqlen=6), ValueError, "holds no sequence"),
 }
 
 
@@ -409,3 +410,203 @@ def test_bad_input(backend, case):
 def test_bad_backend():
     with pytest.raises(ValueError, match="backend must be"):
         embedattn.rotary(X, COS, SIN, backend="cuda")
+
+
+# ----------------------------------------------------------------------------------------------------
+# bounds on every mode and road: nothing outside the output is written, no row is left unwritten, and
+# both backends give the same result or the same error
+
+
+def _partition(cu, total):
+    """What an unchecked cu_seqlens means (the module docstring), written out: entries clamped into
+    [0, total], the first 0 and the last total, then their running maximum."""
+    c = [min(max(int(v), 0), total) for v in cu]
+    c[0], c[-1] = 0, total
+    for i in range(1, len(c)):
+        c[i] = max(c[i], c[i - 1])
+    return torch.tensor(c, dtype=cu.dtype, device=cu.device)
+
+
+def _padded(total, h, d, gen, pad=3):
+    """A (total, h, d) view into a buffer with ``pad`` NaN rows on each side (a write past x lands there)."""
+    buf = torch.full((total + 2 * pad, h, d), float("nan"))
+    buf[pad:pad + total] = torch.randn(total, h, d, generator=gen)
+    buf = buf.to(DEVICE)
+    return buf, buf[pad:pad + total]
+
+
+# (cu_seqlens, max_seqlen) for 10 packed rows: a valid partition with max_seqlen too small, past the end,
+# negative and decreasing entries, a first entry past 0, a last one short of the end
+BAD_VARLEN = {
+    "short max_seqlen": ([0, 3, 8, 10], 2),
+    "max_seqlen 0": ([0, 3, 8, 10], 0),
+    "past the end": ([0, 3, 8, 15], 5),
+    "far past the end": ([0, 40, 80, 120], 5),
+    "negative": ([0, -4, 8, 10], 8),
+    "decreasing": ([0, 7, 4, 10], 6),
+    "late start": ([2, 3, 8, 10], 5),
+    "early end": ([0, 3, 6, 7], 5),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_VARLEN))
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("road", ROADS)
+def test_unchecked_varlen_stays_in_bounds_and_writes_every_row(road, backend, inplace, case):
+    """check_bounds=False with a bad cu_seqlens or a max_seqlen below a length: x's neighbours (NaN rows
+    around it) are untouched, every output row is written (outputs are poisoned), and the result is the
+    rotation over the partition the module docstring defines, on both backends, eager and compiled. The
+    gradient is the conjugate rotation over the same partition."""
+    cu, max_len = BAD_VARLEN[case]
+    gen = torch.Generator().manual_seed(1200 + list(BAD_VARLEN).index(case))
+    total, h, d = 10, 2, 6
+    cos, sin = _tables(24, 2, torch.float32, gen)
+    buf, x = _padded(total, h, d, gen)
+    cu = torch.tensor(cu, dtype=torch.int32, device=DEVICE)
+    off = torch.tensor([1, 0, 2], device=DEVICE)
+    expect = ref_rotary(x.double(), cos.double(), sin.double(), seqlen_offsets=off, cu_seqlens=_partition(cu, total))
+    fn = on_road(road, lambda x, cu: embedattn.rotary(x, cos, sin, False, inplace, off, cu, max_len, check_bounds=False,
+                                                      backend=backend))
+    outside = torch.cat([buf[:3], buf[-3:]])
+    if inplace:
+        out = fn(x, cu)
+        assert out is x or road == "compiled"
+        got = x
+    else:
+        xl = x.clone().requires_grad_()
+        got = fn(xl, cu)
+        grad = torch.randn(got.shape, generator=gen).to(DEVICE)
+        got.backward(grad)
+        x64 = x.double().requires_grad_()
+        ref_rotary(x64, cos.double(), sin.double(), seqlen_offsets=off, cu_seqlens=_partition(cu, total)).backward(
+            grad.double())
+        torch.testing.assert_close(xl.grad.double(), x64.grad, rtol=1e-5, atol=1e-5)
+    assert torch.isnan(outside).all()  # nothing written next to x
+    assert torch.isfinite(got).all()  # every row written
+    torch.testing.assert_close(got.double(), expect, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("road", ROADS)
+def test_unchecked_out_of_range_positions_are_the_identity(road, backend):
+    """check_bounds=False with positions past cos/sin (tensor offsets, dense and varlen): those tokens are
+    rotated by the identity and the others by their angle, the same on both backends (the reference
+    once raised a raw IndexError here)."""
+    gen = torch.Generator().manual_seed(1300)
+    cos, sin = _tables(6, 2, torch.float32, gen)
+    x = torch.randn(2, 4, 1, 4, generator=gen).to(DEVICE)
+    off = torch.tensor([0, 4], device=DEVICE)
+    fn = on_road(road, lambda x, off, **kw: embedattn.rotary(x, cos, sin, seqlen_offsets=off, check_bounds=False,
+                                                             backend=backend, **kw))
+    out = fn(x, off)
+    torch.testing.assert_close(out[0], ref_rotary(x[:1], cos, sin)[0])
+    torch.testing.assert_close(out[1, :2], ref_rotary(x[1:, :2], cos, sin, seqlen_offsets=4)[0])
+    assert torch.equal(out[1, 2:], x[1, 2:])
+    # varlen: the same two sequences packed, and a negative offset
+    cu = torch.tensor([0, 4, 8], dtype=torch.int32, device=DEVICE)
+    packed = fn(x.flatten(0, 1), torch.tensor([-1, 4], device=DEVICE), cu_seqlens=cu, max_seqlen=4)
+    assert torch.equal(packed[0], x[0, 0])  # position -1
+    torch.testing.assert_close(packed[1:4], ref_rotary(x[:1, 1:], cos, sin)[0])  # positions 0..2
+    torch.testing.assert_close(packed[4:], out[1])
+
+
+# calls that are bad in a way only the device values show: (x, kwargs) for 10 packed rows or a (2, 4) batch
+_G2 = torch.Generator().manual_seed(1400)
+_XV = torch.randn(10, 2, 6, generator=_G2)
+_XD = torch.randn(2, 4, 2, 6, generator=_G2)
+DEVICE_BAD = {
+    "cu past the end": (_XV, dict(cu_seqlens=torch.tensor([0, 3, 8, 15]), max_seqlen=7), ValueError,
+                        r"cu_seqlens\[-1\] = 15"),
+    "cu decreasing": (_XV, dict(cu_seqlens=torch.tensor([0, 7, 4, 10]), max_seqlen=7), ValueError,
+                      "never decrease"),
+    "short max_seqlen": (_XV, dict(cu_seqlens=torch.tensor([0, 3, 8, 10]), max_seqlen=4), ValueError,
+                         "length 5 > max_seqlen 4"),
+    "varlen positions": (_XV, dict(cu_seqlens=torch.tensor([0, 3, 8, 10]), max_seqlen=5,
+                                   seqlen_offsets=torch.tensor([0, 0, 11])), IndexError, r"positions 0..12"),
+    "dense positions": (_XD, dict(seqlen_offsets=torch.tensor([0, 10])), IndexError, r"positions 0..13"),
+    "negative offset": (_XD, dict(seqlen_offsets=torch.tensor([-1, 0])), IndexError, r"positions -1..3"),
+}
+
+
+@pytest.mark.parametrize("check_bounds", [None, "device"])
+@pytest.mark.parametrize("case", list(DEVICE_BAD))
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("road", ROADS)
+def test_checked_bad_bounds_fail_on_every_road(road, backend, case, check_bounds):
+    """The default check (and "device"): eagerly on the CPU an IndexError/ValueError naming the problem;
+    under torch.compile(fullgraph=True) the same conditions checked on the device (no host read) fail the
+    call with a RuntimeError, on both backends. A good call passes on the same compiled function."""
+    if ON_CUDA:
+        pytest.skip("a device-side assertion poisons the CUDA context")
+    x, kw, err, match = DEVICE_BAD[case]
+    cos, sin = _tables(12, 2, torch.float32, torch.Generator().manual_seed(1401))
+    kw = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+    fn = on_road(road, lambda x, **kw: embedattn.rotary(x, cos, sin, check_bounds=check_bounds, backend=backend, **kw))
+    if road == "compiled":
+        err, match = RuntimeError, "rotary: a position .* lies outside cos/sin, or cu_seqlens is not a partition"
+    with pytest.raises(err, match=match):
+        fn(x.to(DEVICE), **kw)
+    good = dict(kw)
+    if "cu_seqlens" in kw:
+        good.update(cu_seqlens=torch.tensor([0, 3, 8, 10], device=DEVICE), max_seqlen=5)
+    if "seqlen_offsets" in kw:
+        good["seqlen_offsets"] = torch.zeros_like(kw["seqlen_offsets"])
+    torch.testing.assert_close(fn(x.to(DEVICE), **good), ref_rotary(x.to(DEVICE), cos, sin, **good))
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
+def test_kernel_flags_each_bad_bound():
+    """The kernel's own check (CHECK): the flag is cleared by each bad condition alone and kept otherwise,
+    and the kernel writes in bounds whatever it is given."""
+    from embedattn.kernels.rotary import rotary_forward
+
+    gen = torch.Generator().manual_seed(1500)
+    cos, sin = _tables(12, 2, torch.float32, gen)
+    x = torch.randn(10, 2, 6, generator=gen).to(DEVICE)
+    good_cu, good_off = [0, 3, 8, 10], [0, 2, 1]
+    cases = {
+        "good": (good_cu, good_off, 5, 1), "max_seqlen": (good_cu, good_off, 4, 0),
+        "first": ([1, 3, 8, 10], good_off, 5, 0), "last": ([0, 3, 8, 9], good_off, 5, 0),
+        "past": ([0, 3, 8, 11], good_off, 8, 0), "decreasing": ([0, 8, 3, 10], good_off, 8, 0),
+        "position past": (good_cu, [0, 8, 1], 5, 0), "negative position": (good_cu, [0, 0, -1], 5, 0),
+        "empty sequence anywhere": ([0, 3, 3, 10], [0, 50, 0], 7, 1),
+    }
+    for name, (cu, off, max_len, want) in cases.items():
+        ok = torch.ones(1, dtype=torch.int32, device=DEVICE)
+        cu_t, off_t = torch.tensor(cu, dtype=torch.int32, device=DEVICE), torch.tensor(off, device=DEVICE)
+        out = rotary_forward(x, cos, sin, off_t, cu_t, offset=0, max_seqlen=max_len, interleaved=False,
+                             conjugate=False, heads_first=False, ok=ok)
+        assert ok.item() == want, name
+        assert torch.isfinite(out).all(), name
+    ok = torch.ones(1, dtype=torch.int32, device=DEVICE)
+    rotary_forward(x.view(2, 5, 2, 6), cos, sin, torch.tensor([0, 8], device=DEVICE), None, offset=0, max_seqlen=0,
+                   interleaved=True, conjugate=False, heads_first=False, ok=ok)
+    assert ok.item() == 0  # dense: positions 8..12 past 12 rows
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kvcache_rotary_same_on_both_backends(backend):
+    """flash_attn_with_kvcache with rotary, causal, more queries than new keys and cos/sin exactly the
+    cache's length: the queries past the table are rotated by the identity (what cos = 1, sin = 0 rows
+    appended to the table give) on both backends; a length past the cache is the attention's error on
+    both (the reference once raised a raw IndexError from the rotary)."""
+    from embedattn.flash_attn_interface import flash_attn_with_kvcache
+
+    gen = torch.Generator().manual_seed(1600)
+    B, S, H, D, nq, nnew = 2, 8, 2, 16, 5, 2
+    kc, vc = (torch.randn(B, S, H, D, generator=gen).to(DEVICE) for _ in range(2))
+    q, k, v = (torch.randn(B, n, H, D, generator=gen).to(DEVICE) for n in (nq, nnew, nnew))
+    cos, sin = _tables(S, 4, torch.float32, gen)
+    cos_id = torch.cat([cos, torch.ones(nq, 4, device=DEVICE)])
+    sin_id = torch.cat([sin, torch.zeros(nq, 4, device=DEVICE)])
+    seq = torch.tensor([6, 3], dtype=torch.int32, device=DEVICE)  # batch 0: queries at 6..10, table 0..7
+    kc1, vc1, kc2, vc2 = kc.clone(), vc.clone(), kc.clone(), vc.clone()
+    out = flash_attn_with_kvcache(q, kc1, vc1, k, v, cos, sin, cache_seqlens=seq, causal=True, backend=backend)
+    want = flash_attn_with_kvcache(q, kc2, vc2, k, v, cos_id, sin_id, cache_seqlens=seq, causal=True,
+                                   backend="reference")
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kc1, kc2, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"cache_seqlens \+ Nnew must lie in \[0, 8\]"):
+        flash_attn_with_kvcache(q, kc.clone(), vc.clone(), k, v, cos, sin, cache_seqlens=seq + 1, causal=True,
+                                backend=backend)
