@@ -23,6 +23,7 @@ from .harness import (
     Case,
     Context,
     Recorder,
+    Workload,
     attention_flops,
     chosen_config,
     coarse_first,
@@ -234,6 +235,13 @@ def _inputs(ctx: Context, s: Spec) -> tuple[list[tuple[torch.Tensor, ...]], list
     return [st[:3] for st in sets], [st[3] for st in sets]
 
 
+def workload(ctx: Context, s: Spec) -> Workload:
+    """embedattn's call at ``s`` on the suite's inputs (what ``benchmarks.tune`` times)."""
+    sets, grads = _inputs(ctx, s)
+    p = feature_providers(s, [])[0] if s.feature else providers(ctx)[0]
+    return Workload(lambda q, k, v: p.fn(q, k, v, s.causal), sets, grads, grad_inputs=(0, 1, 2))
+
+
 def _too_big(ctx: Context, p: Provider, s: Spec) -> bool:
     if not (ctx.is_cuda and p.materializes):
         return False
@@ -278,6 +286,6 @@ def plan(ctx: Context) -> list[Case]:
     provs = providers(ctx)
     return [
         Case(SUITE, f"{s.kernel} {s.dtype} N={s.n}", lambda c, r, s=s: run_spec(c, r, s, provs),
-             weight=float(s.n) / 512)  # fmt: skip
+             weight=float(s.n) / 512, dtype=s.dtype)  # fmt: skip
         for s in specs(ctx)
     ]

@@ -70,13 +70,16 @@ def check_out_dir(path: str) -> str | None:
 
 
 def suites_and_dtypes(ap: argparse.ArgumentParser, args: argparse.Namespace, known_suites, known_dtypes) -> None:
-    """``--suite`` (a comma list or "all") and ``--dtype`` (a comma list, or None for each suite's default)
-    checked against the known names, with one-line errors; sets ``args.suites`` and ``args.dtypes``."""
-    suites = tuple(known_suites) if args.suite == "all" else tuple(s.strip() for s in args.suite.split(","))
-    bad = [s for s in suites if s not in known_suites]
+    """``--suite`` (a comma list of suites and/or "all") and ``--dtype`` (a comma list, or None for each suite's
+    default) checked against the known names, with one-line errors. Sets ``args.suites`` (in the known order
+    when "all" is among them, else as named, without repeats), ``args.named_suites`` (those named, not through
+    "all") and ``args.dtypes``."""
+    names = [s.strip() for s in args.suite.split(",")]
+    bad = [s for s in names if s not in (*known_suites, "all")]
     if bad:
         ap.error(f"argument --suite: {', '.join(map(repr, bad))} not one of {', '.join(known_suites)}, all")
-    args.suites = suites
+    args.named_suites = tuple(dict.fromkeys(s for s in names if s != "all"))
+    args.suites = tuple(known_suites) if "all" in names else args.named_suites
     args.dtypes = None
     if args.dtype is not None:
         args.dtypes = [d.strip() for d in args.dtype.split(",")]

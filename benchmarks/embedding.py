@@ -27,6 +27,7 @@ from .harness import (
     Case,
     Context,
     Recorder,
+    Workload,
     chosen_config,
     coarse_first,
     embedding_bytes,
@@ -159,6 +160,13 @@ def _inputs(ctx: Context, s: Spec):
     return ids, grads, w, pw, pos
 
 
+def workload(ctx: Context, s: Spec) -> Workload:
+    """embedattn's default call at ``s`` on the suite's inputs (what ``benchmarks.tune`` times)."""
+    ids, grads, w, pw, pos = _inputs(ctx, s)
+    p = providers(ctx, compile_peer=False)[0]
+    return Workload(lambda i, w, pw: p.fn(i, w, pw, pos), ids, grads, params=(w, pw))
+
+
 def measure(ctx: Context, rec: Recorder, p: Provider, s: Spec, inputs, mode: str) -> list[dict]:
     ids, grads, w, pw, pos = inputs
     if p.name.endswith(("-atomic", "-sorted")) and mode == "fwd":
@@ -187,6 +195,7 @@ def run_spec(ctx: Context, rec: Recorder, s: Spec, provs: list[Provider]) -> lis
 def plan(ctx: Context, compile_peer: bool = True) -> list[Case]:
     provs = providers(ctx, compile_peer)
     return [
-        Case(SUITE, f"{s.kernel} {s.dtype} tokens={s.tokens}", lambda c, r, s=s: run_spec(c, r, s, provs))
+        Case(SUITE, f"{s.kernel} {s.dtype} tokens={s.tokens}", lambda c, r, s=s: run_spec(c, r, s, provs),
+             dtype=s.dtype)
         for s in specs(ctx)
     ]

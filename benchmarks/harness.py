@@ -305,6 +305,40 @@ def run_speed_benchmark(
 
     Returns the timing and the peak memory of one more call (MiB above the baseline; NaN on CPU).
     """
+    fn, leaves = speed_closure(forward, inputs, mode, grad_outputs=grad_outputs, grad_inputs=grad_inputs,
+                               params=params)  # fmt: skip
+    if op:
+        reset_configs(op)
+    timing = time_fn(ctx, fn, grad_to_none=leaves or None)
+    for t in leaves:
+        t.grad = None
+    peak = peak_memory_mib(ctx, fn)
+    for t in leaves:
+        t.grad = None
+    return timing, peak
+
+
+@dataclass
+class Workload:
+    """One provider's call at one point, as ``run_speed_benchmark`` takes it (what ``benchmarks.tune`` times)."""
+
+    forward: Callable[..., Any]
+    inputs: Sequence[Sequence[Any]]
+    grad_outputs: Sequence[torch.Tensor | None] | None = None
+    grad_inputs: Sequence[int] = ()
+    params: Sequence[torch.Tensor] = ()
+
+    def closure(self, mode: str) -> tuple[Callable[[], Any], list[torch.Tensor]]:
+        """``speed_closure`` of this call in ``mode``."""
+        return speed_closure(self.forward, self.inputs, mode, grad_outputs=self.grad_outputs,
+                             grad_inputs=self.grad_inputs, params=self.params)  # fmt: skip
+
+
+def speed_closure(forward: Callable[..., Any], inputs: Sequence[Sequence[Any]], mode: str, *,
+                  grad_outputs: Sequence[torch.Tensor | None] | None = None, grad_inputs: Sequence[int] = (),
+                  params: Sequence[torch.Tensor] = ()) -> tuple[Callable[[], Any], list[torch.Tensor]]:
+    """``run_speed_benchmark``'s call of one ``mode`` (its arguments, same meaning) as a no-argument closure, and
+    the leaves whose ``.grad`` the timer clears between calls. A ``bwd`` closure runs one forward per set now."""
     if mode in ("fwd", "step"):
         leaves: list[torch.Tensor] = []
         fn = rotating(forward, [(*s, *params) for s in inputs])
@@ -323,15 +357,7 @@ def run_speed_benchmark(
             fn = rotating(lambda g, *s: forward(*s).backward(g), [(g, *s) for s, g in zip(sets, grads)])
     else:
         raise ValueError(f"unknown mode {mode!r}; choose from {MODES + ('step',)}")
-    if op:
-        reset_configs(op)
-    timing = time_fn(ctx, fn, grad_to_none=leaves or None)
-    for t in leaves:
-        t.grad = None
-    peak = peak_memory_mib(ctx, fn)
-    for t in leaves:
-        t.grad = None
-    return timing, peak
+    return fn, leaves
 
 
 # ----------------------------------------------------------------------------- device peaks
@@ -359,21 +385,23 @@ def measure_matmul_peak(ctx: Context, dtype: torch.dtype, n: int | None = None) 
     return 2.0 * n**3 / (t.p50 * 1e-3) / 1e12
 
 
-# ----------------------------------------------------------------------------- autotune configs
+# ----------------------------------------------------------------------------- which launch config ran
+# A row's config cell: "fwd: tuned BLOCK_M=128 BLOCK_N=64 warps=8 stages=3; bwd_dq: heuristic ..." from
+# embedattn.configs.last() (what each kernel's last launch ran, and how it was chosen); ops launching outside
+# embedattn.configs (the sm90 variants) through their module's last_config(), else their autotuners.
+
+SOURCES = ("tuned", "autotuned", "heuristic", "forced")  # how a config was chosen (tuned(nearest) is tuned)
 
 
 def format_config(cfg: Any) -> str:
-    """``triton.Config`` -> ``BLOCK_M=128 BLOCK_N=64 warps=4 stages=3``; anything else -> str()."""
+    """``triton.Config`` or a dict -> ``BLOCK_M=128 BLOCK_N=64 warps=4 stages=3``; anything else -> str()."""
     if cfg is None:
         return ""
-    kwargs = getattr(cfg, "kwargs", None)
-    if kwargs is None:
-        return str(cfg)
-    parts = [f"{k}={v}" for k, v in kwargs.items()]
-    for attr, short in (("num_warps", "warps"), ("num_stages", "stages")):
-        if getattr(cfg, attr, None) is not None:
-            parts.append(f"{short}={getattr(cfg, attr)}")
-    return " ".join(parts)
+    if isinstance(cfg, str):
+        return cfg
+    from embedattn.configs import format_config as spelled
+
+    return spelled(cfg) if isinstance(cfg, dict) or hasattr(cfg, "kwargs") else str(cfg)
 
 
 def _kernel_module(op: str):
@@ -394,7 +422,10 @@ def _autotuners(module) -> dict[str, Any]:
 
 
 def reset_configs(op: str) -> None:
-    """Forget the configs recorded by ``op``'s autotuners, so the next read shows only this run's."""
+    """Forget the configs ``op``'s launches recorded, so the next read shows only this measurement's."""
+    from embedattn import configs
+
+    configs.forget(op)
     mod = _kernel_module(op)
     if mod is None:
         return
@@ -407,11 +438,14 @@ def reset_configs(op: str) -> None:
 
 
 def chosen_config(op: str) -> str:
-    """The autotuned config(s) ``embedattn.kernels.<op>`` used last, as one string ("" if unknown).
+    """The config cell of ``op``'s last launches (``name: source config; ...``, "" if unknown): what
+    ``embedattn.configs.last()`` holds for ``op``'s kernels, else the module's own ``last_config()``, else the
+    ``best_config`` of every ``triton.autotune`` object in the module."""
+    from embedattn import configs
 
-    Prefers the module's own ``last_config()`` when it has one; otherwise reads ``best_config`` of
-    every ``triton.autotune`` object in the module (``name: config; ...``).
-    """
+    ran = [(k.partition(".")[2], v) for k, v in configs.last().items() if k.partition(".")[0] == op]
+    if ran:
+        return "; ".join(f"{name}: {source} {format_config(cfg)}".rstrip() for name, (source, cfg, _) in ran)
     mod = _kernel_module(op)
     if mod is None:
         return ""
@@ -430,6 +464,19 @@ def chosen_config(op: str) -> str:
         if cfg is not None:
             parts.append(f"{name.lstrip('_')}: {format_config(cfg)}")
     return "; ".join(parts)
+
+
+def point_source(config_cell: str) -> str:
+    """How a row's config cell was chosen: ``tuned``/``autotuned``/``heuristic``/``forced`` when every kernel of
+    the point agrees, ``mixed`` otherwise, ``""`` when the cell names no source (a peer, a CPU row)."""
+    found = set()
+    for part in str(config_cell).split(";"):
+        words = part.split(":", 1)[-1].split()
+        if words and words[0].split("(")[0] in SOURCES:
+            found.add(words[0].split("(")[0])
+    if not found:
+        return ""
+    return found.pop() if len(found) == 1 else "mixed"
 
 
 def enable_autotune_cache() -> str:
@@ -595,6 +642,7 @@ class Case:
     label: str
     run: Callable[[Context, Recorder], list[dict[str, Any]]]
     weight: float = 1.0  # rough relative cost, for the progress bar / budget
+    dtype: str = ""  # the dtype the point runs in ("" when it has none of its own)
 
 
 def is_oom(exc: BaseException) -> bool:

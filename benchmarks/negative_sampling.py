@@ -30,6 +30,7 @@ from .harness import (
     Context,
     Recorder,
     Timing,
+    Workload,
     chosen_config,
     measurement_rows,
     probe,
@@ -138,6 +139,14 @@ def _inputs(ctx: Context, s: Spec):
     w_in = ((torch.rand(s.vocab, s.dim, device=ctx.device, generator=g) - 0.5) / s.dim).to(dtype)
     w_out = (torch.randn(s.vocab, s.dim, device=ctx.device, generator=g) * 0.1).to(dtype)
     return sets, w_in, w_out
+
+
+def workload(ctx: Context, s: Spec) -> Workload:
+    """embedattn's loss at ``s`` on the suite's inputs (what ``benchmarks.tune`` times; its backward is the loss's)."""
+    import embedattn
+
+    sets, w_in, w_out = _inputs(ctx, s)
+    return Workload(embedattn.negative_sampling_loss, sets, params=(w_in, w_out))
 
 
 def _rows(ctx, rec, kernel, name, mode, s, t, peak, config):
@@ -415,15 +424,15 @@ def plan(ctx: Context) -> list[Case]:
         for sg in (1, 0):
             cfg = W2VSettings(epochs=epochs, workers=workers, sg=sg)
             cases.append(Case(SUITE, f"word2vec head500 sg={sg} epochs={epochs}",
-                              lambda c, r, cfg=cfg: run_word2vec(c, r, cfg), weight=20.0))  # fmt: skip
+                              lambda c, r, cfg=cfg: run_word2vec(c, r, cfg), weight=20.0, dtype="fp32"))  # fmt: skip
         if ctx.is_cuda:  # the speed target is measured on >= 100M words
             for sg in (1, 0):
                 cfg = W2VSettings(epochs=1, workers=workers, sg=sg)
                 cases.append(Case(SUITE, f"word2vec head500x300 sg={sg}",
                                   lambda c, r, cfg=cfg: run_word2vec_large(c, r, cfg, 100_000_000),
-                                  weight=20.0))  # fmt: skip
+                                  weight=20.0, dtype="fp32"))  # fmt: skip
     cases += [
-        Case(SUITE, f"sgns d{s.dim} {s.dtype} B={s.pairs}", lambda c, r, s=s: run_spec(c, r, s, step))
+        Case(SUITE, f"sgns d{s.dim} {s.dtype} B={s.pairs}", lambda c, r, s=s: run_spec(c, r, s, step), dtype=s.dtype)
         for s in specs(ctx)
     ]
     return cases

@@ -13,10 +13,8 @@ import os
 import statistics
 from collections import Counter, defaultdict
 
-from embedattn.configs import point_source
-
 from .cli import ArgumentParser, fail
-from .harness import THROUGHPUT_METRICS, ResultsError, read_csv
+from .harness import THROUGHPUT_METRICS, ResultsError, point_source, read_csv
 from .plot import fmt_x, groups, plot_name
 
 OURS = "embedattn"

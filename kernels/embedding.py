@@ -51,12 +51,9 @@ CHUNK_BYTES = 2048
 STREAM_BYTES = 32 << 20
 
 
-_LAST_CONFIG = configs.records("embedding")  # what each kernel last ran with (cleared by the benchmark harness)
-
-
-def last_config() -> dict[str, str]:
-    """The config each embedding kernel last ran with, and how it was chosen (tuned/autotuned/heuristic)."""
-    return configs.recorded("embedding")
+# ----------------------------------------------------------------------------------------------------
+# configs: the launchers' heuristic tiles, the candidates the autotuners and ``python -m benchmarks.tune``
+# try, and the table key
 
 
 @functools.cache
@@ -99,25 +96,26 @@ def _t_class(t: int) -> int:
     return 0 if t < 4096 else 1 if t < 32768 else 2
 
 
-def _configs():
-    """Autotune space: tiles of 256 to 16K elements, 8 warps only for the larger ones."""
-    out = []
-    for bd in (32, 64, 128, 256, 512, 1024, 2048):
-        for bt in (1, 2, 4, 8, 16, 32):
-            if not 256 <= bt * bd <= 16384:
-                continue
-            for w in (4, 8):
-                if w == 8 and bt * bd < 2048:
-                    continue
-                out.append(triton.Config({"BLOCK_T": bt, "BLOCK_D": bd}, num_warps=w))
-    return out
+# tiles of 256 to 16K elements, 8 warps only for the larger ones (the forward, the atomic scatter, the positions)
+CONFIGS = [triton.Config({"BLOCK_T": bt, "BLOCK_D": bd}, num_warps=w)
+           for bd in (32, 64, 128, 256, 512, 1024, 2048) for bt in (1, 2, 4, 8, 16, 32) for w in (4, 8)
+           if 256 <= bt * bd <= 16384 and (w == 4 or bt * bd >= 2048)]  # fmt: skip
+# the sorted scatter: the feature block and warps only (its row step, SORTED_ROWS, sets the bits)
+SORTED_CONFIGS = [triton.Config({"BLOCK_D": bd}, num_warps=w) for bd in (32, 64, 128, 256, 512, 1024) for w in (4, 8)
+                  if w == 4 or bd >= 256]  # fmt: skip
 
 
-def _prune(configs, named_args, **kwargs):
+def prune(configs, named_args, **kwargs):
     """Drop feature blocks wider than the row rounded up to a power of two (only masked lanes)."""
     d = named_args["D"]
     keep = [c for c in configs if c.kwargs["BLOCK_D"] <= max(32, next_pow2(d))]
     return keep or configs[:1]
+
+
+def tuning_key(dtype: torch.dtype | str, d: int, tokens: int, pos_mode: int | None = None) -> configs.Key:
+    """The table key of an embedding launch: table dtype, row width, token bucket (and the forward's position
+    mode). The backward kernels' keys have no ``pos_mode``."""
+    return configs.key(dtype=dtype, d=int(d), tokens=configs.bucket(tokens), pos_mode=pos_mode)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -206,7 +204,7 @@ def _fwd_kernel(
 
 
 _fwd_tuned = triton.autotune(
-    _configs(), key=["D", "POS_MODE", "t_class"], prune_configs_by={"early_config_prune": _prune}
+    CONFIGS, key=["D", "POS_MODE", "t_class"], prune_configs_by={"early_config_prune": prune}
 )(_fwd_kernel)
 
 
@@ -250,7 +248,7 @@ def embedding_forward(
         wrap_triton(_fwd_tuned)[lambda m: (triton.cdiv(t, m["BLOCK_T"]), triton.cdiv(d, m["BLOCK_D"]))](*args, **flags)
         return getattr(_fwd_tuned, "best_config", None)
 
-    configs.run("embedding.fwd", configs.embedding_key(weight.dtype, d, t, pos_mode),
+    configs.run("embedding.fwd", tuning_key(weight.dtype, d, t, pos_mode),
                 dict(BLOCK_T=bt, BLOCK_D=bd, num_warps=4), launch, autotune=autotune, device=weight.device)
     return out
 
@@ -279,7 +277,7 @@ def _bwd_atomic_kernel(
 
 # autotuning runs the kernel several times: the accumulation buffer is re-zeroed between trials
 _bwd_atomic_tuned = triton.autotune(
-    _configs(), key=["D"], reset_to_zero=["gw_ptr"], prune_configs_by={"early_config_prune": _prune}
+    CONFIGS, key=["D"], reset_to_zero=["gw_ptr"], prune_configs_by={"early_config_prune": prune}
 )(_bwd_atomic_kernel)
 
 
@@ -341,14 +339,12 @@ def _bwd_sorted_kernel(
         tl.store(gw_ptr + row * stride_gw + rd, acc.to(gw_ptr.dtype.element_ty), mask=md)
 
 
-def _sorted_configs():
-    """The feature block and warps only: the row step is SORTED_ROWS (it sets the bits)."""
-    return [triton.Config({"BLOCK_D": bd}, num_warps=w) for bd in (32, 64, 128, 256, 512, 1024) for w in (4, 8)
-            if w == 4 or bd >= 256]
+def _sorted_configs():  # tests/embedding's name for SORTED_CONFIGS, until it reads the public list
+    return list(SORTED_CONFIGS)
 
 
 _bwd_sorted_tuned = triton.autotune(
-    _sorted_configs(), key=["D"], prune_configs_by={"early_config_prune": _prune}
+    SORTED_CONFIGS, key=["D"], prune_configs_by={"early_config_prune": prune}
 )(_bwd_sorted_kernel)
 
 
@@ -415,7 +411,7 @@ def scatter_grad(
             wrap_triton(_bwd_atomic_tuned)[grid](*args, **flags)
             return getattr(_bwd_atomic_tuned, "best_config", None)
 
-        configs.run("embedding.bwd_atomic", configs.embedding_key(grad.dtype, d, t),
+        configs.run("embedding.bwd_atomic", tuning_key(grad.dtype, d, t),
                     dict(BLOCK_T=bt, BLOCK_D=bd, num_warps=4), launch_atomic, autotune=autotune_atomic, device=dev)
         return gw if grad.dtype == torch.float32 else gw.to(grad.dtype)
 
@@ -444,7 +440,7 @@ def scatter_grad(
         wrap_triton(_bwd_sorted_tuned)[lambda m: (n_prog, triton.cdiv(d, m["BLOCK_D"]))](*args, **flags)
         return getattr(_bwd_sorted_tuned, "best_config", None)
 
-    configs.run("embedding.bwd_sorted", configs.embedding_key(grad.dtype, d, t), dict(BLOCK_D=bd, num_warps=4),
+    configs.run("embedding.bwd_sorted", tuning_key(grad.dtype, d, t), dict(BLOCK_D=bd, num_warps=4),
                 launch_sorted, autotune=autotune_sorted, device=dev)
     return gw
 
@@ -465,7 +461,7 @@ def _bwd_pos_kernel(grad_ptr, gp_ptr, B, N, D, stride_b, offset, BLOCK_T: tl.con
     tl.store(gp_ptr + (rn[:, None] + offset) * D + rd[None, :], acc.to(gp_ptr.dtype.element_ty), mask=m2)
 
 
-_bwd_pos_tuned = triton.autotune(_configs(), key=["D"], prune_configs_by={"early_config_prune": _prune})(
+_bwd_pos_tuned = triton.autotune(CONFIGS, key=["D"], prune_configs_by={"early_config_prune": prune})(
     _bwd_pos_kernel
 )
 
@@ -492,6 +488,6 @@ def positional_grad(grad: torch.Tensor, num_positions: int, *, n: int, offset: i
         wrap_triton(_bwd_pos_tuned)[lambda m: (triton.cdiv(n, m["BLOCK_T"]), triton.cdiv(d, m["BLOCK_D"]))](*args)
         return getattr(_bwd_pos_tuned, "best_config", None)
 
-    configs.run("embedding.bwd_pos", configs.embedding_key(grad.dtype, d, t), dict(BLOCK_T=bt, BLOCK_D=bd,
+    configs.run("embedding.bwd_pos", tuning_key(grad.dtype, d, t), dict(BLOCK_T=bt, BLOCK_D=bd,
                 num_warps=4), launch, autotune=autotune, device=grad.device)
     return gp

@@ -210,19 +210,17 @@ def _sgns_loop_kernel(inp_ptr, tgt_ptr, neg_ptr, w_in_ptr, w_out_ptr, loss_ptr, 
         tl.debug_barrier()
 
 
-def _configs():
-    return [
-        triton.Config({"BLOCK_B": bb, "BLOCK_D": bd}, num_warps=nw)
-        for bb in (2, 4, 8, 16) for bd in (64, 128) for nw in (2, 4)
-    ]
+# ----------------------------------------------------------------------------------------------------
+# configs: the candidates the autotuners and ``python -m benchmarks.tune`` try (BLOCK_K is not among them:
+# the launchers set it from K), the heuristic one, and the table key
 
+CONFIGS = [triton.Config({"BLOCK_B": bb, "BLOCK_D": bd}, num_warps=nw)
+           for bb in (2, 4, 8, 16) for bd in (64, 128) for nw in (2, 4)]  # fmt: skip
 
-_fwd_tuned = triton.autotune(_configs(), key=["K", "D"])(_fwd_kernel)
+_fwd_tuned = triton.autotune(CONFIGS, key=["K", "D"])(_fwd_kernel)
 # the backward accumulates with atomics, so every autotuning trial must start from zeroed buffers
-_bwd_tuned = triton.autotune(_configs(), key=["K", "D", "SPARSE"], reset_to_zero=["gin_ptr", "gout_ptr"])(
-    _bwd_kernel)
+_bwd_tuned = triton.autotune(CONFIGS, key=["K", "D", "SPARSE"], reset_to_zero=["gin_ptr", "gout_ptr"])(_bwd_kernel)
 # _sgns_step_kernel is never autotuned: each trial would apply the SGD update to the tables again
-
 
 
 def _fixed_config(K: int, D: int) -> dict:
@@ -236,12 +234,10 @@ def _fixed_config(K: int, D: int) -> dict:
     return {"BLOCK_B": block_b, "BLOCK_K": block_k, "BLOCK_D": block_d, "num_warps": 4}
 
 
-_LAST_CONFIG = configs.records("negative_sampling")  # what each kernel last ran with (cleared by the harness)
-
-
-def last_config() -> dict[str, str]:
-    """The config each negative-sampling kernel last ran with, and how it was chosen."""
-    return configs.recorded("negative_sampling")
+def tuning_key(dtype: torch.dtype | str, d: int, k: int, sparse: bool | None = None) -> configs.Key:
+    """The table key of a negative-sampling launch: table dtype, row width, negatives per pair (and, for the
+    backward, whether it scatters into compact buffers)."""
+    return configs.key(dtype=dtype, d=int(d), k=int(k), sparse=sparse)
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -260,16 +256,18 @@ def negative_sampling_forward(center, context, negatives, in_weight, out_weight,
     args = (center, context, negatives, in_weight, out_weight, loss, coef, center if ok is None else ok, B, K, D,
             in_weight.shape[0], center.stride(0), context.stride(0), negatives.stride(0), negatives.stride(1),
             in_weight.stride(0), out_weight.stride(0))
+    block_k = next_pow2(K + 1)
 
     def launch(c):
-        wrap_triton(_fwd_kernel)[(triton.cdiv(B, c["BLOCK_B"]),)](*args, CHECK=ok is not None, **c)
+        grid = (triton.cdiv(B, c["BLOCK_B"]),)
+        wrap_triton(_fwd_kernel)[grid](*args, CHECK=ok is not None, **{**c, "BLOCK_K": block_k})
 
     def autotune():
         wrap_triton(_fwd_tuned)[lambda m: (triton.cdiv(B, m["BLOCK_B"]),)](*args, CHECK=ok is not None,
-                                                                          BLOCK_K=next_pow2(K + 1))
+                                                                          BLOCK_K=block_k)
         return getattr(_fwd_tuned, "best_config", None)
 
-    configs.run("negative_sampling.fwd", configs.negative_sampling_key(in_weight.dtype, D, K), _fixed_config(K, D),
+    configs.run("negative_sampling.fwd", tuning_key(in_weight.dtype, D, K), _fixed_config(K, D),
                 launch, autotune=autotune, device=in_weight.device)
     return loss, coef
 
@@ -298,15 +296,17 @@ def negative_sampling_backward(center, context, negatives, in_weight, out_weight
             in_weight.stride(0), out_weight.stride(0), grad_loss.stride(0))
     flags = {"SPARSE": sparse, "NEED_IN": need_in, "NEED_OUT": need_out}
     if B > 0:
+        block_k = next_pow2(K + 1)
+
         def launch(c):
-            wrap_triton(_bwd_kernel)[(triton.cdiv(B, c["BLOCK_B"]),)](*args, **flags, **c)
+            wrap_triton(_bwd_kernel)[(triton.cdiv(B, c["BLOCK_B"]),)](*args, **flags, **{**c, "BLOCK_K": block_k})
 
         def autotune():
             grid = lambda m: (triton.cdiv(B, m["BLOCK_B"]),)
-            wrap_triton(_bwd_tuned)[grid](*args, **flags, BLOCK_K=next_pow2(K + 1))
+            wrap_triton(_bwd_tuned)[grid](*args, **flags, BLOCK_K=block_k)
             return getattr(_bwd_tuned, "best_config", None)
 
-        configs.run("negative_sampling.bwd", configs.negative_sampling_key(in_weight.dtype, D, K, sparse),
+        configs.run("negative_sampling.bwd", tuning_key(in_weight.dtype, D, K, sparse),
                     _fixed_config(K, D), launch, autotune=autotune, device=dev)
     return (gin if need_in else None), (gout if need_out else None)
 

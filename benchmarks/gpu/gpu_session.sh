@@ -21,7 +21,8 @@
 #           about half of them on the reference backend (milliseconds each)        TESTS_S=320 (+15 to stop)
 #   tune    new: 16 compile processes fill Triton's cache, then do_bench (5 ms warm-up + 20 ms) per candidate:
 #           ~0.6 s a key of ~11 candidates once compiled; an sm_90 compile of these kernels took 2-6 s on a
-#           2-core CPU. Keys left when the budget ends fall back to the nearest tuned bucket      TUNE_S=120 (+30)
+#           2-core CPU. --max-seconds bounds the whole command, compiles included (docs/tuning.md); keys left
+#           when it ends fall back to the nearest tuned bucket; the grace covers Python's exit  TUNE_S=120 (+30)
 #   sweep   that run: --max-seconds 160 took 185 s (the point in flight, then env.json): 25 s past its budget
 #                                                                                             SWEEP_S=140 (+35)
 #   install pip install -e . (no deps, offline), an import check, nvidia-smi                     INSTALL_S=30
