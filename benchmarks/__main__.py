@@ -11,6 +11,7 @@ import os
 import shlex
 import sys
 import time
+from collections.abc import Callable
 
 from .cli import ArgumentParser, check_out_dir, fail, non_negative_float, positive_float, suites_and_dtypes
 
@@ -40,6 +41,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     suites_and_dtypes(ap, args, SUITES, DTYPES)
     return args
+
+
+def dtype_plan(plans: dict[str, list], dtypes: list[str] | None, named: tuple[str, ...],
+               note: Callable[[str], None]) -> str | None:
+    """Say per suite which dtypes its points run (``Case.dtype``); with ``--dtype``, note each suite that also runs
+    another dtype. Returns the error when a suite named in ``--suite`` runs none of the ``--dtype`` asked."""
+    runs = {name: list(dict.fromkeys(c.dtype for c in cases if c.dtype)) for name, cases in plans.items()}
+    for name, got in runs.items():
+        if dtypes and name in named and got and not set(got) & set(dtypes):
+            return f"--suite {name} --dtype {','.join(dtypes)}: the {name} suite runs {', '.join(got)} only"
+    note("  dtypes per suite: " + "; ".join(f"{name} {','.join(got) or '-'}" for name, got in runs.items()))
+    for name, cases in plans.items():
+        other = sorted({c.dtype for c in cases if c.dtype and dtypes and c.dtype not in dtypes})
+        if other:
+            which = sorted({c.label.split()[0] for c in cases if c.dtype in other})
+            note(f"  [{name}] --dtype {','.join(dtypes)}: {', '.join(which)} run{'s' * (len(which) == 1)} in "
+                 f"{', '.join(other)} (no other dtype)")
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,8 +101,6 @@ def main(argv: list[str] | None = None) -> int:
         device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         log=log,
     )
-    csv_path = os.path.join(out, "results.csv")
-    rec = Recorder(ctx, csv_path)
     t_start = time.time()
 
     log(f"embedattn benchmarks on {ctx.device_name} ({profile} sweep) -> {out}/")
@@ -92,6 +109,23 @@ def main(argv: list[str] | None = None) -> int:
         ctx.note("CPU run: Triton kernels are NOT timed (the interpreter measures nothing useful); the "
                  "'embedattn' provider is the PyTorch reference path, timed against torch's own CPU kernels "
                  "and gensim.")  # fmt: skip
+
+    import importlib
+
+    plans: dict[str, list[Case]] = {}
+    for name in args.suites:
+        mod = importlib.import_module(f"benchmarks.{name}")
+        reason = mod.available(ctx)
+        if reason:
+            ctx.note(f"[{name}] skipped: {reason}")
+            continue
+        kw = {"compile_peer": not args.no_compile} if name == "embedding" else {}
+        plans[name] = mod.plan(ctx, **kw)
+    problem = dtype_plan(plans, args.dtypes, args.named_suites, ctx.note)
+    if problem:
+        return fail(PROG, problem)
+    csv_path = os.path.join(out, "results.csv")
+    rec = Recorder(ctx, csv_path)
 
     # device peaks, measured in this run so the fractions and dashed lines are about this machine
     ctx.copy_gbps = harness.measure_copy_bandwidth(ctx)
@@ -107,18 +141,6 @@ def main(argv: list[str] | None = None) -> int:
     rec.add(rows)
     log(f"  copy bandwidth {ctx.copy_gbps:,.1f} GB/s; matmul "
         + ", ".join(f"{d} {v:,.2f} TFLOP/s" for d, v in ctx.matmul_tflops.items()))  # fmt: skip
-
-    import importlib
-
-    plans: dict[str, list[Case]] = {}
-    for name in args.suites:
-        mod = importlib.import_module(f"benchmarks.{name}")
-        reason = mod.available(ctx)
-        if reason:
-            ctx.note(f"[{name}] skipped: {reason}")
-            continue
-        kw = {"compile_peer": not args.no_compile} if name == "embedding" else {}
-        plans[name] = mod.plan(ctx, **kw)
 
     total = sum(len(v) for v in plans.values())
     bar = tqdm(total=total, unit="pt", dynamic_ncols=True) if tqdm else None

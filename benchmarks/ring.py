@@ -141,14 +141,14 @@ def _rows_of(rec: Recorder, r: dict) -> list[dict]:
     return out
 
 
-def _ring_points(world_size: int, n: int, ctx: Context, rec: Recorder):
+def _ring_points(world_size: int, n: int, dtype: str, ctx: Context, rec: Recorder):
     # one spawn of the process group for every (causal, zigzag) point: starting processes costs seconds
-    rows = run_ring(world_size, n, causal=(False, True), load_balance=(False, True),
+    rows = run_ring(world_size, n, causal=(False, True), load_balance=(False, True), dtype=dtype,
                     reps=2 if ctx.profile != "full" else 5, log=None)
     return [row for r in rows for row in _rows_of(rec, r)]
 
 
-def _block_point(n: int, world_size: int, ctx: Context, rec: Recorder):
+def _block_point(n: int, world_size: int, dtype: str, ctx: Context, rec: Recorder):
     """One GPU: the attention on one ring block (N/W queries against N/W keys, with the LSE), what each ring
     step computes, timed with the harness."""
     import embedattn
@@ -156,21 +156,23 @@ def _block_point(n: int, world_size: int, ctx: Context, rec: Recorder):
     from .harness import time_fn
 
     m = n // world_size
-    q, k, v = (torch.randn(1, 16, m, 128, device=ctx.device, dtype=torch.bfloat16) for _ in range(3))
+    q, k, v = (torch.randn(1, 16, m, 128, device=ctx.device, dtype=DTYPES[dtype]) for _ in range(3))
     t = time_fn(ctx, lambda: embedattn.attention(q, k, v, return_lse=True, causal_offset=m))
-    base = dict(suite="ring", kernel=f"ring_block_w{world_size}", provider="embedattn", dtype="bf16",
+    base = dict(suite="ring", kernel=f"ring_block_w{world_size}", provider="embedattn", dtype=dtype,
                 shape=f"B1 H16 N{n}/W{world_size} D128", x_name="seq_len", x_value=n, config="one block")
     return [rec.row(**base, mode="block", metric="ms", unit="ms", p50=t.p50, p20=t.p20, p80=t.p80)]
 
 
 def plan(ctx: Context) -> list[Case]:
-    """CPU: the ring on gloo processes (2 ranks; 4 in a full run). One GPU: the per-block compute at the ring's
-    block sizes (the multi-GPU NCCL ring is run with ``torchrun``, see the README)."""
+    """CPU: the ring on gloo processes (2 ranks; 4 in a full run), fp32 unless ``--dtype`` says otherwise. One
+    GPU: the per-block compute at the ring's block sizes, bf16 unless ``--dtype`` says otherwise (the multi-GPU
+    NCCL ring is run with ``torchrun``, see the README)."""
     if ctx.device.type == "cuda":
-        return [Case("ring", f"block N{n} W{w}", functools.partial(_block_point, n, w))
-                for n in (16384, 65536) for w in (2, 4, 8)]
+        return [Case("ring", f"block N{n} W{w} {dt}", functools.partial(_block_point, n, w, dt), dtype=dt)
+                for dt in ctx.pick_dtypes(["bf16"]) for n in (16384, 65536) for w in (2, 4, 8)]
     sizes = [(2, 256)] if ctx.profile == "quick" else [(2, 1024), (4, 1024)]
-    return [Case("ring", f"W{w} N{n}", functools.partial(_ring_points, w, n)) for w, n in sizes]
+    return [Case("ring", f"W{w} N{n} {dt}", functools.partial(_ring_points, w, n, dt), dtype=dt)
+            for dt in ctx.pick_dtypes(["fp32"]) for w, n in sizes]
 
 
 def format_table(rows: list[dict]) -> str:

@@ -318,6 +318,63 @@ def test_cli_rejects_bad_arguments(args, message, tmp_path, monkeypatch, capsys)
     assert not (tmp_path / "out").exists()
 
 
+def test_cli_suite_lists_may_name_all():
+    """'--suite all,ring' answered "'all' not one of ..., all": "all" is a name among the others."""
+    from benchmarks.__main__ import SUITES, parse_args
+
+    assert parse_args(["--suite", "all,ring"]).suites == SUITES
+    assert parse_args(["--suite", "ring, attention,ring"]).suites == ("ring", "attention")
+    assert parse_args(["--suite", "ring,all"]).named_suites == ("ring",)
+
+
+def _fake_ring(calls):
+    def run_ring(world_size, n, *, causal, load_balance, dtype, reps, log):
+        calls.append(dtype)
+        return [dict(n=n, batch=1, heads=4, kv_heads=4, head_dim=64, dtype=dtype, backend="reference", causal=c,
+                     load_balance=lb, world_size=world_size, n_local=n // world_size, step_ms=2.0, compute_ms=1.5,
+                     comm_ms=1.0, hidden=0.5, kv_mib=0.1) for c in causal for lb in load_balance]
+
+    return run_ring
+
+
+def test_cli_ring_runs_the_dtype_asked(tmp_path, monkeypatch):
+    """'--suite ring --dtype bf16' silently ran fp32: the ring runs (and its rows say) the --dtype asked."""
+    from benchmarks import ring
+    from benchmarks.__main__ import main
+
+    calls: list[str] = []
+    monkeypatch.setattr(ring, "run_ring", _fake_ring(calls))  # the gloo processes are the ring's own tests' job
+    out = tmp_path / "ring"
+    assert main(["--quick", "--device", "cpu", "--suite", "ring", "--dtype", "bf16", "--out", str(out),
+                 "--no-plots"]) == 0  # fmt: skip
+    rows = [r for r in harness.read_csv(str(out / "results.csv")) if r["suite"] == "ring"]
+    assert calls == ["bf16"] and rows and {r["dtype"] for r in rows} == {"bf16"}
+    env = json.loads((out / "env.json").read_text())
+    assert any("dtypes per suite: ring bf16" in n for n in env["notes"])
+    cases = ring.plan(Context(CPU, profile="quick"))
+    assert [c.dtype for c in cases] == ["fp32"]  # its default without --dtype
+
+
+def test_cli_states_or_refuses_what_a_suite_cannot_run():
+    """A suite named in --suite that runs none of the --dtype asked is refused before anything runs; one that also
+    runs another dtype (word2vec trains fp32 tables) says so."""
+    from benchmarks.__main__ import dtype_plan
+    from benchmarks.harness import Case
+
+    def case(label, dtype):
+        return Case("s", label, lambda c, r: [], dtype=dtype)
+
+    plans = {"negative_sampling": [case("word2vec head500", "fp32"), case("sgns d100 bf16 B=8", "bf16")],
+             "odd": [case("only fp32", "fp32")]}
+    notes: list[str] = []
+    assert dtype_plan(plans, ["bf16"], ("odd",), notes.append) == (
+        "--suite odd --dtype bf16: the odd suite runs fp32 only")
+    assert dtype_plan(plans, ["bf16"], (), notes.append) is None  # through --suite all: stated, not refused
+    assert "  dtypes per suite: negative_sampling fp32,bf16; odd fp32" in notes
+    assert "  [negative_sampling] --dtype bf16: word2vec runs in fp32 (no other dtype)" in notes
+    assert "  [odd] --dtype bf16: only runs in fp32 (no other dtype)" in notes
+
+
 def test_cli_error_is_one_line_from_the_shell(tmp_path):
     root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": str(root)}
