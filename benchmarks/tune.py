@@ -99,21 +99,11 @@ ATTENTION_FLAGS = {
 }
 
 
-def _attention_names() -> tuple[Callable, list, list, Callable, Callable]:
-    """kernels/attention.py's tuning_key, FWD_CONFIGS, BWD_CONFIGS, prune_fwd, prune_bwd."""
-    from embedattn import configs
-    from embedattn.kernels import attention as KA
-
-    if hasattr(KA, "FWD_CONFIGS"):
-        return KA.tuning_key, KA.FWD_CONFIGS, KA.BWD_CONFIGS, KA.prune_fwd, KA.prune_bwd
-    # transitional: the names before issue 22's refactor of kernels/attention.py lands
-    return configs.attention_key, KA._fwd_configs(), KA._bwd_configs(), KA._prune_fwd, KA._prune_bwd
-
-
 def attention_targets(ctx) -> list[Target]:
+    from embedattn.kernels.attention import tuning_key
+
     from . import attention as A
 
-    tuning_key = _attention_names()[0]
     out = []
     for s in A.specs(ctx):
         if s.feature not in ATTENTION_FLAGS:  # kvcache: split-KV decoding reads no table
@@ -208,11 +198,13 @@ def candidates(t: Target) -> list[dict]:
 
     k = t.key
     if t.suite == "attention":
-        _, fwd, bwd, prune_fwd, prune_bwd = _attention_names()
+        from embedattn.kernels import attention as KA
+
         elt = TORCH_DTYPES[k["dtype"]].itemsize
         named = {"Q": SimpleNamespace(element_size=lambda: elt)}
         block_d = max(16, 1 << (int(k["head_dim"]) - 1).bit_length())
-        prune, space = (prune_fwd, fwd) if t.kernel == "attention.fwd" else (prune_bwd, bwd)
+        fwd = t.kernel == "attention.fwd"
+        prune, space = (KA.prune_fwd, KA.FWD_CONFIGS) if fwd else (KA.prune_bwd, KA.BWD_CONFIGS)
         return _dedupe(as_dict(c) for c in prune(list(space), named, BLOCK_D=block_d))
     if t.suite == "embedding":
         from embedattn.kernels import embedding as KE

@@ -440,43 +440,14 @@ def forget(op: str | None = None) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- transitional
-# kernels/attention.py still builds its key here and binds its record through records()/recorded(); these go when
-# it exposes its own tuning_key and reads last() (issue 22, item 4).
-
-_ATTN_FLAGS = ("CAUSAL", "WINDOW", "SOFTCAP", "ALIBI", "DROPOUT", "VARLEN", "KLENS")
-
-
-def attention_key(dtype: Any, head_dim: int, nq: int, nk: int, flags: Mapping[str, Any]) -> Key:
-    """The key of an attention launch from the launcher's constexpr flags (MASK_KIND as mask_bool/mask_add)."""
-    names = tuple(n.lower() for n in _ATTN_FLAGS if flags.get(n, False))
-    mask = int(flags.get("MASK_KIND", 0) or 0)
-    names += ("mask_bool",) * (mask == 1) + ("mask_add",) * (mask == 2)
-    return key(dtype=dtype, head_dim=int(head_dim), nq=bucket(nq), nk=bucket(nk), flags=names)
-
-
-class _Records(Mapping):
-    """``{kernel name: "source config"}`` of ``op``'s last launches, a live view of ``last()``."""
-
-    def __init__(self, op: str):
-        self._prefix = f"{op}."
-
-    def _names(self) -> list[str]:
-        return [k[len(self._prefix):] for k in _LAST if k.startswith(self._prefix)]
-
-    def __getitem__(self, name: str) -> str:
-        source, config, _ = _LAST[self._prefix + name]
-        return f"{source} {format_config(config)}".strip()
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._names())
-
-    def __len__(self) -> int:
-        return len(self._names())
-
-
-def records(op: str) -> Mapping[str, str]:
-    return _Records(op)
+# kernels/attention.py's last_config() reads recorded() and binds records() as its _LAST_CONFIG (which nothing
+# reads); both go when it reads last() as the benchmark harness does (issue 22, item 4).
 
 
 def recorded(op: str) -> dict[str, str]:
-    return dict(_Records(op))
+    """``{kernel name: "source config"}`` of ``op``'s last launches."""
+    p = f"{op}."
+    return {k[len(p):]: f"{s} {format_config(c)}".strip() for k, (s, c, _) in _LAST.items() if k.startswith(p)}
+
+
+records = recorded
