@@ -561,13 +561,14 @@ def tune(targets: list[Target], backend, table: dict, *, save: Callable[[dict], 
 
     try:
         for suite in suites:
-            deadline = budget.share(suite, suites)
-            budget.arm(deadline)
-            try:
+            try:  # the alarm still armed for the previous suite (or the start-up) may fire from here on
+                deadline = budget.share(suite, suites)
+                budget.arm(deadline)
                 while pending and pending[0].suite == suite:
                     current[:] = [pending.pop(0)]
                     step(current[0], deadline)
                     current.clear()
+                budget.disarm()
             except OutOfTime:
                 rest = current + [t for t in pending if t.suite == suite]
                 pending = [t for t in pending if t.suite != suite]
