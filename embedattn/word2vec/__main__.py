@@ -1,5 +1,5 @@
-"""``python -m embedattn.word2vec --corpus FILE --out vectors.txt [options]``: train word vectors (skip-gram,
-or CBOW with ``--sg 0``).
+"""``python -m embedattn.word2vec --corpus FILE --out vectors.txt [options]``: train word vectors (CBOW,
+gensim's and word2vec.c's default, or skip-gram with ``--sg 1``; negative sampling and/or ``--hs 1``).
 
 Bad input (a missing corpus or evaluation file, an ``--out`` that cannot be written, a CUDA device that
 is not there, bytes in the corpus that are not UTF-8, an empty vocabulary) fails with one ``error:``
@@ -40,16 +40,17 @@ def _check_writable(flag: str, path: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m embedattn.word2vec",
-                                description="Train word2vec vectors with negative sampling (gensim's defaults; "
-                                            "skip-gram).")
+                                description="Train word2vec vectors (gensim's defaults: CBOW, negative sampling).")
     p.add_argument("--corpus", required=True, help="UTF-8 text, one sentence per line (.bz2/.gz read directly)")
     p.add_argument("--out", required=True, help="output vectors in word2vec format")
     p.add_argument("--binary", action="store_true", help="write the binary word2vec format")
-    p.add_argument("--sg", type=int, default=1, choices=[0, 1], help="1: skip-gram (default), 0: CBOW")
+    p.add_argument("--sg", type=int, default=0, choices=[0, 1], help="0: CBOW (default), 1: skip-gram")
+    p.add_argument("--hs", type=int, default=0, choices=[0, 1],
+                   help="1: hierarchical softmax (alone with --negative 0)")
     p.add_argument("--cbow-mean", type=int, default=1, choices=[0, 1], help="CBOW: mean (1) or sum (0) of the context")
     p.add_argument("--vector-size", type=int, default=100)
     p.add_argument("--window", type=int, default=5)
-    p.add_argument("--negative", type=int, default=5)
+    p.add_argument("--negative", type=int, default=5, help="negatives per pair (0: hierarchical softmax alone)")
     p.add_argument("--min-count", type=int, default=5)
     p.add_argument("--sample", type=float, default=1e-3)
     p.add_argument("--alpha", type=float, default=0.025)
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="raise min-count so that at most this many words stay (gensim's)")
     p.add_argument("--batch-words", type=int, default=10000)
     p.add_argument("--workers", type=int, default=None, help="CPU worker threads (default min(2, cores))")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=1)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--backend", default=None, choices=["auto", "triton", "reference"])
     p.add_argument("--trainer", default=None, choices=["kernel", "minibatch"],
@@ -92,9 +93,12 @@ def main(argv: list[str] | None = None) -> int:
                          ns_exponent=a.ns_exponent, max_vocab_size=a.max_vocab_size,
                          max_final_vocab=a.max_final_vocab, batch_words=a.batch_words, workers=a.workers,
                          seed=a.seed, device=device, backend=a.backend, fused=not a.no_fused, in_flight=a.in_flight,
-                         sg=a.sg, cbow_mean=a.cbow_mean, trainer=a.trainer, shared_negatives=a.shared_negatives,
-                         compute_loss=True, progress=None if a.quiet else print_progress)
+                         sg=a.sg, hs=a.hs, cbow_mean=a.cbow_mean, trainer=a.trainer,
+                         shared_negatives=a.shared_negatives, compute_loss=True,
+                         progress=None if a.quiet else print_progress)
         model.build_vocab(corpus_file=a.corpus)
+        if not model.wv.key_to_index:
+            raise _Bad(f"--corpus {a.corpus}: {model._empty_why}")
     except (_Bad, ValueError, TypeError, RuntimeError, OSError) as e:  # UnicodeDecodeError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2

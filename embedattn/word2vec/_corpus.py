@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import bz2
 import gzip
+import heapq
 import itertools
+import logging
 import os
 from array import array
 from collections import Counter, defaultdict
@@ -13,6 +15,8 @@ from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
+
+logger = logging.getLogger(__name__)
 
 MAX_SENTENCE_LENGTH = 10000  # gensim/word2vec.c split longer lines into pieces of this many words
 
@@ -39,26 +43,65 @@ def decode_utf8(data: bytes, where: str) -> str:
                                  f"{e.reason} ({where}: not valid UTF-8)") from None
 
 
+def _split_lines(lines, where: str, max_sentence_length: int) -> Iterator[list[str]]:
+    for n, raw in enumerate(lines, 1):
+        line = raw if isinstance(raw, str) else decode_utf8(raw, f"{where} line {n}")
+        words = line.split()
+        for i in range(0, len(words), max_sentence_length):
+            yield words[i:i + max_sentence_length]
+
+
 def line_sentences(path, max_sentence_length: int = MAX_SENTENCE_LENGTH, limit: int | None = None
                    ) -> Iterator[list[str]]:
     """One sentence per line, whitespace tokens, like gensim's LineSentence (.bz2/.gz read directly):
     lines longer than ``max_sentence_length`` words are split, empty lines yield nothing, and bytes
     that are not valid UTF-8 raise ``UnicodeDecodeError`` naming the file and line."""
     with _open_binary(path) as f:
-        for n, raw in enumerate(itertools.islice(f, limit), 1):
-            words = decode_utf8(raw, f"{os.fspath(path)} line {n}").split()
-            for i in range(0, len(words), max_sentence_length):
-                yield words[i:i + max_sentence_length]
+        yield from _split_lines(itertools.islice(f, limit), os.fspath(path), max_sentence_length)
+
+
+def _is_stream(source) -> bool:
+    return hasattr(source, "seek") and hasattr(source, "__iter__")
 
 
 class LineSentence:
-    """gensim's ``LineSentence``: a restartable iterable over the sentences of a text file."""
+    """gensim's ``LineSentence``: a restartable iterable over the sentences of a text file, one per line.
+    ``source`` is a path (.bz2/.gz read directly) or an open file object, text or binary (a
+    ``bz2.BZ2File``, a ``gzip.GzipFile``, ...), read again from its start on each iteration."""
 
     def __init__(self, source, max_sentence_length: int = MAX_SENTENCE_LENGTH, limit: int | None = None) -> None:
+        if not isinstance(source, (str, os.PathLike)) and not _is_stream(source):
+            raise TypeError(f"LineSentence's source must be a path or an open file object, got "
+                            f"{type(source).__name__}")
         self.source, self.max_sentence_length, self.limit = source, max_sentence_length, limit
 
     def __iter__(self) -> Iterator[list[str]]:
+        if _is_stream(self.source):
+            self.source.seek(0)
+            where = getattr(self.source, "name", type(self.source).__name__)
+            return _split_lines(itertools.islice(self.source, self.limit), str(where), self.max_sentence_length)
         return line_sentences(self.source, self.max_sentence_length, self.limit)
+
+
+class PathLineSentences:
+    """gensim's ``PathLineSentences``: the sentences of every file in a directory, files in name order
+    (or of one file), one sentence per line; .bz2/.gz files are read directly. ``source`` that is
+    neither a file nor a directory raises ValueError (gensim's)."""
+
+    def __init__(self, source, max_sentence_length: int = MAX_SENTENCE_LENGTH, limit: int | None = None) -> None:
+        self.source, self.max_sentence_length, self.limit = os.fspath(source), max_sentence_length, limit
+        if os.path.isfile(self.source):
+            self.input_files = [self.source]
+        elif os.path.isdir(self.source):
+            names = sorted(os.listdir(self.source))
+            self.input_files = [os.path.join(self.source, f) for f in names
+                                if os.path.isfile(os.path.join(self.source, f))]
+        else:
+            raise ValueError(f"input is neither a file nor a path: {self.source!r}")
+
+    def __iter__(self) -> Iterator[list[str]]:
+        for name in self.input_files:
+            yield from line_sentences(name, self.max_sentence_length, self.limit)
 
 
 class Corpus:
@@ -89,8 +132,9 @@ class Corpus:
         return torch.from_numpy(ids[keep]), torch.from_numpy(sent[keep])
 
 
-def read_corpus(sentences: Iterable[Iterable[str]]) -> Corpus:
-    """One pass over ``sentences`` (any iterable of token iterables, a generator too)."""
+def read_corpus(sentences: Iterable[Iterable[str]], progress_per: int | None = None) -> Corpus:
+    """One pass over ``sentences`` (any iterable of token iterables, a generator too); progress logged
+    every ``progress_per`` sentences (gensim's)."""
     if isinstance(sentences, (str, bytes)):
         raise TypeError("sentences must be an iterable of token lists, not a str (use corpus_file=)")
     if not isinstance(sentences, Iterable):
@@ -100,14 +144,17 @@ def read_corpus(sentences: Iterable[Iterable[str]]) -> Corpus:
     checked = False
     for s in sentences:
         if not checked:
-            if isinstance(s, (str, bytes)):
-                raise TypeError("each sentence must be a list of str tokens, got a str: split it into words "
-                                "(gensim would train on its characters)")
-            s = s if isinstance(s, (list, tuple)) else list(s)
-            checked = bool(s)
+            if isinstance(s, str):  # gensim's warning; then, as gensim, its characters are the words
+                logger.warning("Each 'sentences' item should be a list of words (usually unicode strings). "
+                               "First item here is instead plain %s.", type(s))
+            s = s if isinstance(s, (list, tuple, str)) else list(s)
+            checked = True
         n = len(tokens)
         tokens.extend(map(ids.__getitem__, s))
         lengths.append(len(tokens) - n)
+        if progress_per and len(lengths) % progress_per == 0:
+            logger.info("PROGRESS: at sentence #%i, processed %i words, keeping %i word types", len(lengths),
+                        len(tokens), len(ids))
     words = list(ids)
     bad = next((w for w in words if not isinstance(w, str)), None)
     if bad is not None:
@@ -168,3 +215,52 @@ def prepare_vocab(raw_vocab: dict[str, int], min_count: int, max_final_vocab: in
         order = np.lexsort((-np.arange(len(kept)), -counts))
         kept, counts = [kept[i] for i in order], counts[order]
     return [w for w, _ in kept], counts, effective
+
+
+class _HeapItem:
+    """A Huffman-tree node in the heap, ordered by count alone, as gensim's ``Heapitem``: equal counts
+    then leave the heap in heapq's own order, so the tree (and syn1's rows) is gensim's, tie for tie."""
+
+    __slots__ = ("count", "index")
+
+    def __init__(self, count: int, index: int) -> None:
+        self.count, self.index = count, index
+
+    def __lt__(self, other: _HeapItem) -> bool:
+        return self.count < other.count
+
+
+def huffman_tree(counts) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """word2vec's Huffman tree over the word counts, built as gensim's ``_build_heap`` /
+    ``_assign_binary_codes``: inner node i (row i of syn1) is the i-th merge of the two rarest nodes.
+    Returns the words' paths from the root, flattened: (offsets int64 [V + 1], node ids int32, codes
+    uint8); word w's path is offsets[w]:offsets[w + 1] (0 for the left child, 1 for the right)."""
+    counts = np.asarray(counts, dtype=np.int64)
+    V = len(counts)
+    heap = [_HeapItem(int(c), i) for i, c in enumerate(counts)]
+    heapq.heapify(heap)
+    parent = np.full(max(2 * V - 1, 1), -1, dtype=np.int64)
+    bit = np.zeros(max(2 * V - 1, 1), dtype=np.uint8)
+    for i in range(V - 1):
+        a, b = heapq.heappop(heap), heapq.heappop(heap)
+        parent[a.index], parent[b.index], bit[b.index] = i + V, i + V, 1
+        heapq.heappush(heap, _HeapItem(a.count + b.count, i + V))
+    # depth of every node (parents are created after their children: walk the inner nodes root first)
+    depth = np.zeros(max(2 * V - 1, 1), dtype=np.int64)
+    for node in range(2 * V - 3, -1, -1):
+        depth[node] = depth[parent[node]] + 1
+    off = np.zeros(V + 1, dtype=np.int64)
+    np.cumsum(depth[:V], out=off[1:])
+    points, codes = np.zeros(off[-1], dtype=np.int32), np.zeros(off[-1], dtype=np.uint8)
+    # all leaves climb one level per step; level l from the leaf fills path slot depth - 1 - l
+    cur, level = np.arange(V), 0
+    while True:
+        live = np.flatnonzero(level < depth[:V])
+        if not len(live):
+            break
+        pos = off[live] + depth[live] - 1 - level
+        points[pos] = parent[cur[live]] - V
+        codes[pos] = bit[cur[live]]
+        cur[live] = parent[cur[live]]
+        level += 1
+    return off, points, codes

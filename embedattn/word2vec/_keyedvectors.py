@@ -123,29 +123,76 @@ def _correlation(a: np.ndarray, b: np.ndarray) -> Correlation:
 
 
 # ----------------------------------------------------------------------------- save / load files
-def save_npz(fname, kind: str, meta: dict, arrays: dict[str, np.ndarray]) -> None:
+class WrongModelTypeError(AttributeError, TypeError):
+    """A file holds another class than the one loading it (gensim raises AttributeError; a TypeError too)."""
+
+
+def save_npz(fname, kind: str, meta: dict, arrays: dict[str, np.ndarray], separately=None,
+             sep_limit: int = 10 * 1024**2) -> None:
     """An ``.npz`` (numpy's zip of arrays) with a JSON header: readable without pickle, so loading a file
-    cannot run code. ``kind`` names the class that wrote it."""
-    meta = {"format": _FORMAT, "version": 1, "kind": kind, **meta}
+    cannot run code. ``kind`` names the class that wrote it. Arrays named in ``separately``, or (when
+    ``separately`` is None) of ``sep_limit`` bytes or more, go to their own ``{fname}.{name}.npy`` files
+    beside it, as gensim's ``save`` does, so ``load(..., mmap="r")`` can map them."""
+    fname = os.fspath(fname)
+    if separately is None:
+        separate = [k for k, a in arrays.items() if a is not None and a.nbytes >= sep_limit]
+    else:
+        unknown = set(separately) - set(arrays)
+        if unknown:
+            raise ValueError(f"separately names {sorted(unknown)}, not among the saved arrays {sorted(arrays)}")
+        separate = list(separately)
+    meta = {"format": _FORMAT, "version": 1, "kind": kind, "separate": separate, **meta}
+    for k in separate:
+        with open(f"{fname}.{k}.npy", "wb") as f:
+            np.save(f, arrays[k], allow_pickle=False)
     header = np.frombuffer(json.dumps(meta).encode("utf8"), dtype=np.uint8)
-    with open(os.fspath(fname), "wb") as f:
-        np.savez(f, __meta__=header, **arrays)
+    inline = {k: a for k, a in arrays.items() if k not in separate and a is not None}
+    with open(fname, "wb") as f:
+        np.savez(f, __meta__=header, **inline)
 
 
-def load_npz(fname, kind: str) -> tuple[dict, dict[str, np.ndarray]]:
-    with open(os.fspath(fname), "rb") as f:
+def load_npz(fname, kind: str, mmap: str | None = None) -> tuple[dict, dict[str, np.ndarray]]:
+    """The header and arrays of a ``save_npz`` file; arrays saved separately are memory-mapped with
+    ``mmap`` ("r", "r+", "c"; None reads them)."""
+    if mmap not in (None, "r", "r+", "c", "w+"):
+        raise ValueError(f"mmap must be None or a numpy mmap_mode ('r', 'r+', 'c'), got {mmap!r}")
+    fname = os.fspath(fname)
+    with open(fname, "rb") as f:
+        magic = f.read(2)
+        f.seek(0)
         try:
             with np.load(f, allow_pickle=False) as z:
                 meta = json.loads(bytes(z["__meta__"]).decode("utf8"))
                 arrays = {k: z[k] for k in z.files if k != "__meta__"}
         except (ValueError, OSError, KeyError, EOFError) as e:
-            raise ValueError(f"{fname}: not a file written by embedattn's save() ({e}); gensim's own "
-                             "pickles load with gensim, word2vec.c files with load_word2vec_format") from None
+            hint = (" It looks like a pickle (gensim's save): embedattn never unpickles a file; load it with "
+                    "gensim and convert it in memory: Word2Vec.from_gensim(gensim.models.Word2Vec.load(path))"
+                    if magic[:1] == b"\x80" else " gensim's own pickles load with gensim (then from_gensim), "
+                    "word2vec.c files with load_word2vec_format")
+            raise ValueError(f"{fname}: not a file written by embedattn's save() ({e}).{hint}") from None
     if meta.get("format") != _FORMAT:
         raise ValueError(f"{fname}: not a file written by embedattn's save()")
     if meta.get("kind") != kind:
-        raise TypeError(f"{fname} holds a {meta.get('kind')}, not a {kind}: load it with {meta.get('kind')}.load")
+        raise WrongModelTypeError(f"{fname} holds a {meta.get('kind')}, not a {kind}: load it with "
+                                  f"{meta.get('kind')}.load")
+    for k in meta.get("separate", []):
+        arrays[k] = np.load(f"{fname}.{k}.npy", mmap_mode=mmap, allow_pickle=False)
     return meta, arrays
+
+
+class _ClassOnly:
+    """A classmethod that raises AttributeError when reached through an instance (gensim's
+    ``call_on_class_only``: ``model.load(f)`` returns a new model, it does not load into ``model``)."""
+
+    def __init__(self, fn) -> None:
+        self.fn = fn
+        self.__doc__ = fn.__doc__
+
+    def __get__(self, obj, cls):
+        if obj is not None:
+            raise AttributeError(f"{cls.__name__}.{self.fn.__name__} should be called on the class "
+                                 f"({cls.__name__}.{self.fn.__name__}(...)), not on an instance")
+        return self.fn.__get__(cls, type(cls))
 
 
 # ----------------------------------------------------------------------------- KeyedVectors
@@ -393,6 +440,83 @@ class KeyedVectors:
         ``topn=None`` returns the similarities to every key (in ``clip_start:clip_end``) as an array."""
         return self._most_similar(positive, negative, topn, clip_start, clip_end, restrict_vocab, self.key_to_index)
 
+    def _most_similar_cosmul(self, positive, negative, topn, restrict_vocab, k2i):
+        if isinstance(topn, Integral) and topn < 1:
+            return []
+        positive, negative = _ensure_list(positive), _ensure_list(negative)
+        self.fill_norms()
+        all_keys = {self._index(k, k2i) for k in positive + negative
+                    if isinstance(k, _KEY_TYPES) and self._index(k, k2i, -1) >= 0}
+        pos = [self._vector(self._index(k, k2i), True) if isinstance(k, _KEY_TYPES) else k for k in positive]
+        neg = [self._vector(self._index(k, k2i), True) if isinstance(k, _KEY_TYPES) else k for k in negative]
+        if not pos:
+            raise ValueError("cannot compute similarity with no input")
+        end = restrict_vocab or len(self.vectors)
+        vecs, norms = self.vectors[:end], self.norms[:end]
+        # equation (4) of Levy & Goldberg, "Linguistic Regularities in Sparse and Explicit Word
+        # Representations", with cosines shifted to [0, 1] (their footnote 7), as gensim
+        pos_dists = [(1 + np.dot(vecs, term) / norms) / 2 for term in pos]
+        neg_dists = [(1 + np.dot(vecs, term) / norms) / 2 for term in neg]
+        dists = np.prod(pos_dists, axis=0) / (np.prod(neg_dists, axis=0) + 0.000001)
+        if not topn:
+            return dists
+        best = _argsort(dists, topn=topn + len(all_keys), reverse=True)
+        return [(self.index_to_key[i], float(dists[i])) for i in best if i not in all_keys][:topn]
+
+    def most_similar_cosmul(self, positive=None, negative=None, topn: int | None = 10,
+                            restrict_vocab: int | None = None):
+        """The ``topn`` keys that maximise 3CosMul (Levy & Goldberg 2014): the product of the (shifted)
+        cosine similarities to ``positive`` over that to ``negative``, the query keys excluded; a list
+        of (key, score), or every key's score as an array with ``topn=None``. Keys are taken as unit
+        vectors, vectors as given (gensim's). ``restrict_vocab=N`` searches the first N keys only."""
+        return self._most_similar_cosmul(positive, negative, topn, restrict_vocab, self.key_to_index)
+
+    def unit_normalize_all(self) -> None:
+        """Scale every vector to unit length, in place (gensim's; training on afterwards makes no sense)."""
+        self.fill_norms()
+        self.vectors /= self.norms[..., np.newaxis]
+        self.norms = np.ones((len(self.vectors),))
+
+    def wmdistance(self, document1, document2, norm: bool = True) -> float:
+        """Word Mover's Distance between two token lists (Kusner et al. 2015), as gensim's: the
+        optimal-transport cost between their normalized bags of words, with Euclidean distances
+        between (unit, with ``norm``) word vectors as the cost. Words outside the vocabulary are
+        dropped; ``inf`` when a document has none left. Needs POT (``pip install POT``, or
+        ``embedattn[pot]``), as gensim does."""
+        try:
+            from ot import emd2
+        except ImportError as e:
+            raise ImportError("wmdistance needs the POT package (pip install POT, or embedattn[pot])") from e
+        doc1 = [t for t in document1 if t in self]
+        doc2 = [t for t in document2 if t in self]
+        if len(doc1) < len(document1) or len(doc2) < len(document2):
+            logger.info("Removed %d and %d OOV words from document 1 and 2 (respectively).",
+                        len(document1) - len(doc1), len(document2) - len(doc2))
+        if not doc1 or not doc2:
+            logger.warning("At least one of the documents had no words that were in the vocabulary.")
+            return float("inf")
+        vocab = {t: i for i, t in enumerate(dict.fromkeys(doc1 + doc2))}
+        if len(vocab) == 1:  # both documents are one and the same word
+            return 0.0
+        uniq1, uniq2 = list(dict.fromkeys(doc1)), list(dict.fromkeys(doc2))
+        v1 = np.array([self.get_vector(t, norm=norm) for t in uniq1], dtype=np.float64)
+        v2 = np.array([self.get_vector(t, norm=norm) for t in uniq2], dtype=np.float64)
+        dist = np.zeros((len(vocab), len(vocab)))
+        # differences, not |a|^2 + |b|^2 - 2ab: a word's distance to itself is exactly 0
+        dist[np.ix_([vocab[t] for t in uniq1], [vocab[t] for t in uniq2])] = \
+            np.sqrt(((v1[:, None, :] - v2[None, :, :]) ** 2).sum(-1))
+        if abs(np.sum(dist)) < 1e-8:  # POT's emd does not return on an all-zero cost matrix
+            logger.info("The distance matrix is all zeros. Aborting (returning inf).")
+            return float("inf")
+
+        def nbow(doc):
+            d = np.zeros(len(vocab))
+            for t in doc:
+                d[vocab[t]] += 1.0 / len(doc)
+            return d
+
+        return float(emd2(nbow(doc1), nbow(doc2), dist))
+
     def similar_by_key(self, key, topn: int | None = 10, restrict_vocab: int | None = None):
         return self.most_similar(positive=[key], topn=topn, restrict_vocab=restrict_vocab)
 
@@ -480,12 +604,15 @@ class KeyedVectors:
                                 dummy4unknown: bool = False, similarity_function: str = "most_similar"):
         """Accuracy on an analogy file (word2vec's questions-words.txt: ``: section`` lines, then
         ``a b c expected`` lines), answering each with 3CosAdd (``most_similar(positive=[b, c],
-        negative=[a], topn=5, restrict_vocab=...)``, the first answer that is not a question word).
+        negative=[a], topn=5, restrict_vocab=...)``, the first answer that is not a question word), or
+        3CosMul with ``similarity_function="most_similar_cosmul"`` (gensim 4.4 accepts that name but
+        answers with 3CosAdd all the same).
         Questions with a word outside the first ``restrict_vocab`` keys are skipped (or counted
         wrong with ``dummy4unknown``). Returns (score, sections) as gensim: sections are dicts with
         ``section``, ``correct``, ``incorrect`` (lists of the 4 words), the last one the total."""
-        if similarity_function != "most_similar":
-            raise ValueError(f"similarity_function must be 'most_similar' (3CosAdd), got {similarity_function!r}")
+        if similarity_function not in ("most_similar", "most_similar_cosmul"):
+            raise ValueError("similarity_function must be 'most_similar' (3CosAdd) or 'most_similar_cosmul' "
+                             f"(3CosMul), got {similarity_function!r}")
         ok_vocab = self._ok_vocab(restrict_vocab, case_insensitive)
         oov = quadruplets = 0
         sections, section = [], None
@@ -513,7 +640,10 @@ class KeyedVectors:
                     continue
                 ignore = {a, b, c}
                 predicted = None
-                sims = self._most_similar([b, c], [a], 5, 0, None, restrict_vocab, ok_vocab)
+                if similarity_function == "most_similar":
+                    sims = self._most_similar([b, c], [a], 5, 0, None, restrict_vocab, ok_vocab)
+                else:
+                    sims = self._most_similar_cosmul([b, c], [a], 5, restrict_vocab, ok_vocab)
                 for element in sims:
                     predicted = element[0].upper() if case_insensitive else element[0]
                     if predicted in ok_vocab and predicted not in ignore:
@@ -658,20 +788,23 @@ class KeyedVectors:
             word_counts = np.array([counts.get(w, 0) for w in words], dtype=np.int64)
         return cls._from_arrays(words, rows, word_counts)
 
-    def save(self, fname) -> None:
+    def save(self, fname, separately=None, sep_limit: int = 10 * 1024**2) -> None:
         """Write the keys, vectors and per-key attributes to ``fname`` (an .npz with a JSON header, no
-        pickle); ``KeyedVectors.load(fname)`` reads it back."""
+        pickle); ``KeyedVectors.load(fname)`` reads it back. Arrays of ``sep_limit`` bytes or more (or
+        those named in ``separately``) go to ``{fname}.{name}.npy`` files beside it, as gensim's."""
         arrays = {"vectors": self.vectors}
         attrs = []
         for name, arr in self.expandos.items():
             if arr.dtype != object:
                 arrays[f"attr_{len(attrs)}"] = arr
                 attrs.append(name)
-        save_npz(fname, "KeyedVectors", {"index_to_key": self.index_to_key, "attrs": attrs}, arrays)
+        save_npz(fname, "KeyedVectors", {"index_to_key": self.index_to_key, "attrs": attrs}, arrays,
+                 separately, sep_limit)
 
-    @classmethod
-    def load(cls, fname) -> KeyedVectors:
-        meta, arrays = load_npz(fname, "KeyedVectors")
+    @_ClassOnly
+    def load(cls, fname, mmap: str | None = None) -> KeyedVectors:
+        """Vectors written by ``save``; ``mmap="r"`` maps the arrays saved in their own files."""
+        meta, arrays = load_npz(fname, "KeyedVectors", mmap)
         return cls._from_parts(meta, arrays)
 
     @classmethod
