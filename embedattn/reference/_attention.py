@@ -6,6 +6,8 @@ import math
 
 import torch
 
+_FAR = 2**62  # past any |query - key + offset| distance, and within int64
+
 
 def attention(
     q: torch.Tensor,
@@ -22,7 +24,7 @@ def attention(
     dropout_p: float = 0.0,
     dropout_mask: torch.Tensor | None = None,
     upcast: bool = True,
-    causal_offset: int | None = None,
+    causal_offset: int | torch.Tensor | None = None,
 ):
     """softmax(q kᵀ · scale + mask) v for q (B, Hq, Nq, D), k/v (B, Hkv, Nk, D), Hq % Hkv == 0.
 
@@ -37,7 +39,7 @@ def attention(
     ``upcast=False`` stays in the input dtype (the "plain PyTorch" yardstick of the tests).
     ``causal_offset`` moves the diagonal that causal, window and ALiBi are measured from (query i's
     diagonal key is i + causal_offset); default Nk - Nq, the bottom-right alignment; 0 is torch
-    SDPA's top-left ``is_causal``.
+    SDPA's top-left ``is_causal``; an int tensor broadcastable to (B, 1, 1, 1) gives each batch its own.
     """
     dtype = q.dtype
     if upcast and dtype in (torch.float16, torch.bfloat16):
@@ -68,13 +70,12 @@ def attention(
     if causal:
         s = s.masked_fill(rel < 0, float("-inf"))
     if window is not None:
-        # a side past every distance is unbounded; clamped so a huge int (2**63, 2**64) compares exactly
-        span = nq + nk + abs(off)
+        # a side past every distance is unbounded; clamped so a huge int (2**63, 2**64) compares exactly in int64
         left, right = window
         if left is not None and left >= 0:
-            s = s.masked_fill(rel > min(int(left), span), float("-inf"))
+            s = s.masked_fill(rel > min(int(left), _FAR), float("-inf"))
         if right is not None and right >= 0:
-            s = s.masked_fill(rel < -min(int(right), span), float("-inf"))
+            s = s.masked_fill(rel < -min(int(right), _FAR), float("-inf"))
     # softmax written out so that rows with every key masked give 0 (not NaN) and zero gradients
     m = s.amax(dim=-1, keepdim=True).detach()
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
@@ -121,35 +122,59 @@ def attention_varlen(
     v: torch.Tensor,
     cu_seqlens_q: torch.Tensor,
     cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
     *,
     return_lse: bool = False,
     **kwargs,
 ):
-    """Packed (total, H, D) sequences: each sequence b is q[cu_q[b]:cu_q[b+1]] against
-    k/v[cu_k[b]:cu_k[b+1]], run through ``attention`` one at a time. With ``return_lse`` also the
-    (H, total_q) log-sum-exp (-inf for a sequence with no keys)."""
-    outs, lses = [], []
-    slopes = kwargs.pop("alibi_slopes", None)
-    for b in range(cu_seqlens_q.numel() - 1):
-        if slopes is not None:
-            kwargs["alibi_slopes"] = slopes if slopes.dim() == 1 else slopes[b:b + 1]
-        qs = q[int(cu_seqlens_q[b]):int(cu_seqlens_q[b + 1])].transpose(0, 1)[None]
-        ks = k[int(cu_seqlens_k[b]):int(cu_seqlens_k[b + 1])].transpose(0, 1)[None]
-        vs = v[int(cu_seqlens_k[b]):int(cu_seqlens_k[b + 1])].transpose(0, 1)[None]
-        if qs.shape[2] == 0:
-            continue
-        if ks.shape[2] == 0:
-            outs.append(torch.zeros_like(qs[0].transpose(0, 1)))
-            lses.append(torch.full(qs.shape[1:3], float("-inf"), dtype=_lse_dtype(q), device=q.device))
-            continue
-        out, lse = attention(qs, ks, vs, return_lse=True, **kwargs)
-        outs.append(out[0].transpose(0, 1))
-        lses.append(lse[0])
-    if not outs:
-        out = q.new_zeros(q.shape[0], q.shape[1], v.shape[-1])
-        lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=_lse_dtype(q), device=q.device)
-    else:
-        out, lse = torch.cat(outs, dim=0), torch.cat(lses, dim=1)
+    """Packed (total, H, D) sequences: each sequence b is q[cu_q[b]:cu_q[b+1]] against k/v[cu_k[b]:cu_k[b+1]],
+    causal bottom-right per sequence. With ``return_lse`` also the (H, total_q) log-sum-exp (-inf for a sequence
+    with no keys). ``max_seqlen_*`` bound the sequences (read from the offsets when None: a host read).
+
+    The sequences are padded to (B, H, max_seqlen, D) by a gather and run through ``attention`` at once, each with
+    its own diagonal and its keys past its length masked; the packed rows are gathered back. Shapes do not depend
+    on the offsets' values, so torch.compile traces it whole."""
+    kwargs.pop("causal_offset", None)
+    B = cu_seqlens_q.numel() - 1
+    if q.shape[0] == 0 or k.shape[0] == 0 or B == 0:  # no query row, or no key for any
+        return _empty_varlen(q, v, return_lse)
+    len_q, len_k = (cu[1:] - cu[:-1] for cu in (cu_seqlens_q, cu_seqlens_k))
+    if max_seqlen_q is None or max_seqlen_k is None:
+        max_seqlen_q, max_seqlen_k = int(len_q.max()), int(len_k.max())
+    nq, nk = max(int(max_seqlen_q), 1), max(int(max_seqlen_k), 1)
+    qp, _ = _padded(q, cu_seqlens_q, nq)
+    kp, k_ok = _padded(k, cu_seqlens_k, nk)
+    vp, _ = _padded(v, cu_seqlens_k, nk)
+    out, lse = _attention_by_length(qp, kp, vp, k_ok, (len_k - len_q).view(B, 1, 1, 1), **kwargs)
+    # packed query row i is row t = i - cu_q[b] of sequence b, the last b with cu_q[b] <= i
+    rows = torch.arange(q.shape[0], device=q.device)
+    b = torch.searchsorted(cu_seqlens_q[1:].to(torch.int64), rows, right=True).clamp(max=B - 1)
+    t = (rows - cu_seqlens_q.to(torch.int64)[b]).clamp(0, nq - 1)
+    out, lse = out[b, :, t], lse[b, :, t].transpose(0, 1)  # (total_q, H, Dv), (H, total_q)
+    return (out, lse) if return_lse else out
+
+
+def _padded(x: torch.Tensor, cu: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed rows x (total, H, D) cut by cu as (B, H, n, D), and which rows hold a token (B, n); rows past a
+    sequence repeat a row of x (finite, masked by the caller)."""
+    t = torch.arange(n, device=x.device)
+    idx = cu[:-1, None].to(torch.int64) + t[None, :]
+    ok = t[None, :] < (cu[1:] - cu[:-1])[:, None]
+    return x[idx.clamp(0, max(x.shape[0] - 1, 0))].transpose(1, 2), ok
+
+
+def _attention_by_length(q, k, v, k_ok, offset, **kwargs):
+    """``attention`` with (out, lse) where batch b sees only its keys ``k_ok[b]`` (B, Nk) and its diagonal is
+    ``offset[b]``: keys outside hold any values (an uninitialized cache), so they are zeroed as well as masked."""
+    k = torch.where(k_ok[:, None, :, None], k, 0)
+    v = torch.where(k_ok[:, None, :, None], v, 0)
+    return attention(q, k, v, attn_mask=k_ok[:, None, None, :], causal_offset=offset, return_lse=True, **kwargs)
+
+
+def _empty_varlen(q, v, return_lse):
+    out = q.new_zeros(q.shape[0], q.shape[1], v.shape[-1])
+    lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=_lse_dtype(q), device=q.device)
     return (out, lse) if return_lse else out
 
 
@@ -166,23 +191,17 @@ def attention_with_kvcache(
     return_lse: bool = False,
     **kwargs,
 ):
-    """Batch b attends to the first cache_seqlens[b] keys of the cache (B, Hkv, S, D). With ``return_lse``
-    also the (B, Hq, Nq) log-sum-exp (-inf for an empty cache)."""
-    outs, lses = [], []
-    slopes = kwargs.pop("alibi_slopes", None)
-    for b in range(q.shape[0]):
-        if slopes is not None:
-            kwargs["alibi_slopes"] = slopes if slopes.dim() == 1 else slopes[b:b + 1]
-        n = int(cache_seqlens[b])
-        if n == 0:
-            outs.append(torch.zeros_like(q[b:b + 1]))
-            lses.append(torch.full(q.shape[1:3], float("-inf"), dtype=_lse_dtype(q), device=q.device)[None])
-            continue
-        out, lse = attention(q[b:b + 1], k_cache[b:b + 1, :, :n], v_cache[b:b + 1, :, :n], return_lse=True, **kwargs)
-        outs.append(out)
-        lses.append(lse)
-    if outs:
-        out, lse = torch.cat(outs, dim=0), torch.cat(lses, dim=0)
-    else:  # no batch
-        out, lse = q.new_zeros(q.shape), q.new_zeros(q.shape[:3], dtype=_lse_dtype(q))
+    """Batch b attends to the first cache_seqlens[b] keys of the cache (B, Hkv, S, D), causal bottom-right per
+    batch (query i sees key j iff j <= i + cache_seqlens[b] - Nq). With ``return_lse`` also the (B, Hq, Nq)
+    log-sum-exp (-inf for an empty cache). One ``attention`` call over the whole cache with the keys past each
+    length masked (and zeroed: they may hold anything); no host read, so torch.compile traces it whole."""
+    kwargs.pop("causal_offset", None)
+    B, S = q.shape[0], k_cache.shape[2]
+    if q.numel() == 0 or S == 0:
+        out = q.new_zeros(*q.shape[:3], v_cache.shape[-1])
+        lse = torch.full(q.shape[:3], float("-inf"), dtype=_lse_dtype(q), device=q.device)
+        return (out, lse) if return_lse else out
+    lens = cache_seqlens.to(torch.int64)
+    k_ok = torch.arange(S, device=q.device)[None, :] < lens[:, None]
+    out, lse = _attention_by_length(q, k_cache, v_cache, k_ok, (lens - q.shape[2]).view(B, 1, 1, 1), **kwargs)
     return (out, lse) if return_lse else out
