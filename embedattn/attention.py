@@ -1,19 +1,24 @@
 """Fused attention: argument checks, the registered ops, the autograd Functions and the public entries.
 
-One road per call: the entry checks its arguments into an ``AttnSpec`` (the scalar features) plus the
-tensors that go with it (mask, ALiBi slopes, dropout seed), resolves the backend once
-(``embedattn._backend.resolve``), then runs either the reference (``embedattn.reference``), torch's
-own SDPA (``auto`` off CUDA, where its semantics are exactly ours), or the Triton kernels through one
+One road per call: the entry checks its arguments into one ``AttnSpec`` (every feature, its tensors included:
+``make_spec``), resolves the backend once (``_resolve``; the SDPA drop-in and the transformers integration ask
+``sdpa_call``, which does both), then runs either the reference (``embedattn.reference``), torch's own SDPA
+(``auto`` off CUDA, where its semantics are exactly ours), or the Triton kernels through one
 ``torch.autograd.Function`` whose forward and backward call the registered ops
-``torch.ops.embedattn.attention_fwd`` / ``attention_bwd`` (``varlen_fwd`` / ``varlen_bwd``,
-``kvcache_fwd``). Eager and ``torch.compile`` take the same road.
+``torch.ops.embedattn.attention_fwd`` / ``attention_bwd`` (``varlen_fwd`` / ``varlen_bwd``, ``kvcache_fwd``). The
+spec travels flat through the ops' schema (``AttnSpec.op_args``), is rebuilt once per op (``_spec_op``) and reaches
+the launchers in ``kernels/`` as it left the checks. Eager and ``torch.compile`` take the same road, the same
+kernels included (``_kernel_impls`` decides at the entry).
 """
 
 from __future__ import annotations
 
+import inspect
 import math
-from dataclasses import dataclass
+import typing
+from dataclasses import dataclass, fields, replace
 from numbers import Integral, Real
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -43,52 +48,74 @@ class AttentionTypeError(TypeError, RuntimeError):
 
 
 # --------------------------------------------------------------------------------------------------
-# the feature carrier: checked once, flattened for the op schema in exactly one place (op_args)
+# the spec: one checked carrier of everything a call asks for beyond q, k, v, from the checks to the launchers
 # --------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class AttnSpec:
-    """The checked scalar arguments of one attention call.
+    """The checked arguments of one attention call beyond q, k, v and their layout, as the launchers take them.
 
     Query i sees key j iff ``j <= i + causal_offset`` under ``causal`` (``Nk - Nq`` is bottom-right,
     0 is torch's top-left ``is_causal``; varlen and KV-cache calls use each sequence's own
     bottom-right diagonal), and ``i + causal_offset - window_left <= j <= i + causal_offset +
-    window_right`` under a window (-1: that side unbounded). ALiBi distances are measured from the
-    same diagonal. The tensors that go with a spec (mask, ALiBi slopes, dropout seed) travel beside it.
+    window_right`` under a window (``WINDOW_MAX``: that side unbounded). ALiBi distances are measured from the
+    same diagonal. ``mask``: bool (True = attend) or additive, a (B, Hq, Nq, Nk) view (never copied); ``alibi``:
+    float32 (float64 for float64 inputs) (Hq,) or (B, Hq) slopes; ``seed``: the (1,) int64 dropout seed on the
+    inputs' device, with dropout only (None there: drawn from torch's generator when the call runs). Built by
+    ``make_spec`` (checked) or directly (benchmarks, tests).
+
+    The registered ops take the fields flat, in this order (``op_args``; the tensors first, then the scalars:
+    their schema is the fields' annotations) and rebuild the spec in one place (``from_op_args``). A feature is
+    one field here: ``plain`` (what the sm90 kernels and torch's own SDPA cover), the op schemas and the
+    autograd Functions' gradient slots (``input_grads``) follow from the field list.
     """
 
+    mask: torch.Tensor | None = None
+    alibi: torch.Tensor | None = None
+    seed: torch.Tensor | None = None
     causal: bool = False
     causal_offset: int = 0
     scale: float = 1.0
-    window_left: int = -1
-    window_right: int = -1
+    window_left: int = WINDOW_MAX
+    window_right: int = WINDOW_MAX
     softcap: float = 0.0
     dropout_p: float = 0.0
 
     def op_args(self) -> tuple:
-        """The scalars in the order of the registered ops' schema (after their tensor arguments)."""
-        return (self.causal, self.causal_offset, self.scale, self.window_left, self.window_right, self.softcap,
-                self.dropout_p)
+        """The fields, flat, in the order of the registered ops' schema (after their own arguments)."""
+        return tuple(getattr(self, name) for name in _SPEC_FIELDS)
+
+    @classmethod
+    def from_op_args(cls, args) -> AttnSpec:
+        """The spec ``op_args`` flattened (the one place a spec is rebuilt)."""
+        return cls(*args)
+
+    def input_grads(self, **grads) -> tuple:
+        """The gradients of the ``op_args`` inputs of an autograd Function: None but for the fields named."""
+        return tuple(grads.get(name) for name in _SPEC_FIELDS)
+
+    def plain(self) -> bool:
+        """No feature beyond causal, causal_offset and scale: every other field at its default."""
+        return all(getattr(self, name) is None if off is None else getattr(self, name) == off
+                   for name, off in _FEATURES_OFF)
 
     @property
     def window(self) -> tuple[int, int] | None:
-        return None if self.window_left < 0 and self.window_right < 0 else (self.window_left, self.window_right)
+        """(left, right) with -1 for an unbounded side, or None when neither side is bounded."""
+        if self.window_left >= WINDOW_MAX and self.window_right >= WINDOW_MAX:
+            return None
+        return tuple(-1 if side >= WINDOW_MAX else side for side in (self.window_left, self.window_right))
 
-    def kernel_features(self, alibi: torch.Tensor | None, seed: torch.Tensor | None) -> dict:
-        """The launchers' feature keyword arguments (features that are off are left out)."""
-        feats = {}
-        if self.window is not None:
-            feats["window"] = self.window
-        if self.softcap > 0:
-            feats["softcap"] = self.softcap
-        if alibi is not None:
-            feats["alibi"] = alibi
-        if self.dropout_p > 0:
-            feats["dropout_p"], feats["seed"] = self.dropout_p, seed
-        return feats
+    def reference_kwargs(self) -> dict:
+        """The reference's keyword arguments for the scalar features and ALiBi (the diagonal, mask and dropout
+        are the caller's: the varlen and KV-cache references measure the diagonal per sequence)."""
+        return dict(causal=self.causal, scale=self.scale, window=self.window, softcap=self.softcap,
+                    alibi_slopes=self.alibi)
 
-    def reference_kwargs(self, alibi: torch.Tensor | None) -> dict:
-        return dict(causal=self.causal, causal_offset=self.causal_offset, scale=self.scale, window=self.window,
-                    softcap=self.softcap, alibi_slopes=alibi)
+
+_SPEC_FIELDS = tuple(f.name for f in fields(AttnSpec))
+_SPEC_TENSORS = sum(1 for f in fields(AttnSpec) if "Tensor" in str(f.type))  # the tensor fields come first
+_FEATURES_OFF = tuple((f.name, f.default) for f in fields(AttnSpec) if f.name not in ("causal", "causal_offset",
+                                                                                         "scale"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -160,7 +187,7 @@ def _resolve_scale(scale, head_dim: int) -> float:
 def _window_side(name: str, side) -> int:
     if isinstance(side, bool) or not isinstance(side, Integral):
         raise AttentionTypeError(f"window must be a (left, right) pair of ints (-1 = unbounded), got {name}={side!r}")
-    return -1 if side < 0 else min(int(side), WINDOW_MAX)
+    return WINDOW_MAX if side < 0 else min(int(side), WINDOW_MAX)
 
 
 def _check_alibi(alibi_slopes, q: torch.Tensor, n_batch: int, n_heads: int) -> torch.Tensor | None:
@@ -179,10 +206,17 @@ def _check_alibi(alibi_slopes, q: torch.Tensor, n_batch: int, n_heads: int) -> t
     return alibi_slopes.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
 
 
-def _check_spec(q: torch.Tensor, *, causal, causal_offset: int, scale, window, softcap, dropout_p,
-                head_dim: int) -> AttnSpec:
+def make_spec(q: torch.Tensor, *, n_keys: int | None = None, n_batch: int | None = None, causal=False,
+              causal_offset: int = 0, scale=None, attn_mask=None, window=None, softcap=0.0, alibi_slopes=None,
+              dropout_p=0.0, seed=None) -> AttnSpec:
+    """The checked ``AttnSpec`` of a call on ``q`` (dense (B, Hq, Nq, D), or packed (total, Hq, D) with ``n_batch``
+    sequences). ``attn_mask`` (dense only) is checked against (B, Hq, Nq, ``n_keys``) and kept as a view of that
+    shape; with ``dropout_p`` > 0 an int ``seed`` becomes the kernels' seed tensor (None: one is drawn from torch's
+    generator when the call runs, ``_seeded``). Every argument is used or refused with a TypeError/ValueError
+    naming it."""
     check_bool("causal", causal)
-    wl = wr = -1
+    mask = None if attn_mask is None else _check_mask(attn_mask, q, n_keys)
+    wl = wr = WINDOW_MAX
     if window is not None:
         if not isinstance(window, (tuple, list)):
             raise AttentionTypeError(f"window must be a (left, right) pair of ints (-1 = unbounded), got {window!r}")
@@ -195,8 +229,12 @@ def _check_spec(q: torch.Tensor, *, causal, causal_offset: int, scale, window, s
     dropout_p = _real("dropout_p", dropout_p, "a float in [0, 1)")
     if not 0.0 <= dropout_p < 1.0:
         raise AttentionInputError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
-    return AttnSpec(causal, int(causal_offset), _resolve_scale(scale, head_dim), wl, wr, float(softcap),
-                    float(dropout_p))
+    alibi = _check_alibi(alibi_slopes, q, q.shape[0] if n_batch is None else n_batch, q.shape[1])
+    seed = check_seed(seed)
+    seed_t = seed_tensor(seed, q.device) if dropout_p > 0 and seed is not None else None
+    return AttnSpec(mask=mask, alibi=alibi, seed=seed_t,
+                    causal=causal, causal_offset=int(causal_offset), scale=_resolve_scale(scale, q.shape[-1]),
+                    window_left=wl, window_right=wr, softcap=float(softcap), dropout_p=float(dropout_p))
 
 
 def _empty_result(q, k, v, return_lse):
@@ -214,6 +252,44 @@ def _empty_result(q, k, v, return_lse):
 # --------------------------------------------------------------------------------------------------
 # registered ops: bodies launch the kernels (see embedattn._registry); fakes for the interpreter
 # --------------------------------------------------------------------------------------------------
+def _spec_op(name: str, fake):
+    """Register ``fn(*args, spec: AttnSpec)`` (and its ``fake``, of the same signature) as
+    ``torch.ops.embedattn.<name>``: the schema is fn's own arguments then the spec's fields (``AttnSpec.op_args``),
+    the body receives the spec rebuilt by ``AttnSpec.from_op_args``. A field added to the spec reaches every op."""
+    spec_types = typing.get_type_hints(AttnSpec)
+    spec_params = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=spec_types[n])
+                   for n in _SPEC_FIELDS]
+
+    def register(fn):
+        hints = typing.get_type_hints(fn)
+        own = [p.replace(annotation=hints[p.name]) for p in inspect.signature(fn).parameters.values()
+               if p.name != "spec"]
+        n = len(own)
+
+        def op(*args):
+            return fn(*args[:n], AttnSpec.from_op_args(args[n:]))
+
+        def op_fake(*args):
+            return fake(*args[:n], AttnSpec.from_op_args(args[n:]))
+
+        op.__name__, op.__doc__ = fn.__name__, fn.__doc__
+        op.__signature__ = inspect.Signature(own + spec_params, return_annotation=hints["return"])
+        return kernel_op(name, fake=op_fake)(op)
+
+    return register
+
+
+def _aligned_impl(impl: str, q, k, v) -> str:
+    """``impl``, or "default" where q, k, v's base addresses are not 16-byte aligned: the one part of the sm90
+    kernels' scope (``_kernel_impls``) torch.compile cannot trace at the entry (fake tensors have no address; here,
+    in the op, eager calls read the data pointers and traced ones the storage offsets)."""
+    if impl == "default":
+        return impl
+    from .kernels.attention_hopper import aligned
+
+    return impl if aligned(q, k, v) else "default"
+
+
 def _lse_like(q: torch.Tensor) -> torch.Tensor:
     return q.new_empty(q.shape[:-1], dtype=torch.float32)
 
@@ -227,164 +303,158 @@ def _out_like(q: torch.Tensor) -> torch.Tensor:
     return empty_in_order(q)
 
 
-def _attention_fwd_fake(q, k, v, mask, alibi, seed, *scalars):
-    return _out_like(q), _lse_like(q)
-
-
-@kernel_op("attention_fwd", fake=_attention_fwd_fake)
-def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-                   alibi: torch.Tensor | None, seed: torch.Tensor | None, causal: bool, causal_offset: int,
-                   scale: float, window_left: int, window_right: int, softcap: float, dropout_p: float
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out like q, lse2 (B, Hq, Nq) float32 base-2 log-sum-exp, -inf on rows with no visible key)."""
-    from .kernels.attention import attention_forward
-
-    spec = AttnSpec(causal, causal_offset, scale, window_left, window_right, softcap, dropout_p)
-    feats = spec.kernel_features(alibi, seed)
-    impl = attention_impl()
-    if impl != "default":  # opt-in sm90 variants, unmeasured: taken only where they cover the call
-        from .kernels import attention_hopper as KH
-
-        if KH.supports(q, k, v, mask=mask, scale=scale, **feats):
-            if impl == "gluon" and not torch.compiler.is_compiling():
-                from .kernels import attention_gluon as KG
-
-                if KG.supports(q, k, v, causal=causal, mask=mask, scale=scale, **feats):
-                    return KG.gluon_forward(q, k, v, causal, causal_offset, scale)
-            return KH.hopper_forward(q, k, v, causal, causal_offset, scale)
-    return attention_forward(q, k, v, mask, causal, causal_offset, scale, **feats)
-
-
-def _attention_bwd_fake(dout, q, k, v, out, lse2, dlse2, mask, alibi, seed, *scalars):
+def _grads_like(q, k, v):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-@kernel_op("attention_bwd", fake=_attention_bwd_fake)
+def _attention_fwd_fake(q, k, v, impl, spec):
+    return _out_like(q), _lse_like(q)
+
+
+@_spec_op("attention_fwd", fake=_attention_fwd_fake)
+def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: str, spec: AttnSpec
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out like q, lse2 (B, Hq, Nq) float32 base-2 log-sum-exp, -inf on rows with no visible key). ``impl``: the
+    kernels the entry chose (``_kernel_impls``): "default", "hopper" or "gluon"."""
+    impl = _aligned_impl(impl, q, k, v)
+    if impl == "gluon":  # a Gluon kernel is no wrap_triton target: its own opaque op, on both roads
+        return torch.ops.embedattn.gluon_attention_fwd(q, k, v, *spec.op_args())
+    if impl == "hopper":
+        from .kernels.attention_hopper import hopper_forward
+
+        return hopper_forward(q, k, v, spec)
+    from .kernels.attention import attention_forward
+
+    return attention_forward(q, k, v, spec)
+
+
+def _attention_bwd_fake(dout, q, k, v, out, lse2, dlse2, impl, spec):
+    return _grads_like(q, k, v)
+
+
+@_spec_op("attention_bwd", fake=_attention_bwd_fake)
 def _attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                   lse2: torch.Tensor, dlse2: torch.Tensor | None, mask: torch.Tensor | None,
-                   alibi: torch.Tensor | None, seed: torch.Tensor | None, causal: bool, causal_offset: int,
-                   scale: float, window_left: int, window_right: int, softcap: float, dropout_p: float
+                   lse2: torch.Tensor, dlse2: torch.Tensor | None, impl: str, spec: AttnSpec
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv), deterministic (no atomics); ``dlse2`` is the gradient of the base-2 lse, or None.
-    The features must be the forward's (the dropout mask is drawn again from ``seed``)."""
+    """(dq, dk, dv); ``dlse2`` is the gradient of the base-2 lse, or None. The spec must be the forward's (the
+    dropout mask is drawn again from its seed). ``impl``: "default" (deterministic, no atomics) or "hopper" (dQ by
+    atomics)."""
+    if _aligned_impl(impl, q, k, v) == "hopper":
+        from .kernels.attention_hopper import hopper_backward
+
+        return hopper_backward(dout, q, k, v, out, lse2, spec, dlse2=dlse2)
     from .kernels.attention import attention_backward
 
-    spec = AttnSpec(causal, causal_offset, scale, window_left, window_right, softcap, dropout_p)
-    feats = spec.kernel_features(alibi, seed)
-    if attention_impl() != "default" and not torch.are_deterministic_algorithms_enabled():
-        from .kernels import attention_hopper as KH  # the 5-matmul backward: dQ by atomics, not deterministic
-
-        if KH.supports_backward(q, k, v, mask=mask, scale=scale, **feats):
-            return KH.hopper_backward(dout, q, k, v, out, lse2, causal, causal_offset, scale, dlse2=dlse2)
-    return attention_backward(dout, q, k, v, out, lse2, mask, causal, causal_offset, scale, dlse2=dlse2, **feats)
+    return attention_backward(dout, q, k, v, out, lse2, spec, dlse2=dlse2)
 
 
-def _varlen_fwd_fake(q, k, v, cu_q, cu_k, alibi, seed, max_q, max_k, *scalars):
+@_spec_op("gluon_attention_fwd", fake=lambda q, k, v, spec: (_out_like(q), _lse_like(q)))
+def _gluon_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttnSpec
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Gluon forward (kernels/attention_gluon.py), registered as an opaque op so that a compiled graph calls
+    it as the eager road does."""
+    from .kernels.attention_gluon import gluon_forward
+
+    return gluon_forward(q, k, v, spec)
+
+
+def _varlen_fwd_fake(q, k, v, cu_q, cu_k, max_q, max_k, spec):
     return q.new_empty(q.shape), q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)
 
 
-@kernel_op("varlen_fwd", fake=_varlen_fwd_fake)
+@_spec_op("varlen_fwd", fake=_varlen_fwd_fake)
 def _varlen_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
-                alibi: torch.Tensor | None, seed: torch.Tensor | None, max_q: int, max_k: int, causal: bool,
-                causal_offset: int, scale: float, window_left: int, window_right: int, softcap: float,
-                dropout_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+                max_q: int, max_k: int, spec: AttnSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Packed (total, H, D) sequences: (out like q, lse2 (H, total_q))."""
     from .kernels.attention import varlen_forward
 
-    spec = AttnSpec(causal, causal_offset, scale, window_left, window_right, softcap, dropout_p)
-    return varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, **spec.kernel_features(alibi, seed))
+    return varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, spec)
 
 
-def _varlen_bwd_fake(dout, q, k, v, out, lse2, cu_q, cu_k, alibi, seed, *scalars):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+def _varlen_bwd_fake(dout, q, k, v, out, lse2, cu_q, cu_k, max_q, max_k, spec):
+    return _grads_like(q, k, v)
 
 
-@kernel_op("varlen_bwd", fake=_varlen_bwd_fake)
+@_spec_op("varlen_bwd", fake=_varlen_bwd_fake)
 def _varlen_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                lse2: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor, alibi: torch.Tensor | None,
-                seed: torch.Tensor | None, max_q: int, max_k: int, causal: bool, causal_offset: int, scale: float,
-                window_left: int, window_right: int, softcap: float, dropout_p: float
+                lse2: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor, max_q: int, max_k: int, spec: AttnSpec
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from .kernels.attention import varlen_backward
 
-    spec = AttnSpec(causal, causal_offset, scale, window_left, window_right, softcap, dropout_p)
-    return varlen_backward(dout, q, k, v, out, lse2, cu_q, cu_k, max_q, max_k, causal, scale,
-                           **spec.kernel_features(alibi, seed))
+    return varlen_backward(dout, q, k, v, out, lse2, cu_q, cu_k, max_q, max_k, spec)
 
 
-def _kvcache_fwd_fake(q, k_cache, v_cache, lens, alibi, num_splits, *scalars_and_table):
+def _kvcache_fwd_fake(q, k_cache, v_cache, lens, block_table, num_splits, spec):
     return _out_like(q), _lse_like(q)
 
 
-@kernel_op("kvcache_fwd", fake=_kvcache_fwd_fake)
+@_spec_op("kvcache_fwd", fake=_kvcache_fwd_fake)
 def _kvcache_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lens: torch.Tensor,
-                 alibi: torch.Tensor | None, num_splits: int, causal: bool, causal_offset: int, scale: float,
-                 window_left: int, window_right: int, softcap: float, dropout_p: float,
-                 block_table: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 block_table: torch.Tensor | None, num_splits: int, spec: AttnSpec
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decoding: batch b attends to its first ``lens[b]`` cached keys (int32), causal bottom-right; with
     ``block_table`` the caches are pools of pages read through it. (out like q, lse2 (B, Hq, Nq) base 2)."""
     from .kernels.attention import kvcache_forward
 
-    spec = AttnSpec(causal, causal_offset, scale, window_left, window_right, softcap, dropout_p)
-    return kvcache_forward(q, k_cache, v_cache, lens, causal, scale, num_splits, block_table=block_table,
-                           **spec.kernel_features(alibi, None))
+    return kvcache_forward(q, k_cache, v_cache, lens, spec, num_splits, block_table=block_table)
 
 
 # --------------------------------------------------------------------------------------------------
 # autograd: one Function per layout, forward and backward through the registered ops
 # --------------------------------------------------------------------------------------------------
 class AttentionFunction(torch.autograd.Function):
-    """Triton attention: ``apply(q, k, v, mask, alibi, seed, *spec.op_args()) -> (out, lse2)``.
+    """Triton attention: ``apply(q, k, v, fwd_impl, bwd_impl, *spec.op_args()) -> (out, lse2)``.
 
     ``lse2`` is the base-2 log-sum-exp (float32, -inf on rows with no visible key); it is
     differentiable (its gradient folds into the backward's row term, as in FlashAttention). The
-    backward is deterministic, regenerates the dropout mask, and is not itself differentiable.
+    backward regenerates the dropout mask, and is not itself differentiable.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, mask, alibi, seed, *scalars):
-        out, lse2 = torch.ops.embedattn.attention_fwd(q, k, v, mask, alibi, seed, *scalars)
-        ctx.save_for_backward(q, k, v, out, lse2, mask, alibi, seed)
-        ctx.scalars = scalars
+    def forward(ctx, q, k, v, fwd_impl, bwd_impl, *spec_args):
+        out, lse2 = torch.ops.embedattn.attention_fwd(q, k, v, fwd_impl, *spec_args)
+        ctx.save_for_backward(q, k, v, out, lse2, *spec_args[:_SPEC_TENSORS])
+        ctx.impl, ctx.scalars = bwd_impl, spec_args[_SPEC_TENSORS:]
         ctx.set_materialize_grads(False)  # an unused lse costs nothing in the backward
         return out, lse2
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dout, dlse2):
-        q, k, v, out, lse2, mask, alibi, seed = ctx.saved_tensors
-        none = (None,) * (3 + len(ctx.scalars))
+        q, k, v, out, lse2, *tensors = ctx.saved_tensors
+        spec_args = (*tensors, *ctx.scalars)
         if dout is None and dlse2 is None:
-            return (None, None, None) + none
+            return (None,) * (5 + len(spec_args))
         if dout is None:
             dout = torch.zeros_like(out)
-        dq, dk, dv = torch.ops.embedattn.attention_bwd(dout, q, k, v, out, lse2, dlse2, mask, alibi, seed,
-                                                       *ctx.scalars)
-        return (dq, dk, dv) + none
+        dq, dk, dv = torch.ops.embedattn.attention_bwd(dout, q, k, v, out, lse2, dlse2, ctx.impl, *spec_args)
+        return (dq, dk, dv, None, None, *AttnSpec.from_op_args(spec_args).input_grads())
 
 
 class VarlenAttentionFunction(torch.autograd.Function):
-    """Triton attention over packed sequences: ``apply(q, k, v, cu_q, cu_k, alibi, seed, max_q, max_k,
-    *spec.op_args()) -> (out, lse2)``; the lse is not differentiable here."""
+    """Triton attention over packed sequences: ``apply(q, k, v, cu_q, cu_k, max_q, max_k, *spec.op_args()) ->
+    (out, lse2)``; the lse is not differentiable here."""
 
     @staticmethod
-    def forward(ctx, q, k, v, cu_q, cu_k, alibi, seed, max_q, max_k, *scalars):
-        out, lse2 = torch.ops.embedattn.varlen_fwd(q, k, v, cu_q, cu_k, alibi, seed, max_q, max_k, *scalars)
-        ctx.save_for_backward(q, k, v, out, lse2, cu_q, cu_k, alibi, seed)
-        ctx.args = (max_q, max_k) + scalars
+    def forward(ctx, q, k, v, cu_q, cu_k, max_q, max_k, *spec_args):
+        out, lse2 = torch.ops.embedattn.varlen_fwd(q, k, v, cu_q, cu_k, max_q, max_k, *spec_args)
+        ctx.save_for_backward(q, k, v, out, lse2, cu_q, cu_k, *spec_args[:_SPEC_TENSORS])
+        ctx.args = (max_q, max_k), spec_args[_SPEC_TENSORS:]
         ctx.mark_non_differentiable(lse2)
         return out, lse2
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dout, _dlse):
-        q, k, v, out, lse2, cu_q, cu_k, alibi, seed = ctx.saved_tensors
-        dq, dk, dv = torch.ops.embedattn.varlen_bwd(dout, q, k, v, out, lse2, cu_q, cu_k, alibi, seed, *ctx.args)
-        return (dq, dk, dv) + (None,) * (4 + len(ctx.args))
+        q, k, v, out, lse2, cu_q, cu_k, *tensors = ctx.saved_tensors
+        (max_q, max_k), scalars = ctx.args
+        spec_args = (*tensors, *scalars)
+        dq, dk, dv = torch.ops.embedattn.varlen_bwd(dout, q, k, v, out, lse2, cu_q, cu_k, max_q, max_k, *spec_args)
+        return (dq, dk, dv, None, None, None, None, *AttnSpec.from_op_args(spec_args).input_grads())
 
 
 # --------------------------------------------------------------------------------------------------
-# public entries
+# the one decision per call (backend, then which kernels), and the road it takes
 # --------------------------------------------------------------------------------------------------
 def _distinct(q, k, v):
     """Self-attention passes one tensor as q, k and v; torch.compile cannot trace an autograd.Function
@@ -396,16 +466,46 @@ def _distinct(q, k, v):
     return q, k, v
 
 
-def _native_ok(spec: AttnSpec, mask, alibi, return_lse: bool) -> bool:
-    # torch's SDPA computes exactly our function when no feature of ours is on: no mask (a fully masked
-    # row gives NaN there, zeros here) and a causal diagonal at or right of the top-left one (offset >= 0:
-    # every row sees key 0, so no row is empty)
-    return (mask is None and alibi is None and not return_lse and spec.window is None and spec.softcap == 0
-            and spec.dropout_p == 0 and (not spec.causal or spec.causal_offset >= 0))
+def _resolve(backend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttnSpec, return_lse: bool) -> str:
+    """The backend of a dense call: "triton", "reference", or "native" (auto off CUDA where torch's SDPA computes
+    exactly our function: a plain spec (a fully masked row gives NaN there, zeros here), no lse, and a causal
+    diagonal at or right of the top-left one, so that no row is empty)."""
+    native_ok = spec.plain() and not return_lse and (not spec.causal or spec.causal_offset >= 0)
+    return resolve(backend, q, k, v, op="attention", dtype=q.dtype, head_dim=q.shape[-1], native_ok=native_ok)
+
+
+def _kernel_impls(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttnSpec) -> tuple[str, str]:
+    """Which kernels run a dense call on the Triton backend, forward and backward: EMBEDATTN_ATTENTION_IMPL's
+    opt-in sm90 variants (unmeasured) where they cover the call, the default kernels otherwise. Decided here, at the
+    entry, so that eager and compiled calls take the same kernels; the Hopper backward (dQ by atomics) only where
+    deterministic algorithms are not asked for."""
+    impl = attention_impl()
+    if impl == "default":
+        return "default", "default"
+    from .kernels import attention_hopper as KH
+
+    if not KH.supports(q, k, v, spec):
+        return "default", "default"
+    fwd = "hopper"
+    if impl == "gluon":
+        from .kernels import attention_gluon as KG
+
+        if KG.supports(q, k, v, spec):
+            fwd = "gluon"
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    return fwd, "hopper" if KH.supports_backward(q, k, v, spec) and not deterministic else "default"
+
+
+def _seeded(spec: AttnSpec, device) -> AttnSpec:
+    """The spec with its dropout seed: one drawn from torch's generator on ``device`` when none was given (drawn only
+    for a call that runs dropout, so that other calls leave torch's generator as they found it)."""
+    if spec.dropout_p > 0 and spec.seed is None:
+        return replace(spec, seed=seed_tensor(None, device))
+    return spec
 
 
 def _native(q, k, v, spec: AttnSpec):
-    """torch's SDPA on a call ``_native_ok`` accepted: top-left is_causal, or the shifted diagonal as a
+    """torch's SDPA on a call ``_resolve`` gave it: top-left is_causal, or the shifted diagonal as a
     bool mask (decoding: one query sees every key, no mask at all)."""
     nq, nk = q.shape[2], k.shape[2]
     causal, mask = spec.causal, None
@@ -416,6 +516,25 @@ def _native(q, k, v, spec: AttnSpec):
         causal = False
     return _TORCH_SDPA(q, k, v, attn_mask=mask, is_causal=causal, scale=spec.scale,
                        enable_gqa=k.shape[1] != q.shape[1])
+
+
+def _run(be: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttnSpec, return_lse: bool):
+    """A checked dense call on the backend ``be`` decided for it."""
+    if q.numel() == 0 or k.shape[2] == 0 or k.shape[1] == 0:
+        return _empty_result(q, k, v, return_lse)
+    if be == "native":
+        return _native(q, k, v, spec)
+    spec = _seeded(spec, q.device)
+    if be == "reference":
+        keep = None
+        if spec.dropout_p > 0:
+            keep = reference.dropout_keep_mask((q.shape[0], q.shape[1], q.shape[2], k.shape[2]), spec.dropout_p,
+                                               spec.seed)
+        return reference.attention(q, k, v, attn_mask=spec.mask, causal_offset=spec.causal_offset,
+                                   return_lse=return_lse, dropout_p=spec.dropout_p, dropout_mask=keep,
+                                   **spec.reference_kwargs())
+    out, lse2 = AttentionFunction.apply(*_distinct(q, k, v), *_kernel_impls(q, k, v, spec), *spec.op_args())
+    return (out, lse2 * _LN2) if return_lse else out
 
 
 def attention(
@@ -468,33 +587,14 @@ def attention(
         out (B, Hq, Nq, D) in q's dtype, or (out, lse) when ``return_lse``.
     """
     _check_qkv(q, k, v)
-    nq, nk, d = q.shape[2], k.shape[2], q.shape[3]
-    mask = _check_mask(attn_mask, q, nk)
+    nq, nk = q.shape[2], k.shape[2]
     check_bool("return_lse", return_lse)
     if causal_offset is None:
         causal_offset = nk - nq
     causal_offset = check_int("causal_offset", causal_offset, low=-(2**31) + 1, high=2**31 - 1)
-    spec = _check_spec(q, causal=causal, causal_offset=causal_offset, scale=scale, window=window, softcap=softcap,
-                       dropout_p=dropout_p, head_dim=d)
-    alibi = _check_alibi(alibi_slopes, q, q.shape[0], q.shape[1])
-    seed = check_seed(seed)
-    be = resolve(backend, q, k, v, op="attention", dtype=q.dtype, head_dim=d,
-                 native_ok=_native_ok(spec, mask, alibi, return_lse))
-    if q.numel() == 0 or nk == 0 or k.shape[1] == 0:
-        return _empty_result(q, k, v, return_lse)
-    seed_t = seed_tensor(seed, q.device) if spec.dropout_p > 0 else None
-    if be == "native":
-        return _native(q, k, v, spec)
-    if be == "reference":
-        keep = None
-        if spec.dropout_p > 0:
-            keep = reference.dropout_keep_mask((q.shape[0], q.shape[1], nq, nk), spec.dropout_p, seed_t)
-        return reference.attention(q, k, v, attn_mask=mask, return_lse=return_lse, dropout_p=spec.dropout_p,
-                                   dropout_mask=keep, **spec.reference_kwargs(alibi))
-    out, lse2 = AttentionFunction.apply(*_distinct(q, k, v), mask, alibi, seed_t, *spec.op_args())
-    if return_lse:
-        return out, lse2 * _LN2
-    return out
+    spec = make_spec(q, n_keys=nk, causal=causal, causal_offset=causal_offset, scale=scale, attn_mask=attn_mask,
+                     window=window, softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p, seed=seed)
+    return _run(_resolve(backend, q, k, v, spec, return_lse), q, k, v, spec, return_lse)
 
 
 def _sdpa_torch(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
@@ -503,10 +603,10 @@ def _sdpa_torch(query, key, value, attn_mask, dropout_p, is_causal, scale, enabl
 
 
 def _sdpa_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
-    """The 4-D (q, k, v, mask) the kernels run for a torch SDPA call, or None where the call goes to torch's
-    own SDPA: what torch rejects (so the error is torch's), and what the kernels do not cover.
+    """The 4-D (q, k, v, mask) of a torch SDPA call, or None where only torch's own SDPA gives its answer: what
+    torch rejects (so the error is torch's), and what embedattn does not compute.
 
-    Taken: 3-D or 4-D q/k/v of one dtype and device, k and v of one shape, one head dim >= 1; batch (and,
+    Taken: 3-D or 4-D q/k/v of one floating dtype and device, k and v of one shape, one head dim >= 1; batch (and,
     without ``enable_gqa``, head) sizes that broadcast as in torch's matmul; grouped heads under
     ``enable_gqa``; a bool mask or a float one of float32 or q's dtype, of 2 to q.dim() dims, that
     broadcasts to the scores' shape; a finite scale; dropout in [0, 1)."""
@@ -522,6 +622,8 @@ def _sdpa_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable
     if nd not in (3, 4) or key.dim() != nd or key.shape != value.shape:
         return None
     if not (query.dtype == key.dtype == value.dtype) or not (query.device == key.device == value.device):
+        return None
+    if query.dtype not in _REFERENCE_DTYPES:
         return None
     if query.numel() == 0 or key.numel() == 0 or query.shape[-1] != key.shape[-1]:
         return None
@@ -558,6 +660,42 @@ def _sdpa_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable
     return q, k, v, mask
 
 
+class SdpaCall(NamedTuple):
+    """An SDPA-style call embedattn takes: its 4-D q, k, v, checked spec and the backend decided for it."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    spec: AttnSpec
+    backend: str
+    squeeze: bool  # 3-D inputs: the output loses the head dim the plan added
+
+    def run(self) -> torch.Tensor:
+        """The output, computed on ``backend`` (no decision left)."""
+        out = _run(self.backend, self.q, self.k, self.v, self.spec, False)
+        return out.squeeze(1) if self.squeeze else out
+
+
+def sdpa_call(backend: str | None, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+              enable_gqa=False, softcap=0.0) -> SdpaCall | None:
+    """The one decision whether embedattn takes a torch-SDPA-style call (``scaled_dot_product_attention``'s
+    arguments, plus ``softcap``): the call as it runs, with its backend resolved once, or None where it belongs to
+    torch's own SDPA (a call ``_sdpa_plan`` leaves to torch, or one a pinned ``backend="triton"`` cannot run). The
+    SDPA drop-in and the transformers integration ask it; ``is_causal`` is top-left, as torch's."""
+    plan = _sdpa_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    if plan is None:
+        return None
+    check_backend(backend)  # a bad EMBEDATTN_BACKEND raises, it does not silently mean torch
+    q, k, v, mask = plan
+    spec = make_spec(q, n_keys=k.shape[2], causal=is_causal, causal_offset=0, scale=scale, attn_mask=mask,
+                     softcap=softcap, dropout_p=float(dropout_p))
+    try:
+        be = _resolve(backend, q, k, v, spec, False)
+    except (RuntimeError, TypeError, ValueError):  # e.g. backend="triton" with a head dim past 256
+        return None
+    return SdpaCall(q, k, v, spec, be, query.dim() == 3)
+
+
 def scaled_dot_product_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -582,38 +720,53 @@ def scaled_dot_product_attention(
     dim 0 or above 256, a value head dim unlike the key's, float64, masks that require grad,
     ``attn_mask`` together with ``is_causal`` (torch applies both or raises, depending on the backend
     it picks for the call), calls torch rejects, and calls the Triton kernels cannot run by the
-    decision of ``embedattn.resolve(None, ...)`` (CPU tensors outside the interpreter, ...).
+    decision of ``embedattn.resolve(None, ...)`` (CPU tensors outside the interpreter, ...): see ``sdpa_call``.
     """
-    args = (query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-    plan = _sdpa_plan(*args)
-    if plan is None:
-        return _sdpa_torch(*args)
-    check_backend(None)  # a bad EMBEDATTN_BACKEND raises, it does not silently mean torch
-    try:
-        be = resolve(None, query, key, value, op="attention", dtype=query.dtype, head_dim=query.shape[-1])
-    except (RuntimeError, TypeError, ValueError):  # e.g. EMBEDATTN_BACKEND=triton with a head dim past 256
-        be = "torch"
-    if be != "triton":
-        return _sdpa_torch(*args)
-    q, k, v, mask = plan
-    out = attention(q, k, v, causal=is_causal, causal_offset=0, scale=scale, attn_mask=mask,
-                    dropout_p=float(dropout_p), backend="triton")
-    return out.squeeze(1) if query.dim() == 3 else out
+    call = sdpa_call(None, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    if call is None or call.backend != "triton":
+        return _sdpa_torch(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    return call.run()
 
 
 # --------------------------------------------------------------------------------------------------
 # variable-length (packed) sequences and KV-cache decoding
 # --------------------------------------------------------------------------------------------------
-def _check_cu(name: str, cu: torch.Tensor, total: int, device) -> None:
+def _check_cu(name: str, cu: torch.Tensor, device) -> None:
     if not isinstance(cu, torch.Tensor) or cu.dtype not in (torch.int32, torch.int64) or cu.dim() != 1:
         raise AttentionTypeError(f"{name} must be a 1-D int32/int64 tensor of cumulative lengths")
     if cu.numel() < 2:
         raise AttentionInputError(f"{name} needs at least 2 entries (batch + 1), got {cu.numel()}")
     if cu.device != device:
         raise AttentionInputError(f"{name} is on {cu.device}, q on {device}")
-    c = cu.detach().cpu()
-    if int(c[0]) != 0 or bool((c[1:] < c[:-1]).any()) or int(c[-1]) != total:
-        raise AttentionInputError(f"{name} must start at 0, be non-decreasing and end at the total length {total}")
+
+
+def _checked_seqlens(cu_q: torch.Tensor, cu_k: torch.Tensor, tq: int, tk: int, max_q: int, max_k: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The int32 offsets the kernels read, checked: each cu_seqlens starts at 0, never decreases and ends at its
+    total, and no sequence is longer than its max_seqlen. Eagerly one host read, and an AttentionInputError naming
+    what is wrong. While torch.compile traces (no host read there), a device assertion (``assert_ok``: a
+    RuntimeError at once on the CPU, a device-side assert on CUDA), and the offsets clamped into [0, total] and made
+    non-decreasing, so that no read or write leaves the tensors before the assertion reports."""
+    def summary(cu):
+        lens = cu[1:] - cu[:-1]
+        return torch.stack([cu[0], cu[-1], lens.min(), lens.max()]).to(torch.int64)
+
+    sq, sk = summary(cu_q), summary(cu_k)
+    if torch.compiler.is_compiling():
+        ok = (sq[0] == 0) & (sq[1] == tq) & (sq[2] >= 0) & (sq[3] <= max_q) & \
+            (sk[0] == 0) & (sk[1] == tk) & (sk[2] >= 0) & (sk[3] <= max_k)
+        assert_ok(ok, "attention_varlen: cu_seqlens_q/cu_seqlens_k must start at 0, be non-decreasing and end at the "
+                      "total lengths, and no sequence may be longer than max_seqlen_q/max_seqlen_k")
+        return tuple(torch.cummax(cu.clamp(0, total), 0).values.to(torch.int32) for cu, total in ((cu_q, tq),
+                                                                                                   (cu_k, tk)))
+    (q0, qe, q_low, lq), (k0, ke, k_low, lk) = torch.stack([sq, sk]).tolist()  # the one host read
+    for name, first, last, low, total in (("cu_seqlens_q", q0, qe, q_low, tq), ("cu_seqlens_k", k0, ke, k_low, tk)):
+        if first != 0 or low < 0 or last != total:
+            raise AttentionInputError(f"{name} must start at 0, be non-decreasing and end at the total length {total}")
+    if max_q < lq or max_k < lk:
+        raise AttentionInputError(f"max_seqlen_q/max_seqlen_k ({max_q}, {max_k}) are below the longest sequences "
+                                  f"({lq}, {lk})")
+    return cu_q.to(torch.int32), cu_k.to(torch.int32)
 
 
 def attention_varlen(
@@ -651,34 +804,26 @@ def attention_varlen(
             raise AttentionInputError(f"{name} must be a 3-D (total, H, D) tensor, got shape {tuple(t.shape)}")
     # reuse the dense checks on (1, H, total, D) views
     _check_qkv(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None])
-    _check_cu("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device)
-    _check_cu("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device)
+    _check_cu("cu_seqlens_q", cu_seqlens_q, q.device)
+    _check_cu("cu_seqlens_k", cu_seqlens_k, q.device)
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
         raise AttentionInputError("cu_seqlens_q and cu_seqlens_k must describe the same number of sequences")
     max_seqlen_q = check_int("max_seqlen_q", max_seqlen_q, low=0)
     max_seqlen_k = check_int("max_seqlen_k", max_seqlen_k, low=0)
-    lq = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
-    lk = int((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max())
-    if max_seqlen_q < lq or max_seqlen_k < lk:
-        raise AttentionInputError(f"max_seqlen_q/max_seqlen_k ({max_seqlen_q}, {max_seqlen_k}) are below the "
-                                  f"longest sequences ({lq}, {lk})")
-    n_batch = cu_seqlens_q.numel() - 1
+    cu_q, cu_k = _checked_seqlens(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k)
     check_bool("return_lse", return_lse)
-    spec = _check_spec(q, causal=causal, causal_offset=0, scale=scale, window=window, softcap=softcap,
-                       dropout_p=dropout_p, head_dim=q.shape[-1])
-    alibi = _check_alibi(alibi_slopes, q, n_batch, q.shape[1])
-    seed = check_seed(seed)
+    spec = make_spec(q, n_batch=cu_q.numel() - 1, causal=causal, scale=scale, window=window, softcap=softcap,
+                     alibi_slopes=alibi_slopes, dropout_p=dropout_p, seed=seed)
     be = resolve(backend, q, k, v, op="attention", dtype=q.dtype, head_dim=q.shape[-1])
     if be == "reference" or q.shape[0] == 0 or k.shape[0] == 0:
         if spec.dropout_p > 0:
             raise AttentionInputError("dropout in attention_varlen needs the triton backend")
-        kw = spec.reference_kwargs(alibi)
-        kw.pop("causal_offset")  # bottom-right per sequence
-        return reference.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, return_lse=return_lse, **kw)
-    seed_t = seed_tensor(seed, q.device) if spec.dropout_p > 0 else None
-    cu_q, cu_k = cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32)
-    out, lse2 = VarlenAttentionFunction.apply(*_distinct(q, k, v), cu_q, cu_k, alibi, seed_t, max_seqlen_q,
-                                              max_seqlen_k, *spec.op_args())
+        # causal bottom-right per sequence
+        return reference.attention_varlen(q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, return_lse=return_lse,
+                                          **spec.reference_kwargs())
+    spec = _seeded(spec, q.device)
+    out, lse2 = VarlenAttentionFunction.apply(*_distinct(q, k, v), cu_q, cu_k, max_seqlen_q, max_seqlen_k,
+                                              *spec.op_args())
     return (out, lse2 * _LN2) if return_lse else out
 
 
@@ -776,7 +921,8 @@ def attention_with_kvcache(
     * ``"off"`` (or ``False``): no check.
 
     In every mode no read or write leaves the cache: a batch whose lengths (or used table entries) are out of
-    range gets no append (its rows keep their values) and attends to its lengths clamped to [0, S], through
+    range gets no append and writes nothing (neither its own slots nor, through a bad table entry, another
+    batch's: the other batches' appends are exact) and attends to its lengths clamped to [0, S], through
     table entries clamped into the pool.
     """
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
@@ -819,9 +965,7 @@ def attention_with_kvcache(
     check_bool("return_lse", return_lse)
     mode = bounds_mode(check_bounds, q.device)
     # every check before the in-place append: a bad argument must not leave the cache half-updated
-    spec = _check_spec(q, causal=causal, causal_offset=0, scale=scale, window=window, softcap=softcap,
-                       dropout_p=0.0, head_dim=q.shape[-1])
-    alibi = _check_alibi(alibi_slopes, q, B, q.shape[1])
+    spec = make_spec(q, causal=causal, scale=scale, window=window, softcap=softcap, alibi_slopes=alibi_slopes)
     be = resolve(backend, q, k_cache, v_cache, op="attention", dtype=q.dtype, head_dim=q.shape[-1])
     lens = cache_seqlens.to(torch.int64)
     ok = (lens >= 0) & (lens + n_new <= S)  # (B,)
@@ -845,29 +989,47 @@ def attention_with_kvcache(
     if mode == "device":
         assert_ok(ok.all(), msg)
     if n_new:
-        pos = (lens[:, None] + torch.arange(n_new, device=q.device)[None, :]).clamp(0, S - 1)  # (B, Nnew)
-        if paged:  # (page, slot) of each new position; a bad entry is clamped into the pool (and gets no write)
-            rows = block_table.gather(1, pos // page).long().clamp(0, k_cache.shape[0] - 1)
-            pos = pos % page
-        else:
-            rows = torch.arange(B, device=q.device)[:, None].expand_as(pos)
-        kn, vn = k_new.transpose(1, 2), v_new.transpose(1, 2)  # (B, Nnew, Hkv, D), as cache[rows, :, pos]
-        if mode != "sync":  # a batch out of range writes its own values back: no append, no stray write
-            row_ok = ok[:, None, None, None]
-            kn = torch.where(row_ok, kn, k_cache[rows, :, pos])
-            vn = torch.where(row_ok, vn, v_cache[rows, :, pos])
-        k_cache[rows, :, pos] = kn
-        v_cache[rows, :, pos] = vn
+        _append(k_cache, v_cache, k_new, v_new, lens, None if mode == "sync" else ok, block_table)
     total = (lens + n_new).clamp(0, S).to(torch.int32)
     if be == "reference" or q.numel() == 0:
-        kw = spec.reference_kwargs(alibi)
-        kw.pop("causal_offset")  # bottom-right per batch
         if paged:  # the oracle reads a contiguous copy of the pages
             k_cache, v_cache = _pages_as_cache(k_cache, block_table), _pages_as_cache(v_cache, block_table)
-        return reference.attention_with_kvcache(q, k_cache, v_cache, total, return_lse=return_lse, **kw)
-    out, lse2 = torch.ops.embedattn.kvcache_fwd(q, k_cache, v_cache, total, alibi, num_splits, *spec.op_args(),
-                                                block_table)
+        # causal bottom-right per batch
+        return reference.attention_with_kvcache(q, k_cache, v_cache, total, return_lse=return_lse,
+                                                **spec.reference_kwargs())
+    out, lse2 = torch.ops.embedattn.kvcache_fwd(q, k_cache, v_cache, total, block_table, num_splits, *spec.op_args())
     return (out, lse2 * _LN2) if return_lse else out
+
+
+def _append(k_cache: torch.Tensor, v_cache: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+            lens: torch.Tensor, ok: torch.Tensor | None, block_table: torch.Tensor | None) -> None:
+    """Write k_new/v_new (B, Hkv, Nnew, D) into the caches at positions lens[b] .. + Nnew, through the block table
+    when paged. ``ok`` (B,) bool: which batches may append (None: all, checked before). A batch that may not writes
+    nothing, wherever its positions or table entries point: its writes are redirected onto the slots of the first
+    batch that may (the donor), carrying the donor's values, so every slot written receives one value whatever
+    order ``index_put_`` applies duplicates in, and another batch's new key is never overwritten. With no batch
+    allowed, the donor (batch 0) writes back what its own slots hold. No host read."""
+    B, n_new = k_new.shape[0], k_new.shape[2]
+    page = k_cache.shape[2]
+    S = page * (block_table.shape[1] if block_table is not None else 1)
+    pos = (lens[:, None] + torch.arange(n_new, device=lens.device)[None, :]).clamp(0, S - 1)  # (B, Nnew)
+    if block_table is not None:  # (page, slot) of each new position; a bad entry is clamped into the pool
+        rows = block_table.gather(1, pos // page).long().clamp(0, k_cache.shape[0] - 1)
+        pos = pos % page
+    else:
+        rows = torch.arange(B, device=lens.device)[:, None].expand_as(pos)
+    kn, vn = k_new.transpose(1, 2), v_new.transpose(1, 2)  # (B, Nnew, Hkv, D), as cache[rows, :, pos]
+    if ok is not None:
+        donor = ok.to(torch.int32).argmax().view(1)  # the first batch allowed (0 when none is); no host read
+        d_rows, d_pos, d_ok = rows.index_select(0, donor), pos.index_select(0, donor), ok.index_select(0, donor)
+        d_ok = d_ok.view(1, 1, 1, 1)
+        kd = torch.where(d_ok, kn.index_select(0, donor), k_cache[d_rows, :, d_pos])  # (1, Nnew, Hkv, D)
+        vd = torch.where(d_ok, vn.index_select(0, donor), v_cache[d_rows, :, d_pos])
+        keep = ok[:, None]
+        rows, pos = torch.where(keep, rows, d_rows), torch.where(keep, pos, d_pos)
+        kn, vn = torch.where(keep[..., None, None], kn, kd), torch.where(keep[..., None, None], vn, vd)
+    k_cache[rows, :, pos] = kn
+    v_cache[rows, :, pos] = vn
 
 
 def dropout_mask(shape: tuple[int, int, int, int], dropout_p: float, seed: int, device=None,

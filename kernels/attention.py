@@ -33,9 +33,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from .. import configs
-from ._utils import empty, interpreting
-
-LOG2E = 1.4426950408889634
+from ._utils import LOG2E, bh_grid, bh_id, empty, interpreting
 
 # attn_mask kinds
 MASK_NONE, MASK_BOOL, MASK_ADD = 0, 1, 2
@@ -45,6 +43,12 @@ _LOG2E = tl.constexpr(LOG2E)
 _MASK_BOOL = tl.constexpr(MASK_BOOL)
 _MASK_ADD = tl.constexpr(MASK_ADD)
 
+# The three attention kernels take one spec's features as one run of parameters right after their tensors (built
+# by _spec_args from the spec the launchers receive): M, SLOPES, SEED (the mask, ALiBi slopes and dropout seed; a
+# never-read stand-in when off), their strides, then causal_off, qk_scale, sm_scale, win_left, win_right, sc_scale,
+# sc_log2e, drop_p, drop_scale; the matching constexpr flags (CAUSAL, WINDOW, MASK_KIND, SOFTCAP, ALIBI, DROPOUT)
+# come with them. A feature is added to that run, to _spec_args and to the helper that reads it.
+#
 # Inside the kernels a few runtime values travel together as tuples (Triton inlines every helper, so they cost
 # nothing; the constexpr flags stay separate arguments: unpacking a tuple turns its constexprs into tensors):
 #   score_args  what _score reads: (Nq, Nk, causal_off, qk_scale, sc_scale, sc_log2e, win_left, win_right, slope2,
@@ -57,13 +61,6 @@ _MASK_ADD = tl.constexpr(MASK_ADD)
 # a program's coordinates, and the rows of a (sequence, head dim) matrix it reads and writes
 # --------------------------------------------------------------------------------------------------
 @triton.jit
-def _bh_id():
-    # the (batch, head) index, folded over grid axes 1 and 2: CUDA caps axes 1 and 2 at 65535 programs,
-    # and B * H passes that in large-batch decoding (e.g. 4096 x 32); see _bh_grid
-    return tl.program_id(2) * tl.num_programs(1) + tl.program_id(1)
-
-
-@triton.jit
 def _batch_head(bh, H):
     # int64: b * stride_b + h * stride_h may pass 2^31 elements
     return (bh // H).to(tl.int64), (bh % H).to(tl.int64)
@@ -74,9 +71,9 @@ def _program(NBH, H, GROUP, CU_Q, CU_K, Nq, Nk, causal_off, VARLEN: tl.constexpr
     """This program's (b, h, hk, q_start, k_start, Nq, Nk, causal_off): batch, head and kv head (GROUP query heads
     share one; the dK/dV kernel, one program per kv head, passes H = HKV and GROUP = 1), the first query and key
     rows of its sequence and their lengths. Dense: rows from 0, the lengths and offset given. Varlen: sequence b of
-    the packed rows, cut by cu_seqlens, causal bottom-right. A program past the last (batch, head) (_bh_grid rounds
+    the packed rows, cut by cu_seqlens, causal bottom-right. A program past the last (batch, head) (bh_grid rounds
     the grid up) gets empty sequences: the kernel's length check ends it."""
-    bh = _bh_id()
+    bh = bh_id()
     b, h = _batch_head(tl.minimum(bh, NBH - 1), H)
     hk = h // GROUP
     q_start = 0
@@ -413,15 +410,16 @@ def _fwd_inner(acc, l_i, m_i, q, offs_m, kv, pages, lo, hi, score_args, drop, BL
 
 @triton.jit
 def _attn_fwd(
-    Q, K, V, O, LSE, M, SLOPES, CU_Q, CU_K, K_LENS, BLOCK_TABLE,
+    Q, K, V, O, LSE, CU_Q, CU_K, K_LENS, BLOCK_TABLE,
+    M, SLOPES, SEED, stride_mb, stride_mh, stride_mm, stride_mn, stride_sb, stride_sh,
+    causal_off, qk_scale, sm_scale, win_left, win_right, sc_scale, sc_log2e, drop_p, drop_scale,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
-    stride_mb, stride_mh, stride_mm, stride_mn,
-    stride_lb, stride_lh, stride_sb, stride_sh, stride_os, stride_ls, stride_btb, stride_btn, N_PAGES,
-    H, NBH, GROUP, Nq, Nk, qk_scale, causal_off, win_left, win_right, sc_scale, sc_log2e,
-    SEED, drop_p, drop_scale, DROP_MQ, DROP_MK, NUM_SPLITS, NQ_BUCKET, NK_BUCKET,
+    stride_lb, stride_lh, stride_os, stride_ls, stride_btb, stride_btn, N_PAGES,
+    H, NBH, GROUP, Nq, Nk,
+    DROP_MQ, DROP_MK, NUM_SPLITS, NQ_BUCKET, NK_BUCKET,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, MASK_KIND: tl.constexpr, SOFTCAP: tl.constexpr,
     ALIBI: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr, KLENS: tl.constexpr,
@@ -489,7 +487,7 @@ def _bwd_preprocess(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     start_m = tl.program_id(0) * BLOCK_M
-    bh = _bh_id()
+    bh = bh_id()
     if bh >= NBH:
         return
     b, h = _batch_head(bh, H)
@@ -532,14 +530,14 @@ def _dkdv_inner(dk, dv, k, v, offs_n, q_rows, lo, hi, score_args, drop, BLOCK_M:
 
 @triton.jit
 def _attn_bwd_dkdv(
-    Q, K, V, DO, DK, DV, LSE, DELTA, M, SLOPES, CU_Q, CU_K,
+    Q, K, V, DO, DK, DV, LSE, DELTA, CU_Q, CU_K,
+    M, SLOPES, SEED, stride_mb, stride_mh, stride_mm, stride_mn, stride_sb, stride_sh,
+    causal_off, qk_scale, sm_scale, win_left, win_right, sc_scale, sc_log2e, drop_p, drop_scale,
     stride_qb, stride_qh, stride_qm, stride_qd, stride_dob, stride_doh, stride_dom, stride_dod,
     stride_kb, stride_kh, stride_kn, stride_kd, stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
-    stride_mb, stride_mh, stride_mm, stride_mn,
-    stride_lb, stride_lh, stride_sb, stride_sh,
-    H, HKV, NBH, GROUP, Nq, Nk, qk_scale, sm_scale, causal_off, win_left, win_right, sc_scale, sc_log2e,
-    SEED, drop_p, drop_scale, DROP_MQ, DROP_MK, NQ_BUCKET, NK_BUCKET,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd, stride_lb, stride_lh,
+    H, HKV, NBH, GROUP, Nq, Nk,
+    DROP_MQ, DROP_MK, NQ_BUCKET, NK_BUCKET,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, MASK_KIND: tl.constexpr, SOFTCAP: tl.constexpr,
     ALIBI: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr,
@@ -599,14 +597,14 @@ def _dq_inner(dq, q, do, lse, delta, offs_m, kv, lo, hi, score_args, drop, BLOCK
 
 @triton.jit
 def _attn_bwd_dq(
-    Q, K, V, DO, DQ, LSE, DELTA, M, SLOPES, CU_Q, CU_K,
+    Q, K, V, DO, DQ, LSE, DELTA, CU_Q, CU_K,
+    M, SLOPES, SEED, stride_mb, stride_mh, stride_mm, stride_mn, stride_sb, stride_sh,
+    causal_off, qk_scale, sm_scale, win_left, win_right, sc_scale, sc_log2e, drop_p, drop_scale,
     stride_qb, stride_qh, stride_qm, stride_qd, stride_dob, stride_doh, stride_dom, stride_dod,
     stride_kb, stride_kh, stride_kn, stride_kd, stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    stride_mb, stride_mh, stride_mm, stride_mn,
-    stride_lb, stride_lh, stride_sb, stride_sh,
-    H, NBH, GROUP, Nq, Nk, qk_scale, sm_scale, causal_off, win_left, win_right, sc_scale, sc_log2e,
-    SEED, drop_p, drop_scale, DROP_MQ, DROP_MK, NQ_BUCKET, NK_BUCKET,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd, stride_lb, stride_lh,
+    H, NBH, GROUP, Nq, Nk,
+    DROP_MQ, DROP_MK, NQ_BUCKET, NK_BUCKET,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, MASK_KIND: tl.constexpr, SOFTCAP: tl.constexpr,
     ALIBI: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr,
@@ -644,7 +642,7 @@ def _attn_bwd_dq(
 def _dropout_keep_kernel(OUT, SEED, drop_p, H, NBH, Nq, Nk, DROP_MQ, DROP_MK, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr):
     """Debug path: the keep mask (B, H, Nq, Nk) that the attention kernels draw for a seed."""
-    bh = _bh_id()
+    bh = bh_id()
     if bh >= NBH:
         return
     b, h = _batch_head(bh, H)
@@ -775,63 +773,31 @@ def _prec(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-_BIG = 1 << 30  # an "infinite" window side that cannot overflow int32 index arithmetic
+def _head_flags(d: int, dtype: torch.dtype) -> dict:
+    return dict(HEAD_DIM=d, BLOCK_D=_head_block(d), PREC=_prec(dtype))
 
 
-class Features:
-    """Host-side values of the optional score modifiers; each maps to a constexpr flag."""
-
-    def __init__(self, *, causal=False, causal_offset=0, scale=1.0, mask=None, window=None, softcap=0.0,
-                 alibi=None, dropout_p=0.0, seed=None):
-        self.causal, self.causal_offset, self.scale = bool(causal), int(causal_offset), float(scale)
-        self.mask, self.alibi = mask, alibi
-        self.window = window is not None
-        left, right = window if window is not None else (-1, -1)
-        # sides past the sequence are unbounded: clamp, so int32 (or int64, for sys.maxsize) bounds
-        # arithmetic such as start + BLOCK + offset + right cannot wrap
-        left = _BIG if left is None or left < 0 else min(int(left), _BIG)
-        right = _BIG if right is None or right < 0 else min(int(right), _BIG)
-        if self.window and self.causal:
-            right, self.causal = min(right, 0), False  # causal is a window with no right side
-        self.win_left, self.win_right = left, right
-        self.softcap = float(softcap or 0.0)
-        # seed: a one-element int64 tensor on the inputs' device (read by the kernels), with dropout only
-        self.dropout_p, self.seed = float(dropout_p), seed
-
-    def mask_args(self, B, H, Nq, Nk, dummy):
-        if self.mask is None:
-            return dummy, (0, 0, 0, 0), MASK_NONE  # dummy stands in as a never-read pointer
-        m = self.mask.expand(B, H, Nq, Nk)
-        if m.dtype == torch.bool:
-            return m.view(torch.uint8), tuple(m.stride()), MASK_BOOL
-        return m, tuple(m.stride()), MASK_ADD
-
-    def alibi_args(self, dummy):
-        if self.alibi is None:
-            return dummy, (0, 0)
-        a = self.alibi
-        return (a, (0, a.stride(0))) if a.dim() == 1 else (a, (a.stride(0), a.stride(1)))
-
-    def scalars(self, dummy):
-        sc = self.softcap
-        drop_scale = 1.0 / (1.0 - self.dropout_p) if self.dropout_p > 0 else 1.0
-        seed = self.seed if self.dropout_p > 0 else dummy  # dummy: a never-read pointer
-        return (self.win_left, self.win_right, (self.scale / sc) if sc else 0.0, (sc * LOG2E) if sc else 0.0,
-                seed, self.dropout_p, drop_scale)
-
-    def flags(self, head_dim, dtype, mask_kind):
-        return dict(HEAD_DIM=head_dim, BLOCK_D=_head_block(head_dim), CAUSAL=self.causal, WINDOW=self.window,
-                    MASK_KIND=mask_kind, SOFTCAP=self.softcap > 0, ALIBI=self.alibi is not None,
-                    DROPOUT=self.dropout_p > 0, PREC=_prec(dtype))
-
-
-MAX_GRID_Y = 65535  # CUDA's limit on grid axes 1 and 2
-
-
-def _bh_grid(n: int) -> tuple[int, int]:
-    """Grid axes 1 and 2 for n (batch, head) programs, each within MAX_GRID_Y (see _bh_id)."""
-    y = max(1, min(n, MAX_GRID_Y))
-    return y, triton.cdiv(max(n, 1), y)
+def _spec_args(spec, B: int, H: int, Nq: int, Nk: int, dummy: torch.Tensor) -> tuple[tuple, dict]:
+    """A spec (``embedattn.attention.AttnSpec``) as the kernels take it: the runtime arguments in the order of the
+    kernels' feature parameters (``M`` .. ``drop_scale``), and the constexpr flags. ``dummy`` stands in for the
+    pointers of features that are off (never read)."""
+    window = spec.window is not None
+    causal, right = spec.causal, spec.window_right
+    if window and causal:
+        right, causal = min(right, 0), False  # causal is a window with no right side
+    if spec.mask is None:
+        m, ms, kind = dummy, (0, 0, 0, 0), MASK_NONE
+    else:
+        m = spec.mask.expand(B, H, Nq, Nk)
+        ms, kind = m.stride(), MASK_BOOL if m.dtype == torch.bool else MASK_ADD
+        m = m.view(torch.uint8) if kind == MASK_BOOL else m
+    a = spec.alibi
+    slopes, ss = (dummy, (0, 0)) if a is None else (a, (0, a.stride(0)) if a.dim() == 1 else a.stride())
+    sc, p = spec.softcap, spec.dropout_p
+    args = (m, slopes, spec.seed if p > 0 else dummy, *ms, *ss, spec.causal_offset, spec.scale * LOG2E, spec.scale,
+            spec.window_left, right, spec.scale / sc if sc else 0.0, sc * LOG2E, p, 1.0 / (1.0 - p))
+    flags = dict(CAUSAL=causal, WINDOW=window, MASK_KIND=kind, SOFTCAP=sc > 0, ALIBI=a is not None, DROPOUT=p > 0)
+    return args, flags
 
 
 def _dense(t):
@@ -860,7 +826,7 @@ def _packed(t):
 # --------------------------------------------------------------------------------------------------
 # launchers
 # --------------------------------------------------------------------------------------------------
-def _forward(q, k, v, f: Features, *, varlen=None, k_lens=None, num_splits=1, block_table=None):
+def _forward(q, k, v, spec, *, varlen=None, k_lens=None, num_splits=1, block_table=None):
     """Shared forward launcher. Dense: q (B,H,Nq,D) -> out like q, lse2 (B,H,Nq). Varlen: q (Tq,H,D) packed,
     varlen=(cu_q, cu_k, max_q, max_k) -> out (Tq,H,D), lse2 (H,Tq). Split-KV (num_splits > 1) returns the
     per-split partials (B,H,S,Nq,D) fp32 and (B,H,S,Nq) for the caller to combine. ``block_table`` (with
@@ -894,26 +860,24 @@ def _forward(q, k, v, f: Features, *, varlen=None, k_lens=None, num_splits=1, bl
         o = empty(Tq, H, D, dtype=q.dtype, device=dev)
         lse = empty(H, Tq, dtype=torch.float32, device=dev)
         so, sl, s_os, s_ls = _packed(o), (0, Tq), 0, 0
-    m, ms, kind = f.mask_args(B, H, Nq, Nk, q)
-    slopes, ss = f.alibi_args(q)
+    feats, flags = _spec_args(spec, B, H, Nq, Nk, q)
     cu_q_t, cu_k_t = (varlen[0], varlen[1]) if varlen is not None else (q, q)
     paged = block_table is not None
     table, st_table = (block_table, (*block_table.stride(), k.shape[0])) if paged else (q, (0, 0, 0))
-    args = (q, k, v, o, lse, m, slopes, cu_q_t, cu_k_t, k_lens if k_lens is not None else q, table,
-            *sq, *sk, *sv, *so, *ms, *sl, *ss, s_os, s_ls, *st_table,
-            H, B * H, H // HKV, Nq, Nk, f.scale * LOG2E, f.causal_offset, *f.scalars(q),
+    args = (q, k, v, o, lse, cu_q_t, cu_k_t, k_lens if k_lens is not None else q, table, *feats,
+            *sq, *sk, *sv, *so, *sl, s_os, s_ls, *st_table, H, B * H, H // HKV, Nq, Nk,
             drop_mq, drop_mk, num_splits, _bucket(Nq), _bucket(Nk))
-    flags = f.flags(D, q.dtype, kind)
-    flags.update(VARLEN=varlen is not None, KLENS=k_lens is not None, SPLIT=split, PAGE=k.shape[2] if paged else 0)
+    flags.update(_head_flags(D, q.dtype), VARLEN=varlen is not None, KLENS=k_lens is not None, SPLIT=split,
+                 PAGE=k.shape[2] if paged else 0)
     heur = _fixed_fwd(flags["BLOCK_D"])
     if (split or paged) and not interpreting():  # decoding tiles: few query rows
         heur = dict(heur, BLOCK_M=16 if Nq <= 16 else 64, num_warps=4)
 
     def launch(c):
-        wrap_triton(_attn_fwd)[(triton.cdiv(Nq, c["BLOCK_M"]) * num_splits, *_bh_grid(B * H))](*args, **flags, **c)
+        wrap_triton(_attn_fwd)[(triton.cdiv(Nq, c["BLOCK_M"]) * num_splits, *bh_grid(B * H))](*args, **flags, **c)
 
     def autotune():
-        wrap_triton(_attn_fwd_tuned)[lambda m: (triton.cdiv(Nq, m["BLOCK_M"]), *_bh_grid(B * H))](*args, **flags)
+        wrap_triton(_attn_fwd_tuned)[lambda m: (triton.cdiv(Nq, m["BLOCK_M"]), *bh_grid(B * H))](*args, **flags)
         return getattr(_attn_fwd_tuned, "best_config", None)
 
     # split-KV and paged decoding have their own tile rule (the table and the autotuner describe unsplit contiguous
@@ -923,7 +887,15 @@ def _forward(q, k, v, f: Features, *, varlen=None, k_lens=None, num_splits=1, bl
     return o, lse
 
 
-def _backward(do, q, k, v, o, lse, f: Features, *, varlen=None, dlse2=None):
+def shift_delta(delta: torch.Tensor, lse2: torch.Tensor, dlse2: torch.Tensor | None) -> None:
+    """Fold the gradient of the base-2 lse into the backward's row term, in place: d lse2 / d s_ij = p_ij / ln 2
+    (s the natural-log logit) and ds = p * (dp - delta), so the lse's gradient is a shift of delta. Rows with no
+    visible key (lse2 = -inf) have p = 0: they stay finite."""
+    if dlse2 is not None:
+        delta.sub_(torch.where(torch.isinf(lse2), 0.0, dlse2.float() / math.log(2.0)))
+
+
+def _backward(do, q, k, v, o, lse, spec, *, varlen=None, dlse2=None):
     if varlen is None:
         B, H, Nq, D = q.shape
         HKV, Nk = k.shape[1], k.shape[2]
@@ -942,12 +914,9 @@ def _backward(do, q, k, v, o, lse, f: Features, *, varlen=None, dlse2=None):
     block_d = _head_block(D)
     delta = empty(*lse.shape, dtype=torch.float32, device=q.device)
     pre_bm = 32 if interpreting() else 64
-    wrap_triton(_bwd_preprocess)[(triton.cdiv(pre_N, pre_bm), *_bh_grid(pre_B * H))](
+    wrap_triton(_bwd_preprocess)[(triton.cdiv(pre_N, pre_bm), *bh_grid(pre_B * H))](
         o, do, delta, *so, *sdo, H, pre_B * H, pre_N, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=pre_bm)
-    if dlse2 is not None:
-        # d lse2 / d s_ij = p_ij / ln 2 (s the natural-log logit), and ds = p * (dp - delta): the lse's
-        # gradient is a shift of delta. Rows with no visible key (lse2 = -inf) have p = 0: keep them finite.
-        delta.sub_(torch.where(torch.isinf(lse), 0.0, dlse2.float() / math.log(2.0)))
+    shift_delta(delta, lse, dlse2)
     dq = empty(*q.shape, dtype=q.dtype, device=q.device)
     dk = empty(*k.shape, dtype=k.dtype, device=k.device)
     dv = empty(*v.shape, dtype=v.dtype, device=v.device)
@@ -955,36 +924,33 @@ def _backward(do, q, k, v, o, lse, f: Features, *, varlen=None, dlse2=None):
         sdq, sdk = _dense(dq), _dense(dk)
     else:
         sdq, sdk = _packed(dq), _packed(dk)
-    m, ms, kind = f.mask_args(B, H, Nq, Nk, q)
-    slopes, ss = f.alibi_args(q)
+    feats, flags = _spec_args(spec, B, H, Nq, Nk, q)
+    flags.update(_head_flags(D, q.dtype), VARLEN=varlen is not None)
     cu_q_t, cu_k_t = (varlen[0], varlen[1]) if varlen is not None else (q, q)
-    flags = f.flags(D, q.dtype, kind)
-    flags["VARLEN"] = varlen is not None
-    qk_scale = f.scale * LOG2E
-    tail = (*f.scalars(q), drop_mq, drop_mk, _bucket(Nq), _bucket(Nk))
-    # strides: the query-side rows (q, dO), the key-side rows (k, v), the output, mask, lse/delta, ALiBi slopes
-    kv_args = (q, k, v, do, dk, dv, lse, delta, m, slopes, cu_q_t, cu_k_t, *sq, *sdo, *sk, *sv, *sdk, *ms, *sl, *ss,
-               H, HKV, B * HKV, H // HKV, Nq, Nk, qk_scale, f.scale, f.causal_offset, *tail)
-    q_args = (q, k, v, do, dq, lse, delta, m, slopes, cu_q_t, cu_k_t, *sq, *sdo, *sk, *sv, *sdq, *ms, *sl, *ss,
-              H, B * H, H // HKV, Nq, Nk, qk_scale, f.scale, f.causal_offset, *tail)
+    tail = (drop_mq, drop_mk, _bucket(Nq), _bucket(Nk))
+    # strides: the query-side rows (q, dO), the key-side rows (k, v), the output, lse/delta
+    kv_args = (q, k, v, do, dk, dv, lse, delta, cu_q_t, cu_k_t, *feats, *sq, *sdo, *sk, *sv, *sdk, *sl,
+               H, HKV, B * HKV, H // HKV, Nq, Nk, *tail)
+    q_args = (q, k, v, do, dq, lse, delta, cu_q_t, cu_k_t, *feats, *sq, *sdo, *sk, *sv, *sdq, *sl,
+              H, B * H, H // HKV, Nq, Nk, *tail)
     conf = _fixed_bwd(block_d)
     # dQ iterates over keys: swap the roles so its inner tile is the key block
     qconf = dict(conf, BLOCK_M=conf["BLOCK_N"], BLOCK_N=conf["BLOCK_M"])
     key = tuning_key(q.dtype, D, Nq, Nk, flags)
 
     def launch_dkdv(c):
-        wrap_triton(_attn_bwd_dkdv)[(triton.cdiv(Nk, c["BLOCK_N"]), *_bh_grid(B * HKV))](*kv_args, **flags, **c)
+        wrap_triton(_attn_bwd_dkdv)[(triton.cdiv(Nk, c["BLOCK_N"]), *bh_grid(B * HKV))](*kv_args, **flags, **c)
 
     def autotune_dkdv():
-        grid = lambda m: (triton.cdiv(Nk, m["BLOCK_N"]), *_bh_grid(B * HKV))
+        grid = lambda m: (triton.cdiv(Nk, m["BLOCK_N"]), *bh_grid(B * HKV))
         wrap_triton(_attn_bwd_dkdv_tuned)[grid](*kv_args, **flags)
         return getattr(_attn_bwd_dkdv_tuned, "best_config", None)
 
     def launch_dq(c):
-        wrap_triton(_attn_bwd_dq)[(triton.cdiv(Nq, c["BLOCK_M"]), *_bh_grid(B * H))](*q_args, **flags, **c)
+        wrap_triton(_attn_bwd_dq)[(triton.cdiv(Nq, c["BLOCK_M"]), *bh_grid(B * H))](*q_args, **flags, **c)
 
     def autotune_dq():
-        wrap_triton(_attn_bwd_dq_tuned)[lambda m: (triton.cdiv(Nq, m["BLOCK_M"]), *_bh_grid(B * H))](*q_args, **flags)
+        wrap_triton(_attn_bwd_dq_tuned)[lambda m: (triton.cdiv(Nq, m["BLOCK_M"]), *bh_grid(B * H))](*q_args, **flags)
         return getattr(_attn_bwd_dq_tuned, "best_config", None)
 
     configs.run("attention.bwd_dkdv", key, conf, launch_dkdv, autotune=autotune_dkdv, device=q.device)
@@ -992,39 +958,33 @@ def _backward(do, q, k, v, o, lse, f: Features, *, varlen=None, dlse2=None):
     return dq, dk, dv
 
 
-def attention_forward(q, k, v, mask, causal: bool, causal_offset: int, scale: float, **features):
-    """Dense forward. Returns (out like q, lse2 (B, Hq, Nq) float32 base-2 log-sum-exp, -inf on empty rows).
-    ``features``: window=(left, right), softcap, alibi (fp32 (H,) or (B, H)), dropout_p, seed."""
-    f = Features(causal=causal, causal_offset=causal_offset, scale=scale, mask=mask, **features)
-    return _forward(q, k, v, f)
+def attention_forward(q, k, v, spec):
+    """Dense forward of the call ``spec`` describes (``embedattn.attention.AttnSpec``). Returns (out like q, lse2
+    (B, Hq, Nq) float32 base-2 log-sum-exp, -inf on empty rows)."""
+    return _forward(q, k, v, spec)
 
 
-def attention_backward(do, q, k, v, o, lse, mask, causal: bool, causal_offset: int, scale: float, *, dlse2=None,
-                       **features):
-    """Dense backward: (dq, dk, dv) in the dtypes of q, k, v; deterministic (no atomics). ``dlse2``: the
-    gradient of the base-2 lse (B, Hq, Nq), when the loss used it; None = zero."""
-    f = Features(causal=causal, causal_offset=causal_offset, scale=scale, mask=mask, **features)
-    return _backward(do, q, k, v, o, lse, f, dlse2=dlse2)
+def attention_backward(do, q, k, v, o, lse, spec, *, dlse2=None):
+    """Dense backward: (dq, dk, dv) in the dtypes of q, k, v; deterministic (no atomics). ``spec``: the forward's.
+    ``dlse2``: the gradient of the base-2 lse (B, Hq, Nq), when the loss used it; None = zero."""
+    return _backward(do, q, k, v, o, lse, spec, dlse2=dlse2)
 
 
-def varlen_forward(q, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: bool, scale: float, **features):
-    """Packed (total, H, D) sequences delimited by int32 cu_seqlens; causal is bottom-right per sequence.
-    Returns (out (Tq, H, D), lse2 (H, Tq))."""
-    f = Features(causal=causal, scale=scale, **features)
-    return _forward(q, k, v, f, varlen=(cu_q, cu_k, int(max_q), int(max_k)))
+def varlen_forward(q, k, v, cu_q, cu_k, max_q: int, max_k: int, spec):
+    """Packed (total, H, D) sequences delimited by int32 cu_seqlens; causal is bottom-right per sequence (the spec's
+    causal_offset is not read). Returns (out (Tq, H, D), lse2 (H, Tq))."""
+    return _forward(q, k, v, spec, varlen=(cu_q, cu_k, int(max_q), int(max_k)))
 
 
-def varlen_backward(do, q, k, v, o, lse, cu_q, cu_k, max_q: int, max_k: int, causal: bool, scale: float,
-                    **features):
-    f = Features(causal=causal, scale=scale, **features)
-    return _backward(do, q, k, v, o, lse, f, varlen=(cu_q, cu_k, int(max_q), int(max_k)))
+def varlen_backward(do, q, k, v, o, lse, cu_q, cu_k, max_q: int, max_k: int, spec):
+    return _backward(do, q, k, v, o, lse, spec, varlen=(cu_q, cu_k, int(max_q), int(max_k)))
 
 
-def kvcache_forward(q, k_cache, v_cache, k_lens, causal: bool, scale: float, num_splits: int = 0, *,
-                    block_table=None, **features):
+def kvcache_forward(q, k_cache, v_cache, k_lens, spec, num_splits: int = 0, *, block_table=None):
     """Decoding forward over a cache: batch b attends to its first k_lens[b] keys (int32), causal
-    bottom-right per batch. Split-KV (flash-decoding): the keys are cut into ``num_splits`` chunks run
-    by separate programs and merged by their log-sum-exp, so Nq = 1 with a long cache fills the GPU.
+    bottom-right per batch (the spec's causal_offset is not read). Split-KV (flash-decoding): the keys are cut
+    into ``num_splits`` chunks run by separate programs and merged by their log-sum-exp, so Nq = 1 with a long
+    cache fills the GPU.
     ``num_splits=0`` picks a count from the shape. Returns (out like q, lse2 (B, H, Nq)).
 
     ``block_table`` (B, max_pages) int32: a paged cache. k_cache/v_cache are pools of pages (num_pages, HKV,
@@ -1038,10 +998,10 @@ def kvcache_forward(q, k_cache, v_cache, k_lens, causal: bool, scale: float, num
     if num_splits <= 0:
         programs = B * H * triton.cdiv(Nq, 64)
         num_splits = 1 if interpreting() else max(1, min(64, triton.cdiv(264, programs), triton.cdiv(Nk, 256)))
-    f = Features(causal=causal, causal_offset=0, scale=scale, **features)
     if num_splits == 1:
-        return _forward(q, k_cache, v_cache, f, k_lens=k_lens, block_table=block_table)
-    o_part, lse_part = _forward(q, k_cache, v_cache, f, k_lens=k_lens, num_splits=num_splits, block_table=block_table)
+        return _forward(q, k_cache, v_cache, spec, k_lens=k_lens, block_table=block_table)
+    o_part, lse_part = _forward(q, k_cache, v_cache, spec, k_lens=k_lens, num_splits=num_splits,
+                                block_table=block_table)
     lse = torch.logsumexp(lse_part * math.log(2.0), dim=2)  # (B, H, Nq), natural log
     w = torch.exp(lse_part * math.log(2.0) - lse.unsqueeze(2))
     w = torch.nan_to_num(w, nan=0.0)  # rows with no key in any split
@@ -1055,7 +1015,7 @@ def dropout_keep_mask(B: int, H: int, Nq: int, Nk: int, dropout_p: float, seed: 
     ``seed`` is the one-element int64 tensor the kernels read, on the device to draw on."""
     out = torch.empty(B, H, Nq, Nk, dtype=torch.int8, device=seed.device)
     bm = bn = 32
-    wrap_triton(_dropout_keep_kernel)[(triton.cdiv(Nq, bm) * triton.cdiv(Nk, bn), *_bh_grid(B * H))](
+    wrap_triton(_dropout_keep_kernel)[(triton.cdiv(Nq, bm) * triton.cdiv(Nk, bn), *bh_grid(B * H))](
         out, seed, float(dropout_p), H, B * H, Nq, Nk, Nq, Nk, BLOCK_M=bm, BLOCK_N=bn)
     return out.bool()
 

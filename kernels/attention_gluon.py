@@ -22,7 +22,7 @@ import torch
 import triton
 
 from . import attention_hopper as KH
-from ._utils import empty, interpreting
+from ._utils import LOG2E, empty, interpreting
 
 try:  # Gluon is experimental: absent before Triton 3.4, its API still moving
     from triton.experimental import gluon
@@ -44,7 +44,6 @@ try:  # Gluon is experimental: absent before Triton 3.4, its API still moving
 except Exception:  # ImportError, or an API this file does not know
     AVAILABLE = False
 
-LOG2E = 1.4426950408889634
 HEAD_DIMS = (64, 128)
 # (BLOCK_M, BLOCK_N, num_warps): two 64-row warpgroups; BLOCK_N from the compile report (no spills)
 CONFIGS = {64: (128, 128, 8), 128: (128, 64, 8)}
@@ -186,30 +185,30 @@ if AVAILABLE:
             mbarrier.invalidate(v_bar.index(i))
 
 
-def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False, scale: float | None = None,
-             **features) -> bool:
+def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec) -> bool:
     """The Gluon forward computes this call: Gluon present, not the interpreter (Gluon has none), non-causal,
     D 64/128, and everything ``attention_hopper.supports`` asks."""
-    if not AVAILABLE or interpreting() or causal or q.dim() != 4 or q.shape[-1] not in HEAD_DIMS:
+    if not AVAILABLE or interpreting() or spec.causal or q.dim() != 4 or q.shape[-1] not in HEAD_DIMS:
         return False
-    return KH.supports(q, k, v, scale=scale, **features)
+    return KH.supports(q, k, v, spec)
 
 
-def gluon_forward(q, k, v, causal: bool, causal_offset: int, scale: float, *, config: tuple | None = None):
-    """Non-causal dense forward (``causal`` must be False; the signature matches ``hopper_forward``). Returns
-    (out like q, lse2 (B, Hq, Nq) float32 base-2). Launched directly: a Gluon kernel is no ``wrap_triton`` target,
-    so this is not visible to torch.compile yet."""
-    if causal:
+def gluon_forward(q, k, v, spec, *, config: tuple | None = None):
+    """Non-causal dense forward for the calls ``supports`` accepts (the signature matches ``hopper_forward``).
+    Returns (out like q, lse2 (B, Hq, Nq) float32 base-2). Launched directly: a Gluon kernel is no ``wrap_triton``
+    target, so embedattn.attention registers this launcher as an opaque op of its own (``gluon_attention_fwd``),
+    which a compiled graph calls as it is."""
+    if spec.causal:
         raise NotImplementedError("the Gluon forward is non-causal only")
-    KH._ensure_allocator()
+    KH.use_allocator(q.device)
     B, H, Nq, D = q.shape
     HKV, Nk = k.shape[1], k.shape[2]
     bm, bn, w = config or CONFIGS[D]
     o = empty(B, H, Nq, D, dtype=q.dtype, device=q.device)
     lse = empty(B, H, Nq, dtype=torch.float32, device=q.device)
-    s3 = lambda t: (t.stride(0), t.stride(1), t.stride(2))
+    s3 = KH._s3
     _gluon_attn_fwd[(triton.cdiv(Nq, bm) * B * H,)](
-        q, k, v, o, lse, *s3(q), *s3(k), *s3(v), *s3(o), H, H // HKV, Nq, Nk, float(scale) * LOG2E,
+        q, k, v, o, lse, *s3(q), *s3(k), *s3(v), *s3(o), H, H // HKV, Nq, Nk, spec.scale * LOG2E,
         HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, EVEN_N=Nk % bn == 0, num_warps=w)
     return o, lse
 

@@ -24,46 +24,26 @@ GQA, unit stride in D and 16-byte aligned strides and base; no mask, window, sof
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ._utils import empty, interpreting
+from ._utils import LOG2E, bh_grid, bh_id, empty, interpreting
+from .attention import _key_range, _lse_delta, _query_range, shift_delta
 
-LOG2E = 1.4426950408889634
 HEAD_DIMS = (64, 128, 256)
 DTYPES = (torch.float16, torch.bfloat16)
-MAX_GRID_Y = 65535  # CUDA's limit on grid axes 1 and 2
 
 
 # --------------------------------------------------------------------------------------------------
-# helpers
+# helpers (the block ranges and the saved lse/delta reads are kernels/attention.py's)
 # --------------------------------------------------------------------------------------------------
-@triton.jit
-def _bh_id():
-    # (batch, head) folded over grid axes 1 and 2, each capped at 65535 programs (see _bh_grid)
-    return tl.program_id(2) * tl.num_programs(1) + tl.program_id(1)
-
-
 @triton.jit
 def _plane(base, stride, rows, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr):
     # one (batch, head) plane (rows, HEAD_DIM) with unit stride in D, read and written ROWS at a time; rows
     # past `rows` load as zeros and are not stored (TMA bounds)
     return tl.make_tensor_descriptor(base, shape=[rows, HEAD_DIM], strides=[stride, 1], block_shape=[ROWS, HEAD_DIM])
-
-
-@triton.jit
-def _key_range(start_m, Nk, causal_off, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
-    """Key blocks for the query block at start_m: [0, full) need no mask, [full, hi) do (diagonal, tail)."""
-    hi = Nk
-    full = (Nk // BLOCK_N) * BLOCK_N
-    if CAUSAL:
-        hi = tl.minimum(Nk, tl.maximum(start_m + BLOCK_M + causal_off, 0))
-        full = tl.minimum(full, (tl.maximum(start_m + causal_off + 1, 0) // BLOCK_N) * BLOCK_N)
-    return full, hi
 
 
 # --------------------------------------------------------------------------------------------------
@@ -147,7 +127,7 @@ def _attn_fwd_hopper(
     if CAUSAL:
         # blocks left of the diagonal unmasked, then the diagonal (and key tail) masked: two loops, which the
         # 3.6 Hopper warp-specialization pass does not take (WARP_SPECIALIZE is then ignored there)
-        full, hi = _key_range(start_m, Nk, causal_off, BLOCK_M, BLOCK_N, CAUSAL)
+        _lo, full, hi = _key_range(start_m, Nk, causal_off, 0, 0, BLOCK_M, BLOCK_N, CAUSAL, False)
         for start_n in range(0, full, BLOCK_N):
             start_n = tl.multiple_of(start_n, BLOCK_N)
             acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, start_n, offs_m, offs_n0, Nk, qk_scale,
@@ -188,7 +168,7 @@ def _row_tile(bh, H, Nq, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
 @triton.jit
 def _bwd_delta(O, DO, DELTA, stride_ob, stride_oh, stride_om, stride_dob, stride_doh, stride_dom,
                H, NBH, Nq, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
-    bh = _bh_id()
+    bh = bh_id()
     if bh >= NBH:
         return
     b, h, offs_m, offs_d, ok, m64 = _row_tile(bh, H, Nq, HEAD_DIM, BLOCK_M)
@@ -207,9 +187,7 @@ def _bwd_tile(dk, dv, k, v, q_desc, do_desc, dq_desc, dq_base, lse_base, delta_b
     q = q_desc.load([start_m, 0])
     do = do_desc.load([start_m, 0])
     # rows past Nq (zero-filled q, do) and rows with no visible key (lse2 = -inf) get lse = +inf: P = 0
-    lse = tl.load(lse_base + offs_m, mask=m_ok, other=float("inf"))
-    lse = tl.where(lse == float("-inf"), float("inf"), lse)
-    delta = tl.load(delta_base + offs_m, mask=m_ok, other=0.0)
+    lse, delta = _lse_delta(lse_base, delta_base, offs_m, Nq, True)
     qkT = tl.dot(k, tl.trans(q))
     pT = tl.math.exp2(qkT * qk_scale - lse[None, :])
     if MASKED:  # causal diagonal
@@ -242,7 +220,7 @@ def _attn_bwd_hopper(
     TMA_REDUCE: tl.constexpr,
 ):
     start_n = tl.program_id(0) * BLOCK_N
-    bhk = _bh_id()
+    bhk = bh_id()
     if bhk >= NBH:
         return
     b = (bhk // HKV).to(tl.int64)
@@ -258,12 +236,7 @@ def _attn_bwd_hopper(
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
 
     # query blocks that see this key block: [lo, a_end) through the causal diagonal (masked), then the rest
-    lo = 0
-    a_end = 0
-    if CAUSAL:
-        lo = (tl.maximum(start_n - causal_off, 0) // BLOCK_M) * BLOCK_M
-        diag = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - causal_off, 0), BLOCK_M) * BLOCK_M
-        a_end = tl.minimum(tl.maximum(diag, lo), tl.cdiv(Nq, BLOCK_M) * BLOCK_M)
+    lo, a_end, _tail, _hi = _query_range(start_n, Nq, causal_off, 0, 0, BLOCK_M, BLOCK_N, CAUSAL, False)
     for g in range(0, GROUP):
         bh = b * H + hk * GROUP + g
         q_desc = _plane(Q + b * stride_qb + (hk * GROUP + g) * stride_qh, stride_qm, Nq, BLOCK_M, HEAD_DIM)
@@ -289,7 +262,7 @@ def _attn_bwd_hopper(
 @triton.jit
 def _dq_convert(DQA, DQ, stride_dqb, stride_dqh, stride_dqm, H, NBH, Nq, sm_scale,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
-    bh = _bh_id()
+    bh = bh_id()
     if bh >= NBH:
         return
     b, h, offs_m, offs_d, ok, m64 = _row_tile(bh, H, Nq, HEAD_DIM, BLOCK_M)
@@ -334,17 +307,23 @@ def _conf(table: dict, d: int, override: tuple | None, interp: tuple) -> dict:
 # --------------------------------------------------------------------------------------------------
 # the "descriptor or pointer" decision
 # --------------------------------------------------------------------------------------------------
-_FEATURE_OFF = {"mask": None, "attn_mask": None, "window": None, "softcap": 0.0, "alibi": None,
-                "alibi_slopes": None, "dropout_p": 0.0, "seed": None}
+def _strides_ok(t: torch.Tensor) -> bool:
+    # unit stride in D, the other strides 16-byte aligned (stride 0, a broadcast, is aligned)
+    return t.dim() == 4 and t.stride(-1) == 1 and all((s * t.element_size()) % 16 == 0 for s in t.stride()[:3])
+
+
+def _base_aligned(t: torch.Tensor) -> bool:
+    try:
+        base = t.data_ptr()
+    except (RuntimeError, NotImplementedError):  # a fake tensor (torch.compile tracing the op): storages are aligned
+        base = t.storage_offset() * t.element_size()
+    return base % 16 == 0
 
 
 def tma_ok(t: torch.Tensor) -> bool:
     """A (B, H, N, D) tensor a tensor descriptor can address: unit stride in D, every other stride and the
     base 16-byte aligned (TMA's rule). Strided, broadcast (stride 0 is fine) or misaligned views fail."""
-    if t.dim() != 4 or t.stride(-1) != 1:
-        return False
-    esz = t.element_size()
-    return t.data_ptr() % 16 == 0 and all((s * esz) % 16 == 0 for s in t.stride()[:3])
+    return _strides_ok(t) and _base_aligned(t)
 
 
 def device_ok(device: torch.device) -> bool:
@@ -356,17 +335,13 @@ def device_ok(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
-def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None, **features) -> bool:
-    """True when the Hopper kernels compute this call: dense (B, H, N, D) fp16/bf16 inputs of one dtype with
-    D in 64/128/256, Hq % Hkv == 0, descriptor-addressable (``tma_ok``), on an sm90+ GPU (or the
-    interpreter), and no feature beyond causal/causal_offset/scale (each of ``mask``, ``window``,
-    ``softcap``, ``alibi``, ``dropout_p`` absent or off). Anything else takes the pointer kernels."""
-    for name, value in features.items():
-        if name in ("causal", "causal_offset", "is_causal"):
-            continue
-        if name not in _FEATURE_OFF or not (value is None or value is False or value == _FEATURE_OFF[name]):
-            return False
-    if scale is not None and not scale > 0:  # the unmasked tile takes max(qk) * scale
+def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec) -> bool:
+    """True when the Hopper kernels compute this call: dense (B, H, N, D) fp16/bf16 inputs of one dtype with D in
+    64/128/256, Hq % Hkv == 0, descriptor-addressable (``tma_ok``), on an sm90+ GPU (or the interpreter), and a spec
+    (``embedattn.attention.AttnSpec``) with no feature beyond causal, causal_offset and a positive scale
+    (``spec.plain()``). Anything else takes the pointer kernels. While torch.compile traces, the base addresses are
+    not known: the op checks them at the launch (``aligned``)."""
+    if not spec.plain() or not spec.scale > 0:  # the unmasked tile takes max(qk) * scale
         return False
     if q.dtype not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         return False
@@ -377,71 +352,74 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float 
         return False
     if k.shape[0] != B or k.shape[1] == 0 or H % k.shape[1] or q.shape[2] == 0 or k.shape[2] == 0:
         return False
-    return all(tma_ok(t) for t in (q, k, v)) and device_ok(q.device)
+    if not all(_strides_ok(t) for t in (q, k, v)) or not device_ok(q.device):
+        return False
+    return torch.compiler.is_compiling() or aligned(q, k, v)  # traced: fake tensors have no address, see aligned
 
 
-def supports_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
-                      **features) -> bool:
+def aligned(*tensors: torch.Tensor) -> bool:
+    """Every base address 16-byte aligned (TMA's rule; eagerly the data pointers, while torch.compile traces the
+    storage offsets): the part of ``supports`` only the launch sees."""
+    return all(_base_aligned(t) for t in tensors)
+
+
+def supports_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec) -> bool:
     """``supports`` and a head dim with a spill-free backward tile (``BWD_HEAD_DIMS``). The backward is not
     deterministic (dQ by atomics): the caller keeps the atomic-free kernels where determinism is asked for."""
-    return q.dim() == 4 and q.shape[-1] in BWD_HEAD_DIMS and supports(q, k, v, scale=scale, **features)
+    return q.dim() == 4 and q.shape[-1] in BWD_HEAD_DIMS and supports(q, k, v, spec)
 
 
 # --------------------------------------------------------------------------------------------------
 # launchers
 # --------------------------------------------------------------------------------------------------
-def _alloc(size: int, alignment: int, stream):
-    # global scratch for the device-side descriptors (128 bytes each, per program)
-    return torch.empty(size, dtype=torch.int8, device="cpu" if interpreting() else "cuda")
+_ALLOCATORS: dict = {}  # device -> the scratch allocator installed for it
 
 
-def _ensure_allocator() -> None:
-    # triton.set_allocator is a ContextVar: autograd's backward thread starts without one. Install ours where
-    # none is set; keep the caller's otherwise.
-    from triton.runtime import _allocation
-
-    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
-        triton.set_allocator(_alloc)
-
-
-def _bh_grid(n: int) -> tuple[int, int]:
-    y = max(1, min(n, MAX_GRID_Y))
-    return y, triton.cdiv(max(n, 1), y)
+def use_allocator(device: torch.device) -> None:
+    """Install the global scratch the device-side tensor descriptors need (128 bytes each, per program), from
+    torch's allocator on ``device``, with Triton's public ``triton.set_allocator``. At every launch: the setting
+    is a ContextVar, and autograd's backward thread starts without one."""
+    alloc = _ALLOCATORS.get(device)
+    if alloc is None:
+        alloc = _ALLOCATORS[device] = lambda size, alignment, stream: torch.empty(size, dtype=torch.int8,
+                                                                                  device=device)
+    triton.set_allocator(alloc)
 
 
 def _s3(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def hopper_forward(q, k, v, causal: bool, causal_offset: int, scale: float, *, warp_specialize: bool | None = None,
-                   config: tuple | None = None):
-    """Dense forward for inputs ``supports()`` accepts. Returns (out like q, lse2 (B, Hq, Nq) float32 base-2
-    log-sum-exp, -inf on rows with no visible key). ``warp_specialize`` defaults to non-causal only (what
-    Triton 3.6's Hopper pass is known to take); ``config`` = (BLOCK_M, BLOCK_N, num_warps, num_stages)."""
-    _ensure_allocator()
+def hopper_forward(q, k, v, spec, *, warp_specialize: bool | None = None, config: tuple | None = None):
+    """Dense forward for the calls ``supports()`` accepts (``spec``: causal, causal_offset, scale). Returns (out like
+    q, lse2 (B, Hq, Nq) float32 base-2 log-sum-exp, -inf on rows with no visible key). ``warp_specialize``
+    defaults to non-causal only (what Triton 3.6's Hopper pass is known to take); ``config`` = (BLOCK_M, BLOCK_N,
+    num_warps, num_stages)."""
+    use_allocator(q.device)
     B, H, Nq, D = q.shape
     HKV, Nk = k.shape[1], k.shape[2]
     o = empty(B, H, Nq, D, dtype=q.dtype, device=q.device)
     lse = empty(B, H, Nq, dtype=torch.float32, device=q.device)
+    causal = spec.causal
     ws = (not causal) if warp_specialize is None else bool(warp_specialize)
     conf = _conf(FWD_CONFIGS if ws and not causal else PLAIN_FWD_CONFIGS, D, config, _INTERP_FWD)
     grid = (triton.cdiv(Nq, conf["BLOCK_M"]) * B * H,)
     wrap_triton(_attn_fwd_hopper)[grid](
         q, k, v, o, lse, *_s3(q), *_s3(k), *_s3(v), *_s3(o),
-        H, B * H, H // HKV, Nq, Nk, float(scale) * LOG2E, int(causal_offset),
-        HEAD_DIM=D, CAUSAL=bool(causal), EVEN_N=Nk % conf["BLOCK_N"] == 0, WARP_SPECIALIZE=ws, **conf)
+        H, B * H, H // HKV, Nq, Nk, spec.scale * LOG2E, spec.causal_offset,
+        HEAD_DIM=D, CAUSAL=causal, EVEN_N=Nk % conf["BLOCK_N"] == 0, WARP_SPECIALIZE=ws, **conf)
     _LAST_CONFIG["fwd"] = ",".join(f"{a}={b}" for a, b in {**conf, "WS": ws}.items())
     return o, lse
 
 
-def hopper_backward(do, q, k, v, o, lse, causal: bool, causal_offset: int, scale: float, *, dlse2=None,
-                    tma_reduce: bool | None = None, config: tuple | None = None):
-    """Dense backward (5 matmuls per tile, dQ by fp32 atomics: NOT deterministic) for inputs ``supports()``
-    accepts. Same contract as ``kernels.attention.attention_backward`` without its mask/features: (dq, dk, dv)
-    in the dtypes of q, k, v; ``dlse2`` the gradient of the base-2 lse, None = zero. ``do`` that a
-    descriptor cannot address (and ``o`` strided in D) is copied contiguous. ``tma_reduce``: dQ through a
-    descriptor's reduce-add (default on a GPU) or ``tl.atomic_add`` (the interpreter's only choice)."""
-    _ensure_allocator()
+def hopper_backward(do, q, k, v, o, lse, spec, *, dlse2=None, tma_reduce: bool | None = None,
+                    config: tuple | None = None):
+    """Dense backward (5 matmuls per tile, dQ by fp32 atomics: NOT deterministic) for the calls ``supports()``
+    accepts. Same contract as ``kernels.attention.attention_backward``: (dq, dk, dv) in the dtypes of q, k, v;
+    ``dlse2`` the gradient of the base-2 lse, None = zero. ``do`` that a descriptor cannot address (and ``o``
+    strided in D) is copied contiguous. ``tma_reduce``: dQ through a descriptor's reduce-add (default on a GPU) or
+    ``tl.atomic_add`` (the interpreter's only choice)."""
+    use_allocator(q.device)
     if not tma_ok(do):
         do = do.contiguous()
     if o.stride(-1) != 1:  # the delta kernel reads rows of O and dO with unit stride in D
@@ -449,31 +427,30 @@ def hopper_backward(do, q, k, v, o, lse, causal: bool, causal_offset: int, scale
     B, H, Nq, D = q.shape
     HKV, Nk = k.shape[1], k.shape[2]
     dev = q.device
-    bh_q = _bh_grid(B * H)
+    bh_q = bh_grid(B * H)
     delta = empty(B, H, Nq, dtype=torch.float32, device=dev)
     pre_bm = 32 if interpreting() else 64
     wrap_triton(_bwd_delta)[(triton.cdiv(Nq, pre_bm), *bh_q)](
         o, do, delta, *_s3(o), *_s3(do), H, B * H, Nq, HEAD_DIM=D, BLOCK_M=pre_bm)
-    if dlse2 is not None:
-        # d lse2 / d s_ij = p_ij / ln 2: the lse's gradient is a shift of delta (rows without keys stay finite)
-        delta.sub_(torch.where(torch.isinf(lse), 0.0, dlse2.float() / math.log(2.0)))
+    shift_delta(delta, lse, dlse2)
     dqa = torch.zeros(B, H, Nq, D, dtype=torch.float32, device=dev)
     dk = empty(*k.shape, dtype=k.dtype, device=dev)
     dv = empty(*v.shape, dtype=v.dtype, device=dev)
     conf = _conf(BWD_CONFIGS, D, config, _INTERP_BWD)
     reduce = (not interpreting()) if tma_reduce is None else bool(tma_reduce)
-    grid = (triton.cdiv(Nk, conf["BLOCK_N"]), *_bh_grid(B * HKV))
+    grid = (triton.cdiv(Nk, conf["BLOCK_N"]), *bh_grid(B * HKV))
     wrap_triton(_attn_bwd_hopper)[grid](
         q, k, v, do, dqa, dk, dv, lse, delta,
         *_s3(q), *_s3(k), *_s3(v), *_s3(do), *_s3(dk), *_s3(dv),
-        H, HKV, B * HKV, H // HKV, Nq, Nk, float(scale) * LOG2E, float(scale), int(causal_offset),
-        HEAD_DIM=D, CAUSAL=bool(causal), TMA_REDUCE=reduce, **conf)
+        H, HKV, B * HKV, H // HKV, Nq, Nk, spec.scale * LOG2E, spec.scale, spec.causal_offset,
+        HEAD_DIM=D, CAUSAL=spec.causal, TMA_REDUCE=reduce, **conf)
     dq = empty(*q.shape, dtype=q.dtype, device=dev)
     wrap_triton(_dq_convert)[(triton.cdiv(Nq, pre_bm), *bh_q)](
-        dqa, dq, *_s3(dq), H, B * H, Nq, float(scale), HEAD_DIM=D, BLOCK_M=pre_bm)
+        dqa, dq, *_s3(dq), H, B * H, Nq, spec.scale, HEAD_DIM=D, BLOCK_M=pre_bm)
     _LAST_CONFIG["bwd"] = ",".join(f"{a}={b}" for a, b in {**conf, "TMA_REDUCE": reduce}.items())
     return dq, dk, dv
 
 
 __all__ = ["BWD_CONFIGS", "BWD_HEAD_DIMS", "FWD_CONFIGS", "HEAD_DIMS", "PLAIN_FWD_CONFIGS", "device_ok",
-           "hopper_backward", "hopper_forward", "last_config", "supports", "supports_backward", "tma_ok"]
+           "hopper_backward", "hopper_forward", "last_config", "supports", "supports_backward", "tma_ok",
+           "use_allocator", "aligned"]

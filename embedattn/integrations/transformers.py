@@ -19,7 +19,8 @@ kernel, where sdpa raises. ``dropout > 0`` (training with attention dropout) run
 (Philox, seeded from torch's generator: reproducible under ``torch.manual_seed``, but not the same
 draw as torch's), eagerly and under ``torch.compile(fullgraph=True)`` alike. What embedattn does not
 cover goes to transformers' own SDPA function for that call: ``position_bias`` (T5-style learned
-biases need mask gradients), key and value head dims that differ, and dtypes or head dims a pinned
+biases need mask gradients), and the calls ``embedattn.attention.sdpa_call`` (the SDPA drop-in's decision)
+leaves to torch: key and value head dims that differ, masks that require grad, dtypes or head dims a pinned
 ``backend="triton"`` cannot run (the default backend runs every other call, on the reference off
 CUDA). Sliding windows arrive inside the mask.
 
@@ -34,13 +35,12 @@ transformers is an optional dependency (``pip install embedattn[hf]``); it is im
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
 
-from .._backend import check_backend, resolve
-from ..attention import attention
+from .._backend import check_backend
+from ..attention import sdpa_call
 
 __all__ = ["register", "make_attention_forward"]
 
@@ -61,21 +61,6 @@ def _warn_no_weights() -> None:
     logging.get_logger(__name__).warning_once(_NO_WEIGHTS)
 
 
-def _supported(query, key, value, mask, position_bias, backend) -> bool:
-    if position_bias is not None or key.shape[-1] != value.shape[-1]:
-        return False
-    if mask is not None and (mask.requires_grad or (mask.dtype != torch.bool and not mask.is_floating_point())):
-        return False
-    if query.shape[1] % max(key.shape[1], 1):
-        return False
-    if check_backend(backend) == "triton":  # pinned: the calls the kernels cannot run go to sdpa
-        try:
-            resolve(backend, query, key, value, op="attention", dtype=query.dtype, head_dim=query.shape[-1])
-        except (RuntimeError, TypeError):
-            return False
-    return True
-
-
 def make_attention_forward(backend: str | None = None) -> Callable:
     """The attention function ``register`` installs, running on ``backend`` (None: ``EMBEDATTN_BACKEND``
     or auto, i.e. Triton on CUDA and the reference on CPU)."""
@@ -94,29 +79,27 @@ def make_attention_forward(backend: str | None = None) -> Callable:
         if kwargs.get("output_attentions", False):
             _warn_no_weights()
         softcap = kwargs.get("softcap")
-        position_bias = kwargs.get("position_bias")
-        if not _supported(query, key, value, attention_mask, position_bias, backend):
+        call = None
+        if kwargs.get("position_bias") is None:
+            mask, kv_len = attention_mask, key.shape[2]
+            if mask is not None and mask.shape[-1] != kv_len:
+                mask = mask[..., :kv_len]  # older transformers versions hand over masks as wide as a static cache
+            causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+            # sdpa's rule: causal only without a mask (a mask already holds the pattern) and for > 1 query
+            # (a single decoding query sees the whole cache); the order keeps dynamic shapes compiling. Top-left, as
+            # SDPA's is_causal (the mask builder relies on it when it returns None for an empty-cache prefill with
+            # kv_len > q_len)
+            causal = bool(query.shape[2] > 1 and mask is None and causal)
+            # the one decision (embedattn.attention.sdpa_call): GQA served natively (K/V are not repeated)
+            call = sdpa_call(backend, query, key, value, mask, float(dropout or 0.0), causal, scaling,
+                             enable_gqa=True, softcap=softcap or 0.0)
+        if call is None:
             if softcap is not None:
                 raise ValueError("embedattn attention cannot run this call (see embedattn.integrations."
                                  "transformers) and its sdpa fallback does not support `softcap`")
             return _sdpa_forward()(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                    is_causal=is_causal, **kwargs)
-        q_len, kv_len = query.shape[2], key.shape[2]
-        if attention_mask is not None and attention_mask.shape[-1] != kv_len:
-            # older transformers versions hand over masks as wide as a static cache
-            attention_mask = attention_mask[..., :kv_len]
-        is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-        # sdpa's rule: causal only without a mask (a mask already holds the pattern) and for > 1 query
-        # (a single decoding query sees the whole cache); the order keeps dynamic shapes compiling
-        causal = bool(q_len > 1 and attention_mask is None and is_causal)
-        if scaling is None:
-            scaling = 1.0 / math.sqrt(query.shape[-1])
-        # causal_offset=0: top-left alignment, SDPA's is_causal (the mask builder relies on it when it
-        # returns None for an empty-cache prefill with kv_len > q_len)
-        out = attention(query, key, value, causal=causal, causal_offset=0, scale=float(scaling),
-                        attn_mask=attention_mask, backend=backend, softcap=softcap or 0.0,
-                        dropout_p=float(dropout or 0.0))
-        return out.transpose(1, 2).contiguous(), None
+        return call.run().transpose(1, 2).contiguous(), None
 
     return embedattn_attention_forward
 

@@ -9,7 +9,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import BACKENDS, DEVICE, DTYPES, ON_CUDA, HostReads, assert_fa_close, skip_if_unsupported
+from helpers import BACKENDS, DEVICE, DTYPES, ON_CUDA, ROADS, HostReads, assert_fa_close, on_road, skip_if_unsupported
 from helpers import compile_sm90_in_subprocess as compile_sm90
 
 import embedattn
@@ -291,11 +291,12 @@ def test_sdpa_drop_in_dropout_rate_scale_and_backward(monkeypatch):
 VARLEN_CASES = [([5, 1, 17, 33], [9, 1, 17, 20]), ([1], [1]), ([12, 0, 7], [12, 3, 7])]
 
 
+@pytest.mark.parametrize("road", ROADS)
 @pytest.mark.parametrize("lens", VARLEN_CASES, ids=str)
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_varlen(backend, dtype, causal, lens):
+def test_varlen(road, backend, dtype, causal, lens):
     skip_if_unsupported(backend, dtype)
     lq, lk = lens
     cu_q = torch.tensor([0] + list(torch.tensor(lq).cumsum(0)), dtype=torch.int32, device=DEVICE)
@@ -304,9 +305,76 @@ def test_varlen(backend, dtype, causal, lens):
     q, k, v = _rand(sum(lq), H, D, dtype=dtype, seed=16), _rand(sum(lk), HK, D, dtype=dtype, seed=17), \
         _rand(sum(lk), HK, D, dtype=dtype, seed=18)
     mq, mk = max(lq), max(lk)
-    _compare(lambda q, k, v: embedattn.attention_varlen(q, k, v, cu_q, cu_k, mq, mk, causal=causal, backend=backend),
+    _compare(on_road(road, lambda q, k, v: embedattn.attention_varlen(q, k, v, cu_q, cu_k, mq, mk, causal=causal,
+                                                                      backend=backend)),
              lambda q, k, v, up: reference.attention_varlen(q, k, v, cu_q, cu_k, causal=causal, upcast=up),
              (q, k, v))
+
+
+def test_varlen_and_kvcache_references_are_attention_per_sequence():
+    """The varlen and KV-cache references (padded / masked, one attention call, so that torch.compile traces them)
+    equal reference.attention run on each sequence's own slice, outputs, lse and gradients, with every feature on
+    but dropout: the per-sequence formulation they replaced. Cache slots past a length hold NaN (an uninitialized
+    cache): they must not leak."""
+    kw = dict(causal=True, window=(5, 2), softcap=3.0, scale=0.3)
+    lq, lk = [4, 0, 9, 1], [6, 3, 9, 0]
+    cu_q, cu_k = (torch.tensor([0] + list(torch.tensor(n).cumsum(0)), device=DEVICE) for n in (lq, lk))
+    slopes = _rand(4, 2, seed=60).abs()
+    q, k, v = (_rand(sum(n), 2, 8, dtype=torch.float64, seed=61 + i).requires_grad_()
+               for i, n in enumerate((lq, lk, lk)))
+    out, lse = reference.attention_varlen(q, k, v, cu_q, cu_k, max(lq), max(lk), alibi_slopes=slopes, return_lse=True,
+                                          **kw)
+    outs, lses = [], []
+    for b in range(4):
+        qs, ks, vs = (t[int(cu[b]):int(cu[b + 1])].transpose(0, 1)[None] for t, cu in ((q, cu_q), (k, cu_k), (v, cu_k)))
+        o, ls = reference.attention(qs, ks, vs, alibi_slopes=slopes[b:b + 1], return_lse=True, **kw) if lk[b] else \
+            (qs.new_zeros(qs.shape), torch.full(qs.shape[:3], float("-inf"), dtype=q.dtype))
+        outs.append(o[0].transpose(0, 1))
+        lses.append(ls[0])
+    want, want_lse = torch.cat(outs), torch.cat(lses, dim=1)
+    torch.testing.assert_close(out, want, atol=1e-12, rtol=0)
+    torch.testing.assert_close(lse, want_lse, atol=1e-12, rtol=0)
+    w = _rand(*out.shape, dtype=torch.float64, seed=65)
+    for a, b in zip(torch.autograd.grad((out * w).sum(), (q, k, v)), torch.autograd.grad((want * w).sum(), (q, k, v))):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+
+    B, S = 3, 11
+    kc, vc = _rand(B, 2, S, 8, dtype=torch.float64, seed=66), _rand(B, 2, S, 8, dtype=torch.float64, seed=67)
+    lens = torch.tensor([0, 4, 11], dtype=torch.int32, device=DEVICE)
+    for b in range(B):
+        kc[b, :, int(lens[b]):] = float("nan")
+        vc[b, :, int(lens[b]):] = float("nan")
+    qd = _rand(B, 4, 2, 8, dtype=torch.float64, seed=68)
+    out, lse = reference.attention_with_kvcache(qd, kc, vc, lens, alibi_slopes=slopes[:B, :1].repeat(1, 4).abs(),
+                                                return_lse=True, **kw)
+    for b in range(B):
+        n = int(lens[b])
+        if n == 0:
+            assert torch.equal(out[b], torch.zeros_like(out[b])) and torch.isinf(lse[b]).all()
+            continue
+        o, ls = reference.attention(qd[b:b + 1], kc[b:b + 1, :, :n], vc[b:b + 1, :, :n], return_lse=True,
+                                    alibi_slopes=slopes[b:b + 1, :1].repeat(1, 4).abs(), **kw)
+        torch.testing.assert_close(out[b:b + 1], o, atol=1e-12, rtol=0)
+        torch.testing.assert_close(lse[b:b + 1], ls, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compiled_varlen_checks_offsets_on_the_device(backend):
+    """Compiled (fullgraph, no host read), attention_varlen checks cu_seqlens and max_seqlen with a device assertion
+    (a RuntimeError at once on the CPU) where the eager call raises its ValueError."""
+    cu = torch.tensor([0, 3, 7], dtype=torch.int32, device=DEVICE)
+    q = _rand(7, 2, 8, seed=70)
+    def compiled(m):
+        return on_road("compiled", lambda q, cu: embedattn.attention_varlen(q, q, q, cu, cu, m, m, backend=backend))
+
+    torch.testing.assert_close(compiled(4)(q, cu), embedattn.attention_varlen(q, q, q, cu, cu, 4, 4, backend=backend))
+    bad = [([0, 5, 3], 5), ([0, 3, 9], 6), ([0, 3, 7], 3)]  # decreasing, past the total, longer than max_seqlen
+    for bad_cu, m in bad:
+        bad_cu = torch.tensor(bad_cu, dtype=torch.int32, device=DEVICE)
+        with pytest.raises(ValueError, match="cu_seqlens|max_seqlen"):
+            embedattn.attention_varlen(q, q, q, bad_cu, bad_cu, m, m, backend=backend)
+        with pytest.raises(RuntimeError, match="cu_seqlens_q/cu_seqlens_k"):
+            compiled(m)(q, bad_cu)
 
 
 @needs_triton
@@ -324,7 +392,8 @@ def test_varlen_with_window_and_alibi():
 @pytest.mark.parametrize("nq,num_splits", [(1, 1), (1, 3), (3, 2), (4, 0)])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_kvcache_decoding(backend, dtype, nq, num_splits):
+@pytest.mark.parametrize("road", ROADS)
+def test_kvcache_decoding(road, backend, dtype, nq, num_splits):
     skip_if_unsupported(backend, dtype)
     B, H, HK, S, D = 3, 4, 2, 80, 32
     k_cache, v_cache = _rand(B, HK, S, D, dtype=dtype, seed=22), _rand(B, HK, S, D, dtype=dtype, seed=23)
@@ -332,8 +401,8 @@ def test_kvcache_decoding(backend, dtype, nq, num_splits):
     q = _rand(B, H, nq, D, dtype=dtype, seed=24)
     k_new, v_new = _rand(B, HK, nq, D, dtype=dtype, seed=25), _rand(B, HK, nq, D, dtype=dtype, seed=26)
     kc, vc = k_cache.clone(), v_cache.clone()
-    out = embedattn.attention_with_kvcache(q, kc, vc, lens, k_new, v_new, causal=True, num_splits=num_splits,
-                                           backend=backend)
+    out = on_road(road, lambda q, kc, vc: embedattn.attention_with_kvcache(
+        q, kc, vc, lens, k_new, v_new, causal=True, num_splits=num_splits, backend=backend))(q, kc, vc)
     for b in range(B):  # appended in place, the rest untouched
         n = int(lens[b])
         assert torch.equal(kc[b, :, n:n + nq], k_new[b]) and torch.equal(vc[b, :, n:n + nq], v_new[b])

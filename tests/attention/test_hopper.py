@@ -20,6 +20,7 @@ import torch
 from helpers import DEVICE, HAS_TRITON, INTERPRET, ON_CUDA, assert_fa_close
 
 from embedattn import reference
+from embedattn.attention import AttnSpec
 
 if HAS_TRITON:
     from embedattn.kernels import attention_gluon as KG
@@ -74,8 +75,9 @@ def _check(q, k, v, causal, off, *, seed=0, dlse=False):
     yardstick, FlashAttention's 2x rule), lse2 included; ``dlse`` also feeds a gradient into the lse."""
     Nq, Nk, D = q.shape[2], k.shape[2], q.shape[3]
     scale = D**-0.5
-    assert KH.supports(q, k, v, scale=scale, causal=causal)
-    out, lse2 = KH.hopper_forward(q, k, v, causal, Nk - Nq if off is None else off, scale)
+    spec = AttnSpec(causal=causal, causal_offset=Nk - Nq if off is None else off, scale=scale)
+    assert KH.supports(q, k, v, spec)
+    out, lse2 = KH.hopper_forward(q, k, v, spec)
     ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
     plain_in = [t.detach().clone().requires_grad_() for t in (q, k, v)]
     kw = dict(causal=causal, scale=scale, causal_offset=off, return_lse=True)
@@ -91,7 +93,7 @@ def _check(q, k, v, causal, off, *, seed=0, dlse=False):
     g = torch.Generator(device="cpu").manual_seed(seed + 1)
     dout = torch.randn(out.shape, generator=g).to(device=q.device, dtype=q.dtype)
     dl2 = torch.randn(lse2.shape, generator=g).to(q.device) if dlse else None
-    got = KH.hopper_backward(dout, q, k, v, out, lse2, causal, Nk - Nq if off is None else off, scale, dlse2=dl2)
+    got = KH.hopper_backward(dout, q, k, v, out, lse2, spec, dlse2=dl2)
 
     def grads(o, lse, leaves, do):
         loss = (o * do).sum()
@@ -139,10 +141,11 @@ def test_strided_views_a_descriptor_can_address():
 def test_backward_runs_twice_the_same_up_to_atomics_order():
     """Fresh dQ accumulator per call (zeroed), so a second call does not add onto the first."""
     q, k, v = _inputs(1, 2, 2, 40, 40, 64, torch.float16, seed=9)
-    out, lse = KH.hopper_forward(q, k, v, False, 0, 0.125)
+    spec = AttnSpec(scale=0.125)
+    out, lse = KH.hopper_forward(q, k, v, spec)
     do = torch.randn_like(out)
-    a = KH.hopper_backward(do, q, k, v, out, lse, False, 0, 0.125)
-    b = KH.hopper_backward(do, q, k, v, out, lse, False, 0, 0.125)
+    a = KH.hopper_backward(do, q, k, v, out, lse, spec)
+    b = KH.hopper_backward(do, q, k, v, out, lse, spec)
     for x, y in zip(a, b):
         torch.testing.assert_close(x, y, atol=2e-3, rtol=0)
 
@@ -152,34 +155,122 @@ def test_supports_takes_only_what_the_kernels_compute():
     t = lambda *s, dtype=torch.float16: torch.zeros(*s, dtype=dtype)
     q, k, v = t(1, 4, 8, 64), t(1, 2, 8, 64), t(1, 2, 8, 64)
     here = KH.device_ok(q.device)
-    assert KH.supports(q, k, v, scale=0.1, causal=True, causal_offset=3) == here
-    assert KH.supports(q, k, v, mask=None, window=None, softcap=0.0, alibi=None, dropout_p=0.0) == here
-    assert not KH.supports(q, k, v, mask=torch.ones(8, 8, dtype=torch.bool))
-    assert not KH.supports(q, k, v, window=(4, 0))
-    assert not KH.supports(q, k, v, softcap=30.0)
-    assert not KH.supports(q, k, v, alibi=torch.ones(4))
-    assert not KH.supports(q, k, v, dropout_p=0.1)
-    assert not KH.supports(q, k, v, some_new_feature=1)
-    assert KH.supports_backward(q, k, v) == here
+    plain = AttnSpec(scale=0.1)
+    assert KH.supports(q, k, v, AttnSpec(scale=0.1, causal=True, causal_offset=3)) == here
+    assert KH.supports(q, k, v, plain) == here
+    # every feature field of the spec off but causal/causal_offset/scale: a field added later is refused too
+    assert not KH.supports(q, k, v, AttnSpec(mask=torch.ones(1, 4, 8, 8, dtype=torch.bool)))
+    assert not KH.supports(q, k, v, AttnSpec(window_left=4, window_right=0))
+    assert not KH.supports(q, k, v, AttnSpec(softcap=30.0))
+    assert not KH.supports(q, k, v, AttnSpec(alibi=torch.ones(4)))
+    assert not KH.supports(q, k, v, AttnSpec(dropout_p=0.1))
+    assert KH.supports_backward(q, k, v, plain) == here
     # the Gluon forward: never under the interpreter or without Gluon, never causal, D 64/128 only
-    assert not KG.supports(q, k, v, causal=True)
-    assert not KG.supports(t(1, 4, 8, 256), t(1, 2, 8, 256), t(1, 2, 8, 256))
+    assert not KG.supports(q, k, v, AttnSpec(causal=True))
+    assert not KG.supports(t(1, 4, 8, 256), t(1, 2, 8, 256), t(1, 2, 8, 256), plain)
     if INTERPRET or not KG.AVAILABLE:
-        assert not KG.supports(q, k, v)
-    assert not KH.supports_backward(t(1, 4, 8, 256), t(1, 2, 8, 256), t(1, 2, 8, 256))  # spills: pointer kernels
-    assert not KH.supports(q, k, v, scale=-0.1)
-    assert not KH.supports(t(1, 4, 8, 96), t(1, 2, 8, 96), t(1, 2, 8, 96))  # D not 64/128/256
+        assert not KG.supports(q, k, v, plain)
+    assert not KH.supports_backward(t(1, 4, 8, 256), t(1, 2, 8, 256), t(1, 2, 8, 256), plain)  # spills
+    assert not KH.supports(q, k, v, AttnSpec(scale=-0.1))
+    assert not KH.supports(t(1, 4, 8, 96), t(1, 2, 8, 96), t(1, 2, 8, 96), plain)  # D not 64/128/256
     assert not KH.supports(t(1, 4, 8, 64, dtype=torch.float32), t(1, 2, 8, 64, dtype=torch.float32),
-                           t(1, 2, 8, 64, dtype=torch.float32))
-    assert not KH.supports(q, t(1, 3, 8, 64), t(1, 3, 8, 64))  # 4 heads over 3 KV heads
-    assert not KH.supports(q, k, t(1, 2, 9, 64))  # k and v disagree
-    assert not KH.supports(t(4, 8, 64), t(2, 8, 64), t(2, 8, 64))  # varlen-style packed input
+                           t(1, 2, 8, 64, dtype=torch.float32), plain)
+    assert not KH.supports(q, t(1, 3, 8, 64), t(1, 3, 8, 64), plain)  # 4 heads over 3 KV heads
+    assert not KH.supports(q, k, t(1, 2, 9, 64), plain)  # k and v disagree
+    assert not KH.supports(t(4, 8, 64), t(2, 8, 64), t(2, 8, 64), plain)  # varlen-style packed input
     # D not unit-stride, an odd row stride, a misaligned base: the pointer kernels take them
     assert not KH.tma_ok(t(1, 4, 64, 8).transpose(2, 3))
     assert not KH.tma_ok(t(1, 4, 8, 65)[..., :64])
     assert not KH.tma_ok(t(4 * 8 * 64 + 1)[1:].view(1, 4, 8, 64))
     assert KH.tma_ok(t(1, 8, 4, 64).transpose(1, 2))
     assert KH.tma_ok(t(1, 1, 8, 64).expand(1, 4, 8, 64))  # broadcast heads: stride 0 is aligned
+
+
+# ------------------------------------------------------------------------------------------------
+# EMBEDATTN_ATTENTION_IMPL: decided at the entry, the same kernels eagerly and compiled
+# ------------------------------------------------------------------------------------------------
+def _spy_variants(monkeypatch, gluon: bool):
+    """Record which launchers run. With ``gluon``, a stand-in Gluon forward (the interpreter has no Gluon): it takes
+    what the Hopper forward takes, non-causal, and computes with it."""
+    import embedattn
+    from embedattn import _backend
+
+    ran, real_fwd = [], KH.hopper_forward
+    for name in ("hopper_forward", "hopper_backward"):
+        real = getattr(KH, name)
+        monkeypatch.setattr(KH, name, lambda *a, real=real, name=name, **kw: ran.append(name) or real(*a, **kw))
+    if gluon:
+        monkeypatch.setattr(KG, "supports", lambda q, k, v, spec: not spec.causal and KH.supports(q, k, v, spec))
+        monkeypatch.setattr(KG, "gluon_forward", lambda q, k, v, spec: ran.append("gluon_forward") or
+                            real_fwd(q, k, v, spec))
+    assert _backend.attention_impl() in ("hopper", "gluon")
+    return ran, embedattn
+
+
+@needs_hopper
+@pytest.mark.parametrize("impl", ["hopper", "gluon"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_impl_takes_the_same_kernels_eagerly_and_compiled(impl, causal, monkeypatch):
+    """Issue 22.3: the variant EMBEDATTN_ATTENTION_IMPL asks for is chosen once at the entry, and the compiled road
+    runs the same kernels as the eager one (the Gluon forward, which is no wrap_triton target, through its own opaque
+    op: under torch.compile it used to become the Hopper one silently). Deterministic algorithms keep the
+    atomic-free backward on both roads."""
+    from helpers import on_road
+
+    monkeypatch.setenv("EMBEDATTN_ATTENTION_IMPL", impl)
+    ran, embedattn = _spy_variants(monkeypatch, gluon=impl == "gluon")
+    q, k, v = (t.requires_grad_() for t in _inputs(1, 2, 1, 24, 19, 64, torch.float16, seed=31))
+    fwd = "gluon_forward" if impl == "gluon" and not causal else "hopper_forward"
+    outs = []
+    for road in ("eager", "compiled"):
+        ran.clear()
+        f = on_road(road, lambda q, k, v: embedattn.attention(q, k, v, causal=causal, backend="triton"))
+        out = f(q, k, v)
+        torch.autograd.grad(out.float().sum(), (q, k, v))
+        assert ran == [fwd, "hopper_backward"], (road, ran)
+        outs.append(out)
+    torch.testing.assert_close(outs[0], outs[1], atol=0, rtol=0)
+    ref = reference.attention(q.double(), k.double(), v.double(), causal=causal)
+    assert_fa_close(outs[0], ref, reference.attention(q, k, v, causal=causal, upcast=False))
+    torch.use_deterministic_algorithms(True)
+    try:
+        for road in ("eager", "compiled"):
+            ran.clear()
+            out = on_road(road, lambda q, k, v: embedattn.attention(q, k, v, causal=causal, backend="triton"))(q, k, v)
+            torch.autograd.grad(out.float().sum(), (q, k, v))
+            assert ran == [fwd], (road, ran)
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+@needs_hopper
+def test_attention_impl_misaligned_base_takes_the_default_kernels_on_both_roads(monkeypatch):
+    """A view whose strides a descriptor takes but whose base is not 16-byte aligned: the default kernels on both
+    roads (the compiled entry cannot see addresses; the op checks them at the launch)."""
+    from helpers import on_road
+
+    monkeypatch.setenv("EMBEDATTN_ATTENTION_IMPL", "hopper")
+    ran, embedattn = _spy_variants(monkeypatch, gluon=False)
+    q, k, v = _inputs(1, 2, 1, 16, 16, 64, torch.float16, seed=33)
+    flat = torch.zeros(q.numel() + 1, dtype=q.dtype, device=q.device)
+    q = flat[1:].view(q.shape).copy_(q)  # 2 bytes past an aligned address
+    assert not KH.tma_ok(q) and KH._strides_ok(q)
+    for road in ("eager", "compiled"):
+        out = on_road(road, lambda q, k, v: embedattn.attention(q, k, v, backend="triton"))(q, k, v)
+        assert ran == [] and torch.isfinite(out).all(), (road, ran)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
+def test_attention_impl_bad_value_raises_on_both_roads(monkeypatch):
+    from helpers import on_road
+
+    import embedattn
+
+    monkeypatch.setenv("EMBEDATTN_ATTENTION_IMPL", "fastest")
+    q = torch.zeros(1, 1, 4, 16, device=DEVICE)
+    for road in ("eager", "compiled"):  # compiled: Dynamo's error names the ValueError
+        with pytest.raises((ValueError, RuntimeError), match="EMBEDATTN_ATTENTION_IMPL='fastest'"):
+            on_road(road, lambda q: embedattn.attention(q, q, q, backend="triton"))(q)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -13,10 +13,11 @@ import importlib
 
 import pytest
 import torch
-from helpers import BACKENDS, DEVICE, ON_CUDA, HostReads, assert_fa_close, compile_sm90_in_subprocess
+from helpers import BACKENDS, DEVICE, ON_CUDA, ROADS, HostReads, assert_fa_close, compile_sm90_in_subprocess, on_road
 
 import embedattn
 from embedattn import reference
+from embedattn.attention import AttnSpec
 
 needs_triton = pytest.mark.skipif("triton" not in BACKENDS, reason="triton not installed")
 
@@ -52,7 +53,8 @@ PAGES = [1, 7, 16, 64]
 @pytest.mark.parametrize("causal,n_new,num_splits", [(True, 3, 1), (False, 1, 0), (True, 1, 3), (False, 0, 2)],
                          ids=lambda x: str(x))
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_paged_equals_contiguous(backend, page, causal, n_new, num_splits):
+@pytest.mark.parametrize("road", ROADS)
+def test_paged_equals_contiguous(road, backend, page, causal, n_new, num_splits):
     """GQA (4 query heads on 2 kv heads), an empty cache, lengths that end inside a page and on a page boundary, new
     tokens appended through the pages, split-KV: the output equals the contiguous cache's (the same keys in the same
     order), both within FlashAttention's tolerance of float64; the pool after the append equals the contiguous cache
@@ -65,7 +67,8 @@ def test_paged_equals_contiguous(backend, page, causal, n_new, num_splits):
     q = _rand(3, 4, nq, 16, seed=5)
     kn, vn = (_rand(3, 2, n_new, 16, seed=6), _rand(3, 2, n_new, 16, seed=7)) if n_new else (None, None)
     kw = dict(causal=causal, num_splits=num_splits, backend=backend)
-    out = embedattn.attention_with_kvcache(q, k_pool, v_pool, lens, kn, vn, block_table=table, **kw)
+    out = on_road(road, lambda q, k_pool, v_pool: embedattn.attention_with_kvcache(
+        q, k_pool, v_pool, lens, kn, vn, block_table=table, **kw))(q, k_pool, v_pool)
     want = embedattn.attention_with_kvcache(q, kc, vc, lens, kn, vn, **kw)
     torch.testing.assert_close(out, want, atol=2e-6, rtol=2e-6)
     assert torch.equal(_contiguous(k_pool, table), kc) and torch.equal(_contiguous(v_pool, table), vc)
@@ -168,11 +171,11 @@ def test_kvcache_op_registration():
     k_pool, v_pool, table = _paged(page, lens_l, 0, B=2, seed=90)
     q = _rand(2, 1, 4, 16, seed=21).transpose(1, 2)  # (B, Hq, 1, D) view of (B, 1, Hq, D)
     lens = torch.tensor(lens_l, dtype=torch.int32, device=DEVICE)
-    scalars = (True, 0, 0.25, -1, -1, 0.0, 0.0)
+    spec = AttnSpec(causal=True, scale=0.25).op_args()
     E = torch.ops.embedattn
-    torch.library.opcheck(E.kvcache_fwd.default, (q, k_pool, v_pool, lens, None, 2, *scalars, table))
+    torch.library.opcheck(E.kvcache_fwd.default, (q, k_pool, v_pool, lens, table, 2, *spec))
     kc = _contiguous(k_pool, table)
-    torch.library.opcheck(E.kvcache_fwd.default, (q, kc, _contiguous(v_pool, table), lens, None, 1, *scalars))
+    torch.library.opcheck(E.kvcache_fwd.default, (q, kc, _contiguous(v_pool, table), lens, None, 1, *spec))
 
     def step(q, k_pool, v_pool, lens, table):
         return embedattn.attention_with_kvcache(q, k_pool, v_pool, lens, block_table=table, causal=True,
@@ -277,6 +280,65 @@ def test_unchecked_bad_entries_stay_inside_the_pool(backend):
     assert torch.equal(k_pool, expect)
 
 
+def _colliding():
+    """Two batches on 4-slot pages, one new token each: batch 0 (length 1) appends at page 0, slot 1; batch 1 (length
+    5) holds a used -1 entry for its position 5, which an unchecked append clamps to page 0, slot 1: batch 0's."""
+    g = torch.Generator().manual_seed(41)
+    k_pool, v_pool = (torch.randn(6, 2, 4, 16, generator=g).to(DEVICE) for _ in range(2))
+    table = torch.tensor([[0, 1, 2], [3, -1, 4]], dtype=torch.int32, device=DEVICE)
+    lens = torch.tensor([1, 5], dtype=torch.int32, device=DEVICE)
+    q, kn, vn = (torch.randn(2, 2, 1, 16, generator=g).to(DEVICE) for _ in range(3))
+    return k_pool, v_pool, table, lens, q, kn, vn
+
+
+def _assert_only_batch0_appended(k_pool, v_pool, k0, v0, kn, vn):
+    ek, ev = k0.clone(), v0.clone()
+    ek[0, :, 1], ev[0, :, 1] = kn[0, :, 0], vn[0, :, 0]
+    assert torch.equal(k_pool, ek) and torch.equal(v_pool, ev)  # batch 1 wrote nothing, batch 0 exactly its key
+
+
+@pytest.mark.parametrize("mode", ["off", False, "device-deferred", "device", "sync", True, "compiled"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_bad_entry_never_overwrites_another_batchs_append(backend, mode, monkeypatch):
+    """Issue 25.1: a batch whose used table entry is bad writes nothing, in every check_bounds mode and on both
+    backends; the other batches' appends (and outputs) are exact. Unchecked ("off"), and "device" mode's writes
+    before its assertion reports (CUDA reports it later: "device-deferred" records the assertion instead of raising):
+    batch 0's new key survives batch 1's clamped entry, which points at the same slot. Checked on the host ("sync",
+    and "device" eagerly on the CPU): an IndexError before any write. Compiled (check_bounds=None, "device" while
+    tracing): the assertion fails before the append."""
+    k_pool, v_pool, table, lens, q, kn, vn = _colliding()
+    k0, v0 = k_pool.clone(), v_pool.clone()
+    kw = dict(causal=True, backend=backend)
+    call = lambda cb: embedattn.attention_with_kvcache(q, k_pool, v_pool, lens, kn, vn, block_table=table,  # noqa: E731
+                                                       check_bounds=cb, **kw)
+    if mode in ("sync", True, "device"):
+        if mode == "device" and ON_CUDA:
+            pytest.skip("a device-side assertion ends the CUDA context")
+        with pytest.raises(IndexError, match=r"block_table\[1, 1\] = -1"):
+            call(mode)
+        assert torch.equal(k_pool, k0) and torch.equal(v_pool, v0)
+        return
+    if mode == "compiled":
+        with pytest.raises(RuntimeError, match="block_table"):
+            on_road("compiled", lambda q: call(None))(q)
+        assert torch.equal(k_pool, k0) and torch.equal(v_pool, v0)
+        return
+    asked = []
+    if mode == "device-deferred":
+        ea = importlib.import_module("embedattn.attention")
+        monkeypatch.setattr(ea, "bounds_mode", lambda check_bounds, device: "device")
+        monkeypatch.setattr(ea, "assert_ok", lambda ok, msg: asked.append(bool(ok)))
+    out = call("device" if mode == "device-deferred" else mode)
+    assert asked == ([False] if mode == "device-deferred" else [])
+    _assert_only_batch0_appended(k_pool, v_pool, k0, v0, kn, vn)
+    # batch 0 attends to its old key and its new one, as a contiguous cache says
+    kc = torch.cat([k0[0, :, :1], kn[0]], dim=1)[None].double()
+    vc = torch.cat([v0[0, :, :1], vn[0]], dim=1)[None].double()
+    want = reference.attention(q[:1].double(), kc, vc, causal=True)
+    torch.testing.assert_close(out[:1].double(), want, atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(out).all()
+
+
 # ------------------------------------------------------------------------------------------------ CUDA only
 @pytest.mark.skipif(not ON_CUDA, reason="large shapes and host syncs exist on CUDA only")
 @pytest.mark.parametrize("page", [16, 64, 256, 100])
@@ -333,7 +395,7 @@ import embedattn.kernels.attention as K
 
 PTR = {"LSE": "*fp32", "SLOPES": "*fp32", "CU_Q": "*i32", "CU_K": "*i32", "K_LENS": "*i32", "BLOCK_TABLE": "*i32",
        "M": "*u8", "SEED": "*i64"}
-FLOAT = {"qk_scale", "sc_scale", "sc_log2e", "drop_p", "drop_scale"}
+FLOAT = {"qk_scale", "sm_scale", "sc_scale", "sc_log2e", "drop_p", "drop_scale"}
 
 def typ(a, consts, split):
     if a in consts:

@@ -15,6 +15,7 @@ import torch
 from helpers import BACKENDS, DEVICE, HAS_TRITON, ON_CUDA, graph_targets, on_road
 
 import embedattn
+from embedattn.attention import AttnSpec
 
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
 
@@ -38,19 +39,19 @@ def test_ops_opcheck():
     alibi = torch.rand(2, 4, device=DEVICE)
     seed = torch.tensor([9], device=DEVICE)
     E = torch.ops.embedattn
-    scalars = (True, 2, 0.5, 3, 1, 2.0, 0.25)  # causal, offset, scale, window, softcap, dropout
-    torch.library.opcheck(E.attention_fwd.default, (q, k, v, mask, alibi, seed, *scalars))
-    out, lse2 = E.attention_fwd(q, k, v, mask, alibi, seed, *scalars)
+    spec = AttnSpec(mask=mask, alibi=alibi, seed=seed, causal=True, causal_offset=2, scale=0.5, window_left=3,
+                    window_right=1, softcap=2.0, dropout_p=0.25).op_args()
+    torch.library.opcheck(E.attention_fwd.default, (q, k, v, "default", *spec))
+    out, lse2 = E.attention_fwd(q, k, v, "default", *spec)
     torch.library.opcheck(E.attention_bwd.default, (torch.randn_like(out), q, k, v, out, lse2, torch.randn_like(lse2),
-                                                    mask, alibi, seed, *scalars))
+                                                    "default", *spec))
     qp, kp, vp = (t[0].transpose(0, 1).contiguous() for t in (q, k, v))  # (total, H, D)
     cu_q, cu_k = torch.tensor([0, 2, 5], dtype=torch.int32), torch.tensor([0, 3, 7], dtype=torch.int32)
     cu_q, cu_k = cu_q.to(DEVICE), cu_k.to(DEVICE)
-    vs = (False, 0, 0.5, -1, -1, 0.0, 0.0)
-    torch.library.opcheck(E.varlen_fwd.default, (qp, kp, vp, cu_q, cu_k, None, None, 3, 4, *vs))
-    o, l2 = E.varlen_fwd(qp, kp, vp, cu_q, cu_k, None, None, 3, 4, *vs)
-    torch.library.opcheck(E.varlen_bwd.default, (torch.randn_like(o), qp, kp, vp, o, l2, cu_q, cu_k, None, None, 3,
-                                                 4, *vs))
+    vs = AttnSpec(scale=0.5).op_args()
+    torch.library.opcheck(E.varlen_fwd.default, (qp, kp, vp, cu_q, cu_k, 3, 4, *vs))
+    o, l2 = E.varlen_fwd(qp, kp, vp, cu_q, cu_k, 3, 4, *vs)
+    torch.library.opcheck(E.varlen_bwd.default, (torch.randn_like(o), qp, kp, vp, o, l2, cu_q, cu_k, 3, 4, *vs))
     lens = torch.tensor([3, 7], dtype=torch.int32, device=DEVICE)
     torch.library.opcheck(E.kvcache_fwd.default, (q[:, :, :1], k, v, lens, None, 2, *vs))
     w, p = torch.randn(11, 6, device=DEVICE), torch.randn(9, 6, device=DEVICE)
@@ -103,15 +104,43 @@ def test_compiled_graph_holds_the_kernel_ops():
         assert graph_targets(cnt.graphs[0]).count("embedattn.attention_fwd") == n
 
 
-@needs_triton
-def test_transformers_call_reaches_the_kernel_passing_each_module_once(monkeypatch):
-    """From the transformers integration to the kernel launcher, the embedattn modules on the stack appear
-    once each, in order: integration -> embedattn.attention (entry, Function, op) -> kernels."""
-    pytest.importorskip("transformers")
+def _fa_layout(t):
+    return t.transpose(1, 2)  # (B, H, N, D) -> FlashAttention's (B, N, H, D), a view
+
+
+def _four_entries():
+    """The four ways into the dense kernels, each on a (B, H, N, D) q, k, v: (name, its module, the call)."""
+    import embedattn.flash_attn_interface as fa
     import embedattn.integrations.transformers as ea_hf
 
+    hf = ea_hf.make_attention_forward("triton")
+    return [
+        ("attention", "embedattn.attention",
+         lambda q, k, v: embedattn.attention(q, k, v, causal=True, backend="triton")),
+        ("sdpa", "embedattn.attention",
+         lambda q, k, v: embedattn.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)),
+        ("flash_attn_func", "embedattn.flash_attn_interface",
+         lambda q, k, v: fa.flash_attn_func(_fa_layout(q), _fa_layout(k), _fa_layout(v), causal=True,
+                                            backend="triton")),
+        ("transformers", "embedattn.integrations.transformers",
+         lambda q, k, v: hf(torch.nn.Module(), q, k, v, None, scaling=0.5, is_causal=True)[0]),
+    ]
+
+
+@needs_triton
+@pytest.mark.parametrize("entry", ["attention", "sdpa", "flash_attn_func", "transformers"])
+def test_each_entry_reaches_the_kernel_passing_each_module_once_resolving_once(entry, monkeypatch):
+    """From each public entry (embedattn.attention, the SDPA drop-in, flash_attn_func, the transformers integration)
+    to the kernel launcher, the embedattn modules on the stack appear once each, in order: entry -> embedattn.attention
+    (checks, the one decision, Function, op) -> kernels; and the backend is resolved exactly once per call."""
+    import sys
+
+    if entry == "transformers":
+        pytest.importorskip("transformers")
+    from embedattn import _backend
+
     K = importlib.import_module("embedattn.kernels.attention")
-    stacks = []
+    stacks, resolved = [], []
     orig = K._forward
 
     def spy(*a, **kw):
@@ -120,16 +149,31 @@ def test_transformers_call_reaches_the_kernel_passing_each_module_once(monkeypat
         stacks.append([m for i, m in enumerate(mods) if i == 0 or mods[i - 1] != m])
         return orig(*a, **kw)
 
+    real = _backend.resolve
+
+    def counted(*a, **kw):
+        resolved.append(a[0] if a else kw.get("backend"))
+        return real(*a, **kw)
+
     monkeypatch.setattr(K, "_forward", spy)
+    for name, mod in list(sys.modules.items()):  # every module that bound resolve, the entries' included
+        if name.startswith("embedattn") and getattr(mod, "resolve", None) is real:
+            monkeypatch.setattr(mod, "resolve", counted)
+    if entry == "sdpa":  # the drop-in runs the kernels where auto picks them: here, the interpreter's
+        monkeypatch.setenv("EMBEDATTN_BACKEND", "triton")
+    name, module, call = next(e for e in _four_entries() if e[0] == entry)
     q, k, v = _qkv()
-    ea_hf.make_attention_forward("triton")(torch.nn.Module(), q, k, v, None, scaling=0.5, is_causal=True)
-    assert stacks == [["embedattn.integrations.transformers", "embedattn.attention", "embedattn.kernels.attention"]]
+    out = call(q, k, v)
+    assert torch.isfinite(out).all()
+    assert stacks == [list(dict.fromkeys([module, "embedattn.attention", "embedattn.kernels.attention"]))], stacks
+    assert len(resolved) == 1, resolved
 
 
 _FAKE_CUDA_TRACE = r"""
 import torch
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 import embedattn
+from embedattn.attention import AttnSpec
 import embedattn.kernels.attention as KA, embedattn.kernels.embedding as KE, embedattn.kernels.negative_sampling as KN
 
 hits = []
@@ -138,22 +182,23 @@ for K in (KA, KE, KN):
 mode = FakeTensorMode()
 fc = lambda *s, dtype=torch.float16: FakeTensor(mode, torch.empty(*s, dtype=dtype, device="meta"), torch.device("cuda"))
 E = torch.ops.embedattn
-sc = (True, 8, 0.2, -1, -1, 0.0, 0.0)
 with mode:
     q, k, v = fc(2, 4, 37, 24), fc(2, 2, 45, 24), fc(2, 2, 45, 24)
     mask = fc(2, 1, 37, 45, dtype=torch.bool)
-    o, lse2 = E.attention_fwd(q, k, v, mask, None, None, *sc)
-    E.attention_bwd(o, q, k, v, o, lse2, None, mask, None, None, *sc)
+    sc = AttnSpec(mask=mask, causal=True, causal_offset=8, scale=0.2).op_args()
+    o, lse2 = E.attention_fwd(q, k, v, "default", *sc)
+    E.attention_bwd(o, q, k, v, o, lse2, None, "default", *sc)
     w, ids, y = fc(50, 24, dtype=torch.float32), fc(39, dtype=torch.int64), fc(39, 24, dtype=torch.float32)
     E.embedding_fwd(ids, w, fc(40, 24, dtype=torch.float32), None, 13, 1, 1.0, 0)
     E.embedding_bwd(y, ids, ids, 50, 40, 13, 1.0, 0, 3, True, True, True)
     c, n = fc(9, dtype=torch.int64), fc(9, 4, dtype=torch.int64)
     loss, coef = E.negative_sampling_fwd(c, c, n, w, w)
     E.negative_sampling_bwd(c, c, n, w, w, coef, loss, None, None, 50, 50, True, True)
-    feats = (True, 8, 0.2, 3, -1, 2.5, 0.1)  # window, softcap, dropout (+ ALiBi, seed tensors)
     al, seed = fc(2, 4, dtype=torch.float32), fc(1, dtype=torch.int64)
-    o, lse2 = E.attention_fwd(q, k, v, None, al, seed, *feats)
-    E.attention_bwd(o, q, k, v, o, lse2, lse2, None, al, seed, *feats)
+    feats = AttnSpec(alibi=al, seed=seed, causal=True, causal_offset=8, scale=0.2, window_left=3, softcap=2.5,
+                     dropout_p=0.1).op_args()  # window, softcap, dropout, ALiBi
+    o, lse2 = E.attention_fwd(q, k, v, "default", *feats)
+    E.attention_bwd(o, q, k, v, o, lse2, lse2, "default", *feats)
 print(",".join(hits))
 """
 

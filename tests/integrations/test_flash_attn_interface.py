@@ -13,10 +13,11 @@ import math
 
 import pytest
 import torch
-from helpers import BACKENDS, DEVICE, DTYPES, assert_fa_close, skip_if_unsupported
+from helpers import BACKENDS, DEVICE, DTYPES, ROADS, assert_fa_close, on_road, skip_if_unsupported
 
 import embedattn
 from embedattn import reference
+from embedattn.attention import AttnSpec
 from embedattn.flash_attn_interface import (
     flash_attn_func,
     flash_attn_kvpacked_func,
@@ -203,7 +204,7 @@ def test_registration_with_fa_layout():
     x = _rand(2, 5, 3, 2, 16, seed=23)
     q, k, v = (t.transpose(1, 2) for t in x.unbind(2))
     torch.library.opcheck(torch.ops.embedattn.attention_fwd.default,
-                          (q, k, v, None, None, None, True, 0, 0.25, -1, -1, 0.0, 0.0))
+                          (q, k, v, "default", *AttnSpec(causal=True, scale=0.25).op_args()))
     leaf = x.clone().requires_grad_()
     torch._dynamo.reset()
     fn = torch.compile(lambda t: flash_attn_qkvpacked_func(t, causal=True, backend="triton"), fullgraph=True,
@@ -265,7 +266,8 @@ def test_dropout_is_embedattn_dropout_from_torch_generator():
 @pytest.mark.parametrize("feature", ["plain", "causal_window", "alibi"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_flash_attn_varlen_func(backend, dtype, feature):
+@pytest.mark.parametrize("road", ROADS)
+def test_flash_attn_varlen_func(road, backend, dtype, feature):
     skip_if_unsupported(backend, dtype)
     lq, lk = [3, 1, 6], [5, 4, 6]
     cu_q = torch.tensor([0, 3, 4, 10], dtype=torch.int32, device=DEVICE)
@@ -275,8 +277,8 @@ def test_flash_attn_varlen_func(backend, dtype, feature):
         _rand(15, Hkv, D, dtype=dtype, seed=18)
     kw = _features(feature, 3, H)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    out, lse, none = flash_attn_varlen_func(*leaves, cu_q, cu_k, max(lq), max(lk), return_attn_probs=True,
-                                            backend=backend, **kw)
+    out, lse, none = on_road(road, lambda q, k, v: flash_attn_varlen_func(
+        q, k, v, cu_q, cu_k, max(lq), max(lk), return_attn_probs=True, backend=backend, **kw))(*leaves)
     assert none is None and out.shape == q.shape and lse.shape == (H, 10) and lse.dtype == torch.float32
     r64 = [t.double().requires_grad_() for t in (q, k, v)]
     rp = [t.clone().requires_grad_() for t in (q, k, v)]

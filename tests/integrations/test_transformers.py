@@ -7,6 +7,8 @@ interpreter (set by conftest); CUDA-only checks are marked and run under ``EMBED
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -34,15 +36,18 @@ TORCH_SDPA = F.scaled_dot_product_attention
 
 @pytest.fixture
 def attend_calls(monkeypatch):
-    """Records every call of the integration into embedattn.attention (the arguments it passed)."""
+    """Records every call embedattn.attention runs (the integration's included: not a fallback to sdpa), with the
+    checked spec it runs and the backend decided for it."""
     calls = []
-    orig = ea_hf.attention
+    ea = importlib.import_module("embedattn.attention")
+    orig = ea._run
 
-    def spy(q, k, v, **kw):
-        calls.append(dict(kw, q_shape=tuple(q.shape), k_shape=tuple(k.shape)))
-        return orig(q, k, v, **kw)
+    def spy(be, q, k, v, spec, return_lse):
+        calls.append(dict(backend=be, causal=spec.causal, causal_offset=spec.causal_offset, softcap=spec.softcap,
+                          dropout_p=spec.dropout_p, q_shape=tuple(q.shape), k_shape=tuple(k.shape)))
+        return orig(be, q, k, v, spec, return_lse)
 
-    monkeypatch.setattr(ea_hf, "attention", spy)
+    monkeypatch.setattr(ea, "_run", spy)
     return calls
 
 
