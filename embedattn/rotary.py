@@ -201,40 +201,50 @@ def _partition(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
     return torch.cummax(c, 0).values
 
 
+def _flag(ok: torch.Tensor) -> torch.Tensor | None:
+    """The launcher's ``ok``: None for the empty tensor that stands for "no check" (a mutated argument of a
+    registered op must be a tensor: Inductor cannot functionalize a None one)."""
+    return ok if ok.numel() else None
+
+
+def _no_check(device) -> torch.Tensor:
+    return torch.empty(0, dtype=torch.int32, device=device)
+
+
 # --------------------------------------------------------------------------------------------------
 # registered ops (bodies launch the kernel; see embedattn._registry)
 # --------------------------------------------------------------------------------------------------
 def _rotary_fwd_fake(x, cos, sin, offsets, cu_seqlens, offset, max_seqlen, interleaved, conjugate, heads_first,
-                     ok=None):
+                     ok):
     return x.new_empty(x.shape)
 
 
 @kernel_op("rotary_fwd", fake=_rotary_fwd_fake, mutates_args=("ok",))
 def _rotary_fwd(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, offsets: torch.Tensor | None,
                 cu_seqlens: torch.Tensor | None, offset: int, max_seqlen: int, interleaved: bool, conjugate: bool,
-                heads_first: bool, ok: torch.Tensor | None = None) -> torch.Tensor:
+                heads_first: bool, ok: torch.Tensor) -> torch.Tensor:
     """x rotated (sin negated with ``conjugate``: the backward) into a new contiguous tensor of x's shape.
-    ``ok`` (int32 (1,), set to 1 by the caller) is cleared when a bound is violated."""
+    ``ok`` (int32 (1,), set to 1 by the caller) is cleared when a bound is violated; empty: no check."""
     from .kernels.rotary import rotary_forward
 
     return rotary_forward(x, cos, sin, offsets, cu_seqlens, offset=offset, max_seqlen=max_seqlen,
-                          interleaved=interleaved, conjugate=conjugate, heads_first=heads_first, ok=ok)
+                          interleaved=interleaved, conjugate=conjugate, heads_first=heads_first, ok=_flag(ok))
 
 
 def _rotary_fwd_inplace_fake(x, cos, sin, offsets, cu_seqlens, offset, max_seqlen, interleaved, conjugate,
-                             heads_first, ok=None):
+                             heads_first, ok):
     return None
 
 
 @kernel_op("rotary_fwd_inplace", fake=_rotary_fwd_inplace_fake, mutates_args=("x", "ok"))
 def _rotary_fwd_inplace(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, offsets: torch.Tensor | None,
                         cu_seqlens: torch.Tensor | None, offset: int, max_seqlen: int, interleaved: bool,
-                        conjugate: bool, heads_first: bool, ok: torch.Tensor | None = None) -> None:
-    """x rotated in place (the features past rotary_dim are not touched)."""
+                        conjugate: bool, heads_first: bool, ok: torch.Tensor) -> None:
+    """x rotated in place (the features past rotary_dim are not touched); ``ok`` as in ``rotary_fwd``."""
     from .kernels.rotary import rotary_forward
 
     rotary_forward(x, cos, sin, offsets, cu_seqlens, offset=offset, max_seqlen=max_seqlen, interleaved=interleaved,
-                   conjugate=conjugate, heads_first=heads_first, out=x, ok=ok)
+                   conjugate=conjugate, heads_first=heads_first, out=x, ok=_flag(ok))
 
 
 class RotaryFunction(torch.autograd.Function):
@@ -244,6 +254,8 @@ class RotaryFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, cos, sin, offsets, cu_seqlens, offset, max_seqlen, interleaved, inplace, heads_first, ok):
+        if ok is None:
+            ok = _no_check(x.device)
         if inplace:
             torch.ops.embedattn.rotary_fwd_inplace(x, cos, sin, offsets, cu_seqlens, offset, max_seqlen,
                                                    interleaved, False, heads_first, ok)
@@ -265,7 +277,7 @@ class RotaryFunction(torch.autograd.Function):
         dx = None
         if ctx.needs_input_grad[0]:
             dx = torch.ops.embedattn.rotary_fwd(grad, cos, sin, offsets, cu_seqlens, offset, max_seqlen, interleaved,
-                                                True, heads_first, None)
+                                                True, heads_first, _no_check(grad.device))
         return dx, *(None,) * 10
 
 
@@ -362,3 +374,109 @@ def _dispatch(x, cos, sin, interleaved, inplace, seqlen_offsets, cu_seqlens, max
         assert_ok(ok, _BAD_BOUNDS)
     # in place, x itself (the Function returns x when autograd records it, else an alias of it)
     return x if inplace else out
+
+
+# --------------------------------------------------------------------------------------------------
+# FlashAttention's flash_attn.layers.rotary, by name and signature
+# --------------------------------------------------------------------------------------------------
+apply_rotary_emb = rotary  # (x, cos, sin, interleaved, inplace, seqlen_offsets, cu_seqlens, max_seqlen)
+apply_rotary_emb_func = rotary  # FlashAttention's older name
+
+
+def _in_place_parts(base, parts, assemble, interleaved, seqlen_offsets, check_bounds, backend):
+    """Rotate each (view of ``base``, cos, sin) of ``parts`` in place and return ``base``. When ``base`` is a
+    leaf that requires grad (or a view of one): ``assemble(the parts rotated out of place)``, a new tensor
+    carrying the gradient, whose values are then written into ``base`` (``rotary``'s in place on a leaf)."""
+    if not _leaf_in_place(base):
+        for v, c, s in parts:
+            rotary(v, c, s, interleaved, True, seqlen_offsets, check_bounds=check_bounds, backend=backend)
+        return base
+    out = assemble([rotary(v, c, s, interleaved, False, seqlen_offsets, check_bounds=check_bounds, backend=backend)
+                    for v, c, s in parts])
+    with torch.no_grad():
+        base.copy_(out)
+    return out
+
+
+def apply_rotary_emb_qkv_(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    cos_k: torch.Tensor | None = None,
+    sin_k: torch.Tensor | None = None,
+    interleaved: bool = False,
+    seqlen_offsets: int | torch.Tensor = 0,
+    num_heads_q: int | None = None,
+    *,
+    check_bounds: bool | str | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """FlashAttention's ``apply_rotary_emb_qkv_``: rotate Q and K of a packed qkv in place and return it.
+
+    qkv: (B, S, 3, H, D), or (B, S, num_heads_q + 2 * num_heads_k, D) (GQA/MQA) with ``num_heads_q``.
+    cos/sin (seqlen_ro, rotary_dim / 2) rotate Q, and K unless ``cos_k``/``sin_k`` are given (one of
+    them alone replaces only its own table, as in FlashAttention). V is untouched. ``seqlen_offsets``,
+    ``interleaved``, ``check_bounds`` and ``backend`` as in ``rotary``. Gradients flow to qkv (its V part
+    unchanged). On a leaf that requires grad, qkv is rotated in place and the returned tensor is a new
+    one with its values that carries the gradient (``rotary``'s rule, see the module docstring).
+    """
+    if not isinstance(qkv, torch.Tensor):
+        raise TypeError(f"qkv must be a torch.Tensor, got {type(qkv).__name__}")
+    layouts = "(batch, seqlen, 3, nheads, headdim) or (batch, seqlen, num_heads_q + 2 * num_heads_k, headdim)"
+    if qkv.dim() == 5 and qkv.shape[2] == 3:
+        h = qkv.shape[3]
+        if num_heads_q is not None and check_int("num_heads_q", num_heads_q) != h:
+            raise ValueError(f"num_heads_q = {num_heads_q} contradicts qkv {tuple(qkv.shape)} (3, {h} heads)")
+        q, k, rest = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2:]
+        qk = qkv[:, :, :2].flatten(2, 3) if qkv.stride(2) == h * qkv.stride(3) else None  # a view, or None
+
+        def join(parts):
+            return torch.cat([parts[0].unflatten(2, (2, h)) if len(parts) == 1 else torch.stack(parts, 2), rest], 2)
+    elif qkv.dim() == 4:
+        if num_heads_q is None:
+            raise ValueError(f"qkv {tuple(qkv.shape)} is 4-D: it needs num_heads_q (qkv must be {layouts})")
+        nq = check_int("num_heads_q", num_heads_q, low=1)
+        nk = (qkv.shape[2] - nq) // 2
+        if nk < 1 or nq + 2 * nk != qkv.shape[2]:
+            raise ValueError(f"qkv has {qkv.shape[2]} heads, not num_heads_q + 2 * num_heads_k with num_heads_q = "
+                             f"{nq} and num_heads_k >= 1")
+        q, k, rest, qk = qkv[:, :, :nq], qkv[:, :, nq:nq + nk], qkv[:, :, nq + nk:], qkv[:, :, :nq + nk]
+
+        def join(parts):
+            return torch.cat([*parts, rest], 2)
+    else:
+        raise ValueError(f"qkv must be {layouts}, got shape {tuple(qkv.shape)}")
+    same = cos_k is None and sin_k is None
+    cos_k, sin_k = cos if cos_k is None else cos_k, sin if sin_k is None else sin_k
+    # Q and K in one launch where they share the tables and one strided view holds both
+    parts = [(qk, cos, sin)] if same and qk is not None else [(q, cos, sin), (k, cos_k, sin_k)]
+    return _in_place_parts(qkv, parts, join, interleaved, seqlen_offsets, check_bounds, backend)
+
+
+def apply_rotary_emb_kv_(
+    kv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    interleaved: bool = False,
+    seqlen_offsets: int | torch.Tensor = 0,
+    *,
+    check_bounds: bool | str | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """FlashAttention's ``apply_rotary_emb_kv_``: rotate K of a packed kv (B, S, 2, H, D) in place and return
+    kv (V untouched); arguments and gradients as in ``apply_rotary_emb_qkv_``."""
+    if not isinstance(kv, torch.Tensor):
+        raise TypeError(f"kv must be a torch.Tensor, got {type(kv).__name__}")
+    if kv.dim() != 5 or kv.shape[2] != 2:
+        raise ValueError(f"kv must be (batch, seqlen, 2, nheads, headdim), got shape {tuple(kv.shape)}")
+    return _in_place_parts(kv, [(kv[:, :, 0], cos, sin)], lambda parts: torch.stack([parts[0], kv[:, :, 1]], 2),
+                           interleaved, seqlen_offsets, check_bounds, backend)
+
+
+def apply_rotary_emb_torch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                           interleaved: bool = False) -> torch.Tensor:
+    """FlashAttention's plain PyTorch rotary (its tests' oracle): x (B, S, H, D) and cos/sin already taken
+    at the tokens' positions, (S, rotary_dim / 2) or (B, S, rotary_dim / 2); computed in the inputs' dtype."""
+    if 2 * cos.shape[-1] > x.shape[-1]:
+        raise ValueError(f"rotary_dim = 2 * cos.shape[-1] = {2 * cos.shape[-1]} exceeds the head dim {x.shape[-1]}")
+    return _ref.rotate(x, cos.unsqueeze(-2), sin.unsqueeze(-2), interleaved)

@@ -5,6 +5,20 @@ from __future__ import annotations
 import torch
 
 
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
+    """The rotation itself: the first ``rotary_dim = 2 * cos.shape[-1]`` features of x turned by the angles
+    whose cos/sin broadcast against them (``(..., rotary_dim / 2)``), the rest passed through; pairs
+    (j, j + rotary_dim/2), or (2j, 2j + 1) with ``interleaved``."""
+    rd = 2 * cos.shape[-1]
+    if interleaved:
+        x0, x1 = x[..., 0:rd:2], x[..., 1:rd:2]
+        rot = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
+    else:
+        x0, x1 = x[..., : rd // 2], x[..., rd // 2 : rd]
+        rot = torch.cat((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return torch.cat((rot, x[..., rd:]), dim=-1)
+
+
 def _rows(table: torch.Tensor, pos: torch.Tensor, fill: float) -> torch.Tensor:
     """``table[pos]``, with ``fill`` in the rows of positions outside the table."""
     inside = (pos >= 0) & (pos < table.shape[0])
@@ -56,13 +70,5 @@ def rotary(
         pos = torch.arange(xs.shape[0], device=x.device) - cu_seqlens[seq].long() + offsets[seq]  # (total,)
     c = _rows(cos.to(cdtype), pos, 1.0).unsqueeze(-2)  # (..., S, 1, rotary_dim/2)
     s_ = _rows(sin.to(cdtype), pos, 0.0).unsqueeze(-2)
-    rd = 2 * cos.shape[1]
-    if interleaved:
-        x0, x1 = xs[..., 0:rd:2], xs[..., 1:rd:2]
-        rot = torch.stack((x0 * c - x1 * s_, x0 * s_ + x1 * c), dim=-1).flatten(-2)
-    else:
-        x0, x1 = xs[..., : rd // 2], xs[..., rd // 2 : rd]
-        rot = torch.cat((x0 * c - x1 * s_, x0 * s_ + x1 * c), dim=-1)
-    out = torch.cat((rot, xs[..., rd:]), dim=-1)
-    out = out.movedim(-3, seq_dim).to(dtype)
+    out = rotate(xs, c, s_, interleaved).movedim(-3, seq_dim).to(dtype)
     return x.copy_(out) if inplace else out

@@ -303,9 +303,11 @@ def test_opcheck():
     x = torch.randn(2, 3, 2, 6, generator=gen).to(DEVICE)
     off = torch.tensor([1, 0], device=DEVICE)
     tests = ("test_schema", "test_faketensor")
-    args = (x, cos, sin, off, None, 0, 0, True, False, False)
-    torch.library.opcheck(torch.ops.embedattn.rotary_fwd.default, args, test_utils=tests)
-    torch.library.opcheck(torch.ops.embedattn.rotary_fwd_inplace.default, (x.clone(), *args[1:]), test_utils=tests)
+    for ok in (torch.empty(0, dtype=torch.int32), torch.ones(1, dtype=torch.int32)):  # unchecked, checked
+        args = (x, cos, sin, off, None, 0, 0, True, False, False, ok.to(DEVICE))
+        torch.library.opcheck(torch.ops.embedattn.rotary_fwd.default, args, test_utils=tests)
+        torch.library.opcheck(torch.ops.embedattn.rotary_fwd_inplace.default, (x.clone(), *args[1:]),
+                              test_utils=tests)
 
 
 _FAKE_CUDA_TRACE = r"""
@@ -321,10 +323,11 @@ E = torch.ops.embedattn
 with mode:
     x, cos = fc(2, 37, 3, 24), fc(40, 8, dtype=torch.float32)
     off, cu = fc(2, dtype=torch.int32), fc(3, dtype=torch.int32)
-    out = E.rotary_fwd(x, cos, cos, off, None, 0, 0, True, False, False)
+    ok, no = fc(1, dtype=torch.int32), fc(0, dtype=torch.int32)
+    out = E.rotary_fwd(x, cos, cos, off, None, 0, 0, True, False, False, ok)
     assert out.shape == x.shape and out.device.type == "cuda" and out.dtype == x.dtype
-    E.rotary_fwd_inplace(x, cos, cos, None, None, 3, 0, False, True, False)
-    E.rotary_fwd(fc(3, 37, 24), cos, cos, off, cu, 0, 20, False, False, True)
+    E.rotary_fwd_inplace(x, cos, cos, None, None, 3, 0, False, True, False, no)
+    E.rotary_fwd(fc(3, 37, 24), cos, cos, off, cu, 0, 20, False, False, True, ok)
 print(",".join(hits))
 """
 
@@ -610,3 +613,155 @@ def test_kvcache_rotary_same_on_both_backends(backend):
     with pytest.raises(ValueError, match=r"cache_seqlens \+ Nnew must lie in \[0, 8\]"):
         flash_attn_with_kvcache(q, kc.clone(), vc.clone(), k, v, cos, sin, cache_seqlens=seq + 1, causal=True,
                                 backend=backend)
+
+
+# ----------------------------------------------------------------------------------------------------
+# FlashAttention's flash_attn.layers.rotary names: apply_rotary_emb (in place on a leaf), the packed
+# apply_rotary_emb_qkv_ / apply_rotary_emb_kv_ (written from FA's docstrings, not its tests)
+
+from embedattn.rotary import (  # noqa: E402
+    apply_rotary_emb,
+    apply_rotary_emb_kv_,
+    apply_rotary_emb_qkv_,
+    apply_rotary_emb_torch,
+)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("road", ROADS)
+def test_inplace_on_a_leaf_runs_as_in_flash_attention(road, backend):
+    """apply_rotary_emb(x, inplace=True) on a leaf that requires grad: x holds the rotation afterwards, the
+    returned tensor equals it and x.grad is the gradient with respect to x's values before the call; an op
+    that saved x for its backward fails loudly (the in-place write bumped x's version)."""
+    gen = torch.Generator().manual_seed(1700)
+    cos, sin = _tables(9, 3, torch.float32, gen)
+    x0 = torch.randn(2, 5, 3, 8, generator=gen).to(DEVICE)
+    off = torch.tensor([1, 3], device=DEVICE)
+    fn = on_road(road, lambda x: apply_rotary_emb(x, cos, sin, True, True, off, backend=backend))
+    x = x0.clone().requires_grad_()
+    out = fn(x)
+    x64 = x0.double().requires_grad_()
+    want = ref_rotary(x64, cos.double(), sin.double(), True, seqlen_offsets=off)
+    torch.testing.assert_close(out.double(), want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(x.detach().double(), want, rtol=1e-6, atol=1e-6)
+    grad = torch.randn(x0.shape, generator=gen).to(DEVICE)
+    out.backward(grad)
+    want.backward(grad.double())
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-6, atol=1e-6)
+    # x saved by another op before the in-place rotation: its backward refuses the changed x
+    y = x0.clone().requires_grad_()
+    s = y.sin()
+    apply_rotary_emb(y, cos, sin, inplace=True, seqlen_offsets=off, backend=backend)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        s.sum().backward()
+
+
+def _qkv_want(qkv, cos, sin, cos_k, sin_k, interleaved, off, nq, grad):
+    """float64 (out, d qkv) of the packed rotation, from the reference on each part."""
+    x = qkv.double().requires_grad_()
+    c64, s64 = cos.double(), sin.double()
+    ck, sk = (c64, s64) if cos_k is None else (cos_k.double(), sin_k.double())
+    rot = lambda t, c, s: ref_rotary(t, c, s, interleaved, seqlen_offsets=off)
+    if x.dim() == 5:
+        out = torch.stack([rot(x[:, :, 0], c64, s64), rot(x[:, :, 1], ck, sk), x[:, :, 2]], 2)
+    else:
+        nk = (x.shape[2] - nq) // 2
+        out = torch.cat([rot(x[:, :, :nq], c64, s64), rot(x[:, :, nq:nq + nk], ck, sk), x[:, :, nq + nk:]], 2)
+    out.backward(grad.double())
+    return out.detach(), x.grad
+
+
+QKV_GRID = [(layout, own_k, leaf, offsets) for layout in ("qkv", "gqa", "qkv_strided") for own_k in (False, True)
+            for leaf in (True, False) for offsets in ("int", "tensor")]
+
+
+@pytest.mark.parametrize("layout,own_k,leaf,offsets", QKV_GRID)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_apply_rotary_emb_qkv_(backend, layout, own_k, leaf, offsets):
+    """Q and K of a packed qkv rotated in place (K with its own tables when given), V untouched; qkv is
+    (B, S, 3, H, D), a strided view of one, or (B, S, Hq + 2 Hkv, D) with num_heads_q; gradients to qkv
+    against the float64 reference, on a leaf (FlashAttention's case) and on a non-leaf."""
+    gen = torch.Generator().manual_seed(1800 + QKV_GRID.index((layout, own_k, leaf, offsets)))
+    b, s, h, d, nq = 2, 5, 2, 8, 4
+    cos, sin = _tables(s + 4, 3, torch.float32, gen)
+    cos_k, sin_k = _tables(s + 4, 3, torch.float32, gen) if own_k else (None, None)
+    off = 2 if offsets == "int" else torch.tensor([4, 0], device=DEVICE)
+    if layout == "gqa":
+        base = torch.randn(b, s, nq + 2 * h, d, generator=gen).to(DEVICE)
+    elif layout == "qkv":
+        base = torch.randn(b, s, 3, h, d, generator=gen).to(DEVICE)
+    else:  # (B, S, H, 3, D) memory viewed as (B, S, 3, H, D): Q and K not one strided view
+        base = torch.randn(b, s, h, 3, d, generator=gen).to(DEVICE).transpose(2, 3)
+    nq_arg = nq if layout == "gqa" else None
+    grad = torch.randn(base.shape, generator=gen).to(DEVICE)
+    want, dwant = _qkv_want(base, cos, sin, cos_k, sin_k, True, off, nq, grad)
+    leaf_t = base.clone().requires_grad_()
+    qkv = leaf_t if leaf else leaf_t * 1
+    if layout == "qkv_strided":
+        qkv = leaf_t.detach().transpose(2, 3).contiguous().transpose(2, 3).requires_grad_() if leaf else \
+            (leaf_t.transpose(2, 3) * 1).contiguous().transpose(2, 3)
+        if leaf:
+            leaf_t = qkv
+    out = apply_rotary_emb_qkv_(qkv, cos, sin, cos_k, sin_k, True, off, nq_arg, backend=backend)
+    if not leaf:
+        assert out is qkv  # in place, with the history
+    torch.testing.assert_close(out.double(), want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(qkv.detach().double(), want, rtol=1e-6, atol=1e-6)  # rotated in place
+    out.backward(grad)
+    torch.testing.assert_close(leaf_t.grad.double(), dwant, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("leaf", [True, False])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("road", ROADS)
+def test_apply_rotary_emb_kv_(road, backend, leaf):
+    gen = torch.Generator().manual_seed(1900 + leaf)
+    b, s, h, d = 2, 6, 3, 10
+    cos, sin = _tables(s + 2, 4, torch.float32, gen)
+    off = torch.tensor([2, 1], device=DEVICE)
+    base = torch.randn(b, s, 2, h, d, generator=gen).to(DEVICE)
+    grad = torch.randn(base.shape, generator=gen).to(DEVICE)
+    x64 = base.double().requires_grad_()
+    want = torch.stack([ref_rotary(x64[:, :, 0], cos.double(), sin.double(), seqlen_offsets=off), x64[:, :, 1]], 2)
+    want.backward(grad.double())
+    fn = on_road(road, lambda kv: apply_rotary_emb_kv_(kv if leaf else kv * 1, cos, sin, seqlen_offsets=off,
+                                                       backend=backend))
+    kv = base.clone().requires_grad_()
+    out = fn(kv)
+    torch.testing.assert_close(out.double(), want.detach(), rtol=1e-6, atol=1e-6)
+    out.backward(grad)
+    torch.testing.assert_close(kv.grad.double(), x64.grad, rtol=1e-6, atol=1e-6)
+
+
+def test_packed_bad_input():
+    qkv5, qkv4 = torch.randn(1, 3, 3, 2, 8), torch.randn(1, 3, 8, 8)
+    cos, sin = torch.rand(4, 4), torch.rand(4, 4)
+    with pytest.raises(ValueError, match="needs num_heads_q"):
+        apply_rotary_emb_qkv_(qkv4, cos, sin)
+    with pytest.raises(ValueError, match="not num_heads_q \\+ 2 \\* num_heads_k"):
+        apply_rotary_emb_qkv_(qkv4, cos, sin, num_heads_q=3)
+    with pytest.raises(ValueError, match="contradicts qkv"):
+        apply_rotary_emb_qkv_(qkv5, cos, sin, num_heads_q=3)
+    with pytest.raises(ValueError, match="qkv must be"):
+        apply_rotary_emb_qkv_(torch.randn(1, 3, 2, 2, 8), cos, sin)
+    with pytest.raises(TypeError, match="num_heads_q must be an int"):
+        apply_rotary_emb_qkv_(qkv4, cos, sin, num_heads_q=2.0)
+    with pytest.raises(ValueError, match="kv must be"):
+        apply_rotary_emb_kv_(qkv5, cos, sin)
+    with pytest.raises(TypeError, match="kv must be a torch.Tensor"):
+        apply_rotary_emb_kv_(None, cos, sin)
+
+
+def test_apply_rotary_emb_torch():
+    """FlashAttention's plain formula (tables already at the tokens' positions, (S, rd/2) or (B, S, rd/2))
+    against the reference with offsets."""
+    gen = torch.Generator().manual_seed(2000)
+    x = torch.randn(2, 4, 3, 10, generator=gen, dtype=torch.float64)
+    cos, sin = (t.double() for t in _tables(9, 3, torch.float32, gen))
+    off = torch.tensor([0, 5])
+    idx = off[:, None] + torch.arange(4)
+    for interleaved in (False, True):
+        got = apply_rotary_emb_torch(x, cos[idx], sin[idx], interleaved)
+        torch.testing.assert_close(got, ref_rotary(x, cos, sin, interleaved, seqlen_offsets=off), rtol=0, atol=1e-14)
+        torch.testing.assert_close(apply_rotary_emb_torch(x, cos[:4], sin[:4], interleaved),
+                                   ref_rotary(x, cos, sin, interleaved), rtol=0, atol=1e-14)
