@@ -16,31 +16,38 @@ convert between the whole sequence and a rank's shard.
 
 Every ``ring_attention`` call first all-gathers a few integers describing each rank's input, so bad
 input (shards of different lengths, a bad argument on one rank, tensors on a device the group's
-backend does not serve) raises on every rank instead of leaving the others waiting in the ring.
+backend does not serve, ranks that disagree on a scale, softcap or ALiBi slope) raises on every rank,
+with the same exception type and message, instead of leaving the others waiting in the ring.
+
+Every wait on a transfer is bounded: by ``ring_attention``'s ``timeout`` (seconds) when given, else by
+the process group's own timeout. A rank that skips its backward (or stops) makes its peers fail with a
+RuntimeError that says so, not a bare "Connection closed by peer" after a hang. After such an error
+the group may hold unfinished transfers: destroy it rather than reuse it.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
+import importlib
 import zlib
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
-from ._checks import check_bool, check_int
-from .attention import attention
+from ._checks import check_bool, check_float, check_int
+from .attention import _check_qkv, attention, make_spec
 
 __all__ = ["ring_attention", "shard", "unshard"]
 
 _TAG_KV, _TAG_DKV = 0, 1  # P2P tags (gloo matches on them; NCCL orders by issue)
-_MAX_DIMS = 12  # unshard's shape metadata
 
 
 # --------------------------------------------------------------------------------------------------
 # the ring: ranks, neighbours, and the metadata all-gather that makes bad input fail on every rank
 # --------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class _Ring:
     group: dist.ProcessGroup
     rank: int  # in the group
@@ -49,6 +56,15 @@ class _Ring:
     prev: int
     device_types: tuple[str, ...]  # what the group's backend serves
     meta_device: torch.device  # where the metadata all-gather runs (the same on every rank)
+    timeout: datetime.timedelta | None = None  # bound on every wait (None: the group's own timeout)
+
+
+def _timeout(timeout) -> datetime.timedelta | None:
+    if timeout is None:
+        return None
+    if check_float("timeout", timeout, low=0.0) == 0:
+        raise ValueError("timeout must be a number of seconds > 0, or None (the process group's timeout)")
+    return datetime.timedelta(seconds=float(timeout))
 
 
 def _ring(group) -> _Ring:
@@ -69,31 +85,78 @@ def _ring(group) -> _Ring:
                  dist.get_global_rank(group, (rank - 1) % world), types, meta_device)
 
 
+def _wait(works, ring: _Ring, what: str) -> None:
+    """Wait for ``works`` (within ``ring.timeout``); a failure (a timeout, a peer gone) becomes a RuntimeError
+    that says what every rank must do."""
+    try:
+        for w in works:
+            if ring.timeout is None:
+                w.wait()
+            else:
+                w.wait(ring.timeout)
+    except Exception as e:
+        within = "" if ring.timeout is None else f" within {ring.timeout.total_seconds():g} s"
+        raise RuntimeError(
+            f"{what}: an exchange with rank {ring.prev} (receiving) or rank {ring.next} (sending) did not complete"
+            f"{within}: every rank of the group must run it together; a rank that skipped it (for the backward: "
+            f"did not backpropagate through its ring_attention output), stopped or failed leaves its peers waiting. "
+            f"The group may hold unfinished transfers now. Cause: {type(e).__name__}: {e}") from e
+
+
 def _code(value) -> int:
-    """A dtype or device type as an integer that every process computes alike (for the metadata)."""
-    return zlib.crc32(str(value).encode())
+    """A field's value as an integer that every process computes alike: the CRC of its repr (exact for ints,
+    floats, strings and tuples of them)."""
+    return zlib.crc32(repr(value).encode())
 
 
-def _agree(ring: _Ring, error: Exception | None, fields: list[int], names: list[str], what: str) -> None:
-    """All-gather every rank's local error and ``fields``; raise on every rank if any rank failed its own
-    checks or the ranks disagree on a field (named by ``names``). One small collective, no hang."""
-    row = torch.tensor([int(error is not None)] + [int(f) for f in fields], dtype=torch.int64,
+def _describe(value) -> str:
+    text = str(value)
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _exception(where: tuple[str, str], msg: str) -> Exception:
+    """An exception of the class named by ``where`` (module, qualname) carrying ``msg``: the same on every rank
+    (a class that cannot be rebuilt here becomes a RuntimeError)."""
+    try:
+        cls = importlib.import_module(where[0])
+        for part in where[1].split("."):
+            cls = getattr(cls, part)
+        err = cls(msg)
+        if isinstance(err, Exception):
+            return err
+    except Exception:
+        pass
+    return RuntimeError(msg)
+
+
+def _agree(ring: _Ring, error: Exception | None, fields: dict, names: tuple[str, ...], what: str) -> None:
+    """All-gather every rank's local error and a code of each field in ``names`` (``fields`` maps a name to
+    its value on this rank; empty when the rank failed its own checks); raise on every rank, with the same
+    exception type and message, if a rank failed (its error's type and message) or the ranks disagree on a
+    field (a ValueError naming it and each rank's value). One small collective while all is well."""
+    row = torch.tensor([int(error is not None)] + [_code(fields.get(n)) for n in names], dtype=torch.int64,
                        device=ring.meta_device)
     rows = [torch.empty_like(row) for _ in range(ring.world)]
-    dist.all_gather(rows, row, group=ring.group)
+    _wait([dist.all_gather(rows, row, group=ring.group, async_op=True)], ring,
+          f"{what} (the all-gather of the ranks' arguments: every rank must call it)")
     table = torch.stack(rows).cpu().tolist()
     if any(r[0] for r in table):
+        mine = None if error is None else ((type(error).__module__, type(error).__qualname__), str(error))
         msgs = [None] * ring.world
-        dist.all_gather_object(msgs, None if error is None else (type(error).__name__, str(error)), group=ring.group)
-        if error is not None:
-            raise error
+        dist.all_gather_object(msgs, mine, group=ring.group)
         bad = next(i for i, m in enumerate(msgs) if m is not None)
-        kind, msg = msgs[bad]
-        raise (TypeError if kind == "TypeError" else ValueError)(f"{what}: rank {bad} got bad input: {kind}: {msg}")
-    for col, name in enumerate(names, start=1):
-        values = [r[col] for r in table]
-        if len(set(values)) > 1:
-            raise ValueError(f"{what}: every rank must pass the same {name}; got {values} on ranks 0..{ring.world - 1}")
+        where, msg = msgs[bad]
+        raise _exception(where, f"{what}: rank {bad} got bad input: {msg}") from error
+    differ = [n for col, n in enumerate(names, start=1) if len({r[col] for r in table}) > 1]
+    if differ:
+        values = [None] * ring.world
+        dist.all_gather_object(values, {n: _describe(fields[n]) for n in differ}, group=ring.group)
+        name = differ[0]
+        by_value: dict[str, list[int]] = {}
+        for rank, v in enumerate(values):
+            by_value.setdefault(v[name], []).append(rank)
+        got = "; ".join(f"{v} on rank{'s' if len(r) > 1 else ''} {', '.join(map(str, r))}" for v, r in by_value.items())
+        raise ValueError(f"{what}: every rank must pass the same {name}; got {got}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -107,7 +170,7 @@ def _segments(rank: int, world: int, n_local: int, load_balance: bool) -> tuple[
     return ((0, rank * c, c), (c, (2 * world - 1 - rank) * c, c))
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class _Call:
     """One attention call of a ring step: local query rows [q0, q1) against block keys [k0, k1)."""
 
@@ -177,10 +240,9 @@ def _start(send: torch.Tensor, ring: _Ring, tag: int):
     return recv, works, send  # ``send`` is kept alive until the transfer is waited on
 
 
-def _finish(pending) -> torch.Tensor:
+def _finish(pending, ring: _Ring, what: str) -> torch.Tensor:
     recv, works, _ = pending
-    for w in works:
-        w.wait()
+    _wait(works, ring, what)
     return recv
 
 
@@ -214,7 +276,7 @@ def _ring_forward(q, k, v, alibi, ring: _Ring, plans, kw: dict, *, communicate: 
             o_b, l_b = _attend(q, kv, c, alibi, kw)
             _merge(out[:, :, c.q0:c.q1], lse[:, :, c.q0:c.q1], o_b, l_b)
         if pending is not None:
-            kv = _finish(pending)
+            kv = _finish(pending, ring, "ring_attention forward")
     return out.to(q.dtype), lse
 
 
@@ -238,6 +300,9 @@ def _block_grads(q, kv, out, lse, dout, dlse, c: _Call, alibi, kw: dict):
     return torch.autograd.grad((o_b, l_b), leaves, (g_o, (w * g_l).to(l_b.dtype)))
 
 
+_BACKWARD = "ring_attention backward"
+
+
 class RingAttentionFunction(torch.autograd.Function):
     """``apply(q, k, v, alibi, ring, plans, kw) -> (out, lse)``: the ring forward, and a backward that
     runs the ring again with dK/dV travelling (fp32) beside their K/V block. ``plans[s]`` are the calls
@@ -257,9 +322,7 @@ class RingAttentionFunction(torch.autograd.Function):
     def backward(ctx, dout, dlse):
         q, k, v, out, lse, alibi = ctx.saved_tensors
         none = (None,) * 4
-        if dout is None and dlse is None:
-            return (None, None, None) + none
-        if dout is None:
+        if dout is None:  # still a ring step for every block: the peers wait on this rank's transfers
             dout = torch.zeros_like(out)
         ring, acc = ctx.ring, lse.dtype
         dq = torch.zeros(q.shape, dtype=acc, device=q.device)
@@ -274,13 +337,13 @@ class RingAttentionFunction(torch.autograd.Function):
                 dkv[0, :, :, c.k0:c.k1] += gk
                 dkv[1, :, :, c.k0:c.k1] += gv
             if pending_dkv is not None:
-                dkv += _finish(pending_dkv)
+                dkv += _finish(pending_dkv, ring, _BACKWARD)
             if ring.world > 1:  # after the last step this sends each block's gradient home
                 pending_dkv = _start(dkv, ring, _TAG_DKV)
             if pending_kv is not None:
-                kv = _finish(pending_kv)
+                kv = _finish(pending_kv, ring, _BACKWARD)
         if pending_dkv is not None:
-            dkv = _finish(pending_dkv)
+            dkv = _finish(pending_dkv, ring, _BACKWARD)
         return (dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)) + none
 
 
@@ -292,6 +355,11 @@ def _check_shard(name: str, t) -> None:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dim() != 4:
         raise ValueError(f"{name} must be 4-D (B, H, N_local, D), got shape {tuple(t.shape)}")
+
+
+# what every rank must pass alike (compared across ranks by ``_agree``): name -> this rank's value
+_RING_FIELDS = ("q shape (B, Hq, N_local, D)", "k/v shape (B, Hkv, N_local, D)", "dtype", "device type", "causal",
+                "load_balance", "window", "scale", "softcap", "alibi_slopes")
 
 
 def ring_attention(
@@ -307,13 +375,15 @@ def ring_attention(
     alibi_slopes: torch.Tensor | None = None,
     load_balance: bool = False,
     return_lse: bool = False,
+    timeout: float | None = None,
     backend: str | None = None,
 ):
     """Attention over a sequence sharded across the ranks of ``group`` (context parallelism).
 
     Every rank calls this with its shard; the result is this rank's shard of what
     ``embedattn.attention`` gives on the whole sequence (``causal`` aligned on the diagonal of the
-    whole sequence), autograd included. The backward is collective too: every rank must run it.
+    whole sequence), autograd included. The backward is collective too: every rank must run it
+    (backpropagate through its output); a rank that skips it makes its peers fail (see ``timeout``).
 
     Args:
         q: (B, Hq, N_local, D), this rank's queries. k, v: (B, Hkv, N_local, D), Hq a multiple of
@@ -323,44 +393,52 @@ def ring_attention(
         group: the process group (default: the world). Its backend must serve the tensors' device
             (gloo: CPU; NCCL: CUDA).
         causal, scale, window, softcap, alibi_slopes: as in ``embedattn.attention``, measured at global
-            positions (ALiBi distances and the window cross shard boundaries).
+            positions (ALiBi distances and the window cross shard boundaries). Every rank must pass the
+            same values (compared across ranks, slopes included).
         load_balance: the zigzag layout: the sequence is cut into 2W chunks and rank r holds chunks
             r and 2W-1-r, concatenated, which evens out causal work. N_local must be even.
         return_lse: also return this rank's (B, Hq, N_local) natural-log log-sum-exp (float32,
             float64 for float64 inputs, -inf on rows with no visible key); it is differentiable.
+        timeout: seconds any rank waits on a peer (the argument exchange, each ring transfer of the
+            forward and of the backward) before a RuntimeError saying which exchange stalled; None: the
+            process group's own timeout.
         backend: as in ``embedattn.attention``, for every block.
 
     Returns:
         out (B, Hq, N_local, D) in q's dtype, or (out, lse) when ``return_lse``.
 
-    Bad input on any rank (a bad argument, shards of different lengths, tensors on a device the
-    group's backend does not serve) raises on every rank: each call first all-gathers a few integers
-    describing every rank's input.
+    Bad input on any rank (a bad argument, shards of different shapes or dtypes, tensors on a device the
+    group's backend does not serve, different scales, softcaps, windows or slopes) raises on every rank,
+    the same exception type with the same message (naming the rank, the shapes and dtypes): each call
+    first all-gathers a few integers describing every rank's input.
     """
     ring = _ring(group)
-    error, fields = None, [-1] * 12
+    error, fields = None, {}
     try:
+        ring = dataclasses.replace(ring, timeout=_timeout(timeout))
         for name, t in (("q", q), ("k", k), ("v", v)):
             _check_shard(name, t)
+        _check_qkv(q, k, v)  # on the shards themselves: errors name their real shapes
         check_bool("load_balance", load_balance)
         check_bool("return_lse", return_lse)
-        if not q.shape[2] == k.shape[2] == v.shape[2]:
-            raise ValueError(f"q, k and v must hold the same tokens, got N_local {q.shape[2]}, {k.shape[2]} and "
-                             f"{v.shape[2]}")
+        if not q.shape[2] == k.shape[2]:
+            raise ValueError(f"q {tuple(q.shape)} and k/v {tuple(k.shape)} must hold the same tokens (N_local)")
         if q.device.type not in ring.device_types:
             raise ValueError(f"q, k, v are on {q.device}, but the group's backend "
                              f"({dist.get_backend(ring.group)}) serves {', '.join(ring.device_types)} tensors")
-        # every argument check of embedattn.attention (and its backend choice), on zero tokens: no work
+        spec = make_spec(q, n_keys=k.shape[2], causal=causal, scale=scale, window=window, softcap=softcap,
+                         alibi_slopes=alibi_slopes)
+        # the backend's own checks (what it runs), on zero tokens: no work
         attention(q[:, :, :0], k[:, :, :0], v[:, :, :0], causal=causal, scale=scale, window=window,
                   softcap=softcap, alibi_slopes=alibi_slopes, return_lse=True, backend=backend)
-        wl, wr = window if window is not None else (-1, -1)
-        fields = [*q.shape, k.shape[1], _code(q.dtype), _code(q.device.type), causal,
-                  load_balance, max(int(wl), -1), max(int(wr), -1), alibi_slopes is not None]
+        slopes = None if alibi_slopes is None else (tuple(alibi_slopes.shape),
+                                                    tuple(alibi_slopes.detach().double().flatten().tolist()))
+        values = (tuple(q.shape), tuple(k.shape), str(q.dtype), q.device.type, causal, load_balance,
+                  (spec.window_left, spec.window_right), spec.scale, spec.softcap, slopes)
+        fields = dict(zip(_RING_FIELDS, values))
     except Exception as e:  # raised below, on every rank together
         error = e
-    names = ["batch size", "query heads", "N_local (shard length)", "head dim", "key/value heads", "dtype",
-             "device type", "causal", "load_balance", "window left", "window right", "alibi_slopes (or None)"]
-    _agree(ring, error, fields, names, "ring_attention")
+    _agree(ring, error, fields, _RING_FIELDS, "ring_attention")
     n_local = q.shape[2]
     if load_balance and n_local % 2:
         raise ValueError(f"load_balance=True cuts the sequence ({ring.world}·{n_local} tokens) into "
@@ -401,6 +479,9 @@ def shard(x: torch.Tensor, group: dist.ProcessGroup | None = None, load_balance:
     return torch.cat((x.narrow(dim, r * c, c), x.narrow(dim, (parts - 1 - r) * c, c)), dim)
 
 
+_UNSHARD_FIELDS = ("dim", "dtype", "device type", "x.shape")
+
+
 def unshard(x: torch.Tensor, group: dist.ProcessGroup | None = None, load_balance: bool = False,
             dim: int = 2) -> torch.Tensor:
     """The whole sequence from every rank's shard ``x`` (the inverse of ``shard``), on every rank.
@@ -408,24 +489,20 @@ def unshard(x: torch.Tensor, group: dist.ProcessGroup | None = None, load_balanc
     An all-gather: every rank must call it, with shards of one shape, dtype and device type (checked
     on every rank together). The result is not differentiable (it carries no autograd history)."""
     ring = _ring(group)
-    error, fields = None, [-1] * (4 + _MAX_DIMS)
+    error, fields = None, {}
     try:
         check_bool("load_balance", load_balance)
         dim = _check_dim(x, dim)
-        if x.dim() > _MAX_DIMS:
-            raise ValueError(f"x may have at most {_MAX_DIMS} dims, got {x.dim()}")
         if x.device.type not in ring.device_types:
             raise ValueError(f"x is on {x.device}, but the group's backend ({dist.get_backend(ring.group)}) "
                              f"serves {', '.join(ring.device_types)} tensors")
         if load_balance and x.shape[dim] % 2:
             raise ValueError(f"load_balance=True: each shard holds two equal chunks, so x.shape[{dim}] must be "
                              f"even, got {x.shape[dim]}")
-        shape = list(x.shape) + [-1] * (_MAX_DIMS - x.dim())
-        fields = [dim, _code(x.dtype), _code(x.device.type), x.dim(), *shape]
+        fields = dict(zip(_UNSHARD_FIELDS, (dim, str(x.dtype), x.device.type, tuple(x.shape))))
     except Exception as e:
         error = e
-    names = ["dim", "dtype", "device type", "number of dims"] + [f"x.shape[{i}]" for i in range(_MAX_DIMS)]
-    _agree(ring, error, fields, names, "unshard")
+    _agree(ring, error, fields, _UNSHARD_FIELDS, "unshard")
     x = x.detach().contiguous()
     parts = [torch.empty_like(x) for _ in range(ring.world)]
     dist.all_gather(parts, x, group=ring.group)

@@ -43,7 +43,28 @@ CASES = {
 TRITON_CASES = {"triton_gqa_causal_lb": dict(Hq=4, Hkv=2, causal=True, lb=True, backend="triton")}
 TRITON_WORLD = 2  # the interpreter is slow: one world size; the processes are CPU ones, so interpreter only
 RUN_TRITON = HAS_TRITON and INTERPRET
-ERROR_CASES = ["uneven_shards", "odd_lb", "device", "bad_arg_one_rank", "unshard_shapes", "shard_indivisible"]
+ERROR_CASES = ["uneven_shards", "odd_lb", "device", "bad_arg_one_rank", "unshard_shapes", "shard_indivisible",
+               "attention_type_one_rank", "head_dim_one_rank", "dtype_one_rank", "scale_differs", "softcap_differs",
+               "alibi_differs", "window_differs", "bad_timeout_one_rank"]
+# (exception type on every rank, words its message must hold) for each error case
+ERROR_WANT = dict(
+    uneven_shards=("ValueError", ["N_local", "(1, 2, 4, 8) on rank", "(1, 2, 6, 8) on rank"]),
+    odd_lb=("ValueError", ["even"]),
+    device=("ValueError", ["meta"]),
+    bad_arg_one_rank=("TypeError", ["causal", "rank 0 got bad input"]),
+    unshard_shapes=("ValueError", ["x.shape", "(1, 2, 4, 8) on rank 0"]),
+    shard_indivisible=("ValueError", ["equal chunks"]),
+    attention_type_one_rank=("AttentionTypeError", ["scale", "rank 0 got bad input"]),
+    head_dim_one_rank=("AttentionInputError", ["head dim of q (8) and k/v (4) differ"]),
+    dtype_one_rank=("ValueError", ["dtype", "torch.float64 on rank", "torch.float32 on rank"]),
+    scale_differs=("ValueError", ["scale", "0.5 on rank", "0.25 on rank"]),
+    softcap_differs=("ValueError", ["softcap", "3.0 on rank", "0.0 on rank"]),
+    alibi_differs=("ValueError", ["alibi_slopes", "0.5", "0.25"]),
+    window_differs=("ValueError", ["window"]),
+    bad_timeout_one_rank=("ValueError", ["timeout"]),
+)
+SKIP_TIMEOUT_S = 3.0
+SKIP_WORLD = 3
 
 
 def _case(name: str) -> dict:
@@ -110,9 +131,41 @@ def _error_case(name: str, rank: int, world: int, group):
             distributed.unshard(q[:, :, : 4 if rank == 0 else 6], group=group)
         elif name == "shard_indivisible":
             distributed.shard(torch.zeros(1, 1, 7, 1), group=group, load_balance=True)
+        elif name == "attention_type_one_rank":
+            ring(q, scale="big" if rank == 0 else None)
+        elif name == "head_dim_one_rank":
+            kv = q[..., :4] if rank == world - 1 else q
+            distributed.ring_attention(q, kv, kv, group=group)
+        elif name == "dtype_one_rank":
+            ring(q.double() if rank == world - 1 else q)
+        elif name == "scale_differs":
+            ring(q, scale=0.25 if rank == world - 1 else 0.5)
+        elif name == "softcap_differs":
+            ring(q, softcap=0.0 if rank == world - 1 else 3.0)
+        elif name == "alibi_differs":
+            ring(q, alibi_slopes=torch.tensor([0.5, 0.25 if rank == world - 1 else 0.5]))
+        elif name == "window_differs":
+            ring(q, window=(2, 0) if rank == world - 1 else (3, 0))
+        elif name == "bad_timeout_one_rank":
+            ring(q, timeout=-1.0 if rank == world - 1 else 30.0)
     except Exception as e:
         return type(e).__name__, str(e)
     return None
+
+
+def _skip_backward(rank: int, group) -> tuple[str, str, float] | None:
+    """Rank 1 runs the forward and skips the backward; every other rank runs its backward with a short timeout.
+    Returns (exception type, message, seconds the backward took) on those ranks, None on rank 1."""
+    q = torch.randn(1, 2, 6, 8, generator=torch.Generator().manual_seed(rank)).requires_grad_()
+    out = distributed.ring_attention(q, q, q, group=group, causal=True, timeout=SKIP_TIMEOUT_S)
+    if rank == 1:
+        return None
+    start = time.monotonic()
+    try:
+        out.sum().backward()
+    except Exception as e:
+        return type(e).__name__, str(e), time.monotonic() - start
+    return "nothing raised", "", time.monotonic() - start
 
 
 def _layout(world: int, group) -> dict:
@@ -140,6 +193,11 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
                 errors = {name: _error_case(name, rank, w, group) for name in ERROR_CASES} if w > 1 else {}
                 saved[w] = dict(results=results if rank == 0 else {}, errors=errors, layout=_layout(w, group))
             dist.barrier()  # the group still works after every error
+        # last, on a group of its own (a timed-out transfer may leave it unusable): a skipped backward
+        group = dist.new_group(list(range(SKIP_WORLD)))
+        if rank < SKIP_WORLD:
+            saved["skip_backward"] = _skip_backward(rank, group)
+        dist.barrier()
         torch.save(saved, os.path.join(out_dir, f"{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -199,15 +257,33 @@ def test_ring_matches_single_process(world, name):
 
 @pytest.mark.parametrize("world", [w for w in WORLD_SIZES if w > 1])
 def test_bad_input_raises_on_every_rank(world):
+    """The same bad input raises the same exception type, with the same message, on every rank; messages
+    name the shapes, dtypes and values each rank passed (never a CRC code or an empty slice's shape);
+    scale, softcap, window and ALiBi slopes are compared across ranks like the shapes."""
     errors = [r["errors"] for r in _run(world)]
-    want = dict(uneven_shards=("ValueError", "N_local"), odd_lb=("ValueError", "even"),
-                device=("ValueError", "meta"), bad_arg_one_rank=("TypeError", "causal"),
-                unshard_shapes=("ValueError", "x.shape[2]"), shard_indivisible=("ValueError", "equal chunks"))
-    for name, (kind, word) in want.items():
-        for rank, per_rank in enumerate(errors):
-            got = per_rank[name]
-            assert got is not None, f"{name}: rank {rank} raised nothing"
-            assert got[0] == kind and word in got[1], f"{name}: rank {rank} raised {got}"
+    for name, (kind, words) in ERROR_WANT.items():
+        got = [per_rank[name] for per_rank in errors]
+        for rank, g in enumerate(got):
+            assert g is not None, f"{name}: rank {rank} raised nothing"
+            assert g[0] == kind and all(w in g[1] for w in words), f"{name}: rank {rank} raised {g}"
+            assert ", 0, " not in g[1], f"{name}: a zero-length shape in {g[1]!r}"
+        if name not in ("odd_lb", "shard_indivisible"):  # raised by each rank on its own (the same input)
+            assert len({g for g in got}) == 1, f"{name}: the ranks raised different errors {got}"
+
+
+def test_skipped_backward_fails_its_peers_within_the_timeout():
+    """Rank 1 skips the backward of a ring_attention call: each peer fails within the timeout (not a hang until
+    the group's timeout, not a bare 'Connection closed by peer'), with a RuntimeError that says what happened."""
+    _run(SKIP_WORLD)  # the one spawn
+    for rank in range(SKIP_WORLD):
+        got = _RUNS[rank]["skip_backward"]
+        if rank == 1:
+            assert got is None
+            continue
+        kind, msg, seconds = got
+        assert kind == "RuntimeError", got
+        assert "ring_attention backward" in msg and "did not complete within 3 s" in msg and "skipped" in msg, msg
+        assert seconds < 5 * SKIP_TIMEOUT_S, f"rank {rank} failed after {seconds:.1f} s"
 
 
 @pytest.mark.parametrize("world", WORLD_SIZES)
