@@ -932,7 +932,7 @@ class Word2Vec:
         keep = arrays.get("keep")
         if keep is None:  # files of embedattn 0.1 (no downsampling stored): recomputed from the counts
             keep = _keep_probs(arrays["count"], model.sample, float(arrays["count"].sum()))
-        model._keep_prob = np.asarray(keep, dtype=np.float64)
+        model._keep_prob = np.array(keep, dtype=np.float64)  # a copy: a map is read-only
         model.wv.expandos["sample_int"] = (model._keep_prob * (2**32 - 1)).astype(np.uint32)
         model._init_sampling()
         return model

@@ -29,6 +29,7 @@ from embedattn.word2vec._train import (
     CompiledStep,
     autograd_sgns_step,
     chunk_bounds,
+    huffman_arrays,
     keep_probability,
     philox,
     skipgram_pairs,
@@ -271,6 +272,83 @@ def test_triton_kernel_matches_reference(mode, grid, det):
     tol = 1e-5 if (grid == 1 or not ON_CUDA) else 5e-2
     assert got[0] == pytest.approx(want[0], rel=tol)
     assert max_err(a.cpu(), torch.from_numpy(ref_in)) < tol and max_err(b.cpu(), torch.from_numpy(ref_out)) < tol
+
+
+def _hs_inputs(V=40, seed=3):
+    """Huffman paths of random lengths (1..6) over distinct inner nodes, flattened, and lockf factors
+    (0 freezes a row, 0.5 halves its updates)."""
+    rng = np.random.default_rng(seed)
+    codes = [rng.integers(0, 2, rng.integers(1, 7)).astype(np.uint8) for _ in range(V)]
+    points = [rng.choice(V - 1, len(c), replace=False).astype(np.int32) for c in codes]
+    return huffman_arrays(codes, points), rng.choice([0.0, 1.0, 0.5], V).astype(np.float32)
+
+
+# hierarchical softmax alone (negative=0) and with negatives, skip-gram (shared negatives too) and CBOW, lockf
+_HS_MODES = [(0, _MODES[0], False), (0, _MODES[2], True), (4, _MODES[0], True), (4, _MODES[1], False),
+             (4, _MODES[3], True), (4, _MODES[2], False)]
+
+
+@pytest.mark.parametrize("K,mode,locked", [(4, m, True) for m in _MODES] + _HS_MODES)
+def test_c_kernel_hs_and_lockf_match_reference(K, mode, locked):
+    # the C path with hierarchical softmax (the centre's path held over the window) and vectors_lockf
+    from embedattn.word2vec import _cpu
+
+    fn = _cpu.load()
+    if fn is None:
+        pytest.skip(f"no C compiler: {_cpu.build_error()}")
+    tokens, bounds, keep, aprob, alias = _kernel_inputs()
+    (off, pts, cds), lockf = _hs_inputs()
+    hs = K == 0 or mode is not _MODES[0] or not locked
+    wi, wo = _kernel_tables()
+    wh = _kernel_tables(seed=5)[0]
+    ref = [t.astype(np.float64) for t in (wi, wo, wh)]
+    lk = lockf if locked else None
+    kw = {**_KERNEL_KW, "negative": K}
+    h = dict(hs_off=off, hs_points=pts, hs_codes=cds) if hs else {}
+    want = train_chunks_reference(tokens, bounds, range(len(bounds) - 1), keep, aprob, alias, ref[0], ref[1],
+                                  w_hs=ref[2] if hs else None, lockf=lk, **h, **kw, **mode)
+    got = _cpu.train_chunks(fn, tokens, bounds, 0, len(bounds) - 1, 1, keep, aprob, alias, wi, wo,
+                            w_hs=wh if hs else None, lockf=lk, max_chunk=int(np.diff(bounds).max()), **h, **kw, **mode)
+    assert want[1] == got[1] and want[2] == got[2] and got[1] > 0
+    assert got[0] == pytest.approx(want[0], rel=1e-5)
+    for a, b in zip((wi, wo, wh), ref):
+        assert np.abs(a - b).max() < 1e-5
+    if hs:
+        assert np.abs(wh - _kernel_tables(seed=5)[0]).max() > 0.01  # syn1 trained
+    if K == 0:
+        assert np.array_equal(wo, _kernel_tables()[1])  # no negative sampling: syn1neg untouched
+    if locked:  # a frozen word's input row never changes
+        frozen = np.flatnonzero(lockf == 0)
+        assert np.array_equal(wi[frozen], _kernel_tables()[0][frozen])
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
+@pytest.mark.parametrize("K,mode,locked", _HS_MODES[:4])
+def test_triton_kernel_hs_and_lockf_match_reference(K, mode, locked):
+    # the Triton kernel's Huffman tile and lockf ring against the float64 reference (one program)
+    from embedattn.kernels.word2vec import word2vec_train
+
+    n = 120 if ON_CUDA else 50
+    tokens, bounds, keep, aprob, alias = _kernel_inputs(n=n, n_sent=3)
+    (off, pts, cds), lockf = _hs_inputs()
+    wi, wo = _kernel_tables(D=13)
+    wh = _kernel_tables(D=13, seed=5)[0]
+    ref = [t.astype(np.float64) for t in (wi, wo, wh)]
+    kw = {**_KERNEL_KW, "negative": K}
+    lk = lockf if locked else None
+    want = train_chunks_reference(tokens, bounds, range(len(bounds) - 1), keep, aprob, alias, ref[0], ref[1],
+                                  w_hs=ref[2], hs_off=off, hs_points=pts, hs_codes=cds, lockf=lk, **kw, **mode)
+    T = lambda a: torch.from_numpy(a).to(DEVICE)  # noqa: E731
+    a, b, c = T(wi), T(wo), T(wh)
+    stats = word2vec_train(T(tokens), T(bounds), torch.full((n,), -1, dtype=torch.int32, device=DEVICE), T(keep),
+                           T(aprob), T(alias), a, b, c0=0, n_chunks=len(bounds) - 1, grid=1, deterministic=True,
+                           w_hs=c, hs_off=T(off), hs_points=T(pts), hs_codes=T(cds),
+                           max_code=int(np.diff(off).max()), lockf=None if lk is None else T(lk), **kw, **mode)
+    got = stats.sum(0).tolist()
+    assert got[1] == want[1] and got[2] == want[2] and got[1] > 0
+    assert got[0] == pytest.approx(want[0], rel=1e-5)
+    for x, y in zip((a, b, c), ref):
+        assert max_err(x.cpu(), torch.from_numpy(y)) < 1e-5
 
 
 def test_model_trains_the_reference_algorithm():
