@@ -5,9 +5,11 @@ bool/float masks with broadcast dims and fully masked rows (a float mask also in
 non-contiguous and expanded (stride-0) inputs, the returned lse in the loss, fp32/fp16 (bf16 on CUDA);
 forward and gradients under FlashAttention's rule (``helpers.assert_fa_close``). Embedding: learned,
 sinusoidal or no positions, default/offset/explicit positions, padding_idx, repeated ids, scale, id
-dtypes. Negative sampling: every reduction, repeated ids, large logits, sparse gradients. Only the public
-APIs (``embedattn.attention``, ``embedattn.embedding``, ``embedattn.negative_sampling_loss``) against
-``embedattn.reference``.
+dtypes. Negative sampling: every reduction, repeated ids, large logits, sparse gradients. Rotary, varlen:
+empty sequences, int or per-sequence offsets, in place or not, both layouts, and unchecked calls with a
+short ``max_seqlen`` or a bad ``cu_seqlens`` (past x, negative, decreasing: nothing may be written outside x
+or left unwritten). Only the public APIs (``embedattn.attention``, ``embedattn.embedding``,
+``embedattn.negative_sampling_loss``, ``embedattn.rotary``) against ``embedattn.reference``.
 
 Budget: cases come from one seed (``EMBEDATTN_FUZZ_SEED``, default 0) with a small count in CI (this file
 runs in well under a minute on 2 CPU cores under the interpreter), a larger one with ``EMBEDATTN_SLOW=1``,
@@ -37,6 +39,7 @@ N_CASES = {  # (interpreter: CI, EMBEDATTN_SLOW=1; CUDA: CI, EMBEDATTN_SLOW=1)
     "attention": (14, 120, 100, 500),
     "embedding": (10, 80, 100, 400),
     "negative_sampling": (10, 80, 100, 400),
+    "rotary_varlen": (8, 60, 100, 400),
 }
 
 
@@ -278,3 +281,87 @@ def test_fuzz_negative_sampling(i):
         yard = torch.autograd.grad(plain, rp, dl.to(DEVICE, plain.dtype))
         scale = max(1.0, max(t.to_dense().abs().max().item() for t in exp))
         _grads_close([t.to(dtype) for t in got], exp, [t.to(dtype) for t in yard], ("din", "dout"), eps * scale)
+
+
+# ------------------------------------------------------------------------------------------ rotary varlen
+def _rotary_case(i: int) -> dict:
+    r = random.Random(f"rotary_varlen/{SEED}/{i}")
+    big = 8 if ON_CUDA else 1
+    lens = [r.choice([0, 1, r.randint(1, 12 * big)]) for _ in range(r.randint(1, 4))]
+    total = sum(lens)
+    cu = [0]
+    for n in lens:
+        cu.append(cu[-1] + n)
+    # every kind of bad varlen input within the first cases (the CI count), in a seeded order
+    kinds = ["none", "short max_seqlen", "past the end", "negative", "decreasing", "none"]
+    bad = kinds[(i + SEED) % len(kinds)]
+    max_len = max(lens + [0])
+    if bad == "short max_seqlen":
+        max_len = r.randint(0, max(max_len - 1, 0))
+    elif bad == "past the end":
+        cu[-1] += r.randint(1, 40)
+    elif bad == "negative" and len(cu) > 2:
+        cu[1] = -r.randint(1, 20)
+    elif bad == "decreasing" and len(cu) > 2:
+        cu[1], cu[2] = cu[2] + r.randint(1, 5), max(cu[1] - r.randint(0, 3), 0)
+    half = r.randint(1, 8)
+    return dict(cu=cu, total=total, max_seqlen=max_len, bad=bad, H=r.randint(1, 3),
+                D=2 * half + r.choice([0, 0, 1, 5]), half=half, interleaved=r.random() < 0.5,
+                inplace=r.random() < 0.3, heads_first=r.random() < 0.3, offsets=r.choice(["int", "tensor"]),
+                dtype=r.choice(["float32", "float16"]), seed=r.randint(0, 2**31 - 1))
+
+
+def _partition(cu: list[int], total: int) -> list[int]:
+    """What an unchecked cu_seqlens means (embedattn.rotary): clamped into [0, total], first 0, last total,
+    then its running maximum."""
+    c = [min(max(v, 0), total) for v in cu]
+    c[0], c[-1] = 0, total
+    for j in range(1, len(c)):
+        c[j] = max(c[j], c[j - 1])
+    return c
+
+
+@pytest.mark.parametrize("i", range(_count("rotary_varlen")))
+def test_fuzz_rotary_varlen(i):
+    c = _rotary_case(i)
+    with _repro("rotary_varlen", i, c):
+        g = torch.Generator().manual_seed(c["seed"])
+        dtype = getattr(torch, c["dtype"])
+        total, h, d, pad = c["total"], c["H"], c["D"], 2
+        angle = torch.rand(max(total, 1) + 8, c["half"], generator=g, dtype=torch.float64) * 6.3
+        cos, sin = angle.cos().to(DEVICE, torch.float32), angle.sin().to(DEVICE, torch.float32)
+        nb = len(c["cu"]) - 1
+        off = r_off = 3
+        if c["offsets"] == "tensor":
+            off = torch.randint(0, 8, (nb,), generator=g).to(DEVICE)
+            r_off = off
+        shape = (h, total + 2 * pad, d) if c["heads_first"] else (total + 2 * pad, h, d)
+        buf = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
+        x = buf.narrow(1 if c["heads_first"] else 0, pad, total)
+        x.copy_(torch.randn(x.shape, generator=g).to(DEVICE, dtype))
+        x0 = x.clone()
+        cu = torch.tensor(c["cu"], dtype=torch.int32, device=DEVICE)
+        part = torch.tensor(_partition(c["cu"], total), dtype=torch.int32, device=DEVICE)
+        kw = dict(cu_seqlens=cu, max_seqlen=c["max_seqlen"], heads_first=c["heads_first"])
+        call = lambda t, inplace: embedattn.rotary(t, cos, sin, c["interleaved"], inplace, off, check_bounds=False,
+                                                    backend="triton", **kw)
+        rkw = dict(cu_seqlens=part, heads_first=c["heads_first"], seqlen_offsets=r_off)
+        want = reference.rotary(x0.double(), cos.double(), sin.double(), c["interleaved"], **rkw)
+        plain = reference.rotary(x0, cos, sin, c["interleaved"], upcast=False, **rkw)
+        if c["inplace"]:
+            got = call(x, True)
+            assert got is x
+        else:
+            xl = x0.clone().requires_grad_()
+            got = call(xl, False)
+            dout = torch.randn(got.shape, generator=g).to(DEVICE, dtype)
+            got.backward(dout)
+            x64 = x0.double().requires_grad_()
+            reference.rotary(x64, cos.double(), sin.double(), c["interleaved"], **rkw).backward(dout.double())
+            xp = x0.clone().requires_grad_()
+            reference.rotary(xp, cos, sin, c["interleaved"], upcast=False, **rkw).backward(dout)
+            assert_fa_close(xl.grad, x64.grad, xp.grad, "grad x")
+        outside = torch.cat([buf.narrow(1 if c["heads_first"] else 0, 0, pad),
+                             buf.narrow(1 if c["heads_first"] else 0, pad + total, pad)])
+        assert torch.isnan(outside).all(), "a write outside x"
+        assert_fa_close(got.detach(), want, plain, "out")
