@@ -17,7 +17,7 @@
 # second pass on the same machine does not retune; those decisions are also saved to
 # OUT_DIR/triton_autotune_cache.tgz.
 set -uo pipefail
-cd "$(dirname "$0")/../.."
+cd "$(dirname "$0")/../.." || exit 2
 
 OUT_DIR="${1:-${OUT:-gpu_out}}"
 BUDGET="${2:-240}"

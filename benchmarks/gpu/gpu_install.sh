@@ -7,7 +7,7 @@
 #
 #   bash benchmarks/gpu/gpu_install.sh        (PY: the python to install into, default python3)
 set -uo pipefail
-cd "$(dirname "$0")/../.."
+cd "$(dirname "$0")/../.." || exit 2
 PY=${PY:-python3}
 HERE=$PWD
 

@@ -1,210 +1,326 @@
 #!/usr/bin/env bash
-# One 12-minute session on a lent H200 (16 CPU cores, offline; python 3.12, torch 2.11, triton 3.6): the whole
-# CUDA test suite, tuning what this device's config table lacks, then the full benchmark sweep on the tuned table.
-# Everything to commit lands in $OUT/<gpu>/ ($OUT: the device tool's return folder; ./gpu_out without one).
+# The GPU lease of issue #27, as two calls of the device tool on one warm machine (docs/gpu_lease.md says how to run
+# them, what comes back and what to commit):
 #
-#   bash benchmarks/gpu/gpu_session.sh [PHASE ...]     PHASE: install tests tune sweep pack (default: all five)
+#   bash benchmarks/gpu/gpu_session.sh call1     # env tests tune pack              (run timeout_s=330)
+#   bash benchmarks/gpu/gpu_session.sh call2     # env hopper sweep w2v decode pack (run timeout_s=330)
+#   bash benchmarks/gpu/gpu_session.sh PHASE...  # phases by name: env tests tune hopper sweep w2v decode pack
+#   bash benchmarks/gpu/gpu_session.sh prepare   # CPU machine, before the lease: gensim's corpus into build/lease/
+#   DRY_RUN=1 bash benchmarks/gpu/gpu_session.sh call1   # the rehearsal on a CPU: every phase's own code path,
+#                                                        # tiny shapes, Triton's interpreter (minutes)
 #
-# The device tool runs one command for at most 10 minutes, so the session is two calls on one warm machine; the
-# session's work folder (under $SESSION_DIR, default /tmp/embedattn_session) and its clock carry over between them:
-#   1. bash benchmarks/gpu/gpu_session.sh install tests               # <= 360 s
-#   2. bash benchmarks/gpu/gpu_session.sh install tune sweep pack     # <= 360 s (install: a check, seconds)
-# Every call leaves $OUT/<gpu>/ (at most 8 files, the tool's limit): session.json (phases, budgets, counts) and
-# logs.tgz always; after the sweep also results.csv, env.json, summary.md, plots.tgz and <device key>.json, the
-# tuned table. To commit: results.csv, env.json, summary.md and plots.tgz unpacked -> reports/<gpu>/;
-# <device key>.json -> embedattn/configs/.
+# Phases (each bounded by its own timeout: SIGINT at its share, SIGKILL a few seconds later, so a slow phase never
+# eats the next one; a phase starts only with its minimum left after reserving the minimums of the phases after it):
+#   env     nvidia-smi, pip install -e . offline (gpu_install.sh), the device's report tag and config-table key
+#   tests   the whole CUDA test suite under its cap, most telling files first; every outcome logged as it happens
+#           (lease_pytest.py), so a stopped run still says what passed and failed: tests_cuda.log, failures first
+#   tune    python -m benchmarks.tune --dtype bf16 --suite embedding,attention: the keys the device's table lacks,
+#           into the session's configs/ (kept across the two calls: a rerun tunes only what is still missing)
+#   hopper  benchmarks/gpu/hopper_attention.py on the tuned table: sm90 variants vs SDPA cuDNN/flash, correctness,
+#           D512/MLA rows where the installed embedattn takes them, the defaults rule -> impl_defaults.json, merged
+#           into the tuned table (entries attention.impl_fwd / attention.impl_bwd)
+#   sweep   python -m benchmarks --suite embedding,attention --dtype bf16 on the tuned table (embedding first)
+#   w2v     benchmarks/gpu/w2v_bench.py: words/s on ~100M words, WordSim-353 against gensim's reference
+#   decode  benchmarks/scripts/decode_bench.py: paged (64/16/256) vs contiguous vs SDPA; MLA 576/512 if supported
+#   pack    results.csv (sweep + word2vec rows), summary.md, NOTES.md (the targets table from the numbers),
+#           tests_cuda.log; plots when the call has the time (collect draws them again on the CPU machine)
+# After every phase the call publishes $OUT/<gpu>/ (at most 8 files, the tool's limit): session.json, NOTES.md,
+# tests_cuda.log, hopper_attention.md, summary.md, <device key>.json and lease-call<N>.tgz (everything, in the
+# layout benchmarks/gpu/lease_report.py collect places into the repository).
 #
-# Time budget (seconds), sized from the last GPU run (reports/h100, 2026-11-26: NOTES.md and env.json):
-#   tests   that run: pytest -n 16 over 6 files, Triton-path cases only: 118 passed in 105 s, then its timeout
-#           cut it. Compiles dominate (2-6 s per new specialization, shared between workers through Triton's
-#           disk cache). The whole suite is ~1,300 cases on CUDA (1,107 collected on CPU, plus bf16 cases),
-#           about half of them on the reference backend (milliseconds each)        TESTS_S=320 (+15 to stop)
-#   tune    new: 16 compile processes fill Triton's cache, then do_bench (5 ms warm-up + 20 ms) per candidate:
-#           ~0.6 s a key of ~11 candidates once compiled; an sm_90 compile of these kernels took 2-6 s on a
-#           2-core CPU. --max-seconds bounds the whole command, compiles included (docs/tuning.md); keys left
-#           when it ends fall back to the nearest tuned bucket; the grace covers Python's exit  TUNE_S=120 (+30)
-#   sweep   that run: --max-seconds 160 took 185 s (the point in flight, then env.json): 25 s past its budget
-#                                                                                             SWEEP_S=140 (+35)
-#   install pip install -e . (no deps, offline), an import check, nvidia-smi                     INSTALL_S=30
-#   pack    plots and summary.md from the CSV, tar                                                  PACK_S=25
-#   total   30 + 335 + 150 + 175 + 25 = 715 <= SESSION_S=720 (12 minutes)
-# A phase gets its own share, less when the session clock says the phases still to run would not fit; one left
-# with under 15 s of work (past its stop margin) is skipped (said in session.json). Override any number by the environment (TESTS_S=200 ...).
-# DRY=1 prints each phase's command instead of running it (checks this script's plumbing on any machine).
+# Budget (seconds). The call's budget CALL_S (default 315) is the run's timeout_s (330) less 15 s for the tool's
+# own stop and the copy of $OUT. Caps (env PHASE_S overrides, e.g. TESTS_S=120) and minimums:
+#   call1: env 30 (min 10) + tests 150 (40) + tune 110 (40) + pack 20 (10)                        = 310 <= 315
+#   call2: env 15 (10) + hopper 120 (60) + sweep 95 (40) + w2v 40 (20) + decode 30 (15) + pack 20 = 320; env takes
+#          ~3 s on the warm machine (and ~20 s on a fresh one, when the pack's share shrinks first)
 set -uo pipefail
-cd "$(dirname "$0")/../.."
+cd "$(dirname "$0")/../.." || exit 2
 export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET EMBEDATTN_BACKEND
+ROOT=$PWD
 
+DRY=${DRY_RUN:-0}
 PY=${PY:-python3}
-DTYPE=${DTYPE:-bf16}
-SESSION_S=${SESSION_S:-720}
-INSTALL_S=${INSTALL_S:-30}
-TESTS_S=${TESTS_S:-320}; TESTS_STOP=15    # SIGINT at TESTS_S (pytest prints its summary), SIGKILL 15 s later
-TUNE_S=${TUNE_S:-120}; TUNE_GRACE=30      # the key in flight, the compile pool's teardown, the table
-SWEEP_S=${SWEEP_S:-140}; SWEEP_GRACE=35   # the point in flight, env.json, summary.md
-PACK_S=${PACK_S:-25}
-MIN_S=15
-BASE=${SESSION_DIR:-/tmp/embedattn_session}
-OUT_DIR=${OUT:-$PWD/gpu_out}
-RUN=""
-[ "${DRY:-0}" = 1 ] && RUN="echo DRY:"
+if [ "$DRY" = 1 ]; then
+    BASE=${SESSION_DIR:-/tmp/embedattn_lease_dry}
+    OUT_DIR=${OUT:-$BASE/out}
+    CALL_S=${CALL_S:-1500}
+else
+    BASE=${SESSION_DIR:-/tmp/embedattn_lease}
+    OUT_DIR=${OUT:-$ROOT/gpu_out}
+    CALL_S=${CALL_S:-315}
+fi
+W=$BASE/work
+declare -A CAP=([env]=${ENV_S:-30} [tests]=${TESTS_S:-150} [tune]=${TUNE_S:-110} [hopper]=${HOPPER_S:-120}
+                [sweep]=${SWEEP_S:-95} [w2v]=${W2V_S:-40} [decode]=${DECODE_S:-30} [pack]=${PACK_S:-20})
+declare -A MIN=([env]=10 [tests]=40 [tune]=40 [hopper]=60 [sweep]=40 [w2v]=20 [decode]=15 [pack]=10)
+if [ "$DRY" = 1 ]; then  # the interpreter is slow: the rehearsal's own caps
+    CAP=([env]=60 [tests]=240 [tune]=150 [hopper]=300 [sweep]=150 [w2v]=150 [decode]=120 [pack]=90)
+fi
 
-ORDER=(install tests tune sweep pack)
-declare -A COST=([install]=$INSTALL_S [tests]=$((TESTS_S + TESTS_STOP)) [tune]=$((TUNE_S + TUNE_GRACE))
-                 [sweep]=$((SWEEP_S + SWEEP_GRACE)) [pack]=$PACK_S)
-# the least a phase is started with: its stop margin plus MIN_S of work
-declare -A NEED=([install]=$MIN_S [tests]=$((TESTS_STOP + MIN_S)) [tune]=$((TUNE_GRACE + MIN_S))
-                 [sweep]=$((SWEEP_GRACE + MIN_S)) [pack]=$MIN_S)
-PHASES=("$@")
-[ ${#PHASES[@]} -eq 0 ] && PHASES=("${ORDER[@]}")
+CALL=${CALL:-x}
+case "${1:-}" in
+    call1) CALL=1; PHASES=(env tests tune pack) ;;
+    call2) CALL=2; PHASES=(env hopper sweep w2v decode pack) ;;
+    prepare) PHASES=(prepare) ;;
+    "") echo "usage: $0 call1|call2|prepare|PHASE... (phases: ${!CAP[*]})" >&2; exit 2 ;;
+    *) PHASES=("$@") ;;
+esac
 for p in "${PHASES[@]}"; do
-    [ -n "${COST[$p]+x}" ] || { echo "gpu_session: unknown phase '$p' (phases: ${ORDER[*]})" >&2; exit 2; }
+    [ "$p" = prepare ] || [ -n "${CAP[$p]+x}" ] || { echo "gpu_session: unknown phase '$p'" >&2; exit 2; }
 done
 
-# the session clock: started by the first call, kept by the next ones (a clock older than 30 minutes starts a new
-# session, in a folder of its own: nothing of an earlier session is published by a later one)
-mkdir -p "$BASE"
-now=$(date +%s)
-if [ -s "$BASE/current" ] && [ $((now - $(cat "$BASE/current"))) -lt 1800 ]; then
-    T0=$(cat "$BASE/current")
-else
-    T0=$now && echo "$T0" > "$BASE/current"
+if [ "${PHASES[0]}" = prepare ]; then  # CPU machine: the corpus the w2v phase reads (gensim is not on the GPU one)
+    mkdir -p build/lease/data
+    "$PY" - <<'EOF' || exit 1
+import shutil
+from benchmarks.negative_sampling import gensim_data
+for name in ("head500.noblanks.cor", "wordsim353.tsv"):
+    src = gensim_data(name)
+    if src is None:
+        raise SystemExit(f"prepare: gensim's {name} not found (pip install gensim)")
+    shutil.copy(src, "build/lease/data/")
+    print("build/lease/data <-", src)
+EOF
+    du -sh build/lease/data
+    exit 0
 fi
-W="$BASE/session-$T0"
-mkdir -p "$W"
-elapsed() { echo $(($(date +%s) - T0)); }
 
-done_before() { grep -q "^$1	" "$W/phases.tsv" 2>/dev/null; }
-# seconds phase $1 may take: its cost, or what the session leaves after reserving the phases still to come
-allow() {
-    local p=$1 after=0 seen=0 q left
-    for q in "${ORDER[@]}"; do
-        if [ $seen = 1 ] && ! done_before "$q"; then after=$((after + COST[$q])); fi
-        [ "$q" = "$p" ] && seen=1
-    done
-    left=$((T0 + SESSION_S - $(date +%s) - after))
-    echo $((left < COST[$p] ? left : COST[$p]))
-}
-record() {  # phase, allowed seconds, seconds used, exit status, note
-    printf '%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" "${5:-}" >> "$W/phases.tsv"
-    echo "== $1: rc=$4 in $3 s (allowed $2 s; session at $(elapsed) s of $SESSION_S)${5:+: $5}"
-}
+mkdir -p "$W/logs" "$W/configs" "$OUT_DIR"
+T0=$(date +%s)
+DEADLINE=$((T0 + CALL_S))
+now() { date +%s; }
+elapsed() { echo $(($(now) - T0)); }
+[ -d build/lease/data ] && export EMBEDATTN_BENCH_DATA="$ROOT/build/lease/data"
 
-identify() {  # the device's report folder tag and config-table key, once per session
+identify() {  # the report folder's tag, the config table's key and the device's name, once per session
     if [ ! -s "$W/ids" ]; then
-        $PY - > "$W/ids" 2>/dev/null <<'EOF' || echo "gpu gpu unknown" > "$W/ids"
+        if [ "$DRY" = 1 ]; then
+            echo "dryrun cpu cpu" > "$W/ids"
+        else
+            "$PY" - > "$W/ids" 2>>"$W/logs/env.log" <<'EOF' || echo "gpu gpu unknown" > "$W/ids"
 import torch
 from benchmarks.harness import device_tag
 from embedattn.configs import device_key
 print(device_tag("cuda"), device_key("cuda"), torch.cuda.get_device_name().replace(" ", "_"))
 EOF
+        fi
     fi
     read -r TAG DEVKEY GPU_NAME < "$W/ids"
+    R="$W/reports/$TAG"
+    mkdir -p "$R"
 }
 
-phase_install() {
-    local t=$1
-    nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,memory.used \
-        --format=csv,noheader 2>&1 | tee "$W/nvidia_smi.log"
-    $RUN env PY="$PY" PYTHONPATH_FILE="$W/pythonpath" timeout -k 5 "$t" bash benchmarks/gpu/gpu_install.sh \
-        > "$W/install.log" 2>&1
+# ------------------------------------------------------------------------------------------------------ phases
+phase_env() {
+    local a=$1
+    { nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,memory.used \
+        --format=csv,noheader 2>&1 || echo "no nvidia-smi"; } | tee "$W/logs/nvidia_smi.log"
+    env PY="$PY" PYTHONPATH_FILE="$W/pythonpath" timeout -k 5 $((a - 8)) bash benchmarks/gpu/gpu_install.sh \
+        > "$W/logs/install.log" 2>&1
     local rc=$?
-    tail -n 3 "$W/install.log"
-    [ -s "$W/pythonpath" ] && export PYTHONPATH="$(cat "$W/pythonpath")${PYTHONPATH:+:$PYTHONPATH}"
+    tail -n 3 "$W/logs/install.log"
+    if [ -s "$W/pythonpath" ] && [[ ":${PYTHONPATH:-}:" != *":$(cat "$W/pythonpath"):"* ]]; then
+        PYTHONPATH="$(cat "$W/pythonpath")${PYTHONPATH:+:$PYTHONPATH}"
+        export PYTHONPATH
+    fi
     rm -f "$W/ids"
     identify
+    "$PY" - <<'EOF' 2>&1 | tee -a "$W/logs/env.log"
+import embedattn, torch, triton
+cuda = torch.cuda.is_available()
+print("torch", torch.__version__, "triton", triton.__version__, "embedattn", embedattn.__file__)
+print("cuda", torch.version.cuda, torch.cuda.get_device_name() if cuda else "none",
+      torch.cuda.get_device_capability() if cuda else "")
+EOF
+    echo "tag $TAG, config table $DEVKEY.json, device $GPU_NAME"
     return $rc
+}
+# PYTHONPATH written by a fallback install holds for every later phase and call
+if [ -s "$W/pythonpath" ]; then
+    PYTHONPATH="$(cat "$W/pythonpath")${PYTHONPATH:+:$PYTHONPATH}"
+    export PYTHONPATH
+fi
+
+TEST_ORDER=(tests/attention/test_hopper.py tests/attention/test_attention.py tests/embedding
+            tests/word2vec/test_word2vec.py tests/negative_sampling tests/attention/test_paged_kv.py
+            tests/attention/test_attention_features.py tests/rotary tests/attention/test_philox.py tests/integrations
+            tests/distributed tests/test_fuzz.py tests/benchmarks tests/word2vec tests/test_packaging.py)
+test_files() {  # the priority list, then every test file it does not name (the whole suite, in a useful order)
+    local f p named
+    for p in "${TEST_ORDER[@]}"; do [ -e "$p" ] && echo "$p"; done
+    for f in $(find tests -name 'test_*.py' | sort); do
+        named=0
+        for p in "${TEST_ORDER[@]}"; do [[ $f == "$p" || $f == "$p"/* ]] && named=1; done
+        [ $named = 0 ] && echo "$f"
+    done
 }
 
 phase_tests() {
-    local t=$(($1 - TESTS_STOP)) extra=()
-    $PY -c "import pytest_timeout" 2>/dev/null && extra=(--timeout 240)  # one hung case must not hold a worker
-    $RUN env EMBEDATTN_TEST_DEVICE=cuda timeout -s INT -k "$TESTS_STOP" "$t" \
-        "$PY" -m pytest tests -n "$(nproc)" -p no:cacheprovider -rfE --durations=25 "${extra[@]}" \
-        > "$W/tests_cuda.log" 2>&1
+    local a=$1 extra=() dev=cuda workers
+    workers=$(nproc)
+    rm -f "$W"/tests_results.tsv "$W"/tests_failures.txt "$W"/tests_pytest.log
+    "$PY" -c "import pytest_timeout" 2>/dev/null && extra+=(--timeout 120)  # a hung case must not hold a worker
+    "$PY" -c "import xdist" 2>/dev/null || workers=0
+    if [ "$DRY" = 1 ]; then dev=cpu; workers=2; extra+=(--lease-per-file 1); fi
+    [ "$workers" -gt 0 ] && extra+=(-n "$workers")
+    mapfile -t files < <(test_files)
+    env EMBEDATTN_TEST_DEVICE=$dev PYTHONPATH="$ROOT/benchmarks/gpu${PYTHONPATH:+:$PYTHONPATH}" \
+        timeout -s INT -k 10 $((a - 15)) "$PY" -m pytest "${files[@]}" -p lease_pytest -p no:cacheprovider \
+        --lease-log "$W/tests_results.tsv" --lease-failures "$W/tests_failures.txt" -rfE --durations=15 \
+        "${extra[@]}" > "$W/tests_pytest.log" 2>&1
     local rc=$?
-    [ $rc -eq 124 ] && echo "tests: stopped by the session's budget ($t s) before the suite finished"
-    grep -E " (passed|failed|error)" "$W/tests_cuda.log" | tail -n 1
-    grep -E "^(FAILED|ERROR) " "$W/tests_cuda.log" | head -n 20
+    [ $rc -eq 124 ] && echo "tests: stopped by the phase's cap ($((a - 15)) s) before the suite finished" \
+        | tee -a "$W/tests_pytest.log"
+    "$PY" benchmarks/gpu/lease_report.py tests "$W" "$R/tests_cuda.log"
+    grep -E "^(FAILED|ERROR) " "$R/tests_cuda.log" | head -n 20
     return $rc
 }
 
 phase_tune() {
-    local t=$(($1 - TUNE_GRACE))
-    $RUN timeout -s INT -k 10 $((t + TUNE_GRACE - 10)) "$PY" -m benchmarks.tune --device cuda --dtype "$DTYPE" \
-        --max-seconds "$t" --out "$W/configs" > "$W/tune.log" 2>&1
+    local a=$1 args=(--device cuda --dtype bf16)
+    [ "$DRY" = 1 ] && args=(--device cpu --tiny --compile-workers 0)
+    timeout -s INT -k 10 $((a - 10)) "$PY" -m benchmarks.tune "${args[@]}" --suite embedding,attention \
+        --max-seconds $((a - 20)) --out "$W/configs" > "$W/logs/tune.log" 2>&1
     local rc=$?
-    grep -E "^(tuning|tuned|skipped|failed)" "$W/tune.log" | cut -c1-300
+    grep -E "^(tuning|tuned|skipped|failed)" "$W/logs/tune.log" | cut -c1-300
+    return $rc
+}
+
+phase_hopper() {
+    local a=$1 args=()
+    [ "$DRY" = 1 ] && args=(--dry-run)
+    env EMBEDATTN_CONFIGS_DIR="$W/configs" EMBEDATTN_AUTOTUNE=0 timeout -s INT -k 8 $((a - 8)) \
+        "$PY" benchmarks/gpu/hopper_attention.py --out "$R" --max-seconds $((a - 15)) \
+        --merge-into "$W/configs/$DEVKEY.json" "${args[@]}" > "$W/logs/hopper.log" 2>&1
+    local rc=$?
+    grep -E "^(  probe|  capability|compile pool|ceilings|done in)|BAD" "$W/logs/hopper.log" | cut -c1-200
+    sed -n '/^## Defaults decided/,/^| lever/p' "$R/hopper_attention.md" 2>/dev/null | head -n 30
     return $rc
 }
 
 phase_sweep() {
-    local t=$(($1 - SWEEP_GRACE))
+    local a=$1 args=(--device cuda --dtype bf16)
+    [ "$DRY" = 1 ] && args=(--device cpu --tiny)
     # the tuned table over the shipped one; a key it lacks runs its heuristic config (autotuning would not fit)
-    $RUN env EMBEDATTN_CONFIGS_DIR="$W/configs" EMBEDATTN_AUTOTUNE=0 timeout -s INT -k 10 $((t + SWEEP_GRACE - 10)) \
-        "$PY" -m benchmarks --device cuda --suite all --dtype "$DTYPE" --max-seconds "$t" --no-compile --no-plots \
-        --out "$W/$TAG" 2>&1 | tr '\r' '\n' | grep -v 'pt/s]$' > "$W/sweep.log"
+    env EMBEDATTN_CONFIGS_DIR="$W/configs" EMBEDATTN_AUTOTUNE=0 timeout -s INT -k 10 $((a - 10)) \
+        "$PY" -m benchmarks "${args[@]}" --suite embedding,attention --max-seconds $((a - 35)) --no-compile \
+        --no-plots --out "$W/sweep" 2>&1 | tr '\r' '\n' | grep -vE '(pt/s|s/pt)]$' > "$W/logs/sweep.log"
     local rc=${PIPESTATUS[0]}
-    tail -n 5 "$W/sweep.log"
+    tail -n 4 "$W/logs/sweep.log" | cut -c1-200
+    return "$rc"
+}
+
+phase_w2v() {
+    local a=$1 args=() interp=()
+    [ "$DRY" = 1 ] && args=(--dry-run) && interp=(TRITON_INTERPRET=1)
+    env "${interp[@]}" timeout -s INT -k 5 $((a - 5)) "$PY" benchmarks/gpu/w2v_bench.py --out "$R/w2v.csv" \
+        --max-seconds $((a - 12)) "${args[@]}" > "$W/logs/w2v.log" 2>&1
+    local rc=$?
+    sed -n '/^w2v_bench: done/,$p' "$W/logs/w2v.log" | cut -c1-200
+    return $rc
+}
+
+phase_decode() {
+    local a=$1 args=()
+    [ "$DRY" = 1 ] && args=(--dry-run)
+    env EMBEDATTN_CONFIGS_DIR="$W/configs" EMBEDATTN_AUTOTUNE=0 timeout -s INT -k 5 $((a - 5)) \
+        "$PY" benchmarks/scripts/decode_bench.py --out "$R/decode.csv" --max-seconds $((a - 15)) "${args[@]}" \
+        > "$W/logs/decode.log" 2>&1
+    local rc=$?
+    grep -E "^(MLA|decode_bench)" "$W/logs/decode.log"
     return $rc
 }
 
 phase_pack() {
-    local t=$1 csv="$W/$TAG/results.csv"
-    [ -s "$csv" ] || { echo "pack: no $csv"; return 1; }
-    $RUN timeout -k 5 "$t" bash -c "'$PY' -m benchmarks.plot '$csv' > '$W/pack.log' 2>&1;
-                                    '$PY' -m benchmarks.summary '$csv' >> '$W/pack.log' 2>&1"
+    local a=$1 end
+    end=$(($(now) + a - 3))
+    [ -s "$W/sweep/env.json" ] && cp "$W/sweep/env.json" "$R/env.json"
+    "$PY" benchmarks/gpu/lease_report.py merge-csv "$R/results.csv" "$W/sweep/results.csv" "$R/w2v.csv"
+    [ -s "$R/results.csv" ] && timeout 20 "$PY" -m benchmarks.summary "$R/results.csv" > /dev/null
+    [ -s "$W/tests_results.tsv" ] && "$PY" benchmarks/gpu/lease_report.py tests "$W" "$R/tests_cuda.log" > /dev/null
+    rm -f "$R/NOTES.md"
+    session_json
+    "$PY" benchmarks/gpu/lease_report.py targets "$R" > /dev/null
+    sed -n '/^| target/,/^### Missed/p' "$R/NOTES.md" | head -n 20 | cut -c1-260
+    if [ $((end - $(now))) -gt 8 ] && [ -s "$R/results.csv" ]; then  # plots if time is left (collect redraws)
+        timeout $((end - $(now))) "$PY" -m benchmarks.plot "$R/results.csv" > "$W/logs/plots.log" 2>&1 \
+            || echo "pack: plots left for collect (the CPU machine draws them from the CSV)"
+    fi
 }
 
-publish() {  # this call's view of the session -> $OUT_DIR/$TAG (<= 8 files)
-    local dest="$OUT_DIR/${TAG:-gpu}"
-    mkdir -p "$dest"
-    $PY - "$W" "$dest/session.json" "$SESSION_S" "${TAG:-}" "${DEVKEY:-}" "${GPU_NAME:-}" \
-        "INSTALL_S=$INSTALL_S TESTS_S=$TESTS_S TUNE_S=$TUNE_S SWEEP_S=$SWEEP_S PACK_S=$PACK_S" "$(elapsed)" <<'EOF'
+# ------------------------------------------------------------------------------------------------------ publish
+session_json() {
+    "$PY" - "$W" "$R/session.json" "$CALL_S" "$TAG" "$DEVKEY" "$GPU_NAME" "$CALL" "$(elapsed)" "$DRY" <<'EOF'
 import json, os, re, sys
-w, out, session_s, tag, devkey, gpu, budgets, wall = sys.argv[1:9]
+w, out, call_s, tag, devkey, gpu, call, wall, dry = sys.argv[1:10]
 phases = []
-if os.path.exists(f"{w}/phases.tsv"):
-    for line in open(f"{w}/phases.tsv"):
-        p, allowed, used, rc, note = (line.rstrip("\n").split("\t") + [""])[:5]
-        phases.append({"phase": p, "allowed_s": int(allowed), "seconds": int(used), "rc": int(rc), "note": note})
+for line in open(f"{w}/phases.tsv") if os.path.exists(f"{w}/phases.tsv") else []:
+    c, p, allowed, used, rc, note = (line.rstrip("\n").split("\t") + [""])[:6]
+    phases.append({"call": c, "phase": p, "allowed_s": int(allowed), "seconds": int(used), "rc": int(rc), "note": note})
 def last(path, pattern):
     try:
         hits = [ln.strip() for ln in open(path, errors="replace") if re.search(pattern, ln)]
     except OSError:
         return None
     return hits[-1] if hits else None
-info = {"gpu": gpu.replace("_", " "), "tag": tag, "device_key": devkey, "session_s": int(session_s),
-        "budgets": dict(kv.split("=") for kv in budgets.split()), "phases": phases,
-        "seconds_in_phases": sum(p["seconds"] for p in phases), "session_clock_s": int(wall),
-        "tests": last(f"{w}/tests_cuda.log", r" (passed|failed|error)"),
-        "tests_stopped_by_budget": any(p["phase"] == "tests" and p["rc"] == 124 for p in phases),
-        "tune": last(f"{w}/tune.log", r"^tuned \d+ keys"), "sweep": last(f"{w}/sweep.log", r"^done in|budget")}
+info = {"gpu": gpu.replace("_", " "), "tag": tag, "device_key": devkey, "dry_run": dry == "1",
+        "call": call, "call_budget_s": int(call_s), "call_clock_s": int(wall), "phases": phases,
+        "tests": last(f"{w}/reports/{tag}/tests_cuda.log", r"^counts: "),
+        "tune": last(f"{w}/logs/tune.log", r"^tuned \d+ keys"), "sweep": last(f"{w}/logs/sweep.log", r"^done in|budget"),
+        "hopper": last(f"{w}/logs/hopper.log", r"^done in"), "w2v": last(f"{w}/logs/w2v.log", r"^w2v_bench: done"),
+        "decode": last(f"{w}/logs/decode.log", r"^decode_bench: \d+ of")}
 json.dump(info, open(out, "w"), indent=1)
 EOF
-    [ -s "$W/configs/$DEVKEY.json" ] && cp "$W/configs/$DEVKEY.json" "$dest/"
-    for f in results.csv env.json summary.md; do [ -s "$W/$TAG/$f" ] && cp "$W/$TAG/$f" "$dest/"; done
-    [ -d "$W/$TAG/plots" ] && tar czf "$dest/plots.tgz" -C "$W/$TAG" plots
-    (cd "$W" && ls ./*.log > /dev/null 2>&1 && tar czf "$dest/logs.tgz" ./*.log)
-    echo "== $dest: $(ls "$dest" | tr '\n' ' ')"
 }
 
-TAG=gpu DEVKEY=gpu GPU_NAME=unknown
-[[ " ${PHASES[*]} " == *" install "* ]] || identify  # install identifies the device after installing
+publish() {  # this call's files -> $OUT_DIR/$TAG (<= 8 files); after every phase, so a stopped call still returns
+    local dest="$OUT_DIR/${TAG:-gpu}" f tgz
+    mkdir -p "$dest"
+    session_json
+    for f in session.json NOTES.md tests_cuda.log hopper_attention.md summary.md; do
+        [ -s "$R/$f" ] && cp "$R/$f" "$dest/"
+    done
+    [ -s "$W/configs/$DEVKEY.json" ] && cp "$W/configs/$DEVKEY.json" "$dest/"
+    tgz="$dest/lease-call$CALL.tgz"
+    cp "$W"/tests_*.* "$W/logs/" 2>/dev/null
+    tar czf "$tgz.tmp" -C "$W" reports configs logs 2>/dev/null && mv "$tgz.tmp" "$tgz"
+}
+
+record() {  # phase, allowed seconds, seconds used, exit status, note
+    printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$CALL" "$1" "$2" "$3" "$4" "${5:-}" >> "$W/phases.tsv"
+    echo "== $1: rc=$4 in $3 s (allowed $2 s; call at $(elapsed) s of $CALL_S)${5:+: $5}"
+}
+
+allow() {  # seconds phase $1 (at index $2) may take: its cap, less what the later phases' minimums need
+    local i=$2 after=0 j left
+    for ((j = i + 1; j < ${#PHASES[@]}; j++)); do after=$((after + MIN[${PHASES[$j]}])); done
+    left=$((DEADLINE - $(now) - after))
+    echo $((left < CAP[$1] ? left : CAP[$1]))
+}
+
+TAG=gpu DEVKEY=gpu GPU_NAME=unknown R="$W/reports/gpu"
+[ "${PHASES[0]}" = env ] || identify
 trap publish EXIT
-for p in "${PHASES[@]}"; do
-    a=$(allow "$p")
-    if [ "$a" -lt "${NEED[$p]}" ]; then
-        record "$p" "$a" 0 3 "skipped: the session has no time left for it"
-        [ "$p" = install ] && identify
+if [ "$DRY" = 1 ] && [ "$CALL" = 1 ]; then  # a rehearsal starts from nothing, as a fresh machine does
+    rm -rf "$W" && mkdir -p "$W/logs" "$W/configs"
+fi
+echo "== gpu_session call $CALL: ${PHASES[*]} (budget $CALL_S s$([ "$DRY" = 1 ] && echo ", DRY_RUN")) -> $OUT_DIR"
+for i in "${!PHASES[@]}"; do
+    p=${PHASES[$i]}
+    a=$(allow "$p" "$i")
+    if [ "$a" -lt "${MIN[$p]}" ]; then
+        record "$p" "$a" 0 3 "skipped: the call has no time left for it"
+        [ "$p" = env ] && identify
         continue
     fi
-    start=$(date +%s)
-    echo "== $p (allowed $a s; session at $(elapsed) s)"
+    start=$(now)
+    echo "== $p (allowed $a s; call at $(elapsed) s)"
     "phase_$p" "$a"
     rc=$?
-    record "$p" "$a" $(($(date +%s) - start)) $rc
+    record "$p" "$a" $(($(now) - start)) $rc
+    publish
 done
-printf '\n%-8s %8s %8s %4s\n' phase allowed used rc
-awk -F'\t' '{printf "%-8s %8s %8s %4s %s\n", $1, $2, $3, $4, $5}' "$W/phases.tsv"
+printf '\n%-5s %-7s %8s %8s %4s\n' call phase allowed used rc
+awk -F'\t' '{printf "%-5s %-7s %8s %8s %4s %s\n", $1, $2, $3, $4, $5, $6}' "$W/phases.tsv"
+echo "== $OUT_DIR/$TAG:" "$OUT_DIR/$TAG"/*
