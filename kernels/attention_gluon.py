@@ -23,6 +23,7 @@ import triton
 
 from . import attention_hopper as KH
 from ._utils import LOG2E, empty, interpreting
+from .attention_hopper import flat_program
 
 try:  # Gluon is experimental: absent before Triton 3.4, its API still moving
     from triton.experimental import gluon
@@ -85,13 +86,7 @@ if AVAILABLE:
         num_warps: gl.constexpr,
     ):
         dtype: gl.constexpr = Q.dtype.element_ty
-        pid = gl.program_id(0)
-        num_m = gl.cdiv(Nq, BLOCK_M)
-        start_m = (pid % num_m) * BLOCK_M
-        bh = pid // num_m
-        b = (bh // H).to(gl.int64)
-        h = (bh % H).to(gl.int64)
-        hk = h // GROUP
+        start_m, bh, b, h, hk = flat_program(gl.program_id(0), Nq, H, 0, GROUP, BLOCK_M, False)
 
         smem: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
         q_desc = tma.make_tensor_descriptor(Q + b * stride_qb + h * stride_qh, [Nq, HEAD_DIM], [stride_qm, 1],

@@ -40,6 +40,24 @@ DTYPES = (torch.float16, torch.bfloat16)
 # helpers (the block ranges and the saved lse/delta reads are kernels/attention.py's)
 # --------------------------------------------------------------------------------------------------
 @triton.jit
+def flat_program(pid, Nq, H, NBH, GROUP, BLOCK_M: tl.constexpr, LONGEST_FIRST: tl.constexpr):
+    """(start_m, bh, b, h, hk) of program ``pid`` on one flat grid axis of cdiv(Nq, BLOCK_M) * NBH programs (the sm90
+    forwards: no early return, see _attn_fwd_hopper). Query blocks of one (batch, head) are neighbours (they share
+    K/V in L2); LONGEST_FIRST (causal): the last query blocks of every head, which see the most keys, first. Plain
+    integer arithmetic, so the Gluon forward calls it too."""
+    num_m = (Nq + BLOCK_M - 1) // BLOCK_M
+    if LONGEST_FIRST:
+        start_m = (num_m - 1 - pid // NBH) * BLOCK_M
+        bh = pid % NBH
+    else:
+        start_m = (pid % num_m) * BLOCK_M
+        bh = pid // num_m
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    return start_m, bh, b, h, h // GROUP
+
+
+@triton.jit
 def _plane(base, stride, rows, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr):
     # one (batch, head) plane (rows, HEAD_DIM) with unit stride in D, read and written ROWS at a time; rows
     # past `rows` load as zeros and are not stored (TMA bounds)
@@ -101,17 +119,7 @@ def _attn_fwd_hopper(
     # kernel that branches out before its loop. Non-causal: query blocks of one (batch, head) are
     # neighbours (they share K/V in L2). Causal: longest first, i.e. the last query blocks of every head
     # (bottom-right diagonal: they see the most keys) before any shorter one.
-    pid = tl.program_id(0)
-    if CAUSAL:
-        start_m = (tl.cdiv(Nq, BLOCK_M) - 1 - pid // NBH) * BLOCK_M
-        bh = pid % NBH
-    else:
-        num_m = tl.cdiv(Nq, BLOCK_M)
-        start_m = (pid % num_m) * BLOCK_M
-        bh = pid // num_m
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    hk = h // GROUP
+    start_m, bh, b, h, hk = flat_program(tl.program_id(0), Nq, H, NBH, GROUP, BLOCK_M, CAUSAL)
     q_desc = _plane(Q + b * stride_qb + h * stride_qh, stride_qm, Nq, BLOCK_M, HEAD_DIM)
     o_desc = _plane(O + b * stride_ob + h * stride_oh, stride_om, Nq, BLOCK_M, HEAD_DIM)
     k_desc = _plane(K + b * stride_kb + hk * stride_kh, stride_kn, Nk, BLOCK_N, HEAD_DIM)
