@@ -8,10 +8,12 @@
 - ``word2vec``: embedattn.word2vec.Word2Vec vs gensim (CPU, Cython) on head500 from the gensim wheel, in
   one run: embedattn's kernel trainer on the run's device (and with shared negatives), on a CUDA run
   also its CPU path and the minibatch trainer (one ``sgns_step`` launch per 256 pairs); skip-gram and
-  CBOW. Words/s (corpus words x epochs / wall time of the constructor, vocabulary included; and of the
-  training alone, ``train_words_per_s``) and the WordSim-353 Spearman correlation, computed here the
-  same way for all. ``word2vec_large`` (CUDA): the GPU trainer's speed on head500 repeated to >= 100M
-  words (on the device, one epoch; variants: shared negatives, plain-store write-back, warps).
+  CBOW, negative sampling and hierarchical softmax (``word2vec_hs``, ``word2vec_cbow_hs``: hs=1,
+  negative=0, against gensim's hs=1 in the same run). Words/s (corpus words x epochs / wall time of the
+  constructor, vocabulary included; and of the training alone, ``train_words_per_s``) and the WordSim-353
+  Spearman correlation, computed here the same way for all. ``word2vec_large`` (CUDA): the GPU trainer's
+  speed on head500 repeated to >= 100M words (on the device, one epoch; variants: shared negatives,
+  plain-store write-back, warps).
 """
 
 from __future__ import annotations
@@ -267,9 +269,10 @@ class W2VSettings:
     min_count: int = 3
     workers: int = 2
     sg: int = 1
+    hs: int = 0  # hierarchical softmax (with negative=0: alone)
 
     def shape(self, words: int, corpus: str = "head500") -> str:
-        return (f"corpus={corpus} words={words} sg={self.sg} D={self.vector_size} window={self.window} "
+        return (f"corpus={corpus} words={words} sg={self.sg} hs={self.hs} D={self.vector_size} window={self.window} "
                 f"negative={self.negative} min_count={self.min_count} workers={self.workers}")  # fmt: skip
 
 
@@ -291,7 +294,7 @@ def _train_embedattn(ctx: Context, corpus: str, cfg: W2VSettings, device: str, o
         extra["workers"] = cfg.workers  # the same CPU threads gensim gets
         if opts.get("trainer") == "minibatch":
             extra["compile"] = True  # its CPU fast path; the one-off compile counts in the wall time only
-    return Word2Vec(corpus_file=corpus, sg=cfg.sg, vector_size=cfg.vector_size, window=cfg.window,
+    return Word2Vec(corpus_file=corpus, sg=cfg.sg, hs=cfg.hs, vector_size=cfg.vector_size, window=cfg.window,
                     negative=cfg.negative, min_count=cfg.min_count, epochs=cfg.epochs, seed=0, device=device,
                     **extra)  # fmt: skip
 
@@ -300,7 +303,7 @@ def _train_gensim(ctx: Context, corpus: str, cfg: W2VSettings):
     from gensim.models import Word2Vec
     from gensim.models.word2vec import LineSentence
 
-    return Word2Vec(LineSentence(corpus), sg=cfg.sg, vector_size=cfg.vector_size, window=cfg.window,
+    return Word2Vec(LineSentence(corpus), sg=cfg.sg, hs=cfg.hs, vector_size=cfg.vector_size, window=cfg.window,
                     negative=cfg.negative, min_count=cfg.min_count, epochs=cfg.epochs, seed=0,
                     workers=cfg.workers)  # fmt: skip
 
@@ -314,7 +317,7 @@ def run_word2vec(ctx: Context, rec: Recorder, cfg: W2VSettings) -> list[dict]:
     with _open_text(corpus) as f:
         words = sum(len(line.split()) for line in f)
     providers = _EMBEDATTN_CUDA if ctx.is_cuda else _EMBEDATTN_CPU
-    if not cfg.sg:  # options of skip-gram only
+    if not cfg.sg or cfg.hs:  # options of skip-gram with negative sampling only
         providers = {k: v for k, v in providers.items() if "shared" not in k and "minibatch" not in k}
     trainers: dict[str, tuple[str, str, Callable]] = {}
     for name, (where, opts) in providers.items():
@@ -322,7 +325,7 @@ def run_word2vec(ctx: Context, rec: Recorder, cfg: W2VSettings) -> list[dict]:
         trainers[name] = (device, _options(opts),
                           lambda device=device, opts=opts: _train_embedattn(ctx, corpus, cfg, device, opts))
     trainers["gensim"] = ("cpu", "", lambda: _train_gensim(ctx, corpus, cfg))
-    kernel = "word2vec" if cfg.sg else "word2vec_cbow"
+    kernel = ("word2vec" if cfg.sg else "word2vec_cbow") + ("_hs" if cfg.hs else "")
 
     def one(name: str, device: str, config: str, train: Callable) -> list[dict]:
         torch.manual_seed(0)
@@ -350,7 +353,7 @@ def run_word2vec(ctx: Context, rec: Recorder, cfg: W2VSettings) -> list[dict]:
 
     rows: list[dict] = []
     for name, (device, config, train) in trainers.items():
-        rows += try_measure(ctx, f"{kernel} {name}", ("w2v", name, cfg.sg),
+        rows += try_measure(ctx, f"{kernel} {name}", ("w2v", name, cfg.sg, cfg.hs),
                             lambda name=name, device=device, config=config, train=train: one(name, device, config,
                                                                                                train))  # fmt: skip
     return rows
@@ -421,9 +424,9 @@ def plan(ctx: Context) -> list[Case]:
         workers = 2 if not ctx.is_cuda else min(os.cpu_count() or 2, 16)
         if ctx.profile == "quick":
             ctx.note("  word2vec: --quick trains 1 epoch (words/s only; WordSim-353 needs the full sweep's 20)")
-        for sg in (1, 0):
-            cfg = W2VSettings(epochs=epochs, workers=workers, sg=sg)
-            cases.append(Case(SUITE, f"word2vec head500 sg={sg} epochs={epochs}",
+        for sg, hs in ((1, 0), (0, 0), (1, 1), (0, 1)):  # hs: hierarchical softmax alone (negative=0)
+            cfg = W2VSettings(epochs=epochs, workers=workers, sg=sg, hs=hs, negative=0 if hs else 5)
+            cases.append(Case(SUITE, f"word2vec head500 sg={sg} hs={hs} epochs={epochs}",
                               lambda c, r, cfg=cfg: run_word2vec(c, r, cfg), weight=20.0, dtype="fp32"))  # fmt: skip
         if ctx.is_cuda:  # the speed target is measured on >= 100M words
             for sg in (1, 0):
