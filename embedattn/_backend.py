@@ -59,7 +59,9 @@ ATTENTION_IMPLS = ("default", "hopper", "gluon")
 def attention_impl() -> str:
     """``EMBEDATTN_ATTENTION_IMPL``: which attention kernels run where they can (``default``: the measured
     kernels/attention.py; ``hopper``: the sm90 TMA / warp-specialized kernels of kernels/attention_hopper.py;
-    ``gluon``: its Gluon forward). The unmeasured variants are opt-in until a GPU run shows them faster."""
+    ``gluon``: its Gluon forward). The unmeasured variants are opt-in until a GPU run shows them faster. Read once
+    per call by the attention entry (``embedattn.attention._kernel_impls``), never inside a registered op, so eager and
+    compiled calls run the same kernels."""
     raw = os.environ.get("EMBEDATTN_ATTENTION_IMPL", "").strip().lower() or "default"
     if raw not in ATTENTION_IMPLS:
         raise ValueError(f"environment variable EMBEDATTN_ATTENTION_IMPL={raw!r}: expected one of {ATTENTION_IMPLS}")
