@@ -389,13 +389,16 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from embedattn.kernels.word2vec import _word2vec_kernel as fn, word2vec_config
 
-types = ["*i32", "*i64", "*i32", "*fp32", "*fp32", "*i32", "*fp32", "*fp32", "*fp64"] + ["i32"] * 6 + ["i64"] * 2 \\
-    + ["fp32"] * 3
-for sg, shared, add, det in [(1, 0, 1, 0), (1, 1, 1, 0), (0, 0, 1, 0), (1, 0, 0, 0), (1, 1, 1, 1)]:
-    cfg = word2vec_config(5, 5, 100, bool(sg) and not shared)
+types = ["*i32", "*i64", "*i32", "*fp32", "*fp32", "*i32", "*fp32", "*fp32", "*fp64", "*fp32", "*fp32", "*i64",
+         "*i32", "*u8"] + ["i32"] * 6 + ["i64"] * 2 + ["fp32"] * 3
+# sg, shared, add, deterministic, negatives, hierarchical softmax, lockf
+for sg, shared, add, det, neg, hs, lock in [(1, 0, 1, 0, 5, 0, 0), (1, 1, 1, 0, 5, 0, 0), (0, 0, 1, 0, 5, 0, 0),
+                                            (1, 0, 0, 0, 5, 0, 0), (1, 1, 1, 1, 5, 0, 0), (1, 0, 1, 0, 0, 1, 1),
+                                            (0, 0, 1, 0, 5, 1, 1)]:
+    cfg = word2vec_config(5, neg, 100, bool(sg) and not shared, 18 if hs else 0)
     nw = cfg.pop("num_warps", 4)
     consts = dict(cfg, SG=bool(sg), CBOW_MEAN=True, SHARED=bool(shared), SHRINK=True, ADD=bool(add),
-                  DETERMINISTIC=bool(det))
+                  DETERMINISTIC=bool(det), NEG=neg > 0, HS=bool(hs), LOCK=bool(lock))
     sig = dict(zip(fn.arg_names, types))
     sig.update({c: "constexpr" for c in consts})
     src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(c),): v for c, v in consts.items()})
@@ -421,7 +424,7 @@ def test_word2vec_kernel_compiles_for_sm90():
             pytest.skip(f"cannot compile for sm_90 here: {tail[0]}")
         raise AssertionError(r.stderr[-3000:])
     lines = [line.split() for line in r.stdout.strip().splitlines()]
-    assert len(lines) == 5, r.stdout
+    assert len(lines) == 7, r.stdout
     for line in lines:  # sg, shared, add, deterministic, loads and reductions, barriers, local-memory loads
         add, ops, barriers, local = line[2], line[4].split(","), int(line[5]), int(line[6])
         assert "ld.global.cg.b32" in ops and not any(o.startswith("atom") for o in ops), line
@@ -1040,21 +1043,24 @@ def test_cli_bad_input_fails_with_one_line(tmp_path, capsys):
 @pytest.mark.slow
 @slow
 @pytest.mark.parametrize("kw", [{"sg": 1}, {"sg": 0}, {"sg": 1, "shared_negatives": True},
-                                {"sg": 1, "trainer": "minibatch"}])
+                                {"sg": 1, "trainer": "minibatch"}, {"sg": 1, "hs": 1, "negative": 0},
+                                {"sg": 0, "hs": 1, "negative": 0}, {"sg": 1, "hs": 1}])
 def test_head500_wordsim_matches_gensim(kw):
-    """The quality target: WordSim-353 Spearman on head500 (min_count 3, 20 epochs) within 0.05 of
-    gensim's with the same settings (skip-gram or CBOW), both with 2 workers."""
+    """The quality target: WordSim-353 Spearman on head500 (min_count 3, 20 epochs) within 0.02 of
+    gensim's with the same settings (skip-gram or CBOW; negative sampling, hierarchical softmax or both),
+    both with 2 workers; each the mean of two seeds, as one run's Spearman moves by about 0.01."""
     from gensim.models import Word2Vec as GW2V
 
     corpus = datapath("head500.noblanks.cor.bz2")
     sents = list(line_sentences(corpus))
     ws = datapath("wordsim353.tsv")
-    ours = Word2Vec(sents, min_count=3, epochs=20, seed=0, workers=2 if DEVICE == "cpu" else None, device=DEVICE,
-                    **kw).wv.evaluate_word_pairs(ws)
-    theirs = GW2V(sents, sg=kw["sg"], min_count=3, epochs=20, seed=0, workers=2).wv.evaluate_word_pairs(ws)
-    print(f"head500 wordsim353 spearman {kw}: embedattn {ours.spearman.statistic:.4f} "
-          f"gensim {theirs[1].statistic:.4f}")
-    assert ours.spearman.statistic >= theirs[1].statistic - 0.05
+    common = {k: v for k, v in kw.items() if k in ("sg", "hs", "negative")}
+    ours = np.mean([Word2Vec(sents, min_count=3, epochs=20, seed=seed, workers=2 if DEVICE == "cpu" else None,
+                             device=DEVICE, **kw).wv.evaluate_word_pairs(ws).spearman.statistic for seed in (1, 2)])
+    theirs = np.mean([GW2V(sents, min_count=3, epochs=20, seed=seed, workers=2, **common).wv.evaluate_word_pairs(ws)[1]
+                      .statistic for seed in (1, 2)])
+    print(f"head500 wordsim353 spearman {kw}: embedattn {ours:.4f} gensim {theirs:.4f}")
+    assert ours >= theirs - 0.02
 
 
 @pytest.mark.parametrize("n", [16_777_217, 16_777_219, 100_000_003])
