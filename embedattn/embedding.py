@@ -183,12 +183,14 @@ def _embedding_fwd(ids: torch.Tensor, weight: torch.Tensor, pos_weight: torch.Te
                    positions: torch.Tensor | None, n: int, pos_mode: int, scale: float, offset: int,
                    ok: torch.Tensor | None = None) -> torch.Tensor:
     """(T, D) rows ``weight[ids] * scale + P`` for flat ids (T,); pos_mode 0 none, 1 learned, 2 sinusoidal.
-    A bad id reads row 0; ``ok`` (int32 (1,), set to 1 by the caller) is cleared when there is one."""
+    A bad id reads row 0; ``ok`` (int32 (1,), set to 1 by the caller) is cleared when there is one (None or an
+    empty tensor: no check; the autograd Function passes the empty one, since Inductor cannot functionalize a
+    None mutated argument)."""
     from .kernels.embedding import embedding_forward
 
     pw = None if pos_weight is None else _row_major(pos_weight)
     return embedding_forward(ids, _row_major(weight), pw, positions, n=n, pos_mode=pos_mode, scale=scale,
-                             offset=offset, ok=ok)
+                             offset=offset, ok=ok if ok is not None and ok.numel() else None)
 
 
 def _embedding_bwd_fake(grad, ids, positions, num_rows, num_positions, n, scale, offset, padding_idx,
@@ -226,7 +228,7 @@ class EmbeddingFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, ids, weight, pos_weight, positions, n, pos_mode, scale, offset, padding_idx, check):
-        ok = ok_flag(ids.device) if check else None
+        ok = ok_flag(ids.device) if check else ids.new_empty(0, dtype=torch.int32)
         out = torch.ops.embedattn.embedding_fwd(ids, weight, pos_weight, positions, n, pos_mode, scale, offset,
                                                 ok)
         if check:

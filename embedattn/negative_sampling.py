@@ -99,10 +99,12 @@ def _negative_sampling_fwd(center: torch.Tensor, context: torch.Tensor, negative
                            in_weight: torch.Tensor, out_weight: torch.Tensor, ok: torch.Tensor | None = None
                            ) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss (B,), coef (B, K+1) = d loss / d score, column 0 the positive), float32. A bad id reads row 0;
-    ``ok`` (int32 (1,), set to 1 by the caller) is cleared when there is one."""
+    ``ok`` (int32 (1,), set to 1 by the caller) is cleared when there is one (None or empty: no check; see
+    ``embedattn.embedding``'s op for why the Function passes an empty one)."""
     from .kernels.negative_sampling import negative_sampling_forward
 
-    return negative_sampling_forward(center, context, negatives, in_weight, out_weight, ok)
+    return negative_sampling_forward(center, context, negatives, in_weight, out_weight,
+                                     ok if ok is not None and ok.numel() else None)
 
 
 def _ns_bwd_fake(center, context, negatives, in_weight, out_weight, coef, grad_loss, dst_in, dst_out, rows_in,
@@ -135,7 +137,7 @@ class NegativeSamplingFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, center, context, negatives, in_weight, out_weight, sparse: bool, check: bool):
-        ok = ok_flag(center.device) if check else None
+        ok = ok_flag(center.device) if check else center.new_empty(0, dtype=torch.int32)
         loss, coef = torch.ops.embedattn.negative_sampling_fwd(center, context, negatives, in_weight, out_weight,
                                                                ok)
         if check:

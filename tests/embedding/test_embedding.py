@@ -848,3 +848,17 @@ def test_cuda_bad_id_fails_at_the_next_synchronization():
     r = subprocess.run([sys.executable, "-c", _DEVICE_ASSERT], capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "returned" in r.stdout and "synchronized" not in r.stdout, r.stdout + r.stderr
     assert "device-side assert" in r.stderr or "embedding: an id is out of range" in r.stderr, r.stderr[-2000:]
+
+
+@pytest.mark.skipif(ON_CUDA or not HAS_TRITON, reason="the CPU interpreter road under Inductor")
+@pytest.mark.parametrize("check_bounds", [False, None])
+def test_inductor_compiles_the_unchecked_call(check_bounds):
+    """torch.compile's default backend (Inductor) on the kernels' op, check on and off: the op's "ok" flag is
+    always a tensor (Inductor cannot functionalize a None mutated argument)."""
+    w = torch.randn(10, 6).requires_grad_()
+    ids = torch.tensor([[1, 2, 9], [0, 4, 4]])
+    torch._dynamo.reset()
+    out = torch.compile(lambda ids, w: embedattn.embedding(ids, w, check_bounds=check_bounds, backend="triton"))(ids, w)
+    out.sum().backward()
+    torch.testing.assert_close(out, ref_embedding(ids, w.detach()))
+    torch.testing.assert_close(w.grad, torch.bincount(ids.flatten(), minlength=10)[:, None].float().expand(-1, 6))

@@ -617,3 +617,18 @@ def test_cuda_graph_capture_and_fullgraph_compile():
               "torch.cuda.synchronize()\nprint('synchronized', flush=True)\n")
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "returned" in r.stdout and "synchronized" not in r.stdout, r.stdout + r.stderr
+
+
+@pytest.mark.skipif(ON_CUDA or not HAS_TRITON, reason="the CPU interpreter road under Inductor")
+@pytest.mark.parametrize("check_bounds", [False, None])
+def test_inductor_compiles_the_unchecked_call(check_bounds):
+    """torch.compile's default backend (Inductor) on the kernels' op, check on and off (the "ok" flag is always
+    a tensor: Inductor cannot functionalize a None mutated argument)."""
+    v, d = 9, 5
+    wi, wo = _poisoned(v, d, seed=10), _poisoned(v, d, seed=11)
+    c, x, n = (t.clamp(0, v - 1) for t in _bad_batch(v))
+    torch._dynamo.reset()
+    fn = torch.compile(lambda *a: embedattn.negative_sampling_loss(*a, reduction="none", check_bounds=check_bounds,
+                                                                  backend="triton"))
+    torch.testing.assert_close(fn(c, x, n, wi, wo).double(), ref_loss(c, x, n, wi.double(), wo.double(),
+                                                                        reduction="none"))
