@@ -339,10 +339,6 @@ def _bwd_sorted_kernel(
         tl.store(gw_ptr + row * stride_gw + rd, acc.to(gw_ptr.dtype.element_ty), mask=md)
 
 
-def _sorted_configs():  # tests/embedding's name for SORTED_CONFIGS, until it reads the public list
-    return list(SORTED_CONFIGS)
-
-
 _bwd_sorted_tuned = triton.autotune(
     SORTED_CONFIGS, key=["D"], prune_configs_by={"early_config_prune": prune}
 )(_bwd_sorted_kernel)

@@ -226,7 +226,7 @@ def test_sorted_scatter_bits_do_not_depend_on_the_config(monkeypatch):
     from embedattn import configs
 
     # every config of the autotune space on CUDA; a spread of feature blocks under the interpreter
-    cands = [configs.as_dict(c) for c in K._sorted_configs()] if ON_CUDA else \
+    cands = [configs.as_dict(c) for c in K.SORTED_CONFIGS] if ON_CUDA else \
         [dict(BLOCK_D=bd, num_warps=4) for bd in (8, 16, 32, 64)]
     outs = []
     for cfg in cands:  # forced through the launcher's tuned-config path, as a table entry would run
