@@ -354,7 +354,8 @@ def _cause(message: str) -> str:
     line = next((ln for ln in message.splitlines() if ln.strip()), "(no message)").strip()
     line = re.sub(r"0x[0-9a-fA-F]+", "0xN", line)
     line = re.sub(r"(?<![\w.])[-+]?\d+(\.\d+)?([eE][-+]?\d+)?", "N", line)  # numbers fold to N
-    return re.sub(r"\s+", " ", line)[:200]  # and runs of spaces (tensor reprs pad their numbers)
+    line = re.sub(r"\s+", " ", line)  # and the padding of tensor reprs
+    return re.sub(r"([\[(]) | ([\])])", r"\1\2", line)[:200]
 
 
 def summarize(results: Path, out=sys.stdout) -> tuple[Counter, dict]:
@@ -396,13 +397,15 @@ def summarize(results: Path, out=sys.stdout) -> tuple[Counter, dict]:
 # --------------------------------------------------------------------------------------------------------- main
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("fa_path", type=Path, help="flash-attention checkout, its git dir, or one of its test files")
+    ap.add_argument("fa_path", type=Path, help="flash-attention checkout, its git dir, or one of its test files\n"
+                                              "(with --summarize: a results.jsonl kept by --keep)")
+    ap.add_argument("--summarize", action="store_true", help="only print the tables of a kept results.jsonl")
     ap.add_argument("--rev", default="HEAD", help="revision to read from a git dir (default HEAD)")
     ap.add_argument("--interpret", action="store_true",
                     help="run embedattn's Triton kernels through the interpreter (EMBEDATTN_BACKEND=triton, "
                          "TRITON_INTERPRET=1) on the smaller parametrization; default: the reference backend")
     ap.add_argument("--sample", type=int, default=None,
-                    help="combinations per test function, a seeded uniform sample (0 = all); default 150, "
+                    help="combinations per test function, a seeded uniform sample (0 = all); default 60, "
                          "15 with --interpret")
     ap.add_argument("--shrink", type=int, default=None,
                     help="divide sequence lengths and page sizes above 64 by this (default 8, 16 with --interpret)")
@@ -421,13 +424,16 @@ def main(argv=None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="build and collect only (prints the case counts)")
     ap.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
     args = ap.parse_args(argv)
+    if args.summarize:
+        totals, _ = summarize(args.fa_path)
+        return 1 if totals["failed"] else 0
 
     try:
         import einops  # noqa: F401
     except ImportError:
         print("FlashAttention's tests need einops: pip install einops (or put it on PYTHONPATH)", file=sys.stderr)
         return 2
-    sample = args.sample if args.sample is not None else (15 if args.interpret else 150)
+    sample = args.sample if args.sample is not None else (15 if args.interpret else 60)
     factor = args.shrink if args.shrink is not None else (16 if args.interpret else 8)
     source = Source(args.fa_path, args.rev)
     tests = source.tests([f.strip() for f in args.files.split(",") if f.strip()])
