@@ -30,9 +30,9 @@
 #
 # Budget (seconds). The call's budget CALL_S (default 315) is the run's timeout_s (330) less 15 s for the tool's
 # own stop and the copy of $OUT. Caps (env PHASE_S overrides, e.g. TESTS_S=120) and minimums:
-#   call1: env 30 (min 10) + tests 150 (40) + tune 110 (40) + pack 20 (10)                        = 310 <= 315
-#   call2: env 15 (10) + hopper 120 (60) + sweep 95 (40) + w2v 40 (20) + decode 30 (15) + pack 20 = 320; env takes
-#          ~3 s on the warm machine (and ~20 s on a fresh one, when the pack's share shrinks first)
+#   call1: env 30 (min 10) + tests 150 (40) + tune 115 (40) + pack 15 (10)                        = 310 <= 315
+#   call2: env ~5 of 30 on the warm machine + hopper 115 (60) + sweep 100 (40) + w2v 45 (20) + decode 30 (15)
+#          + pack 15 (10) = 310 <= 315 (on a fresh machine env takes ~20 s: decode and pack get what is left)
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 2
 export PYTHONUNBUFFERED=1
@@ -43,7 +43,7 @@ DRY=${DRY_RUN:-0}
 PY=${PY:-python3}
 if [ "$DRY" = 1 ]; then
     BASE=${SESSION_DIR:-/tmp/embedattn_lease_dry}
-    OUT_DIR=${OUT:-$BASE/out}
+    OUT_DIR=${OUT:-$BASE/out}  # call<N>/ below it, emptied first: what the device tool's $OUT is to each call
     CALL_S=${CALL_S:-1500}
 else
     BASE=${SESSION_DIR:-/tmp/embedattn_lease}
@@ -51,8 +51,8 @@ else
     CALL_S=${CALL_S:-315}
 fi
 W=$BASE/work
-declare -A CAP=([env]=${ENV_S:-30} [tests]=${TESTS_S:-150} [tune]=${TUNE_S:-110} [hopper]=${HOPPER_S:-120}
-                [sweep]=${SWEEP_S:-95} [w2v]=${W2V_S:-40} [decode]=${DECODE_S:-30} [pack]=${PACK_S:-20})
+declare -A CAP=([env]=${ENV_S:-30} [tests]=${TESTS_S:-150} [tune]=${TUNE_S:-115} [hopper]=${HOPPER_S:-115}
+                [sweep]=${SWEEP_S:-100} [w2v]=${W2V_S:-45} [decode]=${DECODE_S:-30} [pack]=${PACK_S:-15})
 declare -A MIN=([env]=10 [tests]=40 [tune]=40 [hopper]=60 [sweep]=40 [w2v]=20 [decode]=15 [pack]=10)
 if [ "$DRY" = 1 ]; then  # the interpreter is slow: the rehearsal's own caps
     CAP=([env]=60 [tests]=240 [tune]=150 [hopper]=300 [sweep]=150 [w2v]=150 [decode]=120 [pack]=90)
@@ -66,6 +66,10 @@ case "${1:-}" in
     "") echo "usage: $0 call1|call2|prepare|PHASE... (phases: ${!CAP[*]})" >&2; exit 2 ;;
     *) PHASES=("$@") ;;
 esac
+if [ "$DRY" = 1 ] && [ -z "${OUT:-}" ]; then
+    OUT_DIR=$OUT_DIR/call$CALL
+    rm -rf "$OUT_DIR"
+fi
 for p in "${PHASES[@]}"; do
     [ "$p" = prepare ] || [ -n "${CAP[$p]+x}" ] || { echo "gpu_session: unknown phase '$p'" >&2; exit 2; }
 done
@@ -205,6 +209,7 @@ phase_sweep() {
     # the tuned table over the shipped one; a key it lacks runs its heuristic config (autotuning would not fit)
     env EMBEDATTN_CONFIGS_DIR="$W/configs" EMBEDATTN_AUTOTUNE=0 timeout -s INT -k 10 $((a - 10)) \
         "$PY" -m benchmarks "${args[@]}" --suite embedding,attention --max-seconds $((a - 35)) --no-compile \
+        --warmup-ms 5 --rep-ms 30 \
         --no-plots --out "$W/sweep" 2>&1 | tr '\r' '\n' | grep -vE '(pt/s|s/pt)]$' > "$W/logs/sweep.log"
     local rc=${PIPESTATUS[0]}
     tail -n 4 "$W/logs/sweep.log" | cut -c1-200

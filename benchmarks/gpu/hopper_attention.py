@@ -10,8 +10,9 @@ In order, each step bounded so the run ends inside ``--max-seconds`` (a SIGINT w
    launch (the launches under ``benchmarks.tune.compile_only``: nothing runs) into Triton's disk cache, and runs the
    probes: each sm90 family (hopper, gluon) on two small shapes against float64, in a process of its own (a hang or
    a sticky CUDA error there leaves the run standing; a family that fails is left out);
-2. capabilities: what the installed embedattn runs beyond D 256 (D512; MLA's 192/128 value head dim), by calling
-   it (``backend="triton"``) against its float64 reference: rows for those shapes run only where it does;
+2. meanwhile, capabilities: what the installed embedattn runs beyond D 256 (D512; MLA's 192/128 value head dim), by
+   calling it (``backend="triton"``) against its float64 reference: rows for those shapes run only where it does
+   (their compiles join the pool);
 3. the two ceilings: device copy bandwidth, bf16 matmul;
 4. correctness: relative error of out/dq/dk/dv against float64 per kernel on odd shapes (GQA, Nq != Nk, causal
    bottom-right), against a bound from torch SDPA's own error on the same inputs (2x + 1e-3, FlashAttention's rule);
@@ -328,27 +329,37 @@ def _alts(p: Point) -> bool:
 
 
 # ----------------------------------------------------------------------------- step 1: the compile pool
-def _compile_point(p: Point) -> str:
-    """In a pool worker: compile every kernel launch of point ``p`` (nothing launches). Returns what failed."""
+def _compile_point(p: Point, mode: str, name: str) -> str:
+    """In a pool worker: compile provider ``name``'s ``mode`` launches at point ``p`` (nothing launches; the inputs
+    are uninitialized, so no kernel touches the GPU a timing may be using). Returns what failed."""
     from benchmarks.tune import compile_only
 
-    q, k, v, do = p.inputs(RUN.device)
-    failed = []
-    with compile_only():
-        for name, f in fwd_providers(q, k, v, p.causal, _alts(p)).items():
-            try:
-                f(q, k, v)
-            except Exception as e:
-                failed.append(f"fwd {name}: {type(e).__name__}: {str(e)[:120]}")
-        B, H, _ = p.dims()
-        o = torch.empty_like(do)
-        lse = torch.zeros(B, H, p.N, device=RUN.device, dtype=torch.float32)
-        for name, f in bwd_providers(q, k, v, p.causal, _alts(p)).items():
-            try:
-                f(q, k, v, o, lse, do)
-            except Exception as e:
-                failed.append(f"bwd {name}: {type(e).__name__}: {str(e)[:120]}")
-    return "; ".join(failed)
+    B, H, HKV = p.dims()
+    e = lambda h, d: torch.empty(B, h, p.N, d, device=RUN.device, dtype=DT[p.dtype])
+    q, k, v, do = e(H, p.D), e(HKV, p.D), e(HKV, p.dv), e(H, p.dv)
+    try:
+        with compile_only():
+            if mode == "fwd":
+                fwd_providers(q, k, v, p.causal, _alts(p))[name](q, k, v)
+            else:
+                lse = torch.empty(B, H, p.N, device=RUN.device, dtype=torch.float32)
+                bwd_providers(q, k, v, p.causal, _alts(p))[name](q, k, v, torch.empty_like(do), lse, do)
+    except Exception as e:
+        return f"{mode} {name}: {type(e).__name__}: {str(e)[:160]}"
+    return ""
+
+
+def _provider_names(p: Point) -> list[tuple[str, str]]:
+    """(mode, provider) of our kernels at ``p`` (asked on uninitialized tensors of the device: no kernel runs)."""
+    B, H, HKV = p.dims()
+    shell = lambda h, d: torch.empty(B, h, p.N, d, device=RUN.device, dtype=DT[p.dtype])
+    q, k, v = shell(H, p.D), shell(HKV, p.D), shell(HKV, p.dv)
+    try:
+        f = list(fwd_providers(q, k, v, p.causal, _alts(p)))
+        b = list(bwd_providers(q, k, v, p.causal, _alts(p)))
+    except Exception:  # a supports() that looks at the device: the worker finds out
+        f, b = ["embedattn"], ["embedattn"]
+    return [("fwd", n) for n in f] + [("bwd", n) for n in b]
 
 
 def _compile_shape(shape: tuple, dtype: str) -> str:
@@ -395,7 +406,7 @@ def probe(name: str) -> str:
 
 def _job(kind: str, arg) -> str:
     if kind == "point":
-        return _compile_point(arg)
+        return _compile_point(*arg)
     if kind == "shape":
         return _compile_shape(*arg)
     return probe(arg)
@@ -407,49 +418,73 @@ def _worker_init(device: str, dry: bool) -> None:
         torch.cuda.set_device(0)
 
 
-def compile_pool(pts: list[Point], shapes: list[tuple], seconds: float, workers: int) -> None:
-    """Probes and compiles in ``workers`` processes, for at most ``seconds``; a probe that fails or does not answer
-    in time leaves its family out of the run (USE). Compiles not finished in time happen at first launch instead."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, wait
+class CompilePool:
+    """Probes and compiles in ``workers`` processes while the main process goes on (the capability probes): a probe
+    that fails, or does not answer by ``finish``, leaves its family out of the run (USE); compiles not finished by
+    then happen at first launch instead. In the dry run (the interpreter runs what it "compiles") only one point and
+    one shape go to the pool: the plumbing, not the work."""
 
-    t0 = time.time()
-    groups = list(dict.fromkeys(Point(p.dtype, p.D, p.causal, min(4096, p.N), p.gqa, p.Dv) for p in pts))
-    jobs = [("probe", n) for n, on in USE.items() if on]
-    jobs += [("point", p) for p in groups] + [("shape", s) for s in shapes]
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init,
-                               initargs=(RUN.device, RUN.dry))
-    futures = {pool.submit(_job, kind, arg): (kind, arg) for kind, arg in jobs}
-    done, pending = wait(futures, timeout=max(1.0, seconds))
-    probes = {}
-    failed = 0
-    for f in futures:
-        kind, arg = futures[f]
-        if f in done:
-            try:
-                res = f.result()
-            except Exception as e:  # the worker died: a crash in the kernel family
-                res = f"the worker died: {type(e).__name__}: {str(e)[:160]}"
-        else:
-            res = f"no answer in {seconds:.0f} s"
-        if kind == "probe":
-            probes[arg] = res
-        elif res:
-            failed += 1
-            log(f"  compile {kind} {getattr(arg, 'shape', arg)}: {res[:300]}")
-    for name, res in probes.items():
-        USE[name] = res == ""
-        log(f"  probe {name}: {'ok' if USE[name] else 'FAILED, left out of this run: ' + res[:300]}")
-    procs = list(getattr(pool, "_processes", {}).values())
-    pool.shutdown(wait=False, cancel_futures=True)
-    for p in procs:
-        p.terminate()
-    for p in procs:
-        p.join(timeout=2)
-        if p.is_alive():
-            p.kill()
-    log(f"compile pool: {len(done)}/{len(futures)} jobs in {time.time() - t0:.0f} s ({workers} workers, "
-        f"{failed} with failures, {len(pending)} unfinished)")
+    def __init__(self, workers: int):
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        self.t0, self.workers = time.time(), workers
+        self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                        initializer=_worker_init, initargs=(RUN.device, RUN.dry))
+        self.futures: dict = {}
+        self.seen: set = set()
+        self.submit([("probe", n) for n, on in USE.items() if on])
+
+    def submit(self, jobs: list[tuple[str, object]]) -> None:
+        for kind, arg in jobs:
+            if (kind, arg) not in self.seen:
+                self.seen.add((kind, arg))
+                self.futures[self.pool.submit(_job, kind, arg)] = (kind, arg)
+
+    def compile(self, pts: list[Point], shapes: list[tuple]) -> None:
+        """One job per distinct specialization: (dtype, D, Dv, causal, GQA) at the smallest N of its points (the
+        lengths are all multiples of 16, so N changes no specialization), and one per correctness shape."""
+        groups: dict[tuple, Point] = {}
+        for p in pts:  # in the sweep's order: what it measures first compiles first
+            groups.setdefault((p.dtype, p.D, p.Dv, p.causal, p.gqa), p)
+        jobs = [("point", (p, mode, name)) for p in groups.values() for mode, name in _provider_names(p)]
+        jobs += [("shape", s) for s in shapes]
+        if RUN.dry:
+            jobs = [j for j in jobs if j[0] == "point"][:1] + [j for j in jobs if j[0] == "shape"][:1]
+        self.submit(jobs)
+
+    def finish(self, deadline: float) -> None:
+        from concurrent.futures import wait
+
+        done, pending = wait(self.futures, timeout=max(1.0, deadline - time.time()))
+        probes, failed = {}, 0
+        for f, (kind, arg) in self.futures.items():
+            if f in done:
+                try:
+                    res = f.result()
+                except Exception as e:  # the worker died: a crash in the kernel family
+                    res = f"the worker died: {type(e).__name__}: {str(e)[:160]}"
+            else:
+                res = f"no answer in {time.time() - self.t0:.0f} s"
+            if kind == "probe":
+                probes[arg] = res
+            elif res:
+                failed += 1
+                what = f"{arg[0].dtype} {arg[0].shape}" if kind == "point" else str(arg)
+                log(f"  compile {kind} {what}: {res[:300]}")
+        for name, res in probes.items():
+            USE[name] = res == ""
+            log(f"  probe {name}: {'ok' if USE[name] else 'FAILED, left out of this run: ' + res[:300]}")
+        procs = list(getattr(self.pool, "_processes", {}).values())
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.join(timeout=2)
+            if p.is_alive():
+                p.kill()
+        log(f"compile pool: {len(done)}/{len(self.futures)} jobs in {time.time() - self.t0:.0f} s ({self.workers} "
+            f"workers, {failed} with failures, {len(pending)} unfinished)")
 
 
 # ----------------------------------------------------------------------------- step 2: capabilities
@@ -853,12 +888,15 @@ def main() -> None:
     correct: list[dict] = []
     caps: dict = {}
     try:
+        workers = args.workers or (2 if RUN.dry else min(16, os.cpu_count() or 1))
+        compile_s = args.compile_seconds if args.compile_seconds is not None else 0.3 * args.max_seconds
+        pool = CompilePool(workers)  # the probes, and the points every run has, while the capabilities are probed
+        pool.compile(points({}), correctness_shapes())
         log("capabilities:")
         caps = capabilities()
         pts = points({k: v is True for k, v in caps.items()})
-        workers = args.workers or (1 if RUN.dry else min(16, os.cpu_count() or 1))
-        compile_s = args.compile_seconds if args.compile_seconds is not None else 0.3 * args.max_seconds
-        compile_pool(pts, correctness_shapes(), compile_s, workers)
+        pool.compile(pts, [])  # the D512 / MLA points, where supported
+        pool.finish(t_start + compile_s)
         rec = Recorder(ctx, os.path.join(args.out, "hopper_attention.csv"))
         ceilings(ctx, rec)
         peaks = ", ".join(f"{d} {v:.1f}" for d, v in ctx.matmul_tflops.items())

@@ -412,6 +412,24 @@ REPORT_FILES = ("results.csv", "env.json", "summary.md", "hopper_attention.csv",
                 "session.json")
 
 
+def _merge_tables(paths: list[Path], dest: Path) -> None:
+    """The config tables of the calls merged key by key, the later call's entries over the earlier's (a second call on
+    a fresh machine holds only the defaults it decided: the first call's tuned entries must stay)."""
+    from benchmarks.tune import write_table
+    from embedattn import configs
+
+    table: dict = {"format": 1, "kernels": {}}
+    for path in paths:
+        t = configs.read_table(str(path))
+        for kernel, entries in t.pop("kernels", {}).items():
+            table["kernels"].setdefault(kernel, {}).update(entries)
+        last_run = t.get("last_run") if "last_run" in t else table.get("last_run")
+        table.update({k: v for k, v in t.items() if k != "last_run"})
+        if last_run is not None:
+            table["last_run"] = last_run
+    write_table(str(dest), table)
+
+
 def collect(sources: list[str], repo: Path, stage: Path) -> int:
     """Unpack the lease's returns (folders holding lease-call*.tgz, or the archives) and place them in ``repo``."""
     archives = []
@@ -424,17 +442,25 @@ def collect(sources: list[str], repo: Path, stage: Path) -> int:
     if stage.exists():
         shutil.rmtree(stage)
     stage.mkdir(parents=True)
-    for a in sorted(archives, key=lambda p: p.name):  # call1 before call2: the later one's files win
+    calls = []
+    for i, a in enumerate(sorted(archives, key=lambda p: p.name)):  # call1 before call2: the later one's files win
+        dest = stage / f"{i}-{a.stem}"
         with tarfile.open(a) as t:
-            t.extractall(stage, filter="data") if sys.version_info >= (3, 12) else t.extractall(stage)  # noqa: S202
+            if sys.version_info >= (3, 12):
+                t.extractall(dest, filter="data")
+            else:
+                t.extractall(dest)  # noqa: S202 (our own archive)
+        calls.append(dest)
         print(f"unpacked {a}")
     placed = []
-    for rep in sorted(p for p in (stage / "reports").glob("*") if p.is_dir()):
-        dest = repo / "reports" / rep.name
+    tags = sorted({p.name for c in calls for p in (c / "reports").glob("*") if p.is_dir()})
+    for tag in tags:
+        dest = repo / "reports" / tag
         dest.mkdir(parents=True, exist_ok=True)
         for name in REPORT_FILES:
-            if (rep / name).exists():
-                shutil.copy2(rep / name, dest / name)
+            newest = [c / "reports" / tag / name for c in calls if (c / "reports" / tag / name).exists()]
+            if newest:
+                shutil.copy2(newest[-1], dest / name)
                 placed.append(dest / name)
         if (dest / "results.csv").exists():
             for cmd in (["-m", "benchmarks.plot", str(dest / "results.csv")],
@@ -447,9 +473,9 @@ def collect(sources: list[str], repo: Path, stage: Path) -> int:
                                 str(dest / plots)], cwd=repo, check=False)
                 placed.append(dest / plots)
         placed.append(write_notes(dest))
-    for table in sorted((stage / "configs").glob("*.json")):
-        dest = repo / "embedattn" / "configs" / table.name
-        shutil.copy2(table, dest)
+    for name in sorted({p.name for c in calls for p in (c / "configs").glob("*.json")}):
+        dest = repo / "embedattn" / "configs" / name
+        _merge_tables([c / "configs" / name for c in calls if (c / "configs" / name).exists()], dest)
         placed.append(dest)
     rel = sorted({str(p.relative_to(repo)) for p in placed if p.exists()})
     print("\nto commit (after reading NOTES.md and tests_cuda.log):\n  git add " + " ".join(rel))
