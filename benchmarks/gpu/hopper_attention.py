@@ -412,8 +412,8 @@ def _job(kind: str, arg) -> str:
     return probe(arg)
 
 
-def _worker_init(device: str, dry: bool) -> None:
-    RUN.device, RUN.dry = device, dry
+def _worker_init(device: str, dry: bool, tokens: int, width: int) -> None:
+    RUN.device, RUN.dry, RUN.tokens, RUN.width = device, dry, tokens, width
     if device == "cuda":
         torch.cuda.set_device(0)
 
@@ -430,7 +430,7 @@ class CompilePool:
 
         self.t0, self.workers = time.time(), workers
         self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                        initializer=_worker_init, initargs=(RUN.device, RUN.dry))
+                                        initializer=_worker_init, initargs=(RUN.device, RUN.dry, RUN.tokens, RUN.width))
         self.futures: dict = {}
         self.seen: set = set()
         self.submit([("probe", n) for n, on in USE.items() if on])
