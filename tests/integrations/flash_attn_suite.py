@@ -42,6 +42,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 TEST_FILES = ("tests/test_flash_attn.py", "tests/test_rotary.py")
+# the interpreter runs every program of every launch in Python: the tests that loop over whole forward/backward
+# passes (50 to 250 times) cost minutes to hours per case there
+INTERPRET_SAMPLE_FOR = ("test_flash_attn_race_condition=-1,test_flash_attn_deterministic=1,"
+                        "test_flash_attn_varlen_deterministic=1")
 HELPERS = ("flash_attn/bert_padding.py", "flash_attn/layers/rotary.py")
 
 # ------------------------------------------------------------------------------------------- the stand-in package
@@ -104,6 +108,7 @@ import json
 import os
 import random
 import re
+import signal
 import zlib
 
 import pytest
@@ -114,6 +119,7 @@ SAMPLE = int(os.environ["FA_SUITE_SAMPLE"])
 SAMPLE_FOR = {k.strip(): int(v) for k, v in (kv.split("=") for kv in os.environ["FA_SUITE_SAMPLE_FOR"].split(",")
                                              if kv)}
 SEED = int(os.environ["FA_SUITE_SEED"])
+CASE_TIMEOUT = float(os.environ["FA_SUITE_CASE_TIMEOUT"])
 DROP_DTYPES = {d for d in os.environ.get("FA_SUITE_DROP_DTYPES", "").split(",") if d}
 RESULTS = os.environ["FA_SUITE_RESULTS"]
 SIZE_NAMES = {"seqlen", "seqlen_q", "seqlen_k", "paged_kv_block_size"}
@@ -179,7 +185,9 @@ def pytest_generate_tests(metafunc):
                        for (_, vals), p in zip(axes, picks) for x in vals[p] if isinstance(x, torch.dtype))
 
     sample = SAMPLE_FOR.get(metafunc.function.__name__, SAMPLE)
-    if sample <= 0 or sample >= total:
+    if sample < 0:  # left out of this run
+        chosen = []
+    elif sample == 0 or sample >= total:
         chosen = [list(p) for p in itertools.product(*(range(s) for s in sizes))]
         chosen = [p for p in chosen if keep(p)]
     else:
@@ -199,8 +207,8 @@ def pytest_generate_tests(metafunc):
         ids = [_id(n, x, p) for (ns, v), p in zip(axes, picks) for n, x in zip(ns, v[p])]
         params.append(pytest.param(*vals, id="-".join(ids)))
     if not params:
-        metafunc.parametrize(names, [pytest.param(*([None] * len(names)), marks=pytest.mark.skip(
-            reason="no combination left after the dtype filter"))])
+        why = "left out by --sample-for" if sample < 0 else "no combination left after the dtype filter"
+        metafunc.parametrize(names, [pytest.param(*([None] * len(names)), marks=pytest.mark.skip(reason=why))])
         return
     metafunc.parametrize(names, params)
 
@@ -214,6 +222,25 @@ def pytest_collection_modifyitems(config, items):
             src = ""
         if INTERNAL.search(src):
             item.add_marker(pytest.mark.skip(reason="imports FlashAttention internals (not embedattn's to pass)"))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    """--case-timeout: a case past it fails with a TimeoutError (checked between Python bytecodes)."""
+    if CASE_TIMEOUT <= 0 or not hasattr(signal, "SIGALRM"):
+        yield
+        return
+
+    def expired(signum, frame):
+        raise TimeoutError(f"case ran past the runner's --case-timeout ({CASE_TIMEOUT:g} s)")
+
+    old = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, CASE_TIMEOUT)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
 
 
 _config = None
@@ -406,12 +433,16 @@ def main(argv=None) -> int:
                          "TRITON_INTERPRET=1) on the smaller parametrization; default: the reference backend")
     ap.add_argument("--sample", type=int, default=None,
                     help="combinations per test function, a seeded uniform sample (0 = all); default 60, "
-                         "15 with --interpret")
+                         "3 with --interpret")
     ap.add_argument("--shrink", type=int, default=None,
                     help="divide sequence lengths and page sizes above 64 by this (default 8, 16 with --interpret)")
-    ap.add_argument("--sample-for", default="test_flash_attn_race_condition=2",
-                    help="per-test sample sizes, NAME=N,... (default test_flash_attn_race_condition=2: each of its\n"
-                         "cases repeats forward and backward 250 times at batch 60, ~1.5 min on the reference)")
+    ap.add_argument("--sample-for", default=None,
+                    help="per-test sample sizes NAME=N,... (N < 0: none). Default test_flash_attn_race_condition=2\n"
+                         "(each of its cases repeats forward and backward 250 times at batch 60: ~1.5 CPU-min on the\n"
+                         "reference); with --interpret: " + INTERPRET_SAMPLE_FOR)
+    ap.add_argument("--case-timeout", type=float, default=None,
+                    help="seconds one case may run before it fails with a TimeoutError (0 = none; default none,\n"
+                         "600 with --interpret)")
     ap.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     ap.add_argument("--embedattn-rev", default=None,
                     help="run embedattn as committed at this revision of this repository (exported with git archive)\n"
@@ -433,7 +464,10 @@ def main(argv=None) -> int:
     except ImportError:
         print("FlashAttention's tests need einops: pip install einops (or put it on PYTHONPATH)", file=sys.stderr)
         return 2
-    sample = args.sample if args.sample is not None else (15 if args.interpret else 60)
+    sample = args.sample if args.sample is not None else (3 if args.interpret else 60)
+    sample_for = args.sample_for if args.sample_for is not None else (
+        INTERPRET_SAMPLE_FOR if args.interpret else "test_flash_attn_race_condition=2")
+    case_timeout = args.case_timeout if args.case_timeout is not None else (600 if args.interpret else 0)
     factor = args.shrink if args.shrink is not None else (16 if args.interpret else 8)
     source = Source(args.fa_path, args.rev)
     tests = source.tests([f.strip() for f in args.files.split(",") if f.strip()])
@@ -470,7 +504,8 @@ def main(argv=None) -> int:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([str(tmp), str(tree)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH")
                                                                      else []))
-        env.update(FA_SUITE_SHRINK=str(factor), FA_SUITE_SAMPLE=str(sample), FA_SUITE_SAMPLE_FOR=args.sample_for,
+        env.update(FA_SUITE_SHRINK=str(factor), FA_SUITE_SAMPLE=str(sample), FA_SUITE_SAMPLE_FOR=sample_for,
+                   FA_SUITE_CASE_TIMEOUT=str(case_timeout),
                    FA_SUITE_SEED=str(args.seed),
                    FA_SUITE_RESULTS=str(results), FA_SUITE_DROP_DTYPES="bfloat16" if args.interpret else "")
         if args.interpret:  # the interpreter has no bf16 arithmetic: those cases are left out, not failed
@@ -490,6 +525,8 @@ def main(argv=None) -> int:
         backend = "triton (interpreter)" if args.interpret else "reference"
         print(f"backend {backend}; sizes / {factor}; "
               f"{'all combinations' if sample <= 0 else f'{sample} sampled combinations per test (seed {args.seed})'}"
+              f"{f' ({sample_for})' if sample_for else ''}"
+              f"{f'; {case_timeout:g} s per case at most' if case_timeout > 0 else ''}"
               f"{'; bf16 left out' if args.interpret else ''}\n$ {' '.join(cmd)}  (in {tmp})", flush=True)
         log = tmp / "pytest.log"
         t0 = time.time()
