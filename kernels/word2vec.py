@@ -50,6 +50,7 @@ BLOCK_P = 256  # tokens per subsampling step
 # a device-function call that costs as much as a dozen ops under the interpreter (it runs np.sum then)
 _ADD = tl.standard._sum_combine
 _INV_2_24 = tl.constexpr(1.0 / 16777216.0)  # uint32 >> 8 -> [0, 1)
+HS_MAX_EXP = tl.constexpr(6.0)  # hierarchical softmax skips a node with a saturated score (word2vec.c's MAX_EXP)
 
 
 @triton.jit
@@ -227,12 +228,13 @@ def _word2vec_kernel(tok_ptr, bounds_ptr, kept_ptr, keep_ptr, aprob_ptr, alias_p
                             _write_rows(w_out_ptr, ids, nval, live & is_neg, cols, dd, D, ADD, DETERMINISTIC,
                                         BLOCK_K)
                             tl.debug_barrier()
-                    if HS:
+                    if HS:  # a node with a saturated score (|f| >= 6) is skipped, as word2vec.c
                         s = tl.reduce(UH * v[None, :], 1, _ADD)
+                        hl_live = lmask & (tl.abs(s) < HS_MAX_EXP)
                         e = tl.exp(-tl.abs(s))
-                        g = tl.where(lmask, (hlabel - tl.where(s >= 0, 1.0 / (1.0 + e), e / (1.0 + e))) * lr, 0.0)
+                        g = tl.where(hl_live, (hlabel - tl.where(s >= 0, 1.0 / (1.0 + e), e / (1.0 + e))) * lr, 0.0)
                         z = tl.where(hlabel > 0, s, -s)
-                        loss += tl.reduce(tl.where(lmask, tl.maximum(-z, 0.0) + tl.log(1.0 + e), 0.0), 0, _ADD)
+                        loss += tl.reduce(tl.where(hl_live, tl.maximum(-z, 0.0) + tl.log(1.0 + e), 0.0), 0, _ADD)
                         neu1e += tl.reduce(g[:, None] * UH, 0, _ADD)
                         UH = UH + g[:, None] * v[None, :]
                     pairs += 1
@@ -273,10 +275,11 @@ def _word2vec_kernel(tok_ptr, bounds_ptr, kept_ptr, keep_ptr, aprob_ptr, alias_p
                 if HS:
                     lmask = lmask & ((ll * 0 + cnt) > 0)
                     s = tl.reduce(UH * h[None, :], 1, _ADD)
+                    hl_live = lmask & (tl.abs(s) < HS_MAX_EXP)
                     e = tl.exp(-tl.abs(s))
-                    g = tl.where(lmask, (hlabel - tl.where(s >= 0, 1.0 / (1.0 + e), e / (1.0 + e))) * lr, 0.0)
+                    g = tl.where(hl_live, (hlabel - tl.where(s >= 0, 1.0 / (1.0 + e), e / (1.0 + e))) * lr, 0.0)
                     z = tl.where(hlabel > 0, s, -s)
-                    loss += tl.reduce(tl.where(lmask, tl.maximum(-z, 0.0) + tl.log(1.0 + e), 0.0), 0, _ADD)
+                    loss += tl.reduce(tl.where(hl_live, tl.maximum(-z, 0.0) + tl.log(1.0 + e), 0.0), 0, _ADD)
                     neu1e += tl.reduce(g[:, None] * UH, 0, _ADD)
                     UH = UH + g[:, None] * h[None, :]
                 pairs += (cnt > 0).to(tl.int32)

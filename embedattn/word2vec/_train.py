@@ -245,6 +245,9 @@ def _objective_step(u, h, label, lr, live, stats):
     return g, g @ u
 
 
+HS_MAX_EXP = 6.0  # hierarchical softmax skips a node whose score is saturated (word2vec.c's MAX_EXP)
+
+
 def huffman_arrays(codes, points) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-word Huffman codes and node ids (gensim's ``code``/``point`` attributes) flattened for the
     kernels: (offsets int64 [V + 1], node ids int32, codes uint8); word w's path is offsets[w]:offsets[w + 1]."""
@@ -320,8 +323,8 @@ def train_chunks_reference(tokens, bounds, chunks, keep_prob, alias_prob, alias,
                         u += du
                         if not shared_negatives:
                             np.add.at(w_out, ids[1:], du[1:])
-                    if hs:
-                        gh, eh = _objective_step(uh, v, hl, lr, 1.0, stats)
+                    if hs:  # nodes with a saturated score (|f| >= 6) are skipped, as word2vec.c and gensim
+                        gh, eh = _objective_step(uh, v, hl, lr, np.abs(uh @ v) < HS_MAX_EXP, stats)
                         uh += np.outer(gh, v)
                         neu1e = neu1e + eh
                     stats[1] += 1
@@ -340,7 +343,7 @@ def train_chunks_reference(tokens, bounds, chunks, keep_prob, alias_prob, alias,
                     g, neu1e = _objective_step(w_out[ids], h, label, lr, live, stats)
                     np.add.at(w_out, ids, np.outer(g, h))
                 if hs:
-                    gh, eh = _objective_step(uh, h, hl, lr, 1.0, stats)
+                    gh, eh = _objective_step(uh, h, hl, lr, np.abs(uh @ h) < HS_MAX_EXP, stats)
                     uh += np.outer(gh, h)
                     neu1e = neu1e + eh
                 stats[1] += 1

@@ -109,13 +109,16 @@ static inline void add_back(float *table, const int32_t *ids, int64_t n, const f
 }
 
 /* One hierarchical-softmax step of the input h against the held node rows uh (n of them, codes c):
-   neu1e += g * uh, uh += g * h, with g = (1 - code - sigmoid(uh . h)) * lr per node. The loss. */
+   neu1e += g * uh, uh += g * h, with g = (1 - code - sigmoid(uh . h)) * lr per node. A node whose score is
+   saturated (|f| >= HS_MAX_EXP) is skipped, as word2vec.c and gensim do for hierarchical softmax. The loss. */
+#define HS_MAX_EXP 6.0f
 static inline double hs_step(float *uh, const uint8_t *c, int64_t n, const float *h, float *neu1e, float lr,
                              int want_loss, int64_t D) {
     double loss = 0;
     for (int64_t l = 0; l < n; l++) {
-        float g, *u = uh + l * D;
-        loss += grad(dot(u, h, D), 1.0f - (float)c[l], lr, want_loss, &g);
+        float g, *u = uh + l * D, f = dot(u, h, D);
+        if (f <= -HS_MAX_EXP || f >= HS_MAX_EXP) continue;
+        loss += grad(f, 1.0f - (float)c[l], lr, want_loss, &g);
         axpy(g, u, neu1e, D);
         axpy(g, h, u, D);
     }
