@@ -124,10 +124,12 @@ def run_gensim_suite(folder: pathlib.Path, env: dict[str, str] | None = None, se
     if importlib.util.find_spec("testfixtures") is None:
         (folder / "testfixtures.py").write_text(_LOG_CAPTURE_SHIM)
     xml = folder / "report.xml"
-    cmd = [sys.executable, "-m", "pytest", "test_word2vec.py", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}"]
-    if select:  # test names: node ids, exact (a -k expression would match prefixes too)
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}"]
+    if select:  # test names as node ids, exact (a -k expression would match prefixes too)
         cmd += [f"test_word2vec.py::{'TestWMD' if f'TestWMD::{n}' in WMD else 'TestWord2VecModel'}::{n}"
                 for n in select]
+    else:
+        cmd.append("test_word2vec.py")
     full_env = {k: v for k, v in os.environ.items() if k not in ("EMBEDATTN_BACKEND", "PYTEST_ADDOPTS")}
     full_env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
     # one thread per BLAS/OpenMP pool: the tests train with their own worker threads, and spinning pools on a
