@@ -46,6 +46,7 @@ transformers is an optional dependency (``pip install embedattn[hf]``); it is im
 
 from __future__ import annotations
 
+import types
 from collections.abc import Callable
 
 import torch
@@ -232,7 +233,7 @@ def _read_traced(mask_function, attention_mask, q_length, kv_length, q_offset, k
     if mask_function is mu.causal_mask_function or mask_function is mu.bidirectional_mask_function:
         pat.base = "causal" if mask_function is mu.causal_mask_function else "bidirectional"
         return pat
-    if kwargs.get("use_vmap") or getattr(mask_function, "__qualname__", "") != "and_masks.<locals>.and_mask":
+    if kwargs.get("use_vmap") or _qualname(mask_function) != "and_masks.<locals>.and_mask":
         return None  # custom or/and functions (use_vmap), or masks, block overlays: dense
     config, local_size = kwargs.get("config"), kwargs.get("local_size")
     if local_size is not None:
@@ -250,6 +251,11 @@ def _read_traced(mask_function, attention_mask, q_length, kv_length, q_offset, k
     elif local_size is None:
         return None  # an and-mask that is neither a window nor the packed wrapper
     return pat
+
+
+def _qualname(fn) -> str:
+    # not getattr(fn, "__qualname__", ""): dynamo answers the default for functions it built while tracing
+    return fn.__qualname__ if isinstance(fn, types.FunctionType) else ""
 
 
 def _static_int(x):
@@ -443,7 +449,14 @@ def make_attention_forward(backend: str | None = None) -> Callable:
                     plan.sliding != (int(sliding_window),) * 2:
                 raise ValueError(f"embedattn attention: `sliding_window={sliding_window}` disagrees with the mask "
                                  f"transformers built for this layer ({plan})")
-        if cu_q is not None or cu_k is not None:
+        if isinstance(attention_mask, torch.Tensor):
+            # a dense mask: built by transformers for what the kernels have no feature for (it holds the whole
+            # pattern: window, chunks, packed sequences), or given by the user; as for sdpa and eager
+            mask = attention_mask
+            if mask.shape[-1] != key.shape[2]:
+                mask = mask[..., :key.shape[2]]  # older transformers versions hand over masks as wide as a static cache
+            out = attention(query, key, value, attn_mask=mask, causal=False, **common)
+        elif cu_q is not None or cu_k is not None:
             # packed sequences handed over by the data collator (transformers' flash-attention keywords)
             if cu_q is None or cu_k is None or kwargs.get("max_length_q") is None or kwargs.get("max_length_k") is None:
                 raise ValueError("embedattn attention needs all of cu_seq_lens_q, cu_seq_lens_k, max_length_q and "
@@ -454,34 +467,53 @@ def make_attention_forward(backend: str | None = None) -> Callable:
             window = plan.window if plan is not None else _causal_window(sliding_window, causal)
             return _varlen(query, key, value, cu_q, cu_k, _as_int(kwargs["max_length_q"]),
                            _as_int(kwargs["max_length_k"]), causal, window, common), None
-        if plan is not None:
-            if plan.varlen is not None:
-                cu, longest = plan.varlen
+        elif plan is not None:
+            varlen = plan.varlen if plan.varlen is not None else _packed_positions(plan, kwargs.get("position_ids"))
+            if varlen is not None:
+                cu, longest = varlen
                 return _varlen(query, key, value, cu, cu, longest, longest, plan.causal, plan.window, common), None
             if plan.packed_check is not None:
-                assert_ok(~plan.packed_check,
-                          "embedattn attention: this batch packs several sequences per row (position_ids restart), "
-                          "which transformers cannot detect under torch.compile; pass cu_seq_lens_q/k and "
-                          "max_length_q/k (DataCollatorWithFlattening(return_flash_attn_kwargs=True)) or an "
-                          "attention_mask, or run eagerly")
+                assert_ok(~plan.packed_check, _PACKED_UNDER_COMPILE)
             out = attention(query, key, value, causal=plan.causal, causal_offset=plan.causal_offset,
                             window=plan.window, attn_mask=plan.key_mask, **common)
-        elif attention_mask is None:
-            # no mask from us (a model that does not build one through transformers' masking utilities): sdpa's
-            # rule, causal only for > 1 query, aligned top-left like SDPA's is_causal
+        else:
+            # no mask (a model that does not build one through transformers' masking utilities): sdpa's rule,
+            # causal only for > 1 query, aligned top-left like SDPA's is_causal
             causal = bool(query.shape[2] > 1 and module_causal)
             out = attention(query, key, value, causal=causal, causal_offset=0,
                             window=_causal_window(sliding_window, causal) if causal else None, **common)
-        else:
-            # a dense mask: built by transformers for what the kernels have no feature for, or given by the user.
-            # It holds the whole pattern (sliding window included), as for sdpa and eager
-            mask = attention_mask
-            if mask.shape[-1] != key.shape[2]:
-                mask = mask[..., :key.shape[2]]  # older transformers versions hand over masks as wide as a static cache
-            out = attention(query, key, value, attn_mask=mask, causal=False, **common)
         return out.transpose(1, 2).contiguous(), None
 
     return embedattn_attention_forward
+
+
+_PACKED_UNDER_COMPILE = (
+    "embedattn attention: this batch packs several sequences per row (position_ids restart), which cannot be "
+    "detected under torch.compile (no host read); pass cu_seq_lens_q/k and max_length_q/k "
+    "(DataCollatorWithFlattening(return_flash_attn_kwargs=True)), or run eagerly")
+
+
+def _packed_positions(plan: KernelMask, position_ids) -> tuple[torch.Tensor, int] | None:
+    """Packed sequences read from ``position_ids`` (they restart where a sequence starts), as transformers' flash
+    path reads them, for models whose mask does not carry them (Mistral and gpt-oss build their masks without
+    position_ids, so eager and sdpa attend across the sequences there). Only for a call with no padding and
+    no cache history; eagerly one host read per mask (the answer is kept on the mask for the other layers), under
+    torch.compile a device assertion that nothing restarts (packed batches compile through cu_seq_lens)."""
+    if (not isinstance(position_ids, torch.Tensor) or position_ids.dim() != 2 or plan.key_mask is not None
+            or plan.q_length < 2 or plan.q_length != plan.kv_length or plan.causal_offset != 0
+            or position_ids.shape[-1] != plan.q_length):
+        return None
+    cached = getattr(plan, "_positions", None)
+    if cached is not None and cached[0] is position_ids:
+        return cached[1]
+    pos = position_ids.expand(plan.batch_size, -1)
+    restart = pos[:, 1:] - pos[:, :-1] != 1
+    if _tracing():
+        assert_ok(~restart.any(), _PACKED_UNDER_COMPILE)
+        return None
+    varlen = _packed_cu(torch.cat([torch.zeros_like(pos[:, :1]), restart.cumsum(-1)], -1)) if restart.any() else None
+    plan._positions = (position_ids, varlen)
+    return varlen
 
 
 def _varlen(query, key, value, cu_q, cu_k, max_q: int, max_k: int, causal: bool, window, common: dict):
@@ -492,6 +524,9 @@ def _varlen(query, key, value, cu_q, cu_k, max_q: int, max_k: int, causal: bool,
     if common["dropout_p"] > 0 and resolve(common["backend"], q, op="attention", dtype=q.dtype) == "reference":
         # the reference's varlen has no dropout: the oracle runs the sequences as one dense call with a
         # block-diagonal mask (it builds N x N scores anyway); the kernels never see this mask
+        if not torch.equal(cu_q, cu_k):
+            raise ValueError("embedattn attention: dropout over packed sequences on the reference backend needs "
+                             "cu_seq_lens_q == cu_seq_lens_k")
         seq = torch.searchsorted(cu_q[1:], torch.arange(q.shape[0], device=q.device), right=True)
         mask = seq[:, None] == seq[None, :]
         out = attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], causal=causal,
