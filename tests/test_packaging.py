@@ -68,6 +68,8 @@ def test_wheel_carries_kernels_and_imports_outside_the_tree(tmp_path):
     ours = sorted(p.name for p in (ROOT / "kernels").glob("*.py"))
     assert sorted(n.split("/")[-1] for n in names if n.startswith("embedattn/kernels/")) == ours
     assert not any(n.startswith("kernels/") for n in names)
+    # package data: the word2vec C trainer's source (built at first use) and the tuned-config tables
+    assert "embedattn/word2vec/_w2v.c" in names
 
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
