@@ -12,6 +12,7 @@ import pytest
 import torch
 from helpers import DEVICE, HAS_TRITON
 
+import embedattn
 from embedattn.reference import _philox
 
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="needs Triton (the kernels are the oracle)")
@@ -109,13 +110,12 @@ def _zeros(*shape):
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("seed", [99, 2**40 + 7])
 def test_dense_mask_equals_the_forward_draw(causal, seed):
-    """GQA (4 query heads on 2 kv heads), odd lengths: the mask read off the kernels' forward."""
-    from embedattn.kernels.attention import attention_forward
-
+    """GQA (4 query heads on 2 kv heads), odd lengths: the mask read off the kernels' forward (through the public
+    entry with backend="triton": the launchers' signatures are the kernels' business)."""
     B, H, HKV, Nq, Nk = 2, 4, 2, 19, 23
     v = torch.eye(Nk, device=DEVICE).expand(B, HKV, Nk, Nk).contiguous()  # head dim = Nk
-    out, _ = attention_forward(_zeros(B, H, Nq, Nk), _zeros(B, HKV, Nk, Nk), v, None, causal, Nk - Nq, 1.0,
-                               dropout_p=P, seed=_seed(seed))
+    out = embedattn.attention(_zeros(B, H, Nq, Nk), _zeros(B, HKV, Nk, Nk), v, causal=causal, dropout_p=P,
+                              seed=seed, backend="triton")
     keep = _philox.dropout_keep_mask((B, H, Nq, Nk), P, _seed(seed))
     vis = torch.ones(Nq, Nk, dtype=torch.bool, device=DEVICE)
     if causal:
@@ -128,13 +128,11 @@ def test_dense_mask_equals_the_forward_draw(causal, seed):
 
 def _varlen_read(lq, lk, H, HKV, max_q, max_k, seed, causal=False):
     """The varlen forward's output with q = k = 0 and v = identity rows per sequence: (Tq, H, D = max(lk))."""
-    from embedattn.kernels.attention import varlen_forward
-
     cu = lambda ls: torch.tensor([0, *torch.tensor(ls).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
     D = max(lk)
     eye = torch.cat([torch.eye(D, device=DEVICE)[:n] for n in lk])[:, None, :].expand(sum(lk), HKV, D).contiguous()
-    out, _ = varlen_forward(_zeros(sum(lq), H, D), _zeros(sum(lk), HKV, D), eye, cu(lq), cu(lk), max_q, max_k,
-                            causal, 1.0, dropout_p=P, seed=_seed(seed))
+    out = embedattn.attention_varlen(_zeros(sum(lq), H, D), _zeros(sum(lk), HKV, D), eye, cu(lq), cu(lk), max_q,
+                                     max_k, causal=causal, dropout_p=P, seed=seed, backend="triton")
     return out, cu(lq), cu(lk)
 
 
