@@ -15,31 +15,49 @@ function also takes a keyword-only ``backend`` (None | "auto" | "triton" | "refe
 
 Semantics are FlashAttention's: causal is aligned bottom-right (query i sees key j iff
 ``j <= i + seqlen_k - seqlen_q``); ``window_size=(left, right)`` keeps keys in
-``[i + seqlen_k - seqlen_q - left, i + seqlen_k - seqlen_q + right]``, -1 (any negative) being unbounded;
+``[i + seqlen_k - seqlen_q - left, i + seqlen_k - seqlen_q + right]``, -1 (any negative) being unbounded; its
+sides are integers: Python ints, 0-d integer tensors, or one 2-element integer tensor (read on the host once,
+as FlashAttention reads ``window_size[0]``); anything else is a TypeError naming ``window_size``;
 ALiBi adds ``-slope * |i + seqlen_k - seqlen_q - j|``; ``softcap > 0`` caps the scaled scores with
 ``softcap * tanh(s / softcap)`` (``<= 0`` is off); GQA/MQA by K/V with fewer heads; a row that sees no
 key gives zeros. ``dropout_p`` is applied as given (FlashAttention applies it whenever it is > 0, train
-or eval: pass 0.0 for evaluation), drawn from torch's generator on the inputs' device, so
-``torch.manual_seed`` reproduces it (the mask is not FlashAttention's). Gradients flow to q, k, v (and
-the packed tensors) and are deterministic whatever ``deterministic`` says.
+or eval: pass 0.0 for evaluation), drawn in-kernel (Philox) from a seed taken from torch's generator on
+the inputs' device, so ``torch.manual_seed`` reproduces it; the reference backend draws the same mask from
+the same seed (the random stream is embedattn's, not FlashAttention's). Gradients flow to q, k, v (and the
+packed tensors) and are deterministic whatever ``deterministic`` says.
+
+``return_attn_probs=True`` returns ``(out, softmax_lse, S_dmask)`` as FlashAttention: the log-sum-exp is
+float32 (B, H, Nq) ((H, total_q) for varlen), the natural log of the scaled, capped, biased scores; a row
+that sees no key has lse ``-inf`` here (the log of an empty sum; FlashAttention's unsplit kernels write
+``+inf``). ``S_dmask`` is None without dropout (as in FlashAttention); with ``dropout_p > 0`` it is
+FlashAttention's testing-only matrix, in q's dtype: (B, H, Nq, Nk) (varlen: (B, H, max_seqlen_q,
+max_seqlen_k), sequence b's queries and keys from row and column 0, zeros past its lengths) holding
+``exp(s - rowmax(s))`` of the scores s the call used (scaled, capped, biased; 0 where masked and on rows that
+see no key), each entry the dropout dropped negated (its sign bit set, so a dropped 0 reads -0.0): the
+probabilities are ``|S_dmask| / rowsum(|S_dmask|)``. The mask is the draw the call itself used, on either
+backend: the call draws its seed (as embedattn's entry would, so ``out`` is the same as without
+``return_attn_probs`` after the same ``torch.manual_seed``), runs with it, and redraws that Philox mask with
+``embedattn.reference._philox``'s ``dropout_keep_mask`` / ``varlen_keep_mask`` (bit for bit the kernels'); the
+probabilities come from ``embedattn.reference``. It is a debug path: N x N memory, a host read of the seed
+(no torch.compile graph through it). ``S_dmask`` is one block in FlashAttention's terms (FlashAttention's
+test helper ``normalize_flash_attn_S`` then rescales it with ``_get_block_size_n`` >= Nk).
 
 Differences, all documented here and raised clearly where an argument asks for something missing:
 
-* ``return_attn_probs=True`` returns ``(out, softmax_lse, None)``: the log-sum-exp is FlashAttention's
-  (float32, (B, H, Nq), (H, total_q) for varlen; natural log of the scaled, capped, biased scores), but
-  ``S_dmask``, FlashAttention's testing-only probability/dropout matrix, is never produced (FlashAttention
-  returns None for it too unless dropout_p > 0). A row that sees no key has lse ``-inf`` here (the log of
-  an empty sum); FlashAttention's unsplit kernels write ``+inf`` there.
 * Dtypes: float16 and bfloat16 as FlashAttention, plus float32 (and float64 on the reference backend).
-  Any head dim from 1 to 256 (no multiple-of-8 padding is needed), any strides. Dropout in the varlen
-  functions needs the Triton backend (the reference backend raises).
+  Any head dim from 1 to 256 (no multiple-of-8 padding is needed), any strides.
 * The packed functions' backward assembles the packed gradient with one ``stack`` (FlashAttention writes
   dq, dk, dv into one buffer).
 * ``flash_attn_with_kvcache``: ``cache_leftpad`` is not supported (NotImplementedError). Paged caches take
   any page size >= 1 (FlashAttention 2 needs a multiple of 256); multiples of the kernel's key tile (64
   for head dims up to 128, 32 above) read each tile from one page like a contiguous cache, other sizes
   gather rows (see ``embedattn.attention_with_kvcache``). ``cache_batch_idx`` is supported for a contiguous
-  cache (as in FlashAttention, not with ``block_table``). ``rotary_cos``/``rotary_sin`` need
+  cache (as in FlashAttention, not with ``block_table``). A paged length past the table's capacity
+  (``max(cache_seqlens) + seqlen_knew > max_num_blocks_per_seq * page_block_size``) raises FlashAttention's
+  "Paged KV cache: ... exceeds the capacity addressable by block_table" (a ValueError and a RuntimeError).
+  A keyword-only ``check_bounds`` (embedattn's modes) picks how lengths and table entries are checked:
+  with the default on CUDA (a device-side assertion, no host read) that error is the assertion's, not
+  FlashAttention's host-side message. ``rotary_cos``/``rotary_sin`` need
   ``seqlen_ro >=`` the cache's capacity (FlashAttention's rule; it lets the positions go unchecked without a
   device sync); any rotary_dim <= headdim (FlashAttention needs a multiple of 16). Table entries, cache rows
   and lengths out of range raise before anything is written (on CUDA by default as a device-side
@@ -54,7 +72,8 @@ from numbers import Integral, Real
 
 import torch
 
-from ._checks import check_bool
+from . import reference
+from ._checks import bounds_mode, check_bool, seed_tensor
 from .attention import (
     AttentionInputError,
     AttentionTypeError,
@@ -62,6 +81,7 @@ from .attention import (
     attention_varlen,
     attention_with_kvcache,
 )
+from .reference._philox import dropout_keep_mask, varlen_keep_mask
 from .rotary import rotary
 
 __all__ = [
@@ -94,14 +114,39 @@ def _packed(name: str, t, dims: int, layout: str, dim: int, n: int) -> tuple[tor
     return t.unbind(dim)
 
 
+_WINDOW_HELP = ("window_size must be a (left, right) pair of integers (ints, 0-d integer tensors or a 2-element "
+                "integer tensor; -1 = unbounded)")
+
+
+def _is_int_tensor(t: torch.Tensor) -> bool:
+    return not (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool)
+
+
+def _window_side(side) -> int:
+    if isinstance(side, torch.Tensor):
+        if side.dim() != 0 or not _is_int_tensor(side):
+            raise AttentionTypeError(f"{_WINDOW_HELP}, got a side of dtype {side.dtype} and shape {tuple(side.shape)}")
+        return int(side)  # a host read, as FlashAttention's int(window_size[0])
+    if isinstance(side, bool) or not isinstance(side, Integral):
+        raise AttentionTypeError(f"{_WINDOW_HELP}, got a side {side!r}")
+    return int(side)
+
+
 def _window(window_size) -> tuple[int, int] | None:
-    """FlashAttention's (left, right), -1 (any negative) = unbounded, as embedattn's window (None = off)."""
-    if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
-        raise AttentionTypeError(f"window_size must be a (left, right) pair of ints (-1 = unbounded), "
-                                 f"got {window_size!r}")
-    left, right = window_size
-    # bools and non-ints pass through to embedattn's own check, which names them
-    if all(isinstance(s, Real) and not isinstance(s, bool) and s < 0 for s in (left, right)):
+    """FlashAttention's ``window_size`` (left, right), -1 (any negative) = unbounded, as embedattn's window (None =
+    off). A pair of ints or 0-d integer tensors, or a 2-element integer tensor (FlashAttention's tests draw it with
+    ``torch.randint(..., (2,))``): read on the host once, as FlashAttention reads ``window_size[0]``/``[1]``."""
+    if isinstance(window_size, torch.Tensor):
+        if not _is_int_tensor(window_size):
+            raise AttentionTypeError(f"{_WINDOW_HELP}, got a {window_size.dtype} tensor")
+        if tuple(window_size.shape) != (2,):
+            raise AttentionInputError(f"{_WINDOW_HELP}, got a tensor of shape {tuple(window_size.shape)}")
+        left, right = window_size.tolist()  # one host read for both sides
+    elif isinstance(window_size, (tuple, list)) and len(window_size) == 2:
+        left, right = (_window_side(s) for s in window_size)
+    else:
+        raise AttentionTypeError(f"{_WINDOW_HELP}, got {window_size!r}")
+    if left < 0 and right < 0:
         return None
     return (left, right)
 
@@ -123,16 +168,79 @@ def _seq_first(out: torch.Tensor) -> torch.Tensor:
     return out.transpose(1, 2).contiguous()
 
 
+def _debug_seed(dropout_p, return_attn_probs: bool, q) -> int | None:
+    """The dropout seed a call with ``return_attn_probs`` draws itself, so that its S_dmask redraws the kernel's
+    mask: taken from torch's generator on ``device`` exactly as embedattn's entry takes one for ``seed=None``
+    (``seed_tensor``), so the output is the same as without ``return_attn_probs`` after the same
+    ``torch.manual_seed``. One host read (this testing-only path is not meant to run under torch.compile)."""
+    if (not return_attn_probs or not isinstance(q, torch.Tensor) or not isinstance(dropout_p, Real)
+            or isinstance(dropout_p, bool) or not 0 < dropout_p < 1):
+        return None  # no dropout, or a bad argument the entry will name
+    return int(seed_tensor(None, q.device))
+
+
+def _signed_probs(p: torch.Tensor, keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """FlashAttention's S_dmask from the probabilities p (..., Nk): ``exp(s - rowmax(s))`` = p / rowmax(p) (0 on
+    masked entries and on rows that see no key), each dropped entry negated (its sign bit set: a dropped 0 is -0.0)."""
+    top = p.amax(dim=-1, keepdim=True)
+    s = p / torch.where(top > 0, top, torch.ones_like(top))
+    return torch.where(keep, s, -s).to(dtype)
+
+
+def _probs_dense(q, k, dropout_p: float, seed: int, **score_kw) -> torch.Tensor:
+    """S_dmask (B, H, Nq, Nk) of a dense call, q (B, H, Nq, D), k (B, Hkv, Nk, D): the reference's probabilities
+    (read off with v = identity, so every score feature is the reference's) and the kernels' Philox keep mask
+    (``_philox.dropout_keep_mask``, bit for bit the Triton kernels' draw) from the call's seed."""
+    B, H, Nq = q.shape[:3]
+    Hkv, Nk = k.shape[1], k.shape[2]
+    keep = dropout_keep_mask((B, H, Nq, Nk), dropout_p, seed, q.device)
+    if q.numel() == 0 or Nk == 0:
+        return torch.zeros(B, H, Nq, Nk, dtype=q.dtype, device=q.device)
+    up = torch.float64 if q.dtype == torch.float64 else torch.float32
+    eye = torch.eye(Nk, dtype=up, device=q.device).expand(B, Hkv, Nk, Nk)
+    p = reference.attention(q.to(up), k.to(up), eye, **score_kw)
+    return _signed_probs(p, keep, q.dtype)
+
+
+def _probs_varlen(q, k, cu_q, cu_k, max_q: int, max_k: int, dropout_p: float, seed: int,
+                  **score_kw) -> torch.Tensor:
+    """S_dmask (B, H, max_seqlen_q, max_seqlen_k) of a varlen call, FlashAttention's padded layout: sequence b's
+    queries and keys from row and column 0, zeros past its lengths; the keep mask ``_philox.varlen_keep_mask``
+    (the kernels' varlen draw, strided by the max_seqlen values)."""
+    B, H = cu_q.numel() - 1, q.shape[1]
+    keep = varlen_keep_mask(cu_q, cu_k, max_q, max_k, H, dropout_p, seed)
+    up = torch.float64 if q.dtype == torch.float64 else torch.float32
+    probs = torch.zeros(B, H, max_q, max_k, dtype=up, device=q.device)
+    if B and q.shape[0] and k.shape[0] and max_q and max_k:  # the offsets end at the totals (the entry checked)
+        cu_q64, cu_k64 = cu_q.to(torch.int64), cu_k.to(torch.int64)
+        rows_k = torch.arange(k.shape[0], device=q.device)
+        pos_k = rows_k - cu_k64[torch.searchsorted(cu_k64[1:], rows_k, right=True)]
+        # v = one-hot of each key's position in its sequence: a query's output row is its probabilities
+        eye = (pos_k[:, None] == torch.arange(max_k, device=q.device)).to(up)[:, None].expand(-1, k.shape[1], -1)
+        p = reference.attention_varlen(q.to(up), k.to(up), eye, cu_q, cu_k, max_q, max_k, **score_kw)
+        rows_q = torch.arange(q.shape[0], device=q.device)
+        b_q = torch.searchsorted(cu_q64[1:], rows_q, right=True)
+        probs[b_q, :, rows_q - cu_q64[b_q]] = p
+    return _signed_probs(probs, keep, q.dtype)
+
+
+def _score_kw(causal, softmax_scale, window, softcap, alibi_slopes) -> dict:
+    return dict(causal=causal, scale=softmax_scale, window=window, softcap=softcap, alibi_slopes=alibi_slopes)
+
+
 def _dense(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
            return_attn_probs, backend):
     check_bool("deterministic", deterministic)  # the backward is deterministic either way
     check_bool("return_attn_probs", return_attn_probs)
-    res = attention(_heads_first(q), _heads_first(k), _heads_first(v), causal=causal, scale=softmax_scale,
-                    window=_window(window_size), softcap=_softcap(softcap), alibi_slopes=alibi_slopes,
-                    dropout_p=dropout_p, return_lse=return_attn_probs, backend=backend)
+    q, k, v = _heads_first(q), _heads_first(k), _heads_first(v)
+    seed = _debug_seed(dropout_p, return_attn_probs, q)
+    score_kw = _score_kw(causal, softmax_scale, _window(window_size), _softcap(softcap), alibi_slopes)
+    res = attention(q, k, v, dropout_p=dropout_p, seed=seed, return_lse=return_attn_probs, backend=backend,
+                    **score_kw)
     if return_attn_probs:
         out, lse = res
-        return _seq_first(out), lse, None
+        s_dmask = None if seed is None else _probs_dense(q.detach(), k.detach(), dropout_p, seed, **score_kw)
+        return _seq_first(out), lse, s_dmask
     return _seq_first(res)
 
 
@@ -140,13 +248,15 @@ def _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dro
             window_size, softcap, alibi_slopes, deterministic, return_attn_probs, backend):
     check_bool("deterministic", deterministic)
     check_bool("return_attn_probs", return_attn_probs)
-    res = attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
-                           scale=softmax_scale, window=_window(window_size), softcap=_softcap(softcap),
-                           alibi_slopes=alibi_slopes, dropout_p=dropout_p, return_lse=return_attn_probs,
-                           backend=backend)
+    seed = _debug_seed(dropout_p, return_attn_probs, q)
+    score_kw = _score_kw(causal, softmax_scale, _window(window_size), _softcap(softcap), alibi_slopes)
+    res = attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=dropout_p,
+                           seed=seed, return_lse=return_attn_probs, backend=backend, **score_kw)
     if return_attn_probs:
         out, lse = res
-        return out, lse, None
+        s_dmask = None if seed is None else _probs_varlen(q.detach(), k.detach(), cu_seqlens_q, cu_seqlens_k,
+                                                          max_seqlen_q, max_seqlen_k, dropout_p, seed, **score_kw)
+        return out, lse, s_dmask
     return res
 
 
@@ -157,7 +267,8 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
                     alibi_slopes=None, deterministic=False, return_attn_probs=False, *, backend=None):
     """FlashAttention's ``flash_attn_func``: q (B, Nq, H, D), k/v (B, Nk, Hkv, D) with H % Hkv == 0.
 
-    Returns out (B, Nq, H, D), or ``(out, softmax_lse (B, H, Nq) float32, None)`` with ``return_attn_probs``.
+    Returns out (B, Nq, H, D), or ``(out, softmax_lse (B, H, Nq) float32, S_dmask)`` with ``return_attn_probs``
+    (S_dmask: None without dropout, else (B, H, Nq, Nk), testing only).
     See the module docstring for the semantics and the differences from FlashAttention.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -195,7 +306,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                            deterministic=False, return_attn_probs=False, block_table=None, *, backend=None):
     """FlashAttention's ``flash_attn_varlen_func``: q (total_q, H, D), k/v (total_k, Hkv, D); sequence b is rows
     ``cu_seqlens_q[b]:cu_seqlens_q[b+1]`` of q against ``cu_seqlens_k[b]:cu_seqlens_k[b+1]`` of k/v (int32 or
-    int64). Returns out (total_q, H, D), or ``(out, softmax_lse (H, total_q) float32, None)``.
+    int64). Returns out (total_q, H, D), or ``(out, softmax_lse (H, total_q) float32, S_dmask)`` (S_dmask: None
+    without dropout, else (B, H, max_seqlen_q, max_seqlen_k), testing only).
     ``block_table`` (paged K/V) is not supported: NotImplementedError."""
     if block_table is not None:
         raise NotImplementedError("embedattn.flash_attn_interface.flash_attn_varlen_func does not take a block_table "
@@ -237,11 +349,29 @@ def _int32_table(name: str, t, batch: int) -> torch.Tensor:
     return t
 
 
+def _check_paged_capacity(cache_seqlens: torch.Tensor, n_new: int, max_blocks: int, page: int) -> None:
+    """FlashAttention's paged-cache guard, in its words: every cache_seqlens[b] + Nnew within the positions the
+    block table addresses (embedattn.attention_with_kvcache checks the same bound; this names block_table as
+    FlashAttention's test expects). One host read, as FlashAttention's; "sync" mode only."""
+    if not cache_seqlens.numel():
+        return
+    total = cache_seqlens.to(torch.int64) + n_new
+    top, capacity = int(total.max()), max_blocks * page
+    if top > capacity:
+        b = int(total.argmax())
+        raise AttentionInputError(
+            f"Paged KV cache: max(seqlens_k){' + seqlen_knew' if n_new else ''} (= {top}) exceeds the capacity "
+            f"addressable by block_table (max_num_blocks_per_seq * page_block_size = {max_blocks} * {page} = "
+            f"{capacity}): batch {b} has cache_seqlens[{b}] = {top - n_new} with seqlen_knew = {n_new}. Allocate "
+            f"more columns in block_table.")
+
+
 @torch.no_grad()
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None, cache_seqlens=None,
                             cache_batch_idx=None, cache_leftpad=None, block_table=None, softmax_scale=None,
                             causal=False, window_size=(-1, -1), softcap=0.0, rotary_interleaved=True,
-                            alibi_slopes=None, num_splits=0, return_softmax_lse=False, *, backend=None):
+                            alibi_slopes=None, num_splits=0, return_softmax_lse=False, *, check_bounds=None,
+                            backend=None):
     """FlashAttention's ``flash_attn_with_kvcache`` (inference: no gradient).
 
     q: (B, Nq, H, D). k_cache/v_cache: (B_cache, S, Hkv, D), or with ``block_table`` (B, max_blocks) int32 a
@@ -296,6 +426,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     if isinstance(cache_seqlens, Integral) and not isinstance(cache_seqlens, bool):
         cache_seqlens = torch.full((B,), int(cache_seqlens), dtype=torch.int32, device=q.device)
     _int32_table("cache_seqlens", cache_seqlens, B)
+    if paged and bounds_mode(check_bounds, q.device) == "sync":
+        _check_paged_capacity(cache_seqlens, 0 if k is None else k.shape[1], block_table.shape[1], k_cache.shape[1])
     window = _window(window_size)
     if (rotary_cos is None) != (rotary_sin is None):
         raise AttentionInputError("rotary_cos and rotary_sin must be given together")
@@ -308,7 +440,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
             raise AttentionInputError(f"rotary_cos/rotary_sin have {rotary_cos.shape[0]} positions, fewer than the "
                                       f"cache's capacity {capacity} (FlashAttention's rule: seqlen_ro >= seqlen_k)")
         # FlashAttention rotates q position by position when causal or local, else all at cache_seqlens
-        local = window is not None and any(0 <= s < capacity for s in window if isinstance(s, Real))
+        local = window is not None and any(0 <= s < capacity for s in window)
         offsets = cache_seqlens
         # the positions were bounded above (seqlen_ro >= capacity) and the lengths are checked by the attention call
         # before anything is written: no device sync here (a position out of range is rotated by the identity)
@@ -326,7 +458,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
             _heads_first(q), kc, vc, cache_seqlens, None if k is None else _heads_first(k),
             None if v is None else _heads_first(v), causal=causal, scale=softmax_scale, window=window,
             softcap=_softcap(softcap), alibi_slopes=alibi_slopes, num_splits=num_splits, block_table=block_table,
-            return_lse=return_softmax_lse, backend=backend)
+            return_lse=return_softmax_lse, check_bounds=check_bounds, backend=backend)
     except IndexError as e:
         if cache_batch_idx is None:
             raise

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from helpers import BACKENDS, DEVICE, DTYPES, ROADS, assert_fa_close, on_road, skip_if_unsupported
 
 import embedattn
 from embedattn import reference
+from embedattn._checks import seed_tensor
 from embedattn.attention import AttnSpec
 from embedattn.flash_attn_interface import (
     flash_attn_func,
@@ -27,6 +29,7 @@ from embedattn.flash_attn_interface import (
     flash_attn_varlen_qkvpacked_func,
     flash_attn_with_kvcache,
 )
+from embedattn.reference import _philox
 
 needs_triton = pytest.mark.skipif("triton" not in BACKENDS, reason="triton not installed")
 
@@ -37,8 +40,11 @@ def _rand(*shape, dtype=torch.float32, seed=0, scale=1.0):
 
 
 # ------------------------------------------------------------------------------------------------ the oracle
-def _fa(q, k, v, *, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None):
-    """FlashAttention's documented forward in q's dtype: q (B, Nq, H, D), k/v (B, Nk, Hkv, D) -> (out, lse)."""
+def _fa(q, k, v, *, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+        dropout_p=0.0, dropout_keep=None, scores=False):
+    """FlashAttention's documented forward in q's dtype: q (B, Nq, H, D), k/v (B, Nk, Hkv, D) -> (out, lse).
+    With ``dropout_p``, ``dropout_keep`` (B, H, Nq, Nk) bool is the dropout mask (probabilities * keep / (1 - p)); with
+    ``scores`` also the masked scores (B, H, Nq, Nk) (-inf where masked)."""
     B, Nq, H, D = q.shape
     Nk, Hkv = k.shape[1], k.shape[2]
     kv_head = torch.arange(H, device=q.device) // (H // Hkv)
@@ -65,11 +71,15 @@ def _fa(q, k, v, *, softmax_scale=None, causal=False, window_size=(-1, -1), soft
     s = s.masked_fill(~keep, float("-inf"))
     lse = torch.logsumexp(s, dim=-1)
     p = torch.nan_to_num(torch.exp(s - lse[..., None]), nan=0.0)  # a row with no key: exp(-inf - -inf)
-    return torch.einsum("bhij,bjhd->bihd", p, v), lse
+    if dropout_p > 0:
+        p = p * dropout_keep.to(p.dtype) / (1 - dropout_p)
+    out = torch.einsum("bhij,bjhd->bihd", p, v)
+    return (out, lse, s) if scores else (out, lse)
 
 
 def _fa_varlen(q, k, v, cu_q, cu_k, **kw):
-    """Packed (total, H, D): each sequence through _fa. Returns (out (total_q, H, D), lse (H, total_q))."""
+    """Packed (total, H, D): each sequence through _fa. Returns (out (total_q, H, D), lse (H, total_q)). A
+    ``dropout_keep`` is FlashAttention's padded (B, H, max_seqlen_q, max_seqlen_k) layout."""
     outs, lses = [], []
     for b in range(cu_q.numel() - 1):
         qs, ks = q[int(cu_q[b]):int(cu_q[b + 1])][None], k[int(cu_k[b]):int(cu_k[b + 1])][None]
@@ -77,6 +87,8 @@ def _fa_varlen(q, k, v, cu_q, cu_k, **kw):
         kw_b = dict(kw)
         if kw.get("alibi_slopes") is not None and kw["alibi_slopes"].dim() == 2:
             kw_b["alibi_slopes"] = kw["alibi_slopes"][b]
+        if kw.get("dropout_keep") is not None:
+            kw_b["dropout_keep"] = kw["dropout_keep"][b:b + 1, :, :qs.shape[1], :ks.shape[1]]
         o, lse = _fa(qs, ks, vs, **kw_b)
         outs.append(o[0])
         lses.append(lse[0])
@@ -141,7 +153,11 @@ FEATURES = {
 
 
 def _features(name, B, H):
-    kw = dict(FEATURES[name])
+    return _features_from(FEATURES, name, B, H)
+
+
+def _features_from(table, name, B, H):
+    kw = dict(table[name])
     if kw.get("alibi_slopes") == "bh":
         kw["alibi_slopes"] = torch.rand(B, H, device=DEVICE)
     return kw
@@ -262,6 +278,143 @@ def test_dropout_is_embedattn_dropout_from_torch_generator():
     assert not torch.allclose(a, flash_attn_func(q, k, v, causal=True, backend="triton"))
 
 
+# ------------------------------------------------------------------------------------------------ window_size
+WINDOW_FORMS = {
+    "ints": lambda: (3, 1),
+    "list": lambda: [3, 1],
+    "0-d tensors": lambda: (torch.tensor(3), torch.tensor(1, dtype=torch.int32, device=DEVICE)),
+    "int64 pair tensor": lambda: torch.tensor([3, 1]),  # FlashAttention's tests: torch.randint(0, n, (2,))
+    "int32 pair tensor": lambda: torch.tensor([3, 1], dtype=torch.int32, device=DEVICE),
+    "uint8 pair tensor": lambda: torch.tensor([3, 1], dtype=torch.uint8),
+    "numpy ints": lambda: (np.int64(3), np.int32(1)),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_window_size_any_pair_of_integers(backend):
+    """window_size as FlashAttention's tests pass it (a 2-element tensor) and in every other integer form: the
+    same answer as the int pair, which is the oracle's; negative sides unbounded; every function takes them."""
+    B, Nq, Nk, H, D = 2, 5, 9, 2, 16
+    q, k, v = _rand(B, Nq, H, D, seed=80), _rand(B, Nk, H, D, seed=81), _rand(B, Nk, H, D, seed=82)
+    base = flash_attn_func(q, k, v, window_size=(3, 1), backend=backend)
+    _check(base, (q, k, v), dict(window_size=(3, 1)), torch.float32)
+    for name, form in WINDOW_FORMS.items():
+        torch.testing.assert_close(flash_attn_func(q, k, v, window_size=form(), backend=backend), base, atol=0, rtol=0,
+                                   msg=name)
+    full = flash_attn_func(q, k, v, backend=backend)
+    torch.testing.assert_close(flash_attn_func(q, k, v, window_size=torch.tensor([-1, -1]), backend=backend), full,
+                               atol=0, rtol=0)
+    one_side = flash_attn_func(q, k, v, window_size=torch.tensor([-7, 2]), backend=backend)
+    _check(one_side, (q, k, v), dict(window_size=(-1, 2)), torch.float32)
+    # the packed, varlen and KV-cache functions read it the same way
+    qkv = torch.stack([q, k[:, :Nq], v[:, :Nq]], dim=2)
+    torch.testing.assert_close(flash_attn_qkvpacked_func(qkv, window_size=torch.tensor([3, 1]), backend=backend),
+                               flash_attn_qkvpacked_func(qkv, window_size=(3, 1), backend=backend), atol=0, rtol=0)
+    cu_q = torch.tensor([0, Nq, 2 * Nq], dtype=torch.int32, device=DEVICE)
+    cu_k = torch.tensor([0, Nk, 2 * Nk], dtype=torch.int32, device=DEVICE)
+    packed = [t.reshape(-1, H, D) for t in (q, k, v)]
+    torch.testing.assert_close(
+        flash_attn_varlen_func(*packed, cu_q, cu_k, Nq, Nk, window_size=torch.tensor([3, 1]), backend=backend),
+        base.reshape(-1, H, D), atol=1e-6, rtol=1e-6)
+    lens = torch.full((B,), Nk, dtype=torch.int32, device=DEVICE)
+    torch.testing.assert_close(
+        flash_attn_with_kvcache(q, k, v, cache_seqlens=lens, window_size=(torch.tensor(3), 1), backend=backend),
+        base, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_window_size_non_integers_name_window_size(backend):
+    """Anything but a pair of integers is refused naming FlashAttention's ``window_size`` (not embedattn's
+    ``window``), by every function."""
+    q = _rand(1, 4, 2, 16)
+    type_errors = [(1.5, 2), (2, 1.0), (True, 2), (torch.tensor(1.5), 2), (torch.tensor([1, 2]), 3),
+                   torch.tensor([1.5, 2.0]), torch.tensor([True, False]), [1], (1, 2, 3), 3, None, "ab"]
+    for w in type_errors:
+        with pytest.raises(TypeError, match="window_size must be a .left, right. pair of integers") as e:
+            flash_attn_func(q, q, q, window_size=w, backend=backend)
+        assert "window must" not in str(e.value)
+    for w in (torch.tensor([1, 2, 3]), torch.tensor([[1, 2]])):
+        with pytest.raises(ValueError, match="window_size .* got a tensor of shape"):
+            flash_attn_func(q, q, q, window_size=w, backend=backend)
+    qp, cu = q[0], torch.tensor([0, 4], dtype=torch.int32, device=DEVICE)
+    lens = torch.tensor([4], dtype=torch.int32, device=DEVICE)
+    calls = [lambda w: flash_attn_qkvpacked_func(torch.stack([q] * 3, dim=2), window_size=w, backend=backend),
+             lambda w: flash_attn_kvpacked_func(q, torch.stack([q] * 2, dim=2), window_size=w, backend=backend),
+             lambda w: flash_attn_varlen_func(qp, qp, qp, cu, cu, 4, 4, window_size=w, backend=backend),
+             lambda w: flash_attn_with_kvcache(q, q, q, cache_seqlens=lens, window_size=w, backend=backend)]
+    for call in calls:
+        with pytest.raises(TypeError, match="window_size"):
+            call((1.5, 2))
+
+
+# ------------------------------------------------------------------------------------------------ S_dmask
+S_FEATURES = {
+    "plain": {},
+    "causal_window": dict(causal=True, window_size=(3, 1)),
+    "alibi_softcap_scale": dict(alibi_slopes="bh", softcap=2.0, softmax_scale=0.3),
+}
+
+
+def _unnormalized(s64: torch.Tensor) -> torch.Tensor:
+    """FlashAttention's S_dmask magnitude from the oracle's masked scores: exp(s - rowmax(s)), 0 where masked."""
+    m = s64.amax(dim=-1, keepdim=True)
+    return torch.exp(s64 - torch.where(torch.isfinite(m), m, torch.zeros_like(m)))
+
+
+@pytest.mark.parametrize("feature", list(S_FEATURES))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_s_dmask_is_the_dropout_the_call_used(backend, dtype, feature):
+    """return_attn_probs with dropout: S_dmask (B, H, Nq, Nk) in q's dtype is exp(s - rowmax s) of the oracle's
+    scores with the dropped entries negated, and that mask is the one the call used: the output and gradients are
+    the oracle's with exactly it (GQA, Nq != Nk, every score feature), the output is the call's without
+    return_attn_probs after the same torch.manual_seed, and it is the Philox draw of the seed embedattn's entry
+    takes for seed=None."""
+    skip_if_unsupported(backend, dtype)
+    B, Nq, Nk, H, Hkv, D, p = 2, 6, 11, 4, 2, 16, 0.3
+    q, k, v = _rand(B, Nq, H, D, dtype=dtype, seed=83), _rand(B, Nk, Hkv, D, dtype=dtype, seed=84), \
+        _rand(B, Nk, Hkv, D, dtype=dtype, seed=85)
+    kw = _features_from(S_FEATURES, feature, B, H)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    torch.manual_seed(5)
+    out, lse, s_dmask = flash_attn_func(*leaves, dropout_p=p, return_attn_probs=True, backend=backend, **kw)
+    torch.manual_seed(5)
+    torch.testing.assert_close(out.detach(), flash_attn_func(q, k, v, dropout_p=p, backend=backend, **kw),
+                               atol=0, rtol=0)
+    assert s_dmask.shape == (B, H, Nq, Nk) and s_dmask.dtype == dtype and not s_dmask.requires_grad
+    keep = ~torch.signbit(s_dmask)  # a dropped 0 (a masked entry) is -0.0
+    _, _, s64 = _fa(q.double(), k.double(), v.double(), scores=True, **kw)
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(s_dmask.abs().double(), _unnormalized(s64), atol=tol, rtol=tol)
+    visible = torch.isfinite(s64)
+    assert (~keep & visible).any() and (keep & visible).any()
+    _check(out, (q, k, v), dict(kw, dropout_p=p, dropout_keep=keep), dtype, lse=lse, grads=(leaves, out))
+    torch.manual_seed(5)
+    seed = int(seed_tensor(None, DEVICE))
+    assert torch.equal(keep, _philox.dropout_keep_mask((B, H, Nq, Nk), p, seed, DEVICE))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_s_dmask_rows_without_keys_and_packed_functions(backend):
+    """Rows that see no key (causal, Nq > Nk) are zeros in S_dmask as in the output; the packed functions return it
+    too; without dropout it is None (as FlashAttention's)."""
+    q, k, v = _rand(1, 5, 2, 16, seed=86), _rand(1, 2, 2, 16, seed=87), _rand(1, 2, 2, 16, seed=88)
+    out, _, s_dmask = flash_attn_func(q, k, v, 0.4, causal=True, return_attn_probs=True, backend=backend)
+    assert torch.equal(out[:, :3], torch.zeros_like(out[:, :3])) and bool((s_dmask[:, :, :3] == 0).all())
+    assert bool((s_dmask[:, :, 3:].abs().amax(-1) == 1).all())  # exp(rowmax - rowmax) on each row that sees a key
+    qkv = _rand(2, 6, 3, 2, 16, seed=89)
+    assert flash_attn_qkvpacked_func(qkv, 0.2, return_attn_probs=True, backend=backend)[2].shape == (2, 2, 6, 6)
+    assert flash_attn_qkvpacked_func(qkv, 0.0, return_attn_probs=True, backend=backend)[2] is None
+    assert flash_attn_kvpacked_func(qkv[:, :4, 0], qkv[:, :, 1:], 0.2, return_attn_probs=True,
+                                    backend=backend)[2].shape == (2, 2, 4, 6)
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32, device=DEVICE)
+    packed = _rand(9, 3, 2, 16, seed=90)
+    assert flash_attn_varlen_qkvpacked_func(packed, cu, 5, 0.2, return_attn_probs=True,
+                                            backend=backend)[2].shape == (2, 2, 5, 5)
+    assert flash_attn_varlen_kvpacked_func(packed[:, 0], packed[:, 1:], cu, cu, 5, 5, 0.0, return_attn_probs=True,
+                                           backend=backend)[2] is None
+
+
 # ------------------------------------------------------------------------------------------------ varlen
 @pytest.mark.parametrize("feature", ["plain", "causal_window", "alibi"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -305,6 +458,48 @@ def test_varlen_packed_functions(backend):
     torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_s_dmask_varlen(backend):
+    """Varlen S_dmask in FlashAttention's padded (B, H, max_seqlen_q, max_seqlen_k) layout: sequence b from row and
+    column 0, zeros past its lengths (a sequence without queries, one with more queries than keys, max_seqlen
+    above every length); the mask is the one the call used (output and gradients against the per-sequence oracle
+    with it) and the kernels' varlen Philox draw."""
+    lq, lk, mq, mk, H, Hkv, D, p = [3, 0, 6], [5, 4, 2], 7, 6, 4, 2, 16, 0.25
+    cu_q = torch.tensor([0, 3, 3, 9], dtype=torch.int32, device=DEVICE)
+    cu_k = torch.tensor([0, 5, 9, 11], dtype=torch.int32, device=DEVICE)
+    q, k, v = _rand(9, H, D, seed=91), _rand(11, Hkv, D, seed=92), _rand(11, Hkv, D, seed=93)
+    kw = dict(causal=True, alibi_slopes=torch.rand(3, H, device=DEVICE))
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    torch.manual_seed(8)
+    out, lse, s_dmask = flash_attn_varlen_func(*leaves, cu_q, cu_k, mq, mk, p, return_attn_probs=True,
+                                               backend=backend, **kw)
+    torch.manual_seed(8)
+    torch.testing.assert_close(out.detach(), flash_attn_varlen_func(q, k, v, cu_q, cu_k, mq, mk, p, backend=backend,
+                                                                    **kw), atol=0, rtol=0)
+    assert s_dmask.shape == (3, H, mq, mk) and s_dmask.dtype == q.dtype
+    keep = ~torch.signbit(s_dmask)
+    for b in range(3):
+        assert bool((s_dmask[b, :, lq[b]:] == 0).all()) and bool((s_dmask[b, :, :, lk[b]:] == 0).all())
+        qs, ks = q[int(cu_q[b]):int(cu_q[b + 1])], k[int(cu_k[b]):int(cu_k[b + 1])]
+        _, _, s64 = _fa(qs[None].double(), ks[None].double(), ks[None].double(), scores=True, causal=True,
+                        alibi_slopes=kw["alibi_slopes"][b])
+        torch.testing.assert_close(s_dmask[b, :, :lq[b], :lk[b]].abs().double(), _unnormalized(s64)[0], atol=1e-5,
+                                   rtol=1e-5)
+    kw_ref = dict(kw, dropout_p=p, dropout_keep=keep)
+    r64 = [t.double().requires_grad_() for t in (q, k, v)]
+    rp = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref, _ = _fa_varlen(*r64, cu_q, cu_k, **kw_ref)
+    plain, _ = _fa_varlen(*rp, cu_q, cu_k, **kw_ref)
+    assert_fa_close(out, ref, plain)
+    dout = _rand(*out.shape, seed=94)
+    for name, a, b, c in zip(("dq", "dk", "dv"), torch.autograd.grad(out, leaves, dout),
+                             torch.autograd.grad(ref, r64, dout.double()), torch.autograd.grad(plain, rp, dout)):
+        assert_fa_close(a, b, c, name)
+    torch.manual_seed(8)
+    seed = int(seed_tensor(None, DEVICE))
+    assert torch.equal(keep, _philox.varlen_keep_mask(cu_q, cu_k, mq, mk, H, p, seed))
+
+
 # ------------------------------------------------------------------------------------------------ bad input
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bad_input(backend):
@@ -313,7 +508,7 @@ def test_bad_input(backend):
         flash_attn_func(q[0], q, q, backend=backend)
     with pytest.raises(TypeError, match="window_size"):
         flash_attn_func(q, q, q, window_size=3, backend=backend)
-    with pytest.raises(TypeError, match="window"):
+    with pytest.raises(TypeError, match="window_size"):
         flash_attn_func(q, q, q, window_size=(1.5, 2), backend=backend)
     with pytest.raises(TypeError, match="deterministic"):
         flash_attn_func(q, q, q, deterministic=None, backend=backend)
@@ -510,3 +705,40 @@ def test_flash_attn_with_kvcache_bad_input(backend):
         flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, rotary_cos=cos, rotary_sin=sin, backend=backend)
     with pytest.raises(ValueError, match="together"):
         flash_attn_with_kvcache(q, kc, vc, k, cache_seqlens=lens, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_paged_capacity_error_is_flash_attentions(backend):
+    """A paged length past the table's capacity (max(cache_seqlens) + Nnew > max_blocks * page_size) raises
+    FlashAttention's error (a RuntimeError naming block_table, as FlashAttention's test expects; also a
+    ValueError), naming the batch and its value, with the pool untouched; exactly at capacity runs. The
+    keyword-only check_bounds reaches embedattn: "off" raises nothing, and the over-long batch appends nothing
+    while the other's append is exact."""
+    page, H, D = 8, 2, 16
+    kp, vp = _rand(5, page, 1, D, seed=100), _rand(5, page, 1, D, seed=101)
+    k0, v0 = kp.clone(), vp.clone()
+    table = torch.tensor([[3, 1], [0, 4]], dtype=torch.int32, device=DEVICE)
+    q, k, v = _rand(2, 1, H, D, seed=102), _rand(2, 1, 1, D, seed=103), _rand(2, 1, 1, D, seed=104)
+    lens = lambda *n: torch.tensor(n, dtype=torch.int32, device=DEVICE)  # noqa: E731
+    cases = [(dict(cache_seqlens=lens(16, 17)), r"max\(seqlens_k\) \(= 17\) exceeds the capacity addressable by "
+              r"block_table \(max_num_blocks_per_seq \* page_block_size = 2 \* 8 = 16\): batch 1 has "
+              r"cache_seqlens\[1\] = 17"),
+             (dict(k=k, v=v, cache_seqlens=lens(16, 5)), r"max\(seqlens_k\) \+ seqlen_knew \(= 17\) exceeds the "
+              r"capacity addressable by block_table .*: batch 0 has cache_seqlens\[0\] = 16 with seqlen_knew = 1")]
+    for kw, match in cases:
+        for err in (RuntimeError, ValueError):
+            with pytest.raises(err, match=match):
+                flash_attn_with_kvcache(q, kp, vp, block_table=table, backend=backend, **kw)
+        assert torch.equal(kp, k0) and torch.equal(vp, v0)
+    full = flash_attn_with_kvcache(q, kp, vp, cache_seqlens=lens(16, 16), block_table=table, backend=backend)
+    want, _, _, _ = _fa_kvcache(q, kp, vp, cache_seqlens=lens(16, 16), block_table=table)
+    torch.testing.assert_close(full.double(), want, atol=2e-5, rtol=2e-5)
+    with pytest.raises(ValueError, match="check_bounds"):
+        flash_attn_with_kvcache(q, kp, vp, cache_seqlens=lens(1, 1), block_table=table, check_bounds="bogus",
+                                backend=backend)
+    out = flash_attn_with_kvcache(q, kp, vp, k, v, cache_seqlens=lens(16, 5), block_table=table, check_bounds="off",
+                                  backend=backend)
+    assert torch.isfinite(out).all()
+    want, _, want_k, want_v = _fa_kvcache(q[1:], k0, v0, k[1:], v[1:], cache_seqlens=lens(5), block_table=table[1:])
+    torch.testing.assert_close(out[1:].double(), want, atol=2e-5, rtol=2e-5)
+    assert torch.equal(kp.double(), want_k) and torch.equal(vp.double(), want_v)
