@@ -111,10 +111,14 @@ class Capability:
 
     dtypes: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32)
     max_head_dim: int | None = None
+    max_head_dim_v: int | None = None  # the value head dim, where it may differ (attention: MLA)
 
 
 CAPABILITIES: dict[str, Capability] = {
-    "attention": Capability(max_head_dim=256),
+    # head dims up to 512 for training (forward and backward, Q/K and V each), up to 576 for Q/K in decoding
+    # (DeepSeek's MLA latent head: V its first 512 columns)
+    "attention": Capability(max_head_dim=512, max_head_dim_v=512),
+    "attention_decode": Capability(max_head_dim=576, max_head_dim_v=512),
     "embedding": Capability(),
     "negative_sampling": Capability(),
     "rotary": Capability(),
@@ -123,9 +127,9 @@ CAPABILITIES: dict[str, Capability] = {
 
 
 def triton_problem(op: str, device: torch.device, dtype: torch.dtype | None = None,
-                   head_dim: int | None = None) -> tuple[type[Exception], str] | None:
-    """Why ``op``'s Triton kernels cannot run inputs on ``device`` with ``dtype`` and ``head_dim``: the
-    exception type and the reason, or None when they can."""
+                   head_dim: int | None = None, head_dim_v: int | None = None) -> tuple[type[Exception], str] | None:
+    """Why ``op``'s Triton kernels cannot run inputs on ``device`` with ``dtype``, ``head_dim`` (and the value
+    head dim ``head_dim_v``): the exception type and the reason, or None when they can."""
     cap = CAPABILITIES[op]
     if not triton_available():
         return RuntimeError, "Triton is not installed (pip install triton; it is Linux-only)"
@@ -150,6 +154,9 @@ def triton_problem(op: str, device: torch.device, dtype: torch.dtype | None = No
             return TypeError, "the Triton interpreter cannot run dtype bfloat16 (test bf16 on a GPU, or use fp16/fp32)"
     if head_dim is not None and cap.max_head_dim is not None and not 1 <= head_dim <= cap.max_head_dim:
         return ValueError, f"{op} kernels take head dims 1..{cap.max_head_dim}, got head dim {head_dim}"
+    if head_dim_v is not None and cap.max_head_dim_v is not None and not 1 <= head_dim_v <= cap.max_head_dim_v:
+        return ValueError, (f"{op} kernels take value head dims 1..{cap.max_head_dim_v}, got value head dim "
+                            f"{head_dim_v}")
     return None
 
 
@@ -169,7 +176,7 @@ def _device(tensors) -> torch.device:
 
 
 def resolve(backend: str | None, *tensors: torch.Tensor, op: str = "attention", dtype: torch.dtype | None = None,
-            head_dim: int | None = None, native_ok: bool = False) -> str:
+            head_dim: int | None = None, head_dim_v: int | None = None, native_ok: bool = False) -> str:
     """Decide how ``op`` runs on ``tensors``: ``"triton"``, ``"reference"``, or ``"native"`` (torch's own
     op, for ``auto`` where the kernels cannot run and ``native_ok`` says torch's semantics are exactly ours).
 
@@ -179,10 +186,10 @@ def resolve(backend: str | None, *tensors: torch.Tensor, op: str = "attention", 
         return "reference"
     device = _device(tensors)
     if backend == "auto":
-        if device.type == "cuda" and triton_problem(op, device, dtype, head_dim) is None:
+        if device.type == "cuda" and triton_problem(op, device, dtype, head_dim, head_dim_v) is None:
             return "triton"
         return "native" if native_ok else "reference"
-    problem = triton_problem(op, device, dtype, head_dim)
+    problem = triton_problem(op, device, dtype, head_dim, head_dim_v)
     if problem is not None:
         err, why = problem
         raise err(f"backend='triton' cannot run this {op} call: {why}")

@@ -34,7 +34,8 @@ _TORCH_SDPA = F.scaled_dot_product_attention
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _REFERENCE_DTYPES = _TRITON_DTYPES + (torch.float64,)
-MAX_HEAD_DIM = 256
+MAX_HEAD_DIM = 512  # the kernels' head dims, Q/K and V each (forward and backward); KV-cache decoding: below
+MAX_DECODE_HEAD_DIM = 576  # Q/K in attention_with_kvcache (DeepSeek's MLA latent head), V up to MAX_HEAD_DIM
 WINDOW_MAX = 1 << 30  # window sides past any sequence mean "unbounded"; clamped so no index arithmetic wraps
 _LN2 = math.log(2.0)
 
@@ -60,7 +61,9 @@ class AttnSpec:
     window_right`` under a window (``WINDOW_MAX``: that side unbounded). ALiBi distances are measured from the
     same diagonal. ``mask``: bool (True = attend) or additive, a (B, Hq, Nq, Nk) view (never copied); ``alibi``:
     float32 (float64 for float64 inputs) (Hq,) or (B, Hq) slopes; ``seed``: the (1,) int64 dropout seed on the
-    inputs' device, with dropout only (None there: drawn from torch's generator when the call runs). Built by
+    inputs' device, with dropout only (None there: drawn from torch's generator when the call runs); ``sinks``:
+    float32 (float64 for float64 inputs) (Hq,) learned sink logits (gpt-oss: one per query head in every row's
+    softmax denominator, no value; natural log, not scaled, capped, biased or dropped), differentiable. Built by
     ``make_spec`` (checked) or directly (benchmarks, tests).
 
     The registered ops take the fields flat, in this order (``op_args``; the tensors first, then the scalars:
@@ -72,6 +75,7 @@ class AttnSpec:
     mask: torch.Tensor | None = None
     alibi: torch.Tensor | None = None
     seed: torch.Tensor | None = None
+    sinks: torch.Tensor | None = None
     causal: bool = False
     causal_offset: int = 0
     scale: float = 1.0
@@ -106,10 +110,10 @@ class AttnSpec:
         return tuple(-1 if side >= WINDOW_MAX else side for side in (self.window_left, self.window_right))
 
     def reference_kwargs(self) -> dict:
-        """The reference's keyword arguments for the scalar features and ALiBi (the diagonal, mask and dropout
-        are the caller's: the varlen and KV-cache references measure the diagonal per sequence)."""
+        """The reference's keyword arguments for the scalar features, ALiBi and the sinks (the diagonal, mask and
+        dropout are the caller's: the varlen and KV-cache references measure the diagonal per sequence)."""
         return dict(causal=self.causal, scale=self.scale, window=self.window, softcap=self.softcap,
-                    alibi_slopes=self.alibi)
+                    alibi_slopes=self.alibi, sinks=self.sinks)
 
 
 _SPEC_FIELDS = tuple(f.name for f in fields(AttnSpec))
@@ -122,7 +126,8 @@ _FEATURES_OFF = tuple((f.name, f.default) for f in fields(AttnSpec) if f.name no
 # argument checks
 # --------------------------------------------------------------------------------------------------
 def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, paged: bool = False) -> None:
-    """q (B, Hq, N, D), k/v (B, Hkv, N, D) (with ``paged``, pools of pages (num_pages, Hkv, page_size, D))."""
+    """q (B, Hq, N, D), k (B, Hkv, N, D), v (B, Hkv, N, Dv) (with ``paged``, pools of pages (num_pages, Hkv,
+    page_size, D or Dv)); the value head dim Dv may differ from D (MLA)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise AttentionTypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -134,12 +139,13 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, paged: bool
         raise AttentionTypeError(f"q, k, v dtype must be float16, bfloat16, float32 or float64, got {q.dtype}")
     if not (q.device == k.device == v.device):
         raise AttentionInputError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    if k.shape != v.shape:
-        raise AttentionInputError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[:3] != v.shape[:3]:
+        raise AttentionInputError(f"k and v must have the same shape but for the head dim, (B, Hkv, N), got "
+                                  f"{tuple(k.shape)} and {tuple(v.shape)}")
     if not paged and q.shape[0] != k.shape[0]:
         raise AttentionInputError(f"batch size of q ({q.shape[0]}) and k/v ({k.shape[0]}) differ")
     if q.shape[3] != k.shape[3]:
-        raise AttentionInputError(f"head dim of q ({q.shape[3]}) and k/v ({k.shape[3]}) differ")
+        raise AttentionInputError(f"head dim of q ({q.shape[3]}) and k ({k.shape[3]}) differ")
     hq, hkv = q.shape[1], k.shape[1]
     if hkv == 0 and hq != 0 or hkv and hq % hkv != 0:
         raise AttentionInputError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
@@ -206,9 +212,25 @@ def _check_alibi(alibi_slopes, q: torch.Tensor, n_batch: int, n_heads: int) -> t
     return alibi_slopes.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
 
 
+def _check_sinks(sinks, q: torch.Tensor, n_heads: int) -> torch.Tensor | None:
+    if sinks is None:
+        return None
+    if not isinstance(sinks, torch.Tensor) or not sinks.is_floating_point():
+        got = sinks.dtype if isinstance(sinks, torch.Tensor) else type(sinks).__name__
+        raise AttentionTypeError(f"sinks must be a floating tensor of shape (Hq,) = ({n_heads},), got {got}")
+    if tuple(sinks.shape) != (n_heads,):
+        raise AttentionInputError(f"sinks must have shape (Hq,) = ({n_heads},) (one logit per query head), got "
+                                  f"{tuple(sinks.shape)}")
+    if sinks.device != q.device:
+        raise AttentionInputError(f"sinks is on {sinks.device}, q on {q.device}")
+    # float32 for the kernels (float64 for float64 inputs); the cast is differentiable, so the gradient reaches
+    # sinks in its own dtype
+    return sinks.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+
+
 def make_spec(q: torch.Tensor, *, n_keys: int | None = None, n_batch: int | None = None, causal=False,
               causal_offset: int = 0, scale=None, attn_mask=None, window=None, softcap=0.0, alibi_slopes=None,
-              dropout_p=0.0, seed=None) -> AttnSpec:
+              dropout_p=0.0, seed=None, sinks=None) -> AttnSpec:
     """The checked ``AttnSpec`` of a call on ``q`` (dense (B, Hq, Nq, D), or packed (total, Hq, D) with ``n_batch``
     sequences). ``attn_mask`` (dense only) is checked against (B, Hq, Nq, ``n_keys``) and kept as a view of that
     shape; with ``dropout_p`` > 0 an int ``seed`` becomes the kernels' seed tensor (None: one is drawn from torch's
@@ -230,21 +252,24 @@ def make_spec(q: torch.Tensor, *, n_keys: int | None = None, n_batch: int | None
     if not 0.0 <= dropout_p < 1.0:
         raise AttentionInputError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
     alibi = _check_alibi(alibi_slopes, q, q.shape[0] if n_batch is None else n_batch, q.shape[1])
+    sinks = _check_sinks(sinks, q, q.shape[1])
     seed = check_seed(seed)
     seed_t = seed_tensor(seed, q.device) if dropout_p > 0 and seed is not None else None
-    return AttnSpec(mask=mask, alibi=alibi, seed=seed_t,
+    return AttnSpec(mask=mask, alibi=alibi, seed=seed_t, sinks=sinks,
                     causal=causal, causal_offset=int(causal_offset), scale=_resolve_scale(scale, q.shape[-1]),
                     window_left=wl, window_right=wr, softcap=float(softcap), dropout_p=float(dropout_p))
 
 
-def _empty_result(q, k, v, return_lse):
+def _empty_result(q, k, v, return_lse, sinks=None):
     b, h, nq, d = q.shape
-    # no keys: every row is empty, so zeros (and an lse of -inf), like a fully masked row. The inputs'
-    # gradients are zeros; the graph stays connected through a product that cannot turn inf/NaN into NaN
+    # no keys: every row is empty, so zeros (and an lse of -inf, or the sink's logit), like a fully masked row.
+    # The inputs' gradients are zeros; the graph stays connected through a product that cannot turn inf/NaN into NaN
     link = sum((t.reshape(-1)[:0].sum() for t in (q, k, v)), q.new_zeros(()))
     out = q.new_zeros(b, h, nq, v.shape[-1]) + link
     if return_lse:
         lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        if sinks is not None:
+            return out, sinks.to(lse_dtype).view(1, h, 1).expand(b, h, nq)
         return out, torch.full((b, h, nq), float("-inf"), dtype=lse_dtype, device=q.device)
     return out
 
@@ -296,19 +321,28 @@ def _lse_like(q: torch.Tensor) -> torch.Tensor:
 
 # the fakes mirror the launchers' allocations exactly (contiguous, except the dense and KV-cache outputs, laid out in
 # q's memory order): a compiled graph plans its views on the fake's strides
-def _out_like(q: torch.Tensor) -> torch.Tensor:
-    # the dense forward writes its output in q's memory order (FlashAttention's (B, N, H, D) for q.transpose(1, 2))
+def _out_like(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    # the dense forward writes its output (B, Hq, Nq, Dv) in q's memory order (FlashAttention's (B, N, H, D) for
+    # q.transpose(1, 2))
     from .kernels.attention import empty_in_order
 
-    return empty_in_order(q)
+    return empty_in_order(q, v.shape[-1])
 
 
-def _grads_like(q, k, v):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+def _grads_like(q, k, v, spec):
+    # dq, dk, dv, and dsinks (Hq,) float32 (empty without sinks: an op returns tensors only)
+    n_sinks = 0 if spec.sinks is None else spec.sinks.shape[0]
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
+            q.new_empty(n_sinks, dtype=torch.float32))
+
+
+def _with_dsinks(grads: tuple, q: torch.Tensor) -> tuple:
+    """(dq, dk, dv, dsinks): a launcher's grads, with the empty dsinks of a call without sinks."""
+    return grads if len(grads) == 4 else (*grads, q.new_empty(0, dtype=torch.float32))
 
 
 def _attention_fwd_fake(q, k, v, impl, spec):
-    return _out_like(q), _lse_like(q)
+    return _out_like(q, v), _lse_like(q)
 
 
 @_spec_op("attention_fwd", fake=_attention_fwd_fake)
@@ -329,26 +363,26 @@ def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: str,
 
 
 def _attention_bwd_fake(dout, q, k, v, out, lse2, dlse2, impl, spec):
-    return _grads_like(q, k, v)
+    return _grads_like(q, k, v, spec)
 
 
 @_spec_op("attention_bwd", fake=_attention_bwd_fake)
 def _attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                    lse2: torch.Tensor, dlse2: torch.Tensor | None, impl: str, spec: AttnSpec
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv); ``dlse2`` is the gradient of the base-2 lse, or None. The spec must be the forward's (the
-    dropout mask is drawn again from its seed). ``impl``: "default" (deterministic, no atomics) or "hopper" (dQ by
-    atomics)."""
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv, dsinks: (Hq,) float32, empty without sinks); ``dlse2`` is the gradient of the base-2 lse, or
+    None. The spec must be the forward's (the dropout mask is drawn again from its seed). ``impl``: "default"
+    (deterministic, no atomics) or "hopper" (dQ by atomics; calls without sinks)."""
     if _aligned_impl(impl, q, k, v) == "hopper":
         from .kernels.attention_hopper import hopper_backward
 
-        return hopper_backward(dout, q, k, v, out, lse2, spec, dlse2=dlse2)
+        return _with_dsinks(hopper_backward(dout, q, k, v, out, lse2, spec, dlse2=dlse2), q)
     from .kernels.attention import attention_backward
 
-    return attention_backward(dout, q, k, v, out, lse2, spec, dlse2=dlse2)
+    return _with_dsinks(attention_backward(dout, q, k, v, out, lse2, spec, dlse2=dlse2), q)
 
 
-@_spec_op("gluon_attention_fwd", fake=lambda q, k, v, spec: (_out_like(q), _lse_like(q)))
+@_spec_op("gluon_attention_fwd", fake=lambda q, k, v, spec: (_out_like(q, v), _lse_like(q)))
 def _gluon_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttnSpec
                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """The Gluon forward (kernels/attention_gluon.py), registered as an opaque op so that a compiled graph calls
@@ -359,33 +393,34 @@ def _gluon_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec
 
 
 def _varlen_fwd_fake(q, k, v, cu_q, cu_k, max_q, max_k, spec):
-    return q.new_empty(q.shape), q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)
+    return q.new_empty(*q.shape[:2], v.shape[-1]), q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)
 
 
 @_spec_op("varlen_fwd", fake=_varlen_fwd_fake)
 def _varlen_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
                 max_q: int, max_k: int, spec: AttnSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """Packed (total, H, D) sequences: (out like q, lse2 (H, total_q))."""
+    """Packed (total, H, D) sequences (v: (total_k, Hkv, Dv)): (out (total_q, Hq, Dv), lse2 (H, total_q))."""
     from .kernels.attention import varlen_forward
 
     return varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, spec)
 
 
 def _varlen_bwd_fake(dout, q, k, v, out, lse2, cu_q, cu_k, max_q, max_k, spec):
-    return _grads_like(q, k, v)
+    return _grads_like(q, k, v, spec)
 
 
 @_spec_op("varlen_bwd", fake=_varlen_bwd_fake)
 def _varlen_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                 lse2: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor, max_q: int, max_k: int, spec: AttnSpec
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv, dsinks), as ``attention_bwd``."""
     from .kernels.attention import varlen_backward
 
-    return varlen_backward(dout, q, k, v, out, lse2, cu_q, cu_k, max_q, max_k, spec)
+    return _with_dsinks(varlen_backward(dout, q, k, v, out, lse2, cu_q, cu_k, max_q, max_k, spec), q)
 
 
 def _kvcache_fwd_fake(q, k_cache, v_cache, lens, block_table, num_splits, spec):
-    return _out_like(q), _lse_like(q)
+    return _out_like(q, v_cache), _lse_like(q)
 
 
 @_spec_op("kvcache_fwd", fake=_kvcache_fwd_fake)
@@ -393,7 +428,8 @@ def _kvcache_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
                  block_table: torch.Tensor | None, num_splits: int, spec: AttnSpec
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decoding: batch b attends to its first ``lens[b]`` cached keys (int32), causal bottom-right; with
-    ``block_table`` the caches are pools of pages read through it. (out like q, lse2 (B, Hq, Nq) base 2)."""
+    ``block_table`` the caches are pools of pages read through it. (out (B, Hq, Nq, Dv) in q's memory order, lse2
+    (B, Hq, Nq) base 2, the sink included)."""
     from .kernels.attention import kvcache_forward
 
     return kvcache_forward(q, k_cache, v_cache, lens, spec, num_splits, block_table=block_table)
@@ -402,12 +438,19 @@ def _kvcache_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
 # --------------------------------------------------------------------------------------------------
 # autograd: one Function per layout, forward and backward through the registered ops
 # --------------------------------------------------------------------------------------------------
+def _spec_grads(spec_args: tuple, dsinks: torch.Tensor) -> tuple:
+    """The gradients of an autograd Function's spec inputs: the sinks' (from the backward op), None elsewhere."""
+    spec = AttnSpec.from_op_args(spec_args)
+    return spec.input_grads(sinks=dsinks.to(spec.sinks.dtype) if spec.sinks is not None else None)
+
+
 class AttentionFunction(torch.autograd.Function):
     """Triton attention: ``apply(q, k, v, fwd_impl, bwd_impl, *spec.op_args()) -> (out, lse2)``.
 
-    ``lse2`` is the base-2 log-sum-exp (float32, -inf on rows with no visible key); it is
-    differentiable (its gradient folds into the backward's row term, as in FlashAttention). The
-    backward regenerates the dropout mask, and is not itself differentiable.
+    ``lse2`` is the base-2 log-sum-exp (float32, the sink included; -inf on rows with no visible key and no
+    sink); it is differentiable (its gradient folds into the backward's row term, as in FlashAttention). The
+    spec's sinks are an input like q, k, v: their gradient comes from the backward op. The backward regenerates
+    the dropout mask, and is not itself differentiable.
     """
 
     @staticmethod
@@ -427,8 +470,8 @@ class AttentionFunction(torch.autograd.Function):
             return (None,) * (5 + len(spec_args))
         if dout is None:
             dout = torch.zeros_like(out)
-        dq, dk, dv = torch.ops.embedattn.attention_bwd(dout, q, k, v, out, lse2, dlse2, ctx.impl, *spec_args)
-        return (dq, dk, dv, None, None, *AttnSpec.from_op_args(spec_args).input_grads())
+        dq, dk, dv, dsinks = torch.ops.embedattn.attention_bwd(dout, q, k, v, out, lse2, dlse2, ctx.impl, *spec_args)
+        return (dq, dk, dv, None, None, *_spec_grads(spec_args, dsinks))
 
 
 class VarlenAttentionFunction(torch.autograd.Function):
@@ -449,8 +492,9 @@ class VarlenAttentionFunction(torch.autograd.Function):
         q, k, v, out, lse2, cu_q, cu_k, *tensors = ctx.saved_tensors
         (max_q, max_k), scalars = ctx.args
         spec_args = (*tensors, *scalars)
-        dq, dk, dv = torch.ops.embedattn.varlen_bwd(dout, q, k, v, out, lse2, cu_q, cu_k, max_q, max_k, *spec_args)
-        return (dq, dk, dv, None, None, None, None, *AttnSpec.from_op_args(spec_args).input_grads())
+        dq, dk, dv, dsinks = torch.ops.embedattn.varlen_bwd(dout, q, k, v, out, lse2, cu_q, cu_k, max_q, max_k,
+                                                            *spec_args)
+        return (dq, dk, dv, None, None, None, None, *_spec_grads(spec_args, dsinks))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -471,7 +515,8 @@ def _resolve(backend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: A
     exactly our function: a plain spec (a fully masked row gives NaN there, zeros here), no lse, and a causal
     diagonal at or right of the top-left one, so that no row is empty)."""
     native_ok = spec.plain() and not return_lse and (not spec.causal or spec.causal_offset >= 0)
-    return resolve(backend, q, k, v, op="attention", dtype=q.dtype, head_dim=q.shape[-1], native_ok=native_ok)
+    return resolve(backend, q, k, v, op="attention", dtype=q.dtype, head_dim=q.shape[-1], head_dim_v=v.shape[-1],
+                   native_ok=native_ok)
 
 
 def _kernel_impls(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttnSpec) -> tuple[str, str]:
@@ -521,17 +566,13 @@ def _native(q, k, v, spec: AttnSpec):
 def _run(be: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttnSpec, return_lse: bool):
     """A checked dense call on the backend ``be`` decided for it."""
     if q.numel() == 0 or k.shape[2] == 0 or k.shape[1] == 0:
-        return _empty_result(q, k, v, return_lse)
+        return _empty_result(q, k, v, return_lse, spec.sinks)
     if be == "native":
         return _native(q, k, v, spec)
     spec = _seeded(spec, q.device)
-    if be == "reference":
-        keep = None
-        if spec.dropout_p > 0:
-            keep = reference.dropout_keep_mask((q.shape[0], q.shape[1], q.shape[2], k.shape[2]), spec.dropout_p,
-                                               spec.seed)
+    if be == "reference":  # dropout: the kernels' own Philox draw from the same seed
         return reference.attention(q, k, v, attn_mask=spec.mask, causal_offset=spec.causal_offset,
-                                   return_lse=return_lse, dropout_p=spec.dropout_p, dropout_mask=keep,
+                                   return_lse=return_lse, dropout_p=spec.dropout_p, seed=spec.seed,
                                    **spec.reference_kwargs())
     out, lse2 = AttentionFunction.apply(*_distinct(q, k, v), *_kernel_impls(q, k, v, spec), *spec.op_args())
     return (out, lse2 * _LN2) if return_lse else out
@@ -552,13 +593,16 @@ def attention(
     dropout_p: float = 0.0,
     seed: int | None = None,
     causal_offset: int | None = None,
+    sinks: torch.Tensor | None = None,
     backend: str | None = None,
 ):
     """Fused softmax(q kᵀ · scale + mask) v without materializing the Nq×Nk matrix.
 
     Args:
-        q: (B, Hq, Nq, D). k, v: (B, Hkv, Nk, D) with Hq a multiple of Hkv (GQA/MQA; K/V are not
-            copied). Any strides. fp16, bf16, fp32 (and fp64 on the reference backend).
+        q: (B, Hq, Nq, D). k: (B, Hkv, Nk, D), v: (B, Hkv, Nk, Dv) with Hq a multiple of Hkv (GQA/MQA; K/V
+            are not copied) and a value head dim Dv of its own (DeepSeek's MLA: D 192, Dv 128). Head dims up
+            to 512 on the Triton backend, forward and backward. Any strides. fp16, bf16, fp32 (and fp64 on
+            the reference backend).
         causal: query i sees key j iff j <= i + causal_offset.
         causal_offset: the diagonal that causal, window and ALiBi are measured from; default
             Nk - Nq, bottom-right (FlashAttention's convention: the last query sees every key, as in
@@ -568,7 +612,8 @@ def attention(
             tile by tile through its strides, never expanded in memory. A row with every key
             masked gives zeros and zero gradients.
         return_lse: also return the (B, Hq, Nq) log-sum-exp (natural log, float32; float64 for float64
-            inputs; -inf on empty rows). It is differentiable.
+            inputs; -inf on empty rows). It is differentiable. With ``sinks`` it includes the sink
+            (FlashAttention 4's choice): log(sum_j exp(s_ij) + exp(sink_h)), so an empty row's lse is the sink.
         window: (left, right) sliding window, -1 = unbounded: query i sees keys
             i + causal_offset - left <= j <= i + causal_offset + right. Combines with ``causal``.
             Key tiles outside the band are skipped, not masked.
@@ -580,11 +625,18 @@ def attention(
         dropout_p: dropout on the attention probabilities, drawn in-kernel (Philox) from ``seed`` and
             regenerated identically in the backward. ``seed`` (an int in [0, 2**63)) fixes the draw;
             None takes one from torch's generator on the inputs' device (``torch.manual_seed``
-            reproduces it). The reference backend draws its own mask from the seed (a different stream).
+            reproduces it). The reference backend draws the same mask from the seed (the kernels' Philox
+            stream, bit for bit: ``embedattn.reference.dropout_keep_mask``).
+        sinks: (Hq,) float tensor of any float dtype, differentiable: gpt-oss's learned attention sinks. Query
+            head h's logit sinks[h] (natural log: not multiplied by the scale, not softcapped, no ALiBi, never
+            dropped) joins every row's softmax denominator and contributes no value:
+            out_i = sum_j exp(s_ij) v_j / (sum_j exp(s_ij) + exp(sinks[h])). A row with no visible key gives
+            zeros (and no NaN anywhere, gradients included). Its gradient is
+            -sum_i p_sink_i (dO_i . O_i) (plus the lse's share), accumulated in fp32.
         backend: None | "auto" | "triton" | "reference" (see ``embedattn._backend``).
 
     Returns:
-        out (B, Hq, Nq, D) in q's dtype, or (out, lse) when ``return_lse``.
+        out (B, Hq, Nq, Dv) in q's dtype, or (out, lse) when ``return_lse``.
     """
     _check_qkv(q, k, v)
     nq, nk = q.shape[2], k.shape[2]
@@ -593,7 +645,8 @@ def attention(
         causal_offset = nk - nq
     causal_offset = check_int("causal_offset", causal_offset, low=-(2**31) + 1, high=2**31 - 1)
     spec = make_spec(q, n_keys=nk, causal=causal, causal_offset=causal_offset, scale=scale, attn_mask=attn_mask,
-                     window=window, softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p, seed=seed)
+                     window=window, softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p, seed=seed,
+                     sinks=sinks)
     return _run(_resolve(backend, q, k, v, spec, return_lse), q, k, v, spec, return_lse)
 
 
@@ -606,7 +659,8 @@ def _sdpa_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable
     """The 4-D (q, k, v, mask) of a torch SDPA call, or None where only torch's own SDPA gives its answer: what
     torch rejects (so the error is torch's), and what embedattn does not compute.
 
-    Taken: 3-D or 4-D q/k/v of one floating dtype and device, k and v of one shape, one head dim >= 1; batch (and,
+    Taken: 3-D or 4-D q/k/v of one floating dtype and device, k and v of one shape but for the head dim (a value
+    head dim Ev of its own, as torch takes), q and k of one head dim >= 1, Ev >= 1; batch (and,
     without ``enable_gqa``, head) sizes that broadcast as in torch's matmul; grouped heads under
     ``enable_gqa``; a bool mask or a float one of float32 or q's dtype, of 2 to q.dim() dims, that
     broadcasts to the scores' shape; a finite scale; dropout in [0, 1)."""
@@ -619,13 +673,13 @@ def _sdpa_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, Real) or not 0.0 <= dropout_p < 1.0:
         return None  # torch: dropout_p = 1 gives zeros, outside [0, 1] an error
     nd = query.dim()
-    if nd not in (3, 4) or key.dim() != nd or key.shape != value.shape:
+    if nd not in (3, 4) or key.dim() != nd or value.dim() != nd or key.shape[:-1] != value.shape[:-1]:
         return None
     if not (query.dtype == key.dtype == value.dtype) or not (query.device == key.device == value.device):
         return None
     if query.dtype not in _REFERENCE_DTYPES:
         return None
-    if query.numel() == 0 or key.numel() == 0 or query.shape[-1] != key.shape[-1]:
+    if query.numel() == 0 or key.numel() == 0 or value.numel() == 0 or query.shape[-1] != key.shape[-1]:
         return None
     if is_causal and attn_mask is not None:
         # torch applies both or raises depending on the backend it picks (2.13 on the CPU: both for 4-D
@@ -691,7 +745,7 @@ def sdpa_call(backend: str | None, query, key, value, attn_mask=None, dropout_p=
                      softcap=softcap, dropout_p=float(dropout_p))
     try:
         be = _resolve(backend, q, k, v, spec, False)
-    except (RuntimeError, TypeError, ValueError):  # e.g. backend="triton" with a head dim past 256
+    except (RuntimeError, TypeError, ValueError):  # e.g. backend="triton" with a head dim past 512
         return None
     return SdpaCall(q, k, v, spec, be, query.dim() == 3)
 
@@ -716,8 +770,10 @@ def scaled_dot_product_attention(
     ``dropout_p`` in-kernel (seeded from torch's generator, so ``torch.manual_seed`` makes it
     reproducible, though the mask differs from torch's own).
 
+    A value head dim unlike the key's (Ev != E, DeepSeek's MLA) runs on the kernels too.
+
     Everything else goes to torch's own SDPA (captured before any ``patch_sdpa``): other ranks, head
-    dim 0 or above 256, a value head dim unlike the key's, float64, masks that require grad,
+    dims 0 or above 512, float64, masks that require grad,
     ``attn_mask`` together with ``is_causal`` (torch applies both or raises, depending on the backend
     it picks for the call), calls torch rejects, and calls the Triton kernels cannot run by the
     decision of ``embedattn.resolve(None, ...)`` (CPU tensors outside the interpreter, ...): see ``sdpa_call``.
@@ -786,16 +842,19 @@ def attention_varlen(
     dropout_p: float = 0.0,
     seed: int | None = None,
     return_lse: bool = False,
+    sinks: torch.Tensor | None = None,
     backend: str | None = None,
 ):
     """Attention over packed variable-length sequences, no padding work (FlashAttention's varlen API).
 
-    q: (total_q, Hq, D), k/v: (total_k, Hkv, D); sequence b is rows cu_seqlens_q[b]:cu_seqlens_q[b+1]
-    of q against rows cu_seqlens_k[b]:cu_seqlens_k[b+1] of k/v. ``max_seqlen_*`` (ints) bound the
-    longest sequence (they size the launch grid). ``causal`` is bottom-right per sequence. Other options
-    as ``attention`` (dropout on the Triton backend only). Returns (total_q, Hq, D), or with ``return_lse``
-    (out, lse (Hq, total_q) natural log, float32 (float64 for float64 inputs), -inf where a sequence has no
-    key); this lse is not differentiable on the Triton backend.
+    q: (total_q, Hq, D), k: (total_k, Hkv, D), v: (total_k, Hkv, Dv); sequence b is rows
+    cu_seqlens_q[b]:cu_seqlens_q[b+1] of q against rows cu_seqlens_k[b]:cu_seqlens_k[b+1] of k/v.
+    ``max_seqlen_*`` (ints) bound the longest sequence (they size the launch grid and stride the dropout
+    draw). ``causal`` is bottom-right per sequence. Other options (``sinks`` included) as ``attention``;
+    dropout draws the same mask on both backends for the same seed and max_seqlen values. Returns
+    (total_q, Hq, Dv), or with ``return_lse`` (out, lse (Hq, total_q) natural log, float32 (float64 for
+    float64 inputs), the sink included, -inf where a sequence has no key and there is no sink); this lse is
+    not differentiable on the Triton backend.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
@@ -813,15 +872,14 @@ def attention_varlen(
     cu_q, cu_k = _checked_seqlens(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k)
     check_bool("return_lse", return_lse)
     spec = make_spec(q, n_batch=cu_q.numel() - 1, causal=causal, scale=scale, window=window, softcap=softcap,
-                     alibi_slopes=alibi_slopes, dropout_p=dropout_p, seed=seed)
-    be = resolve(backend, q, k, v, op="attention", dtype=q.dtype, head_dim=q.shape[-1])
+                     alibi_slopes=alibi_slopes, dropout_p=dropout_p, seed=seed, sinks=sinks)
+    be = resolve(backend, q, k, v, op="attention", dtype=q.dtype, head_dim=q.shape[-1], head_dim_v=v.shape[-1])
+    if q.shape[0] and k.shape[0]:
+        spec = _seeded(spec, q.device)
     if be == "reference" or q.shape[0] == 0 or k.shape[0] == 0:
-        if spec.dropout_p > 0:
-            raise AttentionInputError("dropout in attention_varlen needs the triton backend")
-        # causal bottom-right per sequence
+        # causal bottom-right per sequence; dropout: the kernels' Philox draw (strided by max_seqlen_q/k as theirs)
         return reference.attention_varlen(q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, return_lse=return_lse,
-                                          **spec.reference_kwargs())
-    spec = _seeded(spec, q.device)
+                                          dropout_p=spec.dropout_p, seed=spec.seed, **spec.reference_kwargs())
     out, lse2 = VarlenAttentionFunction.apply(*_distinct(q, k, v), cu_q, cu_k, max_seqlen_q, max_seqlen_k,
                                               *spec.op_args())
     return (out, lse2 * _LN2) if return_lse else out
@@ -880,19 +938,28 @@ def attention_with_kvcache(
     block_table: torch.Tensor | None = None,
     return_lse: bool = False,
     check_bounds: bool | str | None = None,
+    sinks: torch.Tensor | None = None,
     backend: str | None = None,
 ):
     """Decoding attention over a KV cache (inference only: no gradient).
 
-    q: (B, Hq, Nq, D); k_cache/v_cache: (B, Hkv, S, D); cache_seqlens: (B,) int, the valid prefix of
-    each cache. ``k_new``/``v_new`` (B, Hkv, Nnew, D), when given, are written into the cache in place
-    at positions cache_seqlens[b] .. + Nnew (``cache_seqlens`` itself is not changed: add Nnew for
-    the next step); an expanded cache (a stride 0 on a dim of size > 1) is refused before any write.
+    q: (B, Hq, Nq, D); k_cache: (B, Hkv, S, D), v_cache: (B, Hkv, S, Dv) (D up to 576 and Dv up to 512 on
+    the Triton backend); cache_seqlens: (B,) int, the valid prefix of each cache. ``k_new`` (B, Hkv, Nnew, D)
+    and ``v_new`` (B, Hkv, Nnew, Dv), when given, are written into the cache in place at positions
+    cache_seqlens[b] .. + Nnew (``cache_seqlens`` itself is not changed: add Nnew for the next step); an
+    expanded cache (a stride 0 on a dim of size > 1) is refused before any write.
     Batch b then attends to its first cache_seqlens[b] + Nnew keys; ``causal`` is bottom-right, so the
     new queries see the cache and the new keys up to themselves. With Nq = 1 and a long cache the
     kernel splits the keys across programs (flash-decoding); ``num_splits=0`` picks the count, 1
-    disables it. GQA, window, softcap and ALiBi as in ``attention``. The output is laid out in q's memory
-    order. ``return_lse``: also the (B, Hq, Nq) log-sum-exp (natural log, float32; -inf for no key).
+    disables it. GQA, window, softcap, ALiBi and ``sinks`` as in ``attention`` (split-KV adds the sink once,
+    when it merges the splits). The output (B, Hq, Nq, Dv) is laid out in q's memory order. ``return_lse``:
+    also the (B, Hq, Nq) log-sum-exp (natural log, float32; the sink included; -inf for no key and no sink).
+
+    MLA decoding (DeepSeek's latent cache): the values may be a column view of the keys' own memory,
+    ``v_cache = k_cache[..., :512]`` of a 576-wide cache, read in place (no copy). Then the keys' append
+    writes the values too: pass ``v_new=None`` with ``k_new`` (a ``v_new`` would write the same memory a
+    second time and is refused, ValueError, before anything is written; so is ``v_new=None`` for a
+    ``v_cache`` that is not such a view).
 
     ``block_table`` (B, max_pages) int32/int64: a paged cache (vLLM's, FlashInfer's, FlashAttention's
     block_table). k_cache/v_cache are then pools of pages (num_pages, Hkv, page_size, D), any page size >= 1
@@ -932,6 +999,7 @@ def attention_with_kvcache(
             raise AttentionInputError(f"{name} must be a 4-D (B, H, N, D) tensor, got shape {tuple(t.shape)}")
     paged = block_table is not None
     _check_qkv(q, k_cache, v_cache, paged=paged)
+    v_in_k = _column_view(v_cache, k_cache)
     if paged:
         _check_block_table(block_table, q, k_cache)
     B, page = q.shape[0], k_cache.shape[2]
@@ -942,18 +1010,30 @@ def attention_with_kvcache(
     if cache_seqlens.device != q.device:
         raise AttentionInputError(f"cache_seqlens is on {cache_seqlens.device}, q on {q.device}")
     n_new = 0
-    if (k_new is None) != (v_new is None):
-        raise AttentionInputError("k_new and v_new must be given together")
+    if k_new is None and v_new is not None:
+        raise AttentionInputError("k_new and v_new must be given together (v_new alone has no keys)")
+    if k_new is not None and v_new is None and not v_in_k:
+        raise AttentionInputError("k_new and v_new must be given together; v_new may be None only when v_cache is a "
+                                  "column view of k_cache's memory (MLA: v_cache = k_cache[..., :Dv]), whose values "
+                                  "the keys' append writes")
+    if v_new is not None and v_in_k:
+        raise AttentionInputError("v_cache is a column view of k_cache's memory (e.g. k_cache[..., :Dv]): the append "
+                                  "of k_new writes its values; pass v_new=None (a v_new would write that memory a "
+                                  "second time)")
     if k_new is not None:
-        if not isinstance(k_new, torch.Tensor) or not isinstance(v_new, torch.Tensor):
-            raise AttentionTypeError("k_new and v_new must be tensors")
-        if k_new.shape != v_new.shape or k_new.dim() != 4 or k_new.shape[0] != B \
-                or k_new.shape[1] != k_cache.shape[1] or k_new.shape[3] != k_cache.shape[3]:
-            raise AttentionInputError(f"k_new/v_new must be (B, Hkv, Nnew, D) matching q and the cache, got "
-                                      f"{tuple(k_new.shape)} and {tuple(v_new.shape)}")
-        if k_new.dtype != k_cache.dtype or k_new.device != k_cache.device:
-            raise AttentionTypeError("k_new/v_new must match the cache's dtype and device")
-        n_new = k_new.shape[2]
+        news = ((k_new, k_cache), (v_new, v_cache))
+        for name, t in (("k_new", k_new), ("v_new", v_new)):
+            if t is not None and not isinstance(t, torch.Tensor):
+                raise AttentionTypeError(f"k_new and v_new must be tensors, got {name} of type {type(t).__name__}")
+        n_new = k_new.shape[2] if k_new.dim() == 4 else -1
+        for t, cache in news:
+            if t is not None and (t.dim() != 4 or t.shape[0] != B or t.shape[1] != cache.shape[1]
+                                  or t.shape[2] != n_new or t.shape[3] != cache.shape[3]):
+                raise AttentionInputError(
+                    f"k_new/v_new must be (B, Hkv, Nnew, D) / (B, Hkv, Nnew, Dv) matching q and the caches, got "
+                    f"{tuple(k_new.shape)} and {None if v_new is None else tuple(v_new.shape)}")
+            if t is not None and (t.dtype != cache.dtype or t.device != cache.device):
+                raise AttentionTypeError("k_new/v_new must match the cache's dtype and device")
         if n_new > S:
             raise AttentionInputError(f"Nnew ({n_new}) new keys do not fit a cache of length {S}")
         for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
@@ -965,8 +1045,10 @@ def attention_with_kvcache(
     check_bool("return_lse", return_lse)
     mode = bounds_mode(check_bounds, q.device)
     # every check before the in-place append: a bad argument must not leave the cache half-updated
-    spec = make_spec(q, causal=causal, scale=scale, window=window, softcap=softcap, alibi_slopes=alibi_slopes)
-    be = resolve(backend, q, k_cache, v_cache, op="attention", dtype=q.dtype, head_dim=q.shape[-1])
+    spec = make_spec(q, causal=causal, scale=scale, window=window, softcap=softcap, alibi_slopes=alibi_slopes,
+                     sinks=sinks)
+    be = resolve(backend, q, k_cache, v_cache, op="attention_decode", dtype=q.dtype, head_dim=q.shape[-1],
+                 head_dim_v=v_cache.shape[-1])
     lens = cache_seqlens.to(torch.int64)
     ok = (lens >= 0) & (lens + n_new <= S)  # (B,)
     msg = f"attention_with_kvcache: cache_seqlens + Nnew must lie in [0, {S}] (the cache length)"
@@ -979,16 +1061,16 @@ def attention_with_kvcache(
         if mode == "sync":
             lens_ok, entries_ok = torch.stack([ok.all(), table_ok.all()]).tolist()  # the one host read
             if not lens_ok:
-                raise AttentionInputError(msg)
+                raise _length_error(msg, lens, ok, n_new)
             if not entries_ok:
                 raise _table_error(block_table, used, n_pages)
         ok = ok & table_ok
         msg += f" and every block_table entry used must lie in [0, {n_pages}) (the pool's pages)"
     elif mode == "sync" and not bool(ok.all()):
-        raise AttentionInputError(msg)
+        raise _length_error(msg, lens, ok, n_new)
     if mode == "device":
         assert_ok(ok.all(), msg)
-    if n_new:
+    if n_new:  # (v_new None: v_cache is a view of k_cache's columns, written with the keys)
         _append(k_cache, v_cache, k_new, v_new, lens, None if mode == "sync" else ok, block_table)
     total = (lens + n_new).clamp(0, S).to(torch.int32)
     if be == "reference" or q.numel() == 0:
@@ -1001,13 +1083,37 @@ def attention_with_kvcache(
     return (out, lse2 * _LN2) if return_lse else out
 
 
-def _append(k_cache: torch.Tensor, v_cache: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+def _length_error(msg: str, lens: torch.Tensor, ok: torch.Tensor, n_new: int) -> AttentionInputError:
+    """The sync-mode length error, naming the first bad batch and its value (one more host read, on the error
+    path only)."""
+    b = int((~ok).nonzero()[0])
+    return AttentionInputError(f"{msg}: batch {b} has cache_seqlens[{b}] = {int(lens[b])} with Nnew = {n_new}")
+
+
+def _column_view(v: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether v is a view of k's own columns (same storage and row strides, its head dim inside k's: MLA's
+    ``v_cache = k_cache[..., :Dv]``), so that writing k's rows writes v's. Eagerly by the storages' addresses;
+    while torch.compile traces (no storage to read), by the tensors' common base."""
+    if v.shape[:3] != k.shape[:3] or v.stride()[:3] != k.stride()[:3] or v.stride(3) != k.stride(3):
+        return False
+    if torch.compiler.is_compiling():
+        root = lambda t: t if t._base is None else t._base  # noqa: E731
+        if root(v) is not root(k):
+            return False
+    elif v.untyped_storage().data_ptr() != k.untyped_storage().data_ptr():
+        return False
+    col, step = v.storage_offset() - k.storage_offset(), max(k.stride(3), 1)
+    return col >= 0 and col % step == 0 and col // step + v.shape[3] <= k.shape[3]
+
+
+def _append(k_cache: torch.Tensor, v_cache: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor | None,
             lens: torch.Tensor, ok: torch.Tensor | None, block_table: torch.Tensor | None) -> None:
-    """Write k_new/v_new (B, Hkv, Nnew, D) into the caches at positions lens[b] .. + Nnew, through the block table
-    when paged. ``ok`` (B,) bool: which batches may append (None: all, checked before). A batch that may not writes
-    nothing, wherever its positions or table entries point: its writes are redirected onto the slots of the first
-    batch that may (the donor), carrying the donor's values, so every slot written receives one value whatever
-    order ``index_put_`` applies duplicates in, and another batch's new key is never overwritten. With no batch
+    """Write k_new (B, Hkv, Nnew, D) / v_new (B, Hkv, Nnew, Dv) into the caches at positions lens[b] .. + Nnew,
+    through the block table when paged (v_new None: v_cache lies in k_cache's columns, written with them). ``ok``
+    (B,) bool: which batches may append (None: all, checked before). A batch that may not writes nothing, wherever
+    its positions or table entries point: its writes are redirected onto the slots of the first batch that may
+    (the donor), carrying the donor's values, so every slot written receives one value whatever order
+    ``index_put_`` applies duplicates in, and another batch's new key is never overwritten. With no batch
     allowed, the donor (batch 0) writes back what its own slots hold. No host read."""
     B, n_new = k_new.shape[0], k_new.shape[2]
     page = k_cache.shape[2]
@@ -1018,18 +1124,21 @@ def _append(k_cache: torch.Tensor, v_cache: torch.Tensor, k_new: torch.Tensor, v
         pos = pos % page
     else:
         rows = torch.arange(B, device=lens.device)[:, None].expand_as(pos)
-    kn, vn = k_new.transpose(1, 2), v_new.transpose(1, 2)  # (B, Nnew, Hkv, D), as cache[rows, :, pos]
+    writes = [(k_cache, k_new.transpose(1, 2))]  # (B, Nnew, Hkv, D), as cache[rows, :, pos]
+    if v_new is not None:
+        writes.append((v_cache, v_new.transpose(1, 2)))
     if ok is not None:
         donor = ok.to(torch.int32).argmax().view(1)  # the first batch allowed (0 when none is); no host read
         d_rows, d_pos, d_ok = rows.index_select(0, donor), pos.index_select(0, donor), ok.index_select(0, donor)
         d_ok = d_ok.view(1, 1, 1, 1)
-        kd = torch.where(d_ok, kn.index_select(0, donor), k_cache[d_rows, :, d_pos])  # (1, Nnew, Hkv, D)
-        vd = torch.where(d_ok, vn.index_select(0, donor), v_cache[d_rows, :, d_pos])
         keep = ok[:, None]
+        # the donor's slots receive its own new values (or what they hold): (1, Nnew, Hkv, D)
+        writes = [(c, torch.where(keep[..., None, None], x,
+                                  torch.where(d_ok, x.index_select(0, donor), c[d_rows, :, d_pos])))
+                  for c, x in writes]
         rows, pos = torch.where(keep, rows, d_rows), torch.where(keep, pos, d_pos)
-        kn, vn = torch.where(keep[..., None, None], kn, kd), torch.where(keep[..., None, None], vn, vd)
-    k_cache[rows, :, pos] = kn
-    v_cache[rows, :, pos] = vn
+    for cache, x in writes:
+        cache[rows, :, pos] = x
 
 
 def dropout_mask(shape: tuple[int, int, int, int], dropout_p: float, seed: int, device=None,

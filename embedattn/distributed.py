@@ -7,7 +7,10 @@ partial outputs are merged with their log-sum-exp in fp32 (ring-flash-attention'
 backward runs the ring again: dQ accumulates locally, dK/dV accumulators (fp32) travel with their
 K/V block and are back with their owner after ``W`` steps. Every block is one ``embedattn.attention``
 call whose ``causal_offset`` puts its queries and keys at their global positions, so causal masking,
-sliding windows and ALiBi see the whole sequence, on whichever backend that call resolves to.
+sliding windows and ALiBi see the whole sequence, on whichever backend that call resolves to. K and V
+travel as one message, concatenated along the head dim (so V may have a head dim of its own, MLA).
+Learned sinks join once per row, in the merge after the last block (never per block); the backward's
+blocks see the final lse (the sink included) and dsinks comes from it once.
 
 Layouts: without ``load_balance`` rank r holds the contiguous tokens ``[r·N_local, (r+1)·N_local)``;
 with it the sequence is cut into 2W chunks and rank r holds chunks r and 2W-1-r, concatenated (the
@@ -246,11 +249,16 @@ def _finish(pending, ring: _Ring, what: str) -> torch.Tensor:
     return recv
 
 
+def _kv_block(kv: torch.Tensor, d: int, c: _Call) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keys and values of call ``c``: views of the (B, Hkv, N_local, D + Dv) block in hand (K's d columns, then
+    V's)."""
+    return kv[:, :, c.k0:c.k1, :d], kv[:, :, c.k0:c.k1, d:]
+
+
 def _attend(q: torch.Tensor, kv: torch.Tensor, c: _Call, alibi, kw: dict):
-    """(out, lse) of one planned call; q is this rank's shard, kv the (2, B, Hkv, N_local, D) block in hand."""
-    return attention(q[:, :, c.q0:c.q1], kv[0, :, :, c.k0:c.k1], kv[1, :, :, c.k0:c.k1], causal=c.causal,
-                     causal_offset=c.offset, window=c.window, alibi_slopes=alibi if c.alibi else None,
-                     return_lse=True, **kw)
+    """(out, lse) of one planned call; q is this rank's shard, kv the (B, Hkv, N_local, D + Dv) block in hand."""
+    return attention(q[:, :, c.q0:c.q1], *_kv_block(kv, q.shape[-1], c), causal=c.causal, causal_offset=c.offset,
+                     window=c.window, alibi_slopes=alibi if c.alibi else None, return_lse=True, **kw)
 
 
 def _merge(out: torch.Tensor, lse: torch.Tensor, o_b: torch.Tensor, l_b: torch.Tensor) -> None:
@@ -262,14 +270,23 @@ def _merge(out: torch.Tensor, lse: torch.Tensor, o_b: torch.Tensor, l_b: torch.T
     lse.copy_(torch.logaddexp(lse, l_b.to(lse.dtype)))
 
 
-def _ring_forward(q, k, v, alibi, ring: _Ring, plans, kw: dict, *, communicate: bool = True,
-                  compute: bool = True):
-    """The forward ring: (out in q's dtype, lse fp32 (fp64 for fp64 inputs)). ``communicate=False`` /
-    ``compute=False`` leave out the transfers / the attention (the benchmark's overlap measurement)."""
+def _add_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor) -> None:
+    """Fold the sinks (Hq,) into the merged (out, lse) in place, once per row: lse_f = logaddexp(lse, sink) and
+    out_f = out * exp(lse - lse_f) (the sink's share is missing mass; rows with no key keep out = 0, lse = sink)."""
+    sink = sinks.detach().to(lse.dtype).view(1, -1, 1)
+    final = torch.logaddexp(lse, sink)
+    out.mul_(torch.exp(lse - final).nan_to_num_(0.0).unsqueeze(-1))  # NaN: no key and a sink of -inf
+    lse.copy_(final)
+
+
+def _ring_forward(q, k, v, alibi, ring: _Ring, plans, kw: dict, *, sinks: torch.Tensor | None = None,
+                  communicate: bool = True, compute: bool = True):
+    """The forward ring: (out in q's dtype, lse fp32 (fp64 for fp64 inputs), the sinks included). ``communicate=False``
+    / ``compute=False`` leave out the transfers / the attention (the benchmark's overlap measurement)."""
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     out = torch.zeros(q.shape[:-1] + v.shape[-1:], dtype=acc, device=q.device)
     lse = torch.full(q.shape[:-1], float("-inf"), dtype=acc, device=q.device)
-    kv = torch.stack((k, v))  # one message per step
+    kv = torch.cat((k, v), dim=-1)  # one message per step
     for step in range(ring.world):
         pending = _start(kv, ring, _TAG_KV) if communicate and step + 1 < ring.world else None
         for c in plans[(ring.rank - step) % ring.world] if compute else ():
@@ -277,14 +294,15 @@ def _ring_forward(q, k, v, alibi, ring: _Ring, plans, kw: dict, *, communicate: 
             _merge(out[:, :, c.q0:c.q1], lse[:, :, c.q0:c.q1], o_b, l_b)
         if pending is not None:
             kv = _finish(pending, ring, "ring_attention forward")
+    if sinks is not None:
+        _add_sinks(out, lse, sinks)
     return out.to(q.dtype), lse
 
 
 def _block_grads(q, kv, out, lse, dout, dlse, c: _Call, alibi, kw: dict):
     """(dq, dk, dv) of one call for the merged output: the block's share of the final (out, lse) is
     w = exp(l_b - lse), so its output gets w·dO and its lse w·(rowsum(dO·(o_b - out)) + dlse)."""
-    leaves = [t.detach().requires_grad_() for t in (q[:, :, c.q0:c.q1], kv[0, :, :, c.k0:c.k1],
-                                                      kv[1, :, :, c.k0:c.k1])]
+    leaves = [t.detach().requires_grad_() for t in (q[:, :, c.q0:c.q1], *_kv_block(kv, q.shape[-1], c))]
     with torch.enable_grad():
         o_b, l_b = attention(*leaves, causal=c.causal, causal_offset=c.offset, window=c.window,
                              alibi_slopes=alibi if c.alibi else None, return_lse=True, **kw)
@@ -303,16 +321,29 @@ def _block_grads(q, kv, out, lse, dout, dlse, c: _Call, alibi, kw: dict):
 _BACKWARD = "ring_attention backward"
 
 
+def _sink_grad(sinks: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor,
+               dlse: torch.Tensor | None) -> torch.Tensor:
+    """dsinks (Hq,) in sinks' dtype, from the final (out, lse): -sum over rows of p_sink (dO . O - dlse), p_sink =
+    exp(sink - lse) the sink's share of each row (accumulated in lse's dtype, fp32 or fp64)."""
+    sink = sinks.detach().to(lse.dtype).view(1, -1, 1)
+    p_sink = torch.exp(sink - lse).nan_to_num_(0.0)  # NaN: no key and a sink of -inf
+    row = (dout.to(lse.dtype) * out.to(lse.dtype)).sum(-1)
+    if dlse is not None:
+        row = row - dlse.to(lse.dtype)
+    return -(p_sink * row).sum((0, 2)).to(sinks.dtype)
+
+
 class RingAttentionFunction(torch.autograd.Function):
-    """``apply(q, k, v, alibi, ring, plans, kw) -> (out, lse)``: the ring forward, and a backward that
+    """``apply(q, k, v, alibi, sinks, ring, plans, kw) -> (out, lse)``: the ring forward, and a backward that
     runs the ring again with dK/dV travelling (fp32) beside their K/V block. ``plans[s]`` are the calls
     for the block of source rank s; ``kw`` the attention keywords every call shares. The backward
-    recomputes each block (``embedattn.attention`` under autograd), so it is exact on every backend."""
+    recomputes each block (``embedattn.attention`` under autograd), so it is exact on every backend; the
+    sinks' gradient comes from the final (out, lse), once."""
 
     @staticmethod
-    def forward(ctx, q, k, v, alibi, ring, plans, kw):
-        out, lse = _ring_forward(q, k, v, alibi, ring, plans, kw)
-        ctx.save_for_backward(q, k, v, out, lse, alibi)
+    def forward(ctx, q, k, v, alibi, sinks, ring, plans, kw):
+        out, lse = _ring_forward(q, k, v, alibi, ring, plans, kw, sinks=sinks)
+        ctx.save_for_backward(q, k, v, out, lse, alibi, sinks)
         ctx.ring, ctx.plans, ctx.kw = ring, plans, kw
         ctx.set_materialize_grads(False)  # an unused lse (or out) costs nothing in the backward
         return out, lse
@@ -320,13 +351,14 @@ class RingAttentionFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse, alibi = ctx.saved_tensors
-        none = (None,) * 4
+        q, k, v, out, lse, alibi, sinks = ctx.saved_tensors
         if dout is None:  # still a ring step for every block: the peers wait on this rank's transfers
             dout = torch.zeros_like(out)
+        dsinks = None if sinks is None else _sink_grad(sinks, out, lse, dout, dlse)
         ring, acc = ctx.ring, lse.dtype
         dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-        kv = torch.stack((k, v))
+        d = q.shape[-1]
+        kv = torch.cat((k, v), dim=-1)
         pending_dkv = None  # the accumulator of the block we hold next, arriving from the previous rank
         for step in range(ring.world):
             pending_kv = _start(kv, ring, _TAG_KV) if step + 1 < ring.world else None
@@ -334,8 +366,9 @@ class RingAttentionFunction(torch.autograd.Function):
             for c in ctx.plans[(ring.rank - step) % ring.world]:
                 gq, gk, gv = _block_grads(q, kv, out, lse, dout, dlse, c, alibi, ctx.kw)
                 dq[:, :, c.q0:c.q1] += gq
-                dkv[0, :, :, c.k0:c.k1] += gk
-                dkv[1, :, :, c.k0:c.k1] += gv
+                dk_b, dv_b = _kv_block(dkv, d, c)
+                dk_b += gk
+                dv_b += gv
             if pending_dkv is not None:
                 dkv += _finish(pending_dkv, ring, _BACKWARD)
             if ring.world > 1:  # after the last step this sends each block's gradient home
@@ -344,7 +377,7 @@ class RingAttentionFunction(torch.autograd.Function):
                 kv = _finish(pending_kv, ring, _BACKWARD)
         if pending_dkv is not None:
             dkv = _finish(pending_dkv, ring, _BACKWARD)
-        return (dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)) + none
+        return (dq.to(q.dtype), dkv[..., :d].to(k.dtype), dkv[..., d:].to(v.dtype), None, dsinks, None, None, None)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -358,8 +391,8 @@ def _check_shard(name: str, t) -> None:
 
 
 # what every rank must pass alike (compared across ranks by ``_agree``): name -> this rank's value
-_RING_FIELDS = ("q shape (B, Hq, N_local, D)", "k/v shape (B, Hkv, N_local, D)", "dtype", "device type", "causal",
-                "load_balance", "window", "scale", "softcap", "alibi_slopes")
+_RING_FIELDS = ("q shape (B, Hq, N_local, D)", "k shape (B, Hkv, N_local, D)", "v shape (B, Hkv, N_local, Dv)", "dtype",
+                "device type", "causal", "load_balance", "window", "scale", "softcap", "alibi_slopes", "sinks")
 
 
 def ring_attention(
@@ -376,6 +409,7 @@ def ring_attention(
     load_balance: bool = False,
     return_lse: bool = False,
     timeout: float | None = None,
+    sinks: torch.Tensor | None = None,
     backend: str | None = None,
 ):
     """Attention over a sequence sharded across the ranks of ``group`` (context parallelism).
@@ -386,8 +420,9 @@ def ring_attention(
     (backpropagate through its output); a rank that skips it makes its peers fail (see ``timeout``).
 
     Args:
-        q: (B, Hq, N_local, D), this rank's queries. k, v: (B, Hkv, N_local, D), Hq a multiple of
-            Hkv (GQA: K/V travel and are read with Hkv heads, never copied per query head). Every
+        q: (B, Hq, N_local, D), this rank's queries. k: (B, Hkv, N_local, D), v: (B, Hkv, N_local, Dv)
+            (a value head dim of its own, MLA), Hq a multiple of Hkv (GQA: K/V travel and are read with Hkv
+            heads, never copied per query head). Every
             rank holds the same N_local; without ``load_balance`` rank r holds the contiguous tokens
             [r·N_local, (r+1)·N_local) (see ``shard``).
         group: the process group (default: the world). Its backend must serve the tensors' device
@@ -398,14 +433,17 @@ def ring_attention(
         load_balance: the zigzag layout: the sequence is cut into 2W chunks and rank r holds chunks
             r and 2W-1-r, concatenated, which evens out causal work. N_local must be even.
         return_lse: also return this rank's (B, Hq, N_local) natural-log log-sum-exp (float32,
-            float64 for float64 inputs, -inf on rows with no visible key); it is differentiable.
+            float64 for float64 inputs, the sink included, -inf on rows with no visible key and no sink); it
+            is differentiable.
         timeout: seconds any rank waits on a peer (the argument exchange, each ring transfer of the
             forward and of the backward) before a RuntimeError saying which exchange stalled; None: the
             process group's own timeout.
+        sinks: (Hq,) learned sink logits, as in ``embedattn.attention`` (differentiable): added once per row,
+            when the blocks are merged. Every rank must pass the same values (compared across ranks).
         backend: as in ``embedattn.attention``, for every block.
 
     Returns:
-        out (B, Hq, N_local, D) in q's dtype, or (out, lse) when ``return_lse``.
+        out (B, Hq, N_local, Dv) in q's dtype, or (out, lse) when ``return_lse``.
 
     Bad input on any rank (a bad argument, shards of different shapes or dtypes, tensors on a device the
     group's backend does not serve, different scales, softcaps, windows or slopes) raises on every rank,
@@ -422,19 +460,19 @@ def ring_attention(
         check_bool("load_balance", load_balance)
         check_bool("return_lse", return_lse)
         if not q.shape[2] == k.shape[2]:
-            raise ValueError(f"q {tuple(q.shape)} and k/v {tuple(k.shape)} must hold the same tokens (N_local)")
+            raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must hold the same tokens (N_local)")
         if q.device.type not in ring.device_types:
             raise ValueError(f"q, k, v are on {q.device}, but the group's backend "
                              f"({dist.get_backend(ring.group)}) serves {', '.join(ring.device_types)} tensors")
         spec = make_spec(q, n_keys=k.shape[2], causal=causal, scale=scale, window=window, softcap=softcap,
-                         alibi_slopes=alibi_slopes)
+                         alibi_slopes=alibi_slopes, sinks=sinks)
         # the backend's own checks (what it runs), on zero tokens: no work
         attention(q[:, :, :0], k[:, :, :0], v[:, :, :0], causal=causal, scale=scale, window=window,
-                  softcap=softcap, alibi_slopes=alibi_slopes, return_lse=True, backend=backend)
-        slopes = None if alibi_slopes is None else (tuple(alibi_slopes.shape),
-                                                    tuple(alibi_slopes.detach().double().flatten().tolist()))
-        values = (tuple(q.shape), tuple(k.shape), str(q.dtype), q.device.type, causal, load_balance,
-                  (spec.window_left, spec.window_right), spec.scale, spec.softcap, slopes)
+                  softcap=softcap, alibi_slopes=alibi_slopes, return_lse=True, sinks=sinks, backend=backend)
+        slopes, sink_values = ((None if t is None else (tuple(t.shape), tuple(t.detach().double().flatten().tolist())))
+                               for t in (alibi_slopes, sinks))
+        values = (tuple(q.shape), tuple(k.shape), tuple(v.shape), str(q.dtype), q.device.type, causal, load_balance,
+                  (spec.window_left, spec.window_right), spec.scale, spec.softcap, slopes, sink_values)
         fields = dict(zip(_RING_FIELDS, values))
     except Exception as e:  # raised below, on every rank together
         error = e
@@ -445,10 +483,11 @@ def ring_attention(
                          f"{2 * ring.world} equal chunks, so N_local must be even; got {n_local}")
     kw = dict(scale=scale, softcap=softcap, backend=backend)
     if q.numel() == 0 or k.numel() == 0:  # the same on every rank (checked above): no ring needed
-        res = attention(q, k, v, causal=causal, window=window, alibi_slopes=alibi_slopes, return_lse=True, **kw)
+        res = attention(q, k, v, causal=causal, window=window, alibi_slopes=alibi_slopes, return_lse=True,
+                        sinks=sinks, **kw)
         return res if return_lse else res[0]
     plans = _plans(ring, n_local, load_balance, causal, window, alibi_slopes is not None)
-    out, lse = RingAttentionFunction.apply(q, k, v, alibi_slopes, ring, plans, kw)
+    out, lse = RingAttentionFunction.apply(q, k, v, alibi_slopes, sinks, ring, plans, kw)
     return (out, lse) if return_lse else out
 
 

@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from ._philox import dropout_keep_mask
+
 _FAR = 2**62  # past any |query - key + offset| distance, and within int64
 
 
@@ -23,10 +25,12 @@ def attention(
     alibi_slopes: torch.Tensor | None = None,
     dropout_p: float = 0.0,
     dropout_mask: torch.Tensor | None = None,
+    seed: torch.Tensor | int | None = None,
     upcast: bool = True,
     causal_offset: int | torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
 ):
-    """softmax(q kᵀ · scale + mask) v for q (B, Hq, Nq, D), k/v (B, Hkv, Nk, D), Hq % Hkv == 0.
+    """softmax(q kᵀ · scale + mask) v for q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv), Hq % Hkv == 0.
 
     ``causal`` aligns bottom-right: query i sees key j iff j <= i + Nk - Nq. ``window=(left, right)``
     (negative = unbounded) keeps keys with i + Nk - Nq - left <= j <= i + Nk - Nq + right.
@@ -35,11 +39,17 @@ def attention(
     (True = attend) or additive float, broadcastable to (B, Hq, Nq, Nk). A row with no visible key
     gives zeros (and zero gradients). Dropout multiplies the probabilities by ``dropout_mask``
     (bool keep mask, (B, Hq, Nq, Nk)) / (1 - dropout_p); the log-sum-exp is of the undropped scores.
+    Without a mask, ``seed`` (an int or the one-element int64 tensor) draws the Triton kernels' own
+    mask, bit for bit (``dropout_keep_mask``, their Philox stream); with neither, torch's generator draws one.
     ``upcast=True`` computes in float32 (or float64 for float64 inputs) and casts back;
     ``upcast=False`` stays in the input dtype (the "plain PyTorch" yardstick of the tests).
     ``causal_offset`` moves the diagonal that causal, window and ALiBi are measured from (query i's
     diagonal key is i + causal_offset); default Nk - Nq, the bottom-right alignment; 0 is torch
     SDPA's top-left ``is_causal``; an int tensor broadcastable to (B, 1, 1, 1) gives each batch its own.
+    ``sinks`` (Hq,): gpt-oss's learned attention sinks, one logit per query head joining every row's softmax
+    denominator (natural log, not scaled, capped, biased or dropped) with no value, as transformers' eager
+    attention writes it: a sink column concatenated to the scores, dropped after the softmax. The lse then
+    includes the sink, and a row with no visible key gives zeros and lse = sink.
     """
     dtype = q.dtype
     if upcast and dtype in (torch.float16, torch.bfloat16):
@@ -78,12 +88,19 @@ def attention(
             s = s.masked_fill(rel < -min(int(right), _FAR), float("-inf"))
     # softmax written out so that rows with every key masked give 0 (not NaN) and zero gradients
     m = s.amax(dim=-1, keepdim=True).detach()
+    if sinks is not None:  # the sink column: (1, Hq, 1, 1) against the (B, Hq, Nq, Nk) scores
+        sink = sinks.to(s.dtype).view(1, -1, 1, 1)
+        m = torch.maximum(m, sink.detach())
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     e = torch.exp(s - m)
     denom = e.sum(dim=-1, keepdim=True)
+    if sinks is not None:
+        denom = denom + torch.exp(sink - m)
     p = e / torch.where(denom == 0, torch.ones_like(denom), denom)
     if dropout_p > 0:
-        if dropout_mask is None:
+        if dropout_mask is None and seed is not None:
+            dropout_mask = dropout_keep_mask(tuple(p.shape), dropout_p, seed, p.device)
+        elif dropout_mask is None:
             dropout_mask = torch.rand_like(p) >= dropout_p
         p = p * dropout_mask.to(p.dtype) / (1.0 - dropout_p)
     out = torch.matmul(p.to(v.dtype), v).to(dtype)
@@ -93,27 +110,6 @@ def attention(
         lse = torch.where(empty, float("-inf"), m + torch.log(torch.where(empty, torch.ones_like(denom), denom)))
         return out, lse.squeeze(-1)
     return out
-
-
-def dropout_keep_mask(shape: tuple[int, ...], dropout_p: float, seed: torch.Tensor | int,
-                      device: torch.device | str | None = None) -> torch.Tensor:
-    """The reference's dropout keep mask (True = kept) for ``seed``: a counter-based hash of (seed,
-    element index), so the same seed gives the same mask in eager and compiled runs, forward and
-    backward. ``seed`` is an int or a one-element int64 tensor (read without a host sync). The
-    Triton kernels draw their own (Philox) mask from the same seed: a different stream."""
-    m32 = 0xFFFFFFFF
-    if isinstance(seed, torch.Tensor):
-        device = seed.device if device is None else device
-        s = seed.reshape(()).to(device=device, dtype=torch.int64)
-    else:
-        s = torch.tensor(int(seed) & (2**63 - 1), dtype=torch.int64, device=device)
-    s = (s ^ (s >> 32)) & m32  # both halves of a 64-bit seed matter
-    n = math.prod(shape)
-    h = (torch.arange(n, device=device, dtype=torch.int64) * 0x9E3779B1 + s * 0x632BE5AB) & m32
-    for shift, mul in ((16, 0x85EBCA6B), (13, 0xC2B2AE35)):  # murmur3's 32-bit finalizer
-        h = ((h ^ (h >> shift)) * mul) & m32
-    h = h ^ (h >> 16)
-    return (h.to(torch.float64) * 2.0**-32 >= dropout_p).view(shape)
 
 
 def attention_varlen(
@@ -128,9 +124,11 @@ def attention_varlen(
     return_lse: bool = False,
     **kwargs,
 ):
-    """Packed (total, H, D) sequences: each sequence b is q[cu_q[b]:cu_q[b+1]] against k/v[cu_k[b]:cu_k[b+1]],
-    causal bottom-right per sequence. With ``return_lse`` also the (H, total_q) log-sum-exp (-inf for a sequence
-    with no keys). ``max_seqlen_*`` bound the sequences (read from the offsets when None: a host read).
+    """Packed (total, H, D) sequences (v: (total_k, Hkv, Dv)): each sequence b is q[cu_q[b]:cu_q[b+1]] against
+    k/v[cu_k[b]:cu_k[b+1]], causal bottom-right per sequence. With ``return_lse`` also the (H, total_q) log-sum-exp
+    (-inf for a sequence with no keys). ``max_seqlen_*`` bound the sequences (read from the offsets when None: a
+    host read). Other keywords as ``attention``; dropout with ``seed`` draws the kernels' varlen mask (their
+    counters are strided by the max_seqlen values, which the padded draw below shares).
 
     The sequences are padded to (B, H, max_seqlen, D) by a gather and run through ``attention`` at once, each with
     its own diagonal and its keys past its length masked; the packed rows are gathered back. Shapes do not depend
@@ -138,7 +136,7 @@ def attention_varlen(
     kwargs.pop("causal_offset", None)
     B = cu_seqlens_q.numel() - 1
     if q.shape[0] == 0 or k.shape[0] == 0 or B == 0:  # no query row, or no key for any
-        return _empty_varlen(q, v, return_lse)
+        return _empty_varlen(q, v, return_lse, kwargs.get("sinks"))
     len_q, len_k = (cu[1:] - cu[:-1] for cu in (cu_seqlens_q, cu_seqlens_k))
     if max_seqlen_q is None or max_seqlen_k is None:
         max_seqlen_q, max_seqlen_k = int(len_q.max()), int(len_k.max())
@@ -172,10 +170,19 @@ def _attention_by_length(q, k, v, k_ok, offset, **kwargs):
     return attention(q, k, v, attn_mask=k_ok[:, None, None, :], causal_offset=offset, return_lse=True, **kwargs)
 
 
-def _empty_varlen(q, v, return_lse):
+def _empty_varlen(q, v, return_lse, sinks):
     out = q.new_zeros(q.shape[0], q.shape[1], v.shape[-1])
-    lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=_lse_dtype(q), device=q.device)
+    lse = _empty_lse(q, (q.shape[1], q.shape[0]), sinks, 0)
     return (out, lse) if return_lse else out
+
+
+def _empty_lse(q: torch.Tensor, shape: tuple, sinks: torch.Tensor | None, head_dim: int) -> torch.Tensor:
+    """The lse of rows that see no key: -inf, or with sinks the sink of each row's head (dim ``head_dim``)."""
+    if sinks is None:
+        return torch.full(shape, float("-inf"), dtype=_lse_dtype(q), device=q.device)
+    view = [1] * len(shape)
+    view[head_dim] = -1
+    return sinks.to(_lse_dtype(q)).view(view).expand(shape)
 
 
 def _lse_dtype(q: torch.Tensor) -> torch.dtype:
@@ -191,15 +198,16 @@ def attention_with_kvcache(
     return_lse: bool = False,
     **kwargs,
 ):
-    """Batch b attends to the first cache_seqlens[b] keys of the cache (B, Hkv, S, D), causal bottom-right per
-    batch (query i sees key j iff j <= i + cache_seqlens[b] - Nq). With ``return_lse`` also the (B, Hq, Nq)
-    log-sum-exp (-inf for an empty cache). One ``attention`` call over the whole cache with the keys past each
-    length masked (and zeroed: they may hold anything); no host read, so torch.compile traces it whole."""
+    """Batch b attends to the first cache_seqlens[b] keys of the cache (B, Hkv, S, D) (values (B, Hkv, S, Dv)),
+    causal bottom-right per batch (query i sees key j iff j <= i + cache_seqlens[b] - Nq). With ``return_lse`` also
+    the (B, Hq, Nq) log-sum-exp (-inf for an empty cache; with ``sinks``, the sink). One ``attention`` call over
+    the whole cache with the keys past each length masked (and zeroed: they may hold anything); no host read, so
+    torch.compile traces it whole."""
     kwargs.pop("causal_offset", None)
     B, S = q.shape[0], k_cache.shape[2]
     if q.numel() == 0 or S == 0:
         out = q.new_zeros(*q.shape[:3], v_cache.shape[-1])
-        lse = torch.full(q.shape[:3], float("-inf"), dtype=_lse_dtype(q), device=q.device)
+        lse = _empty_lse(q, tuple(q.shape[:3]), kwargs.get("sinks"), 1)
         return (out, lse) if return_lse else out
     lens = cache_seqlens.to(torch.int64)
     k_ok = torch.arange(S, device=q.device)[None, :] < lens[:, None]

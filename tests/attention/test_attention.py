@@ -221,7 +221,12 @@ SDPA_GRID = [
     _sdpa_case("batch_mismatch", (2, 2, 5, 8), (3, 2, 5, 8), kernel=False),
     _sdpa_case("head_dim_0", (1, 2, 5, 0), (1, 2, 7, 0), kernel=False),
     _sdpa_case("head_dim_mismatch", (1, 2, 5, 8), (1, 2, 7, 4), kernel=False),
-    _sdpa_case("value_head_dim_differs", (1, 2, 5, 8), (1, 2, 7, 8), (1, 2, 7, 12), kernel=False),
+    _sdpa_case("value_head_dim_differs", (1, 2, 5, 8), (1, 2, 7, 8), (1, 2, 7, 12)),
+    _sdpa_case("value_head_dim_3d_causal", (2, 7, 24), (2, 11, 24), (2, 11, 16), is_causal=True),
+    _sdpa_case("value_head_dim_gqa_mask", (1, 4, 9, 16), (1, 2, 13, 16), (1, 2, 13, 40), mask=((9, 13), _B),
+               enable_gqa=True),
+    _sdpa_case("value_head_dim_0", (1, 2, 5, 8), (1, 2, 7, 8), (1, 2, 7, 0), kernel=False),
+    _sdpa_case("value_shape_differs", (1, 2, 5, 8), (1, 2, 7, 8), (1, 2, 6, 8), kernel=False),
     _sdpa_case("nk_0", (1, 2, 5, 8), (1, 2, 0, 8), kernel=False),
     _sdpa_case("nq_0", (1, 2, 0, 8), (1, 2, 3, 8), kernel=False),
     _sdpa_case("2d", (5, 8), (7, 8), kernel=False),
@@ -392,9 +397,11 @@ def test_bad_dtypes_and_devices(backend):
     if backend == "triton":
         with pytest.raises(TypeError, match="dtype"):
             embedattn.attention(q.double(), q.double(), q.double(), backend=backend)
-        big = torch.randn(1, 1, 2, 320, device=DEVICE)
+        big = torch.randn(1, 1, 2, 520, device=DEVICE)
         with pytest.raises(ValueError, match="head dim"):
             embedattn.attention(big, big, big, backend=backend)
+        with pytest.raises(ValueError, match="value head dim"):
+            embedattn.attention(q, q, big[:, :, :1].expand(1, 1, 4, 520), backend=backend)
 
 
 # one line per argument: wrong types raise TypeError, values out of range ValueError, each naming the argument

@@ -829,7 +829,7 @@ from triton.compiler import ASTSource
 import embedattn.kernels.attention as K
 
 PTR = {"LSE": "*fp32", "DELTA": "*fp32", "SLOPES": "*fp32", "CU_Q": "*i32", "CU_K": "*i32", "K_LENS": "*i32",
-       "M": "*u8", "BLOCK_TABLE": "*i32"}
+       "M": "*u8", "BLOCK_TABLE": "*i32", "SINKS": "*fp32"}
 FLOAT = {"qk_scale", "sm_scale", "sc_scale", "sc_log2e", "drop_p", "drop_scale"}
 
 def compile_(fn, consts, split=False):
@@ -852,15 +852,16 @@ def compile_(fn, consts, split=False):
                        options={"num_warps": 4})
     return k.asm["ptx"]
 
-every = dict(HEAD_DIM=96, BLOCK_D=128, PREC="tf32", CAUSAL=False, WINDOW=True, MASK_KIND=1, SOFTCAP=True,
-             ALIBI=True, DROPOUT=True, VARLEN=False)
-ptx = [compile_(K._attn_fwd, dict(every, BLOCK_M=64, BLOCK_N=64, KLENS=False, SPLIT=False)),
-       compile_(K._attn_bwd_dkdv, dict(every, BLOCK_M=32, BLOCK_N=64)),
+every = dict(HEAD_DIM=96, BLOCK_D=128, HEAD_DIM_V=96, BLOCK_DV=128, PREC="tf32", CAUSAL=False, WINDOW=True,
+             MASK_KIND=1, SOFTCAP=True, ALIBI=True, DROPOUT=True, VARLEN=False)
+fwd = dict(every, NUM_DK=1, SINK=True)
+ptx = [compile_(K._attn_fwd, dict(fwd, BLOCK_M=64, BLOCK_N=64, KLENS=False, SPLIT=False)),
+       compile_(K._attn_bwd_dkdv, dict(every, BLOCK_M=32, BLOCK_N=64, GRAD_K=True, GRAD_V=True)),
        compile_(K._attn_bwd_dq, dict(every, BLOCK_M=64, BLOCK_N=32)),
-       compile_(K._attn_fwd, dict(every, MASK_KIND=0, DROPOUT=False, VARLEN=True, BLOCK_M=64, BLOCK_N=64,
+       compile_(K._attn_fwd, dict(fwd, MASK_KIND=0, DROPOUT=False, VARLEN=True, BLOCK_M=64, BLOCK_N=64,
                                   KLENS=False, SPLIT=False)),
-       compile_(K._attn_fwd, dict(every, MASK_KIND=0, DROPOUT=False, WINDOW=False, CAUSAL=True, BLOCK_M=16,
-                                  BLOCK_N=64, KLENS=True, SPLIT=True), split=True)]
+       compile_(K._attn_fwd, dict(fwd, MASK_KIND=0, DROPOUT=False, WINDOW=False, CAUSAL=True, BLOCK_M=16,
+                                  BLOCK_N=64, KLENS=True, SPLIT=True, SINK=False), split=True)]
 print(" ".join(str(len(re.findall(r"\\bw?gmma|\\bmma[.]sync", p))) for p in ptx))
 """
 

@@ -394,7 +394,7 @@ from triton.compiler import ASTSource
 import embedattn.kernels.attention as K
 
 PTR = {"LSE": "*fp32", "SLOPES": "*fp32", "CU_Q": "*i32", "CU_K": "*i32", "K_LENS": "*i32", "BLOCK_TABLE": "*i32",
-       "M": "*u8", "SEED": "*i64"}
+       "M": "*u8", "SEED": "*i64", "SINKS": "*fp32"}
 FLOAT = {"qk_scale", "sm_scale", "sc_scale", "sc_log2e", "drop_p", "drop_scale"}
 
 def typ(a, consts, split):
@@ -407,9 +407,9 @@ def typ(a, consts, split):
     return "fp32" if a in FLOAT else "i32"
 
 # as the launcher's calls specialize: unit head-dim strides, 16-divisible pointers and row strides
-base = dict(stride_qd=1, stride_kd=1, stride_vd=1, stride_od=1, stride_btn=1, HEAD_DIM=128, BLOCK_D=128, PREC="tf32",
-            CAUSAL=True, WINDOW=False, MASK_KIND=0, SOFTCAP=False, ALIBI=False, DROPOUT=False, VARLEN=False,
-            KLENS=True, BLOCK_M=16, BLOCK_N=64)
+base = dict(stride_qd=1, stride_kd=1, stride_vd=1, stride_od=1, stride_btn=1, HEAD_DIM=128, BLOCK_D=128, NUM_DK=1,
+            HEAD_DIM_V=128, BLOCK_DV=128, PREC="tf32", CAUSAL=True, WINDOW=False, MASK_KIND=0, SOFTCAP=False,
+            ALIBI=False, DROPOUT=False, SINK=False, VARLEN=False, KLENS=True, BLOCK_M=16, BLOCK_N=64)
 out = []
 for page, split in ((64, True), (256, False), (16, True), (7, False)):
     consts = dict(base, PAGE=page, SPLIT=split)
