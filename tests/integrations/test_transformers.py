@@ -345,13 +345,12 @@ def _compiled(model, **kw):
     return out, [t for g in cnt.graphs for t in graph_targets(g)]
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma2"])
-def test_compiles_fullgraph_without_dense_masks(arch, roads):
+def test_compiles_fullgraph_without_dense_masks(roads):
     """torch.compile(fullgraph=True): left-padded (key mask), unpadded (causal, no mask; a device assertion that
     the positions do not restart), packed through the flash keywords (varlen): one graph each, eager's values,
     no N x N mask. A packed batch without the keywords, which transformers cannot detect while tracing, fails
     with an error saying what to pass."""
-    model = _model(arch, torch.float64)
+    model = _model("llama", torch.float64)
     model.set_attn_implementation(ea_hf.register("embedattn_reference", backend="reference"))
     flat = _flattened()
     cases = [("left", _batch("left")[0]), ("none", _batch("none")[0]),
@@ -374,31 +373,73 @@ def test_compiles_fullgraph_without_dense_masks(arch, roads):
 def test_gemma2_dropout_softcap_compiles_fullgraph(backend, roads):
     """A Gemma-2 model in training mode (attention dropout, logit soft-capping, sliding-window layers) compiles with
     fullgraph=True and runs embedattn there, with softcap, the window and dropout reaching it. With a given torch
-    seed the compiled model repeats itself; in eval it equals the eager model."""
+    seed the compiled model repeats itself; in eval (a recompile) it equals the eager model."""
+    import torch._dynamo.testing
+
     dtype = torch.float64 if backend == "reference" else torch.float32
-    model = _model("gemma2", dtype, attention_dropout=0.25)
+    model = _model("gemma2", dtype, attention_dropout=0.25).train()
     model.set_attn_implementation(ea_hf.register(f"embedattn_{backend}", backend=backend))
     kw, valid = _batch("left")
     valid = valid.to(DEVICE)
-    torch.manual_seed(3)
-    out, targets = _compiled(model.train(), **kw)
-    assert [(c["softcap"], c["dropout_p"], c["window"]) for c in roads] == [(5.0, 0.25, (3, -1)), (5.0, 0.25, None)]
-    assert targets.count("embedattn.attention_fwd") == (2 if backend == "triton" else 0)  # the kernels' op
-    assert torch.isfinite(out.logits[valid]).all()
     torch._dynamo.reset()
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    cnt = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, fullgraph=True, backend=cnt)
     torch.manual_seed(3)
     a = compiled(**kw).logits[valid]
+    assert sum(len(g.graph.nodes) > 0 for g in cnt.graphs) == 1  # fullgraph; training adds an empty wrapper frame
+    targets = [t for g in cnt.graphs for t in graph_targets(g)]
     torch.manual_seed(3)
-    b = compiled(**kw).logits[valid]
+    b = compiled(**kw).logits[valid]  # (the roads spy's list, now not empty, costs this call a recompile)
     torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert targets.count("embedattn.attention_fwd") == (2 if backend == "triton" else 0)  # the kernels' op
+    assert [(c["softcap"], c["dropout_p"], c["window"]) for c in roads[:2]] == [(5.0, 0.25, (3, -1)),
+                                                                                (5.0, 0.25, None)]
+    assert torch.isfinite(a).all()
     model.eval()
-    torch._dynamo.reset()
-    h_eval = torch.compile(model, fullgraph=True, backend="aot_eager")(**kw).logits[valid]
+    h_eval = compiled(**kw).logits[valid]
     h_eager = model(**kw).logits[valid]
     tol = 1e-12 if dtype == torch.float64 else 2e-5
     torch.testing.assert_close(h_eval, h_eager, rtol=tol, atol=tol)
     assert not torch.allclose(a, h_eager)  # dropout was on in training
+
+
+def test_compiled_static_cache_decoding():
+    """Decoding steps with a static cache compiled with fullgraph=True (the masks built ahead by transformers'
+    create_masks_for_generate, as generate() does for a compileable cache, then handed to the compiled model):
+    eager's tokens, no more compiled frames than eager attention needs (no roads spy here: its list would add
+    guards), one-query key masks with the position folded in (nothing per-step for dynamo to guard on)."""
+    import torch._dynamo.testing
+
+    model = _model("gemma2").eval()
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(1, 64, (2, 7), generator=g).to(DEVICE)
+    am0 = torch.ones(2, 7, dtype=torch.long, device=DEVICE)
+    am0[1, :3] = 0
+    tokens, frames = {}, {}
+    for impl in ("eager", ea_hf.register("embedattn_reference", backend="reference")):
+        model.set_attn_implementation(impl)
+        torch._dynamo.reset()
+        cnt = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+        step = torch.compile(model, fullgraph=True, backend=cnt)
+        cache = transformers.StaticCache(config=model.config, max_cache_len=16)
+        am, pos = am0, (am0.cumsum(-1) - 1).clamp(min=0)
+        with torch.no_grad():
+            out = [model(input_ids=ids, attention_mask=am, position_ids=pos, cache=cache).logits[:, -1].argmax(-1)]
+            for i in range(4):
+                am = torch.cat([am, am.new_ones(2, 1)], 1)
+                p = pos[:, -1:] + 1 + i
+                masks = transformers.masking_utils.create_masks_for_generate(
+                    config=model.config, inputs_embeds=torch.empty(2, 1, 0, device=DEVICE), attention_mask=am,
+                    cache=cache, position_ids=p)
+                if impl != "eager":  # the full layer's position is a device tensor, folded into its key mask
+                    km = masks["full_attention"]
+                    assert isinstance(km, ea_hf.KernelMask) and km.key_mask.shape == (2, 1, 1, 16), km
+                    assert not km.causal and km.causal_offset == 0
+                out.append(step(input_ids=out[-1][:, None], attention_mask=masks, position_ids=p,
+                                cache=cache).logits[:, -1].argmax(-1))
+        tokens[impl], frames[impl] = torch.stack(out, 1), cnt.frame_count
+    assert torch.equal(tokens["eager"], tokens["embedattn_reference"])
+    assert frames["embedattn_reference"] <= frames["eager"]
 
 
 def test_packed_training_with_dropout_runs_everywhere(roads):
