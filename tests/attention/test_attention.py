@@ -16,7 +16,8 @@ from embedattn import reference
 
 ea_attention = importlib.import_module("embedattn.attention")  # the module (embedattn.attention is the function)
 
-# (B, Hq, Hkv, Nq, Nk, D, causal): odd tails, Nq != Nk both ways, GQA/MQA, odd head dims
+# (B, Hq, Hkv, Nq, Nk, D, causal[, extra]): odd tails, Nq != Nk both ways, GQA/MQA, odd head dims; extra: a value
+# head dim of its own (dv, MLA) and learned sinks (issue 23)
 CASES = [
     (1, 2, 2, 1, 7, 16, False),
     (2, 2, 1, 7, 33, 40, True),
@@ -26,6 +27,9 @@ CASES = [
     (2, 2, 2, 65, 65, 32, False),
     (1, 2, 1, 17, 1, 48, True),
     (1, 1, 1, 40, 23, 128, True),
+    (1, 4, 2, 19, 29, 48, True, dict(dv=32, sinks=True)),
+    (1, 2, 2, 7, 11, 192, False, dict(dv=128)),  # DeepSeek's MLA training head dims
+    (1, 2, 1, 9, 13, 512, True, dict(sinks=True)),  # Gemma's global layers
 ]
 if ON_CUDA:
     CASES += [
@@ -34,27 +38,36 @@ if ON_CUDA:
         (1, 4, 1, 257, 257, 256, True),
         (1, 2, 2, 300, 300, 160, False),
         (1, 2, 2, 129, 300, 96, True),
+        (1, 16, 16, 777, 777, 192, True, dict(dv=128)),
+        (1, 8, 2, 513, 600, 512, True, dict(sinks=True)),
+        (1, 4, 2, 333, 1000, 512, False, dict(dv=128)),
+        (2, 64, 8, 300, 300, 64, True, dict(sinks=True)),  # gpt-oss
     ]
 
 
-def _inputs(B, Hq, Hkv, Nq, Nk, D, dtype, seed, device=DEVICE):
+def _inputs(B, Hq, Hkv, Nq, Nk, D, dtype, seed, device=DEVICE, dv=None):
     g = torch.Generator(device="cpu").manual_seed(seed)
     mk = lambda *s: torch.randn(*s, generator=g, dtype=torch.float32).to(device=device, dtype=dtype)
-    return mk(B, Hq, Nq, D), mk(B, Hkv, Nk, D), mk(B, Hkv, Nk, D)
+    return mk(B, Hq, Nq, D), mk(B, Hkv, Nk, D), mk(B, Hkv, Nk, D if dv is None else dv)
 
 
-def _check(q, k, v, backend, *, causal=False, mask=None, grads=True, seed=0, road="eager"):
-    """Kernel vs float64 reference, with plain PyTorch in the same dtype as the error yardstick."""
+def _check(q, k, v, backend, *, causal=False, mask=None, grads=True, seed=0, road="eager", sinks=None):
+    """Kernel vs float64 reference, with plain PyTorch in the same dtype as the error yardstick (``sinks``: their
+    gradient too)."""
     dtype = q.dtype
-    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    fn = on_road(road, lambda q, k, v: embedattn.attention(q, k, v, causal=causal, attn_mask=mask, backend=backend))
+    ins = (q, k, v) if sinks is None else (q, k, v, sinks)
+    leaves = [t.detach().clone().requires_grad_() for t in ins]
+    fn = on_road(road, lambda q, k, v, s=None: embedattn.attention(q, k, v, causal=causal, attn_mask=mask, sinks=s,
+                                                                   backend=backend))
     out = fn(*leaves)
-    assert out.shape == q.shape and out.dtype == dtype
-    ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    assert out.shape == q.shape[:3] + v.shape[3:] and out.dtype == dtype
+    ref_in = [t.detach().double().requires_grad_() for t in ins]
     mask64 = mask.double() if mask is not None and mask.is_floating_point() else mask
-    ref = reference.attention(*ref_in, causal=causal, attn_mask=mask64)
-    plain_in = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    plain = reference.attention(*plain_in, causal=causal, attn_mask=mask, upcast=False)
+    ref = reference.attention(*ref_in[:3], causal=causal, attn_mask=mask64, sinks=ref_in[3] if sinks is not None
+                              else None)
+    plain_in = [t.detach().clone().requires_grad_() for t in ins]
+    plain = reference.attention(*plain_in[:3], causal=causal, attn_mask=mask, upcast=False,
+                                sinks=plain_in[3] if sinks is not None else None)
     assert_fa_close(out, ref, plain, "out")
     if not grads:
         return
@@ -63,20 +76,30 @@ def _check(q, k, v, backend, *, causal=False, mask=None, grads=True, seed=0, roa
     got = torch.autograd.grad(out, leaves, dout)
     want = torch.autograd.grad(ref, ref_in, dout.double())
     base = torch.autograd.grad(plain, plain_in, dout)
-    for name, a, b, c in zip(("dq", "dk", "dv"), got, want, base):
+    for name, a, b, c in zip(("dq", "dk", "dv", "dsinks"), got, want, base):
         assert a.shape == b.shape
         assert_fa_close(a, b, c, name)
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}H{}x{}N{}x{}D{}{}".format(*c[:6], "c" if c[6] else ""))
+def _case_id(c) -> str:
+    extra = c[7] if len(c) > 7 else {}
+    return "B{}H{}x{}N{}x{}D{}".format(*c[:6]) + (f"v{extra['dv']}" if "dv" in extra else "") + \
+        ("c" if c[6] else "") + ("_sinks" if extra.get("sinks") else "")
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("road", ROADS)
 def test_forward_backward(road, backend, dtype, case):
     skip_if_unsupported(backend, dtype)
-    B, Hq, Hkv, Nq, Nk, D, causal = case
-    q, k, v = _inputs(B, Hq, Hkv, Nq, Nk, D, dtype, seed=hash(case) % 1000)
-    _check(q, k, v, backend, causal=causal, road=road)
+    B, Hq, Hkv, Nq, Nk, D, causal = case[:7]
+    extra = case[7] if len(case) > 7 else {}
+    q, k, v = _inputs(B, Hq, Hkv, Nq, Nk, D, dtype, seed=hash(case[:7]) % 1000, dv=extra.get("dv"))
+    sinks = None
+    if extra.get("sinks"):
+        sinks = torch.linspace(-1.0, 1.5, Hq, device=DEVICE)
+    _check(q, k, v, backend, causal=causal, road=road, sinks=sinks)
 
 
 MASKS = {

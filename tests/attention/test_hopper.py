@@ -164,6 +164,9 @@ def test_supports_takes_only_what_the_kernels_compute():
     assert not KH.supports(q, k, v, AttnSpec(softcap=30.0))
     assert not KH.supports(q, k, v, AttnSpec(alibi=torch.ones(4)))
     assert not KH.supports(q, k, v, AttnSpec(dropout_p=0.1))
+    assert not KH.supports(q, k, v, AttnSpec(sinks=torch.zeros(4)))  # issue 23: learned sinks
+    assert not KH.supports(q, k, t(1, 2, 8, 128), plain)  # a value head dim of its own (MLA)
+    assert not KH.supports(t(1, 4, 8, 512), t(1, 2, 8, 512), t(1, 2, 8, 512), plain)  # D512: the pointer kernels
     assert KH.supports_backward(q, k, v, plain) == here
     # the Gluon forward: never under the interpreter or without Gluon, never causal, D 64/128 only
     assert not KG.supports(q, k, v, AttnSpec(causal=True))

@@ -25,8 +25,8 @@ WORLD_SIZES = [1, 2, 3, 4]
 JOIN_TIMEOUT_S = 150
 
 # tiny shapes: N_local = 6 tokens per rank (3 per zigzag chunk), head dim 8
-BASE = dict(B=1, Hq=2, Hkv=2, n=6, D=8, causal=False, lb=False, window=None, softcap=0.0, alibi=None, lse=True,
-            dtype=torch.float32, backend="reference")
+BASE = dict(B=1, Hq=2, Hkv=2, n=6, D=8, Dv=8, causal=False, lb=False, window=None, softcap=0.0, alibi=None, lse=True,
+            sinks=False, dtype=torch.float32, backend="reference")
 CASES = {
     "plain": {},
     "causal": dict(causal=True),
@@ -39,13 +39,18 @@ CASES = {
     "alibi_batch_heads": dict(B=2, alibi=(2, 2)),
     "out_only_causal_lb": dict(causal=True, lb=True, lse=False),
     "fp16_causal_lb": dict(causal=True, lb=True, dtype=torch.float16),
+    # issue 23: learned sinks (once per row, in the merge) and a value head dim of its own (MLA)
+    "sinks_causal_lb": dict(causal=True, lb=True, sinks=True),
+    "mla_sinks_gqa_window": dict(Hq=4, Hkv=2, Dv=12, window=(5, 1), sinks=True, B=2),
+    "mla_out_only_causal": dict(Dv=4, causal=True, lse=False, sinks=True),
 }
-TRITON_CASES = {"triton_gqa_causal_lb": dict(Hq=4, Hkv=2, causal=True, lb=True, backend="triton")}
+TRITON_CASES = {"triton_gqa_causal_lb": dict(Hq=4, Hkv=2, causal=True, lb=True, backend="triton"),
+                "triton_mla_sinks_causal": dict(Hq=4, Hkv=2, Dv=12, causal=True, sinks=True, backend="triton")}
 TRITON_WORLD = 2  # the interpreter is slow: one world size; the processes are CPU ones, so interpreter only
 RUN_TRITON = HAS_TRITON and INTERPRET
 ERROR_CASES = ["uneven_shards", "odd_lb", "device", "bad_arg_one_rank", "unshard_shapes", "shard_indivisible",
                "attention_type_one_rank", "head_dim_one_rank", "dtype_one_rank", "scale_differs", "softcap_differs",
-               "alibi_differs", "window_differs", "bad_timeout_one_rank"]
+               "alibi_differs", "window_differs", "bad_timeout_one_rank", "sinks_differs", "value_head_dim_one_rank"]
 # (exception type on every rank, words its message must hold) for each error case
 ERROR_WANT = dict(
     uneven_shards=("ValueError", ["N_local", "(1, 2, 4, 8) on rank", "(1, 2, 6, 8) on rank"]),
@@ -55,13 +60,15 @@ ERROR_WANT = dict(
     unshard_shapes=("ValueError", ["x.shape", "(1, 2, 4, 8) on rank 0"]),
     shard_indivisible=("ValueError", ["equal chunks"]),
     attention_type_one_rank=("AttentionTypeError", ["scale", "rank 0 got bad input"]),
-    head_dim_one_rank=("AttentionInputError", ["head dim of q (8) and k/v (4) differ"]),
+    head_dim_one_rank=("AttentionInputError", ["head dim of q (8) and k (4) differ"]),
     dtype_one_rank=("ValueError", ["dtype", "torch.float64 on rank", "torch.float32 on rank"]),
     scale_differs=("ValueError", ["scale", "0.5 on rank", "0.25 on rank"]),
     softcap_differs=("ValueError", ["softcap", "3.0 on rank", "0.0 on rank"]),
     alibi_differs=("ValueError", ["alibi_slopes", "0.5", "0.25"]),
     window_differs=("ValueError", ["window"]),
     bad_timeout_one_rank=("ValueError", ["timeout"]),
+    sinks_differs=("ValueError", ["sinks", "0.5", "0.25"]),
+    value_head_dim_one_rank=("ValueError", ["v shape", "(1, 2, 6, 4) on rank", "(1, 2, 6, 8) on rank"]),
 )
 SKIP_TIMEOUT_S = 3.0
 SKIP_WORLD = 3
@@ -77,15 +84,16 @@ def _inputs(name: str, world: int) -> dict:
     g = torch.Generator().manual_seed(sorted(CASES | TRITON_CASES).index(name))
     n = world * c["n"]
     mk = lambda *s: torch.randn(*s, generator=g)
-    t = dict(q=mk(c["B"], c["Hq"], n, c["D"]), k=mk(c["B"], c["Hkv"], n, c["D"]), v=mk(c["B"], c["Hkv"], n, c["D"]),
-             do=mk(c["B"], c["Hq"], n, c["D"]), dl=mk(c["B"], c["Hq"], n))
+    t = dict(q=mk(c["B"], c["Hq"], n, c["D"]), k=mk(c["B"], c["Hkv"], n, c["D"]), v=mk(c["B"], c["Hkv"], n, c["Dv"]),
+             do=mk(c["B"], c["Hq"], n, c["Dv"]), dl=mk(c["B"], c["Hq"], n))
     t = {key: x.to(c["dtype"]) if key in ("q", "k", "v") else x for key, x in t.items()}
     t["alibi"] = None if c["alibi"] is None else torch.rand(*c["alibi"], generator=g)
+    t["sinks"] = mk(c["Hq"]) if c["sinks"] else None
     return t
 
 
-def _kwargs(c: dict, alibi) -> dict:
-    return dict(causal=c["causal"], window=c["window"], softcap=c["softcap"], alibi_slopes=alibi)
+def _kwargs(c: dict, alibi, sinks=None) -> dict:
+    return dict(causal=c["causal"], window=c["window"], softcap=c["softcap"], alibi_slopes=alibi, sinks=sinks)
 
 
 def _loss(out, lse, do, dl):
@@ -103,14 +111,18 @@ def _ring_case(name: str, world: int, group) -> dict:
     t = _inputs(name, world)
     sh = lambda x: distributed.shard(x, group=group, load_balance=c["lb"])
     q, k, v = (sh(t[key]).clone().requires_grad_() for key in "qkv")
+    sinks = None if t["sinks"] is None else t["sinks"].clone().requires_grad_()
     res = distributed.ring_attention(q, k, v, group=group, load_balance=c["lb"], return_lse=c["lse"],
-                                     backend=c["backend"], **_kwargs(c, t["alibi"]))
+                                     backend=c["backend"], **_kwargs(c, t["alibi"], sinks))
     out, lse = res if c["lse"] else (res, None)
     _loss(out, lse, sh(t["do"]), sh(t["dl"])).backward()
     whole = lambda x: distributed.unshard(x, group=group, load_balance=c["lb"])
     got = dict(out=whole(out), dq=whole(q.grad), dk=whole(k.grad), dv=whole(v.grad))
     if lse is not None:
         got["lse"] = whole(lse)
+    if sinks is not None:  # each rank's gradient covers its own rows: the whole sequence's is their sum
+        dist.all_reduce(sinks.grad, group=group)
+        got["dsinks"] = sinks.grad
     return got
 
 
@@ -148,6 +160,10 @@ def _error_case(name: str, rank: int, world: int, group):
             ring(q, window=(2, 0) if rank == world - 1 else (3, 0))
         elif name == "bad_timeout_one_rank":
             ring(q, timeout=-1.0 if rank == world - 1 else 30.0)
+        elif name == "sinks_differs":
+            ring(q, sinks=torch.tensor([0.5, 0.25 if rank == world - 1 else 0.5]))
+        elif name == "value_head_dim_one_rank":
+            distributed.ring_attention(q, q, q[..., :4] if rank == world - 1 else q, group=group)
     except Exception as e:
         return type(e).__name__, str(e)
     return None
@@ -233,13 +249,17 @@ def _expected(name: str, world: int, dtype: torch.dtype, plain: bool) -> dict:
     c, t = _case(name), _inputs(name, world)
     q, k, v = (t[key].to(dtype).requires_grad_() for key in "qkv")
     alibi = None if t["alibi"] is None else t["alibi"].to(dtype)
-    kw = _kwargs(c, alibi)
+    sinks = None if t["sinks"] is None else t["sinks"].to(dtype).requires_grad_()
+    kw = _kwargs(c, alibi, sinks)
     if plain:
         out, lse = reference.attention(q, k, v, return_lse=True, upcast=False, **kw)
     else:
         out, lse = embedattn.attention(q, k, v, return_lse=True, backend="reference", **kw)
     _loss(out, lse if c["lse"] else None, t["do"].to(dtype), t["dl"].to(dtype)).backward()
-    return dict(out=out.detach(), lse=lse.detach(), dq=q.grad, dk=k.grad, dv=v.grad)
+    got = dict(out=out.detach(), lse=lse.detach(), dq=q.grad, dk=k.grad, dv=v.grad)
+    if sinks is not None:
+        got["dsinks"] = sinks.grad
+    return got
 
 
 @pytest.mark.parametrize("world, name", [(w, name) for w in WORLD_SIZES for name in CASES]
@@ -249,8 +269,9 @@ def test_ring_matches_single_process(world, name):
     c = _case(name)
     ref = _expected(name, world, torch.float64, plain=False)
     plain = _expected(name, world, c["dtype"], plain=True)
+    assert ("dsinks" in got) == c["sinks"]
     for key, val in got.items():
-        assert val.dtype == (torch.float32 if key == "lse" else c["dtype"]), key
+        assert val.dtype == (torch.float32 if key in ("lse", "dsinks") else c["dtype"]), key
         eps = 1e-3 if key == "lse" and c["dtype"] == torch.float16 else None
         assert_fa_close(val, ref[key], plain[key].to(val.dtype), f"{name} W={world} {key}", eps=eps)
 
