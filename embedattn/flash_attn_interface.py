@@ -11,7 +11,7 @@ packed forms): no input is copied, and the Triton kernels write the dense and KV
 memory order, so ``out`` comes back contiguous (B, N, H, D) for a q in that layout with no extra pass (the
 reference backend's output takes one copy). KV-cache appends write into the caches in place. Each
 function also takes a keyword-only ``backend`` (None | "auto" | "triton" | "reference", see
-``embedattn._backend``), which FlashAttention does not have.
+``embedattn._backend``) and ``sinks``, which FlashAttention does not have (below).
 
 Semantics are FlashAttention's: causal is aligned bottom-right (query i sees key j iff
 ``j <= i + seqlen_k - seqlen_q``); ``window_size=(left, right)`` keeps keys in
@@ -44,8 +44,24 @@ test helper ``normalize_flash_attn_S`` then rescales it with ``_get_block_size_n
 
 Differences, all documented here and raised clearly where an argument asks for something missing:
 
+Ours, not FlashAttention 2's (keyword-only, so FlashAttention's positional calls are unchanged):
+
+* ``sinks`` (Hq,) float tensor on every function: gpt-oss's learned attention sinks (see
+  ``embedattn.attention``): head h's logit ``sinks[h]`` joins each row's softmax denominator with no value
+  (not scaled, capped, biased or dropped); differentiable in the training functions; ``softmax_lse``
+  includes it. ``S_dmask`` keeps ``exp(s - rowmax(s))`` over the keys, so with sinks the probabilities are
+  ``|S_dmask| * exp(rowmax(s) - lse)`` rather than its row-normalized form. FlashAttention 2 has no sinks.
+* A value head dim of its own: v (..., Dv) may differ from q/k's D in ``flash_attn_func``, the varlen
+  function and ``flash_attn_with_kvcache`` (``v_cache``/``v``; ``v=None`` with ``k`` when ``v_cache`` is a
+  column view of ``k_cache``, MLA's latent cache, as ``embedattn.attention_with_kvcache``); out is
+  (..., Dv). The packed functions share one head dim by construction.
+* ``check_bounds`` on ``flash_attn_with_kvcache`` (below) and ``backend`` on every function.
+
+Differences, all documented here and raised clearly where an argument asks for something missing:
+
 * Dtypes: float16 and bfloat16 as FlashAttention, plus float32 (and float64 on the reference backend).
-  Any head dim from 1 to 256 (no multiple-of-8 padding is needed), any strides.
+  Any head dim the backend runs (the Triton kernels: 1 to 512, q/k up to 576 in ``flash_attn_with_kvcache``;
+  no multiple-of-8 padding is needed), any strides.
 * The packed functions' backward assembles the packed gradient with one ``stack`` (FlashAttention writes
   dq, dk, dv into one buffer).
 * ``flash_attn_with_kvcache``: ``cache_leftpad`` is not supported (NotImplementedError). Paged caches take
@@ -187,6 +203,7 @@ def _signed_probs(p: torch.Tensor, keep: torch.Tensor, dtype: torch.dtype) -> to
     return torch.where(keep, s, -s).to(dtype)
 
 
+@torch.no_grad()
 def _probs_dense(q, k, dropout_p: float, seed: int, **score_kw) -> torch.Tensor:
     """S_dmask (B, H, Nq, Nk) of a dense call, q (B, H, Nq, D), k (B, Hkv, Nk, D): the reference's probabilities
     (read off with v = identity, so every score feature is the reference's) and the kernels' Philox keep mask
@@ -202,6 +219,7 @@ def _probs_dense(q, k, dropout_p: float, seed: int, **score_kw) -> torch.Tensor:
     return _signed_probs(p, keep, q.dtype)
 
 
+@torch.no_grad()
 def _probs_varlen(q, k, cu_q, cu_k, max_q: int, max_k: int, dropout_p: float, seed: int,
                   **score_kw) -> torch.Tensor:
     """S_dmask (B, H, max_seqlen_q, max_seqlen_k) of a varlen call, FlashAttention's padded layout: sequence b's
@@ -224,38 +242,39 @@ def _probs_varlen(q, k, cu_q, cu_k, max_q: int, max_k: int, dropout_p: float, se
     return _signed_probs(probs, keep, q.dtype)
 
 
-def _score_kw(causal, softmax_scale, window, softcap, alibi_slopes) -> dict:
-    return dict(causal=causal, scale=softmax_scale, window=window, softcap=softcap, alibi_slopes=alibi_slopes)
+def _score_kw(causal, softmax_scale, window, softcap, alibi_slopes, sinks) -> dict:
+    return dict(causal=causal, scale=softmax_scale, window=window, softcap=softcap, alibi_slopes=alibi_slopes,
+                sinks=sinks)
 
 
 def _dense(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
-           return_attn_probs, backend):
+           return_attn_probs, sinks, backend):
     check_bool("deterministic", deterministic)  # the backward is deterministic either way
     check_bool("return_attn_probs", return_attn_probs)
     q, k, v = _heads_first(q), _heads_first(k), _heads_first(v)
     seed = _debug_seed(dropout_p, return_attn_probs, q)
-    score_kw = _score_kw(causal, softmax_scale, _window(window_size), _softcap(softcap), alibi_slopes)
+    score_kw = _score_kw(causal, softmax_scale, _window(window_size), _softcap(softcap), alibi_slopes, sinks)
     res = attention(q, k, v, dropout_p=dropout_p, seed=seed, return_lse=return_attn_probs, backend=backend,
                     **score_kw)
     if return_attn_probs:
         out, lse = res
-        s_dmask = None if seed is None else _probs_dense(q.detach(), k.detach(), dropout_p, seed, **score_kw)
+        s_dmask = None if seed is None else _probs_dense(q, k, dropout_p, seed, **score_kw)
         return _seq_first(out), lse, s_dmask
     return _seq_first(res)
 
 
 def _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal,
-            window_size, softcap, alibi_slopes, deterministic, return_attn_probs, backend):
+            window_size, softcap, alibi_slopes, deterministic, return_attn_probs, sinks, backend):
     check_bool("deterministic", deterministic)
     check_bool("return_attn_probs", return_attn_probs)
     seed = _debug_seed(dropout_p, return_attn_probs, q)
-    score_kw = _score_kw(causal, softmax_scale, _window(window_size), _softcap(softcap), alibi_slopes)
+    score_kw = _score_kw(causal, softmax_scale, _window(window_size), _softcap(softcap), alibi_slopes, sinks)
     res = attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=dropout_p,
                            seed=seed, return_lse=return_attn_probs, backend=backend, **score_kw)
     if return_attn_probs:
         out, lse = res
-        s_dmask = None if seed is None else _probs_varlen(q.detach(), k.detach(), cu_seqlens_q, cu_seqlens_k,
-                                                          max_seqlen_q, max_seqlen_k, dropout_p, seed, **score_kw)
+        s_dmask = None if seed is None else _probs_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                                          dropout_p, seed, **score_kw)
         return out, lse, s_dmask
     return res
 
@@ -264,38 +283,39 @@ def _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dro
 # dense
 # --------------------------------------------------------------------------------------------------
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-                    alibi_slopes=None, deterministic=False, return_attn_probs=False, *, backend=None):
-    """FlashAttention's ``flash_attn_func``: q (B, Nq, H, D), k/v (B, Nk, Hkv, D) with H % Hkv == 0.
+                    alibi_slopes=None, deterministic=False, return_attn_probs=False, *, sinks=None, backend=None):
+    """FlashAttention's ``flash_attn_func``: q (B, Nq, H, D), k (B, Nk, Hkv, D), v (B, Nk, Hkv, Dv) with
+    H % Hkv == 0; ``sinks`` (H,) (ours).
 
-    Returns out (B, Nq, H, D), or ``(out, softmax_lse (B, H, Nq) float32, S_dmask)`` with ``return_attn_probs``
+    Returns out (B, Nq, H, Dv), or ``(out, softmax_lse (B, H, Nq) float32, S_dmask)`` with ``return_attn_probs``
     (S_dmask: None without dropout, else (B, H, Nq, Nk), testing only).
     See the module docstring for the semantics and the differences from FlashAttention.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         _tensor(name, t, 4, "(batch, seqlen, nheads, headdim)")
     return _dense(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
-                  return_attn_probs, backend)
+                  return_attn_probs, sinks, backend)
 
 
 def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
                               softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False, *,
-                              backend=None):
+                              sinks=None, backend=None):
     """FlashAttention's ``flash_attn_qkvpacked_func``: qkv (B, N, 3, H, D); q, k, v are views of it (its
     gradient is assembled by one stack). Returns as ``flash_attn_func``."""
     q, k, v = _packed("qkv", qkv, 5, "(batch, seqlen, 3, nheads, headdim)", 2, 3)
     return _dense(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
-                  return_attn_probs, backend)
+                  return_attn_probs, sinks, backend)
 
 
 def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
                              softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False, *,
-                             backend=None):
+                             sinks=None, backend=None):
     """FlashAttention's ``flash_attn_kvpacked_func``: q (B, Nq, H, D), kv (B, Nk, 2, Hkv, D). Returns as
     ``flash_attn_func``."""
     _tensor("q", q, 4, "(batch, seqlen, nheads, headdim)")
     k, v = _packed("kv", kv, 5, "(batch, seqlen_k, 2, nheads_k, headdim)", 2, 2)
     return _dense(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
-                  return_attn_probs, backend)
+                  return_attn_probs, sinks, backend)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -303,38 +323,39 @@ def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=Fa
 # --------------------------------------------------------------------------------------------------
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
-                           deterministic=False, return_attn_probs=False, block_table=None, *, backend=None):
-    """FlashAttention's ``flash_attn_varlen_func``: q (total_q, H, D), k/v (total_k, Hkv, D); sequence b is rows
-    ``cu_seqlens_q[b]:cu_seqlens_q[b+1]`` of q against ``cu_seqlens_k[b]:cu_seqlens_k[b+1]`` of k/v (int32 or
-    int64). Returns out (total_q, H, D), or ``(out, softmax_lse (H, total_q) float32, S_dmask)`` (S_dmask: None
-    without dropout, else (B, H, max_seqlen_q, max_seqlen_k), testing only).
+                           deterministic=False, return_attn_probs=False, block_table=None, *, sinks=None, backend=None):
+    """FlashAttention's ``flash_attn_varlen_func``: q (total_q, H, D), k (total_k, Hkv, D), v (total_k, Hkv, Dv);
+    sequence b is rows ``cu_seqlens_q[b]:cu_seqlens_q[b+1]`` of q against ``cu_seqlens_k[b]:cu_seqlens_k[b+1]`` of
+    k/v (int32 or int64); ``sinks`` (H,) (ours). Returns out (total_q, H, Dv), or ``(out, softmax_lse (H, total_q)
+    float32, S_dmask)`` (S_dmask: None without dropout, else (B, H, max_seqlen_q, max_seqlen_k), testing only).
     ``block_table`` (paged K/V) is not supported: NotImplementedError."""
     if block_table is not None:
         raise NotImplementedError("embedattn.flash_attn_interface.flash_attn_varlen_func does not take a block_table "
                                   "(paged K/V); decode from a paged cache with flash_attn_with_kvcache")
     return _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal,
-                   window_size, softcap, alibi_slopes, deterministic, return_attn_probs, backend)
+                   window_size, softcap, alibi_slopes, deterministic, return_attn_probs, sinks, backend)
 
 
 def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False,
                                      window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False,
-                                     return_attn_probs=False, *, backend=None):
+                                     return_attn_probs=False, *, sinks=None, backend=None):
     """FlashAttention's ``flash_attn_varlen_qkvpacked_func``: qkv (total, 3, H, D). Returns as
     ``flash_attn_varlen_func``."""
     q, k, v = _packed("qkv", qkv, 4, "(total, 3, nheads, headdim)", 1, 3)
     return _varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p, softmax_scale, causal,
-                   window_size, softcap, alibi_slopes, deterministic, return_attn_probs, backend)
+                   window_size, softcap, alibi_slopes, deterministic, return_attn_probs, sinks, backend)
 
 
 def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
                                     softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-                                    alibi_slopes=None, deterministic=False, return_attn_probs=False, *, backend=None):
+                                    alibi_slopes=None, deterministic=False, return_attn_probs=False, *, sinks=None,
+                                    backend=None):
     """FlashAttention's ``flash_attn_varlen_kvpacked_func``: q (total_q, H, D), kv (total_k, 2, Hkv, D). Returns as
     ``flash_attn_varlen_func``."""
     _tensor("q", q, 3, "(total_q, nheads, headdim)")
     k, v = _packed("kv", kv, 4, "(total_k, 2, nheads_k, headdim)", 1, 2)
     return _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal,
-                   window_size, softcap, alibi_slopes, deterministic, return_attn_probs, backend)
+                   window_size, softcap, alibi_slopes, deterministic, return_attn_probs, sinks, backend)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -370,13 +391,13 @@ def _check_paged_capacity(cache_seqlens: torch.Tensor, n_new: int, max_blocks: i
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None, cache_seqlens=None,
                             cache_batch_idx=None, cache_leftpad=None, block_table=None, softmax_scale=None,
                             causal=False, window_size=(-1, -1), softcap=0.0, rotary_interleaved=True,
-                            alibi_slopes=None, num_splits=0, return_softmax_lse=False, *, check_bounds=None,
-                            backend=None):
+                            alibi_slopes=None, num_splits=0, return_softmax_lse=False, *, sinks=None,
+                            check_bounds=None, backend=None):
     """FlashAttention's ``flash_attn_with_kvcache`` (inference: no gradient).
 
-    q: (B, Nq, H, D). k_cache/v_cache: (B_cache, S, Hkv, D), or with ``block_table`` (B, max_blocks) int32 a
-    pool of pages (num_blocks, page_size, Hkv, D), any page size: batch b's position p is slot
-    ``p % page_size`` of page ``block_table[b, p // page_size]``. ``k``/``v`` (B, Nnew, Hkv, D), when given,
+    q: (B, Nq, H, D). k_cache/v_cache: (B_cache, S, Hkv, D / Dv), or with ``block_table`` (B, max_blocks) int32
+    a pool of pages (num_blocks, page_size, Hkv, D / Dv), any page size: batch b's position p is slot
+    ``p % page_size`` of page ``block_table[b, p // page_size]``. ``k``/``v`` (B, Nnew, Hkv, D / Dv), when given,
     are written into the cache in place at positions ``cache_seqlens[b] ...`` (through the pages), after
     rotation when ``rotary_cos``/``rotary_sin`` (seqlen_ro, rotary_dim / 2) are given: k at positions
     ``cache_seqlens[b] + i``, q at those positions when causal or local (``window_size != (-1, -1)``), else
@@ -384,8 +405,9 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     (0, rotary_dim / 2), ... (GPT-NeoX). ``cache_seqlens``: an int or (B,) int tensor, the cached length of
     each sequence (None: the whole cache; required with k/v). ``cache_batch_idx`` (B,) int: the cache row of
     each sequence (contiguous caches only). Batch b attends to its first cache_seqlens[b] + Nnew positions.
+    Ours: ``sinks`` (H,); ``check_bounds`` (None | "sync" | "device" | "off", embedattn's modes).
 
-    Returns out (B, Nq, H, D), or ``(out, softmax_lse (B, H, Nq) float32)`` with ``return_softmax_lse``. Every
+    Returns out (B, Nq, H, Dv), or ``(out, softmax_lse (B, H, Nq) float32)`` with ``return_softmax_lse``. Every
     argument is checked before anything is written; a length, a block-table entry or a cache_batch_idx
     out of range raises (see ``embedattn.attention_with_kvcache`` for the check modes: on CUDA a device-side
     assertion, no host sync).
@@ -401,11 +423,12 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                                   "cache_leftpad")
     check_bool("return_softmax_lse", return_softmax_lse)
     check_bool("rotary_interleaved", rotary_interleaved)
-    if (k is None) != (v is None):
-        raise AttentionInputError("k and v must be given together")
-    if k is not None:
+    if k is None and v is not None:
+        raise AttentionInputError("k and v must be given together (v without k has no keys)")
+    if k is not None:  # v None too: embedattn accepts it only for a v_cache inside k_cache's columns (MLA)
         _tensor("k", k, 4, "(batch, seqlen_new, nheads_k, headdim)")
-        _tensor("v", v, 4, "(batch, seqlen_new, nheads_k, headdim)")
+        if v is not None:
+            _tensor("v", v, 4, "(batch, seqlen_new, nheads_k, headdim_v)")
     B = q.shape[0]
     if paged and cache_batch_idx is not None:
         raise AttentionInputError("cache_batch_idx cannot be combined with block_table (as in FlashAttention): "
@@ -433,7 +456,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         raise AttentionInputError("rotary_cos and rotary_sin must be given together")
     if rotary_cos is not None:
         if k is None:
-            raise AttentionInputError("rotary_cos/rotary_sin rotate the new keys: they need k and v")
+            raise AttentionInputError("rotary_cos/rotary_sin rotate the new keys: they need k")
         if not isinstance(rotary_cos, torch.Tensor) or rotary_cos.dim() != 2:
             raise AttentionTypeError("rotary_cos must be a 2-D (seqlen_ro, rotary_dim / 2) tensor")
         if rotary_cos.shape[0] < capacity:
@@ -458,7 +481,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
             _heads_first(q), kc, vc, cache_seqlens, None if k is None else _heads_first(k),
             None if v is None else _heads_first(v), causal=causal, scale=softmax_scale, window=window,
             softcap=_softcap(softcap), alibi_slopes=alibi_slopes, num_splits=num_splits, block_table=block_table,
-            return_lse=return_softmax_lse, check_bounds=check_bounds, backend=backend)
+            return_lse=return_softmax_lse, sinks=sinks, check_bounds=check_bounds, backend=backend)
     except IndexError as e:
         if cache_batch_idx is None:
             raise

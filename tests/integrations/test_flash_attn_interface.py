@@ -41,10 +41,11 @@ def _rand(*shape, dtype=torch.float32, seed=0, scale=1.0):
 
 # ------------------------------------------------------------------------------------------------ the oracle
 def _fa(q, k, v, *, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
-        dropout_p=0.0, dropout_keep=None, scores=False):
+        dropout_p=0.0, dropout_keep=None, scores=False, sinks=None):
     """FlashAttention's documented forward in q's dtype: q (B, Nq, H, D), k/v (B, Nk, Hkv, D) -> (out, lse).
     With ``dropout_p``, ``dropout_keep`` (B, H, Nq, Nk) bool is the dropout mask (probabilities * keep / (1 - p)); with
-    ``scores`` also the masked scores (B, H, Nq, Nk) (-inf where masked)."""
+    ``scores`` also the masked scores (B, H, Nq, Nk) (-inf where masked). ``sinks`` (H,): one more logit per head
+    in each row's denominator, with no value (gpt-oss), included in the lse."""
     B, Nq, H, D = q.shape
     Nk, Hkv = k.shape[1], k.shape[2]
     kv_head = torch.arange(H, device=q.device) // (H // Hkv)
@@ -69,7 +70,10 @@ def _fa(q, k, v, *, softmax_scale=None, causal=False, window_size=(-1, -1), soft
     if right >= 0:
         keep &= j <= diag + right
     s = s.masked_fill(~keep, float("-inf"))
-    lse = torch.logsumexp(s, dim=-1)
+    if sinks is None:
+        lse = torch.logsumexp(s, dim=-1)
+    else:
+        lse = torch.logsumexp(torch.cat([s, sinks.to(s.dtype).view(1, H, 1, 1).expand(B, H, Nq, 1)], dim=-1), dim=-1)
     p = torch.nan_to_num(torch.exp(s - lse[..., None]), nan=0.0)  # a row with no key: exp(-inf - -inf)
     if dropout_p > 0:
         p = p * dropout_keep.to(p.dtype) / (1 - dropout_p)
@@ -742,3 +746,87 @@ def test_paged_capacity_error_is_flash_attentions(backend):
     want, _, want_k, want_v = _fa_kvcache(q[1:], k0, v0, k[1:], v[1:], cache_seqlens=lens(5), block_table=table[1:])
     torch.testing.assert_close(out[1:].double(), want, atol=2e-5, rtol=2e-5)
     assert torch.equal(kp.double(), want_k) and torch.equal(vp.double(), want_v)
+
+
+
+# ------------------------------------------------------------------------------------------------ sinks, Dv
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sinks_and_value_head_dim(backend, dtype):
+    """The keyword-only ``sinks`` (ours) and a value head dim of its own reach embedattn from the dense and varlen
+    functions: out (..., Dv), lse with the sink, gradients of q, k, v and the sinks against the oracle (GQA, causal
+    with rows that see no key); the packed functions take sinks too; S_dmask stays exp(s - rowmax) over the keys."""
+    skip_if_unsupported(backend, dtype)
+    B, Nq, Nk, H, Hkv, D, Dv = 2, 7, 5, 4, 2, 16, 24
+    q, k, v = _rand(B, Nq, H, D, dtype=dtype, seed=110), _rand(B, Nk, Hkv, D, dtype=dtype, seed=111), \
+        _rand(B, Nk, Hkv, Dv, dtype=dtype, seed=112)
+    sinks = _rand(H, seed=113)
+    kw = dict(causal=True, window_size=(3, -1))
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, sinks)]
+    out, lse, _ = flash_attn_func(*leaves[:3], sinks=leaves[3], return_attn_probs=True, backend=backend, **kw)
+    assert out.shape == (B, Nq, H, Dv) and out.dtype == dtype
+    r64 = [t.detach().double().requires_grad_() for t in (q, k, v, sinks)]
+    rp = [t.detach().clone().requires_grad_() for t in (q, k, v)] + [sinks.clone().requires_grad_()]
+    ref, ref_lse = _fa(*r64[:3], sinks=r64[3], **kw)
+    plain, plain_lse = _fa(*rp[:3], sinks=rp[3], **kw)
+    assert_fa_close(out, ref, plain, "out")
+    assert_fa_close(lse, ref_lse, plain_lse.float(), "lse", eps=1e-5)
+    assert torch.equal(out[:, :2], torch.zeros_like(out[:, :2]))  # rows 0, 1 see no key: zeros, lse = the sink
+    dout = _rand(*out.shape, dtype=dtype, seed=114)
+    for name, a, b, c in zip(("dq", "dk", "dv", "dsinks"), torch.autograd.grad(out, leaves, dout),
+                             torch.autograd.grad(ref, r64, dout.double()), torch.autograd.grad(plain, rp, dout)):
+        assert_fa_close(a, b, c, name)
+    # varlen: the same two sequences packed
+    cu_q = torch.tensor([0, Nq, 2 * Nq], dtype=torch.int32, device=DEVICE)
+    cu_k = torch.tensor([0, Nk, 2 * Nk], dtype=torch.int32, device=DEVICE)
+    got = flash_attn_varlen_func(q.reshape(-1, H, D), k.reshape(-1, Hkv, D), v.reshape(-1, Hkv, Dv), cu_q, cu_k, Nq,
+                                 Nk, sinks=sinks, backend=backend, **kw)
+    assert_fa_close(got, ref.reshape(-1, H, Dv), plain.reshape(-1, H, Dv), "varlen out")
+    # packed: sinks reach embedattn
+    qkv = _rand(B, Nk, 3, H, D, dtype=dtype, seed=115)
+    q3, k3, v3 = qkv.unbind(2)
+    torch.testing.assert_close(flash_attn_qkvpacked_func(qkv, sinks=sinks, backend=backend),
+                               flash_attn_func(q3, k3, v3, sinks=sinks, backend=backend), atol=0, rtol=0)
+    assert not torch.equal(flash_attn_qkvpacked_func(qkv, sinks=sinks, backend=backend),
+                           flash_attn_qkvpacked_func(qkv, backend=backend))
+    kvp = torch.stack([k3, v3], dim=2)
+    torch.testing.assert_close(flash_attn_kvpacked_func(q3, kvp, sinks=sinks, backend=backend),
+                               flash_attn_func(q3, k3, v3, sinks=sinks, backend=backend), atol=0, rtol=0)
+    # S_dmask with sinks: exp(s - rowmax s) over the keys, the sink excluded
+    _, _, s_dmask = flash_attn_func(q, k, v, 0.2, sinks=sinks, return_attn_probs=True, backend=backend, **kw)
+    _, _, s64 = _fa(q.double(), k.double(), v.double(), scores=True, **kw)
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(s_dmask.abs().double(), _unnormalized(s64), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("paged", [False, True])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kvcache_sinks_and_value_head_dim(backend, paged):
+    """flash_attn_with_kvcache with v_cache/v of their own head dim and sinks, contiguous and paged (out, lse,
+    the caches after the append); and MLA's latent cache: v_cache a column view of k_cache, k appended alone."""
+    B, H, Hkv, D, Dv, N, page = 2, 4, 2, 16, 8, 2, 5
+    lens = torch.tensor([4, 11], dtype=torch.int32, device=DEVICE)
+    sinks = _rand(H, seed=120)
+    q, k, v = _rand(B, N, H, D, seed=121), _rand(B, N, Hkv, D, seed=122), _rand(B, N, Hkv, Dv, seed=123)
+    if paged:
+        kc, vc = _rand(7, page, Hkv, D, seed=124), _rand(7, page, Hkv, Dv, seed=125)
+        kw = dict(block_table=torch.tensor([[6, 0, 2], [1, 4, 3]], dtype=torch.int32, device=DEVICE))
+    else:
+        kc, vc = _rand(B, 15, Hkv, D, seed=124), _rand(B, 15, Hkv, Dv, seed=125)
+        kw = {}
+    kw.update(cache_seqlens=lens, causal=True)
+    want, want_lse, want_k, want_v = _fa_kvcache(q, kc, vc, k, v, sinks=sinks.double(), **kw)
+    out, lse = flash_attn_with_kvcache(q, kc, vc, k, v, sinks=sinks, return_softmax_lse=True, backend=backend, **kw)
+    assert out.shape == (B, N, H, Dv)
+    torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(lse.double(), want_lse, atol=2e-5, rtol=2e-5)
+    assert torch.equal(kc.double(), want_k) and torch.equal(vc.double(), want_v)
+    # MLA: the values are the first Dv columns of the keys' own memory; k alone appends both
+    latent = kc.clone()
+    want, _, want_k, _ = _fa_kvcache(q, latent, latent[..., :Dv], k, k[..., :Dv], **kw)
+    out = flash_attn_with_kvcache(q, latent, latent[..., :Dv], k, backend=backend, **kw)
+    assert out.shape == (B, N, H, Dv)
+    torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=2e-5)
+    assert torch.equal(latent.double(), want_k)
+    with pytest.raises(ValueError, match="together"):  # k alone for a v_cache of its own memory
+        flash_attn_with_kvcache(q, kc, vc, k, backend=backend, **kw)
