@@ -8,7 +8,13 @@ sinusoidal or no positions, default/offset/explicit positions, padding_idx, repe
 dtypes. Negative sampling: every reduction, repeated ids, large logits, sparse gradients. Rotary, varlen:
 empty sequences, int or per-sequence offsets, in place or not, both layouts, and unchecked calls with a
 short ``max_seqlen`` or a bad ``cu_seqlens`` (past x, negative, decreasing: nothing may be written outside x
-or left unwritten). Only the public APIs (``embedattn.attention``, ``embedattn.embedding``,
+or left unwritten). Paged KV appends with one bad batch (a used table entry negative or past the pool, or a
+length past the table's capacity) under every ``check_bounds`` mode: the raising modes leave the pools
+untouched; unchecked, the bad batch writes nothing while the other batches' appends and outputs are exact.
+Compiled calls (``torch.compile(fullgraph=True)``; Inductor on CUDA, aot_eager on the CPU) of
+``attention_varlen`` (with gradients) and ``attention_with_kvcache`` (contiguous and paged caches, appends
+through the graph), on the Triton and the default backend. Only the public APIs (``embedattn.attention``,
+``embedattn.attention_varlen``, ``embedattn.attention_with_kvcache``, ``embedattn.embedding``,
 ``embedattn.negative_sampling_loss``, ``embedattn.rotary``) against ``embedattn.reference``.
 
 Budget: cases come from one seed (``EMBEDATTN_FUZZ_SEED``, default 0) with a small count in CI (this file
@@ -25,7 +31,7 @@ from contextlib import contextmanager
 
 import pytest
 import torch
-from helpers import DEVICE, HAS_TRITON, ON_CUDA, assert_fa_close
+from helpers import DEVICE, HAS_TRITON, ON_CUDA, assert_fa_close, on_road
 
 import embedattn
 from embedattn import reference
@@ -40,6 +46,8 @@ N_CASES = {  # (interpreter: CI, EMBEDATTN_SLOW=1; CUDA: CI, EMBEDATTN_SLOW=1)
     "embedding": (10, 80, 100, 400),
     "negative_sampling": (10, 80, 100, 400),
     "rotary_varlen": (8, 60, 100, 400),
+    "paged_append": (6, 48, 60, 300),
+    "compiled": (3, 24, 30, 120),
 }
 
 
@@ -365,3 +373,215 @@ def test_fuzz_rotary_varlen(i):
                              buf.narrow(1 if c["heads_first"] else 0, pad + total, pad)])
         assert torch.isnan(outside).all(), "a write outside x"
         assert_fa_close(got.detach(), want, plain, "out")
+
+
+# ------------------------------------------------------------------------------------------ KV cache
+_DTYPES = ["float32", "float16"] + (["bfloat16"] if ON_CUDA else [])
+
+
+def _kv_case(r: random.Random, paged: bool) -> dict:
+    """A KV-cache decoding step: shapes, features, lengths, new keys; with ``paged`` a block table whose pages
+    are a random permutation of the pool (distinct across batches) with -1 padding past each batch's pages."""
+    big = 4 if ON_CUDA else 1
+    B, hkv, group = r.randint(2, 4), r.choice([1, 2]), r.choice([1, 2])
+    page = r.choice([1, 3, 4, 7, 16, 16 * big]) if paged else 0
+    max_pages = r.randint(1, 4 if paged else 1)
+    S = page * max_pages if paged else r.randint(1, 40 * big)
+    n_new = r.choice([0, 1, r.randint(1, min(3, S))])
+    lens = [r.randint(0, S - n_new) for _ in range(B)]
+    table, n_pages = None, 0
+    if paged:
+        n_pages = B * max_pages + r.randint(0, 3)
+        perm = list(range(n_pages))
+        r.shuffle(perm)
+        table = [perm[b * max_pages:(b + 1) * max_pages] for b in range(B)]
+        for b in range(B):  # padding past the pages a batch uses is fine (-1, FlashAttention's convention)
+            used = -(-(lens[b] + n_new) // page)
+            table[b][used:] = [-1 if r.random() < 0.5 else x for x in table[b][used:]]
+    return dict(B=B, Hq=hkv * group, Hkv=hkv, Nq=r.choice([1, max(n_new, 1)]), D=r.choice([1, 3, 8, 16, 24 * big]),
+                S=S, page=page, n_pages=n_pages, table=table, lens=lens, n_new=n_new, causal=r.random() < 0.5,
+                dtype=r.choice(_DTYPES), seed=r.randint(0, 2**31 - 1))
+
+
+def _kv_inputs(c: dict):
+    """q, the caches (pools when paged) and the new keys/values (None without), float32 on the CPU."""
+    g = torch.Generator().manual_seed(c["seed"])
+    B, Hq, Hkv, D = c["B"], c["Hq"], c["Hkv"], c["D"]
+    cache = (c["n_pages"], Hkv, c["page"], D) if c["table"] else (B, Hkv, c["S"], D)
+    q = torch.randn(B, Hq, c["Nq"], D, generator=g)
+    kc, vc = torch.randn(cache, generator=g), torch.randn(cache, generator=g)
+    new = (torch.randn(B, Hkv, c["n_new"], D, generator=g), torch.randn(B, Hkv, c["n_new"], D, generator=g)) \
+        if c["n_new"] else (None, None)
+    return q, kc, vc, new
+
+
+def _slot(c: dict, b: int, pos: int) -> tuple[int, int]:
+    """(cache row or page, position in it) of batch b's position pos."""
+    if c["table"]:
+        return c["table"][b][pos // c["page"]], pos % c["page"]
+    return b, pos
+
+
+def _kv_oracle(c: dict, q, kc, vc, new, good: list[int], dtype: torch.dtype, upcast: bool = True):
+    """The caches after the appends of the ``good`` batches alone (in dtype), and each good batch's output by the
+    reference on its gathered contiguous cache."""
+    kc, vc = kc.to(DEVICE, dtype).clone(), vc.to(DEVICE, dtype).clone()
+    k_new, v_new = (None, None) if new[0] is None else (t.to(DEVICE, dtype) for t in new)
+    q = q.to(DEVICE, dtype)
+    outs = {}
+    for b in good:
+        for i in range(c["n_new"]):
+            row, pos = _slot(c, b, c["lens"][b] + i)
+            kc[row, :, pos], vc[row, :, pos] = k_new[b, :, i], v_new[b, :, i]
+    for b in good:
+        total = c["lens"][b] + c["n_new"]
+        rows = [_slot(c, b, p) for p in range(total)]
+        keys, vals = ((torch.stack([t[r_, :, p_] for r_, p_ in rows], dim=1)[None] if rows
+                       else t.new_zeros(1, c["Hkv"], 0, c["D"])) for t in (kc, vc))
+        outs[b] = reference.attention_with_kvcache(q[b:b + 1], keys, vals, torch.tensor([total], device=DEVICE),
+                                                   causal=c["causal"], upcast=upcast)
+    return kc, vc, outs
+
+
+def _kv_call(c: dict, q, kc, vc, new, dtype, **kw):
+    """The arguments of embedattn.attention_with_kvcache for the case, in dtype on DEVICE (the caches are written)."""
+    table = None if c["table"] is None else torch.tensor(c["table"], dtype=torch.int32, device=DEVICE)
+    k_new, v_new = (None, None) if new[0] is None else (t.to(DEVICE, dtype) for t in new)
+    lens = torch.tensor(c["lens"], dtype=torch.int32, device=DEVICE)
+    return (q.to(DEVICE, dtype), kc, vc, lens, k_new, v_new), dict(causal=c["causal"], block_table=table, **kw)
+
+
+def _check_kv(c, got, kc_got, vc_got, q, kc0, vc0, new, good, dtype):
+    """The good batches' outputs (FlashAttention's rule against float64) and the caches after the call (exact)."""
+    k_want, v_want, _ = _kv_oracle(c, q, kc0, vc0, new, good, dtype)  # the appends in dtype: exact copies
+    assert torch.equal(kc_got, k_want) and torch.equal(vc_got, v_want), "a cache slot written that should not be"
+    _, _, want = _kv_oracle(c, q, kc0, vc0, new, good, torch.float64)
+    _, _, plain = _kv_oracle(c, q, kc0, vc0, new, good, dtype, upcast=False)
+    for b in good:
+        assert_fa_close(got[b:b + 1], want[b], plain[b], f"out[{b}]")
+
+
+PAGED_MODES = [None, "sync", "device", "off", False, True]
+
+
+def _paged_append_case(i: int) -> dict:
+    r = random.Random(f"paged_append/{SEED}/{i}")
+    c = _kv_case(r, paged=True)
+    if not c["n_new"]:
+        c["n_new"] = 1
+        c["lens"] = [min(n, c["S"] - 1) for n in c["lens"]]
+    # every mode and kind within the first cases (the CI count), in a seeded order
+    c["mode"] = PAGED_MODES[(i + SEED) % len(PAGED_MODES)]
+    kinds = ["negative entry", "entry past the pool", "length past the capacity"]
+    c["bad"] = kind = kinds[(i + SEED) % len(kinds)]
+    b = c["bad_batch"] = r.randrange(c["B"])
+    if kind == "length past the capacity":
+        c["lens"][b] = c["S"] - c["n_new"] + r.randint(1, 3)
+    else:
+        used = -(-(c["lens"][b] + c["n_new"]) // c["page"])
+        j = r.randrange(used)
+        c["table"][b][j] = -r.randint(1, 5) if kind == "negative entry" else c["n_pages"] + r.randint(0, 5)
+    # a device-side assertion on CUDA ends the CUDA context: that mode is exercised on the CPU, compiled (where the
+    # assertion is the graph's), and on CUDA by the "sync" check of the same condition
+    c["compiled"] = c["mode"] == "device" and not ON_CUDA
+    if c["mode"] == "device" and ON_CUDA:
+        c["mode"] = "sync"
+    return c
+
+
+@pytest.mark.parametrize("i", range(_count("paged_append")))
+def test_fuzz_paged_append(i):
+    """One batch's bad table entry or length: the raising modes raise with the pools untouched; unchecked ("off",
+    False) the bad batch writes nothing, the others' appends are exact and their outputs right."""
+    c = _paged_append_case(i)
+    with _repro("paged_append", i, c):
+        dtype = getattr(torch, c["dtype"])
+        q, kc0, vc0, new = _kv_inputs(c)
+        kc, vc = kc0.to(DEVICE, dtype), vc0.to(DEVICE, dtype)
+        args, kw = _kv_call(c, q, kc, vc, new, dtype, check_bounds=c["mode"], backend="triton")
+        fn = lambda *a: embedattn.attention_with_kvcache(*a, **kw)  # noqa: E731
+        if c["compiled"]:
+            fn = on_road("compiled", fn)
+        if c["mode"] in ("off", False):
+            out = fn(*args)
+            good = [b for b in range(c["B"]) if b != c["bad_batch"]]
+            _check_kv(c, out, kc, vc, q, kc0, vc0, new, good, dtype)
+            assert not torch.isnan(out).any()
+        else:
+            with pytest.raises((IndexError, ValueError, RuntimeError)):
+                fn(*args)
+            assert torch.equal(kc, kc0.to(DEVICE, dtype)) and torch.equal(vc, vc0.to(DEVICE, dtype)), \
+                "a raising mode wrote the cache"
+
+
+# ------------------------------------------------------------------------------------------ compiled
+def _compiled_case(i: int) -> dict:
+    r = random.Random(f"compiled/{SEED}/{i}")
+    op = ["varlen", "kvcache", "paged"][(i + SEED) % 3]
+    backend = r.choice(["triton", None])  # None: the default road (the reference on the CPU)
+    if op != "varlen":
+        return dict(op=op, backend=backend, **_kv_case(r, paged=op == "paged"))
+    big = 8 if ON_CUDA else 1
+    n = r.randint(1, 3)
+    lq = [r.choice([0, 1, r.randint(1, 12 * big)]) for _ in range(n)]
+    lk = [r.choice([0, 1, r.randint(1, 12 * big)]) for _ in range(n)]
+    hkv, group = r.choice([1, 2]), r.choice([1, 2])
+    side = lambda: r.choice([-1, r.randint(0, 6)])  # noqa: E731
+    return dict(op=op, backend=backend, lq=lq, lk=lk, extra=r.choice([0, 0, 3]), Hq=hkv * group, Hkv=hkv,
+                D=r.choice([1, 5, 16, 24 * big]), causal=r.random() < 0.5,
+                window=(side(), side()) if r.random() < 0.3 else None,
+                softcap=round(r.uniform(1.0, 20.0), 2) if r.random() < 0.3 else 0.0, alibi=r.random() < 0.3,
+                dtype=r.choice(_DTYPES), seed=r.randint(0, 2**31 - 1))
+
+
+def _compiled_varlen(c: dict):
+    g = torch.Generator().manual_seed(c["seed"])
+    dtype = getattr(torch, c["dtype"])
+    cu = lambda lens: torch.tensor([0] + [sum(lens[:j + 1]) for j in range(len(lens))], dtype=torch.int32,  # noqa: E731
+                                   device=DEVICE)
+    cu_q, cu_k = cu(c["lq"]), cu(c["lk"])
+    mq, mk = max(c["lq"]) + c["extra"], max(c["lk"]) + c["extra"]
+    base = [torch.randn(sum(lens), h, c["D"], generator=g)
+            for lens, h in ((c["lq"], c["Hq"]), (c["lk"], c["Hkv"]), (c["lk"], c["Hkv"]))]
+    kw = dict(causal=c["causal"], window=c["window"], softcap=c["softcap"])
+    if c["alibi"]:
+        kw["alibi_slopes"] = (0.02 + 0.5 * torch.rand(len(c["lq"]), c["Hq"], generator=g)).to(DEVICE)
+    fn = on_road("compiled", lambda q, k, v: embedattn.attention_varlen(q, k, v, cu_q, cu_k, mq, mk,
+                                                                        backend=c["backend"], **kw))
+    leaves = [t.to(DEVICE, dtype).requires_grad_() for t in base]
+    r64 = [t.to(DEVICE, torch.float64).requires_grad_() for t in base]
+    rp = [t.to(DEVICE, dtype).requires_grad_() for t in base]
+    out = fn(*leaves)
+    want = reference.attention_varlen(*r64, cu_q, cu_k, mq, mk, **kw)
+    plain = reference.attention_varlen(*rp, cu_q, cu_k, mq, mk, upcast=False, **kw)
+    assert out.dtype == dtype and out.shape == want.shape
+    assert_fa_close(out, want, plain, "out")
+    dout = torch.randn(out.shape, generator=g)
+    if not out.requires_grad:
+        # no key or no query anywhere: embedattn returns constant zeros (no graph to differentiate)
+        assert not sum(c["lq"]) or not sum(c["lk"]), "the output lost its graph"
+    elif out.numel():
+        got = torch.autograd.grad(out, leaves, dout.to(DEVICE, dtype))
+        exp = torch.autograd.grad(want, r64, dout.to(DEVICE, torch.float64))
+        yard = torch.autograd.grad(plain, rp, dout.to(DEVICE, dtype), allow_unused=True)
+        eps = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
+        eps *= max(1.0, max(t.abs().max().item() if t.numel() else 0.0 for t in exp))
+        yard = [torch.zeros_like(a) if y is None else y for a, y in zip(got, yard)]
+        _grads_close(got, exp, yard, ("dq", "dk", "dv"), eps)
+
+
+@pytest.mark.parametrize("i", range(_count("compiled")))
+def test_fuzz_compiled(i):
+    """torch.compile(fullgraph=True) of attention_varlen (forward and gradients) and attention_with_kvcache
+    (contiguous and paged, the append a mutation of the graph's inputs), Triton and default backends."""
+    c = _compiled_case(i)
+    with _repro("compiled", i, c):
+        if c["op"] == "varlen":
+            _compiled_varlen(c)
+            return
+        dtype = getattr(torch, c["dtype"])
+        q, kc0, vc0, new = _kv_inputs(c)
+        kc, vc = kc0.to(DEVICE, dtype), vc0.to(DEVICE, dtype)
+        args, kw = _kv_call(c, q, kc, vc, new, dtype, backend=c["backend"])
+        out = on_road("compiled", lambda *a: embedattn.attention_with_kvcache(*a, **kw))(*args)
+        _check_kv(c, out, kc, vc, q, kc0, vc0, new, list(range(c["B"])), dtype)
