@@ -5,6 +5,11 @@ B*N tokens and H*D fixed, so each point does the same work per token and the cur
 throughput grows with N. Causal cases use Nq == Nk, where SDPA's top-left and embedattn's
 bottom-right alignments coincide. The materializing providers (SDPA math, the reference) are
 capped on GPU, where their N x N scores would dominate the time budget and memory.
+
+Issue 23's rows (``MODEL_FEATURES``), on the CPU and the GPU alike: learned sinks (gpt-oss: the same call without
+them, and transformers' eager gpt-oss attention, the one peer that computes sinks), DeepSeek's MLA in training
+(Q/K 192, V 128) and decoding (one latent head of 576 whose first 512 columns are V, read as a view), and head dim
+512 (Gemma's global layers), each against torch SDPA's backends (the ones that take the call).
 """
 
 from __future__ import annotations
@@ -64,21 +69,32 @@ class Spec:
     head_dim: int
     causal: bool
     modes: tuple[str, ...] = MODES
-    feature: str = ""  # one of FEATURES: the same shape run with that option on, against the plain path
+    feature: str = ""  # one of FEATURES or MODEL_FEATURES: the same shape with that option on, against its peers
+    head_dim_v: int = 0  # the value head dim, where it differs (MLA); 0: head_dim
     kernel: str = field(init=False)
 
     def __post_init__(self):
         gqa = f"_gqa{self.heads}x{self.kv_heads}" if self.kv_heads != self.heads else ""
-        self.kernel = f"attention{gqa}_d{self.head_dim}" + ("_causal" if self.causal else "")
+        dv = f"_dv{self.head_dim_v}" if self.head_dim_v and self.head_dim_v != self.head_dim else ""
+        self.kernel = f"attention{gqa}_d{self.head_dim}{dv}" + ("_causal" if self.causal else "")
         if self.feature:
             self.kernel += f"_{self.feature}"
 
     @property
+    def dv(self) -> int:
+        return self.head_dim_v or self.head_dim
+
+    @property
+    def decoding(self) -> bool:
+        return self.feature in ("kvcache", "mla_decode")
+
+    @property
     def shape(self) -> str:
-        nq = 1 if self.feature == "kvcache" else self.n
+        nq = 1 if self.decoding else self.n
         feat = f" feature={self.feature}" if self.feature else ""
+        dv = f" Dv={self.dv}" if self.dv != self.head_dim else ""
         return (f"B={self.batch} H={self.heads} Hkv={self.kv_heads} Nq={nq} Nk={self.n} "
-                f"D={self.head_dim} causal={int(self.causal)}{feat}")  # fmt: skip
+                f"D={self.head_dim}{dv} causal={int(self.causal)}{feat}")  # fmt: skip
 
 
 def _sdpa(backend) -> Provider:
@@ -144,10 +160,74 @@ def _packed(cache: dict, t: torch.Tensor) -> torch.Tensor:
     return cache[key]
 
 
+def _gpt_oss_eager() -> Callable | None:
+    """transformers' eager gpt-oss attention (the sinks' reference implementation), or None without transformers."""
+    try:
+        from transformers.models.gpt_oss.modeling_gpt_oss import eager_attention_forward
+    except Exception:
+        return None
+    return eager_attention_forward
+
+
+def model_feature_providers(s: Spec, provs: list[Provider]) -> list[Provider]:
+    """Issue 23's rows: embedattn and the peers that run the same call (see MODEL_FEATURES)."""
+    import embedattn
+
+    on_gpu = any(p.name == "sdpa-efficient" for p in provs)
+    cfg = (lambda: chosen_config("attention")) if on_gpu else (lambda: "backend=reference")
+    sdpa = [p for p in provs if p.name.startswith("sdpa")]
+    if s.feature == "sinks":
+        sinks: dict = {}
+
+        def sink(q):  # built once per head count, outside the timed region
+            return sinks.setdefault((q.shape[1], q.device), torch.linspace(-1.0, 1.0, q.shape[1], device=q.device))
+
+        out = [Provider("embedattn", lambda q, k, v, causal: embedattn.attention(q, k, v, causal=causal,
+                                                                                 sinks=sink(q)), config=cfg),
+               Provider("embedattn-plain", lambda q, k, v, causal: embedattn.attention(q, k, v, causal=causal),
+                        config=cfg)]
+        eager = _gpt_oss_eager()
+        if eager is not None:
+            masks: dict = {}
+
+            def hf(q, k, v, causal):
+                n = q.shape[2]
+                key = (n, q.dtype, q.device)
+                if key not in masks:
+                    masks[key] = torch.full((n, n), float("-inf"), dtype=q.dtype, device=q.device).triu(1)
+                module = torch.nn.Module()
+                module.sinks, module.num_key_value_groups, module.training = sink(q), q.shape[1] // k.shape[1], False
+                out, _ = eager(module, q, k, v, masks[key][None, None] if causal else None,
+                               scaling=q.shape[-1] ** -0.5, dropout=0.0)
+                return out.transpose(1, 2)  # transformers' (B, N, H, D) as ours
+
+            out.append(Provider("hf-eager-gpt-oss", hf, materializes=True))
+        return out
+    if s.feature == "mla_decode":
+        lens: dict = {}
+
+        def fn(q, k, v, causal):
+            key = (q.shape[0], k.shape[2], q.device)
+            if key not in lens:
+                lens[key] = torch.full((q.shape[0],), k.shape[2], dtype=torch.int32, device=q.device)
+            return embedattn.attention_with_kvcache(q[:, :, -1:], k, v, lens[key])
+
+        def dec(f):  # SDPA on the one query: the latent head shared by every query head (GQA), v a view of k
+            return lambda q, k, v, causal: f(q[:, :, -1:], k, v, False)
+
+        return [Provider("embedattn", fn, config=cfg)] + [Provider(p.name, dec(p.fn), context=p.context)
+                                                          for p in sdpa]
+    # mla, d512: the call as it is, on embedattn and on each SDPA backend that takes it
+    return [Provider("embedattn", lambda q, k, v, causal: embedattn.attention(q, k, v, causal=causal),
+                     config=cfg)] + sdpa
+
+
 def feature_providers(s: Spec, provs: list[Provider]) -> list[Provider]:
     """embedattn with the option on, embedattn plain at the same shape, and SDPA's flash backend."""
     import embedattn
 
+    if s.feature in MODEL_FEATURES:
+        return model_feature_providers(s, provs)
     kwargs_of = FEATURES[s.feature][0]
     cfg = lambda: chosen_config("attention")
     plain = [Provider("embedattn-plain", lambda q, k, v, causal: embedattn.attention(q, k, v, causal=causal),
@@ -179,6 +259,40 @@ def feature_providers(s: Spec, provs: list[Provider]) -> list[Provider]:
             Provider(p.name, dec(p.fn), context=p.context) for p in flash]
     return [Provider("embedattn", lambda q, k, v, causal, kw=None: embedattn.attention(
         q, k, v, causal=causal, **kwargs_of(q)), config=cfg)] + plain + flash
+
+
+# issue 23: today's models' attention, (heads, kv heads, head dim, value head dim, causal, modes) at each N
+MODEL_FEATURES = {
+    "sinks": (64, 8, 64, 64, True, MODES),  # gpt-oss-120b: 64 query heads on 8 kv heads, D 64, learned sinks
+    "mla": (16, 16, 192, 128, True, MODES),  # DeepSeek-V3 training: Q/K 128 + 64 rope, V 128
+    "d512": (8, 2, 512, 512, True, MODES),  # Gemma's global layers
+    "mla_decode": (16, 1, 576, 512, False, ("fwd",)),  # DeepSeek decoding: one latent kv head, V = its 512 columns
+}
+
+
+def model_feature_specs(ctx: Context) -> list[Spec]:
+    """Issue 23's rows: a few lengths per feature, on the CPU too (smaller there)."""
+    if ctx.profile == "tiny":
+        return []
+    dt = ctx.pick_dtypes(["bf16"] if ctx.is_cuda else ["fp32"])[0]
+    if ctx.is_cuda:
+        ns = [2048, 8192] if ctx.profile == "quick" else [1024, 2048, 4096, 8192]
+        tokens = 16384
+    else:
+        ns = [256] if ctx.profile == "quick" else [256, 1024]
+        tokens = 1024
+    out = []
+    for feat, (h, hkv, d, dv, causal, modes) in MODEL_FEATURES.items():
+        heads = h if ctx.is_cuda else max(1, h // 4)
+        kv = max(1, hkv * heads // h)
+        for n in ns:
+            if feat == "mla_decode":  # a long cache per sequence, a few sequences
+                out.append(Spec(dt, 8 if ctx.is_cuda else 2, heads, 1, 4 * n, d, causal, modes=modes, feature=feat,
+                                head_dim_v=dv))
+            else:
+                out.append(Spec(dt, max(1, tokens // n), heads, kv, n, d, causal, modes=modes, feature=feat,
+                                head_dim_v=dv))
+    return out
 
 
 def feature_specs(ctx: Context) -> list[Spec]:
@@ -228,10 +342,13 @@ def _inputs(ctx: Context, s: Spec) -> tuple[list[tuple[torch.Tensor, ...]], list
     dtype = DTYPES[s.dtype]
     g = torch.Generator(device=ctx.device).manual_seed(s.n * 131 + s.head_dim)
 
-    def r(h):
-        return torch.randn(s.batch, h, s.n, s.head_dim, device=ctx.device, dtype=dtype, generator=g)
+    def r(h, d=s.head_dim):
+        return torch.randn(s.batch, h, s.n, d, device=ctx.device, dtype=dtype, generator=g)
 
-    sets = [(r(s.heads), r(s.kv_heads), r(s.kv_heads), r(s.heads)) for _ in range(ctx.n_sets)]
+    if s.feature == "mla_decode":  # the values are the latent cache's first Dv columns: a view, never a copy
+        sets = [(q, k, k[..., :s.dv], None) for q, k in ((r(s.heads), r(s.kv_heads)) for _ in range(ctx.n_sets))]
+    else:
+        sets = [(r(s.heads), r(s.kv_heads), r(s.kv_heads, s.dv), r(s.heads, s.dv)) for _ in range(ctx.n_sets)]
     return [st[:3] for st in sets], [st[3] for st in sets]
 
 
@@ -258,8 +375,9 @@ def measure(ctx: Context, rec: Recorder, p: Provider, s: Spec, inputs, mode: str
                                       grad_inputs=(0, 1, 2), op="attention" if p.name == "embedattn" else None)
     base = dict(suite=SUITE, kernel=s.kernel, provider=p.name, mode=mode, dtype=s.dtype, shape=s.shape,
                 x_name="N", x_value=s.n, config=p.config())  # fmt: skip
-    nq = 1 if s.feature == "kvcache" else s.n
-    work = attention_flops(s.batch, s.heads, nq, s.n, s.head_dim, causal and s.feature != "kvcache", mode)
+    nq = 1 if s.decoding else s.n
+    # QK^T runs over D, PV over Dv: the mean is the head dim of the same work
+    work = attention_flops(s.batch, s.heads, nq, s.n, (s.head_dim + s.dv) / 2, causal and not s.decoding, mode)
     mm = ctx.matmul_tflops.get(s.dtype)  # this run's dense-matmul TFLOP/s in the same dtype
     extra = (lambda tf: ("frac_matmul_peak", "fraction", tf / mm)) if mm else None
     return measurement_rows(rec, base, t, work, "tflops", scale=1e-12, peak_mib=peak, extra=extra)
@@ -282,10 +400,18 @@ def run_spec(ctx: Context, rec: Recorder, s: Spec, provs: list[Provider]) -> lis
     return rows
 
 
+def sweep(ctx: Context) -> list[Spec]:
+    """What the suite runs: ``specs`` (the points benchmarks.tune tunes) with issue 23's rows
+    (``model_feature_specs``, not tuned yet) after its first half."""
+    base = specs(ctx)
+    cut = len(base) // 2
+    return base[:cut] + model_feature_specs(ctx) + base[cut:]
+
+
 def plan(ctx: Context) -> list[Case]:
     provs = providers(ctx)
     return [
         Case(SUITE, f"{s.kernel} {s.dtype} N={s.n}", lambda c, r, s=s: run_spec(c, r, s, provs),
              weight=float(s.n) / 512, dtype=s.dtype)  # fmt: skip
-        for s in specs(ctx)
+        for s in sweep(ctx)
     ]
