@@ -54,7 +54,8 @@ class MultiheadSelfAttention(nn.Module):
     or additive float, broadcastable to (B, H, N, Nk), e.g. a key-padding mask (B, 1, 1, Nk).
     With ``causal=True`` query i sees keys up to its own position, aligned bottom-right, so with a
     ``kv_cache`` holding L earlier tokens the new N queries see the L cached keys plus the causal
-    part of their own (decoding and chunked prefill alike).
+    part of their own (decoding and chunked prefill alike). ``sinks=True``: gpt-oss's learned attention
+    sinks, one logit per query head (``self.sinks``, initialized to zero) in every row's softmax denominator.
     """
 
     def __init__(
@@ -66,6 +67,7 @@ class MultiheadSelfAttention(nn.Module):
         head_dim: int | None = None,
         causal: bool = True,
         bias: bool = True,
+        sinks: bool = False,
         backend: str | None = None,
         device=None,
         dtype=None,
@@ -85,6 +87,7 @@ class MultiheadSelfAttention(nn.Module):
         factory = {"device": device, "dtype": dtype}
         self.qkv = nn.Linear(embed_dim, (num_heads + 2 * num_kv_heads) * head_dim, bias=bias, **factory)
         self.proj = nn.Linear(num_heads * head_dim, embed_dim, bias=bias, **factory)
+        self.sinks = nn.Parameter(torch.zeros(num_heads, **factory)) if sinks else None
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
                 kv_cache: KVCache | None = None) -> torch.Tensor:
@@ -97,12 +100,12 @@ class MultiheadSelfAttention(nn.Module):
         v = qkv[:, :, h + hkv:].transpose(1, 2)
         if kv_cache is not None:
             k, v = kv_cache.update(k, v)
-        out = attention(q, k, v, causal=self.causal, attn_mask=attn_mask, backend=self.backend)
+        out = attention(q, k, v, causal=self.causal, attn_mask=attn_mask, sinks=self.sinks, backend=self.backend)
         return self.proj(out.transpose(1, 2).reshape(b, n, h * d))
 
     def extra_repr(self) -> str:
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
-                f"head_dim={self.head_dim}, causal={self.causal}")
+                f"head_dim={self.head_dim}, causal={self.causal}, sinks={self.sinks is not None}")
 
 
 class TransformerBlock(nn.Module):

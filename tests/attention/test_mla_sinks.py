@@ -448,6 +448,32 @@ def test_sinks_bad_input(backend):
                                          sinks=torch.ones(4, device=DEVICE), backend=backend)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_multihead_self_attention_learns_its_sinks(backend):
+    """embedattn.nn.MultiheadSelfAttention(sinks=True): a parameter per query head that the forward uses and the
+    backward trains, decoding through a KV cache as the whole sequence does."""
+    from embedattn.nn import KVCache, MultiheadSelfAttention
+
+    m = MultiheadSelfAttention(32, 4, 2, sinks=True, backend=backend).to(DEVICE)
+    assert m.sinks.shape == (4,) and "sinks=True" in repr(m)
+    with torch.no_grad():
+        m.sinks.copy_(_sinks(4, seed=58))
+    x = _rand(2, 7, 32, seed=59)
+    out = m(x)
+    qkv = m.qkv(x).view(2, 7, 8, 8)
+    q, k, v = (qkv[:, :, a:b].transpose(1, 2).double() for a, b in ((0, 4), (4, 6), (6, 8)))
+    ref = reference.attention(q, k, v, causal=True, sinks=m.sinks.double())
+    torch.testing.assert_close(out.double(), m.proj(ref.transpose(1, 2).reshape(2, 7, 32).float()).double(),
+                               atol=1e-5, rtol=1e-5)
+    out.sum().backward()
+    assert m.sinks.grad is not None and torch.isfinite(m.sinks.grad).all() and m.sinks.grad.abs().sum() > 0
+    cache = KVCache()
+    with torch.no_grad():
+        steps = torch.cat([m(x[:, :4], kv_cache=cache)] + [m(x[:, i:i + 1], kv_cache=cache) for i in range(4, 7)],
+                          dim=1)
+    torch.testing.assert_close(steps, out.detach(), atol=1e-5, rtol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------ compiled for sm_90
 _AOT = r'''
 import contextlib, io, json, re, sys
