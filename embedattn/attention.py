@@ -731,10 +731,11 @@ class SdpaCall(NamedTuple):
 
 
 def sdpa_call(backend: str | None, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-              enable_gqa=False, softcap=0.0) -> SdpaCall | None:
+              enable_gqa=False, softcap=0.0, sinks=None) -> SdpaCall | None:
     """The one decision whether embedattn takes a torch-SDPA-style call (``scaled_dot_product_attention``'s
-    arguments, plus ``softcap``): the call as it runs, with its backend resolved once, or None where it belongs to
-    torch's own SDPA (a call ``_sdpa_plan`` leaves to torch, or one a pinned ``backend="triton"`` cannot run). The
+    arguments, plus ``softcap`` and learned ``sinks`` (Hq,)): the call as it runs, with its backend resolved once,
+    or None where it belongs to torch's own SDPA (a call ``_sdpa_plan`` leaves to torch, or one a pinned
+    ``backend="triton"`` cannot run; torch has no sinks, so a caller with sinks computes such a call itself). The
     SDPA drop-in and the transformers integration ask it; ``is_causal`` is top-left, as torch's."""
     plan = _sdpa_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     if plan is None:
@@ -742,7 +743,7 @@ def sdpa_call(backend: str | None, query, key, value, attn_mask=None, dropout_p=
     check_backend(backend)  # a bad EMBEDATTN_BACKEND raises, it does not silently mean torch
     q, k, v, mask = plan
     spec = make_spec(q, n_keys=k.shape[2], causal=is_causal, causal_offset=0, scale=scale, attn_mask=mask,
-                     softcap=softcap, dropout_p=float(dropout_p))
+                     softcap=softcap, dropout_p=float(dropout_p), sinks=sinks)
     try:
         be = _resolve(backend, q, k, v, spec, False)
     except (RuntimeError, TypeError, ValueError):  # e.g. backend="triton" with a head dim past 512

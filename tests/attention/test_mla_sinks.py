@@ -449,6 +449,20 @@ def test_sinks_bad_input(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_sdpa_call_takes_sinks(backend):
+    """embedattn.attention.sdpa_call (the transformers integration's decision) with sinks: torch's top-left causal,
+    GQA, a value head dim of its own, on the backend it resolves, equal to attention with the same sinks."""
+    from embedattn.attention import sdpa_call
+
+    q, k, v = _rand(2, 4, 6, 16, seed=60), _rand(2, 2, 9, 16, seed=61), _rand(2, 2, 9, 24, seed=62)
+    sinks = _sinks(4, seed=63)
+    call = sdpa_call(backend, q, k, v, is_causal=True, enable_gqa=True, sinks=sinks)
+    assert call is not None and call.backend == backend
+    want = embedattn.attention(q, k, v, causal=True, causal_offset=0, sinks=sinks, backend="reference")
+    torch.testing.assert_close(call.run(), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_multihead_self_attention_learns_its_sinks(backend):
     """embedattn.nn.MultiheadSelfAttention(sinks=True): a parameter per query head that the forward uses and the
     backward trains, decoding through a KV cache as the whole sequence does."""
