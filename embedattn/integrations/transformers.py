@@ -51,7 +51,7 @@ from collections.abc import Callable
 
 import torch
 
-from .._backend import check_backend, resolve
+from .._backend import check_backend
 from .._checks import assert_ok
 from ..attention import attention, attention_varlen
 
@@ -520,19 +520,8 @@ def _varlen(query, key, value, cu_q, cu_k, max_q: int, max_k: int, causal: bool,
     """Packed sequences over the B * N flattened tokens of (B, H, N, D) inputs; the output (B, N, H, Dv)."""
     b, h, n, _ = query.shape
     q, k, v = (t.transpose(1, 2).reshape(-1, t.shape[1], t.shape[3]) for t in (query, key, value))
-    cu_q, cu_k = cu_q.to(torch.int32), cu_k.to(torch.int32)
-    if common["dropout_p"] > 0 and resolve(common["backend"], q, op="attention", dtype=q.dtype) == "reference":
-        # the reference's varlen has no dropout: the oracle runs the sequences as one dense call with a
-        # block-diagonal mask (it builds N x N scores anyway); the kernels never see this mask
-        if not torch.equal(cu_q, cu_k):
-            raise ValueError("embedattn attention: dropout over packed sequences on the reference backend needs "
-                             "cu_seq_lens_q == cu_seq_lens_k")
-        seq = torch.searchsorted(cu_q[1:], torch.arange(q.shape[0], device=q.device), right=True)
-        mask = seq[:, None] == seq[None, :]
-        out = attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], causal=causal,
-                        window=window, attn_mask=mask, **common)[0].transpose(0, 1)
-    else:
-        out = attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal=causal, window=window, **common)
+    out = attention_varlen(q, k, v, cu_q.to(torch.int32), cu_k.to(torch.int32), max_q, max_k, causal=causal,
+                           window=window, **common)
     return out.reshape(b, n, h, out.shape[-1])
 
 
