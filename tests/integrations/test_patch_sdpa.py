@@ -116,3 +116,42 @@ def test_patch_sdpa_keeps_working_code_working(monkeypatch):
         else:
             assert not isinstance(got, Exception), (kw, got)
             torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
+@pytest.mark.parametrize("arch", ["deepseek_v3", "gemma4"])
+def test_patch_sdpa_runs_mla_and_head_dim_512_on_the_kernels(arch, monkeypatch):
+    """transformers "sdpa" models whose calls torch's SDPA used to keep: DeepSeek-V3's MLA (value head dim 12 beside
+    a query/key head dim 24) and Gemma 4's global layer (head dim 512). Under the patch every attention call runs
+    embedattn's kernels, and the hidden states equal torch's."""
+    transformers = pytest.importorskip("transformers")
+    if not ON_CUDA:
+        monkeypatch.setenv("EMBEDATTN_BACKEND", "triton")
+    calls = []
+    orig = ea_attention._run
+    monkeypatch.setattr(ea_attention, "_run", lambda be, q, k, v, *a: calls.append((be, q.shape[-1], v.shape[-1]))
+                        or orig(be, q, k, v, *a))
+    small = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+                 max_position_embeddings=64)
+    if arch == "deepseek_v3":
+        cfg = transformers.DeepseekV3Config(**small, num_key_value_heads=2, kv_lora_rank=16, q_lora_rank=None,
+                                            qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=12,
+                                            n_routed_experts=2, n_shared_experts=1, first_k_dense_replace=1,
+                                            num_experts_per_tok=1, n_group=1, topk_group=1, moe_intermediate_size=16)
+        dims = {(24, 12)}
+    else:
+        cfg = transformers.Gemma4TextConfig(**small, num_key_value_heads=1, head_dim=16, sliding_window=4,
+                                            layer_types=["sliding_attention", "full_attention"], global_head_dim=512,
+                                            vocab_size_per_layer_input=64, hidden_size_per_layer_input=8)
+        dims = {(16, 16), (512, 512)}
+    torch.manual_seed(0)
+    model = transformers.AutoModel.from_config(cfg, attn_implementation="sdpa").to(DEVICE, torch.float32)
+    ids = torch.randint(1, 64, (2, 9), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    am = torch.ones(2, 9, dtype=torch.long, device=DEVICE)
+    am[-1, :3] = 0
+    ref = model(input_ids=ids, attention_mask=am).last_hidden_state[am.bool()]
+    assert not calls
+    with patch_sdpa():
+        out = model(input_ids=ids, attention_mask=am).last_hidden_state[am.bool()]
+    assert [c[0] for c in calls] == ["triton"] * 2 and {c[1:] for c in calls} == dims
+    torch.testing.assert_close(out, ref, rtol=2e-4, atol=2e-5)
