@@ -1016,7 +1016,8 @@ def attention_with_kvcache(
     if k_new is not None and v_new is None and not v_in_k:
         raise AttentionInputError("k_new and v_new must be given together; v_new may be None only when v_cache is a "
                                   "column view of k_cache's memory (MLA: v_cache = k_cache[..., :Dv]), whose values "
-                                  "the keys' append writes")
+                                  "the keys' append writes (while torch.compile traces: a view of a k_cache that "
+                                  "owns its memory)")
     if v_new is not None and v_in_k:
         raise AttentionInputError("v_cache is a column view of k_cache's memory (e.g. k_cache[..., :Dv]): the append "
                                   "of k_new writes its values; pass v_new=None (a v_new would write that memory a "
@@ -1093,15 +1094,15 @@ def _length_error(msg: str, lens: torch.Tensor, ok: torch.Tensor, n_new: int) ->
 
 def _column_view(v: torch.Tensor, k: torch.Tensor) -> bool:
     """Whether v is a view of k's own columns (same storage and row strides, its head dim inside k's: MLA's
-    ``v_cache = k_cache[..., :Dv]``), so that writing k's rows writes v's. Eagerly by the storages' addresses;
-    while torch.compile traces (no storage to read), by the tensors' common base."""
+    ``v_cache = k_cache[..., :Dv]``), so that writing k's rows writes v's. Eagerly by the storages' addresses and
+    offsets. While torch.compile traces there is no storage or offset to read: then v must be a view of k itself,
+    k owning its memory (v's base is k), which with the same strides and no wider a head dim puts v inside k's
+    columns."""
     if v.shape[:3] != k.shape[:3] or v.stride()[:3] != k.stride()[:3] or v.stride(3) != k.stride(3):
         return False
     if torch.compiler.is_compiling():
-        root = lambda t: t if t._base is None else t._base  # noqa: E731
-        if root(v) is not root(k):
-            return False
-    elif v.untyped_storage().data_ptr() != k.untyped_storage().data_ptr():
+        return v._base is k and k._base is None and v.shape[3] <= k.shape[3]
+    if v.untyped_storage().data_ptr() != k.untyped_storage().data_ptr():
         return False
     col, step = v.storage_offset() - k.storage_offset(), max(k.stride(3), 1)
     return col >= 0 and col % step == 0 and col // step + v.shape[3] <= k.shape[3]

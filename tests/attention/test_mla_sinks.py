@@ -357,6 +357,26 @@ def test_mla_decoding_values_are_a_view_of_the_keys(backend, num_splits, paged):
     assert_fa_close(lse, ref_lse, plain_lse)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mla_decoding_compiled(backend):
+    """The MLA step under torch.compile(fullgraph=True): the values a view of a latent cache that owns its memory,
+    appended with v_new=None; and v_new=None with a copy for v_cache still refused."""
+    B, H, S, D, Dv = 2, 4, 16, 96, 64
+    kc, q, kn = _rand(B, 1, S, D, seed=64), _rand(B, H, 1, D, seed=65), _rand(B, 1, 1, D, seed=66)
+    lens = torch.tensor([3, 9], dtype=torch.int32, device=DEVICE)
+    sinks = _sinks(H, seed=67)
+    step = on_road("compiled", lambda q, kc, kn: embedattn.attention_with_kvcache(
+        q, kc, kc[..., :Dv], lens, kn, None, causal=True, sinks=sinks, backend=backend))
+    out = step(q, kc, kn)
+    assert torch.equal(kc[1, :, 9], kn[1, :, 0])
+    ref = reference.attention_with_kvcache(q.double(), kc.double(), kc[..., :Dv].double(), lens + 1, causal=True,
+                                           sinks=sinks.double())
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    with pytest.raises((ValueError, RuntimeError), match="column view"):
+        on_road("compiled", lambda q, kc, kn: embedattn.attention_with_kvcache(
+            q, kc, kc[..., :Dv].clone(), lens, kn, None, backend=backend))(q, kc, kn)
+
+
 @pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("road", ROADS)
