@@ -472,9 +472,9 @@ def _mu():
     return masking_utils
 
 
-def _dense_reference(mask_function, b, nq, nk, q_offset=0, kv_offset=0, padding=None):
+def _dense_reference(mask_function, b, nq, nk, q_offset=0, kv_offset=0, padding=None, **kw):
     return _mu().sdpa_mask(batch_size=b, q_length=nq, kv_length=nk, q_offset=q_offset, kv_offset=kv_offset,
-                           mask_function=mask_function, attention_mask=padding, allow_is_causal_skip=False)
+                           mask_function=mask_function, attention_mask=padding, allow_is_causal_skip=False, **kw)
 
 
 def _as_dense(km: ea_hf.KernelMask, packed=None) -> torch.Tensor:
@@ -558,7 +558,7 @@ def test_mask_function_packed_and_dense_cases():
     for fn, kw in ((chunked, {}), (image, {"use_vmap": True})):
         dense = f(batch_size=2, q_length=9, kv_length=9, mask_function=fn, allow_is_causal_skip=False, **kw)
         assert isinstance(dense, torch.Tensor) and dense.shape == (2, 1, 9, 9)
-        assert torch.equal(dense, _dense_reference(fn, 2, 9, 9, padding=None) if not kw else dense)
+        assert torch.equal(dense, _dense_reference(fn, 2, 9, 9, **kw))
 
 
 def test_kernel_mask_slicing_and_shape():
