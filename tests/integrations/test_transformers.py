@@ -231,11 +231,6 @@ def test_model_matches_eager(arch, backend, roads):
         assert all(c["softcap"] == 5.0 for c in roads)
 
 
-# the interpreter runs a decoding step in about half a second: on the Triton backend the models whose decoding
-# roads differ (plain, sliding window + softcap, sinks, MLA, head dim 512, a chunked layer); the reference runs all
-_GEN_TRITON = {"llama", "gemma2", "gpt_oss", "deepseek_v3", "gemma4", "llama4"}
-
-
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("arch", list(ARCHS))
@@ -243,8 +238,6 @@ def test_generate_matches_eager(arch, backend, cache, roads):
     """Greedy generate() from a left-padded batch, with transformers' default dynamic cache and with a static cache
     (the sliding layers' rolling one included): eager's tokens, every call on embedattn, decoding steps with a key
     mask (the static cache's position stays on the device) and no N x N mask."""
-    if backend == "triton" and not ON_CUDA and arch not in _GEN_TRITON:
-        pytest.skip("interpreter time: this model's decoding roads run on the reference here and on CUDA")
     model = _model(arch).eval()
     g = torch.Generator().manual_seed(2)
     ids = torch.randint(1, 64, (2, 7), generator=g).to(DEVICE)
