@@ -53,16 +53,18 @@ def autotune_enabled() -> bool:
     return env_flag("EMBEDATTN_AUTOTUNE", True) and not interpreting()
 
 
-ATTENTION_IMPLS = ("default", "hopper", "gluon")
+ATTENTION_IMPLS = ("auto", "default", "hopper", "gluon")
 
 
 def attention_impl() -> str:
-    """``EMBEDATTN_ATTENTION_IMPL``: which attention kernels run where they can (``default``: the measured
-    kernels/attention.py; ``hopper``: the sm90 TMA / warp-specialized kernels of kernels/attention_hopper.py;
-    ``gluon``: its Gluon forward). The unmeasured variants are opt-in until a GPU run shows them faster. Read once
-    per call by the attention entry (``embedattn.attention._kernel_impls``), never inside a registered op, so eager and
-    compiled calls run the same kernels."""
-    raw = os.environ.get("EMBEDATTN_ATTENTION_IMPL", "").strip().lower() or "default"
+    """``EMBEDATTN_ATTENTION_IMPL``: which attention kernels run where they can. ``auto`` (unset): the kernels the
+    device's tuned table names for the shape (entries ``attention.impl_fwd`` / ``attention.impl_bwd``, written by
+    benchmarks/gpu/hopper_attention.py where a variant was measured faster), kernels/attention.py elsewhere;
+    ``default``: kernels/attention.py everywhere; ``hopper``: the sm90 TMA / warp-specialized kernels of
+    kernels/attention_hopper.py wherever they cover a call; ``gluon``: its Gluon forward. Read once per call by the
+    attention entry (``embedattn.attention._kernel_impls``), never inside a registered op, so eager and compiled
+    calls run the same kernels."""
+    raw = os.environ.get("EMBEDATTN_ATTENTION_IMPL", "").strip().lower() or "auto"
     if raw not in ATTENTION_IMPLS:
         raise ValueError(f"environment variable EMBEDATTN_ATTENTION_IMPL={raw!r}: expected one of {ATTENTION_IMPLS}")
     return raw

@@ -519,11 +519,40 @@ def _resolve(backend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: A
                    native_ok=native_ok)
 
 
+def _bucket(n) -> int:
+    """``configs.bucket`` by comparisons only: under torch.compile a dynamic length guards on its bucket."""
+    b = 16
+    while b < n:
+        b *= 2
+    return b
+
+
+@torch.compiler.assume_constant_result
+def _measured_impls(device: str, dtype: str, d: int, dv: int, causal: bool, gqa: bool, bq: int, bk: int
+                    ) -> tuple[str, str]:
+    """The device table's measured kernels for a plain call of this shape (``attention.impl_fwd`` / ``_bwd``
+    entries, exact or nearest N bucket), ``"default"`` where it has none. A constant to torch.compile: the table
+    is read outside the graph, so eager and compiled calls of one shape take the same kernels."""
+    from . import configs
+
+    fields = dict(dtype=dtype, head_dim=d, nq=bq, nk=bk, flags="causal" if causal else "none", gqa=int(gqa))
+    if dv != d:
+        fields["head_dim_v"] = dv
+    picks = []
+    for mode in ("fwd", "bwd"):
+        conf, _ = configs.lookup(f"attention.impl_{mode}", fields, device)
+        impl = (conf or {}).get("impl", "default")
+        picks.append(impl if impl in ("default", "hopper", "gluon") else "default")
+    return picks[0], picks[1]
+
+
 def _kernel_impls(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttnSpec) -> tuple[str, str]:
-    """Which kernels run a dense call on the Triton backend, forward and backward: EMBEDATTN_ATTENTION_IMPL's
-    opt-in sm90 variants (unmeasured) where they cover the call, the default kernels otherwise. Decided here, at the
-    entry, so that eager and compiled calls take the same kernels; the Hopper backward (dQ by atomics) only where
-    deterministic algorithms are not asked for."""
+    """Which kernels run a dense call on the Triton backend, forward and backward. EMBEDATTN_ATTENTION_IMPL unset
+    (``auto``): the variant the device's tuned table names for the shape, where a GPU run measured it faster
+    (``_measured_impls``); ``hopper`` / ``gluon``: that variant wherever it covers the call; ``default``: never a
+    variant. A variant runs only where it covers the call (``supports``). Decided here, at the entry, so that
+    eager and compiled calls take the same kernels; the Hopper backward (dQ by atomics) only where deterministic
+    algorithms are not asked for."""
     impl = attention_impl()
     if impl == "default":
         return "default", "default"
@@ -531,14 +560,18 @@ def _kernel_impls(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttnS
 
     if not KH.supports(q, k, v, spec):
         return "default", "default"
-    fwd = "hopper"
-    if impl == "gluon":
+    if impl == "auto":
+        fwd, bwd = _measured_impls(str(q.device), str(q.dtype).replace("torch.", ""), q.shape[-1], v.shape[-1],
+                                   spec.causal, k.shape[1] != q.shape[1], _bucket(q.shape[2]), _bucket(k.shape[2]))
+    else:
+        fwd, bwd = impl, "hopper"
+    if fwd == "gluon":
         from .kernels import attention_gluon as KG
 
-        if KG.supports(q, k, v, spec):
-            fwd = "gluon"
+        fwd = "gluon" if KG.supports(q, k, v, spec) else "hopper"
     deterministic = torch.are_deterministic_algorithms_enabled()
-    return fwd, "hopper" if KH.supports_backward(q, k, v, spec) and not deterministic else "default"
+    bwd = "hopper" if bwd == "hopper" and KH.supports_backward(q, k, v, spec) and not deterministic else "default"
+    return fwd, bwd
 
 
 def _seeded(spec: AttnSpec, device) -> AttnSpec:

@@ -748,8 +748,8 @@ def impl_table(decisions: list[dict], device_name: str) -> dict:
             "best_ms": round(d["best_ms"], 5), "shape": d["shape"],
             "rule": f"median >= {DECIDE_MARGIN}x faster, p80 < default p20, correctness passed"}
     return {"format": 1, "device": device_name, "device_key": configs.device_key(device_name),
-            "what": "attention kernels per shape, decided by benchmarks/gpu/hopper_attention.py (not read yet: "
-                    "the attention entry must look these up)", "kernels": kernels}
+            "what": "attention kernels per shape, decided by benchmarks/gpu/hopper_attention.py (read by "
+                    "embedattn.attention._measured_impls when EMBEDATTN_ATTENTION_IMPL is unset)", "kernels": kernels}
 
 
 def merge_into(table_path: str, impl: dict) -> None:

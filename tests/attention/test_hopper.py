@@ -276,6 +276,64 @@ def test_attention_impl_bad_value_raises_on_both_roads(monkeypatch):
             on_road(road, lambda q: embedattn.attention(q, q, q, backend="triton"))(q)
 
 
+@needs_hopper
+def test_measured_defaults_from_the_tuned_table(monkeypatch, tmp_path):
+    """Issue 27.3: with EMBEDATTN_ATTENTION_IMPL unset, a plain call runs the variant the device's table names for
+    its shape (``attention.impl_fwd`` / ``_bwd``, as benchmarks/gpu/hopper_attention.py writes them; the nearest N
+    bucket), the same eagerly and compiled; shapes, dtypes and features the table does not name, an explicit
+    ``default`` and ``EMBEDATTN_TUNED_CONFIGS=0`` keep the default kernels."""
+    from helpers import on_road
+
+    from embedattn import configs
+    from embedattn.attention import _kernel_impls, make_spec
+
+    monkeypatch.delenv("EMBEDATTN_ATTENTION_IMPL", raising=False)
+    fields = dict(dtype="float16", head_dim=64, nq=32, nk=32, flags="causal", gqa=1)
+    table = {"format": 1, "kernels": {
+        "attention.impl_fwd": {configs.key(**fields).text: {"config": {"impl": "hopper"}}},
+        "attention.impl_bwd": {configs.key(**fields).text: {"config": {"impl": "hopper"}}}}}
+    (tmp_path / f"{configs.device_key(DEVICE)}.json").write_text(json.dumps(table))
+    monkeypatch.setenv("EMBEDATTN_CONFIGS_DIR", str(tmp_path))
+    configs.clear_cache()
+    try:
+        q, k, v = _inputs(1, 4, 2, 40, 40, 64, torch.float16, seed=35)  # N 40: bucket 64, the nearest entry is 32
+
+        def impls(q=q, k=k, v=v, **kw):
+            return _kernel_impls(q, k, v, make_spec(q, n_keys=k.shape[2], **kw))
+
+        assert impls(causal=True) == ("hopper", "hopper")
+        assert impls(causal=False) == ("default", "default")  # another flags field: no entry
+        assert impls(causal=True, window=(8, 0)) == ("default", "default")  # a feature the variant lacks
+        q1, k1, v1 = _inputs(1, 4, 4, 40, 40, 64, torch.float16, seed=36)
+        assert impls(q1, k1, v1, causal=True) == ("default", "default")  # gqa 0: no entry
+        torch.use_deterministic_algorithms(True)
+        try:
+            assert impls(causal=True) == ("hopper", "default")
+        finally:
+            torch.use_deterministic_algorithms(False)
+        monkeypatch.setenv("EMBEDATTN_ATTENTION_IMPL", "hopper")  # _spy_variants checks a variant is asked for
+        ran, embedattn = _spy_variants(monkeypatch, gluon=False)
+        monkeypatch.delenv("EMBEDATTN_ATTENTION_IMPL")
+        q, k, v = (t.requires_grad_() for t in (q, k, v))
+        for road in ("eager", "compiled"):
+            ran.clear()
+            out = on_road(road, lambda q, k, v: embedattn.attention(q, k, v, causal=True, backend="triton"))(q, k, v)
+            torch.autograd.grad(out.float().sum(), (q, k, v))
+            assert ran == ["hopper_forward", "hopper_backward"], (road, ran)
+        ref = reference.attention(q.double(), k.double(), v.double(), causal=True)
+        assert_fa_close(out, ref, reference.attention(q, k, v, causal=True, upcast=False))
+        monkeypatch.setenv("EMBEDATTN_ATTENTION_IMPL", "default")
+        assert impls(causal=True) == ("default", "default")
+        monkeypatch.delenv("EMBEDATTN_ATTENTION_IMPL")
+        monkeypatch.setenv("EMBEDATTN_TUNED_CONFIGS", "0")
+        configs.clear_cache()
+        assert impls(causal=True) == ("default", "default")
+    finally:
+        monkeypatch.delenv("EMBEDATTN_CONFIGS_DIR")
+        monkeypatch.delenv("EMBEDATTN_TUNED_CONFIGS", raising=False)
+        configs.clear_cache()
+
+
 # ------------------------------------------------------------------------------------------------
 # compiled for sm_90: what the interpreter cannot show
 # ------------------------------------------------------------------------------------------------
