@@ -48,7 +48,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: run as a plain script
 
-from benchmarks.harness import Context, Recorder, time_fn, versions  # noqa: E402
+from benchmarks.harness import Context, Recorder, peak_memory_mib, time_fn, versions  # noqa: E402
 
 SCENARIOS = ("causal", "padded", "packed", "sliding")
 PROVIDERS = ("embedattn", "sdpa", "eager")
@@ -140,12 +140,7 @@ def peak_mib(ctx: Context, fn) -> float:
     process's resident set (its high-water mark reset first)."""
     gc.collect()
     if ctx.is_cuda:
-        torch.cuda.synchronize(ctx.device)
-        base = torch.cuda.memory_allocated(ctx.device)
-        torch.cuda.reset_peak_memory_stats(ctx.device)
-        fn()
-        torch.cuda.synchronize(ctx.device)
-        return (torch.cuda.max_memory_allocated(ctx.device) - base) / 2**20
+        return peak_memory_mib(ctx, fn)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current resident set
     base = _rss_kib("VmRSS")
