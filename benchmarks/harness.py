@@ -271,6 +271,27 @@ def peak_memory_mib(ctx: Context, fn: Callable[[], Any]) -> float:
     return (torch.cuda.max_memory_allocated(ctx.device) - base) / 2**20
 
 
+def run_points(ctx: Context, name: str, todo: Sequence[Sequence[Any]], run: Callable[..., Any],
+               max_seconds: float | None, t_start: float) -> int:
+    """A point-by-point script's main loop: ``run(*point)`` for each point of ``todo`` in order, none started once
+    ``max_seconds`` (None: no budget) have passed since ``t_start``; Ctrl-C ends the loop (the rows so far are
+    in the CSV). Then the context's notes and a ``<name>: done of total points`` line. Returns how many ran."""
+    done = 0
+    try:
+        for point in todo:
+            if max_seconds is not None and time.time() - t_start > max_seconds:
+                print(f"{name}: budget spent, {len(todo) - done} points left", flush=True)
+                break
+            run(*point)
+            done += 1
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted: the rows so far are in the CSV", flush=True)
+    for note in ctx.notes:
+        print(note, flush=True)
+    print(f"{name}: {done} of {len(todo)} points in {time.time() - t_start:.0f} s", flush=True)
+    return done
+
+
 MODES = ("fwd", "bwd", "fwd+bwd")  # what run_speed_benchmark times; "step" is a no-autograd call like "fwd"
 
 

@@ -42,7 +42,7 @@ import torch.nn.functional as F  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: run as a plain script
 
 import embedattn  # noqa: E402
-from benchmarks.harness import Context, Recorder, measure_copy_bandwidth, time_fn, versions  # noqa: E402
+from benchmarks.harness import Context, Recorder, measure_copy_bandwidth, run_points, time_fn, versions  # noqa: E402
 
 PAGES = (64, 16, 256)  # the target's page first
 PROFILES = {
@@ -170,19 +170,10 @@ def main(argv=None):
     todo = [("kvcache_fwd", L, B, Hq, Hkv, D, Dv) for L, B in pts]
     if mla is True:  # after the target's first points, before the fill-ins
         todo[2:2] = [("kvcache_fwd_mla", L, B, mHq, 1, mD, mDv) for L, B in mla_pts]
-    done = 0
-    try:
-        for kernel, L, B, hq, hkv, d, dv in todo:
-            if args.max_seconds is not None and time.time() - t_start > args.max_seconds:
-                print(f"decode_bench: budget spent, {len(todo) - done} points left", flush=True)
-                break
-            run_point(ctx, rec, L, B, hq, hkv, d, dv, dtype, device, backend, kernel, PAGES)
-            done += 1
-    except KeyboardInterrupt:
-        print("decode_bench: interrupted: the rows so far are in the CSV", flush=True)
-    for note in ctx.notes:
-        print(note, flush=True)
-    print(f"decode_bench: {done} of {len(todo)} points in {time.time() - t_start:.0f} s", flush=True)
+    run_points(ctx, "decode_bench", todo,
+               lambda kernel, L, B, hq, hkv, d, dv: run_point(ctx, rec, L, B, hq, hkv, d, dv, dtype, device, backend,
+                                                              kernel, PAGES),
+               args.max_seconds, t_start)
 
 
 if __name__ == "__main__":

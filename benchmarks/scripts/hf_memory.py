@@ -48,7 +48,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: run as a plain script
 
-from benchmarks.harness import Context, Recorder, peak_memory_mib, time_fn, versions  # noqa: E402
+from benchmarks.harness import Context, Recorder, peak_memory_mib, run_points, time_fn, versions  # noqa: E402
 
 SCENARIOS = ("causal", "padded", "packed", "sliding")
 PROVIDERS = ("embedattn", "sdpa", "eager")
@@ -227,23 +227,15 @@ def main(argv=None):
     print(f"{ctx.device_name} torch {versions()['torch']} triton {versions()['triton']} {dtype}; "
           f"{len(scenarios)} scenarios x {len(tokens)} sizes x {len(providers)} providers", flush=True)
     todo = [(s, n, p) for n in tokens for s in scenarios for p in providers]
-    done = 0
     models = {}
-    try:
-        for scenario, n, provider in todo:
-            if args.max_seconds is not None and time.time() - t_start > args.max_seconds:
-                print(f"hf_memory: budget spent, {len(todo) - done} points left", flush=True)
-                break
-            kind = "sliding" if scenario == "sliding" else "llama"
-            if kind not in models:
-                models[kind] = build_model(scenario, profile, dtype, device)
-            run_point(ctx, rec, models[kind], scenario, n, provider, impls[provider], profile, args)
-            done += 1
-    except KeyboardInterrupt:
-        print("hf_memory: interrupted: the rows so far are in the CSV", flush=True)
-    for note in ctx.notes:
-        print(note, flush=True)
-    print(f"hf_memory: {done} of {len(todo)} points in {time.time() - t_start:.0f} s", flush=True)
+
+    def point(scenario, n, provider):
+        kind = "sliding" if scenario == "sliding" else "llama"
+        if kind not in models:
+            models[kind] = build_model(scenario, profile, dtype, device)
+        run_point(ctx, rec, models[kind], scenario, n, provider, impls[provider], profile, args)
+
+    run_points(ctx, "hf_memory", todo, point, args.max_seconds, t_start)
 
 
 if __name__ == "__main__":

@@ -86,6 +86,29 @@ def test_coarse_first_keeps_full_range_early():
     assert got[3:6] == [("bf16", 1), ("bf16", 4), ("bf16", 16)] and got[6][0] == "fp16"
 
 
+def test_run_points_budget_interrupt_and_summary(capsys):
+    """The scripts' loop (decode_bench, hf_memory): every point without a budget, none once the budget is spent,
+    Ctrl-C ends the loop; the context's notes and the count come last."""
+    ctx = Context(device=CPU, log=lambda msg: None)
+    ctx.note("a note")
+    ran = []
+    assert harness.run_points(ctx, "demo", [(1, "a"), (2, "b")], lambda i, s: ran.append((i, s)), None, 0.0) == 2
+    assert ran == [(1, "a"), (2, "b")]
+    assert capsys.readouterr().out.splitlines()[0] == "a note"
+    t_start = harness.time.time() - 10  # ten seconds already spent of a budget of five
+    assert harness.run_points(ctx, "demo", [(1,), (2,)], ran.append, 5, t_start) == 0
+    assert "demo: budget spent, 2 points left" in capsys.readouterr().out
+
+    def stop(i):
+        if i == 2:
+            raise KeyboardInterrupt
+        ran.append(i)
+
+    assert harness.run_points(ctx, "demo", [(1,), (2,), (3,)], stop, None, 0.0) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "demo: interrupted: the rows so far are in the CSV" and out[-1].startswith("demo: 1 of 3 points")
+
+
 def test_csv_schema(tmp_path):
     path = tmp_path / "r" / "results.csv"
     rec = Recorder(Context(device=CPU), str(path))
