@@ -116,6 +116,19 @@ EOF
 }
 
 # ------------------------------------------------------------------------------------------------------ phases
+# the session's tuned table over the shipped one, no autotuning (a key it lacks runs its heuristic config: autotuning
+# would not fit the phase)
+TUNED=(env EMBEDATTN_CONFIGS_DIR="$W/configs" EMBEDATTN_AUTOTUNE=0)
+DRY_ARG=()  # the scripts' own rehearsal switch
+[ "$DRY" = 1 ] && DRY_ARG=(--dry-run)
+
+capped() {  # capped A KILL LOG COMMAND...: COMMAND within the phase's share A (SIGINT KILL s before its end, SIGKILL
+            # KILL s later), its output in logs/LOG.log; returns its status (124: the cap stopped it)
+    local a=$1 kill=$2 log=$3
+    shift 3
+    timeout -s INT -k "$kill" $((a - kill)) "$@" > "$W/logs/$log.log" 2>&1
+}
+
 phase_env() {
     local a=$1
     { nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,memory.used \
@@ -184,19 +197,17 @@ phase_tests() {
 phase_tune() {
     local a=$1 args=(--device cuda --dtype bf16)
     [ "$DRY" = 1 ] && args=(--device cpu --tiny --compile-workers 0)
-    timeout -s INT -k 10 $((a - 10)) "$PY" -m benchmarks.tune "${args[@]}" --suite embedding,attention \
-        --max-seconds $((a - 20)) --out "$W/configs" > "$W/logs/tune.log" 2>&1
+    capped "$a" 10 tune "$PY" -m benchmarks.tune "${args[@]}" --suite embedding,attention --max-seconds $((a - 20)) \
+        --out "$W/configs"
     local rc=$?
     grep -E "^(tuning|tuned|skipped|failed)" "$W/logs/tune.log" | cut -c1-300
     return $rc
 }
 
 phase_hopper() {
-    local a=$1 args=()
-    [ "$DRY" = 1 ] && args=(--dry-run)
-    env EMBEDATTN_CONFIGS_DIR="$W/configs" EMBEDATTN_AUTOTUNE=0 timeout -s INT -k 8 $((a - 8)) \
-        "$PY" benchmarks/gpu/hopper_attention.py --out "$R" --max-seconds $((a - 15)) \
-        --merge-into "$W/configs/$DEVKEY.json" "${args[@]}" > "$W/logs/hopper.log" 2>&1
+    local a=$1
+    capped "$a" 8 hopper "${TUNED[@]}" "$PY" benchmarks/gpu/hopper_attention.py --out "$R" --max-seconds $((a - 15)) \
+        --merge-into "$W/configs/$DEVKEY.json" "${DRY_ARG[@]}"
     local rc=$?
     grep -E "^(  probe|  capability|compile pool|ceilings|done in)|BAD" "$W/logs/hopper.log" | cut -c1-200
     sed -n '/^## Defaults decided/,/^| lever/p' "$R/hopper_attention.md" 2>/dev/null | head -n 30
@@ -206,8 +217,7 @@ phase_hopper() {
 phase_sweep() {
     local a=$1 args=(--device cuda --dtype bf16)
     [ "$DRY" = 1 ] && args=(--device cpu --tiny)
-    # the tuned table over the shipped one; a key it lacks runs its heuristic config (autotuning would not fit)
-    env EMBEDATTN_CONFIGS_DIR="$W/configs" EMBEDATTN_AUTOTUNE=0 timeout -s INT -k 10 $((a - 10)) \
+    "${TUNED[@]}" timeout -s INT -k 10 $((a - 10)) \
         "$PY" -m benchmarks "${args[@]}" --suite embedding,attention --max-seconds $((a - 35)) --no-compile \
         --warmup-ms 5 --rep-ms 30 \
         --no-plots --out "$W/sweep" 2>&1 | tr '\r' '\n' | grep -vE '(pt/s|s/pt)]$' > "$W/logs/sweep.log"
@@ -217,21 +227,19 @@ phase_sweep() {
 }
 
 phase_w2v() {
-    local a=$1 args=() interp=()
-    [ "$DRY" = 1 ] && args=(--dry-run) && interp=(TRITON_INTERPRET=1)
-    env "${interp[@]}" timeout -s INT -k 5 $((a - 5)) "$PY" benchmarks/gpu/w2v_bench.py --out "$R/w2v.csv" \
-        --max-seconds $((a - 12)) "${args[@]}" > "$W/logs/w2v.log" 2>&1
+    local a=$1 interp=()
+    [ "$DRY" = 1 ] && interp=(TRITON_INTERPRET=1)
+    capped "$a" 5 w2v env "${interp[@]}" "$PY" benchmarks/gpu/w2v_bench.py --out "$R/w2v.csv" \
+        --max-seconds $((a - 12)) "${DRY_ARG[@]}"
     local rc=$?
     sed -n '/^w2v_bench: done/,$p' "$W/logs/w2v.log" | cut -c1-200
     return $rc
 }
 
 phase_decode() {
-    local a=$1 args=()
-    [ "$DRY" = 1 ] && args=(--dry-run)
-    env EMBEDATTN_CONFIGS_DIR="$W/configs" EMBEDATTN_AUTOTUNE=0 timeout -s INT -k 5 $((a - 5)) \
-        "$PY" benchmarks/scripts/decode_bench.py --out "$R/decode.csv" --max-seconds $((a - 15)) "${args[@]}" \
-        > "$W/logs/decode.log" 2>&1
+    local a=$1
+    capped "$a" 5 decode "${TUNED[@]}" "$PY" benchmarks/scripts/decode_bench.py --out "$R/decode.csv" \
+        --max-seconds $((a - 15)) "${DRY_ARG[@]}"
     local rc=$?
     grep -E "^(MLA|decode_bench)" "$W/logs/decode.log"
     return $rc
