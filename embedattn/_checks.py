@@ -17,6 +17,18 @@ def check_bool(name: str, value) -> bool:
     return value
 
 
+def check_tensor(name: str, value, *, optional: bool = False) -> None:
+    """A torch.Tensor (or None, where ``optional``)."""
+    if not isinstance(value, torch.Tensor) and not (optional and value is None):
+        raise TypeError(f"{name} must be a torch.Tensor{' or None' if optional else ''}, got {type(value).__name__}")
+
+
+def check_device(name: str, t: torch.Tensor, other: str, like: torch.Tensor) -> None:
+    """``t`` on the device of ``like`` (the argument named ``other``)."""
+    if t.device != like.device:
+        raise ValueError(f"{name} is on {t.device} but {other} is on {like.device}")
+
+
 def check_int(name: str, value, *, low: int | None = None, high: int | None = None) -> int:
     """An int (not a bool or a float) in [low, high]."""
     if isinstance(value, bool) or not isinstance(value, Integral):

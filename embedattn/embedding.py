@@ -65,7 +65,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from ._backend import resolve
-from ._checks import assert_ok, bounds_mode, check_bool, check_ids, ok_flag
+from ._checks import assert_ok, bounds_mode, check_bool, check_device, check_ids, check_tensor, ok_flag
 from ._registry import kernel_op
 from .reference import _embedding as _ref
 
@@ -79,32 +79,27 @@ def _is_int_dtype(dtype: torch.dtype) -> bool:
 
 def _check(ids, weight, pos_weight, sinusoidal, scale, padding_idx, position_offset, positions):
     """Validate the arguments; return the normalised ``padding_idx`` (non-negative or None)."""
-    if not isinstance(ids, torch.Tensor):
-        raise TypeError(f"ids must be a torch.Tensor, got {type(ids).__name__}")
+    check_tensor("ids", ids)
     if not _is_int_dtype(ids.dtype):
         raise TypeError(f"ids must have an integer dtype (int32 or int64), got {ids.dtype}")
     if ids.dim() < 1:
         raise ValueError("ids must have at least one dimension (..., N); positions run along the last one")
-    if not isinstance(weight, torch.Tensor):
-        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    check_tensor("weight", weight)
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D (num_embeddings, embedding_dim), got {tuple(weight.shape)}")
     if not weight.dtype.is_floating_point:
         raise TypeError(f"weight must be floating point, got {weight.dtype}")
-    if ids.device != weight.device:
-        raise ValueError(f"ids is on {ids.device} but weight is on {weight.device}")
+    check_device("ids", ids, "weight", weight)
     if pos_weight is not None:
         if sinusoidal:
             raise ValueError("pass either pos_weight (learned positions) or sinusoidal=True, not both")
-        if not isinstance(pos_weight, torch.Tensor):
-            raise TypeError(f"pos_weight must be a torch.Tensor or None, got {type(pos_weight).__name__}")
+        check_tensor("pos_weight", pos_weight, optional=True)
         if pos_weight.dim() != 2 or pos_weight.shape[1] != weight.shape[1]:
             raise ValueError(f"pos_weight must be 2-D (max_positions, {weight.shape[1]}), "
                              f"got shape {tuple(pos_weight.shape)}")
         if pos_weight.dtype != weight.dtype:
             raise TypeError(f"pos_weight dtype {pos_weight.dtype} differs from weight dtype {weight.dtype}")
-        if pos_weight.device != weight.device:
-            raise ValueError(f"pos_weight is on {pos_weight.device} but weight is on {weight.device}")
+        check_device("pos_weight", pos_weight, "weight", weight)
     check_bool("sinusoidal", sinusoidal)
     if isinstance(scale, bool) or not isinstance(scale, Real) or not math.isfinite(float(scale)):
         raise TypeError(f"scale must be a finite real number, got {scale!r}")
@@ -113,15 +108,13 @@ def _check(ids, weight, pos_weight, sinusoidal, scale, padding_idx, position_off
     if position_offset < 0:
         raise ValueError(f"position_offset must be >= 0, got {position_offset}")
     if positions is not None:
-        if not isinstance(positions, torch.Tensor):
-            raise TypeError(f"positions must be a torch.Tensor or None, got {type(positions).__name__}")
+        check_tensor("positions", positions, optional=True)
         if not _is_int_dtype(positions.dtype):
             raise TypeError(f"positions must have an integer dtype, got {positions.dtype}")
         if positions.shape != ids.shape:
             raise ValueError(f"positions must have the shape of ids {tuple(ids.shape)}, "
                              f"got {tuple(positions.shape)}")
-        if positions.device != ids.device:
-            raise ValueError(f"positions is on {positions.device} but ids is on {ids.device}")
+        check_device("positions", positions, "ids", ids)
         if position_offset != 0:
             raise ValueError("position_offset applies to the default positions only; "
                              "add it to positions instead")

@@ -23,7 +23,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from ._backend import resolve
-from ._checks import assert_ok, bounds_mode, check_bool, check_ids, check_ids_in_range, ok_flag, safe_ids
+from ._checks import assert_ok, bounds_mode, check_bool, check_ids, check_ids_in_range, check_tensor, ok_flag, safe_ids
 from ._registry import kernel_op
 from .reference._negative_sampling import negative_sampling_loss as _reference_loss
 
@@ -33,8 +33,7 @@ _TABLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _check_ids(name: str, t) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    check_tensor(name, t)
     if t.dtype not in _ID_DTYPES:
         raise TypeError(f"{name} must be int64 or int32 ids, got {t.dtype}")
 
@@ -46,8 +45,7 @@ _BAD_ID = ("negative_sampling_loss: a center, context or negative id is out of r
 def _check_inputs(center, context, negatives, in_weight, out_weight, reduction, check_bounds) -> str:
     """Validate the arguments; return the bounds mode (and in "sync" mode check the ids)."""
     for name, w in (("in_weight", in_weight), ("out_weight", out_weight)):
-        if not isinstance(w, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(w).__name__}")
+        check_tensor(name, w)
         if w.dim() != 2:
             raise ValueError(f"{name} must be (num_embeddings, embedding_dim), got shape {tuple(w.shape)}")
         if w.dtype not in _TABLE_DTYPES:

@@ -50,7 +50,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from ._backend import check_backend, resolve
-from ._checks import assert_ok, bounds_mode, check_bool, check_int, ok_flag
+from ._checks import assert_ok, bounds_mode, check_bool, check_device, check_int, check_tensor, ok_flag
 from ._registry import kernel_op
 from .reference import _rotary as _ref
 
@@ -63,8 +63,7 @@ def _check(x, cos, sin, interleaved, inplace, seqlen_offsets, cu_seqlens, max_se
     check_bool("interleaved", interleaved)
     check_bool("inplace", inplace)
     check_bool("heads_first", heads_first)
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    check_tensor("x", x)
     if x.dtype not in _FLOATS:
         raise TypeError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
     varlen = cu_seqlens is not None
@@ -74,14 +73,12 @@ def _check(x, cos, sin, interleaved, inplace, seqlen_offsets, cu_seqlens, max_se
         raise ValueError(f"x must be {3 if varlen else 4}-D {layout}{' with cu_seqlens' if varlen else ''}, "
                          f"got shape {tuple(x.shape)}")
     for name, t in (("cos", cos), ("sin", sin)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        check_tensor(name, t)
         if t.dim() != 2:
             raise ValueError(f"{name} must be 2-D (seqlen_ro, rotary_dim / 2), got shape {tuple(t.shape)}")
         if t.dtype not in (torch.float32, x.dtype):
             raise TypeError(f"{name} must be float32 or x's dtype {x.dtype}, got {t.dtype}")
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+        check_device(name, t, "x", x)
     if sin.shape != cos.shape:
         raise ValueError(f"sin must have the shape of cos {tuple(cos.shape)}, got {tuple(sin.shape)}")
     if sin.dtype != cos.dtype:
@@ -96,14 +93,12 @@ def _check(x, cos, sin, interleaved, inplace, seqlen_offsets, cu_seqlens, max_se
         raise ValueError("inplace=True needs x without broadcast (stride-0) dimensions: "
                          "several elements share one memory location")
     if varlen:
-        if not isinstance(cu_seqlens, torch.Tensor):
-            raise TypeError(f"cu_seqlens must be a torch.Tensor or None, got {type(cu_seqlens).__name__}")
+        check_tensor("cu_seqlens", cu_seqlens, optional=True)
         if cu_seqlens.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
         if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 1:
             raise ValueError(f"cu_seqlens must be 1-D (batch + 1,), got shape {tuple(cu_seqlens.shape)}")
-        if cu_seqlens.device != x.device:
-            raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but x is on {x.device}")
+        check_device("cu_seqlens", cu_seqlens, "x", x)
         if max_seqlen is None:
             raise ValueError("cu_seqlens needs max_seqlen (the longest sequence; it sizes the launch grid)")
         seqlen = check_int("max_seqlen", max_seqlen, low=0)
@@ -121,8 +116,7 @@ def _check(x, cos, sin, interleaved, inplace, seqlen_offsets, cu_seqlens, max_se
         if tuple(seqlen_offsets.shape) != (batch,):
             raise ValueError(f"seqlen_offsets must have shape ({batch},) (one offset per sequence), "
                              f"got {tuple(seqlen_offsets.shape)}")
-        if seqlen_offsets.device != x.device:
-            raise ValueError(f"seqlen_offsets is on {seqlen_offsets.device} but x is on {x.device}")
+        check_device("seqlen_offsets", seqlen_offsets, "x", x)
     else:
         check_int("seqlen_offsets", seqlen_offsets)
     return batch, seqlen, total
@@ -420,8 +414,7 @@ def apply_rotary_emb_qkv_(
     unchanged). On a leaf that requires grad, qkv is rotated in place and the returned tensor is a new
     one with its values that carries the gradient (``rotary``'s rule, see the module docstring).
     """
-    if not isinstance(qkv, torch.Tensor):
-        raise TypeError(f"qkv must be a torch.Tensor, got {type(qkv).__name__}")
+    check_tensor("qkv", qkv)
     layouts = "(batch, seqlen, 3, nheads, headdim) or (batch, seqlen, num_heads_q + 2 * num_heads_k, headdim)"
     if qkv.dim() == 5 and qkv.shape[2] == 3:
         h = qkv.shape[3]
@@ -465,8 +458,7 @@ def apply_rotary_emb_kv_(
 ) -> torch.Tensor:
     """FlashAttention's ``apply_rotary_emb_kv_``: rotate K of a packed kv (B, S, 2, H, D) in place and return
     kv (V untouched); arguments and gradients as in ``apply_rotary_emb_qkv_``."""
-    if not isinstance(kv, torch.Tensor):
-        raise TypeError(f"kv must be a torch.Tensor, got {type(kv).__name__}")
+    check_tensor("kv", kv)
     if kv.dim() != 5 or kv.shape[2] != 2:
         raise ValueError(f"kv must be (batch, seqlen, 2, nheads, headdim), got shape {tuple(kv.shape)}")
     return _in_place_parts(kv, [(kv[:, :, 0], cos, sin)], lambda parts: torch.stack([parts[0], kv[:, :, 1]], 2),
