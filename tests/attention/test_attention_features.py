@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import BACKENDS, DEVICE, DTYPES, ON_CUDA, ROADS, HostReads, assert_fa_close, on_road, skip_if_unsupported
-from helpers import compile_sm90_in_subprocess as compile_sm90
+from sm90 import ATTENTION, run_rows
 
 import embedattn
 from embedattn import reference
@@ -821,49 +821,17 @@ def test_kvcache_bad_input_leaves_cache_untouched(backend):
         assert torch.equal(kc, k0) and torch.equal(vc, v0), kw
 
 
-_AOT = """
-import re
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-import embedattn.kernels.attention as K
-
-PTR = {"LSE": "*fp32", "DELTA": "*fp32", "SLOPES": "*fp32", "CU_Q": "*i32", "CU_K": "*i32", "K_LENS": "*i32",
-       "M": "*u8", "BLOCK_TABLE": "*i32", "SINKS": "*fp32"}
-FLOAT = {"qk_scale", "sm_scale", "sc_scale", "sc_log2e", "drop_p", "drop_scale"}
-
-def compile_(fn, consts, split=False):
-    consts = dict({fn.arg_names[i]: 0 for i in fn.constexprs}, **consts)  # features not named here: off
-    sig = {}
-    for a in fn.arg_names:
-        if a in consts:
-            sig[a] = "constexpr"
-        elif a in PTR:
-            sig[a] = PTR[a]
-        elif a in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV"):
-            sig[a] = "*fp32" if (a == "O" and split) else "*bf16"
-        elif a in FLOAT:
-            sig[a] = "fp32"
-        elif a == "SEED":
-            sig[a] = "*i64"
-        else:
-            sig[a] = "i32"
-    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": 4})
-    return k.asm["ptx"]
-
-every = dict(HEAD_DIM=96, BLOCK_D=128, HEAD_DIM_V=96, BLOCK_DV=128, PREC="tf32", CAUSAL=False, WINDOW=True,
-             MASK_KIND=1, SOFTCAP=True, ALIBI=True, DROPOUT=True, VARLEN=False)
-fwd = dict(every, NUM_DK=1, SINK=True)
-ptx = [compile_(K._attn_fwd, dict(fwd, BLOCK_M=64, BLOCK_N=64, KLENS=False, SPLIT=False)),
-       compile_(K._attn_bwd_dkdv, dict(every, BLOCK_M=32, BLOCK_N=64, GRAD_K=True, GRAD_V=True)),
-       compile_(K._attn_bwd_dq, dict(every, BLOCK_M=64, BLOCK_N=32)),
-       compile_(K._attn_fwd, dict(fwd, MASK_KIND=0, DROPOUT=False, VARLEN=True, BLOCK_M=64, BLOCK_N=64,
-                                  KLENS=False, SPLIT=False)),
-       compile_(K._attn_fwd, dict(fwd, MASK_KIND=0, DROPOUT=False, WINDOW=False, CAUSAL=True, BLOCK_M=16,
-                                  BLOCK_N=64, KLENS=True, SPLIT=True, SINK=False), split=True)]
-print(" ".join(str(len(re.findall(r"\\bw?gmma|\\bmma[.]sync", p))) for p in ptx))
-"""
+def _feature_specs() -> list[dict]:
+    """Every kernel with all feature flags on, and the varlen and split-KV decoding forwards."""
+    every = dict(HEAD_DIM=96, BLOCK_D=128, HEAD_DIM_V=96, BLOCK_DV=128, PREC="tf32", CAUSAL=False, WINDOW=True,
+                 MASK_KIND=1, SOFTCAP=True, ALIBI=True, DROPOUT=True, VARLEN=False)
+    fwd = dict(every, NUM_DK=1, SINK=True, KLENS=False, SPLIT=False)
+    return [dict(kernel="fwd", config=[64, 64, 4, 3], consts=fwd),
+            dict(kernel="dkdv", config=[32, 64, 4, 3], consts=dict(every, GRAD_K=True, GRAD_V=True)),
+            dict(kernel="dq", config=[64, 32, 4, 3], consts=every),
+            dict(kernel="fwd", config=[64, 64, 4, 3], consts=dict(fwd, MASK_KIND=0, DROPOUT=False, VARLEN=True)),
+            dict(kernel="fwd", config=[16, 64, 4, 3], consts=dict(fwd, MASK_KIND=0, DROPOUT=False, WINDOW=False,
+                                                                  CAUSAL=True, KLENS=True, SPLIT=True, SINK=False))]
 
 
 @pytest.mark.skipif("triton" not in BACKENDS or ON_CUDA, reason="needs Triton; on CUDA the kernels run for real")
@@ -871,9 +839,9 @@ def test_feature_kernels_compile_for_sm90():
     """What the interpreter cannot show: every kernel with all feature flags on (and the varlen and
     split-KV decoding variants) lowers and assembles for an H100 (ptxas runs here, no GPU needed;
     in a subprocess, since this one interprets), with tensor-core instructions in each."""
-    out = compile_sm90(_AOT)
-    counts = [int(c) for c in out.split()]
-    assert len(counts) == 5 and all(c > 0 for c in counts), counts
+    rows = run_rows(ATTENTION, _feature_specs())
+    for r in rows:
+        assert "error" not in r and r["wgmma"] + r["mma_sync"] > 0, r
 
 
 @needs_triton

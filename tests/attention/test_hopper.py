@@ -12,12 +12,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
 from helpers import DEVICE, HAS_TRITON, INTERPRET, ON_CUDA, assert_fa_close
+from sm90 import run_rows
 
 from embedattn import reference
 from embedattn.attention import AttnSpec
@@ -26,7 +26,6 @@ if HAS_TRITON:
     from embedattn.kernels import attention_gluon as KG
     from embedattn.kernels import attention_hopper as KH
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # the GPU machine's Triton (3.6.0) in a side environment; CI has none and skips those rows
 TRITON36_PYTHON = os.environ.get("EMBEDATTN_TRITON36_PYTHON", "/work/tri36/bin/python")
 
@@ -338,38 +337,28 @@ def test_measured_defaults_from_the_tuned_table(monkeypatch, tmp_path):
 # compiled for sm_90: what the interpreter cannot show
 # ------------------------------------------------------------------------------------------------
 _AOT = r'''
-import contextlib, importlib.util, io, json, os, re, subprocess, sys, tempfile
-root, specs = sys.argv[1], json.loads(sys.argv[2])
-sys.path.insert(0, root)
+import json, os, re, subprocess, sys, tempfile
 import triton
-from triton import knobs
-from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 import embedattn.kernels.attention_hopper as KH
 import embedattn.kernels.attention_gluon as KG
+from sm90 import build, error_row, ptxas_usage
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 TENSORS, F32 = ("Q", "K", "V", "O", "DO", "DK", "DV"), ("LSE", "DELTA", "DQA")
 
-knobs.compilation.always_compile = True  # every build runs ptxas, whose -v log we read
-knobs.nvidia.dump_ptxas_log = True
-
-def build(fn, consts, dtype, warps, stages, source=ASTSource):
+def signature(fn, consts, dtype):
     sig, attrs = {}, {}
     for i, a in enumerate(fn.arg_names):
         sig[a] = ("constexpr" if a in consts else "*" + dtype if a in TENSORS else "*fp32" if a in F32
                   else "fp32" if a in ("qk_scale", "sm_scale") else "i32")
         if sig[a].startswith("*") or a.startswith("stride"):  # as the launcher's 16-byte aligned inputs specialize
             attrs[(i,)] = [["tt.divisibility", 16]]
-    log = io.StringIO()
-    with contextlib.redirect_stdout(log):  # Triton prints its ptxas -v log (registers, spills) here
-        k = triton.compile(source(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
-                           target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
-    return k, log.getvalue()
+    return sig, attrs
 
 def count(pat, text):
     return len(re.findall(pat, text))
 
-for s in specs:
+for s in json.loads(sys.argv[1]):
     bm, bn, w, st = s["config"]
     consts = dict(HEAD_DIM=s["D"], BLOCK_M=bm, BLOCK_N=bn, CAUSAL=s["causal"])
     source = ASTSource
@@ -385,10 +374,10 @@ for s in specs:
         consts.update(TMA_REDUCE=s["reduce"])
     row = dict(s, triton=triton.__version__)
     try:
-        k, info = build(fn, consts, s.get("dtype", "bf16"), w, st, source)
-    except Exception as e:  # a config that does not build is a row, not a crash
-        row["error"] = (type(e).__name__ + ": " + str(e).strip().splitlines()[-1] if str(e).strip() else "")[:300]
-        print(json.dumps(row), flush=True)
+        sig, attrs = signature(fn, consts, s.get("dtype", "bf16"))
+        k, info = build(fn, sig, consts, attrs, w, st, source)
+    except Exception as e:
+        print(json.dumps(error_row(row, e)), flush=True)
         continue
     ptx, ttgir = k.asm["ptx"], k.asm["ttgir"]
     with tempfile.TemporaryDirectory() as d:
@@ -396,12 +385,9 @@ for s in specs:
         open(cubin, "wb").write(k.asm["cubin"])
         sass = subprocess.run([os.path.join(BIN, "cuobjdump"), "-sass", cubin], capture_output=True, text=True).stdout
     ins = [ln for ln in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4}\*/", ln)]
-    regs = re.findall(r"Used (\d+) registers", info)
-    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", info)
     ws_regs = re.search(r"requestedRegisters = array<i32: ([\d, ]+)>", ttgir)
     row.update(
-        regs=int(regs[0]) if regs else -1,
-        spill_bytes=sum(int(a) + int(b) for a, b in spills) if spills else -1,
+        ptxas_usage(info),
         smem=k.metadata.shared,
         wgmma=count(r"wgmma\.mma_async", ptx),
         tma_ptx=count(r"cp\.async\.bulk\.tensor", ptx),
@@ -446,20 +432,6 @@ def default_specs(every_bwd: bool = False) -> list[dict]:
     return specs
 
 
-def compile_report(python: str, specs: list[dict], timeout: float = 1500) -> list[dict]:
-    """Build ``specs`` for sm_90 with ``python``'s Triton (in a subprocess: this process may interpret)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([python, "-c", _AOT, ROOT, json.dumps(specs)], env=env, capture_output=True, text=True,
-                       timeout=timeout)
-    rows = [json.loads(ln) for ln in r.stdout.splitlines() if ln.startswith("{")]
-    if r.returncode or len(rows) != len(specs):
-        tail = (r.stderr.strip().splitlines() or [""])[-1]
-        if any(x in tail for x in ("ImportError", "ModuleNotFoundError", "ptxas", "FileNotFoundError", "backend")):
-            pytest.skip(f"cannot compile for sm_90 with {python}: {tail}")
-        raise AssertionError(r.stderr[-3000:])
-    return rows
-
-
 COLUMNS = ("triton", "kernel", "D", "causal", "config", "ws", "ws_op", "partitions", "ws_regs", "regs", "spill_bytes",
            "smem", "wgmma", "hgmma", "tma_ptx", "utmaldg", "tma_reduce_ptx", "utmaredg", "red_ptx", "ldl_stl",
            "serialized", "sass_ins")
@@ -499,7 +471,7 @@ _compile_ok = pytest.mark.skipif(not HAS_TRITON or ON_CUDA, reason="needs Triton
 def test_default_configs_compile_to_the_hopper_path_with_triton_36():
     """The GPU machine's Triton: wgmma, TMA, warp specialization (non-causal forward), TMA reduce-add of dQ,
     no spills, shared memory within sm_90's limit, for every default config."""
-    rows = compile_report(TRITON36_PYTHON, default_specs())
+    rows = run_rows(_AOT, default_specs(), TRITON36_PYTHON, timeout=1500)
     print("\n" + format_rows(rows))
     assert all(r.get("triton", "").startswith("3.6") for r in rows)
     _assert_hopper_path(rows, claim_ws=True)
@@ -508,7 +480,7 @@ def test_default_configs_compile_to_the_hopper_path_with_triton_36():
 @_compile_ok
 def test_default_configs_compile_to_the_hopper_path_with_this_triton():
     """This environment's Triton: the same, except that warp specialization is claimed for 3.6 only."""
-    rows = compile_report(sys.executable, default_specs())
+    rows = run_rows(_AOT, default_specs(), timeout=1500)
     print("\n" + format_rows(rows))
     _assert_hopper_path(rows, claim_ws=False)
 
@@ -516,4 +488,4 @@ def test_default_configs_compile_to_the_hopper_path_with_this_triton():
 if __name__ == "__main__":  # the compile report, for the issue notes
     pythons = sys.argv[1:] or [p for p in (TRITON36_PYTHON, sys.executable) if os.path.exists(p)]
     for py in pythons:
-        print(format_rows(compile_report(py, default_specs(every_bwd=True))))
+        print(format_rows(run_rows(_AOT, default_specs(every_bwd=True), py, timeout=1500)))

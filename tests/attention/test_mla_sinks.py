@@ -9,21 +9,16 @@ MLA kernels.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 import torch.utils._python_dispatch
 from helpers import BACKENDS, DEVICE, DTYPES, ON_CUDA, ROADS, assert_fa_close, on_road, skip_if_unsupported
+from sm90 import ATTENTION, run_rows
 
 import embedattn
 from embedattn import reference
 
 needs_triton = pytest.mark.skipif("triton" not in BACKENDS, reason="triton not installed")
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _rand(*shape, dtype=torch.float32, seed=0, scale=1.0):
@@ -509,60 +504,6 @@ def test_multihead_self_attention_learns_its_sinks(backend):
 
 
 # ------------------------------------------------------------------------------------------ compiled for sm_90
-_AOT = r'''
-import contextlib, io, json, re, sys
-import triton
-from triton import knobs
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-import embedattn.kernels.attention as K
-
-knobs.compilation.always_compile = True  # every build runs ptxas, whose -v log (registers, spills) we read
-knobs.nvidia.dump_ptxas_log = True
-PTR = {"LSE": "*fp32", "DELTA": "*fp32", "SLOPES": "*fp32", "CU_Q": "*i32", "CU_K": "*i32", "K_LENS": "*i32",
-       "M": "*u8", "BLOCK_TABLE": "*i32", "SINKS": "*fp32", "SEED": "*i64"}
-FLOAT = {"qk_scale", "sm_scale", "sc_scale", "sc_log2e", "drop_p", "drop_scale"}
-UNIT = {"stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_dod", "stride_dqd", "stride_dkd", "stride_dvd"}
-
-def build(fn, consts, warps, stages, split):
-    consts = dict({fn.arg_names[i]: 0 for i in fn.constexprs}, **consts)  # features not named: off
-    consts.update({a: 1 for a in fn.arg_names if a in UNIT})  # as the launchers' unit head-dim strides specialize
-    sig, attrs = {}, {}
-    for i, a in enumerate(fn.arg_names):
-        if a in consts:
-            sig[a] = "constexpr"
-        elif a in PTR:
-            sig[a] = PTR[a]
-        elif a in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV"):
-            sig[a] = "*fp32" if (a == "O" and split) else "*bf16"
-        else:
-            sig[a] = "fp32" if a in FLOAT else "i32"
-        if sig[a].startswith("*") or a.startswith("stride") and sig[a] == "i32":
-            attrs[(i,)] = [["tt.divisibility", 16]]
-    log = io.StringIO()
-    with contextlib.redirect_stdout(log):
-        k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
-                           target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
-    info, ptx = log.getvalue(), k.asm["ptx"]
-    regs = re.findall(r"Used (\d+) registers", info)
-    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", info)
-    spill = sum(int(a) + int(b) for a, b in spills) if spills else -1
-    return dict(regs=int(regs[0]) if regs else -1, spill_bytes=spill, smem=k.metadata.shared,
-                wgmma=len(re.findall(r"wgmma\.mma_async", ptx)),
-                mma_sync=len(re.findall(r"\bmma\.sync", ptx)))
-
-for s in json.loads(sys.argv[1]):
-    fn = {"fwd": K._attn_fwd, "dkdv": K._attn_bwd_dkdv, "dq": K._attn_bwd_dq}[s["kernel"]]
-    bm, bn, w, st = s["config"]
-    row = dict(s, triton=triton.__version__)
-    try:
-        row.update(build(fn, dict(s["consts"], BLOCK_M=bm, BLOCK_N=bn), w, st, s["consts"].get("SPLIT", False)))
-    except Exception as e:  # a kernel that does not build is a row, not a crash
-        row["error"] = (str(e).strip().splitlines() or [type(e).__name__])[-1][:300]
-    print(json.dumps(row), flush=True)
-'''
-
-
 def report_specs() -> list[dict]:
     """The kernels issue 23 adds, with the configs and constexprs the launchers pick on a GPU (bf16): D512 training
     (forward; backward dK, dV, dQ), MLA training (Q/K 192, V 128) and MLA decoding (Q/K 576, V 512 on the keys' view;
@@ -593,20 +534,6 @@ def report_specs() -> list[dict]:
     return specs
 
 
-def compile_report(specs: list[dict]) -> list[dict]:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    r = subprocess.run([sys.executable, "-c", _AOT, json.dumps(specs)], env=env, capture_output=True, text=True,
-                       timeout=1200)
-    rows = [json.loads(ln) for ln in r.stdout.splitlines() if ln.startswith("{")]
-    if r.returncode or len(rows) != len(specs):
-        tail = (r.stderr.strip().splitlines() or [""])[-1]
-        if any(x in tail for x in ("ImportError", "ModuleNotFoundError", "ptxas", "FileNotFoundError", "backend")):
-            pytest.skip(f"cannot compile for sm_90 here: {tail}")
-        raise AssertionError(r.stderr[-3000:])
-    return rows
-
-
 def format_rows(rows: list[dict]) -> str:
     cols = ("name", "kernel", "config", "regs", "spill_bytes", "smem", "wgmma", "mma_sync")
     lines = [" | ".join(cols)]
@@ -622,7 +549,7 @@ def test_d512_and_mla_kernels_compile_to_tensor_cores_without_spills():
     """What the interpreter cannot show: the default configs of the D512 and MLA kernels lower and assemble for an
     H100 (ptxas, no GPU needed) with tensor-core instructions (wgmma or mma.sync), no register spills and shared
     memory within sm_90's 227 KB. The table (registers, spills per kernel) is printed for the issue's notes."""
-    rows = compile_report(report_specs())
+    rows = run_rows(ATTENTION, report_specs())
     print("\n" + format_rows(rows))
     for r in rows:
         name = f"{r['name']} {r['kernel']} {r['config']}"
@@ -633,4 +560,4 @@ def test_d512_and_mla_kernels_compile_to_tensor_cores_without_spills():
 
 
 if __name__ == "__main__":  # the compile report, for the issue notes
-    print(format_rows(compile_report(report_specs())))
+    print(format_rows(run_rows(ATTENTION, report_specs())))
