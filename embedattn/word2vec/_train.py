@@ -111,8 +111,11 @@ class CompiledStep:
             n = self.size
             z = torch.zeros(n, dtype=torch.long)
             # compile now; with lr = 0 (and every negative equal to its target, so masked) the
-            # warm-up call changes nothing
-            self.fn(z, z, torch.zeros(n, negative, dtype=torch.long), w_in, w_out, torch.tensor(0.0), chunk)
+            # warm-up call changes nothing. Inputs and targets are distinct tensors, as in training: one
+            # tensor for both made Dynamo guard on `inp is tgt`, so the first training calls recompiled,
+            # from both worker threads at once, which torch 2.13 answers with "fullgraph=True found no
+            # compiled frames"
+            self.fn(z, z.clone(), torch.zeros(n, negative, dtype=torch.long), w_in, w_out, torch.tensor(0.0), chunk)
             self.ok = True
         except Exception as e:  # noqa: BLE001 (any compiler failure means: run eager)
             import warnings
