@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 SOURCE = Path(__file__).with_name("_w2v.c")
-ABI_VERSION = 2  # W2V_ABI_VERSION in _w2v.c
+ABI_VERSION = 3  # W2V_ABI_VERSION in _w2v.c
 
 # -ffast-math is avoided on purpose: linked into a shared library it sets flush-to-zero for the whole
 # process. The reassociation flags alone let the compiler vectorize the dot products.
@@ -39,7 +39,7 @@ class W2VArgs(ctypes.Structure):
         ("keep", _p), ("aprob", _p), ("alias", _p), ("w_in", _p), ("w_out", _p), ("w_hs", _p), ("lockf", _p),
         ("hs_off", _p), ("hs_points", _p), ("hs_codes", _p), ("stats", _p),
         ("V", _i64), ("D", _i64), ("K", _i64), ("W", _i64), ("seed", ctypes.c_uint64), ("pos_base", _i64),
-        ("lr_start", _f64), ("lr_end", _f64), ("total", _f64), ("max_chunk", _i64), ("max_code", _i64),
+        ("lr_start", _f64), ("lr_end", _f64), ("total", _f64), ("max_chunk", _i64),
         ("sg", _i32), ("cbow_mean", _i32), ("shared", _i32), ("shrink", _i32), ("want_loss", _i32), ("hs", _i32),
     ]
 
@@ -139,14 +139,13 @@ def train_chunks(fn, tokens: np.ndarray, bounds: np.ndarray, c_begin: int, c_end
     stats = np.zeros(3)
     V, D = w_in.shape
     hs = w_hs is not None
-    max_code = int(np.diff(hs_off).max(initial=0)) if hs else 0
     args = W2VArgs(
         tokens=_ptr(tokens), bounds=_ptr(bounds), c_begin=c_begin, c_end=c_end, c_step=c_step, keep=_ptr(keep_prob),
         aprob=_ptr(alias_prob), alias=_ptr(alias), w_in=_ptr(w_in), w_out=_ptr(w_out) if negative else None,
         w_hs=_ptr(w_hs), lockf=_ptr(lockf), hs_off=_ptr(hs_off) if hs else None,
         hs_points=_ptr(hs_points) if hs else None, hs_codes=_ptr(hs_codes) if hs else None, stats=_ptr(stats),
         V=V, D=D, K=negative, W=window, seed=seed, pos_base=pos_base, lr_start=lr_start, lr_end=lr_end,
-        total=total_words, max_chunk=max_chunk, max_code=max_code, sg=int(sg), cbow_mean=int(cbow_mean),
+        total=total_words, max_chunk=max_chunk, sg=int(sg), cbow_mean=int(cbow_mean),
         shared=int(shared_negatives), shrink=int(shrink_windows), want_loss=int(want_loss), hs=int(hs))
     if fn(ctypes.byref(args)):
         raise MemoryError("word2vec C kernel: out of memory")

@@ -15,7 +15,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define W2V_ABI_VERSION 2
+#define W2V_ABI_VERSION 3
 
 typedef struct {
     const int32_t *tokens;    /* the corpus, vocabulary ids */
@@ -36,7 +36,7 @@ typedef struct {
     uint64_t seed;
     int64_t pos_base;         /* corpus position of tokens[0] over all epochs: keys the draws and the lr */
     double lr_start, lr_end, total;
-    int64_t max_chunk, max_code;
+    int64_t max_chunk;
     int32_t sg, cbow_mean, shared, shrink, want_loss, hs;
 } w2v_args;
 
@@ -128,17 +128,18 @@ static inline void add_back(float *table, const int32_t *ids, int64_t n, const f
     }
 }
 
-/* One hierarchical-softmax step of the input h against n node rows (codes c): rows[l * D] when pts is NULL
-   (skip-gram's held copies), rows[pts[l] * D] otherwise (CBOW walks syn1 itself: its path serves one centre,
-   so a held copy would only cost its load and write-back, as much again as the step):
+/* One hierarchical-softmax step of the input h against the n node rows w_hs[pts[l]] (codes c):
    neu1e += g * u, u += g * h, with g = (1 - code - sigmoid(u . h)) * lr per node u. A node whose score is
-   saturated (|f| >= HS_MAX_EXP) is skipped, as word2vec.c and gensim do for hierarchical softmax. The loss. */
+   saturated (|f| >= HS_MAX_EXP) is skipped, as word2vec.c and gensim do for hierarchical softmax. The loss.
+   The rows are updated in place, as gensim does: the reference and the Triton kernel hold the centre's path
+   over its window (registers on a GPU), which is the same arithmetic in one thread, but here a held copy
+   cost its load and write-back, a fifth of skip-gram's step and as much again as CBOW's. */
 #define HS_MAX_EXP 6.0f
-static inline double hs_step(float *rows, const int32_t *pts, const uint8_t *c, int64_t n, const float *h,
+static inline double hs_step(float *w_hs, const int32_t *pts, const uint8_t *c, int64_t n, const float *h,
                              float *neu1e, float lr, int want_loss, int64_t D) {
     double loss = 0;
     for (int64_t l = 0; l < n; l++) {
-        float g, *u = rows + (pts ? (int64_t)pts[l] : l) * D, f = dot(u, h, D);
+        float g, *u = w_hs + (int64_t)pts[l] * D, f = dot(u, h, D);
         if (f <= -HS_MAX_EXP || f >= HS_MAX_EXP) continue;
         loss += grad(f, 1.0f - (float)c[l], lr, want_loss, &g);
         axpy(g, u, neu1e, D);
@@ -148,7 +149,7 @@ static inline double hs_step(float *rows, const int32_t *pts, const uint8_t *c, 
 }
 
 int w2v_train(const w2v_args *a) {
-    const int64_t D = a->D, K = a->K, W = a->W, V = a->V, K1 = a->K + 1, L = a->hs ? a->max_code : 0;
+    const int64_t D = a->D, K = a->K, W = a->W, V = a->V, K1 = a->K + 1;
     const int64_t stride = 2 + 2 * W * K, S = 2 * W + 2;
     const uint64_t seed = a->seed;
     const int32_t *tokens = a->tokens;
@@ -158,10 +159,9 @@ int w2v_train(const w2v_args *a) {
     uint32_t *r0s = malloc(sizeof(uint32_t) * K1), *r1s = malloc(sizeof(uint32_t) * K1);
     float *held = malloc(sizeof(float) * S * D), *loaded = malloc(sizeof(float) * S * D), *lock = malloc(sizeof(float) * S);
     float *u = malloc(sizeof(float) * K1 * D), *u0 = malloc(sizeof(float) * K1 * D);
-    float *uh = malloc(sizeof(float) * (L > 0 ? L : 1) * D), *uh0 = malloc(sizeof(float) * (L > 0 ? L : 1) * D);
     float *neu1e = malloc(sizeof(float) * D), *h = malloc(sizeof(float) * D), *g = malloc(sizeof(float) * K1);
     int rc = 0;
-    if (!words || !ids || !r0s || !r1s || !held || !loaded || !lock || !u || !u0 || !uh || !uh0 || !neu1e || !h || !g) {
+    if (!words || !ids || !r0s || !r1s || !held || !loaded || !lock || !u || !u0 || !neu1e || !h || !g) {
         rc = 1;
         goto done;
     }
@@ -204,14 +204,10 @@ int w2v_train(const w2v_args *a) {
             if (jhi - jlo <= 1) continue;
             const int32_t cw = words[m];
             ids[0] = cw;
-            /* the centre's Huffman path: its node rows are held over the window (skip-gram) */
+            /* the centre's Huffman path */
             const int64_t nl = a->hs ? a->hs_off[cw + 1] - a->hs_off[cw] : 0;
             const int32_t *pts = a->hs ? a->hs_points + a->hs_off[cw] : NULL;
             const uint8_t *cds = a->hs ? a->hs_codes + a->hs_off[cw] : NULL;
-            if (nl && a->sg) {
-                copy_rows(uh, w_hs, pts, nl, D);
-                memcpy(uh0, uh, sizeof(float) * nl * D);
-            }
             if (a->sg) {
                 const int64_t nheld = K == 0 ? 0 : (a->shared ? K1 : 1); /* output rows held over the window */
                 if (K > 0) {
@@ -240,12 +236,11 @@ int w2v_train(const w2v_args *a) {
                             else axpy(g[k], v, w_out + (int64_t)ids[k] * D, D);
                         }
                     }
-                    if (nl) loss += hs_step(uh, NULL, cds, nl, v, neu1e, lr, a->want_loss, D);
+                    if (nl) loss += hs_step(w_hs, pts, cds, nl, v, neu1e, lr, a->want_loss, D);
                     pairs += 1;
                     axpy(lock[j % S], neu1e, v, D);
                 }
                 if (K > 0) add_back(w_out, ids, nheld, u, u0, D);
-                if (nl) add_back(w_hs, pts, nl, uh, uh0, D);
             } else {
                 memset(h, 0, sizeof(float) * D);
                 int64_t cnt = 0;
@@ -279,6 +274,6 @@ int w2v_train(const w2v_args *a) {
     a->stats[2] += kept;
 done:
     free(words); free(ids); free(r0s); free(r1s); free(held); free(loaded); free(lock);
-    free(u); free(u0); free(uh); free(uh0); free(neu1e); free(h); free(g);
+    free(u); free(u0); free(neu1e); free(h); free(g);
     return rc;
 }
