@@ -278,27 +278,38 @@ def _empty_result(q, k, v, return_lse, sinks=None):
 # registered ops: bodies launch the kernels (see embedattn._registry); fakes for the interpreter
 # --------------------------------------------------------------------------------------------------
 def _spec_op(name: str, fake):
-    """Register ``fn(*args, spec: AttnSpec)`` (and its ``fake``, of the same signature) as
-    ``torch.ops.embedattn.<name>``: the schema is fn's own arguments then the spec's fields (``AttnSpec.op_args``),
-    the body receives the spec rebuilt by ``AttnSpec.from_op_args``. A field added to the spec reaches every op."""
+    """Register ``fn(*args, spec: AttnSpec, *, extra=None, ...)`` (and its ``fake``, of the same signature) as
+    ``torch.ops.embedattn.<name>``: the schema is fn's own arguments, then the spec's fields (``AttnSpec.op_args``),
+    then fn's keyword-only arguments after the spec (optional, default None: an op's layout grown later, so that
+    calls written before it keep their positions); the body receives the spec rebuilt by
+    ``AttnSpec.from_op_args``. A field added to the spec reaches every op."""
     spec_types = typing.get_type_hints(AttnSpec)
     spec_params = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=spec_types[n])
                    for n in _SPEC_FIELDS]
 
     def register(fn):
         hints = typing.get_type_hints(fn)
-        own = [p.replace(annotation=hints[p.name]) for p in inspect.signature(fn).parameters.values()
-               if p.name != "spec"]
-        n = len(own)
+        params = list(inspect.signature(fn).parameters.values())
+        own = [p.replace(annotation=hints[p.name]) for p in params if p.kind != p.KEYWORD_ONLY and p.name != "spec"]
+        extra = [p.replace(annotation=hints[p.name], kind=p.POSITIONAL_OR_KEYWORD) for p in params
+                 if p.kind == p.KEYWORD_ONLY]
+        n, m = len(own), len(own) + len(spec_params)
 
-        def op(*args):
-            return fn(*args[:n], AttnSpec.from_op_args(args[n:]))
+        def split(args, kwargs):
+            extras = dict(zip((p.name for p in extra), args[m:]))
+            extras.update(kwargs)
+            return args[:n], AttnSpec.from_op_args(args[n:m]), extras
 
-        def op_fake(*args):
-            return fake(*args[:n], AttnSpec.from_op_args(args[n:]))
+        def op(*args, **kwargs):
+            own_args, spec, extras = split(args, kwargs)
+            return fn(*own_args, spec, **extras)
+
+        def op_fake(*args, **kwargs):
+            own_args, spec, extras = split(args, kwargs)
+            return fake(*own_args, spec, **extras)
 
         op.__name__, op.__doc__ = fn.__name__, fn.__doc__
-        op.__signature__ = inspect.Signature(own + spec_params, return_annotation=hints["return"])
+        op.__signature__ = inspect.Signature(own + spec_params + extra, return_annotation=hints["return"])
         return kernel_op(name, fake=op_fake)(op)
 
     return register
@@ -392,17 +403,20 @@ def _gluon_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec
     return gluon_forward(q, k, v, spec)
 
 
-def _varlen_fwd_fake(q, k, v, cu_q, cu_k, max_q, max_k, spec):
+def _varlen_fwd_fake(q, k, v, cu_q, cu_k, max_q, max_k, spec, *, block_table=None):
     return q.new_empty(*q.shape[:2], v.shape[-1]), q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)
 
 
 @_spec_op("varlen_fwd", fake=_varlen_fwd_fake)
 def _varlen_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
-                max_q: int, max_k: int, spec: AttnSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """Packed (total, H, D) sequences (v: (total_k, Hkv, Dv)): (out (total_q, Hq, Dv), lse2 (H, total_q))."""
+                max_q: int, max_k: int, spec: AttnSpec, *, block_table: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed (total, H, D) sequences (v: (total_k, Hkv, Dv)): (out (total_q, Hq, Dv), lse2 (H, total_q)). With
+    ``block_table`` (B, max_pages) k/v are pools of pages (num_pages, Hkv, page_size, D / Dv), sequence b's keys
+    its first cu_k[b+1] - cu_k[b] positions through its table row."""
     from .kernels.attention import varlen_forward
 
-    return varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, spec)
+    return varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, spec, block_table=block_table)
 
 
 def _varlen_bwd_fake(dout, q, k, v, out, lse2, cu_q, cu_k, max_q, max_k, spec):
@@ -419,20 +433,20 @@ def _varlen_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     return _with_dsinks(varlen_backward(dout, q, k, v, out, lse2, cu_q, cu_k, max_q, max_k, spec), q)
 
 
-def _kvcache_fwd_fake(q, k_cache, v_cache, lens, block_table, num_splits, spec):
+def _kvcache_fwd_fake(q, k_cache, v_cache, lens, block_table, num_splits, spec, *, starts=None):
     return _out_like(q, v_cache), _lse_like(q)
 
 
 @_spec_op("kvcache_fwd", fake=_kvcache_fwd_fake)
 def _kvcache_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lens: torch.Tensor,
-                 block_table: torch.Tensor | None, num_splits: int, spec: AttnSpec
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decoding: batch b attends to its first ``lens[b]`` cached keys (int32), causal bottom-right; with
-    ``block_table`` the caches are pools of pages read through it. (out (B, Hq, Nq, Dv) in q's memory order, lse2
-    (B, Hq, Nq) base 2, the sink included)."""
+                 block_table: torch.Tensor | None, num_splits: int, spec: AttnSpec, *,
+                 starts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decoding: batch b attends to its cached keys ``starts[b]`` (int32, in [0, lens[b]]; None: 0) .. ``lens[b]``
+    - 1 (int32), causal bottom-right; with ``block_table`` the caches are pools of pages read through it. (out
+    (B, Hq, Nq, Dv) in q's memory order, lse2 (B, Hq, Nq) base 2, the sink included)."""
     from .kernels.attention import kvcache_forward
 
-    return kvcache_forward(q, k_cache, v_cache, lens, spec, num_splits, block_table=block_table)
+    return kvcache_forward(q, k_cache, v_cache, lens, spec, num_splits, block_table=block_table, k_starts=starts)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -946,14 +960,6 @@ def _table_error(block_table: torch.Tensor, used: torch.Tensor, n_pages: int) ->
                       f"a pool of {n_pages} pages ([0, {n_pages})); the entry holds positions used by batch {b}")
 
 
-def _pages_as_cache(pool: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
-    """The (B, Hkv, max_pages * page_size, D) contiguous copy of a paged cache (for the reference only; entries are
-    clamped into the pool, so padding past a batch's pages reads some page, never outside)."""
-    b, max_pages = block_table.shape
-    g = pool[block_table.long().clamp(0, pool.shape[0] - 1)]  # (B, max_pages, Hkv, page_size, D)
-    return g.permute(0, 2, 1, 3, 4).reshape(b, pool.shape[1], max_pages * pool.shape[2], pool.shape[3])
-
-
 @torch.no_grad()
 def attention_with_kvcache(
     q: torch.Tensor,
@@ -970,6 +976,7 @@ def attention_with_kvcache(
     alibi_slopes: torch.Tensor | None = None,
     num_splits: int = 0,
     block_table: torch.Tensor | None = None,
+    cache_leftpad: torch.Tensor | None = None,
     return_lse: bool = False,
     check_bounds: bool | str | None = None,
     sinks: torch.Tensor | None = None,
@@ -1007,8 +1014,18 @@ def attention_with_kvcache(
     row, one page id per row (correct at any size; its cost is measured by
     benchmarks/scripts/decode_bench.py, not yet on a GPU).
 
-    ``check_bounds``: how ``0 <= cache_seqlens[b]`` and ``cache_seqlens[b] + Nnew <= S`` are checked, and
-    with a block table that every entry used lies in [0, num_pages) (the modes of ``embedding``):
+    ``cache_leftpad`` (B,) int32/int64: a left-padded cache (FlashAttention's ``cache_leftpad``): batch b's keys are
+    its cache positions ``cache_leftpad[b] .. cache_seqlens[b] + Nnew - 1``, positions left of it are never read
+    (they may hold anything). Positions stay absolute: the causal diagonal, the window sides and the ALiBi distances
+    are measured in cache positions as without it (query i's diagonal is ``cache_seqlens[b] + Nnew - Nq + i``), and
+    ``k_new``/``v_new`` are appended at ``cache_seqlens[b]``; so ``cache_leftpad`` is exactly a per-batch lower
+    bound on the keys seen. ``cache_leftpad[b] = cache_seqlens[b]``: only the new keys (none without k_new: zeros,
+    lse -inf or the sink). With a block table the positions are read through the pages as usual; split-KV splits
+    the keys from ``cache_leftpad[b]`` on. Checked with the lengths: ``0 <= cache_leftpad[b] <= cache_seqlens[b]``.
+
+    ``check_bounds``: how ``0 <= cache_seqlens[b]`` and ``cache_seqlens[b] + Nnew <= S`` (and
+    ``0 <= cache_leftpad[b] <= cache_seqlens[b]``) are checked, and with a block table that every entry used lies in
+    [0, num_pages) (the modes of ``embedding``):
 
     * ``None`` (default): "device" on CUDA (and while torch.compile traces), "sync" on the CPU, where
       reading the lengths costs nothing. The default decoding step on CUDA reads nothing back to the host.
@@ -1021,10 +1038,10 @@ def attention_with_kvcache(
       ``embedding``); a compiled CPU graph raises the assertion's ``RuntimeError`` before the append.
     * ``"off"`` (or ``False``): no check.
 
-    In every mode no read or write leaves the cache: a batch whose lengths (or used table entries) are out of
-    range gets no append and writes nothing (neither its own slots nor, through a bad table entry, another
-    batch's: the other batches' appends are exact) and attends to its lengths clamped to [0, S], through
-    table entries clamped into the pool.
+    In every mode no read or write leaves the cache: a batch whose lengths (or used table entries, or leftpad) are
+    out of range gets no append and writes nothing (neither its own slots nor, through a bad table entry, another
+    batch's: the other batches' appends are exact) and attends to its lengths clamped to [0, S] (its leftpad to
+    [0, that length]), through table entries clamped into the pool.
     """
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         if not isinstance(t, torch.Tensor):
@@ -1043,6 +1060,15 @@ def attention_with_kvcache(
         raise AttentionTypeError(f"cache_seqlens must be an int32/int64 tensor of shape ({B},)")
     if cache_seqlens.device != q.device:
         raise AttentionInputError(f"cache_seqlens is on {cache_seqlens.device}, q on {q.device}")
+    if cache_leftpad is not None:
+        if (not isinstance(cache_leftpad, torch.Tensor) or cache_leftpad.dtype not in (torch.int32, torch.int64)
+                or tuple(cache_leftpad.shape) != (B,)):
+            got = (f"{cache_leftpad.dtype} of shape {tuple(cache_leftpad.shape)}"
+                   if isinstance(cache_leftpad, torch.Tensor) else type(cache_leftpad).__name__)
+            raise AttentionTypeError(f"cache_leftpad must be an int32/int64 tensor of shape ({B},) (batch b's first "
+                                     f"cache position), got {got}")
+        if cache_leftpad.device != q.device:
+            raise AttentionInputError(f"cache_leftpad is on {cache_leftpad.device}, q on {q.device}")
     n_new = 0
     if k_new is None and v_new is not None:
         raise AttentionInputError("k_new and v_new must be given together (v_new alone has no keys)")
@@ -1087,35 +1113,51 @@ def attention_with_kvcache(
     lens = cache_seqlens.to(torch.int64)
     ok = (lens >= 0) & (lens + n_new <= S)  # (B,)
     msg = f"attention_with_kvcache: cache_seqlens + Nnew must lie in [0, {S}] (the cache length)"
+    checks = [ok]  # (B,) bool each, in the order their errors are raised
     if paged:
         n_pages = k_cache.shape[0]
         # entry j holds positions [j * page, (j + 1) * page): used by batch b iff j * page < its length
         used = torch.arange(block_table.shape[1], device=q.device)[None, :] * page < \
             (lens + n_new).clamp(0, S)[:, None]
-        table_ok = ~(used & ((block_table < 0) | (block_table >= n_pages))).any(dim=1)  # (B,)
-        if mode == "sync":
-            lens_ok, entries_ok = torch.stack([ok.all(), table_ok.all()]).tolist()  # the one host read
-            if not lens_ok:
-                raise _length_error(msg, lens, ok, n_new)
-            if not entries_ok:
-                raise _table_error(block_table, used, n_pages)
-        ok = ok & table_ok
-        msg += f" and every block_table entry used must lie in [0, {n_pages}) (the pool's pages)"
-    elif mode == "sync" and not bool(ok.all()):
-        raise _length_error(msg, lens, ok, n_new)
+        checks.append(~(used & ((block_table < 0) | (block_table >= n_pages))).any(dim=1))
+        msg += f", every block_table entry used must lie in [0, {n_pages}) (the pool's pages)"
+    if cache_leftpad is not None:
+        pad = cache_leftpad.to(torch.int64)
+        checks.append((pad >= 0) & (pad <= lens))
+        msg += ", and 0 <= cache_leftpad <= cache_seqlens"
+    if mode == "sync":
+        passed = torch.stack([c.all() for c in checks]).tolist()  # the one host read
+        if not passed[0]:
+            raise _length_error(msg, lens, ok, n_new)
+        if paged and not passed[1]:
+            raise _table_error(block_table, used, n_pages)
+        if not passed[-1]:
+            raise _leftpad_error(pad, lens, checks[-1])
+    for c in checks[1:]:
+        ok = ok & c
     if mode == "device":
         assert_ok(ok.all(), msg)
     if n_new:  # (v_new None: v_cache is a view of k_cache's columns, written with the keys)
         _append(k_cache, v_cache, k_new, v_new, lens, None if mode == "sync" else ok, block_table)
-    total = (lens + n_new).clamp(0, S).to(torch.int32)
+    total = (lens + n_new).clamp(0, S)
+    # unchecked, a leftpad out of range is clamped into [0, the batch's length]: the kernel reads no key outside
+    starts = None if cache_leftpad is None else torch.minimum(pad.clamp(min=0), total).to(torch.int32)
+    total = total.to(torch.int32)
     if be == "reference" or q.numel() == 0:
-        if paged:  # the oracle reads a contiguous copy of the pages
-            k_cache, v_cache = _pages_as_cache(k_cache, block_table), _pages_as_cache(v_cache, block_table)
-        # causal bottom-right per batch
+        # causal bottom-right per batch; a paged cache read through a contiguous copy of the pages
         return reference.attention_with_kvcache(q, k_cache, v_cache, total, return_lse=return_lse,
+                                                cache_leftpad=starts, block_table=block_table,
                                                 **spec.reference_kwargs())
-    out, lse2 = torch.ops.embedattn.kvcache_fwd(q, k_cache, v_cache, total, block_table, num_splits, *spec.op_args())
+    out, lse2 = torch.ops.embedattn.kvcache_fwd(q, k_cache, v_cache, total, block_table, num_splits, *spec.op_args(),
+                                                starts=starts)
     return (out, lse2 * _LN2) if return_lse else out
+
+
+def _leftpad_error(pad: torch.Tensor, lens: torch.Tensor, ok: torch.Tensor) -> AttentionInputError:
+    """The sync-mode leftpad error, naming the first bad batch (one more host read, on the error path only)."""
+    b = int((~ok).nonzero()[0])
+    return AttentionInputError(f"attention_with_kvcache: cache_leftpad must lie in [0, cache_seqlens] per batch: batch "
+                               f"{b} has cache_leftpad[{b}] = {int(pad[b])} with cache_seqlens[{b}] = {int(lens[b])}")
 
 
 def _length_error(msg: str, lens: torch.Tensor, ok: torch.Tensor, n_new: int) -> AttentionInputError:

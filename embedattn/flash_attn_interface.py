@@ -64,7 +64,11 @@ Differences, all documented here and raised clearly where an argument asks for s
   no multiple-of-8 padding is needed), any strides.
 * The packed functions' backward assembles the packed gradient with one ``stack`` (FlashAttention writes
   dq, dk, dv into one buffer).
-* ``flash_attn_with_kvcache``: ``cache_leftpad`` is not supported (NotImplementedError). Paged caches take
+* ``flash_attn_with_kvcache``: ``cache_leftpad`` as FlashAttention's (batch b's keys are cache positions
+  ``cache_leftpad[b] .. cache_seqlens[b] + seqlen_new - 1``; the diagonal, windows, ALiBi and rotary stay in
+  absolute positions), on both backends and split-KV; it also combines with ``block_table`` and with
+  ``cache_batch_idx`` (FlashAttention 2 refuses it with a paged cache). A leftpad outside
+  ``[0, cache_seqlens[b]]`` is checked like the lengths (``check_bounds``). Paged caches take
   any page size >= 1 (FlashAttention 2 needs a multiple of 256); multiples of the kernel's key tile (64
   for head dims up to 128, 32 above) read each tile from one page like a contiguous cache, other sizes
   gather rows (see ``embedattn.attention_with_kvcache``). ``cache_batch_idx`` is supported for a contiguous
@@ -404,7 +408,10 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     every query at ``cache_seqlens[b]``; ``rotary_interleaved`` pairs (0, 1), (2, 3), ... (GPT-J), else
     (0, rotary_dim / 2), ... (GPT-NeoX). ``cache_seqlens``: an int or (B,) int tensor, the cached length of
     each sequence (None: the whole cache; required with k/v). ``cache_batch_idx`` (B,) int: the cache row of
-    each sequence (contiguous caches only). Batch b attends to its first cache_seqlens[b] + Nnew positions.
+    each sequence (contiguous caches only). Batch b attends to its first cache_seqlens[b] + Nnew positions, from
+    ``cache_leftpad[b]`` on when given ((B,) int32: a left-padded cache; positions, the causal diagonal, windows,
+    ALiBi and rotary stay absolute, the append goes at cache_seqlens[b]; ``0 <= cache_leftpad[b] <=
+    cache_seqlens[b]``, checked with the lengths).
     Ours: ``sinks`` (H,); ``check_bounds`` (None | "sync" | "device" | "off", embedattn's modes).
 
     Returns out (B, Nq, H, Dv), or ``(out, softmax_lse (B, H, Nq) float32)`` with ``return_softmax_lse``. Every
@@ -418,9 +425,6 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         "(batch_size_cache, seqlen_cache, nheads_k, headdim)"
     _tensor("k_cache", k_cache, 4, cache_layout)
     _tensor("v_cache", v_cache, 4, cache_layout)
-    if cache_leftpad is not None:
-        raise NotImplementedError("embedattn.flash_attn_interface.flash_attn_with_kvcache does not support "
-                                  "cache_leftpad")
     check_bool("return_softmax_lse", return_softmax_lse)
     check_bool("rotary_interleaved", rotary_interleaved)
     if k is None and v is not None:
@@ -481,7 +485,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
             _heads_first(q), kc, vc, cache_seqlens, None if k is None else _heads_first(k),
             None if v is None else _heads_first(v), causal=causal, scale=softmax_scale, window=window,
             softcap=_softcap(softcap), alibi_slopes=alibi_slopes, num_splits=num_splits, block_table=block_table,
-            return_lse=return_softmax_lse, sinks=sinks, check_bounds=check_bounds, backend=backend)
+            cache_leftpad=cache_leftpad, return_lse=return_softmax_lse, sinks=sinks, check_bounds=check_bounds,
+            backend=backend)
     except IndexError as e:
         if cache_batch_idx is None:
             raise

@@ -489,7 +489,8 @@ def _attn_fwd(
         split = 0
         start_m = tl.program_id(0) * BLOCK_M
     b, h, hk, q_start, k_start, Nq, Nk, causal_off = _program(NBH, H, GROUP, CU_Q, CU_K, Nq, Nk, causal_off, VARLEN)
-    if KLENS:  # a kv cache: batch b attends to its first K_LENS[b] keys, causal bottom-right
+    if KLENS:  # a kv cache: batch b attends to its first K_LENS[b] keys, causal bottom-right (KLENS == 2: from key
+        # K_LENS[B + b] on, a left-padded cache: K_LENS is (2, B), the ends then the starts)
         Nk = tl.load(K_LENS + b).to(tl.int32)
         causal_off = Nk - Nq
     if start_m >= Nq:
@@ -519,11 +520,30 @@ def _attn_fwd(
                                   drop_p, drop_scale, DROP_MQ, DROP_MK, ALIBI, DROPOUT)
 
     lo, mid, hi = _key_range(start_m, Nk, causal_off, win_left, win_right, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
+    k_lo = 0
+    if KLENS == 2:  # a left-padded cache: batch b's keys start at k_lo (in [0, Nk]); from the block holding it
+        k_lo = tl.load(K_LENS + NBH // H + b).to(tl.int32)
+        lo = tl.maximum(lo, (k_lo // BLOCK_N) * BLOCK_N)
+        mid = tl.maximum(mid, lo)
     if SPLIT:  # this program's chunk of the range, masked whole
         chunk = tl.cdiv(tl.cdiv(tl.maximum(hi - lo, 0), NUM_SPLITS), BLOCK_N) * BLOCK_N
         lo = lo + split * chunk
         hi = tl.minimum(hi, lo + chunk)
         mid = lo
+    if KLENS == 2:
+        # the block holding k_lo (when it starts before k_lo) as one tile from k_lo itself, its keys ending where
+        # the block ends (the Nk its masks and loads see): no key left of k_lo is read, no per-key test in the
+        # other tiles. Only the program whose range starts at that block runs it; the rest starts one block on
+        head = k_lo > lo
+        head_args, _ = _head_args(b, h, H, M, SLOPES, SEED, stride_mb, stride_mh, stride_mm, stride_mn, stride_sb,
+                                  stride_sh, Nq, tl.minimum(Nk, lo + BLOCK_N), causal_off, qk_scale, sc_scale,
+                                  sc_log2e, win_left, win_right, drop_p, drop_scale, DROP_MQ, DROP_MK, ALIBI, DROPOUT)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, q_src, offs_m, kv, pages, k_lo,
+                                   tl.where(head, tl.minimum(hi, lo + BLOCK_N), k_lo), head_args, drop, BLOCK_M,
+                                   BLOCK_N, HEAD_DIM, BLOCK_D, NUM_DK, HEAD_DIM_V, BLOCK_DV, True, CAUSAL, WINDOW,
+                                   MASK_KIND, SOFTCAP, ALIBI, DROPOUT, PREC, PAGE)
+        lo = tl.where(head, lo + BLOCK_N, lo)
+        mid = tl.maximum(mid, lo)
     if not (SPLIT or WINDOW):  # interior: unmasked (a window band or a split has none: mid = lo)
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, q_src, offs_m, kv, pages, lo, mid, score_args, drop, BLOCK_M,
                                    BLOCK_N, HEAD_DIM, BLOCK_D, NUM_DK, HEAD_DIM_V, BLOCK_DV, False, CAUSAL, WINDOW,
@@ -950,17 +970,19 @@ def _packed(t):
 # --------------------------------------------------------------------------------------------------
 # launchers
 # --------------------------------------------------------------------------------------------------
-def _forward(q, k, v, spec, *, varlen=None, k_lens=None, num_splits=1, block_table=None):
+def _forward(q, k, v, spec, *, varlen=None, k_lens=None, k_starts=None, num_splits=1, block_table=None):
     """Shared forward launcher. Dense: q (B,H,Nq,D), v (B,HKV,Nk,Dv) -> out (B,H,Nq,Dv) in q's memory order, lse2
     (B,H,Nq). Varlen: q (Tq,H,D) packed, varlen=(cu_q, cu_k, max_q, max_k) -> out (Tq,H,Dv), lse2 (H,Tq). Split-KV
     (num_splits > 1) returns the per-split partials (B,H,S,Nq,Dv) fp32 and (B,H,S,Nq), computed without the sink,
-    for the caller to combine. ``block_table`` (with k_lens): k/v are pools of pages (num_pages, HKV, page_size,
-    D or Dv) read through the (B, max_pages) int32 table."""
+    for the caller to combine. ``block_table`` (with k_lens, or varlen): k/v are pools of pages (num_pages, HKV,
+    page_size, D or Dv) read through the (B, max_pages) int32 table; varlen sequence b's keys are then its first
+    cu_k[b+1] - cu_k[b] positions. ``k_starts`` (with k_lens) (B,) int32 in [0, k_lens[b]]: batch b's first key."""
     Dv = v.shape[-1]
+    paged = block_table is not None
     if varlen is None:
         B, H, Nq, D = q.shape
         HKV, Nk = k.shape[1], k.shape[2]
-        if block_table is not None:
+        if paged:
             Nk *= block_table.shape[1]  # the capacity; each batch's length is read from k_lens
         sq, sk, sv = _dense(q), _dense(k), _dense(v)
         drop_mq, drop_mk = Nq, Nk
@@ -968,7 +990,8 @@ def _forward(q, k, v, spec, *, varlen=None, k_lens=None, num_splits=1, block_tab
         cu_q, cu_k, max_q, max_k = varlen
         B, (Tq, H, D), HKV = cu_q.numel() - 1, q.shape, k.shape[1]
         Nq, Nk = max_q, max_k
-        sq, sk, sv = _packed(q), _packed(k), _packed(v)
+        sq = _packed(q)
+        sk, sv = (_dense(k), _dense(v)) if paged else (_packed(k), _packed(v))
         drop_mq, drop_mk = max_q, max_k
     split = num_splits > 1
     dev = q.device
@@ -988,13 +1011,15 @@ def _forward(q, k, v, spec, *, varlen=None, k_lens=None, num_splits=1, block_tab
         so, sl, s_os, s_ls = _packed(o), (0, Tq), 0, 0
     feats, flags = _spec_args(spec, B, H, Nq, Nk, q)
     cu_q_t, cu_k_t = (varlen[0], varlen[1]) if varlen is not None else (q, q)
-    paged = block_table is not None
     table, st_table = (block_table, (*block_table.stride(), k.shape[0])) if paged else (q, (0, 0, 0))
+    klens = 0 if k_lens is None else 1 if k_starts is None else 2
+    if klens == 2:  # the kernel reads each batch's key range [start, end) from one (2, B) table
+        k_lens = torch.stack([k_lens, k_starts])
     args = (q, k, v, o, lse, cu_q_t, cu_k_t, k_lens if k_lens is not None else q, table, *feats,
             *sq, *sk, *sv, *so, *sl, s_os, s_ls, *st_table, H, B * H, H // HKV, Nq, Nk,
             drop_mq, drop_mk, num_splits, _bucket(Nq), _bucket(Nk))
-    flags.update(_head_flags(D, Dv, q.dtype, forward=True), VARLEN=varlen is not None, KLENS=k_lens is not None,
-                 SPLIT=split, PAGE=k.shape[2] if paged else 0)
+    flags.update(_head_flags(D, Dv, q.dtype, forward=True), VARLEN=varlen is not None, KLENS=klens, SPLIT=split,
+                 PAGE=k.shape[2] if paged else 0)
     if split:  # the splits run without the sink: kvcache_forward adds it once when it merges them
         flags["SINK"] = False
     heur = _fixed_fwd(_width(flags))
@@ -1122,10 +1147,14 @@ def attention_backward(do, q, k, v, o, lse, spec, *, dlse2=None):
     return _backward(do, q, k, v, o, lse, spec, dlse2=dlse2)
 
 
-def varlen_forward(q, k, v, cu_q, cu_k, max_q: int, max_k: int, spec):
+def varlen_forward(q, k, v, cu_q, cu_k, max_q: int, max_k: int, spec, *, block_table=None):
     """Packed (total, H, D) sequences (v (total_k, HKV, Dv)) delimited by int32 cu_seqlens; causal is bottom-right
-    per sequence (the spec's causal_offset is not read). Returns (out (Tq, H, Dv), lse2 (H, Tq))."""
-    return _forward(q, k, v, spec, varlen=(cu_q, cu_k, int(max_q), int(max_k)))
+    per sequence (the spec's causal_offset is not read). Returns (out (Tq, H, Dv), lse2 (H, Tq)).
+
+    ``block_table`` (B, max_pages): paged keys (prefill with a paged cache). k/v are then pools of pages (num_pages,
+    HKV, page_size, D / Dv) and sequence b's keys are positions 0 .. cu_k[b+1] - cu_k[b] - 1 through its table row
+    (as ``kvcache_forward``'s; the caller guarantees those lengths within the table's capacity)."""
+    return _forward(q, k, v, spec, varlen=(cu_q, cu_k, int(max_q), int(max_k)), block_table=block_table)
 
 
 def varlen_backward(do, q, k, v, o, lse, cu_q, cu_k, max_q: int, max_k: int, spec):
@@ -1133,7 +1162,7 @@ def varlen_backward(do, q, k, v, o, lse, cu_q, cu_k, max_q: int, max_k: int, spe
     return _backward(do, q, k, v, o, lse, spec, varlen=(cu_q, cu_k, int(max_q), int(max_k)))
 
 
-def kvcache_forward(q, k_cache, v_cache, k_lens, spec, num_splits: int = 0, *, block_table=None):
+def kvcache_forward(q, k_cache, v_cache, k_lens, spec, num_splits: int = 0, *, block_table=None, k_starts=None):
     """Decoding forward over a cache: batch b attends to its first k_lens[b] keys (int32), causal
     bottom-right per batch (the spec's causal_offset is not read). Split-KV (flash-decoding): the keys are cut
     into ``num_splits`` chunks run by separate programs and merged by their log-sum-exp, so Nq = 1 with a long
@@ -1146,15 +1175,20 @@ def kvcache_forward(q, k_cache, v_cache, k_lens, spec, num_splits: int = 0, *, b
     table entries in [0, num_pages) (the kernel does not check them). A page size that is a multiple of the key
     tile (BLOCK_N: 64 for head dims up to 128 on a GPU, 32 above) reads each tile from one page like a contiguous
     cache; other sizes gather the tile row by row. v_cache may be a column view of k_cache's memory (MLA's
-    ``k_cache[..., :512]``): read in place through its strides."""
+    ``k_cache[..., :512]``): read in place through its strides.
+
+    ``k_starts`` (B,) int32 in [0, k_lens[b]]: a left-padded cache, batch b's keys are positions k_starts[b] ..
+    k_lens[b] - 1 (the diagonal, window and ALiBi stay in cache positions). The key loop starts at the block
+    holding k_starts[b], that block read from k_starts[b] on as one tile of its own: no key left of it is read,
+    and the other tiles run as without it."""
     B, H, Nq, D = q.shape
     Nk = k_cache.shape[2] * (1 if block_table is None else block_table.shape[1])
     if num_splits <= 0:
         programs = B * H * triton.cdiv(Nq, 64)
         num_splits = 1 if interpreting() else max(1, min(64, triton.cdiv(264, programs), triton.cdiv(Nk, 256)))
     if num_splits == 1:
-        return _forward(q, k_cache, v_cache, spec, k_lens=k_lens, block_table=block_table)
-    o_part, lse_part = _forward(q, k_cache, v_cache, spec, k_lens=k_lens, num_splits=num_splits,
+        return _forward(q, k_cache, v_cache, spec, k_lens=k_lens, k_starts=k_starts, block_table=block_table)
+    o_part, lse_part = _forward(q, k_cache, v_cache, spec, k_lens=k_lens, k_starts=k_starts, num_splits=num_splits,
                                 block_table=block_table)
     parts = lse_part * math.log(2.0)  # (B, H, S, Nq), natural log, each split's without the sink
     if spec.sinks is not None:  # the sink joins the merge once, as one more part with no value

@@ -122,13 +122,16 @@ def attention_varlen(
     max_seqlen_k: int | None = None,
     *,
     return_lse: bool = False,
+    block_table: torch.Tensor | None = None,
     **kwargs,
 ):
     """Packed (total, H, D) sequences (v: (total_k, Hkv, Dv)): each sequence b is q[cu_q[b]:cu_q[b+1]] against
     k/v[cu_k[b]:cu_k[b+1]], causal bottom-right per sequence. With ``return_lse`` also the (H, total_q) log-sum-exp
     (-inf for a sequence with no keys). ``max_seqlen_*`` bound the sequences (read from the offsets when None: a
     host read). Other keywords as ``attention``; dropout with ``seed`` draws the kernels' varlen mask (their
-    counters are strided by the max_seqlen values, which the padded draw below shares).
+    counters are strided by the max_seqlen values, which the padded draw below shares). ``block_table`` (B,
+    max_pages): k/v are pools of pages (num_pages, Hkv, page_size, D / Dv) and sequence b's keys are its first
+    cu_k[b+1] - cu_k[b] positions through its row of the table (as ``attention_with_kvcache``'s paged cache).
 
     The sequences are padded to (B, H, max_seqlen, D) by a gather and run through ``attention`` at once, each with
     its own diagonal and its keys past its length masked; the packed rows are gathered back. Shapes do not depend
@@ -142,8 +145,12 @@ def attention_varlen(
         max_seqlen_q, max_seqlen_k = int(len_q.max()), int(len_k.max())
     nq, nk = max(int(max_seqlen_q), 1), max(int(max_seqlen_k), 1)
     qp, _ = _padded(q, cu_seqlens_q, nq)
-    kp, k_ok = _padded(k, cu_seqlens_k, nk)
-    vp, _ = _padded(v, cu_seqlens_k, nk)
+    if block_table is None:
+        kp, k_ok = _padded(k, cu_seqlens_k, nk)
+        vp, _ = _padded(v, cu_seqlens_k, nk)
+    else:  # positions 0 .. nk - 1 of each sequence's pages (past the table's capacity: zeros, masked)
+        kp, vp = (_first_positions(pages_as_cache(t, block_table), nk) for t in (k, v))
+        k_ok = torch.arange(nk, device=q.device)[None, :] < len_k[:, None]
     out, lse = _attention_by_length(qp, kp, vp, k_ok, (len_k - len_q).view(B, 1, 1, 1), **kwargs)
     # packed query row i is row t = i - cu_q[b] of sequence b, the last b with cu_q[b] <= i
     rows = torch.arange(q.shape[0], device=q.device)
@@ -160,6 +167,20 @@ def _padded(x: torch.Tensor, cu: torch.Tensor, n: int) -> tuple[torch.Tensor, to
     idx = cu[:-1, None].to(torch.int64) + t[None, :]
     ok = t[None, :] < (cu[1:] - cu[:-1])[:, None]
     return x[idx.clamp(0, max(x.shape[0] - 1, 0))].transpose(1, 2), ok
+
+
+def pages_as_cache(pool: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
+    """The (B, Hkv, max_pages * page_size, D) contiguous copy of a paged cache, pool (num_pages, Hkv, page_size, D):
+    batch b's position p is slot p % page_size of page block_table[b, p // page_size]. Entries are clamped into the
+    pool, so padding past a batch's pages (e.g. -1) reads some page, never outside (the callers mask those keys)."""
+    b, max_pages = block_table.shape
+    g = pool[block_table.long().clamp(0, pool.shape[0] - 1)]  # (B, max_pages, Hkv, page_size, D)
+    return g.permute(0, 2, 1, 3, 4).reshape(b, pool.shape[1], max_pages * pool.shape[2], pool.shape[3])
+
+
+def _first_positions(x: torch.Tensor, n: int) -> torch.Tensor:
+    """The first n positions (dim 2) of x, zero-padded past its length."""
+    return x[:, :, :n] if x.shape[2] >= n else torch.nn.functional.pad(x, (0, 0, 0, n - x.shape[2]))
 
 
 def _attention_by_length(q, k, v, k_ok, offset, **kwargs):
@@ -196,20 +217,30 @@ def attention_with_kvcache(
     cache_seqlens: torch.Tensor,
     *,
     return_lse: bool = False,
+    cache_leftpad: torch.Tensor | None = None,
+    block_table: torch.Tensor | None = None,
     **kwargs,
 ):
     """Batch b attends to the first cache_seqlens[b] keys of the cache (B, Hkv, S, D) (values (B, Hkv, S, Dv)),
     causal bottom-right per batch (query i sees key j iff j <= i + cache_seqlens[b] - Nq). With ``return_lse`` also
-    the (B, Hq, Nq) log-sum-exp (-inf for an empty cache; with ``sinks``, the sink). One ``attention`` call over
-    the whole cache with the keys past each length masked (and zeroed: they may hold anything); no host read, so
+    the (B, Hq, Nq) log-sum-exp (-inf for an empty cache; with ``sinks``, the sink). ``cache_leftpad`` (B,): batch b
+    sees only positions cache_leftpad[b] .. cache_seqlens[b] - 1 (a left-padded cache); the diagonal, window and
+    ALiBi distances stay in cache positions. ``block_table`` (B, max_pages): the caches are pools of pages
+    (num_pages, Hkv, page_size, D), read through it (``pages_as_cache``). One ``attention`` call over the whole
+    cache with the keys outside each batch's range masked (and zeroed: they may hold anything); no host read, so
     torch.compile traces it whole."""
     kwargs.pop("causal_offset", None)
+    if block_table is not None:
+        k_cache, v_cache = pages_as_cache(k_cache, block_table), pages_as_cache(v_cache, block_table)
     B, S = q.shape[0], k_cache.shape[2]
     if q.numel() == 0 or S == 0:
         out = q.new_zeros(*q.shape[:3], v_cache.shape[-1])
         lse = _empty_lse(q, tuple(q.shape[:3]), kwargs.get("sinks"), 1)
         return (out, lse) if return_lse else out
     lens = cache_seqlens.to(torch.int64)
-    k_ok = torch.arange(S, device=q.device)[None, :] < lens[:, None]
+    pos = torch.arange(S, device=q.device)[None, :]
+    k_ok = pos < lens[:, None]
+    if cache_leftpad is not None:
+        k_ok = k_ok & (pos >= cache_leftpad.to(torch.int64)[:, None])
     out, lse = _attention_by_length(q, k_cache, v_cache, k_ok, (lens - q.shape[2]).view(B, 1, 1, 1), **kwargs)
     return (out, lse) if return_lse else out

@@ -554,9 +554,11 @@ def _rotate(x, cos, sin, pos, interleaved):
 
 def _fa_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens, rotary_cos=None, rotary_sin=None,
                 cache_batch_idx=None, block_table=None, rotary_interleaved=True, causal=False, window_size=(-1, -1),
-                alibi_slopes=None, **kw):
+                alibi_slopes=None, cache_leftpad=None, **kw):
     """flash_attn_with_kvcache from its docs, in float64: returns (out, lse, k_cache, v_cache) with the caches after
-    the append (copies: the inputs are not touched)."""
+    the append (copies: the inputs are not touched). ``cache_leftpad``: batch b's keys are its positions from
+    cache_leftpad[b] on, handed to ``_fa`` as they are (its diagonal i + Nk - Nq then counts from the first key
+    seen, which is the absolute diagonal: FlashAttention's own test shifts its column index the same way)."""
     q = q.double()
     kc, vc = k_cache.double().clone(), v_cache.double().clone()
     B, Nq = q.shape[:2]
@@ -581,8 +583,9 @@ def _fa_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens, rotary_co
                 qb = _rotate(qb, cos, sin, qpos, rotary_interleaved)
             for i in range(n_new):
                 kc[slot(n + i)], vc[slot(n + i)] = kb[i], vb[i]
-        keys = torch.stack([kc[slot(p)] for p in range(n + n_new)])
-        vals = torch.stack([vc[slot(p)] for p in range(n + n_new)])
+        first = 0 if cache_leftpad is None else int(cache_leftpad[b])
+        keys, vals = (torch.stack([c[slot(p)] for p in range(first, n + n_new)]) if n + n_new > first
+                      else c.new_zeros(0, *c.shape[-2:]) for c in (kc, vc))
         slopes = alibi_slopes if alibi_slopes is None or alibi_slopes.dim() == 1 else alibi_slopes[b]
         o, lse = _fa(qb[None], keys[None], vals[None], causal=causal, window_size=window_size, alibi_slopes=slopes,
                      **kw)
@@ -646,6 +649,35 @@ def test_flash_attn_with_kvcache_paged(backend, page):
     torch.testing.assert_close(vp.double(), want_v, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("mask", list(MASKS))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_flash_attn_with_kvcache_leftpad(backend, mask, num_splits):
+    """cache_leftpad (FlashAttention's left-padded cache): batch b's keys are its positions cache_leftpad[b] ..
+    cache_seqlens[b] + Nnew - 1, the diagonal, window, ALiBi and rotary positions absolute, the append at
+    cache_seqlens[b]; leftpad 0, inside the cache, and equal to cache_seqlens (only the new keys); split-KV. The
+    positions left of the pad hold NaN: never read."""
+    B, S, H, Hkv, D, N = 3, 29, 4, 2, 16, 2
+    kc, vc = _rand(B, S, Hkv, D, seed=36), _rand(B, S, Hkv, D, seed=37)
+    q, k, v = _rand(B, N, H, D, seed=38), _rand(B, N, Hkv, D, seed=39), _rand(B, N, Hkv, D, seed=40)
+    lens = torch.tensor([11, 20, 9], dtype=torch.int32, device=DEVICE)
+    pad = torch.tensor([0, 17, 9], dtype=torch.int32, device=DEVICE)
+    for b in range(B):
+        kc[b, :int(pad[b])] = float("nan")
+        vc[b, :int(pad[b])] = float("nan")
+    cos, sin = _rope(S, 8, seed=41)
+    kw = dict(MASKS[mask], cache_seqlens=lens, cache_leftpad=pad, rotary_cos=cos, rotary_sin=sin,
+              alibi_slopes=torch.rand(B, H, device=DEVICE))
+    want, want_lse, want_k, want_v = _fa_kvcache(q, kc, vc, k, v, **kw)
+    out, lse = flash_attn_with_kvcache(q, kc, vc, k, v, return_softmax_lse=True, num_splits=num_splits,
+                                       backend=backend, **kw)
+    assert not out.isnan().any()
+    torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(lse.double(), want_lse, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(kc.double(), want_k, atol=1e-6, rtol=1e-6, equal_nan=True)
+    torch.testing.assert_close(vc.double(), want_v, atol=0, rtol=0, equal_nan=True)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_flash_attn_with_kvcache_batch_idx_and_int_lengths(backend):
     """cache_batch_idx picks each sequence's cache row (row 1 is nobody's and stays untouched); an int cache_seqlens
@@ -688,7 +720,10 @@ def test_flash_attn_with_kvcache_bad_input(backend):
     cos, sin = _rope(8, 8)
     table = torch.tensor([[0], [1]], dtype=torch.int32, device=DEVICE)
     cases = [
-        (NotImplementedError, "cache_leftpad", dict(cache_seqlens=lens, cache_leftpad=lens)),
+        (ValueError, "cache_leftpad", dict(cache_seqlens=lens, cache_leftpad=lens + 1)),
+        (ValueError, "cache_leftpad", dict(cache_seqlens=lens, cache_leftpad=lens - 4)),
+        (TypeError, "cache_leftpad", dict(cache_seqlens=lens, cache_leftpad=lens.float())),
+        (TypeError, "cache_leftpad", dict(cache_seqlens=lens, cache_leftpad=lens[:1])),
         (ValueError, "cache_seqlens is required", dict()),
         (ValueError, "rotary", dict(cache_seqlens=lens, rotary_cos=cos)),
         (ValueError, "seqlen_ro", dict(cache_seqlens=lens, rotary_cos=cos[:7], rotary_sin=sin[:7])),
