@@ -1045,26 +1045,31 @@ def test_cli_bad_input_fails_with_one_line(tmp_path, capsys):
 
 @pytest.mark.slow
 @slow
-@pytest.mark.parametrize("kw", [{"sg": 1}, {"sg": 0}, {"sg": 1, "shared_negatives": True},
-                                {"sg": 1, "trainer": "minibatch"}, {"sg": 1, "hs": 1, "negative": 0},
-                                pytest.param({"sg": 0, "hs": 1, "negative": 0}, marks=pytest.mark.xfail(
-                                    strict=True, reason="CBOW with hierarchical softmax alone: 0.51 vs gensim's "
-                                    "0.54 with 2 workers (0.52 with 1); open, see docs/word2vec.md")),
-                                {"sg": 1, "hs": 1}])
-def test_head500_wordsim_matches_gensim(kw):
+@pytest.mark.parametrize("kw,workers,seeds", [
+    ({"sg": 1}, 2, (1, 2)), ({"sg": 0}, 2, (1, 2)), ({"sg": 1, "shared_negatives": True}, 2, (1, 2)),
+    ({"sg": 1, "trainer": "minibatch"}, 2, (1, 2)), ({"sg": 1, "hs": 1, "negative": 0}, 2, (1, 2)),
+    # CBOW with hierarchical softmax alone: one run's Spearman moves by 0.02 from seed to seed (about 110
+    # WordSim pairs are in head500's vocabulary), and with 2 workers neither side is deterministic, so a
+    # two-seed gate at 2 workers passed or failed by chance. One worker on both sides makes both
+    # deterministic (the gate's answer is the same every run); four seeds narrow the mean. Over 12 seeds:
+    # embedattn 0.524, gensim 0.516 with 1 worker; over 18, 0.508 and 0.518 with 2 (docs/word2vec.md).
+    ({"sg": 0, "hs": 1, "negative": 0}, 1, (1, 2, 3, 4)),
+    ({"sg": 1, "hs": 1}, 2, (1, 2))])
+def test_head500_wordsim_matches_gensim(kw, workers, seeds):
     """The quality target: WordSim-353 Spearman on head500 (min_count 3, 20 epochs) within 0.02 of
     gensim's with the same settings (skip-gram or CBOW; negative sampling, hierarchical softmax or both),
-    both with 2 workers; each the mean of two seeds, as one run's Spearman moves by about 0.01."""
+    both with the same workers; each the mean over seeds, as one run's Spearman moves by about 0.01 (0.02
+    for CBOW with hierarchical softmax alone)."""
     from gensim.models import Word2Vec as GW2V
 
     corpus = datapath("head500.noblanks.cor.bz2")
     sents = list(line_sentences(corpus))
     ws = datapath("wordsim353.tsv")
     common = {k: v for k, v in kw.items() if k in ("sg", "hs", "negative")}
-    ours = np.mean([Word2Vec(sents, min_count=3, epochs=20, seed=seed, workers=2 if DEVICE == "cpu" else None,
-                             device=DEVICE, **kw).wv.evaluate_word_pairs(ws).spearman.statistic for seed in (1, 2)])
-    theirs = np.mean([GW2V(sents, min_count=3, epochs=20, seed=seed, workers=2, **common).wv.evaluate_word_pairs(ws)[1]
-                      .statistic for seed in (1, 2)])
+    ours = np.mean([Word2Vec(sents, min_count=3, epochs=20, seed=seed, workers=workers if DEVICE == "cpu" else None,
+                             device=DEVICE, **kw).wv.evaluate_word_pairs(ws).spearman.statistic for seed in seeds])
+    theirs = np.mean([GW2V(sents, min_count=3, epochs=20, seed=seed, workers=workers, **common)
+                      .wv.evaluate_word_pairs(ws)[1].statistic for seed in seeds])
     print(f"head500 wordsim353 spearman {kw}: embedattn {ours:.4f} gensim {theirs:.4f}")
     assert ours >= theirs - 0.02
 
