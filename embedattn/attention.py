@@ -489,12 +489,15 @@ class AttentionFunction(torch.autograd.Function):
 
 
 class VarlenAttentionFunction(torch.autograd.Function):
-    """Triton attention over packed sequences: ``apply(q, k, v, cu_q, cu_k, max_q, max_k, *spec.op_args()) ->
-    (out, lse2)``; the lse is not differentiable here."""
+    """Triton attention over packed sequences: ``apply(q, k, v, cu_q, cu_k, max_q, max_k, block_table,
+    *spec.op_args()) -> (out, lse2)``; the lse is not differentiable here. With a ``block_table`` (paged keys) it
+    is forward-only: its backward raises."""
 
     @staticmethod
-    def forward(ctx, q, k, v, cu_q, cu_k, max_q, max_k, *spec_args):
-        out, lse2 = torch.ops.embedattn.varlen_fwd(q, k, v, cu_q, cu_k, max_q, max_k, *spec_args)
+    def forward(ctx, q, k, v, cu_q, cu_k, max_q, max_k, block_table, *spec_args):
+        out, lse2 = torch.ops.embedattn.varlen_fwd(q, k, v, cu_q, cu_k, max_q, max_k, *spec_args,
+                                                   block_table=block_table)
+        ctx.paged = block_table is not None
         ctx.save_for_backward(q, k, v, out, lse2, cu_q, cu_k, *spec_args[:_SPEC_TENSORS])
         ctx.args = (max_q, max_k), spec_args[_SPEC_TENSORS:]
         ctx.mark_non_differentiable(lse2)
@@ -503,12 +506,16 @@ class VarlenAttentionFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dout, _dlse):
+        if ctx.paged:
+            raise NotImplementedError("attention_varlen with block_table (paged keys) is forward-only on the Triton "
+                                      "backend (as in FlashAttention 2): no gradient through a paged cache; run the "
+                                      "forward under torch.no_grad(), or on backend='reference' for dq")
         q, k, v, out, lse2, cu_q, cu_k, *tensors = ctx.saved_tensors
         (max_q, max_k), scalars = ctx.args
         spec_args = (*tensors, *scalars)
         dq, dk, dv, dsinks = torch.ops.embedattn.varlen_bwd(dout, q, k, v, out, lse2, cu_q, cu_k, max_q, max_k,
                                                             *spec_args)
-        return (dq, dk, dv, None, None, None, None, *_spec_grads(spec_args, dsinks))
+        return (dq, dk, dv, None, None, None, None, None, *_spec_grads(spec_args, dsinks))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -844,32 +851,55 @@ def _check_cu(name: str, cu: torch.Tensor, device) -> None:
         raise AttentionInputError(f"{name} is on {cu.device}, q on {device}")
 
 
-def _checked_seqlens(cu_q: torch.Tensor, cu_k: torch.Tensor, tq: int, tk: int, max_q: int, max_k: int
+def _checked_seqlens(cu_q: torch.Tensor, cu_k: torch.Tensor, tq: int, tk: int | None, max_q: int, max_k: int,
+                     pages: torch.Tensor | None = None, n_pages: int = 0, page: int = 1
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """The int32 offsets the kernels read, checked: each cu_seqlens starts at 0, never decreases and ends at its
-    total, and no sequence is longer than its max_seqlen. Eagerly one host read, and an AttentionInputError naming
-    what is wrong. While torch.compile traces (no host read there), a device assertion (``assert_ok``: a
-    RuntimeError at once on the CPU, a device-side assert on CUDA), and the offsets clamped into [0, total] and made
-    non-decreasing, so that no read or write leaves the tensors before the assertion reports."""
+    total, and no sequence is longer than its max_seqlen. With a block table ``pages`` (paged keys: pools of
+    ``n_pages`` pages of ``page`` positions, ``tk`` None) cu_seqlens_k's end is free, but no sequence has more keys
+    than the table's capacity and every entry that holds a key lies in [0, n_pages). Eagerly one host read, and an
+    AttentionInputError (IndexError for a table entry) naming what is wrong. While torch.compile traces (no host
+    read there), a device assertion (``assert_ok``: a RuntimeError at once on the CPU, a device-side assert on
+    CUDA), and the offsets clamped into [0, total] and made non-decreasing (paged: the key counts clamped to the
+    capacity), so that no read or write leaves the tensors before the assertion reports (the kernel clamps table
+    entries into the pool)."""
     def summary(cu):
         lens = cu[1:] - cu[:-1]
         return torch.stack([cu[0], cu[-1], lens.min(), lens.max()]).to(torch.int64)
 
     sq, sk = summary(cu_q), summary(cu_k)
+    table_ok, cap = sq[0] == 0, None  # (a true placeholder without pages)
+    if pages is not None:
+        cap = page * pages.shape[1]
+        len_k = (cu_k[1:] - cu_k[:-1]).to(torch.int64).clamp(0, cap)
+        used = torch.arange(pages.shape[1], device=cu_k.device)[None, :] * page < len_k[:, None]
+        table_ok = ~(used & ((pages < 0) | (pages >= n_pages))).any()
     if torch.compiler.is_compiling():
+        k_end = sk[3] <= cap if tk is None else sk[1] == tk
         ok = (sq[0] == 0) & (sq[1] == tq) & (sq[2] >= 0) & (sq[3] <= max_q) & \
-            (sk[0] == 0) & (sk[1] == tk) & (sk[2] >= 0) & (sk[3] <= max_k)
+            (sk[0] == 0) & k_end & (sk[2] >= 0) & (sk[3] <= max_k) & table_ok
         assert_ok(ok, "attention_varlen: cu_seqlens_q/cu_seqlens_k must start at 0, be non-decreasing and end at the "
-                      "total lengths, and no sequence may be longer than max_seqlen_q/max_seqlen_k")
-        return tuple(torch.cummax(cu.clamp(0, total), 0).values.to(torch.int32) for cu, total in ((cu_q, tq),
-                                                                                                   (cu_k, tk)))
-    (q0, qe, q_low, lq), (k0, ke, k_low, lk) = torch.stack([sq, sk]).tolist()  # the one host read
+                      "total lengths, and no sequence may be longer than max_seqlen_q/max_seqlen_k (with block_table: "
+                      "nor than the table's capacity, and every block_table entry used must lie in the pool)")
+        q32 = torch.cummax(cu_q.clamp(0, tq), 0).values.to(torch.int32)
+        if tk is not None:
+            return q32, torch.cummax(cu_k.clamp(0, tk), 0).values.to(torch.int32)
+        lens = torch.cummax(cu_k.clamp(min=0), 0).values.diff().clamp(max=cap)
+        return q32, torch.cat([cu_k[:1].new_zeros(1), lens.cumsum(0)]).to(torch.int32)
+    read = torch.cat([sq, sk, table_ok.view(1).to(torch.int64)]).tolist()  # the one host read
+    (q0, qe, q_low, lq), (k0, ke, k_low, lk), t_ok = read[:4], read[4:8], read[8]
     for name, first, last, low, total in (("cu_seqlens_q", q0, qe, q_low, tq), ("cu_seqlens_k", k0, ke, k_low, tk)):
-        if first != 0 or low < 0 or last != total:
-            raise AttentionInputError(f"{name} must start at 0, be non-decreasing and end at the total length {total}")
+        if first != 0 or low < 0 or total is not None and last != total:
+            end = f" and end at the total length {total}" if total is not None else ""
+            raise AttentionInputError(f"{name} must start at 0 and be non-decreasing{end}")
     if max_q < lq or max_k < lk:
         raise AttentionInputError(f"max_seqlen_q/max_seqlen_k ({max_q}, {max_k}) are below the longest sequences "
                                   f"({lq}, {lk})")
+    if pages is not None and lk > cap:
+        raise AttentionInputError(f"cu_seqlens_k holds a sequence of {lk} keys, past the block_table's capacity "
+                                  f"max_pages * page_size = {pages.shape[1]} * {page} = {cap}")
+    if pages is not None and not t_ok:
+        raise _table_error(pages, used, n_pages, "attention_varlen")
     return cu_q.to(torch.int32), cu_k.to(torch.int32)
 
 
@@ -891,6 +921,7 @@ def attention_varlen(
     seed: int | None = None,
     return_lse: bool = False,
     sinks: torch.Tensor | None = None,
+    block_table: torch.Tensor | None = None,
     backend: str | None = None,
 ):
     """Attention over packed variable-length sequences, no padding work (FlashAttention's varlen API).
@@ -903,21 +934,47 @@ def attention_varlen(
     (total_q, Hq, Dv), or with ``return_lse`` (out, lse (Hq, total_q) natural log, float32 (float64 for
     float64 inputs), the sink included, -inf where a sequence has no key and there is no sink); this lse is
     not differentiable on the Triton backend.
+
+    ``block_table`` (B, max_pages) int32/int64: paged keys for packed queries (prefill or chunked prefill with a
+    paged cache; FlashAttention's ``flash_attn_varlen_func(block_table=...)``). k/v are then pools of pages
+    (num_pages, Hkv, page_size, D / Dv), as ``attention_with_kvcache``'s paged caches (any page size >= 1, any
+    strides, read in place), and sequence b's keys are its positions 0 .. cu_seqlens_k[b+1] - cu_seqlens_k[b] - 1
+    through its table row (cu_seqlens_k gives the key counts; its end is not a total). Checked: no sequence holds
+    more keys than the table's capacity (max_pages * page_size), and every entry holding a key lies in
+    [0, num_pages) (an IndexError naming it; padding past them, e.g. -1, is fine). Forward only, as in
+    FlashAttention 2: pools that require grad are refused (ValueError) at the call; q may require grad (the
+    forward runs, so FlashAttention code that prefills under autograd runs), but a backward through the pages
+    raises on the Triton backend (NotImplementedError: no silent zero gradient); the reference backend
+    differentiates it by autograd.
     """
+    paged = block_table is not None
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise AttentionTypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 3:
+        if paged and name != "q" and t.dim() != 4:
+            raise AttentionInputError(f"with block_table, {name} must be a 4-D pool of pages (num_pages, Hkv, "
+                                      f"page_size, D), got shape {tuple(t.shape)}")
+        if t.dim() != 3 and not (paged and name != "q"):
             raise AttentionInputError(f"{name} must be a 3-D (total, H, D) tensor, got shape {tuple(t.shape)}")
-    # reuse the dense checks on (1, H, total, D) views
-    _check_qkv(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None])
+    # reuse the dense checks on (1, H, total, D) views (the pools as they are)
+    kv4 = (k, v) if paged else (k.transpose(0, 1)[None], v.transpose(0, 1)[None])
+    _check_qkv(q.transpose(0, 1)[None], *kv4, paged=paged)
     _check_cu("cu_seqlens_q", cu_seqlens_q, q.device)
     _check_cu("cu_seqlens_k", cu_seqlens_k, q.device)
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
         raise AttentionInputError("cu_seqlens_q and cu_seqlens_k must describe the same number of sequences")
     max_seqlen_q = check_int("max_seqlen_q", max_seqlen_q, low=0)
     max_seqlen_k = check_int("max_seqlen_k", max_seqlen_k, low=0)
-    cu_q, cu_k = _checked_seqlens(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k)
+    if paged:
+        _check_block_table(block_table, q, k, n_batch=cu_seqlens_q.numel() - 1)
+        if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
+            raise AttentionInputError("attention_varlen with block_table is forward-only for the pools: k/v require "
+                                      "grad, and gradients into a paged cache are not supported (as in "
+                                      "FlashAttention 2); detach them or call under torch.no_grad()")
+        cu_q, cu_k = _checked_seqlens(cu_seqlens_q, cu_seqlens_k, q.shape[0], None, max_seqlen_q, max_seqlen_k,
+                                      block_table, k.shape[0], k.shape[2])
+    else:
+        cu_q, cu_k = _checked_seqlens(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k)
     check_bool("return_lse", return_lse)
     spec = make_spec(q, n_batch=cu_q.numel() - 1, causal=causal, scale=scale, window=window, softcap=softcap,
                      alibi_slopes=alibi_slopes, dropout_p=dropout_p, seed=seed, sinks=sinks)
@@ -927,9 +984,10 @@ def attention_varlen(
     if be == "reference" or q.shape[0] == 0 or k.shape[0] == 0:
         # causal bottom-right per sequence; dropout: the kernels' Philox draw (strided by max_seqlen_q/k as theirs)
         return reference.attention_varlen(q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, return_lse=return_lse,
-                                          dropout_p=spec.dropout_p, seed=spec.seed, **spec.reference_kwargs())
+                                          dropout_p=spec.dropout_p, seed=spec.seed, block_table=block_table,
+                                          **spec.reference_kwargs())
     out, lse2 = VarlenAttentionFunction.apply(*_distinct(q, k, v), cu_q, cu_k, max_seqlen_q, max_seqlen_k,
-                                              *spec.op_args())
+                                              block_table, *spec.op_args())
     return (out, lse2 * _LN2) if return_lse else out
 
 
@@ -938,12 +996,15 @@ def _expanded(t: torch.Tensor) -> bool:
     return any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape))
 
 
-def _check_block_table(block_table, q: torch.Tensor, k_cache: torch.Tensor) -> None:
+def _check_block_table(block_table, q: torch.Tensor, k_cache: torch.Tensor, n_batch: int | None = None) -> None:
+    """A (B, max_pages) int table on q's device (B = n_batch, default q's batch) over a pool of >= 1 pages of size
+    >= 1."""
+    n_batch = q.shape[0] if n_batch is None else n_batch
     if not isinstance(block_table, torch.Tensor) or block_table.dtype not in (torch.int32, torch.int64):
         got = block_table.dtype if isinstance(block_table, torch.Tensor) else type(block_table).__name__
         raise AttentionTypeError(f"block_table must be an int32/int64 tensor (B, max_pages), got {got}")
-    if block_table.dim() != 2 or block_table.shape[0] != q.shape[0]:
-        raise AttentionInputError(f"block_table must have shape (B, max_pages) = ({q.shape[0]}, max_pages), got "
+    if block_table.dim() != 2 or block_table.shape[0] != n_batch:
+        raise AttentionInputError(f"block_table must have shape (B, max_pages) = ({n_batch}, max_pages), got "
                                   f"{tuple(block_table.shape)}")
     if block_table.device != q.device:
         raise AttentionInputError(f"block_table is on {block_table.device}, q on {q.device}")
@@ -953,10 +1014,11 @@ def _check_block_table(block_table, q: torch.Tensor, k_cache: torch.Tensor) -> N
         raise AttentionInputError("the page size (k_cache.shape[2]) must be >= 1")
 
 
-def _table_error(block_table: torch.Tensor, used: torch.Tensor, n_pages: int) -> IndexError:
+def _table_error(block_table: torch.Tensor, used: torch.Tensor, n_pages: int,
+                 entry: str = "attention_with_kvcache") -> IndexError:
     bad = used & ((block_table < 0) | (block_table >= n_pages))
     b, j = (int(i) for i in bad.nonzero()[0])
-    return IndexError(f"attention_with_kvcache: block_table[{b}, {j}] = {int(block_table[b, j])} is out of range for "
+    return IndexError(f"{entry}: block_table[{b}, {j}] = {int(block_table[b, j])} is out of range for "
                       f"a pool of {n_pages} pages ([0, {n_pages})); the entry holds positions used by batch {b}")
 
 

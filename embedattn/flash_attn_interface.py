@@ -82,8 +82,11 @@ Differences, all documented here and raised clearly where an argument asks for s
   device sync); any rotary_dim <= headdim (FlashAttention needs a multiple of 16). Table entries, cache rows
   and lengths out of range raise before anything is written (on CUDA by default as a device-side
   assertion, without a host sync: see ``embedattn.attention_with_kvcache``'s ``check_bounds``).
-* ``flash_attn_varlen_func(block_table=...)`` (paged K/V for varlen) is not supported
-  (NotImplementedError): decode from pages with ``flash_attn_with_kvcache``.
+* ``flash_attn_varlen_func(block_table=...)``: paged K/V for packed queries on both backends, any page size
+  >= 1 (FlashAttention 2: a multiple of 256); a sequence longer than the table's capacity or a used table entry
+  outside the pool raises (the kvpacked/qkvpacked varlen functions take no block_table, as in FlashAttention 2).
+  Forward only, as FlashAttention 2: pools that require grad are refused at the call, and a backward from q
+  through the pages raises NotImplementedError on the Triton backend (the reference backend differentiates dq).
 """
 
 from __future__ import annotations
@@ -268,19 +271,31 @@ def _dense(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alib
 
 
 def _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal,
-            window_size, softcap, alibi_slopes, deterministic, return_attn_probs, sinks, backend):
+            window_size, softcap, alibi_slopes, deterministic, return_attn_probs, sinks, backend, block_table=None):
     check_bool("deterministic", deterministic)
     check_bool("return_attn_probs", return_attn_probs)
     seed = _debug_seed(dropout_p, return_attn_probs, q)
     score_kw = _score_kw(causal, softmax_scale, _window(window_size), _softcap(softcap), alibi_slopes, sinks)
     res = attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=dropout_p,
-                           seed=seed, return_lse=return_attn_probs, backend=backend, **score_kw)
+                           seed=seed, return_lse=return_attn_probs, block_table=block_table, backend=backend,
+                           **score_kw)
     if return_attn_probs:
         out, lse = res
+        if seed is not None and block_table is not None:  # the debug path reads the keys packed
+            k = _keys_from_pages(k, block_table, cu_seqlens_k)
         s_dmask = None if seed is None else _probs_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                                           dropout_p, seed, **score_kw)
         return out, lse, s_dmask
     return res
+
+
+@torch.no_grad()
+def _keys_from_pages(pool: torch.Tensor, block_table: torch.Tensor, cu_seqlens_k: torch.Tensor) -> torch.Tensor:
+    """The packed (total_k, Hkv, D) keys of a paged varlen call (pool (num_pages, Hkv, page_size, D), checked by the
+    call): sequence b's positions 0 .. its length - 1 through its table row. For S_dmask only (host reads)."""
+    page, lens = pool.shape[2], (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).tolist()
+    rows = [pool[block_table[b, p // page].long(), :, p % page] for b, n in enumerate(lens) for p in range(n)]
+    return torch.stack(rows) if rows else pool.new_zeros(0, pool.shape[1], pool.shape[3])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -332,12 +347,15 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     sequence b is rows ``cu_seqlens_q[b]:cu_seqlens_q[b+1]`` of q against ``cu_seqlens_k[b]:cu_seqlens_k[b+1]`` of
     k/v (int32 or int64); ``sinks`` (H,) (ours). Returns out (total_q, H, Dv), or ``(out, softmax_lse (H, total_q)
     float32, S_dmask)`` (S_dmask: None without dropout, else (B, H, max_seqlen_q, max_seqlen_k), testing only).
-    ``block_table`` (paged K/V) is not supported: NotImplementedError."""
+    ``block_table`` (B, max_num_blocks_per_seq) int32: paged K/V (FlashAttention's prefill from a paged cache):
+    k/v are then pools (num_blocks, page_block_size, Hkv, D / Dv), sequence b's keys its first
+    ``cu_seqlens_k[b+1] - cu_seqlens_k[b]`` positions through its table row (any page size >= 1). Forward only
+    (as FlashAttention 2): see ``embedattn.attention_varlen``'s ``block_table``."""
     if block_table is not None:
-        raise NotImplementedError("embedattn.flash_attn_interface.flash_attn_varlen_func does not take a block_table "
-                                  "(paged K/V); decode from a paged cache with flash_attn_with_kvcache")
+        layout = "(num_blocks, page_block_size, nheads_k, headdim)"
+        k, v = (_heads_first(_tensor(name, t, 4, layout)) for name, t in (("k", k), ("v", v)))
     return _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal,
-                   window_size, softcap, alibi_slopes, deterministic, return_attn_probs, sinks, backend)
+                   window_size, softcap, alibi_slopes, deterministic, return_attn_probs, sinks, backend, block_table)
 
 
 def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False,

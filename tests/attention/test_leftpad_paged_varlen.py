@@ -233,3 +233,177 @@ def test_leftpad_device_mode_and_unchecked(backend):
     assert torch.equal(out[1], torch.zeros_like(out[1]))
     ref, _ = _sliced_oracle(q[:1], kc[:1], vc[:1], [1], [4], dtype=torch.float64)
     torch.testing.assert_close(out[:1].double(), ref, atol=2e-6, rtol=2e-6)
+
+
+# ------------------------------------------------------------------------------------------------ item 5: varlen paged
+def _varlen_paged(lq, lk, page, *, Hq=4, Hkv=2, D=16, Dv=None, dtype=torch.float32, seed=60):
+    """Packed q (total_q, Hq, D), pools (num_pages, Hkv, page, D / Dv) whose pages are a random permutation (spare
+    pages and every slot no sequence uses hold NaN), the table (entries past a sequence's pages are -1), the
+    offsets, and each sequence's keys/values gathered in order (lists of (Hkv, lk[b], D))."""
+    Dv = Dv or D
+    g = torch.Generator().manual_seed(seed)
+    max_pages = max(-(-n // page) for n in lk) + 1
+    n_pages = len(lk) * max_pages + 2
+    kp = torch.full((n_pages, Hkv, page, D), float("nan"), dtype=dtype, device=DEVICE)
+    vp = torch.full((n_pages, Hkv, page, Dv), float("nan"), dtype=dtype, device=DEVICE)
+    perm = torch.randperm(n_pages, generator=g)
+    table = torch.full((len(lk), max_pages), -1, dtype=torch.int32)
+    keys, vals = [], []
+    for b, n in enumerate(lk):
+        kb = torch.randn(Hkv, n, D, generator=g).to(DEVICE, dtype)
+        vb = torch.randn(Hkv, n, Dv, generator=g).to(DEVICE, dtype)
+        for j in range(-(-n // page)):
+            pid = int(perm[b * max_pages + j])
+            table[b, j] = pid
+            rows = slice(j * page, min(n, (j + 1) * page))
+            kp[pid, :, :rows.stop - rows.start] = kb[:, rows]
+            vp[pid, :, :rows.stop - rows.start] = vb[:, rows]
+        keys.append(kb)
+        vals.append(vb)
+    q = torch.randn(sum(lq), Hq, D, generator=g).to(DEVICE, dtype)
+    cu = lambda x: torch.tensor([0, *torch.tensor(x).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)  # noqa: E731
+    return q, kp, vp, table.to(DEVICE), cu(lq), cu(lk), keys, vals
+
+
+def _varlen_oracle(q, cu_q, keys, vals, *, dtype=None, upcast=True, sinks=None, **kw):
+    """Sequence by sequence: its queries against its keys by the dense reference (bottom-right), packed back."""
+    dtype = dtype or q.dtype
+    outs, lses = [], []
+    for b, (kb, vb) in enumerate(zip(keys, vals)):
+        qb = q[int(cu_q[b]):int(cu_q[b + 1])].transpose(0, 1)[None].to(dtype)
+        slopes = kw.get("alibi_slopes")
+        kwb = dict(kw, alibi_slopes=slopes[b] if slopes is not None and slopes.dim() == 2 else slopes)
+        if kb.shape[1] == 0:
+            o = qb.new_zeros(*qb.shape[:3], vb.shape[-1])
+            lse = (sinks.double().view(1, -1, 1).expand(*qb.shape[:3]) if sinks is not None
+                   else torch.full(qb.shape[:3], float("-inf"), dtype=torch.float64, device=DEVICE))
+        else:
+            o, lse = reference.attention(qb, kb[None].to(dtype), vb[None].to(dtype), return_lse=True, upcast=upcast,
+                                         sinks=sinks, **kwb)
+        outs.append(o[0].transpose(0, 1))
+        lses.append(lse[0].double())
+    return torch.cat(outs), torch.cat(lses, dim=1)
+
+
+VARLEN_FEATURES = {
+    "plain": {},
+    "causal": dict(causal=True),
+    "window+alibi": dict(causal=True, window=(4, 0), alibi=True),
+    "softcap+sinks+mla": dict(softcap=5.0, sinks=True, Dv=8),
+}
+
+
+@pytest.mark.parametrize("page", [1, 7, 16])
+@pytest.mark.parametrize("feature", list(VARLEN_FEATURES))
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("road", ROADS)
+def test_varlen_paged(road, backend, feature, page):
+    """attention_varlen(block_table=...): packed queries (odd lengths, a sequence with no query, one with more queries
+    than keys, one with no key) against keys read through the pages (page sizes 1, 7 and 16: the row gather and the
+    one-page-per-tile loads), GQA, features, a value head dim of its own; every slot no sequence uses holds NaN and
+    unused table entries are -1. out and lse against float64 by FlashAttention's rule."""
+    f = dict(VARLEN_FEATURES[feature])
+    lq, lk = [5, 0, 9, 3, 2], [13, 6, 33, 0, 1]
+    q, kp, vp, table, cu_q, cu_k, keys, vals = _varlen_paged(lq, lk, page, Dv=f.pop("Dv", None))
+    kw = {k: v for k, v in f.items() if k in ("causal", "window", "softcap")}
+    if f.get("alibi"):
+        kw["alibi_slopes"] = 0.05 + 0.4 * torch.rand(len(lq), 4, generator=torch.Generator().manual_seed(61)).to(DEVICE)
+    sinks = torch.linspace(-1.0, 1.5, 4, device=DEVICE) if f.get("sinks") else None
+    fn = on_road(road, lambda q, kp, vp: embedattn.attention_varlen(
+        q, kp, vp, cu_q, cu_k, max(lq), max(lk) + 2, block_table=table, return_lse=True, sinks=sinks,
+        backend=backend, **kw))
+    out, lse = fn(q, kp, vp)
+    ref, ref_lse = _varlen_oracle(q, cu_q, keys, vals, dtype=torch.float64, sinks=sinks, **kw)
+    plain, _ = _varlen_oracle(q, cu_q, keys, vals, upcast=False, sinks=sinks, **kw)
+    assert_fa_close(out, ref, plain)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_varlen_paged_half_precision(backend):
+    """fp16, causal with ALiBi (H,): paged varlen against float64 by FlashAttention's rule."""
+    lq, lk = [7, 4], [19, 4]
+    q, kp, vp, table, cu_q, cu_k, keys, vals = _varlen_paged(lq, lk, 8, dtype=torch.float16, seed=62)
+    kw = dict(causal=True, alibi_slopes=torch.rand(4, device=DEVICE))
+    out = embedattn.attention_varlen(q, kp, vp, cu_q, cu_k, 7, 19, block_table=table, backend=backend, **kw)
+    ref, _ = _varlen_oracle(q, cu_q, keys, vals, dtype=torch.float64, **kw)
+    plain, _ = _varlen_oracle(q, cu_q, keys, vals, upcast=False, **kw)
+    assert_fa_close(out, ref, plain)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_varlen_paged_equals_packed(backend):
+    """The same keys paged (page 16) and packed give the same output."""
+    lq, lk = [6, 3], [21, 9]
+    q, kp, vp, table, cu_q, cu_k, keys, vals = _varlen_paged(lq, lk, 16, seed=63)
+    k, v = (torch.cat([t.transpose(0, 1) for t in ts]) for ts in (keys, vals))
+    kw = dict(causal=True, backend=backend)
+    got = embedattn.attention_varlen(q, kp, vp, cu_q, cu_k, 6, 21, block_table=table, **kw)
+    want = embedattn.attention_varlen(q, k, v, cu_q, cu_k, 6, 21, **kw)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_varlen_paged_gradients(backend):
+    """Forward-only through the pages: pools that require grad are refused at the call (ValueError naming
+    block_table); q may require grad: the forward runs, a backward raises NotImplementedError on the Triton backend
+    (never a silent zero gradient) and the reference differentiates dq (against float64). Under torch.no_grad the
+    pools' requires_grad is no obstacle."""
+    lq, lk = [4, 3], [10, 5]
+    q, kp, vp, table, cu_q, cu_k, keys, vals = _varlen_paged(lq, lk, 4, seed=64)
+    args = (cu_q, cu_k, 4, 10)
+    with pytest.raises(ValueError, match="block_table"):
+        embedattn.attention_varlen(q, kp.requires_grad_(), vp, *args, block_table=table, backend=backend)
+    with torch.no_grad():
+        embedattn.attention_varlen(q, kp, vp, *args, block_table=table, backend=backend)
+    kp.requires_grad_(False)
+    leaf = q.clone().requires_grad_()
+    out = embedattn.attention_varlen(leaf, kp, vp, *args, block_table=table, backend=backend)
+    dout = _rand(*out.shape, seed=65)
+    if backend == "triton":
+        with pytest.raises(NotImplementedError, match="block_table"):
+            out.backward(dout)
+        return
+    (dq,) = torch.autograd.grad(out, leaf, dout)
+    r64 = q.double().requires_grad_()
+    ref, _ = _varlen_oracle(r64, cu_q, keys, vals, dtype=torch.float64)
+    (dq_ref,) = torch.autograd.grad(ref, r64, dout.double())
+    torch.testing.assert_close(dq.double(), dq_ref, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_varlen_paged_bad_input(backend):
+    """Each bad argument raises naming it: k/v not pools (3-D), pools that disagree, a table of the wrong dtype or
+    shape, an empty pool, a sequence with more keys than the table's capacity, a used table entry outside the pool
+    (an IndexError naming it; -1 past a sequence's pages is fine), cu_seqlens_k decreasing."""
+    lq, lk = [2, 3], [5, 9]
+    q, kp, vp, table, cu_q, cu_k, _, _ = _varlen_paged(lq, lk, 4, seed=66)
+    args = (cu_q, cu_k, 3, 9)
+    bad_entry = table.clone()
+    bad_entry[1, 2] = kp.shape[0]
+    cases = [
+        (ValueError, "with block_table, k must be a 4-D pool", (q, kp[:, 0], vp), dict(block_table=table)),
+        (ValueError, "same shape but for the head dim", (q, kp, vp[:-1]), dict(block_table=table)),
+        (TypeError, "block_table must be an int32/int64 tensor", (q, kp, vp), dict(block_table=table.float())),
+        (ValueError, r"block_table must have shape \(B, max_pages\) = \(2,", (q, kp, vp), dict(block_table=table[:1])),
+        (ValueError, "hold no pages", (q, kp[:0], vp[:0]), dict(block_table=table)),
+        (ValueError, "past the block_table's capacity", (q, kp, vp), dict(block_table=table[:, :2])),
+        (IndexError, r"block_table\[1, 2\] = ", (q, kp, vp), dict(block_table=bad_entry)),
+    ]
+    for err, match, tensors, kw in cases:
+        with pytest.raises(err, match=match):
+            embedattn.attention_varlen(*tensors, *args, backend=backend, **kw)
+    with pytest.raises(ValueError, match="cu_seqlens_k must start at 0 and be non-decreasing"):
+        embedattn.attention_varlen(q, kp, vp, cu_q, cu_k.flip(0), 3, 9, block_table=table, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_varlen_paged_compiled_bad_entry_asserts(backend):
+    """Compiled (fullgraph), the checks are a device assertion: a used table entry outside the pool raises its
+    RuntimeError (on the CPU at once) naming block_table."""
+    q, kp, vp, table, cu_q, cu_k, _, _ = _varlen_paged([2, 3], [5, 9], 4, seed=67)
+    table[0, 1] = -3
+    fn = on_road("compiled", lambda q, kp, vp: embedattn.attention_varlen(q, kp, vp, cu_q, cu_k, 3, 9,
+                                                                          block_table=table, backend=backend))
+    with pytest.raises(RuntimeError, match="block_table"):
+        fn(q, kp, vp)
