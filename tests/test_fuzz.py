@@ -10,7 +10,9 @@ empty sequences, int or per-sequence offsets, in place or not, both layouts, and
 short ``max_seqlen`` or a bad ``cu_seqlens`` (past x, negative, decreasing: nothing may be written outside x
 or left unwritten). Paged KV appends with one bad batch (a used table entry negative or past the pool, or a
 length past the table's capacity) under every ``check_bounds`` mode: the raising modes leave the pools
-untouched; unchecked, the bad batch writes nothing while the other batches' appends and outputs are exact.
+untouched; unchecked, the bad batch writes nothing while the other batches' appends and outputs are exact. KV-cache
+cases draw left-padded caches (``cache_leftpad``: 0, the whole cache, or between) in both of those tests. Paged keys
+for packed queries (``attention_varlen(block_table=...)``: random page order, spare pages, -1 padding).
 Compiled calls (``torch.compile(fullgraph=True)``; Inductor on CUDA, aot_eager on the CPU) of
 ``attention_varlen`` (with gradients) and ``attention_with_kvcache`` (contiguous and paged caches, appends
 through the graph), on the Triton and the default backend. Only the public APIs (``embedattn.attention``,
@@ -48,6 +50,7 @@ N_CASES = {  # (interpreter: CI, EMBEDATTN_SLOW=1; CUDA: CI, EMBEDATTN_SLOW=1)
     "rotary_varlen": (8, 60, 100, 400),
     "paged_append": (6, 48, 60, 300),
     "compiled": (3, 24, 30, 120),
+    "varlen_paged": (3, 24, 30, 120),
 }
 
 
@@ -398,9 +401,13 @@ def _kv_case(r: random.Random, paged: bool) -> dict:
         for b in range(B):  # padding past the pages a batch uses is fine (-1, FlashAttention's convention)
             used = -(-(lens[b] + n_new) // page)
             table[b][used:] = [-1 if r.random() < 0.5 else x for x in table[b][used:]]
-    return dict(B=B, Hq=hkv * group, Hkv=hkv, Nq=r.choice([1, max(n_new, 1)]), D=r.choice([1, 3, 8, 16, 24 * big]),
-                S=S, page=page, n_pages=n_pages, table=table, lens=lens, n_new=n_new, causal=r.random() < 0.5,
-                dtype=r.choice(_DTYPES), seed=r.randint(0, 2**31 - 1))
+    c = dict(B=B, Hq=hkv * group, Hkv=hkv, Nq=r.choice([1, max(n_new, 1)]), D=r.choice([1, 3, 8, 16, 24 * big]),
+             S=S, page=page, n_pages=n_pages, table=table, lens=lens, n_new=n_new, causal=r.random() < 0.5,
+             dtype=r.choice(_DTYPES), seed=r.randint(0, 2**31 - 1))
+    # a left-padded cache (cache_leftpad, drawn last so the draws above stay those of the cases before it): 0, the
+    # whole cache (only the new keys) or anything between
+    c["leftpad"] = [r.choice([0, n, r.randint(0, n)]) for n in lens] if r.random() < 0.4 else None
+    return c
 
 
 def _kv_inputs(c: dict):
@@ -435,10 +442,13 @@ def _kv_oracle(c: dict, q, kc, vc, new, good: list[int], dtype: torch.dtype, upc
             kc[row, :, pos], vc[row, :, pos] = k_new[b, :, i], v_new[b, :, i]
     for b in good:
         total = c["lens"][b] + c["n_new"]
-        rows = [_slot(c, b, p) for p in range(total)]
+        first = c["leftpad"][b] if c.get("leftpad") else 0  # the keys seen: positions first .. total - 1
+        rows = [_slot(c, b, p) for p in range(first, total)]
         keys, vals = ((torch.stack([t[r_, :, p_] for r_, p_ in rows], dim=1)[None] if rows
                        else t.new_zeros(1, c["Hkv"], 0, c["D"])) for t in (kc, vc))
-        outs[b] = reference.attention_with_kvcache(q[b:b + 1], keys, vals, torch.tensor([total], device=DEVICE),
+        # bottom-right on the keys seen: the absolute diagonal of the left-padded cache
+        outs[b] = reference.attention_with_kvcache(q[b:b + 1], keys, vals, torch.tensor([total - first],
+                                                                                         device=DEVICE),
                                                    causal=c["causal"], upcast=upcast)
     return kc, vc, outs
 
@@ -448,6 +458,8 @@ def _kv_call(c: dict, q, kc, vc, new, dtype, **kw):
     table = None if c["table"] is None else torch.tensor(c["table"], dtype=torch.int32, device=DEVICE)
     k_new, v_new = (None, None) if new[0] is None else (t.to(DEVICE, dtype) for t in new)
     lens = torch.tensor(c["lens"], dtype=torch.int32, device=DEVICE)
+    if c.get("leftpad"):
+        kw["cache_leftpad"] = torch.tensor(c["leftpad"], dtype=torch.int32, device=DEVICE)
     return (q.to(DEVICE, dtype), kc, vc, lens, k_new, v_new), dict(causal=c["causal"], block_table=table, **kw)
 
 
@@ -470,6 +482,8 @@ def _paged_append_case(i: int) -> dict:
     if not c["n_new"]:
         c["n_new"] = 1
         c["lens"] = [min(n, c["S"] - 1) for n in c["lens"]]
+        if c["leftpad"]:
+            c["leftpad"] = [min(p, n) for p, n in zip(c["leftpad"], c["lens"])]
     # every mode and kind within the first cases (the CI count), in a seeded order
     c["mode"] = PAGED_MODES[(i + SEED) % len(PAGED_MODES)]
     kinds = ["negative entry", "entry past the pool", "length past the capacity"]
@@ -585,3 +599,55 @@ def test_fuzz_compiled(i):
         args, kw = _kv_call(c, q, kc, vc, new, dtype, backend=c["backend"])
         out = on_road("compiled", lambda *a: embedattn.attention_with_kvcache(*a, **kw))(*args)
         _check_kv(c, out, kc, vc, q, kc0, vc0, new, list(range(c["B"])), dtype)
+
+
+# ------------------------------------------------------------------------------------------ varlen, paged keys
+def _varlen_paged_case(i: int) -> dict:
+    r = random.Random(f"varlen_paged/{SEED}/{i}")
+    big = 8 if ON_CUDA else 1
+    n = r.randint(1, 3)
+    page = r.choice([1, 3, 7, 16, 16 * big])
+    lq = [r.choice([0, 1, r.randint(1, 9 * big)]) for _ in range(n)]
+    lk = [r.choice([0, 1, r.randint(1, 20 * big)]) for _ in range(n)]
+    hkv, group = r.choice([1, 2]), r.choice([1, 2])
+    side = lambda: r.choice([-1, r.randint(0, 6)])  # noqa: E731
+    return dict(lq=lq, lk=lk, page=page, extra_pages=r.randint(0, 2), Hq=hkv * group, Hkv=hkv,
+                D=r.choice([1, 5, 16, 24 * big]), causal=r.random() < 0.5,
+                window=(side(), side()) if r.random() < 0.3 else None,
+                softcap=round(r.uniform(1.0, 20.0), 2) if r.random() < 0.3 else 0.0, alibi=r.random() < 0.3,
+                dtype=r.choice(_DTYPES), seed=r.randint(0, 2**31 - 1))
+
+
+@pytest.mark.parametrize("i", range(_count("varlen_paged")))
+def test_fuzz_varlen_paged(i):
+    """attention_varlen(block_table=...) on the Triton kernels (paged keys for packed queries: pages in a random
+    order, spare ones, -1 past each sequence's pages) against the float64 reference on the same keys packed."""
+    c = _varlen_paged_case(i)
+    with _repro("varlen_paged", i, c):
+        g = torch.Generator().manual_seed(c["seed"])
+        dtype, page = getattr(torch, c["dtype"]), c["page"]
+        used = [-(-n // page) for n in c["lk"]]
+        max_pages = max(used) + c["extra_pages"] or 1
+        n_pages = sum(used) + c["extra_pages"] + 1
+        perm = torch.randperm(n_pages, generator=g).tolist()
+        table = torch.full((len(c["lk"]), max_pages), -1, dtype=torch.int32)
+        for b, u in enumerate(used):
+            table[b, :u] = torch.tensor(perm[sum(used[:b]):sum(used[:b]) + u], dtype=torch.int32)
+        kp, vp = (_randn((n_pages, c["Hkv"], page, c["D"]), g, dtype) for _ in range(2))
+        q = _randn((sum(c["lq"]), c["Hq"], c["D"]), g, dtype)
+        cu = lambda lens: torch.tensor([0] + [sum(lens[:j + 1]) for j in range(len(lens))], dtype=torch.int32,  # noqa: E731
+                                       device=DEVICE)
+        cu_q, cu_k = cu(c["lq"]), cu(c["lk"])
+        mq, mk = max(c["lq"]), max(c["lk"])
+        kw = dict(causal=c["causal"], window=c["window"], softcap=c["softcap"])
+        if c["alibi"]:
+            kw["alibi_slopes"] = (0.02 + 0.5 * torch.rand(len(c["lq"]), c["Hq"], generator=g)).to(DEVICE)
+        out = embedattn.attention_varlen(q, kp, vp, cu_q, cu_k, mq, mk, block_table=table.to(DEVICE),
+                                         backend="triton", **kw)
+        k, v = ((torch.stack([t[int(table[b, p // page]), :, p % page] for b, n in enumerate(c["lk"])
+                              for p in range(n)]) if sum(c["lk"]) else t.new_zeros(0, c["Hkv"], c["D"]))
+                for t in (kp, vp))
+        want = reference.attention_varlen(q.double(), k.double(), v.double(), cu_q, cu_k, mq, mk, **kw)
+        plain = reference.attention_varlen(q, k, v, cu_q, cu_k, mq, mk, upcast=False, **kw)
+        assert out.dtype == dtype and out.shape == want.shape
+        assert_fa_close(out, want, plain, "out")
