@@ -27,9 +27,11 @@ lse and delta the backward holds. Split-KV runs its splits without the sink and 
 Causal masking takes an offset: query i sees key j iff ``j <= i + causal_offset``; the API passes
 ``Nk - Nq`` (bottom-right, FlashAttention's convention) or 0 (top-left, torch SDPA's ``is_causal``).
 
-KV-cache decoding (``kvcache_forward``) reads each batch's length from ``k_lens``, optionally splits the keys
-across programs (flash-decoding), and with a block table reads a paged cache in place (``_kv_rows``; the constexpr
-PAGE is the page size). The dense forward writes its output in q's memory order (``empty_in_order``).
+KV-cache decoding (``kvcache_forward``) reads each batch's length from ``k_lens`` (with KLENS == 2 also its first
+key: a left-padded cache, whose loop starts at the block holding it), optionally splits the keys across programs
+(flash-decoding), and with a block table reads a paged cache in place (``_kv_rows``; the constexpr PAGE is the page
+size). Varlen with a block table (``varlen_forward``) reads its packed queries by cu_seqlens_q and each sequence's
+keys through the pages. The dense forward writes its output in q's memory order (``empty_in_order``).
 """
 
 from __future__ import annotations
