@@ -78,6 +78,22 @@ def _write_rows(w_ptr, ids, vals, rows_ok, cols, dd, D, ADD: tl.constexpr, IN_OR
             tl.store(ptr, vals, mask=mask)
 
 
+@triton.jit
+def _logistic(X, x, lab, live, lr, SKIP_SATURATED: tl.constexpr):
+    """One logistic step of rows ``X`` [R, BLOCK_D] against ``x`` [BLOCK_D] with labels ``lab``: the SGD
+    coefficients ``g = (lab - sigmoid(X x)) * lr`` of the ``live`` rows (0 elsewhere) and their summed loss
+    ``-log sigmoid(+-X x)``, in the stable form. ``SKIP_SATURATED``: a row with a saturated score (|s| >= 6) is
+    not live (hierarchical softmax, as word2vec.c). Called once per pair, so kept small: under the interpreter a
+    jitted call costs about a dozen tensor ops."""
+    s = tl.reduce(X * x[None, :], 1, _ADD)
+    if SKIP_SATURATED:
+        live = live & (tl.abs(s) < HS_MAX_EXP)
+    e = tl.exp(-tl.abs(s))
+    g = tl.where(live, (lab - tl.where(s >= 0, 1.0 / (1.0 + e), e / (1.0 + e))) * lr, 0.0)
+    z = tl.where(lab > 0, s, -s)
+    return g, tl.reduce(tl.where(live, tl.maximum(-z, 0.0) + tl.log(1.0 + e), 0.0), 0, _ADD)
+
+
 @triton.jit(do_not_specialize=["c0", "n_chunks", "V", "D", "K", "W", "seed", "pos_base"])
 def _word2vec_kernel(tok_ptr, bounds_ptr, kept_ptr, keep_ptr, aprob_ptr, alias_ptr, w_in_ptr, w_out_ptr, stats_ptr,
                      w_hs_ptr, lock_ptr, hs_off_ptr, hs_pts_ptr, hs_codes_ptr,
@@ -86,8 +102,8 @@ def _word2vec_kernel(tok_ptr, bounds_ptr, kept_ptr, keep_ptr, aprob_ptr, alias_p
                      ADD: tl.constexpr, DETERMINISTIC: tl.constexpr, NEG: tl.constexpr, HS: tl.constexpr,
                      LOCK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_T: tl.constexpr,
                      BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
-    # The per-word loops are written out flat: under the interpreter every call of a jitted helper
-    # costs more than a dozen tensor ops, and they run once per word or pair.
+    # The per-word loops are written out flat but for the logistic step (_logistic, one call per pair): under
+    # the interpreter every call of a jitted helper costs more than a dozen tensor ops.
     pid = tl.program_id(0)
     stride = (2 + 2 * W * K).to(tl.int64)  # Philox counters per corpus position
     base = pos_base.to(tl.int64)
@@ -213,11 +229,8 @@ def _word2vec_kernel(tok_ptr, bounds_ptr, kept_ptr, keep_ptr, aprob_ptr, alias_p
                             nmask = (live & is_neg)[:, None] & dmask[None, :]
                             U = tl.where((cols == 0)[:, None], U, tl.load(nptr, mask=nmask, other=0.0,
                                                                           cache_modifier=".cg"))
-                        s = tl.reduce(U * v[None, :], 1, _ADD)
-                        e = tl.exp(-tl.abs(s))
-                        g = tl.where(live, (label - tl.where(s >= 0, 1.0 / (1.0 + e), e / (1.0 + e))) * lr, 0.0)
-                        z = tl.where(cols == 0, s, -s)
-                        loss += tl.reduce(tl.where(live, tl.maximum(-z, 0.0) + tl.log(1.0 + e), 0.0), 0, _ADD)
+                        g, dloss = _logistic(U, v, label, live, lr, False)
+                        loss += dloss
                         neu1e += tl.reduce(g[:, None] * U, 0, _ADD)
                         U = U + g[:, None] * v[None, :]
                         if not SHARED:  # the pair's negatives go back at once
@@ -229,12 +242,8 @@ def _word2vec_kernel(tok_ptr, bounds_ptr, kept_ptr, keep_ptr, aprob_ptr, alias_p
                                         BLOCK_K)
                             tl.debug_barrier()
                     if HS:  # a node with a saturated score (|f| >= 6) is skipped, as word2vec.c
-                        s = tl.reduce(UH * v[None, :], 1, _ADD)
-                        hl_live = lmask & (tl.abs(s) < HS_MAX_EXP)
-                        e = tl.exp(-tl.abs(s))
-                        g = tl.where(hl_live, (hlabel - tl.where(s >= 0, 1.0 / (1.0 + e), e / (1.0 + e))) * lr, 0.0)
-                        z = tl.where(hlabel > 0, s, -s)
-                        loss += tl.reduce(tl.where(hl_live, tl.maximum(-z, 0.0) + tl.log(1.0 + e), 0.0), 0, _ADD)
+                        g, dloss = _logistic(UH, v, hlabel, lmask, lr, True)
+                        loss += dloss
                         neu1e += tl.reduce(g[:, None] * UH, 0, _ADD)
                         UH = UH + g[:, None] * v[None, :]
                     pairs += 1
@@ -261,11 +270,8 @@ def _word2vec_kernel(tok_ptr, bounds_ptr, kept_ptr, keep_ptr, aprob_ptr, alias_p
                     optr = w_out_ptr + ids[:, None].to(tl.int64) * D + dd[None, :]
                     omask = live[:, None] & dmask[None, :]
                     U = tl.load(optr, mask=omask, other=0.0, cache_modifier=".cg")
-                    s = tl.reduce(U * h[None, :], 1, _ADD)
-                    e = tl.exp(-tl.abs(s))
-                    g = tl.where(live, (label - tl.where(s >= 0, 1.0 / (1.0 + e), e / (1.0 + e))) * lr, 0.0)
-                    z = tl.where(cols == 0, s, -s)
-                    loss += tl.reduce(tl.where(live, tl.maximum(-z, 0.0) + tl.log(1.0 + e), 0.0), 0, _ADD)
+                    g, dloss = _logistic(U, h, label, live, lr, False)
+                    loss += dloss
                     neu1e += tl.reduce(g[:, None] * U, 0, _ADD)
                     if ADD:
                         oval = g[:, None] * h[None, :]
@@ -274,12 +280,8 @@ def _word2vec_kernel(tok_ptr, bounds_ptr, kept_ptr, keep_ptr, aprob_ptr, alias_p
                     _write_rows(w_out_ptr, ids, oval, live, cols, dd, D, ADD, DETERMINISTIC, BLOCK_K)
                 if HS:
                     lmask = lmask & ((ll * 0 + cnt) > 0)
-                    s = tl.reduce(UH * h[None, :], 1, _ADD)
-                    hl_live = lmask & (tl.abs(s) < HS_MAX_EXP)
-                    e = tl.exp(-tl.abs(s))
-                    g = tl.where(hl_live, (hlabel - tl.where(s >= 0, 1.0 / (1.0 + e), e / (1.0 + e))) * lr, 0.0)
-                    z = tl.where(hlabel > 0, s, -s)
-                    loss += tl.reduce(tl.where(hl_live, tl.maximum(-z, 0.0) + tl.log(1.0 + e), 0.0), 0, _ADD)
+                    g, dloss = _logistic(UH, h, hlabel, lmask, lr, True)
+                    loss += dloss
                     neu1e += tl.reduce(g[:, None] * UH, 0, _ADD)
                     UH = UH + g[:, None] * h[None, :]
                 pairs += (cnt > 0).to(tl.int32)
