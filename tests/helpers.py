@@ -102,3 +102,24 @@ class HostReads(torch.utils._python_dispatch.TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops.append(str(func))
         return func(*args, **(kwargs or {}))
+
+
+def sgns_step_reference(inp, tgt, neg, wi, wo, lr, skip_target=True):
+    """One minibatch of word2vec.c skip-gram negative-sampling updates in float64: every pair's update computed
+    from the tables before the step, then all added (what Hogwild converges to when rows do not collide).
+    ``skip_target``: a negative equal to the target is skipped (word2vec.c, the fused steps). Returns the loss per
+    pair and the updated (float64) input and output tables."""
+    wi64, wo64 = wi.double(), wo.double()
+    v = wi64[inp]
+    ids = torch.cat([tgt[:, None], neg], 1)
+    live = (ids != tgt[:, None]).double() if skip_target else torch.ones(ids.shape, dtype=torch.float64)
+    live[:, 0] = 1
+    u = wo64[ids]
+    s = (u * v[:, None]).sum(-1)
+    label = torch.zeros_like(s)
+    label[:, 0] = 1
+    g = (label - torch.sigmoid(s)) * lr * live
+    loss = -(torch.nn.functional.logsigmoid(torch.where(label > 0, s, -s)) * live).sum(-1)
+    wi64 = wi64.index_add(0, inp, (g[:, :, None] * u).sum(1))
+    wo64 = wo64.index_add(0, ids.reshape(-1), (g[:, :, None] * v[:, None]).reshape(-1, v.shape[1]))
+    return loss, wi64, wo64

@@ -15,6 +15,7 @@ from helpers import (
     compile_sm90_in_subprocess,
     max_err,
     on_road,
+    sgns_step_reference,
     skip_if_unsupported,
 )
 
@@ -168,26 +169,6 @@ def test_module_with_sampler_trains():
 
 # ----------------------------------------------------------------------------- the fused SGD step
 
-def _step_reference(inp, tgt, neg, wi, wo, lr):
-    """The minibatch semantics of one sgns_step: every pair's word2vec.c update computed from the
-    tables before the step, then all added (what Hogwild converges to when rows do not collide).
-    A negative equal to the target is skipped, as in word2vec.c."""
-    wi64, wo64 = wi.double(), wo.double()
-    v = wi64[inp]
-    ids = torch.cat([tgt[:, None], neg], 1)
-    live = (ids != tgt[:, None]).double()
-    live[:, 0] = 1
-    u = wo64[ids]
-    s = (u * v[:, None]).sum(-1)
-    label = torch.zeros_like(s)
-    label[:, 0] = 1
-    g = (label - torch.sigmoid(s)) * lr * live
-    loss = -(torch.nn.functional.logsigmoid(torch.where(label > 0, s, -s)) * live).sum(-1)
-    wi64 = wi64.index_add(0, inp, (g[:, :, None] * u).sum(1))
-    wo64 = wo64.index_add(0, ids.reshape(-1), (g[:, :, None] * v[:, None]).reshape(-1, v.shape[1]))
-    return loss, wi64, wo64
-
-
 def _sgns_batch(seed, B, K, D, distinct, v_colliding):
     """B (input, target, K negatives) triples and two (V, D) tables: every row distinct, or ids drawn
     from a tiny vocabulary of v_colliding rows so that they collide (skipped on a GPU)."""
@@ -208,10 +189,10 @@ def _sgns_batch(seed, B, K, D, distinct, v_colliding):
 
 
 def _minibatch_reference(inp, tgt, neg, wi, wo, lr, size):
-    """_step_reference over consecutive minibatches of `size` pairs: (all losses, final wi, final wo)."""
+    """sgns_step_reference over consecutive minibatches of `size` pairs: (all losses, final wi, final wo)."""
     losses, wi_r, wo_r = [], wi.double(), wo.double()
     for s in range(0, len(inp), size):
-        lo, wi_r, wo_r = _step_reference(inp[s:s + size], tgt[s:s + size], neg[s:s + size], wi_r, wo_r, lr)
+        lo, wi_r, wo_r = sgns_step_reference(inp[s:s + size], tgt[s:s + size], neg[s:s + size], wi_r, wo_r, lr)
         losses.append(lo)
     return torch.cat(losses), wi_r, wo_r
 
@@ -232,7 +213,7 @@ def test_sgns_step_kernel(distinct):
     inp, tgt, neg, wi, wo = _sgns_batch(11, B, K, D, distinct, v_colliding=7)
     if not distinct:
         assert (neg == tgt[:, None]).any()  # the skip rule is exercised
-    ref = _step_reference(inp, tgt, neg, wi, wo, lr=0.05)
+    ref = sgns_step_reference(inp, tgt, neg, wi, wo, lr=0.05)
     wi_k, wo_k = wi.to(DEVICE), wo.to(DEVICE)
     loss = sgns_step(inp.to(DEVICE), tgt.to(DEVICE), neg.to(DEVICE), wi_k, wo_k, 0.05)
     _assert_step_matches(loss, wi_k, wo_k, *ref)

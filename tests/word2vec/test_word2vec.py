@@ -21,7 +21,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from helpers import DEVICE, HAS_TRITON, ON_CUDA, max_err
+from helpers import DEVICE, HAS_TRITON, ON_CUDA, max_err, sgns_step_reference
 
 from embedattn.word2vec import KeyedVectors, Word2Vec
 from embedattn.word2vec._corpus import line_sentences, prepare_vocab, read_corpus, scan_vocab
@@ -43,23 +43,10 @@ from gensim.test.utils import datapath  # noqa: E402
 slow = pytest.mark.skipif(not os.environ.get("EMBEDATTN_SLOW"), reason="slow: set EMBEDATTN_SLOW=1")
 
 
-def _step_reference(inp, tgt, neg, wi, wo, lr, skip_target=True):
-    """One minibatch of word2vec.c updates in float64, all computed from the same snapshot, summed.
-    ``skip_target``: a negative equal to the target is skipped (word2vec.c, the fused steps)."""
-    wi64, wo64 = wi.double(), wo.double()
-    v = wi64[inp]
-    ids = torch.cat([tgt[:, None], neg], 1)
-    live = (ids != tgt[:, None]).double() if skip_target else torch.ones(ids.shape, dtype=torch.float64)
-    live[:, 0] = 1
-    u = wo64[ids]
-    s = (u * v[:, None]).sum(-1)
-    label = torch.zeros_like(s)
-    label[:, 0] = 1
-    g = (label - torch.sigmoid(s)) * lr * live
-    loss = -(torch.nn.functional.logsigmoid(torch.where(label > 0, s, -s)) * live).sum()
-    wi64 = wi64.index_add(0, inp, (g[:, :, None] * u).sum(1))
-    wo64 = wo64.index_add(0, ids.reshape(-1), (g[:, :, None] * v[:, None]).reshape(-1, v.shape[1]))
-    return loss, wi64, wo64
+def _summed_step(inp, tgt, neg, wi, wo, lr, skip_target=True):
+    """helpers.sgns_step_reference with the minibatch's loss summed, as the word2vec steps report it."""
+    loss, wi64, wo64 = sgns_step_reference(inp, tgt, neg, wi, wo, lr, skip_target)
+    return loss.sum(), wi64, wo64
 
 
 def _step_inputs(B=45, K=4, V=9, D=13, seed=0):
@@ -75,7 +62,7 @@ def test_torch_step_matches_reference_per_chunk():
     # chunk 16: three minibatches applied in order, colliding ids inside each (V = 9)
     ref_loss, ri, ro = 0.0, wi.double(), wo.double()
     for s in range(0, inp.numel(), 16):
-        loss, ri, ro = _step_reference(inp[s:s + 16], tgt[s:s + 16], neg[s:s + 16], ri, ro, 0.05)
+        loss, ri, ro = _summed_step(inp[s:s + 16], tgt[s:s + 16], neg[s:s + 16], ri, ro, 0.05)
         ref_loss += loss
     assert (neg == tgt[:, None]).any()  # the skip rule is exercised
     a, b = wi.clone(), wo.clone()
@@ -93,7 +80,7 @@ def test_compiled_step_matches_reference(cpp_wrapper):
     inp, tgt, neg, wi, wo = _step_inputs(B=37, seed=2)
     ref_loss, ri, ro = 0.0, wi.double(), wo.double()
     for s in range(0, inp.numel(), 8):
-        loss, ri, ro = _step_reference(inp[s:s + 8], tgt[s:s + 8], neg[s:s + 8], ri, ro, 0.05)
+        loss, ri, ro = _summed_step(inp[s:s + 8], tgt[s:s + 8], neg[s:s + 8], ri, ro, 0.05)
         ref_loss += loss
     a, b = wi.clone(), wo.clone()
     step = CompiledStep(a, b, negative=4, chunk=8, group=2, cpp_wrapper=cpp_wrapper)
@@ -110,7 +97,7 @@ def test_compiled_step_matches_reference(cpp_wrapper):
 @pytest.mark.parametrize("backend", ["reference"] + (["triton"] if HAS_TRITON else []))
 def test_autograd_step_matches_reference(backend):
     inp, tgt, neg, wi, wo = _step_inputs(B=21, seed=1)
-    loss_r, ri, ro = _step_reference(inp, tgt, neg, wi, wo, 0.05, skip_target=False)
+    loss_r, ri, ro = _summed_step(inp, tgt, neg, wi, wo, 0.05, skip_target=False)
     a, b = wi.to(DEVICE), wo.to(DEVICE)
     loss = autograd_sgns_step(inp.to(DEVICE), tgt.to(DEVICE), neg.to(DEVICE), a, b, 0.05, backend=backend)
     assert abs(loss.item() - loss_r.item()) < 1e-4
