@@ -104,6 +104,7 @@ from .attention import (
     attention_varlen,
     attention_with_kvcache,
 )
+from .reference._attention import pages_as_cache
 from .reference._philox import dropout_keep_mask, varlen_keep_mask
 from .rotary import rotary
 
@@ -293,9 +294,10 @@ def _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dro
 def _keys_from_pages(pool: torch.Tensor, block_table: torch.Tensor, cu_seqlens_k: torch.Tensor) -> torch.Tensor:
     """The packed (total_k, Hkv, D) keys of a paged varlen call (pool (num_pages, Hkv, page_size, D), checked by the
     call): sequence b's positions 0 .. its length - 1 through its table row. For S_dmask only (host reads)."""
-    page, lens = pool.shape[2], (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).tolist()
-    rows = [pool[block_table[b, p // page].long(), :, p % page] for b, n in enumerate(lens) for p in range(n)]
-    return torch.stack(rows) if rows else pool.new_zeros(0, pool.shape[1], pool.shape[3])
+    cache = pages_as_cache(pool, block_table)  # (B, Hkv, capacity, D)
+    lens = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).tolist()
+    return torch.cat([cache[b, :, :n].transpose(0, 1) for b, n in enumerate(lens)]) if lens else \
+        pool.new_zeros(0, pool.shape[1], pool.shape[3])
 
 
 # --------------------------------------------------------------------------------------------------
