@@ -123,3 +123,11 @@ def sgns_step_reference(inp, tgt, neg, wi, wo, lr, skip_target=True):
     wi64 = wi64.index_add(0, inp, (g[:, :, None] * u).sum(1))
     wo64 = wo64.index_add(0, ids.reshape(-1), (g[:, :, None] * v[:, None]).reshape(-1, v.shape[1]))
     return loss, wi64, wo64
+
+
+def pages_to_cache(pool, table):
+    """A paged cache (num_pages, Hkv, page, D) read through its (B, max_pages) table as the contiguous
+    (B, Hkv, max_pages * page, D) cache: batch b's positions in order (the tests' own copy, not the reference's)."""
+    B, max_pages = table.shape
+    g = pool[table.long()]  # (B, max_pages, Hkv, page, D)
+    return g.permute(0, 2, 1, 3, 4).reshape(B, pool.shape[1], max_pages * pool.shape[2], pool.shape[3])

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import BACKENDS, DEVICE, ROADS, assert_fa_close, on_road
+from helpers import BACKENDS, DEVICE, ROADS, assert_fa_close, on_road, pages_to_cache
 
 import embedattn
 from embedattn import reference
@@ -57,13 +57,6 @@ def _appended(cache, new, lens):
         for b, n in enumerate(lens):
             out[b, :, n:n + new.shape[2]] = new[b]
     return out
-
-
-def _contiguous(pool, table):
-    """(B, Hkv, max_pages * page, D): each batch's positions in order, gathered through the table."""
-    B, max_pages = table.shape
-    g = pool[table.long()]
-    return g.permute(0, 2, 1, 3, 4).reshape(B, pool.shape[1], max_pages * pool.shape[2], pool.shape[3])
 
 
 def _paged_copy(cache, page, seed):
@@ -123,7 +116,7 @@ def test_leftpad_kvcache(road, backend, feature, layout):
         q, kc_, vc_, lens, kn, vn, cache_leftpad=pad, block_table=table, num_splits=splits, return_lse=True,
         backend=backend, **kw))
     out, lse = fn(q, kc_in, vc_in, kn, vn)
-    got_k, got_v = (kc_in, vc_in) if table is None else (_contiguous(kc_in, table), _contiguous(vc_in, table))
+    got_k, got_v = (kc_in, vc_in) if table is None else (pages_to_cache(kc_in, table), pages_to_cache(vc_in, table))
     assert torch.equal(got_k.nan_to_num(7.0), want_k.nan_to_num(7.0))
     assert torch.equal(got_v.nan_to_num(7.0), want_v.nan_to_num(7.0))
     total = [n + N for n in lens_l]

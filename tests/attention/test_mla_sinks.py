@@ -12,7 +12,17 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.utils._python_dispatch
-from helpers import BACKENDS, DEVICE, DTYPES, ON_CUDA, ROADS, assert_fa_close, on_road, skip_if_unsupported
+from helpers import (
+    BACKENDS,
+    DEVICE,
+    DTYPES,
+    ON_CUDA,
+    ROADS,
+    assert_fa_close,
+    on_road,
+    pages_to_cache,
+    skip_if_unsupported,
+)
 from sm90 import ATTENTION, run_rows
 
 import embedattn
@@ -337,8 +347,8 @@ def test_mla_decoding_values_are_a_view_of_the_keys(backend, num_splits, paged):
                                                     block_table=table, sinks=sinks, return_lse=True, backend=backend)
     if backend == "triton":  # no copy of the cache (or of a large part of it) on the way to the kernel
         assert not [n for n in copies.sizes if n >= vc.numel() // 2], copies.sizes
-    kd = kc if table is None else kc[table.long()].permute(0, 2, 1, 3, 4).reshape(B, 1, S, D)
-    k0 = pool if table is None else pool[table.long()].permute(0, 2, 1, 3, 4).reshape(B, 1, S, D)
+    kd = kc if table is None else pages_to_cache(kc, table)
+    k0 = pool if table is None else pages_to_cache(pool, table)
     for b in range(B):  # the append wrote the keys, and so the values
         n = int(lens[b])
         assert torch.equal(kd[b, :, n], kn[b, :, 0]) and torch.equal(kd[b, :, :n], k0[b, :, :n])
@@ -390,8 +400,7 @@ def test_kvcache_value_head_dim_and_sinks_with_v_new(road, backend, paged):
     q, kn, vn = _rand(B, H, 2, D, seed=49), _rand(B, HK, 2, D, seed=50), _rand(B, HK, 2, Dv, seed=51)
     lens = torch.tensor([3, 25], dtype=torch.int32, device=DEVICE)
     sinks = _sinks(H, seed=52)
-    whole = lambda pool: pool if table is None else \
-        pool[table.long()].permute(0, 2, 1, 3, 4).reshape(B, HK, S, pool.shape[-1])
+    whole = lambda pool: pool if table is None else pages_to_cache(pool, table)
     for splits in (1, 2):
         k1, v1 = kc.clone(), vc.clone()
         out = on_road(road, lambda q, k1, v1, splits=splits: embedattn.attention_with_kvcache(

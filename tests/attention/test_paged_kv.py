@@ -13,7 +13,17 @@ import importlib
 
 import pytest
 import torch
-from helpers import BACKENDS, DEVICE, ON_CUDA, ROADS, HostReads, assert_fa_close, compile_sm90_in_subprocess, on_road
+from helpers import (
+    BACKENDS,
+    DEVICE,
+    ON_CUDA,
+    ROADS,
+    HostReads,
+    assert_fa_close,
+    compile_sm90_in_subprocess,
+    on_road,
+    pages_to_cache,
+)
 
 import embedattn
 from embedattn import reference
@@ -39,13 +49,6 @@ def _paged(page, lens, n_new, *, B=3, Hkv=2, D=16, spare=3, seed=0, dtype=torch.
     return k_pool, v_pool, table
 
 
-def _contiguous(pool, table):
-    """(B, Hkv, max_pages * page, D): batch b's positions in order, gathered through the table."""
-    B, max_pages = table.shape
-    g = pool[table.long()]  # (B, max_pages, Hkv, page, D)
-    return g.permute(0, 2, 1, 3, 4).reshape(B, pool.shape[1], max_pages * pool.shape[2], pool.shape[3])
-
-
 PAGES = [1, 7, 16, 64]
 
 
@@ -54,7 +57,7 @@ PAGES = [1, 7, 16, 64]
                          ids=lambda x: str(x))
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("road", ROADS)
-def test_paged_equals_contiguous(road, backend, page, causal, n_new, num_splits):
+def test_paged_equalspages_to_cache(road, backend, page, causal, n_new, num_splits):
     """GQA (4 query heads on 2 kv heads), an empty cache, lengths that end inside a page and on a page boundary, new
     tokens appended through the pages, split-KV: the output equals the contiguous cache's (the same keys in the same
     order), both within FlashAttention's tolerance of float64; the pool after the append equals the contiguous cache
@@ -62,7 +65,7 @@ def test_paged_equals_contiguous(road, backend, page, causal, n_new, num_splits)
     lens_l = [0, 37, 64 - n_new]
     k_pool, v_pool, table = _paged(page, lens_l, n_new, seed=page)
     lens = torch.tensor(lens_l, dtype=torch.int32, device=DEVICE)
-    kc, vc = _contiguous(k_pool, table), _contiguous(v_pool, table)
+    kc, vc = pages_to_cache(k_pool, table), pages_to_cache(v_pool, table)
     nq = max(n_new, 1)
     q = _rand(3, 4, nq, 16, seed=5)
     kn, vn = (_rand(3, 2, n_new, 16, seed=6), _rand(3, 2, n_new, 16, seed=7)) if n_new else (None, None)
@@ -71,7 +74,7 @@ def test_paged_equals_contiguous(road, backend, page, causal, n_new, num_splits)
         q, k_pool, v_pool, lens, kn, vn, block_table=table, **kw))(q, k_pool, v_pool)
     want = embedattn.attention_with_kvcache(q, kc, vc, lens, kn, vn, **kw)
     torch.testing.assert_close(out, want, atol=2e-6, rtol=2e-6)
-    assert torch.equal(_contiguous(k_pool, table), kc) and torch.equal(_contiguous(v_pool, table), vc)
+    assert torch.equal(pages_to_cache(k_pool, table), kc) and torch.equal(pages_to_cache(v_pool, table), vc)
     total = lens + n_new
     ref = reference.attention_with_kvcache(q.double(), kc.double(), vc.double(), total, causal=causal)
     plain = reference.attention_with_kvcache(q, kc, vc, total, causal=causal, upcast=False)
@@ -85,7 +88,7 @@ def test_paged_half_precision_and_features(dtype, page):
     lens_l = [5, 40, 23]
     k_pool, v_pool, table = _paged(page, lens_l, 2, seed=30 + page, dtype=dtype)
     lens = torch.tensor(lens_l, device=DEVICE)
-    kc, vc = _contiguous(k_pool, table), _contiguous(v_pool, table)
+    kc, vc = pages_to_cache(k_pool, table), pages_to_cache(v_pool, table)
     q, kn, vn = _rand(3, 4, 2, 16, dtype=dtype, seed=8), _rand(3, 2, 2, 16, dtype=dtype, seed=9), \
         _rand(3, 2, 2, 16, dtype=dtype, seed=10)
     slopes = torch.rand(4, device=DEVICE)
@@ -133,7 +136,7 @@ def test_paged_split_matches_unsplit_long_cache():
 def test_return_lse(backend):
     page, lens_l = 7, [0, 20, 9]
     k_pool, v_pool, table = _paged(page, lens_l, 1, seed=60)
-    kc, vc = _contiguous(k_pool, table), _contiguous(v_pool, table)
+    kc, vc = pages_to_cache(k_pool, table), pages_to_cache(v_pool, table)
     q, kn = _rand(3, 4, 1, 16, seed=15), _rand(3, 2, 1, 16, seed=16)
     lens = torch.tensor(lens_l, dtype=torch.int32, device=DEVICE)
     out, lse = embedattn.attention_with_kvcache(q, k_pool, v_pool, lens, kn, kn.clone(), block_table=table,
@@ -150,7 +153,7 @@ def test_unused_table_entries_are_not_read():
     """Entries past a sequence's pages (padding such as -1) are never read nor checked."""
     page, lens_l = 8, [3, 17]
     k_pool, v_pool, table = _paged(page, lens_l, 1, B=2, seed=70)
-    kc, vc = _contiguous(k_pool, table), _contiguous(v_pool, table)
+    kc, vc = pages_to_cache(k_pool, table), pages_to_cache(v_pool, table)
     table[0, 1:] = -1  # batch 0 uses page 0 only (3 + 1 positions)
     table[1, 3:] = 10**6
     q, kn = _rand(2, 2, 1, 16, seed=17), _rand(2, 2, 1, 16, seed=18)
@@ -174,8 +177,8 @@ def test_kvcache_op_registration():
     spec = AttnSpec(causal=True, scale=0.25).op_args()
     E = torch.ops.embedattn
     torch.library.opcheck(E.kvcache_fwd.default, (q, k_pool, v_pool, lens, table, 2, *spec))
-    kc = _contiguous(k_pool, table)
-    torch.library.opcheck(E.kvcache_fwd.default, (q, kc, _contiguous(v_pool, table), lens, None, 1, *spec))
+    kc = pages_to_cache(k_pool, table)
+    torch.library.opcheck(E.kvcache_fwd.default, (q, kc, pages_to_cache(v_pool, table), lens, None, 1, *spec))
 
     def step(q, k_pool, v_pool, lens, table):
         return embedattn.attention_with_kvcache(q, k_pool, v_pool, lens, block_table=table, causal=True,
@@ -348,7 +351,7 @@ def test_paged_large_cuda(dtype, page):
     tolerance of float64."""
     lens_l = [4000, 1, 2500, 777]
     k_pool, v_pool, table = _paged(page, lens_l, 1, B=4, Hkv=8, D=128, seed=page, dtype=dtype)
-    kc, vc = _contiguous(k_pool, table), _contiguous(v_pool, table)
+    kc, vc = pages_to_cache(k_pool, table), pages_to_cache(v_pool, table)
     q, kn = _rand(4, 32, 1, 128, dtype=dtype, seed=1), _rand(4, 8, 1, 128, dtype=dtype, seed=2)
     lens = torch.tensor(lens_l, dtype=torch.int32, device=DEVICE)
     out = embedattn.attention_with_kvcache(q, k_pool, v_pool, lens, kn, kn.clone(), block_table=table, causal=True)
