@@ -868,7 +868,7 @@ def _checked_seqlens(cu_q: torch.Tensor, cu_k: torch.Tensor, tq: int, tk: int | 
         return torch.stack([cu[0], cu[-1], lens.min(), lens.max()]).to(torch.int64)
 
     sq, sk = summary(cu_q), summary(cu_k)
-    table_ok, cap = sq[0] == 0, None  # (a true placeholder without pages)
+    table_ok, cap = torch.ones((), dtype=torch.bool, device=cu_k.device), None
     if pages is not None:
         cap = page * pages.shape[1]
         len_k = (cu_k[1:] - cu_k[:-1]).to(torch.int64).clamp(0, cap)
@@ -1193,7 +1193,7 @@ def attention_with_kvcache(
             raise _length_error(msg, lens, ok, n_new)
         if paged and not passed[1]:
             raise _table_error(block_table, used, n_pages)
-        if not passed[-1]:
+        if cache_leftpad is not None and not passed[-1]:
             raise _leftpad_error(pad, lens, checks[-1])
     for c in checks[1:]:
         ok = ok & c
