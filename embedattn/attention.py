@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from . import reference
+from . import configs, reference
 from ._backend import attention_impl, check_backend, resolve
 from ._checks import assert_ok, bounds_mode, check_bool, check_float, check_int, check_seed, seed_tensor
 from ._registry import kernel_op
@@ -540,22 +540,12 @@ def _resolve(backend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: A
                    native_ok=native_ok)
 
 
-def _bucket(n) -> int:
-    """``configs.bucket`` by comparisons only: under torch.compile a dynamic length guards on its bucket."""
-    b = 16
-    while b < n:
-        b *= 2
-    return b
-
-
 @torch.compiler.assume_constant_result
 def _measured_impls(device: str, dtype: str, d: int, dv: int, causal: bool, gqa: bool, bq: int, bk: int
                     ) -> tuple[str, str]:
     """The device table's measured kernels for a plain call of this shape (``attention.impl_fwd`` / ``_bwd``
     entries, exact or nearest N bucket), ``"default"`` where it has none. A constant to torch.compile: the table
     is read outside the graph, so eager and compiled calls of one shape take the same kernels."""
-    from . import configs
-
     fields = dict(dtype=dtype, head_dim=d, nq=bq, nk=bk, flags="causal" if causal else "none", gqa=int(gqa))
     if dv != d:
         fields["head_dim_v"] = dv
@@ -583,7 +573,8 @@ def _kernel_impls(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttnS
         return "default", "default"
     if impl == "auto":
         fwd, bwd = _measured_impls(str(q.device), str(q.dtype).replace("torch.", ""), q.shape[-1], v.shape[-1],
-                                   spec.causal, k.shape[1] != q.shape[1], _bucket(q.shape[2]), _bucket(k.shape[2]))
+                                   spec.causal, k.shape[1] != q.shape[1], configs.bucket(q.shape[2]),
+                                   configs.bucket(k.shape[2]))
     else:
         fwd, bwd = impl, "hopper"
     if fwd == "gluon":

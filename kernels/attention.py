@@ -767,11 +767,6 @@ def _dropout_keep_kernel(OUT, SEED, drop_p, H, NBH, Nq, Nk, DROP_MQ, DROP_MK, BL
 # configs: one fixed config under the interpreter, heuristics or autotune on a GPU
 # --------------------------------------------------------------------------------------------------
 
-def _bucket(n: int) -> int:
-    # autotune key: powers of two, so a sweep over many lengths does not retune at each one
-    return triton.next_power_of_2(max(int(n), 16))
-
-
 def _config_list(shapes) -> list:
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
@@ -1019,7 +1014,7 @@ def _forward(q, k, v, spec, *, varlen=None, k_lens=None, k_starts=None, num_spli
         k_lens = torch.stack([k_lens, k_starts])
     args = (q, k, v, o, lse, cu_q_t, cu_k_t, k_lens if k_lens is not None else q, table, *feats,
             *sq, *sk, *sv, *so, *sl, s_os, s_ls, *st_table, H, B * H, H // HKV, Nq, Nk,
-            drop_mq, drop_mk, num_splits, _bucket(Nq), _bucket(Nk))
+            drop_mq, drop_mk, num_splits, configs.bucket(Nq), configs.bucket(Nk))
     flags.update(_head_flags(D, Dv, q.dtype, forward=True), VARLEN=varlen is not None, KLENS=klens, SPLIT=split,
                  PAGE=k.shape[2] if paged else 0)
     if split:  # the splits run without the sink: kvcache_forward adds it once when it merges them
@@ -1096,7 +1091,7 @@ def _backward(do, q, k, v, o, lse, spec, *, varlen=None, dlse2=None):
     del flags["SINK"]  # the saved lse holds the sink: the backward kernels are the same with or without one
     flags.update(_head_flags(D, Dv, q.dtype), VARLEN=varlen is not None)
     cu_q_t, cu_k_t = (varlen[0], varlen[1]) if varlen is not None else (q, q)
-    tail = (drop_mq, drop_mk, _bucket(Nq), _bucket(Nk))
+    tail = (drop_mq, drop_mk, configs.bucket(Nq), configs.bucket(Nk))
     # strides: the query-side rows (q, dO), the key-side rows (k, v), the output, lse/delta
     kv_args = (q, k, v, do, dk, dv, lse, delta, cu_q_t, cu_k_t, *feats, *sq, *sdo, *sk, *sv, *sdk, *sdv, *sl,
                H, HKV, B * HKV, H // HKV, Nq, Nk, *tail)

@@ -97,9 +97,13 @@ def device_key(device: Any = None) -> str:
 
 
 def bucket(n: int) -> int:
-    """A length/token count's bucket: the next power of two, at least 16 (the autotune keys' rule)."""
-    n = int(n)
-    return 16 if n <= 16 else 1 << (n - 1).bit_length()
+    """A length/token count's bucket: the next power of two, at least 16 (the autotune keys' rule). By comparisons
+    only, so that while torch.compile traces a dynamic length it guards on the bucket rather than reading the
+    length (``embedattn.attention._kernel_impls``)."""
+    b = 16
+    while b < n:
+        b *= 2
+    return b
 
 
 def _flags(v: Any) -> str:
