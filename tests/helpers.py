@@ -131,3 +131,12 @@ def pages_to_cache(pool, table):
     B, max_pages = table.shape
     g = pool[table.long()]  # (B, max_pages, Hkv, page, D)
     return g.permute(0, 2, 1, 3, 4).reshape(B, pool.shape[1], max_pages * pool.shape[2], pool.shape[3])
+
+
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+
+
+def rand(*shape, dtype=torch.float32, seed=0, scale=1.0):
+    """A seeded standard-normal tensor (times ``scale``) on the tests' device in ``dtype``."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g) * scale).to(DEVICE, dtype)

@@ -9,18 +9,23 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import BACKENDS, DEVICE, DTYPES, ON_CUDA, ROADS, HostReads, assert_fa_close, on_road, skip_if_unsupported
+from helpers import (
+    BACKENDS,
+    DEVICE,
+    DTYPES,
+    ON_CUDA,
+    ROADS,
+    HostReads,
+    assert_fa_close,
+    needs_triton,
+    on_road,
+    rand,
+    skip_if_unsupported,
+)
 from sm90 import ATTENTION, run_rows
 
 import embedattn
 from embedattn import reference
-
-needs_triton = pytest.mark.skipif("triton" not in BACKENDS, reason="triton not installed")
-
-
-def _rand(*shape, dtype=torch.float32, seed=0, scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(*shape, generator=g) * scale).to(DEVICE, dtype)
 
 
 def _compare(kernel_fn, ref_fn, inputs, grads=True, seed=0):
@@ -35,7 +40,7 @@ def _compare(kernel_fn, ref_fn, inputs, grads=True, seed=0):
     assert_fa_close(out, ref, plain, "out")
     if not grads:
         return
-    dout = _rand(*out.shape, dtype=dtype, seed=seed + 100)
+    dout = rand(*out.shape, dtype=dtype, seed=seed + 100)
     got = torch.autograd.grad(out, leaves, dout)
     want = torch.autograd.grad(ref, r64, dout.double())
     base = torch.autograd.grad(plain, rp, dout)
@@ -51,8 +56,8 @@ WINDOWS = [((3, 0), False), ((5, 2), False), ((0, 0), False), ((-1, 4), False), 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_sliding_window(backend, dtype, window, causal):
     skip_if_unsupported(backend, dtype)
-    q, k, v = _rand(1, 4, 37, 32, dtype=dtype, seed=1), _rand(1, 2, 45, 32, dtype=dtype, seed=2), \
-        _rand(1, 2, 45, 32, dtype=dtype, seed=3)
+    q, k, v = rand(1, 4, 37, 32, dtype=dtype, seed=1), rand(1, 2, 45, 32, dtype=dtype, seed=2), \
+        rand(1, 2, 45, 32, dtype=dtype, seed=3)
     _compare(lambda q, k, v: embedattn.attention(q, k, v, causal=causal, window=window, backend=backend),
              lambda q, k, v, up: reference.attention(q, k, v, causal=causal, window=window, upcast=up), (q, k, v))
 
@@ -62,7 +67,7 @@ def test_sliding_window(backend, dtype, window, causal):
 def test_window_sides_past_int32(window):
     """Huge window sides (INT_MAX, sys.maxsize, 2**64: "unbounded" idioms) act as unbounded on every path, the
     reference called directly included: equal to the same call with that side unbounded (-1)."""
-    q, k, v = _rand(1, 2, 9, 16, seed=44), _rand(1, 1, 21, 16, seed=45), _rand(1, 1, 21, 16, seed=46)
+    q, k, v = rand(1, 2, 9, 16, seed=44), rand(1, 1, 21, 16, seed=45), rand(1, 1, 21, 16, seed=46)
     left, right = window
     unbounded = (-1 if left > 2**30 else left, -1 if right > 2**30 else right)
     want = reference.attention(q.double(), k.double(), v.double(), window=unbounded)
@@ -73,7 +78,7 @@ def test_window_sides_past_int32(window):
 
 
 def test_window_matches_explicit_mask():
-    q, k, v = _rand(1, 2, 20, 16, seed=4), _rand(1, 2, 26, 16, seed=5), _rand(1, 2, 26, 16, seed=6)
+    q, k, v = rand(1, 2, 20, 16, seed=4), rand(1, 2, 26, 16, seed=5), rand(1, 2, 26, 16, seed=6)
     i, j = torch.arange(20)[:, None], torch.arange(26)[None, :]
     rel = i + 6 - j
     mask = ((rel <= 3) & (rel >= -2)).to(DEVICE)
@@ -89,8 +94,8 @@ def test_window_matches_explicit_mask():
 def test_softcap(backend, dtype, causal):
     skip_if_unsupported(backend, dtype)
     # scores large enough that tanh saturates for some entries
-    q, k, v = _rand(2, 2, 23, 24, dtype=dtype, seed=7, scale=3), _rand(2, 1, 31, 24, dtype=dtype, seed=8, scale=3), \
-        _rand(2, 1, 31, 24, dtype=dtype, seed=9)
+    q, k, v = rand(2, 2, 23, 24, dtype=dtype, seed=7, scale=3), rand(2, 1, 31, 24, dtype=dtype, seed=8, scale=3), \
+        rand(2, 1, 31, 24, dtype=dtype, seed=9)
     _compare(lambda q, k, v: embedattn.attention(q, k, v, causal=causal, softcap=5.0, backend=backend),
              lambda q, k, v, up: reference.attention(q, k, v, causal=causal, softcap=5.0, upcast=up), (q, k, v))
 
@@ -102,8 +107,8 @@ def test_softcap(backend, dtype, causal):
 def test_alibi(backend, dtype, with_mask, slopes_shape):
     skip_if_unsupported(backend, dtype)
     B, H = 2, 4
-    q, k, v = _rand(B, H, 19, 32, dtype=dtype, seed=10), _rand(B, 2, 29, 32, dtype=dtype, seed=11), \
-        _rand(B, 2, 29, 32, dtype=dtype, seed=12)
+    q, k, v = rand(B, H, 19, 32, dtype=dtype, seed=10), rand(B, 2, 29, 32, dtype=dtype, seed=11), \
+        rand(B, 2, 29, 32, dtype=dtype, seed=12)
     slopes = torch.tensor([2 ** (-8 * (h + 1) / H) for h in range(H)], device=DEVICE)
     if slopes_shape == "bh":
         slopes = torch.stack([slopes, slopes * 0.5])
@@ -122,8 +127,8 @@ def test_alibi(backend, dtype, with_mask, slopes_shape):
 def test_dropout_matches_reference_fed_the_kernel_mask(dtype, causal):
     skip_if_unsupported("triton", dtype)
     B, H, Nq, Nk, D, p, seed = 1, 2, 21, 35, 16, 0.3, 1234
-    q, k, v = _rand(B, H, Nq, D, dtype=dtype, seed=13), _rand(B, 1, Nk, D, dtype=dtype, seed=14), \
-        _rand(B, 1, Nk, D, dtype=dtype, seed=15)
+    q, k, v = rand(B, H, Nq, D, dtype=dtype, seed=13), rand(B, 1, Nk, D, dtype=dtype, seed=14), \
+        rand(B, 1, Nk, D, dtype=dtype, seed=15)
     keep = embedattn.attention_dropout_mask((B, H, Nq, Nk), p, seed, device=DEVICE, backend="triton")
     assert keep.shape == (B, H, Nq, Nk) and keep.dtype == torch.bool
     _compare(lambda q, k, v: embedattn.attention(q, k, v, causal=causal, dropout_p=p, seed=seed, backend="triton"),
@@ -144,7 +149,7 @@ def test_dropout_keep_rate_and_seeding():
     # rows and columns are not correlated: per-row keep rates spread like a binomial
     per_row = keep.float().mean(-1).flatten()
     assert per_row.std().item() < 3 * (p * (1 - p) / 96) ** 0.5
-    q = _rand(1, 2, 16, 16, seed=3)
+    q = rand(1, 2, 16, 16, seed=3)
     a = embedattn.attention(q, q, q, dropout_p=0.5, seed=3, backend="triton")
     b = embedattn.attention(q, q, q, dropout_p=0.5, seed=3, backend="triton")
     assert torch.equal(a, b)
@@ -153,7 +158,7 @@ def test_dropout_keep_rate_and_seeding():
 @needs_triton
 def test_sdpa_drop_in_runs_dropout_in_kernel(monkeypatch):
     monkeypatch.setenv("EMBEDATTN_BACKEND", "triton")
-    q = _rand(1, 2, 16, 16, seed=4)
+    q = rand(1, 2, 16, 16, seed=4)
     torch.manual_seed(0)
     a = embedattn.scaled_dot_product_attention(q, q, q, dropout_p=0.5)
     torch.manual_seed(0)
@@ -211,14 +216,14 @@ def test_dropout_forward_and_backward_draw_one_mask(case):
     B, Hq, Hkv, Nq, kwf = DROPOUT_CASES[case]
     Nk = D = 16
     kw, seed = kwf(), 4321
-    q, k = _rand(B, Hq, Nq, D, seed=74, scale=2), _rand(B, Hkv, Nk, D, seed=75, scale=2)
+    q, k = rand(B, Hq, Nq, D, seed=74, scale=2), rand(B, Hkv, Nk, D, seed=75, scale=2)
     if case.endswith("strided"):
-        q, k = _rand(B, Nq, Hq, D, seed=74, scale=2).transpose(1, 2), _rand(B, Nk, Hkv, D, seed=75).transpose(1, 2)
+        q, k = rand(B, Nq, Hq, D, seed=74, scale=2).transpose(1, 2), rand(B, Nk, Hkv, D, seed=75).transpose(1, 2)
     p_drop = embedattn.attention(q, k, _eye_values(B, Hkv, Nk), dropout_p=P_DROP, seed=seed, backend="triton", **kw)
     r64 = {key: (val.double() if key == "alibi_slopes" else val) for key, val in kw.items()}
     p_ref = reference.attention(q.double(), k.double(), _eye_values(B, Hkv, Nk, torch.float64), **r64)
     keep = _check_dropped_probs(p_drop, p_ref, case, planes=not kw.get("causal"))
-    v = _rand(B, Hkv, Nk, D, seed=76)
+    v = rand(B, Hkv, Nk, D, seed=76)
     lse_term = case.endswith("lse")
 
     def combine(res):  # out, plus the finite lse broadcast over the head dim: gradients reach both
@@ -242,7 +247,7 @@ def test_varlen_dropout_forward_and_backward_draw_one_mask():
     cu_q = torch.tensor([0, 5, 14, 18], dtype=torch.int32, device=DEVICE)
     cu_k = torch.tensor([0, 16, 27, 30], dtype=torch.int32, device=DEVICE)
     D = max(lk)
-    q, k, v = _rand(18, H, D, seed=77, scale=2), _rand(30, HK, D, seed=78, scale=2), _rand(30, HK, D, seed=79)
+    q, k, v = rand(18, H, D, seed=77, scale=2), rand(30, HK, D, seed=78, scale=2), rand(30, HK, D, seed=79)
     eye = torch.cat([torch.eye(D, device=DEVICE)[:n] for n in lk])[:, None, :].expand(30, HK, D)
     kw = dict(causal=True, window=(7, 1), softcap=2.0, alibi_slopes=_slopes(H, seed=8))
     run = lambda q, k, v: embedattn.attention_varlen(q, k, v, cu_q, cu_k, max(lq), max(lk), dropout_p=P_DROP,
@@ -272,16 +277,16 @@ def test_sdpa_drop_in_dropout_rate_scale_and_backward(monkeypatch):
     mask in the backward (dv = P_dropᵀ dout), torch.manual_seed reproduces a call, and calls differ."""
     monkeypatch.setenv("EMBEDATTN_BACKEND", "triton")
     B, H, Nq, Nk = 2, 3, 12, 16
-    q, k = _rand(B, H, Nq, Nk, seed=80), _rand(B, H, Nk, Nk, seed=81)
+    q, k = rand(B, H, Nq, Nk, seed=80), rand(B, H, Nk, Nk, seed=81)
     torch.manual_seed(0)
     p_drop = embedattn.scaled_dot_product_attention(q, k, _eye_values(B, H, Nk), dropout_p=P_DROP)
     p_ref = reference.attention(q.double(), k.double(), _eye_values(B, H, Nk, torch.float64))
     _check_dropped_probs(p_drop, p_ref, "drop-in")
-    v = _rand(B, H, Nk, Nk, seed=82).requires_grad_()
+    v = rand(B, H, Nk, Nk, seed=82).requires_grad_()
     torch.manual_seed(0)
     out = embedattn.scaled_dot_product_attention(q, k, v, dropout_p=P_DROP)
     torch.testing.assert_close(out, p_drop @ v, atol=1e-5, rtol=1e-5)
-    w = _rand(*out.shape, seed=83)
+    w = rand(*out.shape, seed=83)
     (dv,) = torch.autograd.grad(out, v, w)
     torch.testing.assert_close(dv, p_drop.transpose(-1, -2) @ w, atol=1e-5, rtol=1e-5)
     assert not torch.equal(p_drop, embedattn.scaled_dot_product_attention(q, k, _eye_values(B, H, Nk),
@@ -302,8 +307,8 @@ def test_varlen(road, backend, dtype, causal, lens):
     cu_q = torch.tensor([0] + list(torch.tensor(lq).cumsum(0)), dtype=torch.int32, device=DEVICE)
     cu_k = torch.tensor([0] + list(torch.tensor(lk).cumsum(0)), dtype=torch.int32, device=DEVICE)
     H, HK, D = 4, 2, 24
-    q, k, v = _rand(sum(lq), H, D, dtype=dtype, seed=16), _rand(sum(lk), HK, D, dtype=dtype, seed=17), \
-        _rand(sum(lk), HK, D, dtype=dtype, seed=18)
+    q, k, v = rand(sum(lq), H, D, dtype=dtype, seed=16), rand(sum(lk), HK, D, dtype=dtype, seed=17), \
+        rand(sum(lk), HK, D, dtype=dtype, seed=18)
     mq, mk = max(lq), max(lk)
     _compare(on_road(road, lambda q, k, v: embedattn.attention_varlen(q, k, v, cu_q, cu_k, mq, mk, causal=causal,
                                                                       backend=backend)),
@@ -319,8 +324,8 @@ def test_varlen_and_kvcache_references_are_attention_per_sequence():
     kw = dict(causal=True, window=(5, 2), softcap=3.0, scale=0.3)
     lq, lk = [4, 0, 9, 1], [6, 3, 9, 0]
     cu_q, cu_k = (torch.tensor([0] + list(torch.tensor(n).cumsum(0)), device=DEVICE) for n in (lq, lk))
-    slopes = _rand(4, 2, seed=60).abs()
-    q, k, v = (_rand(sum(n), 2, 8, dtype=torch.float64, seed=61 + i).requires_grad_()
+    slopes = rand(4, 2, seed=60).abs()
+    q, k, v = (rand(sum(n), 2, 8, dtype=torch.float64, seed=61 + i).requires_grad_()
                for i, n in enumerate((lq, lk, lk)))
     out, lse = reference.attention_varlen(q, k, v, cu_q, cu_k, max(lq), max(lk), alibi_slopes=slopes, return_lse=True,
                                           **kw)
@@ -334,17 +339,17 @@ def test_varlen_and_kvcache_references_are_attention_per_sequence():
     want, want_lse = torch.cat(outs), torch.cat(lses, dim=1)
     torch.testing.assert_close(out, want, atol=1e-12, rtol=0)
     torch.testing.assert_close(lse, want_lse, atol=1e-12, rtol=0)
-    w = _rand(*out.shape, dtype=torch.float64, seed=65)
+    w = rand(*out.shape, dtype=torch.float64, seed=65)
     for a, b in zip(torch.autograd.grad((out * w).sum(), (q, k, v)), torch.autograd.grad((want * w).sum(), (q, k, v))):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
 
     B, S = 3, 11
-    kc, vc = _rand(B, 2, S, 8, dtype=torch.float64, seed=66), _rand(B, 2, S, 8, dtype=torch.float64, seed=67)
+    kc, vc = rand(B, 2, S, 8, dtype=torch.float64, seed=66), rand(B, 2, S, 8, dtype=torch.float64, seed=67)
     lens = torch.tensor([0, 4, 11], dtype=torch.int32, device=DEVICE)
     for b in range(B):
         kc[b, :, int(lens[b]):] = float("nan")
         vc[b, :, int(lens[b]):] = float("nan")
-    qd = _rand(B, 4, 2, 8, dtype=torch.float64, seed=68)
+    qd = rand(B, 4, 2, 8, dtype=torch.float64, seed=68)
     out, lse = reference.attention_with_kvcache(qd, kc, vc, lens, alibi_slopes=slopes[:B, :1].repeat(1, 4).abs(),
                                                 return_lse=True, **kw)
     for b in range(B):
@@ -363,7 +368,7 @@ def test_compiled_varlen_checks_offsets_on_the_device(backend):
     """Compiled (fullgraph, no host read), attention_varlen checks cu_seqlens and max_seqlen with a device assertion
     (a RuntimeError at once on the CPU) where the eager call raises its ValueError."""
     cu = torch.tensor([0, 3, 7], dtype=torch.int32, device=DEVICE)
-    q = _rand(7, 2, 8, seed=70)
+    q = rand(7, 2, 8, seed=70)
     def compiled(m):
         return on_road("compiled", lambda q, cu: embedattn.attention_varlen(q, q, q, cu, cu, m, m, backend=backend))
 
@@ -381,7 +386,7 @@ def test_compiled_varlen_checks_offsets_on_the_device(backend):
 def test_varlen_with_window_and_alibi():
     lq = [7, 19]
     cu = torch.tensor([0, 7, 26], dtype=torch.int32, device=DEVICE)
-    q, k, v = _rand(26, 2, 16, seed=19), _rand(26, 2, 16, seed=20), _rand(26, 2, 16, seed=21)
+    q, k, v = rand(26, 2, 16, seed=19), rand(26, 2, 16, seed=20), rand(26, 2, 16, seed=21)
     slopes = torch.tensor([[0.5, 0.25], [0.1, 0.2]], device=DEVICE)
     kw = dict(causal=True, window=(4, 0), alibi_slopes=slopes)
     _compare(lambda q, k, v: embedattn.attention_varlen(q, k, v, cu, cu, max(lq), max(lq), backend="triton", **kw),
@@ -396,10 +401,10 @@ def test_varlen_with_window_and_alibi():
 def test_kvcache_decoding(road, backend, dtype, nq, num_splits):
     skip_if_unsupported(backend, dtype)
     B, H, HK, S, D = 3, 4, 2, 80, 32
-    k_cache, v_cache = _rand(B, HK, S, D, dtype=dtype, seed=22), _rand(B, HK, S, D, dtype=dtype, seed=23)
+    k_cache, v_cache = rand(B, HK, S, D, dtype=dtype, seed=22), rand(B, HK, S, D, dtype=dtype, seed=23)
     lens = torch.tensor([0, 17, 70], dtype=torch.int32, device=DEVICE)  # an empty cache included
-    q = _rand(B, H, nq, D, dtype=dtype, seed=24)
-    k_new, v_new = _rand(B, HK, nq, D, dtype=dtype, seed=25), _rand(B, HK, nq, D, dtype=dtype, seed=26)
+    q = rand(B, H, nq, D, dtype=dtype, seed=24)
+    k_new, v_new = rand(B, HK, nq, D, dtype=dtype, seed=25), rand(B, HK, nq, D, dtype=dtype, seed=26)
     kc, vc = k_cache.clone(), v_cache.clone()
     out = on_road(road, lambda q, kc, vc: embedattn.attention_with_kvcache(
         q, kc, vc, lens, k_new, v_new, causal=True, num_splits=num_splits, backend=backend))(q, kc, vc)
@@ -416,8 +421,8 @@ def test_kvcache_decoding(road, backend, dtype, nq, num_splits):
 @needs_triton
 def test_kvcache_split_matches_unsplit_long_cache():
     B, H, S, D = 2, 2, 300, 16
-    kc, vc = _rand(B, H, S, D, seed=27), _rand(B, H, S, D, seed=28)
-    q = _rand(B, H, 1, D, seed=29)
+    kc, vc = rand(B, H, S, D, seed=27), rand(B, H, S, D, seed=28)
+    q = rand(B, H, 1, D, seed=29)
     lens = torch.tensor([300, 123], dtype=torch.int32, device=DEVICE)
     a = embedattn.attention_with_kvcache(q, kc, vc, lens, num_splits=1, backend="triton")
     b = embedattn.attention_with_kvcache(q, kc, vc, lens, num_splits=5, backend="triton")
@@ -550,7 +555,7 @@ def test_feature_combinations_on_kernels(dtype, combo, layout):
     kw = kwf(dtype)
 
     def make(b, h, n, seed):
-        t = _rand(b, n, h, D + 3, dtype=dtype, seed=seed, scale=2.0)[..., :D]  # (B, N, H, D) with padded rows
+        t = rand(b, n, h, D + 3, dtype=dtype, seed=seed, scale=2.0)[..., :D]  # (B, N, H, D) with padded rows
         return t.transpose(1, 2) if layout == "strided" else t.transpose(1, 2).contiguous()
 
     q, k, v = make(B, Hq, Nq, 1), make(B, Hkv, Nk, 2), make(B, Hkv, Nk, 3)
@@ -570,7 +575,7 @@ def test_varlen_every_feature(causal):
     lq, lk = [7, 1, 12], [9, 4, 12]
     cu_q = torch.tensor([0, 7, 8, 20], dtype=torch.int32, device=DEVICE)
     cu_k = torch.tensor([0, 9, 13, 25], dtype=torch.int32, device=DEVICE)
-    q, k, v = _rand(20, 4, 8, seed=60, scale=2), _rand(25, 2, 8, seed=61, scale=2), _rand(25, 2, 8, seed=62)
+    q, k, v = rand(20, 4, 8, seed=60, scale=2), rand(25, 2, 8, seed=61, scale=2), rand(25, 2, 8, seed=62)
     kw = dict(causal=causal, window=(4, 1), softcap=2.5, alibi_slopes=_slopes(4, 3, seed=2))
     _compare(lambda q, k, v: embedattn.attention_varlen(q, k, v, cu_q, cu_k, max(lq), max(lk), backend="triton",
                                                         **kw),
@@ -583,9 +588,9 @@ def test_kvcache_every_feature(backend, num_splits):
     """KV-cache decoding with window, softcap, ALiBi, GQA and an append, split or not: each feature reaches
     the kernel (the reference is called directly, not through the entry)."""
     B, H, HK, S, D, nq = 2, 4, 2, 40, 16, 2
-    kc, vc = _rand(B, HK, S, D, seed=63, scale=2), _rand(B, HK, S, D, seed=64)
-    q, kn = _rand(B, H, nq, D, seed=65, scale=2), _rand(B, HK, nq, D, seed=66, scale=2)
-    vn = _rand(B, HK, nq, D, seed=67)
+    kc, vc = rand(B, HK, S, D, seed=63, scale=2), rand(B, HK, S, D, seed=64)
+    q, kn = rand(B, H, nq, D, seed=65, scale=2), rand(B, HK, nq, D, seed=66, scale=2)
+    vn = rand(B, HK, nq, D, seed=67)
     lens = torch.tensor([5, 31], dtype=torch.int32, device=DEVICE)
     slopes = _slopes(H, B, seed=4)
     kw = dict(causal=True, window=(9, 0), softcap=1.5, alibi_slopes=slopes)
@@ -612,8 +617,8 @@ def test_kvcache_automatic_split_choice(monkeypatch):
     monkeypatch.setattr(K, "_forward", lambda *a, **kw: chosen.append(kw.get("num_splits", 1)) or orig(*a, **kw))
     monkeypatch.setattr(K, "interpreting", lambda: False)  # the GPU heuristic (and GPU tile sizes)
     B, H, S, D = 1, 2, 600, 16
-    kc, vc = _rand(B, H, S, D, seed=68), _rand(B, H, S, D, seed=69)
-    q = _rand(B, H, 1, D, seed=70)
+    kc, vc = rand(B, H, S, D, seed=68), rand(B, H, S, D, seed=69)
+    q = rand(B, H, 1, D, seed=70)
     lens = torch.tensor([577], dtype=torch.int32, device=DEVICE)
     kw = dict(softcap=3.0, window=(400, 0), causal=True)
     out = embedattn.attention_with_kvcache(q, kc, vc, lens, num_splits=0, backend="triton", **kw)
@@ -644,7 +649,7 @@ def test_gpu_tile_configs_under_the_interpreter(monkeypatch):
     for i, (fc, bc, (B, Hq, Hkv, Nq, Nk, D, kw)) in enumerate(runs):
         monkeypatch.setattr(K, "_fixed_fwd", lambda *a, c=fc, **k: dict(c, num_warps=4, num_stages=1))
         monkeypatch.setattr(K, "_fixed_bwd", lambda *a, c=bc, **k: dict(c or {}, num_warps=4, num_stages=1))
-        q, k, v = _rand(B, Hq, Nq, D, seed=i), _rand(B, Hkv, Nk, D, seed=i + 1), _rand(B, Hkv, Nk, D, seed=i + 2)
+        q, k, v = rand(B, Hq, Nq, D, seed=i), rand(B, Hkv, Nk, D, seed=i + 1), rand(B, Hkv, Nk, D, seed=i + 2)
         try:
             _compare(lambda q, k, v, kw=kw: embedattn.attention(q, k, v, backend="triton", **kw),
                      lambda q, k, v, up, kw=kw: reference.attention(q, k, v, upcast=up, **kw), (q, k, v),
@@ -663,13 +668,13 @@ def test_gpu_tile_configs_under_the_interpreter(monkeypatch):
 def test_softcap_accurate_at_large_caps(softcap):
     """softcap * tanh(s / softcap) with a large cap: the kernels' tanh must be accurate relative to its value (an
     absolute 1e-7 error becomes 1e-7 * softcap in the score: 1.3e-2 in the output at 1e5)."""
-    q, k, v = _rand(1, 2, 16, 32, seed=71, scale=3), _rand(1, 2, 24, 32, seed=72, scale=3), _rand(1, 2, 24, 32, seed=73)
+    q, k, v = rand(1, 2, 16, 32, seed=71, scale=3), rand(1, 2, 24, 32, seed=72, scale=3), rand(1, 2, 24, 32, seed=73)
     _compare(lambda q, k, v: embedattn.attention(q, k, v, softcap=softcap, backend="triton"),
              lambda q, k, v, up: reference.attention(q, k, v, softcap=softcap, upcast=up), (q, k, v), grads=False)
 
 # ------------------------------------------------------------------------------- KV cache: bounds, no syncs
 def _cache(S=8, B=2, seed=84):
-    return _rand(B, 2, S, 16, seed=seed), _rand(B, 2, S, 16, seed=seed + 1)
+    return rand(B, 2, S, 16, seed=seed), rand(B, 2, S, 16, seed=seed + 1)
 
 
 @pytest.mark.parametrize("check_bounds", [None, "sync", True])
@@ -681,7 +686,7 @@ def test_kvcache_bounds_sync_mode(backend, check_bounds):
         pytest.skip("the default on CUDA is the device-side assertion, which would end the CUDA context")
     kc, vc = _cache()
     k0, v0 = kc.clone(), vc.clone()
-    q, kn = _rand(2, 2, 2, 16, seed=86), _rand(2, 2, 2, 16, seed=87)
+    q, kn = rand(2, 2, 2, 16, seed=86), rand(2, 2, 2, 16, seed=87)
     for lens in ([3, 7], [-1, 2]):
         with pytest.raises(ValueError, match="cache_seqlens"):
             embedattn.attention_with_kvcache(q, kc, vc, torch.tensor(lens, device=DEVICE), kn, kn.clone(),
@@ -697,7 +702,7 @@ def test_kvcache_device_mode_reads_nothing_back(monkeypatch):
     ea = importlib.import_module("embedattn.attention")
     monkeypatch.setattr(ea, "bounds_mode", lambda check_bounds, device: "device")
     kc, vc = _cache()
-    q, kn, vn = _rand(2, 2, 2, 16, seed=86), _rand(2, 2, 2, 16, seed=87), _rand(2, 2, 2, 16, seed=88)
+    q, kn, vn = rand(2, 2, 2, 16, seed=86), rand(2, 2, 2, 16, seed=87), rand(2, 2, 2, 16, seed=88)
     lens = torch.tensor([3, 6], device=DEVICE)
     with HostReads() as mode:
         out = embedattn.attention_with_kvcache(q, kc, vc, lens, kn, vn, causal=True, backend="triton")
@@ -722,7 +727,7 @@ def test_kvcache_out_of_range_lengths_never_write_outside(backend):
     S = 8
     kc, vc = _cache(S, B=3)
     k0, v0 = kc.clone(), vc.clone()
-    q, kn, vn = _rand(3, 2, 3, 16, seed=89), _rand(3, 2, 3, 16, seed=90), _rand(3, 2, 3, 16, seed=91)
+    q, kn, vn = rand(3, 2, 3, 16, seed=89), rand(3, 2, 3, 16, seed=90), rand(3, 2, 3, 16, seed=91)
     lens = torch.tensor([6, 2, -4], device=DEVICE)  # 6 + 3 > 8 and -4 < 0 are out of range
     out = embedattn.attention_with_kvcache(q, kc, vc, lens, kn, vn, check_bounds="off", backend=backend)
     assert torch.equal(kc[0], k0[0]) and torch.equal(vc[2], v0[2])  # no append for the bad batches
@@ -735,10 +740,10 @@ def test_kvcache_out_of_range_lengths_never_write_outside(backend):
 def test_kvcache_refuses_an_expanded_cache_before_writing(backend):
     """A cache with a stride 0 on a dim of size > 1 (expand) cannot take an in-place append: ValueError
     before either cache is written."""
-    kc = _rand(1, 2, 8, 16, seed=92).expand(3, 2, 8, 16)
-    vc = _rand(3, 2, 8, 16, seed=93)
+    kc = rand(1, 2, 8, 16, seed=92).expand(3, 2, 8, 16)
+    vc = rand(3, 2, 8, 16, seed=93)
     v0 = vc.clone()
-    q, kn = _rand(3, 2, 1, 16, seed=94), _rand(3, 2, 1, 16, seed=95)
+    q, kn = rand(3, 2, 1, 16, seed=94), rand(3, 2, 1, 16, seed=95)
     lens = torch.tensor([1, 2, 3], device=DEVICE)
     for k_cache, v_cache, name in ((kc, vc, "k_cache"), (vc, kc, "v_cache")):
         with pytest.raises(ValueError, match=f"{name} is expanded"):
@@ -751,8 +756,8 @@ def test_kvcache_refuses_an_expanded_cache_before_writing(backend):
 @pytest.mark.skipif(not ON_CUDA, reason="host syncs exist on CUDA only")
 def test_kvcache_default_decoding_step_does_not_sync_cuda():
     B, H, S, D = 4, 4, 512, 64
-    kc, vc = _rand(B, H, S, D, dtype=torch.float16), _rand(B, H, S, D, dtype=torch.float16)
-    q, kn = _rand(B, H, 1, D, dtype=torch.float16), _rand(B, H, 1, D, dtype=torch.float16)
+    kc, vc = rand(B, H, S, D, dtype=torch.float16), rand(B, H, S, D, dtype=torch.float16)
+    q, kn = rand(B, H, 1, D, dtype=torch.float16), rand(B, H, 1, D, dtype=torch.float16)
     lens = torch.tensor([0, 17, 300, 511], dtype=torch.int32, device=DEVICE)
     embedattn.attention_with_kvcache(q, kc, vc, lens, kn, kn.clone(), causal=True)  # warm-up (autotune, compile)
     torch.cuda.synchronize()
@@ -765,7 +770,7 @@ def test_kvcache_default_decoding_step_does_not_sync_cuda():
 # ----------------------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_feature_bad_input(backend):
-    q = _rand(1, 2, 4, 16)
+    q = rand(1, 2, 4, 16)
     with pytest.raises(ValueError, match="window"):
         embedattn.attention(q, q, q, window=(1,), backend=backend)
     with pytest.raises(ValueError, match="softcap"):
@@ -774,7 +779,7 @@ def test_feature_bad_input(backend):
         embedattn.attention(q, q, q, alibi_slopes=torch.ones(3, device=DEVICE), backend=backend)
     with pytest.raises(ValueError, match="dropout_p"):
         embedattn.attention(q, q, q, dropout_p=1.0, backend=backend)
-    qp = _rand(5, 2, 16)
+    qp = rand(5, 2, 16)
     with pytest.raises(ValueError, match="cu_seqlens_q"):
         embedattn.attention_varlen(qp, qp, qp, torch.tensor([0, 3], device=DEVICE),
                                    torch.tensor([0, 5], device=DEVICE), 5, 5, backend=backend)
@@ -784,7 +789,7 @@ def test_feature_bad_input(backend):
     with pytest.raises(ValueError, match="scale"):
         embedattn.attention_varlen(qp, qp, qp, torch.tensor([0, 5], device=DEVICE),
                                    torch.tensor([0, 5], device=DEVICE), 5, 5, scale=float("nan"), backend=backend)
-    kc = _rand(1, 2, 8, 16)
+    kc = rand(1, 2, 8, 16)
     with pytest.raises(ValueError, match="scale"):
         embedattn.attention_with_kvcache(q[:, :, :1], kc, kc.clone(), torch.tensor([1], device=DEVICE),
                                          scale=float("inf"), backend=backend)
@@ -799,8 +804,8 @@ def test_feature_bad_input(backend):
 @pytest.mark.skipif(not ON_CUDA, reason="large shapes run on CUDA only")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_features_large_cuda(dtype):
-    q, k, v = _rand(2, 8, 1024, 128, dtype=dtype, seed=30), _rand(2, 2, 1024, 128, dtype=dtype, seed=31), \
-        _rand(2, 2, 1024, 128, dtype=dtype, seed=32)
+    q, k, v = rand(2, 8, 1024, 128, dtype=dtype, seed=30), rand(2, 2, 1024, 128, dtype=dtype, seed=31), \
+        rand(2, 2, 1024, 128, dtype=dtype, seed=32)
     slopes = torch.rand(8, device=DEVICE) * 0.1
     kw = dict(causal=True, window=(256, 0), softcap=30.0, alibi_slopes=slopes)
     _compare(lambda q, k, v: embedattn.attention(q, k, v, backend="triton", **kw),
@@ -811,9 +816,9 @@ def test_features_large_cuda(dtype):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_kvcache_bad_input_leaves_cache_untouched(backend):
     """Every argument is checked before k_new/v_new are written into the cache in place."""
-    kc, vc = _rand(1, 2, 8, 16, seed=40), _rand(1, 2, 8, 16, seed=41)
+    kc, vc = rand(1, 2, 8, 16, seed=40), rand(1, 2, 8, 16, seed=41)
     k0, v0 = kc.clone(), vc.clone()
-    q, kn = _rand(1, 2, 1, 16, seed=42), _rand(1, 2, 1, 16, seed=43)
+    q, kn = rand(1, 2, 1, 16, seed=42), rand(1, 2, 1, 16, seed=43)
     lens = torch.tensor([3], device=DEVICE)
     for kw in (dict(window=(1,)), dict(alibi_slopes=torch.ones(5, device=DEVICE)), dict(softcap=-1.0)):
         with pytest.raises(ValueError):
@@ -849,7 +854,7 @@ def test_feature_kernels_compile_for_sm90():
 def test_window_and_alibi_follow_a_top_left_diagonal_on_both_backends(causal):
     """With causal_offset=0 (torch's top-left alignment, used by the SDPA drop-in and integrations)
     the reference measures window and ALiBi from the same diagonal as the kernels."""
-    q, k, v = _rand(1, 2, 5, 16, seed=40), _rand(1, 2, 11, 16, seed=41), _rand(1, 2, 11, 16, seed=42)
+    q, k, v = rand(1, 2, 5, 16, seed=40), rand(1, 2, 11, 16, seed=41), rand(1, 2, 11, 16, seed=42)
     slopes = torch.tensor([0.5, 0.25], device=DEVICE)
     kw = dict(causal=causal, causal_offset=0, window=(2, 1), alibi_slopes=slopes)
     a = embedattn.attention(q, k, v, backend="reference", **kw)

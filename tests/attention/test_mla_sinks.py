@@ -19,8 +19,10 @@ from helpers import (
     ON_CUDA,
     ROADS,
     assert_fa_close,
+    needs_triton,
     on_road,
     pages_to_cache,
+    rand,
     skip_if_unsupported,
 )
 from sm90 import ATTENTION, run_rows
@@ -28,17 +30,10 @@ from sm90 import ATTENTION, run_rows
 import embedattn
 from embedattn import reference
 
-needs_triton = pytest.mark.skipif("triton" not in BACKENDS, reason="triton not installed")
-
-
-def _rand(*shape, dtype=torch.float32, seed=0, scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(*shape, generator=g) * scale).to(DEVICE, dtype)
-
 
 def _sinks(h, seed=0, dtype=torch.float32):
     # logits around the scores' own range, so that the sink takes a real share of each row
-    return _rand(h, seed=seed, scale=1.5).to(dtype)
+    return rand(h, seed=seed, scale=1.5).to(dtype)
 
 
 def _compare(kernel_fn, ref_fn, inputs, *, grads=True, seed=0, lse=False):
@@ -58,8 +53,8 @@ def _compare(kernel_fn, ref_fn, inputs, *, grads=True, seed=0, lse=False):
         assert_fa_close(got_lse, ref_lse, pl_lse.float(), "lse", eps=1e-3 if dtype == torch.float16 else None)
     if not grads:
         return
-    dout = _rand(*out.shape, dtype=dtype, seed=seed + 100)
-    dl = _rand(*got_lse.shape, seed=seed + 101) if lse else None
+    dout = rand(*out.shape, dtype=dtype, seed=seed + 100)
+    dl = rand(*got_lse.shape, seed=seed + 101) if lse else None
 
     def loss(o, ls, dt):
         value = (o.to(dt) * dout.to(dt)).sum()
@@ -94,7 +89,7 @@ def _gpt_oss_eager(q, k, v, sinks, *, mask=None, scale=None):
 def test_reference_sinks_match_gpt_oss_eager_and_transformers():
     """The reference with sinks equals gpt-oss's eager formula (and transformers' own function where it imports),
     with GQA, a causal mask and a value head dim of its own; its lse is log(sum exp(s) + exp(sink))."""
-    q, k, v = (_rand(*s, dtype=torch.float64, seed=i) for i, s in enumerate(((2, 4, 7, 16), (2, 2, 9, 16),
+    q, k, v = (rand(*s, dtype=torch.float64, seed=i) for i, s in enumerate(((2, 4, 7, 16), (2, 2, 9, 16),
                                                                              (2, 2, 9, 24))))
     sinks = _sinks(4, seed=5).double()
     causal = torch.ones(7, 9, dtype=torch.bool, device=DEVICE).tril(2)
@@ -121,7 +116,7 @@ SINK_CASES = {
     "gqa_causal": (2, 4, 2, 13, 21, 16, 16, lambda: dict(causal=True)),
     "nq_gt_nk_empty_rows": (1, 2, 1, 19, 7, 24, 24, lambda: dict(causal=True)),
     "window_softcap_alibi": (1, 4, 2, 17, 29, 32, 32, lambda: dict(window=(5, 2), softcap=3.0,
-                                                                   alibi_slopes=_rand(4, seed=9).abs() * 0.3)),
+                                                                   alibi_slopes=rand(4, seed=9).abs() * 0.3)),
     "mask_rows_masked": (2, 2, 2, 11, 14, 8, 8, lambda: dict(attn_mask=_masked_rows(2, 11, 14))),
     "mla_causal": (1, 4, 2, 15, 23, 40, 24, lambda: dict(causal=True)),
 }
@@ -144,8 +139,8 @@ def test_sinks_dense(road, backend, dtype, case):
         pytest.skip("the compiled road runs two cases")
     B, Hq, Hkv, Nq, Nk, D, Dv, kwf = SINK_CASES[case]
     kw = kwf()
-    q, k, v = _rand(B, Hq, Nq, D, dtype=dtype, seed=1), _rand(B, Hkv, Nk, D, dtype=dtype, seed=2), \
-        _rand(B, Hkv, Nk, Dv, dtype=dtype, seed=3)
+    q, k, v = rand(B, Hq, Nq, D, dtype=dtype, seed=1), rand(B, Hkv, Nk, D, dtype=dtype, seed=2), \
+        rand(B, Hkv, Nk, Dv, dtype=dtype, seed=3)
     sinks = _sinks(Hq, seed=4)
     ref_kw = {key: val.double() if key == "alibi_slopes" else val for key, val in kw.items()}
     fn = on_road(road, lambda q, k, v, s: embedattn.attention(q, k, v, sinks=s, return_lse=True, backend=backend,
@@ -159,7 +154,7 @@ def test_sinks_dense(road, backend, dtype, case):
 def test_sinks_rows_with_no_key_give_zeros_and_no_nan(backend):
     """Rows that see no key (causal with Nq > Nk, a fully masked row, Nk = 0): out = 0, lse = the sink, and every
     gradient finite; the sinks' gradient of such a row is its lse's weight (d lse / d sink = 1)."""
-    q, k, v = _rand(1, 2, 9, 16, seed=11), _rand(1, 1, 4, 16, seed=12), _rand(1, 1, 4, 8, seed=13)
+    q, k, v = rand(1, 2, 9, 16, seed=11), rand(1, 1, 4, 16, seed=12), rand(1, 1, 4, 8, seed=13)
     sinks = _sinks(2, seed=14).requires_grad_()
     mask = torch.ones(1, 1, 9, 4, dtype=torch.bool, device=DEVICE)
     mask[..., 7, :] = False
@@ -187,7 +182,7 @@ def test_sinks_rows_with_no_key_give_zeros_and_no_nan(backend):
 def test_sinks_lse_includes_the_sink(backend):
     """The returned lse with sinks is logaddexp(lse without them, sink) (FlashAttention 4's choice); a sink of -inf
     is no sink."""
-    q, k, v = _rand(2, 2, 5, 16, seed=15), _rand(2, 2, 8, 16, seed=16), _rand(2, 2, 8, 16, seed=17)
+    q, k, v = rand(2, 2, 5, 16, seed=15), rand(2, 2, 8, 16, seed=16), rand(2, 2, 8, 16, seed=17)
     sinks = _sinks(2, seed=18)
     _, without = embedattn.attention(q, k, v, return_lse=True, backend=backend)
     out, lse = embedattn.attention(q, k, v, sinks=sinks, return_lse=True, backend=backend)
@@ -204,7 +199,7 @@ def test_sinks_lse_includes_the_sink(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_sinks_any_float_dtype_and_their_gradient_dtype(backend):
     """sinks in fp16, bf16 or fp64 with fp32 q/k/v: used in fp32, the gradient in the sinks' own dtype."""
-    q, k, v = _rand(1, 2, 6, 16, seed=19), _rand(1, 2, 9, 16, seed=20), _rand(1, 2, 9, 16, seed=21)
+    q, k, v = rand(1, 2, 6, 16, seed=19), rand(1, 2, 9, 16, seed=20), rand(1, 2, 9, 16, seed=21)
     exact = _sinks(2, seed=22).bfloat16().float()  # values every float dtype holds exactly
     want = embedattn.attention(q, k, v, sinks=exact, backend="reference")
     for dt in (torch.float16, torch.bfloat16, torch.float64):
@@ -220,7 +215,7 @@ def test_sinks_with_dropout_are_never_dropped(backend):
     """Dropout drops probabilities of keys, never the sink (it has no value): with v = identity the output is the
     dropped probabilities, whose kept entries are p / (1 - p_drop) with p normalized by the sink too."""
     Nk, p_drop, seed = 16, 0.3, 77
-    q, k = _rand(1, 2, 12, 16, seed=23, scale=2), _rand(1, 2, Nk, 16, seed=24, scale=2)
+    q, k = rand(1, 2, 12, 16, seed=23, scale=2), rand(1, 2, Nk, 16, seed=24, scale=2)
     sinks = _sinks(2, seed=25)
     eye = torch.eye(Nk, device=DEVICE).expand(1, 2, Nk, Nk)
     dropped = embedattn.attention(q, k, eye, sinks=sinks, dropout_p=p_drop, seed=seed, backend=backend)
@@ -235,7 +230,7 @@ def test_sinks_with_dropout_are_never_dropped(backend):
 def test_head_dim_512_forward_backward(backend, dv):
     """D = 512 (Gemma's global layers; a value head dim of 128 beside it too), causal, GQA, sinks, odd lengths:
     the forward's QK^T over 64-wide column chunks and the backward's dK/dV in two launches, against float64."""
-    q, k, v = _rand(1, 2, 11, 512, seed=26), _rand(1, 1, 13, 512, seed=27), _rand(1, 1, 13, dv, seed=28)
+    q, k, v = rand(1, 2, 11, 512, seed=26), rand(1, 1, 13, 512, seed=27), rand(1, 1, 13, dv, seed=28)
     _compare(lambda q, k, v, s: embedattn.attention(q, k, v, causal=True, sinks=s, return_lse=True,
                                                     backend=backend),
              lambda q, k, v, s, up: reference.attention(q, k, v, causal=True, sinks=s, return_lse=True, upcast=up),
@@ -247,9 +242,9 @@ def test_head_dim_512_forward_backward(backend, dv):
 def test_head_dim_512_features_on_kernels(dtype):
     """D512 with window, softcap, ALiBi, a bool mask and dropout (the reference draws the same mask)."""
     skip_if_unsupported("triton", dtype)
-    q, k, v = _rand(1, 2, 9, 512, dtype=dtype, seed=30), _rand(1, 2, 10, 512, dtype=dtype, seed=31), \
-        _rand(1, 2, 10, 512, dtype=dtype, seed=32)
-    kw = dict(window=(4, 1), softcap=2.0, alibi_slopes=_rand(2, seed=33).abs() * 0.2,
+    q, k, v = rand(1, 2, 9, 512, dtype=dtype, seed=30), rand(1, 2, 10, 512, dtype=dtype, seed=31), \
+        rand(1, 2, 10, 512, dtype=dtype, seed=32)
+    kw = dict(window=(4, 1), softcap=2.0, alibi_slopes=rand(2, seed=33).abs() * 0.2,
               attn_mask=_masked_rows(1, 9, 10), dropout_p=0.2, seed=5)
     ref_kw = {key: val.double() if key == "alibi_slopes" else val for key, val in kw.items()}
     _compare(lambda q, k, v: embedattn.attention(q, k, v, backend="triton", **kw),
@@ -267,7 +262,7 @@ def test_varlen_sinks_and_value_head_dim(road, backend, dv):
     lq, lk = [5, 3, 11], [9, 0, 7]
     cu_q, cu_k = (torch.tensor([0] + list(torch.tensor(n).cumsum(0)), dtype=torch.int32, device=DEVICE)
                   for n in (lq, lk))
-    q, k, v = _rand(sum(lq), 4, 24, seed=34), _rand(sum(lk), 2, 24, seed=35), _rand(sum(lk), 2, dv, seed=36)
+    q, k, v = rand(sum(lq), 4, 24, seed=34), rand(sum(lk), 2, 24, seed=35), rand(sum(lk), 2, dv, seed=36)
     run = on_road(road, lambda q, k, v, s: embedattn.attention_varlen(q, k, v, cu_q, cu_k, max(lq), max(lk),
                                                                       causal=True, sinks=s, backend=backend))
     _compare(run, lambda q, k, v, s, up: reference.attention_varlen(q, k, v, cu_q, cu_k, causal=True, sinks=s,
@@ -289,16 +284,16 @@ def test_dropout_same_mask_on_both_backends(varlen):
         lq, lk = [4, 9], [7, 9]
         cu_q, cu_k = (torch.tensor([0] + list(torch.tensor(n).cumsum(0)), dtype=torch.int32, device=DEVICE)
                       for n in (lq, lk))
-        inputs = (_rand(13, 4, 16, seed=39), _rand(16, 2, 16, seed=40), _rand(16, 2, 8, seed=41))
+        inputs = (rand(13, 4, 16, seed=39), rand(16, 2, 16, seed=40), rand(16, 2, 8, seed=41))
         fn = lambda be, *t: embedattn.attention_varlen(*t, cu_q, cu_k, 11, 10, backend=be, **kw)  # loose maxima
     else:
-        inputs = (_rand(2, 4, 7, 16, seed=39), _rand(2, 2, 10, 16, seed=40), _rand(2, 2, 10, 8, seed=41))
+        inputs = (rand(2, 4, 7, 16, seed=39), rand(2, 2, 10, 16, seed=40), rand(2, 2, 10, 8, seed=41))
         fn = lambda be, *t: embedattn.attention(*t, backend=be, **kw)
     results = []
     for be in ("reference", "triton"):
         leaves = [t.clone().requires_grad_() for t in inputs]
         out = fn(be, *leaves)
-        results.append((out, *torch.autograd.grad(out, leaves, _rand(*out.shape, seed=42))))
+        results.append((out, *torch.autograd.grad(out, leaves, rand(*out.shape, seed=42))))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-5)
     kw["dropout_p"] = 0.0  # and the mask changes the answer
@@ -331,14 +326,14 @@ def test_mla_decoding_values_are_a_view_of_the_keys(backend, num_splits, paged):
     sharing of the one latent head, split-KV adding the sink once; output and lse against float64."""
     B, H, S, D, Dv, page = 2, 4, 24, 576, 512, 8
     lens = torch.tensor([0, 17], dtype=torch.int32, device=DEVICE)
-    q, kn = _rand(B, H, 1, D, seed=43), _rand(B, 1, 1, D, seed=44)
+    q, kn = rand(B, H, 1, D, seed=43), rand(B, 1, 1, D, seed=44)
     sinks = _sinks(H, seed=45)
     if paged:
-        pool = _rand(B * S // page + 1, 1, page, D, seed=46)
+        pool = rand(B * S // page + 1, 1, page, D, seed=46)
         table = torch.randperm(B * S // page, generator=torch.Generator().manual_seed(1)).view(B, -1)
         table = table.to(DEVICE, torch.int32)
     else:
-        pool, table = _rand(B, 1, S, D, seed=46), None
+        pool, table = rand(B, 1, S, D, seed=46), None
     kc = pool.clone()
     vc = kc[..., :Dv]
     assert vc.data_ptr() == kc.data_ptr() and not vc.is_contiguous()
@@ -367,7 +362,7 @@ def test_mla_decoding_compiled(backend):
     """The MLA step under torch.compile(fullgraph=True): the values a view of a latent cache that owns its memory,
     appended with v_new=None; and v_new=None with a copy for v_cache still refused."""
     B, H, S, D, Dv = 2, 4, 16, 96, 64
-    kc, q, kn = _rand(B, 1, S, D, seed=64), _rand(B, H, 1, D, seed=65), _rand(B, 1, 1, D, seed=66)
+    kc, q, kn = rand(B, 1, S, D, seed=64), rand(B, H, 1, D, seed=65), rand(B, 1, 1, D, seed=66)
     lens = torch.tensor([3, 9], dtype=torch.int32, device=DEVICE)
     sinks = _sinks(H, seed=67)
     step = on_road("compiled", lambda q, kc, kn: embedattn.attention_with_kvcache(
@@ -394,10 +389,10 @@ def test_kvcache_value_head_dim_and_sinks_with_v_new(road, backend, paged):
     if paged:  # the pools' pages in a random order, one spare
         table = torch.randperm(B * S // page, generator=torch.Generator().manual_seed(2)).view(B, -1)
         table = table.to(DEVICE, torch.int32)
-        kc, vc = _rand(B * S // page + 1, HK, page, D, seed=47), _rand(B * S // page + 1, HK, page, Dv, seed=48)
+        kc, vc = rand(B * S // page + 1, HK, page, D, seed=47), rand(B * S // page + 1, HK, page, Dv, seed=48)
     else:
-        kc, vc = _rand(B, HK, S, D, seed=47), _rand(B, HK, S, Dv, seed=48)
-    q, kn, vn = _rand(B, H, 2, D, seed=49), _rand(B, HK, 2, D, seed=50), _rand(B, HK, 2, Dv, seed=51)
+        kc, vc = rand(B, HK, S, D, seed=47), rand(B, HK, S, Dv, seed=48)
+    q, kn, vn = rand(B, H, 2, D, seed=49), rand(B, HK, 2, D, seed=50), rand(B, HK, 2, Dv, seed=51)
     lens = torch.tensor([3, 25], dtype=torch.int32, device=DEVICE)
     sinks = _sinks(H, seed=52)
     whole = lambda pool: pool if table is None else pages_to_cache(pool, table)
@@ -418,9 +413,9 @@ def test_kvcache_value_head_dim_and_sinks_with_v_new(road, backend, paged):
 def test_kvcache_aliasing_rules_and_errors(backend):
     """v_new with a v_cache that is a view of k_cache's columns is refused before anything is written, as is
     v_new=None for a cache that is not such a view; v_new alone too. A bad length names the batch and the value."""
-    kc = _rand(2, 1, 8, 16, seed=53)
+    kc = rand(2, 1, 8, 16, seed=53)
     k0 = kc.clone()
-    q, kn = _rand(2, 2, 1, 16, seed=54), _rand(2, 1, 1, 16, seed=55)
+    q, kn = rand(2, 2, 1, 16, seed=54), rand(2, 1, 1, 16, seed=55)
     lens = torch.tensor([2, 3], device=DEVICE)
     with pytest.raises(ValueError, match="v_new=None"):
         embedattn.attention_with_kvcache(q, kc, kc[..., :12], lens, kn, kn[..., :12], backend=backend)
@@ -443,7 +438,7 @@ def test_kvcache_aliasing_rules_and_errors(backend):
 def test_decoding_head_dims_past_the_training_limit():
     """D 576 (with Dv <= 512) is a decoding shape: attention_with_kvcache takes it on the kernels, attention (which
     trains) stops at 512, and a value head dim past 512 is refused by name."""
-    q, kc = _rand(1, 2, 1, 576, seed=56), _rand(1, 1, 8, 576, seed=57)
+    q, kc = rand(1, 2, 1, 576, seed=56), rand(1, 1, 8, 576, seed=57)
     lens = torch.tensor([8], dtype=torch.int32, device=DEVICE)
     out = embedattn.attention_with_kvcache(q, kc, kc[..., :512], lens, backend="triton")
     ref = reference.attention_with_kvcache(q.double(), kc.double(), kc[..., :512].double(), lens)
@@ -456,7 +451,7 @@ def test_decoding_head_dims_past_the_training_limit():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_sinks_bad_input(backend):
-    q = _rand(1, 2, 4, 16)
+    q = rand(1, 2, 4, 16)
     for sinks, exc, match in ((torch.ones(3, device=DEVICE), ValueError, r"\(Hq,\) = \(2,\)"),
                               (torch.ones(1, 2, device=DEVICE), ValueError, "shape"),
                               (torch.ones(2, dtype=torch.int64, device=DEVICE), TypeError, "floating"),
@@ -464,7 +459,7 @@ def test_sinks_bad_input(backend):
                               (torch.ones(2, device="meta"), ValueError, "sinks is on")):
         with pytest.raises(exc, match=match):
             embedattn.attention(q, q, q, sinks=sinks, backend=backend)
-    qp, cu = _rand(5, 2, 16), torch.tensor([0, 5], device=DEVICE)
+    qp, cu = rand(5, 2, 16), torch.tensor([0, 5], device=DEVICE)
     with pytest.raises(ValueError, match="sinks"):
         embedattn.attention_varlen(qp, qp, qp, cu, cu, 5, 5, sinks=torch.ones(4, device=DEVICE), backend=backend)
     with pytest.raises(ValueError, match="sinks"):
@@ -478,7 +473,7 @@ def test_sdpa_call_takes_sinks(backend):
     GQA, a value head dim of its own, on the backend it resolves, equal to attention with the same sinks."""
     from embedattn.attention import sdpa_call
 
-    q, k, v = _rand(2, 4, 6, 16, seed=60), _rand(2, 2, 9, 16, seed=61), _rand(2, 2, 9, 24, seed=62)
+    q, k, v = rand(2, 4, 6, 16, seed=60), rand(2, 2, 9, 16, seed=61), rand(2, 2, 9, 24, seed=62)
     sinks = _sinks(4, seed=63)
     call = sdpa_call(backend, q, k, v, is_causal=True, enable_gqa=True, sinks=sinks)
     assert call is not None and call.backend == backend
@@ -496,7 +491,7 @@ def test_multihead_self_attention_learns_its_sinks(backend):
     assert m.sinks.shape == (4,) and "sinks=True" in repr(m)
     with torch.no_grad():
         m.sinks.copy_(_sinks(4, seed=58))
-    x = _rand(2, 7, 32, seed=59)
+    x = rand(2, 7, 32, seed=59)
     out = m(x)
     qkv = m.qkv(x).view(2, 7, 8, 8)
     q, k, v = (qkv[:, :, a:b].transpose(1, 2).double() for a, b in ((0, 4), (4, 6), (6, 8)))

@@ -21,6 +21,7 @@ from helpers import (
     HostReads,
     assert_fa_close,
     compile_sm90_in_subprocess,
+    needs_triton,
     on_road,
     pages_to_cache,
 )
@@ -28,8 +29,6 @@ from helpers import (
 import embedattn
 from embedattn import reference
 from embedattn.attention import AttnSpec
-
-needs_triton = pytest.mark.skipif("triton" not in BACKENDS, reason="triton not installed")
 
 
 def _rand(*shape, dtype=torch.float32, seed=0):

@@ -14,7 +14,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import BACKENDS, DEVICE, DTYPES, ROADS, assert_fa_close, on_road, skip_if_unsupported
+from helpers import BACKENDS, DEVICE, DTYPES, ROADS, assert_fa_close, needs_triton, on_road, rand, skip_if_unsupported
 
 import embedattn
 from embedattn import reference
@@ -30,13 +30,6 @@ from embedattn.flash_attn_interface import (
     flash_attn_with_kvcache,
 )
 from embedattn.reference import _philox
-
-needs_triton = pytest.mark.skipif("triton" not in BACKENDS, reason="triton not installed")
-
-
-def _rand(*shape, dtype=torch.float32, seed=0, scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(*shape, generator=g) * scale).to(DEVICE, dtype)
 
 
 # ------------------------------------------------------------------------------------------------ the oracle
@@ -102,7 +95,7 @@ def _fa_varlen(q, k, v, cu_q, cu_k, **kw):
 def test_oracle_matches_the_softmax_formula_and_the_reference():
     """The oracle itself: one row by the textbook formula (math.exp sums), and the whole against
     embedattn.reference (a different implementation) after the layout change."""
-    q, k, v = _rand(1, 3, 2, 8, seed=1).double(), _rand(1, 6, 1, 8, seed=2).double(), _rand(1, 6, 1, 8, seed=3).double()
+    q, k, v = rand(1, 3, 2, 8, seed=1).double(), rand(1, 6, 1, 8, seed=2).double(), rand(1, 6, 1, 8, seed=3).double()
     slopes = torch.tensor([0.3, 0.7], dtype=torch.float64, device=DEVICE)
     kw = dict(causal=True, window_size=(2, -1), softcap=2.0, alibi_slopes=slopes, softmax_scale=0.4)
     out, lse = _fa(q, k, v, **kw)
@@ -137,7 +130,7 @@ def _check(got, fn_args, oracle_kw, dtype, *, lse=None, grads=None, dout_seed=99
         assert_fa_close(lse[fin], ref_lse[fin], plain_lse[fin].float(), "lse", eps=1e-5)
     if grads is None:
         return
-    dout = _rand(*got.shape, dtype=dtype, seed=dout_seed)
+    dout = rand(*got.shape, dtype=dtype, seed=dout_seed)
     leaves, got_out = grads
     g = torch.autograd.grad(got_out, leaves, dout)
     w = torch.autograd.grad(ref, r64, dout.double())
@@ -174,8 +167,8 @@ def test_flash_attn_func(backend, dtype, feature):
     """Nq != Nk (bottom-right alignment matters), GQA, every score feature; out, lse and gradients."""
     skip_if_unsupported(backend, dtype)
     B, Nq, Nk, H, Hkv, D = 2, 5, 9, 4, 2, 16
-    q, k, v = _rand(B, Nq, H, D, dtype=dtype, seed=1), _rand(B, Nk, Hkv, D, dtype=dtype, seed=2), \
-        _rand(B, Nk, Hkv, D, dtype=dtype, seed=3)
+    q, k, v = rand(B, Nq, H, D, dtype=dtype, seed=1), rand(B, Nk, Hkv, D, dtype=dtype, seed=2), \
+        rand(B, Nk, Hkv, D, dtype=dtype, seed=3)
     kw = _features(feature, B, H)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     out, lse, s_dmask = flash_attn_func(*leaves, return_attn_probs=True, backend=backend, **kw)
@@ -206,7 +199,7 @@ _COPIES = ("clone", "copy", "contiguous", "_to_copy", "cat", "stack")
 def test_no_copies_in_or_out(packed):
     """The FlashAttention layout costs no copy: inputs reach the kernel as views and the kernel writes out in
     (B, N, H, D) memory order (contiguous), for plain tensors and for q, k, v sliced from one projection."""
-    x = _rand(2, 7, 3 * 4 * 16, seed=5).view(2, 7, 12, 16)
+    x = rand(2, 7, 3 * 4 * 16, seed=5).view(2, 7, 12, 16)
     q, k, v = (x[:, :, :4], x[:, :, 4:8], x[:, :, 8:]) if packed else (t.contiguous() for t in x.split(4, dim=2))
     with _Ops() as rec:
         out = flash_attn_func(q, k, v, causal=True, backend="triton")
@@ -221,7 +214,7 @@ def test_no_copies_in_or_out(packed):
 def test_registration_with_fa_layout():
     """The dense forward op's fake allocates its output in q's memory order, as the kernel does (opcheck compares
     them), and flash_attn_func compiles without a graph break, forward and backward."""
-    x = _rand(2, 5, 3, 2, 16, seed=23)
+    x = rand(2, 5, 3, 2, 16, seed=23)
     q, k, v = (t.transpose(1, 2) for t in x.unbind(2))
     torch.library.opcheck(torch.ops.embedattn.attention_fwd.default,
                           (q, k, v, "default", *AttnSpec(causal=True, scale=0.25).op_args()))
@@ -240,19 +233,19 @@ def test_registration_with_fa_layout():
 def test_packed_functions(backend):
     """qkvpacked (B, N, 3, H, D) and kvpacked (B, Nk, 2, Hkv, D): equal to flash_attn_func on the slices, gradients
     reaching the packed tensor."""
-    qkv = _rand(2, 6, 3, 2, 16, seed=6)
+    qkv = rand(2, 6, 3, 2, 16, seed=6)
     kw = dict(causal=True, window_size=(3, -1), softcap=5.0)
     leaf = qkv.clone().requires_grad_()
     out = flash_attn_qkvpacked_func(leaf, backend=backend, **kw)
     q, k, v = qkv.unbind(2)
     _check(out, (q, k, v), kw, torch.float32)
-    dout = _rand(*out.shape, seed=7)
+    dout = rand(*out.shape, seed=7)
     (g,) = torch.autograd.grad(out, leaf, dout)
     r = [t.double().requires_grad_() for t in (q, k, v)]
     want = torch.stack(torch.autograd.grad(_fa(*r, **kw)[0], r, dout.double()), dim=2)
     torch.testing.assert_close(g.double(), want, atol=1e-4, rtol=1e-4)
 
-    q, kv = _rand(2, 3, 4, 16, seed=8), _rand(2, 8, 2, 2, 16, seed=9)  # GQA, Nq < Nk
+    q, kv = rand(2, 3, 4, 16, seed=8), rand(2, 8, 2, 2, 16, seed=9)  # GQA, Nq < Nk
     out, lse, none = flash_attn_kvpacked_func(q, kv, causal=True, return_attn_probs=True, backend=backend)
     assert none is None
     _check(out, (q, kv[:, :, 0], kv[:, :, 1]), dict(causal=True), torch.float32, lse=lse)
@@ -261,7 +254,7 @@ def test_packed_functions(backend):
 @needs_triton
 def test_empty_rows_and_lse_convention():
     """Nq > Nk with causal: the first Nq - Nk rows see no key (FlashAttention's example): zeros, lse -inf."""
-    q, k, v = _rand(1, 5, 2, 16, seed=10), _rand(1, 2, 2, 16, seed=11), _rand(1, 2, 2, 16, seed=12)
+    q, k, v = rand(1, 5, 2, 16, seed=10), rand(1, 2, 2, 16, seed=11), rand(1, 2, 2, 16, seed=12)
     out, lse, _ = flash_attn_func(q, k, v, causal=True, return_attn_probs=True, backend="triton")
     assert torch.equal(out[:, :3], torch.zeros_like(out[:, :3]))
     assert bool((lse[:, :, :3] == float("-inf")).all()) and bool(torch.isfinite(lse[:, :, 3:]).all())
@@ -272,7 +265,7 @@ def test_empty_rows_and_lse_convention():
 def test_dropout_is_embedattn_dropout_from_torch_generator():
     """dropout_p as given, drawn from torch's generator: the same draw as embedattn.attention after the same
     torch.manual_seed, and reproducible."""
-    q, k, v = _rand(1, 6, 2, 16, seed=13), _rand(1, 6, 2, 16, seed=14), _rand(1, 6, 2, 16, seed=15)
+    q, k, v = rand(1, 6, 2, 16, seed=13), rand(1, 6, 2, 16, seed=14), rand(1, 6, 2, 16, seed=15)
     torch.manual_seed(3)
     a = flash_attn_func(q, k, v, dropout_p=0.3, causal=True, backend="triton")
     torch.manual_seed(3)
@@ -299,7 +292,7 @@ def test_window_size_any_pair_of_integers(backend):
     """window_size as FlashAttention's tests pass it (a 2-element tensor) and in every other integer form: the
     same answer as the int pair, which is the oracle's; negative sides unbounded; every function takes them."""
     B, Nq, Nk, H, D = 2, 5, 9, 2, 16
-    q, k, v = _rand(B, Nq, H, D, seed=80), _rand(B, Nk, H, D, seed=81), _rand(B, Nk, H, D, seed=82)
+    q, k, v = rand(B, Nq, H, D, seed=80), rand(B, Nk, H, D, seed=81), rand(B, Nk, H, D, seed=82)
     base = flash_attn_func(q, k, v, window_size=(3, 1), backend=backend)
     _check(base, (q, k, v), dict(window_size=(3, 1)), torch.float32)
     for name, form in WINDOW_FORMS.items():
@@ -330,7 +323,7 @@ def test_window_size_any_pair_of_integers(backend):
 def test_window_size_non_integers_name_window_size(backend):
     """Anything but a pair of integers is refused naming FlashAttention's ``window_size`` (not embedattn's
     ``window``), by every function."""
-    q = _rand(1, 4, 2, 16)
+    q = rand(1, 4, 2, 16)
     type_errors = [(1.5, 2), (2, 1.0), (True, 2), (torch.tensor(1.5), 2), (torch.tensor([1, 2]), 3),
                    torch.tensor([1.5, 2.0]), torch.tensor([True, False]), [1], (1, 2, 3), 3, None, "ab"]
     for w in type_errors:
@@ -376,8 +369,8 @@ def test_s_dmask_is_the_dropout_the_call_used(backend, dtype, feature):
     takes for seed=None."""
     skip_if_unsupported(backend, dtype)
     B, Nq, Nk, H, Hkv, D, p = 2, 6, 11, 4, 2, 16, 0.3
-    q, k, v = _rand(B, Nq, H, D, dtype=dtype, seed=83), _rand(B, Nk, Hkv, D, dtype=dtype, seed=84), \
-        _rand(B, Nk, Hkv, D, dtype=dtype, seed=85)
+    q, k, v = rand(B, Nq, H, D, dtype=dtype, seed=83), rand(B, Nk, Hkv, D, dtype=dtype, seed=84), \
+        rand(B, Nk, Hkv, D, dtype=dtype, seed=85)
     kw = _features_from(S_FEATURES, feature, B, H)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     torch.manual_seed(5)
@@ -402,17 +395,17 @@ def test_s_dmask_is_the_dropout_the_call_used(backend, dtype, feature):
 def test_s_dmask_rows_without_keys_and_packed_functions(backend):
     """Rows that see no key (causal, Nq > Nk) are zeros in S_dmask as in the output; the packed functions return it
     too; without dropout it is None (as FlashAttention's)."""
-    q, k, v = _rand(1, 5, 2, 16, seed=86), _rand(1, 2, 2, 16, seed=87), _rand(1, 2, 2, 16, seed=88)
+    q, k, v = rand(1, 5, 2, 16, seed=86), rand(1, 2, 2, 16, seed=87), rand(1, 2, 2, 16, seed=88)
     out, _, s_dmask = flash_attn_func(q, k, v, 0.4, causal=True, return_attn_probs=True, backend=backend)
     assert torch.equal(out[:, :3], torch.zeros_like(out[:, :3])) and bool((s_dmask[:, :, :3] == 0).all())
     assert bool((s_dmask[:, :, 3:].abs().amax(-1) == 1).all())  # exp(rowmax - rowmax) on each row that sees a key
-    qkv = _rand(2, 6, 3, 2, 16, seed=89)
+    qkv = rand(2, 6, 3, 2, 16, seed=89)
     assert flash_attn_qkvpacked_func(qkv, 0.2, return_attn_probs=True, backend=backend)[2].shape == (2, 2, 6, 6)
     assert flash_attn_qkvpacked_func(qkv, 0.0, return_attn_probs=True, backend=backend)[2] is None
     assert flash_attn_kvpacked_func(qkv[:, :4, 0], qkv[:, :, 1:], 0.2, return_attn_probs=True,
                                     backend=backend)[2].shape == (2, 2, 4, 6)
     cu = torch.tensor([0, 4, 9], dtype=torch.int32, device=DEVICE)
-    packed = _rand(9, 3, 2, 16, seed=90)
+    packed = rand(9, 3, 2, 16, seed=90)
     assert flash_attn_varlen_qkvpacked_func(packed, cu, 5, 0.2, return_attn_probs=True,
                                             backend=backend)[2].shape == (2, 2, 5, 5)
     assert flash_attn_varlen_kvpacked_func(packed[:, 0], packed[:, 1:], cu, cu, 5, 5, 0.0, return_attn_probs=True,
@@ -430,8 +423,8 @@ def test_flash_attn_varlen_func(road, backend, dtype, feature):
     cu_q = torch.tensor([0, 3, 4, 10], dtype=torch.int32, device=DEVICE)
     cu_k = torch.tensor([0, 5, 9, 15], dtype=torch.int32, device=DEVICE)
     H, Hkv, D = 4, 2, 16
-    q, k, v = _rand(10, H, D, dtype=dtype, seed=16), _rand(15, Hkv, D, dtype=dtype, seed=17), \
-        _rand(15, Hkv, D, dtype=dtype, seed=18)
+    q, k, v = rand(10, H, D, dtype=dtype, seed=16), rand(15, Hkv, D, dtype=dtype, seed=17), \
+        rand(15, Hkv, D, dtype=dtype, seed=18)
     kw = _features(feature, 3, H)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     out, lse, none = on_road(road, lambda q, k, v: flash_attn_varlen_func(
@@ -443,7 +436,7 @@ def test_flash_attn_varlen_func(road, backend, dtype, feature):
     plain, plain_lse = _fa_varlen(*rp, cu_q, cu_k, **kw)
     assert_fa_close(out, ref, plain)
     assert_fa_close(lse, ref_lse, plain_lse.float(), "lse", eps=1e-5)
-    dout = _rand(*out.shape, dtype=dtype, seed=19)
+    dout = rand(*out.shape, dtype=dtype, seed=19)
     for name, a, b, c in zip(("dq", "dk", "dv"), torch.autograd.grad(out, leaves, dout),
                              torch.autograd.grad(ref, r64, dout.double()), torch.autograd.grad(plain, rp, dout)):
         assert_fa_close(a, b, c, name)
@@ -452,11 +445,11 @@ def test_flash_attn_varlen_func(road, backend, dtype, feature):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_varlen_packed_functions(backend):
     cu = torch.tensor([0, 4, 9], dtype=torch.int32, device=DEVICE)
-    qkv = _rand(9, 3, 2, 16, seed=20)
+    qkv = rand(9, 3, 2, 16, seed=20)
     out = flash_attn_varlen_qkvpacked_func(qkv, cu, 5, causal=True, backend=backend)
     want, _ = _fa_varlen(*(t.double() for t in qkv.unbind(1)), cu, cu, causal=True)
     torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
-    q, kv = _rand(9, 4, 16, seed=21), _rand(9, 2, 2, 16, seed=22)
+    q, kv = rand(9, 4, 16, seed=21), rand(9, 2, 2, 16, seed=22)
     out = flash_attn_varlen_kvpacked_func(q, kv, cu, cu, 5, 5, window_size=(1, 1), backend=backend)
     want, _ = _fa_varlen(q.double(), kv[:, 0].double(), kv[:, 1].double(), cu, cu, window_size=(1, 1))
     torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
@@ -478,10 +471,10 @@ def test_flash_attn_varlen_func_paged(backend, mask, page):
     cu_q, cu_k = (torch.tensor([0, *np.cumsum(x)], dtype=torch.int32, device=DEVICE) for x in (lq, lk))
     H, Hkv, D, max_blocks = 4, 2, 16, 3
     n_blocks = 3 * max_blocks + 1
-    kp, vp = _rand(n_blocks, page, Hkv, D, seed=23), _rand(n_blocks, page, Hkv, D, seed=24)
+    kp, vp = rand(n_blocks, page, Hkv, D, seed=23), rand(n_blocks, page, Hkv, D, seed=24)
     table = torch.randperm(n_blocks, generator=torch.Generator().manual_seed(25))[:3 * max_blocks]
     table = table.view(3, max_blocks).to(DEVICE, torch.int32)
-    q = _rand(sum(lq), H, D, seed=26).requires_grad_()
+    q = rand(sum(lq), H, D, seed=26).requires_grad_()
     kw = dict(MASKS_VARLEN[mask])
     if kw.pop("alibi_slopes", None):
         kw["alibi_slopes"] = torch.rand(3, H, device=DEVICE)
@@ -493,7 +486,7 @@ def test_flash_attn_varlen_func_paged(backend, mask, page):
     want, _ = _fa_varlen(q.detach().double(), k.double(), v.double(), cu_q, cu_k, **kw)
     plain, _ = _fa_varlen(q.detach(), k, v, cu_q, cu_k, **kw)
     assert_fa_close(out, want, plain)
-    dout = _rand(*out.shape, seed=27)
+    dout = rand(*out.shape, seed=27)
     if backend == "triton":
         with pytest.raises(NotImplementedError, match="block_table"):
             out.backward(dout)
@@ -514,7 +507,7 @@ def test_s_dmask_varlen(backend):
     lq, lk, mq, mk, H, Hkv, D, p = [3, 0, 6], [5, 4, 2], 7, 6, 4, 2, 16, 0.25
     cu_q = torch.tensor([0, 3, 3, 9], dtype=torch.int32, device=DEVICE)
     cu_k = torch.tensor([0, 5, 9, 11], dtype=torch.int32, device=DEVICE)
-    q, k, v = _rand(9, H, D, seed=91), _rand(11, Hkv, D, seed=92), _rand(11, Hkv, D, seed=93)
+    q, k, v = rand(9, H, D, seed=91), rand(11, Hkv, D, seed=92), rand(11, Hkv, D, seed=93)
     kw = dict(causal=True, alibi_slopes=torch.rand(3, H, device=DEVICE))
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     torch.manual_seed(8)
@@ -538,7 +531,7 @@ def test_s_dmask_varlen(backend):
     ref, _ = _fa_varlen(*r64, cu_q, cu_k, **kw_ref)
     plain, _ = _fa_varlen(*rp, cu_q, cu_k, **kw_ref)
     assert_fa_close(out, ref, plain)
-    dout = _rand(*out.shape, seed=94)
+    dout = rand(*out.shape, seed=94)
     for name, a, b, c in zip(("dq", "dk", "dv"), torch.autograd.grad(out, leaves, dout),
                              torch.autograd.grad(ref, r64, dout.double()), torch.autograd.grad(plain, rp, dout)):
         assert_fa_close(a, b, c, name)
@@ -550,7 +543,7 @@ def test_s_dmask_varlen(backend):
 # ------------------------------------------------------------------------------------------------ bad input
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bad_input(backend):
-    q = _rand(1, 4, 2, 16)
+    q = rand(1, 4, 2, 16)
     with pytest.raises(ValueError, match="4-D"):
         flash_attn_func(q[0], q, q, backend=backend)
     with pytest.raises(TypeError, match="window_size"):
@@ -566,11 +559,11 @@ def test_bad_input(backend):
     with pytest.raises(ValueError, match="alibi_slopes"):
         flash_attn_func(q, q, q, alibi_slopes=torch.ones(3, device=DEVICE), backend=backend)
     with pytest.raises(ValueError, match="multiple"):
-        flash_attn_func(_rand(1, 4, 3, 16), q, q, backend=backend)
+        flash_attn_func(rand(1, 4, 3, 16), q, q, backend=backend)
     with pytest.raises(ValueError, match="qkv"):
-        flash_attn_qkvpacked_func(_rand(1, 4, 2, 2, 16), backend=backend)
+        flash_attn_qkvpacked_func(rand(1, 4, 2, 2, 16), backend=backend)
     with pytest.raises(ValueError, match="kv"):
-        flash_attn_kvpacked_func(q, _rand(1, 4, 3, 2, 16), backend=backend)
+        flash_attn_kvpacked_func(q, rand(1, 4, 3, 2, 16), backend=backend)
     qp = q[0]
     cu = torch.tensor([0, 4], dtype=torch.int32, device=DEVICE)
     with pytest.raises(ValueError, match="num_blocks, page_block_size"):  # with block_table k/v are pools of pages
@@ -654,8 +647,8 @@ def test_flash_attn_with_kvcache(backend, mask, rotary):
     rotated per FlashAttention's rule (position by position when causal or local, else all at cache_seqlens); out,
     lse and the cache after the append against the oracle."""
     B, S, H, Hkv, D, N = 2, 24, 4, 2, 16, 2
-    kc, vc = _rand(B, S, Hkv, D, seed=30), _rand(B, S, Hkv, D, seed=31)
-    q, k, v = _rand(B, N, H, D, seed=32), _rand(B, N, Hkv, D, seed=33), _rand(B, N, Hkv, D, seed=34)
+    kc, vc = rand(B, S, Hkv, D, seed=30), rand(B, S, Hkv, D, seed=31)
+    q, k, v = rand(B, N, H, D, seed=32), rand(B, N, Hkv, D, seed=33), rand(B, N, Hkv, D, seed=34)
     lens = torch.tensor([5, 17], dtype=torch.int32, device=DEVICE)
     kw = dict(MASKS[mask], cache_seqlens=lens)
     if ROTARY[rotary] is not None:
@@ -677,11 +670,11 @@ def test_flash_attn_with_kvcache_paged(backend, page):
     batch, rotary, three new tokens appended through the pages."""
     B, H, Hkv, D, N, max_blocks = 2, 4, 2, 16, 3, 4
     n_blocks = B * max_blocks + 2
-    kp, vp = _rand(n_blocks, page, Hkv, D, seed=40), _rand(n_blocks, page, Hkv, D, seed=41)
+    kp, vp = rand(n_blocks, page, Hkv, D, seed=40), rand(n_blocks, page, Hkv, D, seed=41)
     table = torch.randperm(n_blocks, generator=torch.Generator().manual_seed(42))[:B * max_blocks]
     table = table.view(B, max_blocks).to(DEVICE, torch.int32)
     lens = torch.tensor([page + 2, 3], dtype=torch.int32, device=DEVICE)
-    q, k, v = _rand(B, N, H, D, seed=43), _rand(B, N, Hkv, D, seed=44), _rand(B, N, Hkv, D, seed=45)
+    q, k, v = rand(B, N, H, D, seed=43), rand(B, N, Hkv, D, seed=44), rand(B, N, Hkv, D, seed=45)
     cos, sin = _rope(page * max_blocks, 16, seed=46)
     kw = dict(cache_seqlens=lens, block_table=table, rotary_cos=cos, rotary_sin=sin, rotary_interleaved=False,
               causal=True, alibi_slopes=torch.rand(B, H, device=DEVICE))
@@ -701,8 +694,8 @@ def test_flash_attn_with_kvcache_leftpad(backend, mask, num_splits):
     cache_seqlens[b]; leftpad 0, inside the cache, and equal to cache_seqlens (only the new keys); split-KV. The
     positions left of the pad hold NaN: never read."""
     B, S, H, Hkv, D, N = 3, 29, 4, 2, 16, 2
-    kc, vc = _rand(B, S, Hkv, D, seed=36), _rand(B, S, Hkv, D, seed=37)
-    q, k, v = _rand(B, N, H, D, seed=38), _rand(B, N, Hkv, D, seed=39), _rand(B, N, Hkv, D, seed=40)
+    kc, vc = rand(B, S, Hkv, D, seed=36), rand(B, S, Hkv, D, seed=37)
+    q, k, v = rand(B, N, H, D, seed=38), rand(B, N, Hkv, D, seed=39), rand(B, N, Hkv, D, seed=40)
     lens = torch.tensor([11, 20, 9], dtype=torch.int32, device=DEVICE)
     pad = torch.tensor([0, 17, 9], dtype=torch.int32, device=DEVICE)
     for b in range(B):
@@ -725,9 +718,9 @@ def test_flash_attn_with_kvcache_leftpad(backend, mask, num_splits):
 def test_flash_attn_with_kvcache_batch_idx_and_int_lengths(backend):
     """cache_batch_idx picks each sequence's cache row (row 1 is nobody's and stays untouched); an int cache_seqlens
     is every sequence's length; without k/v and cache_seqlens the whole cache is attended."""
-    kc, vc = _rand(3, 12, 2, 16, seed=50), _rand(3, 12, 2, 16, seed=51)
+    kc, vc = rand(3, 12, 2, 16, seed=50), rand(3, 12, 2, 16, seed=51)
     k0 = kc.clone()
-    q, k = _rand(2, 1, 2, 16, seed=52), _rand(2, 1, 2, 16, seed=53)
+    q, k = rand(2, 1, 2, 16, seed=52), rand(2, 1, 2, 16, seed=53)
     idx = torch.tensor([2, 0], dtype=torch.int32, device=DEVICE)
     want, _, want_k, _ = _fa_kvcache(q, kc, vc, k, k, cache_seqlens=[6, 6], cache_batch_idx=idx, causal=True)
     out = flash_attn_with_kvcache(q, kc, vc, k, k, cache_seqlens=6, cache_batch_idx=idx, causal=True, backend=backend)
@@ -743,8 +736,8 @@ def test_flash_attn_with_kvcache_batch_idx_and_int_lengths(backend):
 def test_flash_attn_with_kvcache_no_copies():
     """Decoding in FlashAttention's layout: q, the cache and the new keys reach the kernel as views, the append
     writes into the cache in place, the output comes out contiguous: no clone, copy or concatenation."""
-    kc, vc = _rand(2, 32, 2, 16, seed=60), _rand(2, 32, 2, 16, seed=61)
-    q, k = _rand(2, 1, 4, 16, seed=62), _rand(2, 1, 2, 16, seed=63)
+    kc, vc = rand(2, 32, 2, 16, seed=60), rand(2, 32, 2, 16, seed=61)
+    q, k = rand(2, 1, 4, 16, seed=62), rand(2, 1, 2, 16, seed=63)
     lens = torch.tensor([3, 30], dtype=torch.int32, device=DEVICE)
     with _Ops() as rec:
         out = flash_attn_with_kvcache(q, kc, vc, k, k, cache_seqlens=lens, causal=True, backend="triton")
@@ -756,9 +749,9 @@ def test_flash_attn_with_kvcache_no_copies():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_flash_attn_with_kvcache_bad_input(backend):
     """Every bad argument raises before the cache is written."""
-    kc, vc = _rand(2, 8, 2, 16, seed=70), _rand(2, 8, 2, 16, seed=71)
+    kc, vc = rand(2, 8, 2, 16, seed=70), rand(2, 8, 2, 16, seed=71)
     k0, v0 = kc.clone(), vc.clone()
-    q, k = _rand(2, 1, 2, 16, seed=72), _rand(2, 1, 2, 16, seed=73)
+    q, k = rand(2, 1, 2, 16, seed=72), rand(2, 1, 2, 16, seed=73)
     lens = torch.tensor([3, 4], dtype=torch.int32, device=DEVICE)
     cos, sin = _rope(8, 8)
     table = torch.tensor([[0], [1]], dtype=torch.int32, device=DEVICE)
@@ -797,10 +790,10 @@ def test_paged_capacity_error_is_flash_attentions(backend):
     keyword-only check_bounds reaches embedattn: "off" raises nothing, and the over-long batch appends nothing
     while the other's append is exact."""
     page, H, D = 8, 2, 16
-    kp, vp = _rand(5, page, 1, D, seed=100), _rand(5, page, 1, D, seed=101)
+    kp, vp = rand(5, page, 1, D, seed=100), rand(5, page, 1, D, seed=101)
     k0, v0 = kp.clone(), vp.clone()
     table = torch.tensor([[3, 1], [0, 4]], dtype=torch.int32, device=DEVICE)
-    q, k, v = _rand(2, 1, H, D, seed=102), _rand(2, 1, 1, D, seed=103), _rand(2, 1, 1, D, seed=104)
+    q, k, v = rand(2, 1, H, D, seed=102), rand(2, 1, 1, D, seed=103), rand(2, 1, 1, D, seed=104)
     lens = lambda *n: torch.tensor(n, dtype=torch.int32, device=DEVICE)  # noqa: E731
     cases = [(dict(cache_seqlens=lens(16, 17)), r"max\(seqlens_k\) \(= 17\) exceeds the capacity addressable by "
               r"block_table \(max_num_blocks_per_seq \* page_block_size = 2 \* 8 = 16\): batch 1 has "
@@ -836,9 +829,9 @@ def test_sinks_and_value_head_dim(backend, dtype):
     with rows that see no key); the packed functions take sinks too; S_dmask stays exp(s - rowmax) over the keys."""
     skip_if_unsupported(backend, dtype)
     B, Nq, Nk, H, Hkv, D, Dv = 2, 7, 5, 4, 2, 16, 24
-    q, k, v = _rand(B, Nq, H, D, dtype=dtype, seed=110), _rand(B, Nk, Hkv, D, dtype=dtype, seed=111), \
-        _rand(B, Nk, Hkv, Dv, dtype=dtype, seed=112)
-    sinks = _rand(H, seed=113)
+    q, k, v = rand(B, Nq, H, D, dtype=dtype, seed=110), rand(B, Nk, Hkv, D, dtype=dtype, seed=111), \
+        rand(B, Nk, Hkv, Dv, dtype=dtype, seed=112)
+    sinks = rand(H, seed=113)
     kw = dict(causal=True, window_size=(3, -1))
     leaves = [t.clone().requires_grad_() for t in (q, k, v, sinks)]
     out, lse, _ = flash_attn_func(*leaves[:3], sinks=leaves[3], return_attn_probs=True, backend=backend, **kw)
@@ -850,7 +843,7 @@ def test_sinks_and_value_head_dim(backend, dtype):
     assert_fa_close(out, ref, plain, "out")
     assert_fa_close(lse, ref_lse, plain_lse.float(), "lse", eps=1e-5)
     assert torch.equal(out[:, :2], torch.zeros_like(out[:, :2]))  # rows 0, 1 see no key: zeros, lse = the sink
-    dout = _rand(*out.shape, dtype=dtype, seed=114)
+    dout = rand(*out.shape, dtype=dtype, seed=114)
     for name, a, b, c in zip(("dq", "dk", "dv", "dsinks"), torch.autograd.grad(out, leaves, dout),
                              torch.autograd.grad(ref, r64, dout.double()), torch.autograd.grad(plain, rp, dout)):
         assert_fa_close(a, b, c, name)
@@ -861,7 +854,7 @@ def test_sinks_and_value_head_dim(backend, dtype):
                                  Nk, sinks=sinks, backend=backend, **kw)
     assert_fa_close(got, ref.reshape(-1, H, Dv), plain.reshape(-1, H, Dv), "varlen out")
     # packed: sinks reach embedattn
-    qkv = _rand(B, Nk, 3, H, D, dtype=dtype, seed=115)
+    qkv = rand(B, Nk, 3, H, D, dtype=dtype, seed=115)
     q3, k3, v3 = qkv.unbind(2)
     torch.testing.assert_close(flash_attn_qkvpacked_func(qkv, sinks=sinks, backend=backend),
                                flash_attn_func(q3, k3, v3, sinks=sinks, backend=backend), atol=0, rtol=0)
@@ -884,13 +877,13 @@ def test_kvcache_sinks_and_value_head_dim(backend, paged):
     the caches after the append); and MLA's latent cache: v_cache a column view of k_cache, k appended alone."""
     B, H, Hkv, D, Dv, N, page = 2, 4, 2, 16, 8, 2, 5
     lens = torch.tensor([4, 11], dtype=torch.int32, device=DEVICE)
-    sinks = _rand(H, seed=120)
-    q, k, v = _rand(B, N, H, D, seed=121), _rand(B, N, Hkv, D, seed=122), _rand(B, N, Hkv, Dv, seed=123)
+    sinks = rand(H, seed=120)
+    q, k, v = rand(B, N, H, D, seed=121), rand(B, N, Hkv, D, seed=122), rand(B, N, Hkv, Dv, seed=123)
     if paged:
-        kc, vc = _rand(7, page, Hkv, D, seed=124), _rand(7, page, Hkv, Dv, seed=125)
+        kc, vc = rand(7, page, Hkv, D, seed=124), rand(7, page, Hkv, Dv, seed=125)
         kw = dict(block_table=torch.tensor([[6, 0, 2], [1, 4, 3]], dtype=torch.int32, device=DEVICE))
     else:
-        kc, vc = _rand(B, 15, Hkv, D, seed=124), _rand(B, 15, Hkv, Dv, seed=125)
+        kc, vc = rand(B, 15, Hkv, D, seed=124), rand(B, 15, Hkv, Dv, seed=125)
         kw = {}
     kw.update(cache_seqlens=lens, causal=True)
     want, want_lse, want_k, want_v = _fa_kvcache(q, kc, vc, k, v, sinks=sinks.double(), **kw)
