@@ -14,7 +14,6 @@ them, and transformers' eager gpt-oss attention, the one peer that computes sink
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,15 +26,16 @@ from .harness import (
     MODES,
     Case,
     Context,
+    Provider,
     Recorder,
     Workload,
     attention_flops,
     chosen_config,
     coarse_first,
+    measure_providers,
     measurement_rows,
     probe,
     run_speed_benchmark,
-    try_measure,
 )
 
 SUITE = "attention"
@@ -48,15 +48,6 @@ def available(ctx: Context) -> str | None:
 
     q = torch.randn(1, 1, 8, 16, device=ctx.device)
     return probe("embedattn.attention", lambda: embedattn.attention(q, q, q, causal=False))
-
-
-@dataclass
-class Provider:
-    name: str
-    fn: Callable[..., torch.Tensor]  # (q, k, v, causal) -> out
-    context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
-    config: Callable[[], str] = lambda: ""
-    materializes: bool = False  # builds the N x N score matrix
 
 
 @dataclass
@@ -359,12 +350,14 @@ def workload(ctx: Context, s: Spec) -> Workload:
     return Workload(lambda q, k, v: p.fn(q, k, v, s.causal), sets, grads, grad_inputs=(0, 1, 2))
 
 
-def _too_big(ctx: Context, p: Provider, s: Spec) -> bool:
+def _too_big(ctx: Context, p: Provider, s: Spec) -> str | None:
     if not (ctx.is_cuda and p.materializes):
-        return False
+        return None
     scores = s.batch * s.heads * s.n * s.n * 4  # fp32 N x N scores, several live copies in bwd
     free, _ = torch.cuda.mem_get_info(ctx.device)
-    return s.n > GPU_MATERIALIZE_MAX_N or 6 * scores > 0.8 * free
+    if s.n > GPU_MATERIALIZE_MAX_N or 6 * scores > 0.8 * free:
+        return f"skipped above N={GPU_MATERIALIZE_MAX_N} on GPU (materializes N x N scores)"
+    return None
 
 
 def measure(ctx: Context, rec: Recorder, p: Provider, s: Spec, inputs, mode: str) -> list[dict]:
@@ -387,17 +380,9 @@ def run_spec(ctx: Context, rec: Recorder, s: Spec, provs: list[Provider]) -> lis
     inputs = _inputs(ctx, s)
     if s.feature:
         provs = feature_providers(s, provs)
-    rows: list[dict] = []
-    for p in provs:
-        if _too_big(ctx, p, s):
-            ctx.note(f"  {p.name}: skipped above N={GPU_MATERIALIZE_MAX_N} on GPU (materializes N x N scores)",
-                     key=(p.name, "big"))  # fmt: skip
-            continue
-        for mode in s.modes:
-            rows += try_measure(ctx, f"{SUITE} {p.name} {mode} {s.kernel} {s.dtype}",
-                                (p.name, mode, s.kernel, s.dtype),
-                                lambda p=p, mode=mode: measure(ctx, rec, p, s, inputs, mode))  # fmt: skip
-    return rows
+    return measure_providers(ctx, SUITE, f"{s.kernel} {s.dtype}", provs,
+                             lambda p, mode: measure(ctx, rec, p, s, inputs, mode), modes=s.modes,
+                             skip=lambda p: _too_big(ctx, p, s))  # fmt: skip
 
 
 def sweep(ctx: Context) -> list[Spec]:

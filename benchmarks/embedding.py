@@ -15,7 +15,6 @@ segments), which is what sets ``kernels.embedding.scatter_mode``'s crossover for
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -23,18 +22,18 @@ import torch.nn.functional as F
 
 from .harness import (
     DTYPES,
-    MODES,
     Case,
     Context,
+    Provider,
     Recorder,
     Workload,
     chosen_config,
     coarse_first,
     embedding_bytes,
+    measure_providers,
     measurement_rows,
     probe,
     run_speed_benchmark,
-    try_measure,
 )
 
 SUITE = "embedding"
@@ -74,14 +73,6 @@ class Spec:
 def eager(ids, weight, pos_weight, pos):
     """nn.Embedding + positional add, as GPT-2 writes it."""
     return F.embedding(ids, weight) + F.embedding(pos, pos_weight)
-
-
-@dataclass
-class Provider:
-    name: str
-    fn: Callable[..., torch.Tensor]  # (ids, weight, pos_weight, pos) -> out
-    config: Callable[[], str] = lambda: ""
-    context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext  # around each measurement
 
 
 @contextlib.contextmanager
@@ -184,12 +175,8 @@ def measure(ctx: Context, rec: Recorder, p: Provider, s: Spec, inputs, mode: str
 
 def run_spec(ctx: Context, rec: Recorder, s: Spec, provs: list[Provider]) -> list[dict]:
     inputs = _inputs(ctx, s)
-    rows: list[dict] = []
-    for p in provs:
-        for mode in MODES:
-            rows += try_measure(ctx, f"{SUITE} {p.name} {mode} {s.kernel} {s.dtype}", (p.name, mode),
-                                lambda p=p, mode=mode: measure(ctx, rec, p, s, inputs, mode))  # fmt: skip
-    return rows
+    return measure_providers(ctx, SUITE, f"{s.kernel} {s.dtype}", provs,
+                             lambda p, mode: measure(ctx, rec, p, s, inputs, mode))
 
 
 def plan(ctx: Context, compile_peer: bool = True) -> list[Case]:

@@ -15,6 +15,7 @@ clears the gradients.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as _dt
 import itertools
@@ -680,6 +681,34 @@ def try_measure(ctx: Context, what: str, key: Any, fn: Callable[[], list[dict[st
         if is_oom(e):
             torch.cuda.empty_cache()
     return []
+
+
+@dataclass
+class Provider:
+    """One implementation a suite times at each of its points; ``fn`` takes the suite's inputs."""
+
+    name: str
+    fn: Callable[..., Any]
+    context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext  # around each measurement
+    config: Callable[[], str] = lambda: ""
+    materializes: bool = False  # builds an N x N score matrix (capped on the GPU by the attention suite)
+
+
+def measure_providers(ctx: Context, suite: str, point: str, provs: Sequence[Provider],
+                      measure: Callable[[Provider, str], list[dict[str, Any]]], modes: Sequence[str] = MODES,
+                      skip: Callable[[Provider], str | None] = lambda p: None) -> list[dict[str, Any]]:
+    """Every provider in every mode at one point: ``measure(p, mode)``'s rows. A provider that fails goes
+    on as a note (``try_measure``); one ``skip`` names a reason for is noted and not run."""
+    rows: list[dict[str, Any]] = []
+    for p in provs:
+        why = skip(p)
+        if why:
+            ctx.note(f"  {p.name}: {why}", key=(p.name, why))
+            continue
+        for mode in modes:
+            rows += try_measure(ctx, f"{suite} {p.name} {mode} {point}", (p.name, mode, point),
+                                lambda p=p, mode=mode: measure(p, mode))  # fmt: skip
+    return rows
 
 
 def probe(what: str, call: Callable[[], Any]) -> str | None:
