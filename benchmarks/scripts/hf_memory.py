@@ -21,8 +21,9 @@ peak resident set above its size before the step, read from /proc/self/status af
 the masks transformers' mask builder for that implementation
 returns for one forward (built exactly as the model builds them, once per mask type), measured on every point,
 also where the step itself does not fit. A step that runs out of memory is a note, not a row. On the CPU a step
-runs only up to ``--cpu-max-step-tokens`` (4096) and where its N x N score matrices (eager, and embedattn's
-reference road, which computes them too) fit ``--cpu-budget-gib``; the mask rows are there for every point.
+runs only up to ``--cpu-max-step-tokens`` (4096) and where its N x N score matrices (eager's; embedattn's
+reference road on the CPU computes its scores by chunks of query rows) fit ``--cpu-budget-gib``; the mask rows are
+there for every point.
 """
 
 from __future__ import annotations
@@ -112,8 +113,8 @@ def mask_bytes(model, impl: str, batch: dict) -> int:
 
 
 def scores_bytes(scenario: str, tokens: int, profile: str) -> int:
-    """The N x N float32 score matrices a step keeps when attention is computed in full (eager; embedattn's
-    reference road on the CPU): scores, probabilities and their gradient, per layer and head."""
+    """The N x N float32 score matrices a step keeps when attention is computed in full (eager): scores,
+    probabilities and their gradient, per layer and head."""
     _, (_, _, layers, heads, _, _, _), _ = PROFILES[profile]
     rows, n = (2, tokens // 2) if scenario == "padded" else (1, tokens)
     return 3 * layers * heads * rows * n * n * 4
@@ -158,8 +159,7 @@ def run_point(ctx, rec, model, scenario, tokens, provider, impl, profile, args) 
     mb = mask_bytes(model, impl, batch)
     rec.add([rec.row(**base, metric="mask_bytes", unit="bytes", p50=float(mb), p20=float(mb), p80=float(mb))])
     line = f"{scenario:8s} {tokens:6d} {provider:10s} mask {_human(mb):>10s}"
-    full = provider == "eager" or (provider == "embedattn" and not ctx.is_cuda and scenario != "causal")
-    need = scores_bytes(scenario, tokens, profile) if full else 0
+    need = scores_bytes(scenario, tokens, profile) if provider == "eager" else 0
     if not ctx.is_cuda and tokens > args.cpu_max_step_tokens:
         print(line, flush=True)
         return

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.utils.checkpoint
 
 from ._philox import dropout_keep_mask
 
@@ -50,6 +51,9 @@ def attention(
     denominator (natural log, not scaled, capped, biased or dropped) with no value, as transformers' eager
     attention writes it: a sink column concatenated to the scores, dropped after the softmax. The lse then
     includes the sink, and a row with no visible key gives zeros and lse = sink.
+    A call with more than ``CHUNK_SCORES`` scores runs by chunks of query rows (each row's softmax is its own, so
+    the result is the same), checkpointed under autograd: it holds a few (rows, Nk) blocks, never several Nq x Nk
+    matrices (not under torch.compile, nor for an unseeded dropout drawn by torch's generator).
     """
     dtype = q.dtype
     if upcast and dtype in (torch.float16, torch.bfloat16):
@@ -61,12 +65,76 @@ def attention(
         v = v.repeat_interleave(group, dim=1)
     if scale is None:
         scale = 1.0 / math.sqrt(d)
+    off = nk - nq if causal_offset is None else causal_offset
+    feats = dict(scale=scale, causal=causal, window=window, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks,
+                 dropout_p=dropout_p)
+    rows = _rows_per_chunk(q, nk, dropout_p, dropout_mask, seed)
+    if rows >= nq:
+        if dropout_p > 0 and dropout_mask is None and seed is not None:
+            dropout_mask = dropout_keep_mask((q.shape[0], q.shape[1], nq, nk), dropout_p, seed, q.device)
+        out, lse = _softmax_v(q, k, v, off, attn_mask, dropout_mask, **feats)
+    else:  # by query rows: each row's softmax is its own, so the chunks are the same function in pieces
+        checkpointed = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (q, k, v, attn_mask, alibi_slopes, sinks))
+        outs, lses = [], []
+        for i0 in range(0, nq, rows):
+            i1 = min(i0 + rows, nq)
+            mask = _query_rows(attn_mask, nq, i0, i1)
+            if dropout_p > 0 and dropout_mask is None and seed is not None:
+                keep = dropout_keep_mask((q.shape[0], q.shape[1], nq, nk), dropout_p, seed, q.device, rows=(i0, i1))
+            else:
+                keep = _query_rows(dropout_mask, nq, i0, i1)
+
+            def chunk(qc, mask=mask, keep=keep, i0=i0):
+                return _softmax_v(qc, k, v, off + i0, mask, keep, **feats)
+
+            qc = q[:, :, i0:i1]
+            # recomputed in the backward, so autograd keeps only the inputs, not every chunk's probabilities
+            o, lse_c = (torch.utils.checkpoint.checkpoint(chunk, qc, use_reentrant=False) if checkpointed
+                        else chunk(qc))  # fmt: skip
+            outs.append(o)
+            lses.append(lse_c)
+        out, lse = torch.cat(outs, dim=-2), torch.cat(lses, dim=-2)
+    out = out.to(dtype)
+    return (out, lse.squeeze(-1)) if return_lse else out
+
+
+# scores per query chunk (B * Hq * rows * Nk) above which the reference runs by chunks of query rows, so that a long
+# call on the CPU holds a few (rows, Nk) blocks instead of several Nq x Nk score matrices
+CHUNK_SCORES = 1 << 22
+_MIN_CHUNK_ROWS = 16  # fewer rows per chunk: Python overhead per chunk outweighs the memory saved
+
+
+def _rows_per_chunk(q: torch.Tensor, nk: int, dropout_p: float, dropout_mask, seed) -> int:
+    """Query rows per chunk; Nq (one piece) for a small call, under torch.compile (which fuses the one piece), and
+    for torch's own random dropout draw (its generator's stream is drawn for the whole matrix at once)."""
+    nq = q.shape[-2]
+    per_row = q.shape[0] * q.shape[1] * nk
+    if torch.compiler.is_compiling() or per_row * nq <= CHUNK_SCORES:
+        return nq
+    if dropout_p > 0 and dropout_mask is None and seed is None:
+        return nq
+    return max(_MIN_CHUNK_ROWS, CHUNK_SCORES // max(per_row, 1))
+
+
+def _query_rows(t: torch.Tensor | None, nq: int, i0: int, i1: int) -> torch.Tensor | None:
+    """Rows i0 .. i1 - 1 of a tensor broadcastable to (..., Nq, Nk) (a mask); one that broadcasts over the
+    queries as it is."""
+    if t is None or t.dim() < 2 or t.shape[-2] != nq or nq == 1:
+        return t
+    return t[..., i0:i1, :]
+
+
+def _softmax_v(q, k, v, off, attn_mask, dropout_mask, *, scale, causal, window, softcap, alibi_slopes, sinks,
+               dropout_p):
+    """(softmax(scores) v, lse (..., Nq, 1)) for q's rows, whose diagonal key is i + off, in q's dtype (already
+    upcast and with K/V repeated per query head)."""
+    nq, nk = q.shape[-2], k.shape[-2]
     s = torch.matmul(q, k.transpose(-1, -2)) * scale
     if softcap:
         s = softcap * torch.tanh(s / softcap)
     i = torch.arange(nq, device=s.device)[:, None]
     j = torch.arange(nk, device=s.device)[None, :]
-    off = nk - nq if causal_offset is None else causal_offset
     rel = i + off - j  # >= 0 for keys at or left of the diagonal
     if alibi_slopes is not None:
         slopes = alibi_slopes.to(s.dtype)
@@ -98,18 +166,14 @@ def attention(
         denom = denom + torch.exp(sink - m)
     p = e / torch.where(denom == 0, torch.ones_like(denom), denom)
     if dropout_p > 0:
-        if dropout_mask is None and seed is not None:
-            dropout_mask = dropout_keep_mask(tuple(p.shape), dropout_p, seed, p.device)
-        elif dropout_mask is None:
+        if dropout_mask is None:
             dropout_mask = torch.rand_like(p) >= dropout_p
         p = p * dropout_mask.to(p.dtype) / (1.0 - dropout_p)
-    out = torch.matmul(p.to(v.dtype), v).to(dtype)
-    if return_lse:
-        # log of a guarded denominator: an empty row's lse is -inf with a zero (not NaN) gradient
-        empty = denom == 0
-        lse = torch.where(empty, float("-inf"), m + torch.log(torch.where(empty, torch.ones_like(denom), denom)))
-        return out, lse.squeeze(-1)
-    return out
+    out = torch.matmul(p.to(v.dtype), v)
+    # log of a guarded denominator: an empty row's lse is -inf with a zero (not NaN) gradient
+    empty = denom == 0
+    lse = torch.where(empty, float("-inf"), m + torch.log(torch.where(empty, torch.ones_like(denom), denom)))
+    return out, lse
 
 
 def attention_varlen(

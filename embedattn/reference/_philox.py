@@ -83,9 +83,10 @@ def philox_uniform(seed: torch.Tensor | int, offset: torch.Tensor) -> torch.Tens
 
 
 def _keep_block(b_first: int, nb: int, num_heads: int, nq: int, nk: int, mq: int, mk: int, dropout_p: float,
-                seed: torch.Tensor | int, device: torch.device) -> torch.Tensor:
-    """(nb, num_heads, nq, nk) keep mask of batches b_first .. b_first + nb - 1 whose counter strides are
-    (mq, mk): entry (b, h, i, j) draws counter ((b * H + h) * mq + i) * mk + j. Eager runs draw in chunks
+                seed: torch.Tensor | int, device: torch.device, i_first: int = 0) -> torch.Tensor:
+    """(nb, num_heads, nq, nk) keep mask of batches b_first .. b_first + nb - 1 and query rows i_first ..
+    i_first + nq - 1 whose counter strides are (mq, mk): entry (b, h, i, j) draws counter ((b * H + h) * mq + i) * mk
+    + j. Eager runs draw in chunks
     of flat indices (cache-sized temporaries, ~3x faster on a CPU than one pass); a compiled run draws in one
     piece, which inductor fuses into one loop."""
     p = torch.tensor(dropout_p, dtype=torch.float32, device=device)  # the kernels compare in float32
@@ -95,7 +96,7 @@ def _keep_block(b_first: int, nb: int, num_heads: int, nq: int, nk: int, mq: int
     for start in range(0, total, chunk):
         f = torch.arange(start, min(start + chunk, total), dtype=torch.int64, device=device)
         j, i, bh = f % nk, (f // nk) % nq, f // (nk * nq)  # bh counts (batch, head) planes from b_first's
-        counter = ((bh + b_first * num_heads) * mq + i) * mk + j
+        counter = ((bh + b_first * num_heads) * mq + i + i_first) * mk + j
         parts.append(philox_uniform(seed, counter) >= p)
     if not parts:  # an empty shape
         return torch.zeros(nb, num_heads, nq, nk, dtype=torch.bool, device=device)
@@ -103,14 +104,18 @@ def _keep_block(b_first: int, nb: int, num_heads: int, nq: int, nk: int, mq: int
 
 
 def dropout_keep_mask(shape: tuple[int, int, int, int], dropout_p: float, seed: torch.Tensor | int,
-                      device: torch.device | str | None = None) -> torch.Tensor:
+                      device: torch.device | str | None = None, rows: tuple[int, int] | None = None) -> torch.Tensor:
     """The (B, H, Nq, Nk) bool keep mask (True = kept) the Triton kernels draw on a dense launch with
     ``dropout_p`` and ``seed`` (an int, or the one-element int64 tensor the kernels read; its device is
     the default ``device``). H is the number of query heads. Equals
-    ``embedattn.kernels.attention.dropout_keep_mask(B, H, Nq, Nk, dropout_p, seed)``."""
+    ``embedattn.kernels.attention.dropout_keep_mask(B, H, Nq, Nk, dropout_p, seed)``. ``rows=(i0, i1)``: only
+    query rows i0 .. i1 - 1 of that mask, (B, H, i1 - i0, Nk), drawn without the rest."""
     B, H, Nq, Nk = (int(n) for n in shape)
+    i0, i1 = (0, Nq) if rows is None else (int(rows[0]), int(rows[1]))
+    if not 0 <= i0 <= i1 <= Nq:
+        raise ValueError(f"rows must satisfy 0 <= i0 <= i1 <= Nq = {Nq}, got {rows}")
     _, _, dev = _seed_words(seed, device)
-    return _keep_block(0, B, H, Nq, Nk, Nq, Nk, float(dropout_p), seed, dev)
+    return _keep_block(0, B, H, i1 - i0, Nk, Nq, Nk, float(dropout_p), seed, dev, i_first=i0)
 
 
 def sequence_keep_mask(b: int, num_heads: int, seqlen_q: int, seqlen_k: int, max_seqlen_q: int,
