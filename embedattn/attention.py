@@ -533,9 +533,10 @@ def _distinct(q, k, v):
 
 def _resolve(backend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttnSpec, return_lse: bool) -> str:
     """The backend of a dense call: "triton", "reference", or "native" (auto off CUDA where torch's SDPA computes
-    exactly our function: a plain spec (a fully masked row gives NaN there, zeros here), no lse, and a causal
-    diagonal at or right of the top-left one, so that no row is empty)."""
-    native_ok = spec.plain() and not return_lse and (not spec.causal or spec.causal_offset >= 0)
+    exactly our function: no lse, softcap, dropout, sinks or ALiBi; a causal diagonal, window or mask is written
+    into SDPA's mask where needed, which needs torch's SDPA to give zeros on rows that see no key)."""
+    native_ok = not return_lse and _sdpa_expressible(spec, q.dtype) and (
+        _sdpa_unmasked(q, k, spec) or _sdpa_zeroes_empty_rows(q.device.type))
     return resolve(backend, q, k, v, op="attention", dtype=q.dtype, head_dim=q.shape[-1], head_dim_v=v.shape[-1],
                    native_ok=native_ok)
 
@@ -594,18 +595,104 @@ def _seeded(spec: AttnSpec, device) -> AttnSpec:
     return spec
 
 
+def _sdpa_expressible(spec: AttnSpec, dtype: torch.dtype) -> bool:
+    """The features torch's SDPA computes as we do: the causal diagonal, a window, and a bool mask or a float one in
+    the queries' ``dtype`` (SDPA adds the mask in the queries' dtype)."""
+    if spec.softcap or spec.dropout_p or spec.sinks is not None or spec.alibi is not None:
+        return False
+    return spec.mask is None or spec.mask.dtype in (torch.bool, dtype)
+
+
+def _sdpa_unmasked(q: torch.Tensor, k: torch.Tensor, spec: AttnSpec) -> bool:
+    """A call SDPA takes with no mask at all: no mask or window, and no causal diagonal or torch's top-left one
+    (or one at or past the last key: every key visible)."""
+    return (spec.mask is None and spec.window is None
+            and (not spec.causal or spec.causal_offset == 0 or spec.causal_offset >= k.shape[2] - 1))
+
+
+_EMPTY_ROWS_ZEROED: dict[str, bool] = {}
+
+
+@torch.compiler.assume_constant_result
+def _sdpa_zeroes_empty_rows(device_type: str) -> bool:
+    """Whether torch's SDPA gives zeros (and finite gradients) on a row whose keys are all masked, bool or -inf, on
+    this device type, as our attention does (torch 2.5+ does on the CPU). Asked once per device type, on a tiny
+    call, with autograd on whatever mode the first call came in; a constant to torch.compile."""
+    if device_type not in _EMPTY_ROWS_ZEROED:
+        with torch.inference_mode(False), torch.enable_grad():
+            _EMPTY_ROWS_ZEROED[device_type] = _probe_empty_rows(device_type)
+    return _EMPTY_ROWS_ZEROED[device_type]
+
+
+def _probe_empty_rows(device_type: str) -> bool:
+    try:
+        q, k, v = (torch.ones(1, 1, 2, 4, device=device_type, requires_grad=True) for _ in range(3))
+        ok = True
+        for mask in (torch.tensor([[True, True], [False, False]], device=device_type),
+                     torch.tensor([[0.0, 0.0], [float("-inf"), float("-inf")]], device=device_type)):
+            out = _TORCH_SDPA(q, k, v, attn_mask=mask)
+            grads = torch.autograd.grad(out.sum(), (q, k, v))
+            ok = ok and bool((out[0, 0, 1] == 0).all()) and all(bool(torch.isfinite(g).all()) for g in grads)
+        return ok
+    except Exception:
+        return False
+
+
+# mask entries per chunk of query rows (B x H x rows x keys) on the native road: long masked calls hold a few
+# (rows, keys) blocks of mask, never an Nq x Nk one
+NATIVE_CHUNK = 1 << 22
+
+
 def _native(q, k, v, spec: AttnSpec):
-    """torch's SDPA on a call ``_resolve`` gave it: top-left is_causal, or the shifted diagonal as a
-    bool mask (decoding: one query sees every key, no mask at all)."""
+    """torch's SDPA on a call ``_resolve`` gave it. No mask where none is needed (top-left is_causal, or every key
+    visible); otherwise by chunks of query rows, each against the keys its rows can see (the causal diagonal and the
+    window bound them) with the diagonal, window and the caller's mask written into one chunk-sized mask."""
     nq, nk = q.shape[2], k.shape[2]
-    causal, mask = spec.causal, None
-    if causal and spec.causal_offset >= nk - 1:
-        causal = False
-    elif causal and spec.causal_offset > 0:
-        mask = torch.ones(nq, nk, dtype=torch.bool, device=q.device).tril(spec.causal_offset)
-        causal = False
-    return _TORCH_SDPA(q, k, v, attn_mask=mask, is_causal=causal, scale=spec.scale,
-                       enable_gqa=k.shape[1] != q.shape[1])
+    gqa = k.shape[1] != q.shape[1]
+    if _sdpa_unmasked(q, k, spec):
+        causal = spec.causal and spec.causal_offset < nk - 1
+        return _TORCH_SDPA(q, k, v, is_causal=causal, scale=spec.scale, enable_gqa=gqa)
+    mask = None if spec.mask is None else _unexpanded(spec.mask)
+    per_row = q.shape[0] * (1 if mask is None else mask.shape[1]) * nk
+    rows = nq if torch.compiler.is_compiling() else max(16, NATIVE_CHUNK // max(per_row, 1))
+    off, (left, right) = spec.causal_offset, (spec.window_left, spec.window_right)
+    outs = []
+    for i0 in range(0, nq, rows):
+        i1 = min(i0 + rows, nq)
+        # keys j with i + off - left <= j <= i + off + right (right 0 when causal) for some row i of the chunk
+        lo = max(0, i0 + off - left) if left < WINDOW_MAX else 0
+        hi = nk
+        if spec.causal:
+            hi = min(hi, i1 + off)
+        if right < WINDOW_MAX:
+            hi = min(hi, i1 + off + right)
+        empty = hi <= lo  # no row of the chunk sees a key: one key, masked (SDPA's zeros, autograd's zero gradients)
+        lo, hi = (0, 1) if empty else (lo, hi)
+        rel = (torch.arange(i0, i1, device=q.device)[:, None] + off
+               - torch.arange(lo, hi, device=q.device)[None, :])  # >= 0 left of the diagonal
+        seen = torch.full_like(rel, not empty, dtype=torch.bool)
+        if spec.causal:
+            seen &= rel >= 0
+        if left < WINDOW_MAX:
+            seen &= rel <= left
+        if right < WINDOW_MAX:
+            seen &= rel >= -right
+        m = seen
+        if mask is not None:
+            part = mask[:, :, i0:i1] if mask.shape[2] > 1 else mask
+            part = part[..., lo:hi] if mask.shape[3] > 1 else part
+            m = part & seen if part.dtype == torch.bool else part.masked_fill(~seen, float("-inf"))
+        outs.append(_TORCH_SDPA(q[:, :, i0:i1], k[:, :, lo:hi], v[:, :, lo:hi], attn_mask=m, scale=spec.scale,
+                                enable_gqa=gqa))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+
+def _unexpanded(mask: torch.Tensor) -> torch.Tensor:
+    """The spec's (B, Hq, Nq, Nk) mask view with its broadcast (stride 0) dims back to size 1, as SDPA broadcasts."""
+    for d in range(4):
+        if mask.shape[d] > 1 and mask.stride(d) == 0:
+            mask = mask.narrow(d, 0, 1)
+    return mask
 
 
 def _run(be: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttnSpec, return_lse: bool):
@@ -969,10 +1056,17 @@ def attention_varlen(
     check_bool("return_lse", return_lse)
     spec = make_spec(q, n_batch=cu_q.numel() - 1, causal=causal, scale=scale, window=window, softcap=softcap,
                      alibi_slopes=alibi_slopes, dropout_p=dropout_p, seed=seed, sinks=sinks)
-    be = resolve(backend, q, k, v, op="attention", dtype=q.dtype, head_dim=q.shape[-1], head_dim_v=v.shape[-1])
+    # the CPU's packed calls that torch's SDPA computes exactly go to it sequence by sequence (eagerly: the offsets
+    # are read on the host); torch.compile traces the reference, which reads none
+    native_ok = (not paged and not return_lse and _sdpa_expressible(spec, q.dtype)
+                 and not torch.compiler.is_compiling() and _sdpa_zeroes_empty_rows(q.device.type))
+    be = resolve(backend, q, k, v, op="attention", dtype=q.dtype, head_dim=q.shape[-1], head_dim_v=v.shape[-1],
+                 native_ok=native_ok)
     if q.shape[0] and k.shape[0]:
         spec = _seeded(spec, q.device)
-    if be == "reference" or q.shape[0] == 0 or k.shape[0] == 0:
+    if be == "native" and q.shape[0] and k.shape[0]:
+        return _native_varlen(q, k, v, cu_q, cu_k, spec)
+    if be in ("reference", "native") or q.shape[0] == 0 or k.shape[0] == 0:
         # causal bottom-right per sequence; dropout: the kernels' Philox draw (strided by max_seqlen_q/k as theirs)
         return reference.attention_varlen(q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, return_lse=return_lse,
                                           dropout_p=spec.dropout_p, seed=spec.seed, block_table=block_table,
@@ -980,6 +1074,26 @@ def attention_varlen(
     out, lse2 = VarlenAttentionFunction.apply(*_distinct(q, k, v), cu_q, cu_k, max_seqlen_q, max_seqlen_k,
                                               block_table, *spec.op_args())
     return (out, lse2 * _LN2) if return_lse else out
+
+
+def _native_varlen(q, k, v, cu_q, cu_k, spec: AttnSpec) -> torch.Tensor:
+    """torch's SDPA on each packed sequence, (1, H, len, D) views through ``_native`` with the sequence's own
+    bottom-right diagonal; one host read of the offsets. A sequence with no key gives zeros (one key, masked)."""
+    bq, bk = cu_q.tolist(), cu_k.tolist()
+    outs = []
+    for b in range(len(bq) - 1):
+        (q0, q1), (k0, k1) = bq[b:b + 2], bk[b:b + 2]
+        if q1 == q0:
+            continue
+        seq = replace(spec, causal_offset=(k1 - k0) - (q1 - q0))
+        if k1 == k0:
+            k0, k1 = 0, 1
+            seq = replace(spec, causal=False, window_left=WINDOW_MAX, window_right=WINDOW_MAX,
+                          mask=torch.zeros(1, 1, 1, 1, dtype=torch.bool, device=q.device))
+        out = _native(q[q0:q1].transpose(0, 1)[None], k[k0:k1].transpose(0, 1)[None], v[k0:k1].transpose(0, 1)[None],
+                      seq)
+        outs.append(out[0].transpose(0, 1))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
 
 
 def _expanded(t: torch.Tensor) -> bool:
