@@ -431,6 +431,9 @@ def main(argv=None) -> int:
     ap.add_argument("--interpret", action="store_true",
                     help="run embedattn's Triton kernels through the interpreter (EMBEDATTN_BACKEND=triton, "
                          "TRITON_INTERPRET=1) on the smaller parametrization; default: the reference backend")
+    ap.add_argument("--backend", choices=("reference", "auto"), default="reference",
+                    help="without --interpret: EMBEDATTN_BACKEND for the run (default reference; auto: the CPU's\n"
+                         "default road, torch's SDPA where it computes the call exactly and the reference elsewhere)")
     ap.add_argument("--sample", type=int, default=None,
                     help="combinations per test function, a seeded uniform sample (0 = all); default 60, "
                          "3 with --interpret")
@@ -511,7 +514,7 @@ def main(argv=None) -> int:
         if args.interpret:  # the interpreter has no bf16 arithmetic: those cases are left out, not failed
             env.update(EMBEDATTN_BACKEND="triton", TRITON_INTERPRET="1")
         else:
-            env["EMBEDATTN_BACKEND"] = "reference"
+            env["EMBEDATTN_BACKEND"] = args.backend
             env.pop("TRITON_INTERPRET", None)
         cmd = [sys.executable, "-m", "pytest", *[Path(t).name for t in tests], "-c", str(tmp / "pytest.ini"),
                "--rootdir", str(tmp), "-q", "--tb=short", "-W", "ignore"]
