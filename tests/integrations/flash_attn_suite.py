@@ -525,7 +525,7 @@ def main(argv=None) -> int:
         if args.dry_run:
             cmd += ["--collect-only"]
         cmd += args.pytest_args
-        backend = "triton (interpreter)" if args.interpret else "reference"
+        backend = "triton (interpreter)" if args.interpret else args.backend
         print(f"backend {backend}; sizes / {factor}; "
               f"{'all combinations' if sample <= 0 else f'{sample} sampled combinations per test (seed {args.seed})'}"
               f"{f' ({sample_for})' if sample_for else ''}"
