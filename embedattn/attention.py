@@ -28,6 +28,7 @@ from . import configs, reference
 from ._backend import attention_impl, check_backend, resolve
 from ._checks import assert_ok, bounds_mode, check_bool, check_float, check_int, check_seed, seed_tensor
 from ._registry import kernel_op
+from .reference._attention import autograd_transforms_active
 
 # captured at import so that the drop-in's fallback still reaches torch when patch_sdpa() is active
 _TORCH_SDPA = F.scaled_dot_product_attention
@@ -535,7 +536,7 @@ def _resolve(backend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: A
     """The backend of a dense call: "triton", "reference", or "native" (auto off CUDA where torch's SDPA computes
     exactly our function: no lse, softcap, dropout, sinks or ALiBi; a causal diagonal, window or mask is written
     into SDPA's mask where needed, which needs torch's SDPA to give zeros on rows that see no key)."""
-    native_ok = not return_lse and _sdpa_expressible(spec, q.dtype) and (
+    native_ok = not return_lse and _sdpa_expressible(spec) and not autograd_transforms_active(q, k, v) and (
         _sdpa_unmasked(q, k, spec) or _sdpa_zeroes_empty_rows(q.device.type))
     return resolve(backend, q, k, v, op="attention", dtype=q.dtype, head_dim=q.shape[-1], head_dim_v=v.shape[-1],
                    native_ok=native_ok)
@@ -595,12 +596,13 @@ def _seeded(spec: AttnSpec, device) -> AttnSpec:
     return spec
 
 
-def _sdpa_expressible(spec: AttnSpec, dtype: torch.dtype) -> bool:
-    """The features torch's SDPA computes as we do: the causal diagonal, a window, and a bool mask or a float one in
-    the queries' ``dtype`` (SDPA adds the mask in the queries' dtype)."""
+def _sdpa_expressible(spec: AttnSpec) -> bool:
+    """The features torch's SDPA computes as we do, gradients included: the causal diagonal, a window and a bool mask.
+    Not a float mask: a row whose visible keys all carry a large finite negative bias (-1e30, finfo.min) gets wrong
+    gradients from torch's CPU SDPA backward (it rebuilds the probabilities from a log-sum-exp that lost log(n))."""
     if spec.softcap or spec.dropout_p or spec.sinks is not None or spec.alibi is not None:
         return False
-    return spec.mask is None or spec.mask.dtype in (torch.bool, dtype)
+    return spec.mask is None or spec.mask.dtype == torch.bool
 
 
 def _sdpa_unmasked(q: torch.Tensor, k: torch.Tensor, spec: AttnSpec) -> bool:
@@ -647,6 +649,13 @@ def _native(q, k, v, spec: AttnSpec):
     """torch's SDPA on a call ``_resolve`` gave it. No mask where none is needed (top-left is_causal, or every key
     visible); otherwise by chunks of query rows, each against the keys its rows can see (the causal diagonal and the
     window bound them) with the diagonal, window and the caller's mask written into one chunk-sized mask."""
+    dtype = q.dtype
+    if dtype in (torch.float16, torch.bfloat16):  # computed in float32, as the reference: torch's half GQA backward
+        q, k, v = q.float(), k.float(), v.float()  # sums dK/dV over the query heads in half precision
+    return _native_fp(q, k, v, spec).to(dtype)
+
+
+def _native_fp(q, k, v, spec: AttnSpec):
     nq, nk = q.shape[2], k.shape[2]
     gqa = k.shape[1] != q.shape[1]
     if _sdpa_unmasked(q, k, spec):
@@ -1058,8 +1067,8 @@ def attention_varlen(
                      alibi_slopes=alibi_slopes, dropout_p=dropout_p, seed=seed, sinks=sinks)
     # the CPU's packed calls that torch's SDPA computes exactly go to it sequence by sequence (eagerly: the offsets
     # are read on the host); torch.compile traces the reference, which reads none
-    native_ok = (not paged and not return_lse and _sdpa_expressible(spec, q.dtype)
-                 and not torch.compiler.is_compiling() and _sdpa_zeroes_empty_rows(q.device.type))
+    native_ok = (not paged and not return_lse and _sdpa_expressible(spec) and not torch.compiler.is_compiling()
+                 and not autograd_transforms_active(q, k, v) and _sdpa_zeroes_empty_rows(q.device.type))
     be = resolve(backend, q, k, v, op="attention", dtype=q.dtype, head_dim=q.shape[-1], head_dim_v=v.shape[-1],
                  native_ok=native_ok)
     if q.shape[0] and k.shape[0]:

@@ -53,7 +53,8 @@ def attention(
     includes the sink, and a row with no visible key gives zeros and lse = sink.
     A call with more than ``CHUNK_SCORES`` scores runs by chunks of query rows (each row's softmax is its own, so
     the result is the same), checkpointed under autograd: it holds a few (rows, Nk) blocks, never several Nq x Nk
-    matrices (not under torch.compile, nor for an unseeded dropout drawn by torch's generator).
+    matrices (not under torch.compile, nor for an unseeded dropout drawn by torch's generator; not checkpointed under
+    torch.func transforms or forward-mode AD, which saved-tensor hooks do not serve).
     """
     dtype = q.dtype
     if upcast and dtype in (torch.float16, torch.bfloat16):
@@ -74,7 +75,7 @@ def attention(
             dropout_mask = dropout_keep_mask((q.shape[0], q.shape[1], nq, nk), dropout_p, seed, q.device)
         out, lse = _softmax_v(q, k, v, off, attn_mask, dropout_mask, **feats)
     else:  # by query rows: each row's softmax is its own, so the chunks are the same function in pieces
-        checkpointed = torch.is_grad_enabled() and any(
+        checkpointed = torch.is_grad_enabled() and not autograd_transforms_active(q, k, v) and any(
             t is not None and t.requires_grad for t in (q, k, v, attn_mask, alibi_slopes, sinks))
         outs, lses = [], []
         for i0 in range(0, nq, rows):
@@ -97,6 +98,22 @@ def attention(
         out, lse = torch.cat(outs, dim=-2), torch.cat(lses, dim=-2)
     out = out.to(dtype)
     return (out, lse.squeeze(-1)) if return_lse else out
+
+
+def autograd_transforms_active(*tensors: torch.Tensor) -> bool:
+    """A torch.func transform (grad, vjp, jacrev, vmap, ...) is running, or a tensor carries a forward-mode tangent:
+    what checkpointing (saved-tensor hooks) and torch's fused SDPA kernels (no forward-mode derivative) cannot
+    serve. False while torch.compile traces."""
+    if torch.compiler.is_compiling():
+        return False
+    try:
+        if torch._C._functorch.peek_interpreter_stack() is not None:
+            return True
+    except AttributeError:  # a torch without the functorch interpreter stack
+        pass
+    import torch.autograd.forward_ad as fwad
+
+    return any(t is not None and fwad.unpack_dual(t).tangent is not None for t in tensors)
 
 
 # scores per query chunk (B * Hq * rows * Nk) above which the reference runs by chunks of query rows, so that a long
