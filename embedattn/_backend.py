@@ -21,6 +21,7 @@ case-insensitive; anything else raises naming the variable): ``EMBEDATTN_BACKEND
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -178,9 +179,11 @@ def _device(tensors) -> torch.device:
 
 
 def resolve(backend: str | None, *tensors: torch.Tensor, op: str = "attention", dtype: torch.dtype | None = None,
-            head_dim: int | None = None, head_dim_v: int | None = None, native_ok: bool = False) -> str:
+            head_dim: int | None = None, head_dim_v: int | None = None,
+            native_ok: Callable[[], bool] | None = None) -> str:
     """Decide how ``op`` runs on ``tensors``: ``"triton"``, ``"reference"``, or ``"native"`` (torch's own
-    op, for ``auto`` where the kernels cannot run and ``native_ok`` says torch's semantics are exactly ours).
+    op, for ``auto`` where the kernels cannot run and ``native_ok()`` says torch's semantics are exactly ours; asked
+    only there, so the kernels' calls never pay for the question).
 
     ``backend="triton"`` raises naming the reason when the kernels cannot run these inputs."""
     backend = check_backend(backend)
@@ -190,7 +193,7 @@ def resolve(backend: str | None, *tensors: torch.Tensor, op: str = "attention", 
     if backend == "auto":
         if device.type == "cuda" and triton_problem(op, device, dtype, head_dim, head_dim_v) is None:
             return "triton"
-        return "native" if native_ok else "reference"
+        return "native" if native_ok is not None and native_ok() else "reference"
     problem = triton_problem(op, device, dtype, head_dim, head_dim_v)
     if problem is not None:
         err, why = problem

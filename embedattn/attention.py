@@ -536,8 +536,10 @@ def _resolve(backend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: A
     """The backend of a dense call: "triton", "reference", or "native" (auto off CUDA where torch's SDPA computes
     exactly our function: no lse, softcap, dropout, sinks or ALiBi; a causal diagonal, window or mask is written
     into SDPA's mask where needed, which needs torch's SDPA to give zeros on rows that see no key)."""
-    native_ok = not return_lse and _sdpa_expressible(spec) and not autograd_transforms_active(q, k, v) and (
-        _sdpa_unmasked(q, k, spec) or _sdpa_zeroes_empty_rows(q.device.type))
+    def native_ok() -> bool:
+        return not return_lse and _sdpa_expressible(spec) and not autograd_transforms_active(q, k, v) and (
+            _sdpa_unmasked(q, k, spec) or _sdpa_zeroes_empty_rows(q.device.type))
+
     return resolve(backend, q, k, v, op="attention", dtype=q.dtype, head_dim=q.shape[-1], head_dim_v=v.shape[-1],
                    native_ok=native_ok)
 
@@ -617,7 +619,7 @@ _EMPTY_ROWS_ZEROED: dict[str, bool] = {}
 
 @torch.compiler.assume_constant_result
 def _sdpa_zeroes_empty_rows(device_type: str) -> bool:
-    """Whether torch's SDPA gives zeros (and finite gradients) on a row whose keys are all masked, bool or -inf, on
+    """Whether torch's SDPA gives zeros (and finite gradients) on a row whose keys are all masked by a bool mask, on
     this device type, as our attention does (torch 2.5+ does on the CPU). Asked once per device type, on a tiny
     call, with autograd on whatever mode the first call came in; a constant to torch.compile."""
     if device_type not in _EMPTY_ROWS_ZEROED:
@@ -629,13 +631,9 @@ def _sdpa_zeroes_empty_rows(device_type: str) -> bool:
 def _probe_empty_rows(device_type: str) -> bool:
     try:
         q, k, v = (torch.ones(1, 1, 2, 4, device=device_type, requires_grad=True) for _ in range(3))
-        ok = True
-        for mask in (torch.tensor([[True, True], [False, False]], device=device_type),
-                     torch.tensor([[0.0, 0.0], [float("-inf"), float("-inf")]], device=device_type)):
-            out = _TORCH_SDPA(q, k, v, attn_mask=mask)
-            grads = torch.autograd.grad(out.sum(), (q, k, v))
-            ok = ok and bool((out[0, 0, 1] == 0).all()) and all(bool(torch.isfinite(g).all()) for g in grads)
-        return ok
+        out = _TORCH_SDPA(q, k, v, attn_mask=torch.tensor([[True, True], [False, False]], device=device_type))
+        grads = torch.autograd.grad(out.sum(), (q, k, v))
+        return bool((out[0, 0, 1] == 0).all()) and all(bool(torch.isfinite(g).all()) for g in grads)
     except Exception:
         return False
 
@@ -690,7 +688,7 @@ def _native_fp(q, k, v, spec: AttnSpec):
         if mask is not None:
             part = mask[:, :, i0:i1] if mask.shape[2] > 1 else mask
             part = part[..., lo:hi] if mask.shape[3] > 1 else part
-            m = part & seen if part.dtype == torch.bool else part.masked_fill(~seen, float("-inf"))
+            m = part & seen  # a bool mask: float ones stay on the reference (_sdpa_expressible)
         outs.append(_TORCH_SDPA(q[:, :, i0:i1], k[:, :, lo:hi], v[:, :, lo:hi], attn_mask=m, scale=spec.scale,
                                 enable_gqa=gqa))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
@@ -1067,8 +1065,10 @@ def attention_varlen(
                      alibi_slopes=alibi_slopes, dropout_p=dropout_p, seed=seed, sinks=sinks)
     # the CPU's packed calls that torch's SDPA computes exactly go to it sequence by sequence (eagerly: the offsets
     # are read on the host); torch.compile traces the reference, which reads none
-    native_ok = (not paged and not return_lse and _sdpa_expressible(spec) and not torch.compiler.is_compiling()
-                 and not autograd_transforms_active(q, k, v) and _sdpa_zeroes_empty_rows(q.device.type))
+    def native_ok() -> bool:
+        return (not paged and not return_lse and _sdpa_expressible(spec) and not torch.compiler.is_compiling()
+                and not autograd_transforms_active(q, k, v) and _sdpa_zeroes_empty_rows(q.device.type))
+
     be = resolve(backend, q, k, v, op="attention", dtype=q.dtype, head_dim=q.shape[-1], head_dim_v=v.shape[-1],
                  native_ok=native_ok)
     if q.shape[0] and k.shape[0]:

@@ -25,7 +25,7 @@ B, HQ, HKV, NQ, NK, D, DV = 2, 4, 2, 37, 45, 8, 12
 def roads(monkeypatch):
     """Counts of torch SDPA calls and reference calls made by the default road."""
     seen = {"sdpa": 0, "reference": 0, "reference_varlen": 0}
-    A._sdpa_zeroes_empty_rows("cpu")  # its own two SDPA calls, before counting
+    A._sdpa_zeroes_empty_rows("cpu")  # its own SDPA call, before counting
 
     def count(name, fn):
         def wrapped(*args, **kwargs):
