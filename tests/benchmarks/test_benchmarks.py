@@ -250,7 +250,9 @@ def test_run_speed_benchmark_modes(mode):
     g = torch.Generator().manual_seed(0)
     sets = [(torch.randn(4, generator=g), torch.randn(4, generator=g)) for _ in range(2)]
     grads = [torch.full((4,), float(i + 1)) for i in range(2)]
-    weight = torch.randn(4, generator=g)
+    # integers: a step's repeated w += 1 stays exact, so the weight counts the calls (a random float drifts by
+    # rounding after a timing-dependent number of adds)
+    weight = torch.randint(-8, 8, (4,), generator=g).float()
     calls, seen_grads, leaves = [], [], []
 
     def forward(x, y, w):
